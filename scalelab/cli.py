@@ -1,0 +1,119 @@
+"""The `scalelab` command. Bad input -> one line on stderr and exit 2; a bug -> exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scalelab.config import Config, UserError, load_config
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.exists() and (PRESETS / f"{name}.toml").is_file():
+        return PRESETS / f"{name}.toml"
+    return path
+
+
+def stage_config(args: argparse.Namespace) -> Config:
+    """--config (or, on --resume, the run's own config.toml), then --set, then --max-steps."""
+    path = resolve_config_path(args.config)
+    saved = Path(args.out) / "config.toml"
+    if path is None and args.resume and saved.is_file():
+        path = saved
+    cfg = load_config(path, args.set)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise UserError("--max-steps must be at least 1")
+        cfg.train.max_steps = args.max_steps
+    return cfg
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from scalelab.train.pretrain import pretrain
+    model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
+    print(f"model written to {model_dir}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from scalelab.generate import generate
+    from scalelab.train.checkpoint import load_model
+    from scalelab.train.loop import pick_device
+
+    model, tok = load_model(args.model, pick_device(args.device))
+    prompt = tok.encode(args.prompt, bos=True)
+    if len(prompt) >= model.cfg.seq_len:
+        raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
+                        f"{model.cfg.seq_len}")
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens, tok.pad_id,
+                    tok.eos_id, args.temperature, args.top_k, args.top_p, generator=g)
+    for i, new in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tok.decode(new))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from scalelab.demo import run_demo
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scalelab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", help="TOML file or preset name (tiny, small, gpt2-124m)")
+        s.add_argument("--out", required=True, help="run directory to write")
+        s.add_argument("--max-steps", type=int, help="override train.max_steps")
+        s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable)")
+        return s
+
+    stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
+
+    g = sub.add_parser("generate", help="sample text from a trained model")
+    g.add_argument("--model", required=True, help="model folder (RUN/model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on built-in data and report")
+    d.add_argument("--out", required=True)
+    d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"scalelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scalelab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Typed configs: dataclasses, TOML presets and `--set section.key=value` overrides.
+
+One `Config` drives a run. A TOML file may set any subset of keys; everything else keeps
+the dataclass default. Unknown sections or keys are errors (a typo must not be ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = take it from the tokenizer (rounded up to a multiple of 64)
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0 = n_head (plain multi-head); fewer = grouped-query attention
+    d_model: int = 256
+    d_mlp: int = 0  # 0 = about 8/3 * d_model for swiglu, 4 * d_model for relu2
+    mlp: str = "swiglu"  # "swiglu" or "relu2"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:world"  # "builtin:world", a .txt/.jsonl file, or a folder of them
+    n_docs: int = 20000  # documents generated for builtin:world
+    seed: int = 0
+    val_fraction: float = 0.02
+    tokenizer_vocab: int = 1024  # BPE vocabulary size when training a tokenizer
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 500
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine decay)
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    sample_every: int = 0  # 0 = sample at every eval
+    sample_prompt: str = "Mia has"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "float32", "bfloat16"
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise UserError(f"{where}: unknown config section [{section}] "
+                        f"(known: {', '.join(sorted(sections))})")
+    sub = getattr(cfg, section)
+    types = {f.name: f.type for f in dataclasses.fields(sub)}
+    if key not in types:
+        raise UserError(f"{where}: unknown config key '{section}.{key}' "
+                        f"(known in [{section}]: {', '.join(sorted(types))})")
+    want = type(getattr(sub, key))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UserError(f"{where}: '{section}.{key}' must be {want.__name__}, "
+                        f"got {type(value).__name__} {value!r}")
+    setattr(sub, key, value)
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: '{section}' must be a [section] table of keys")
+        for key, value in values.items():
+            _set_key(cfg, section, key, value, where)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override, in that order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: malformed TOML: {e}") from None
+        apply_dict(cfg, data, str(path))
+    for item in overrides or []:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise UserError(f"--set {item!r}: expected section.key=value")
+        try:  # TOML syntax for the value (numbers, true/false, "strings"); bare words are strings
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        _set_key(cfg, section, key.strip(), value, f"--set {name.strip()}")
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (saved as DIR/config.toml)."""
+    out = []
+    for section, values in cfg.to_dict().items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,146 @@
+"""Text -> token files -> batches.
+
+A corpus is a list of documents. Each split is one flat memory-mapped array of token ids
+(`train.bin`, `val.bin`) in which every document starts with BOS, so document boundaries
+survive packing. `TokenLoader` cuts it into fixed windows in a seeded order per epoch; its
+position (epoch, index) is part of the checkpoint, so a resumed run gets the exact next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalelab.config import DataConfig, UserError
+from scalelab.tokenizer import Tokenizer
+
+
+def read_documents(cfg: DataConfig) -> list[str]:
+    """Documents from `builtin:world`, a .txt file (one document), a .jsonl file of
+    {"text": ...} rows, or a folder of such files."""
+    if cfg.source == "builtin:world":
+        from scalelab.data.world import generate_documents
+        docs = generate_documents(cfg.n_docs, seed=cfg.seed)
+    elif cfg.source.startswith("builtin:"):
+        raise UserError(f"data.source: unknown built-in corpus {cfg.source!r} "
+                        "(known: builtin:world)")
+    else:
+        path = Path(cfg.source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        elif path.is_file():
+            files = [path]
+        else:
+            raise UserError(f"{path}: corpus file or folder not found")
+        docs = [doc for f in files for doc in _read_file(f)]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"{cfg.source}: the corpus is empty (no non-blank documents)")
+    return docs
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f'{path}:{n}: expected an object with a "text" string')
+        docs.append(row["text"])
+    return docs
+
+
+def write_token_files(docs: list[str], tok: Tokenizer, out: Path, val_fraction: float) -> dict:
+    """Tokenise into out/{train,val}.bin + meta.json. Writes to a temporary folder first and
+    renames it into place, so an interrupted run never leaves half a data folder."""
+    n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
+    splits = {"train": docs[: len(docs) - n_val], "val": docs[len(docs) - n_val:] or docs}
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size}
+    for split, texts in splits.items():
+        ids = np.fromiter((i for seq in tok.encode_batch(texts) for i in [tok.bos_id, *seq]),
+                          dtype=dtype)
+        ids.tofile(tmp / f"{split}.bin")
+        meta[split] = {"docs": len(texts), "tokens": int(ids.size),
+                       "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return meta
+
+
+def load_meta(data_dir: Path) -> dict:
+    return json.loads((data_dir / "meta.json").read_text())
+
+
+class TokenLoader:
+    """Batches of (inputs, targets), each (batch_size, seq_len), from one split.
+
+    Windows of seq_len+1 tokens at stride seq_len, visited in a seeded permutation per epoch.
+    With world > 1, each rank takes its own slice of every global batch.
+    """
+
+    def __init__(self, data_dir: Path, split: str, batch_size: int, seq_len: int,
+                 seed: int = 0, rank: int = 0, world: int = 1):
+        meta = load_meta(data_dir)
+        self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world = rank, world
+        self.n_windows = (len(self.tokens) - 1) // seq_len
+        if self.n_windows < batch_size * world:
+            raise UserError(f"{data_dir / split}.bin: {len(self.tokens)} tokens is too few for "
+                            f"a batch of {batch_size * world} x {seq_len}; use more data or a "
+                            "smaller batch_size / seq_len")
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _window(self, i: int) -> torch.Tensor:
+        s = i * self.seq_len
+        return torch.from_numpy(self.tokens[s: s + self.seq_len + 1].astype(np.int64))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.batch_size * self.world
+        if self.index + step > self.n_windows:  # drop the ragged end, start a new epoch
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g), self.epoch
+        start = self.index + self.rank * self.batch_size
+        rows = torch.stack([self._window(int(i))
+                            for i in self._perm[start: start + self.batch_size]])
+        self.index += step
+        return rows[:, :-1], rows[:, 1:]
+
+    def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """n batches spread evenly over the split, the same every call (for validation)."""
+        want = min(n * self.batch_size, self.n_windows)
+        idx = torch.linspace(0, self.n_windows - 1, want).long().tolist()
+        out = []
+        for b in range(0, want - self.batch_size + 1, self.batch_size):
+            rows = torch.stack([self._window(i) for i in idx[b: b + self.batch_size]])
+            out.append((rows[:, :-1], rows[:, 1:]))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -1,0 +1,222 @@
+"""A decoder-only Transformer in the modern style (RMSNorm, RoPE, SwiGLU, GQA, no biases).
+
+The model knows nothing about devices or parallelism. Instead every weight has logical axis
+names (`LOGICAL_AXES`); `scalelab.parallel` maps those names onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalelab.config import ModelConfig
+
+# Logical names of each weight's dimensions, in the tensor's own order (nn.Linear stores
+# (out_features, in_features)). Keyed by the parameter name with the block index removed.
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embed.weight": ("vocab", "embed"),
+    "blocks.attn_norm.weight": ("embed",),
+    "blocks.attn.wq.weight": ("heads", "embed"),
+    "blocks.attn.wk.weight": ("kv", "embed"),
+    "blocks.attn.wv.weight": ("kv", "embed"),
+    "blocks.attn.wo.weight": ("embed", "heads"),
+    "blocks.mlp_norm.weight": ("embed",),
+    "blocks.mlp.w_gate.weight": ("mlp", "embed"),
+    "blocks.mlp.w_up.weight": ("mlp", "embed"),
+    "blocks.mlp.w_down.weight": ("embed", "mlp"),
+    "final_norm.weight": ("embed",),
+    "lm_head.weight": ("vocab", "embed"),
+}
+
+
+def logical_axes(param_name: str) -> tuple[str, ...]:
+    """Logical axes of a parameter, e.g. 'blocks.3.attn.wq.weight' -> ('heads', 'embed')."""
+    parts = param_name.split(".")
+    if parts[0] == "blocks":
+        parts = parts[:1] + parts[2:]
+    return LOGICAL_AXES[".".join(parts)]
+
+
+def resolve(cfg: ModelConfig) -> ModelConfig:
+    """Fill the derived defaults (0 = auto) so the saved config is explicit."""
+    c = ModelConfig(**asdict(cfg))
+    c.n_kv_head = c.n_kv_head or c.n_head
+    if not c.d_mlp:
+        # SwiGLU has 3 matrices, so 8/3*d keeps the parameter count of a 4*d two-matrix MLP.
+        c.d_mlp = 64 * math.ceil(8 * c.d_model / 3 / 64) if c.mlp == "swiglu" else 4 * c.d_model
+    return c
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.pos + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache full: {end} > {self.k.size(3)} positions")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D/2). Rotate pairs (first half, second half).
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        # -1 instead of n_head: under tensor parallelism this rank holds only some heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        gqa = q.size(1) != k.size(1)
+        if mask is None:  # plain causal attention over this chunk only
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        elif cfg.mlp != "relu2":
+            raise ValueError(f"model.mlp must be 'swiglu' or 'relu2', got {cfg.mlp!r}")
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.w_down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.relu(self.w_up(x)).square())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve(cfg)
+        if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_kv_head:
+            raise ValueError("d_model must divide by n_head, and n_head by n_kv_head")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections scaled down by depth.
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                p.normal_(0.0, 0.02)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T).
+
+        positions: (B, T) position ids (default: consecutive, continuing after the cache).
+        mask: boolean (B, 1, T, S) attention mask, True = may attend (S = keys incl. cache);
+              None means causal.
+        """
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if mask is None and start > 0 and T > 1:  # causal, offset by what is cached
+            mask = causal_mask(T, start + T, tokens.device)
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.final_norm(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; non_embedding drops the input table unless it is tied to the lm_head
+        (a tied table is still a real matmul at the output)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.cfg.tie_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        c, t = self.cfg, seq_len or self.cfg.seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.d_model // c.n_head) * t
+
+
+def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """(q_len, k_len) boolean mask for the last q_len of k_len positions."""
+    q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return q >= torch.arange(k_len, device=device)[None, :]

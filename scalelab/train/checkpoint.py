@@ -1,0 +1,162 @@
+"""Model folders and resumable checkpoints, always written atomically.
+
+DIR/model/                model.safetensors, config.json, tokenizer.json  (the latest model)
+DIR/checkpoints/step_N/   model.safetensors, state.safetensors (optimizer + RNG tensors),
+                          state.json (step, optimizer hyperparameters, data position, ...)
+
+Everything is written into a hidden temporary folder and renamed into place, so a crash
+leaves either the old folder or the new one, never half of one. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scalelab.config import ModelConfig, UserError
+from scalelab.model import Transformer
+from scalelab.tokenizer import Tokenizer
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place (rename is atomic; the old one goes after)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # A tied lm_head is the embedding itself; safetensors refuses shared storage, so drop it.
+    sd = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_model(model: Transformer, tok: Tokenizer, final: Path) -> None:
+    tmp = fresh_tmp(final)
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    tok.save(tmp / "tokenizer.json")
+    replace_dir(tmp, final)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    tensors = read_tensors(path)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[Transformer, Tokenizer]:
+    """A model folder written by save_model (DIR/model or a checkpoint's step folder)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: model folder not found")
+    cfg_dict = read_json(d / "config.json")
+    try:
+        cfg = ModelConfig(**cfg_dict)
+    except TypeError as e:
+        raise UserError(f"{d / 'config.json'}: not a scalelab model config ({e})") from None
+    tok = Tokenizer.load(d / "tokenizer.json")
+    model = Transformer(cfg)
+    load_weights(model, d / "model.safetensors")
+    return model.to(device).eval(), tok
+
+
+# ---- resumable checkpoints -------------------------------------------------------------
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+    """Model, optimizer, RNG and the caller's state (data position, ...) at `step`."""
+    final = run_dir / "checkpoints" / f"step_{step}"
+    tmp = fresh_tmp(final)
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    scalars: dict[str, dict] = {}
+    for idx, pstate in opt["state"].items():
+        for name, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"step": step, "param_groups": opt["param_groups"], "opt_scalars": scalars, **state}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    replace_dir(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
+    ck = run_dir / "checkpoints"
+    found = [p for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
+        if ck.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, optimizer and RNG in place; return state.json (step, data position)."""
+    meta = read_json(ckpt / "state.json")
+    load_weights(model, ckpt / "model.safetensors")
+    tensors = read_tensors(ckpt / "state.safetensors")
+    opt_state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    for idx, extra in meta.get("opt_scalars", {}).items():
+        opt_state.setdefault(int(idx), {}).update(extra)
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{ckpt}: optimizer state does not match this model ({e})") from None
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta

@@ -1,0 +1,182 @@
+"""The training loop every stage shares: schedule, accumulation, clipping, logging, evals,
+checkpoints and exact resume. A stage supplies only its batches, its loss and its evals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from scalelab.config import Config, TrainConfig, UserError, dump_toml
+from scalelab.hardware import detect
+from scalelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: unknown device {name!r}") from None
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on GPUs by default; plain fp32 on CPU (exact and reproducible)."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"train.dtype: expected auto, bfloat16 or float32, got {dtype!r}")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    # Weight decay on matrices only; norms (1-D) are left alone.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             fused=device.type == "cuda")
+
+
+class Run:
+    """A run directory: config.toml, metrics.jsonl, model/, checkpoints/."""
+
+    def __init__(self, out: Path, cfg: Config, resume: bool):
+        self.out, self.metrics = out, out / "metrics.jsonl"
+        if not resume and (out / "config.toml").exists():
+            raise UserError(f"{out}: already holds a run; pass --resume to continue it "
+                            "or choose a new --out")
+        out.mkdir(parents=True, exist_ok=True)
+        self.write_config(cfg)
+
+    def write_config(self, cfg: Config) -> None:
+        tmp = self.out / ".config.toml.tmp"
+        tmp.write_text(dump_toml(cfg))
+        tmp.replace(self.out / "config.toml")
+
+    def log(self, row: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from (and any torn last line)."""
+        if not self.metrics.exists():
+            return
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.out / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.metrics)
+
+
+def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.device,
+        loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
+        evaluate: Callable[[int], dict] | None = None,
+        save_model: Callable[[], None] | None = None,
+        tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
+        resume: bool = False) -> None:
+    """Train `model` for cfg.train.max_steps optimizer steps.
+
+    loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
+    loss_fn(model, batch) returns the mean loss; evaluate(step) returns a metrics row
+    (val_loss, ...); save_model() writes DIR/model. Logged "step" = optimizer steps done.
+    """
+    tc = cfg.train
+    optimizer = make_optimizer(model, tc, device)
+    start = 0
+    if resume:
+        ckpts = list_checkpoints(run.out)
+        if not ckpts:
+            raise UserError(f"{run.out}: --resume given but no checkpoint in "
+                            f"{run.out / 'checkpoints'}")
+        meta = load_checkpoint(ckpts[-1], model, optimizer)
+        loader.load_state_dict(meta["loader"])
+        start = meta["step"]
+        run.truncate_metrics(start)
+        tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
+    elif evaluate is not None:
+        run.log({"step": 0, **evaluate(0)})
+
+    hw = detect(device)
+    ctx = autocast(device, tc.dtype)
+    step_fn = torch.compile(loss_fn) if tc.compile else loss_fn
+    bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True,
+               disable=None)
+    t0, tokens_since = time.perf_counter(), 0
+    model.train()
+    for step in range(start, tc.max_steps):
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(tc.grad_accum):
+            batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
+            with ctx:
+                loss = step_fn(model, batch) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_since += tokens_per_micro_batch * tc.grad_accum
+        bar.update(1)
+
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            loss_val = loss_sum.item()  # the only host sync of a step, and only when logging
+            if not math.isfinite(loss_val):
+                raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
+            dt = time.perf_counter() - t0
+            row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens_since / dt}
+            if flops_per_token:
+                row["model_tflops"] = flops_per_token * tokens_since / dt / 1e12
+                if hw is not None:
+                    row["mfu"] = row["model_tflops"] * 1e12 / hw.peak_flops
+            run.log(row)
+            post = {"loss": f"{loss_val:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+            if "mfu" in row:
+                post["mfu"] = f"{row['mfu']:.1%}"
+            bar.set_postfix(post)
+            t0, tokens_since = time.perf_counter(), 0
+
+        if evaluate is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
+            model.eval()
+            row = evaluate(done)
+            model.train()
+            run.log({"step": done, **row})
+            bar.write(f"step {done}: " + "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}" for k, v in row.items()))
+        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            if save_model is not None:
+                save_model()
+            save_checkpoint(run.out, done, model, optimizer,
+                            {"loader": loader.state_dict()}, tc.keep_checkpoints)
+            t0 = time.perf_counter()  # don't bill eval/checkpoint time to throughput
+    bar.close()
