@@ -7,7 +7,7 @@ names (`LOGICAL_AXES`); `scalelab.parallel` maps those names onto a device mesh.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn

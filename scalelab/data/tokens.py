@@ -1,9 +1,10 @@
 """Text -> token files -> batches.
 
 A corpus is a list of documents. Each split is one flat memory-mapped array of token ids
-(`train.bin`, `val.bin`) in which every document starts with BOS, so document boundaries
-survive packing. `TokenLoader` cuts it into fixed windows in a seeded order per epoch; its
-position (epoch, index) is part of the checkpoint, so a resumed run gets the exact next batch.
+(`train.bin`, `val.bin`) in which every document is BOS ... EOS, so document boundaries
+survive packing and a pretrained model learns to stop. `TokenLoader` cuts it into fixed
+windows in a seeded order per epoch; its position (epoch, index) is part of the checkpoint,
+so a resumed run gets the exact next batch.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def write_token_files(docs: list[str], tok: Tokenizer, out: Path, val_fraction: 
     tmp.mkdir(parents=True)
     meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size}
     for split, texts in splits.items():
-        ids = np.fromiter((i for seq in tok.encode_batch(texts) for i in [tok.bos_id, *seq]),
-                          dtype=dtype)
+        framed = ([tok.bos_id, *seq, tok.eos_id] for seq in tok.encode_batch(texts))
+        ids = np.fromiter((i for seq in framed for i in seq), dtype=dtype)
         ids.tofile(tmp / f"{split}.bin")
         meta[split] = {"docs": len(texts), "tokens": int(ids.size),
                        "bytes": sum(len(t.encode("utf-8")) for t in texts)}

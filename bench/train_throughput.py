@@ -1,0 +1,184 @@
+"""Training-step throughput of scalelab's Transformer vs. a same-shape HF LlamaForCausalLM.
+
+One timed step = forward, cross-entropy loss, backward, AdamW step, zero_grad. The systems
+run in alternating turns (scalelab, hf, scalelab, hf, ...) and each reports its median
+ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*T for both.
+
+    python bench/train_throughput.py                       # tiny preset, CPU or GPU
+    python bench/train_throughput.py --config tiny --set model.d_model=256 \
+        --seq-len 256 --batch-size 16 --vocab 4096         # the ANCHORS shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scalelab.cli import resolve_config_path
+from scalelab.config import Config, ModelConfig, load_config
+from scalelab.hardware import detect
+from scalelab.model import Transformer
+from scalelab.train.loop import autocast, make_optimizer, pick_device
+
+
+def hf_peer(mc: ModelConfig) -> torch.nn.Module:
+    """LlamaForCausalLM with scalelab's (resolved) shape: same layers, heads, MLP, vocab, ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model,
+                     intermediate_size=mc.d_mlp, num_hidden_layers=mc.n_layer,
+                     num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
+                     max_position_embeddings=mc.seq_len, rms_norm_eps=mc.norm_eps,
+                     rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta},
+                     tie_word_embeddings=mc.tie_embeddings, attention_bias=False,
+                     mlp_bias=False, use_cache=False, hidden_act="silu")
+    return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
+
+
+def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torch.Tensor,
+              y: torch.Tensor, hf: bool, compile: bool) -> Callable[[], None]:
+    """A closure doing one full training step on the fixed batch (x, y)."""
+    model.to(device).train()
+    opt = make_optimizer(model, cfg.train, device)
+    fwd = torch.compile(model) if compile else model
+    ctx = autocast(device, cfg.train.dtype)
+
+    def step() -> None:
+        with ctx:
+            logits = fwd(input_ids=x, use_cache=False).logits if hf else fwd(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="tiny", help="TOML path or preset name (default tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--vocab", type=int, help="vocab size (default: config's, else 4096)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per system")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per system")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(resolve_config_path(args.config), args.set)
+    mc, tc = cfg.model, cfg.train
+    mc.vocab_size = args.vocab or mc.vocab_size or 4096
+    mc.seq_len = args.seq_len or mc.seq_len
+    tc.batch_size = args.batch_size or tc.batch_size
+    tc.dtype = args.dtype
+    device = pick_device(args.device)
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    if unknown := set(peers) - {"scalelab", "hf"}:
+        p.error(f"--peers: unknown {sorted(unknown)} (choose from scalelab, hf)")
+    if "hf" in peers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed (pip install -e .[bench]): "
+                  "running scalelab alone")
+            peers.remove("hf")
+
+    torch.manual_seed(0)
+    ours = Transformer(mc)
+    mc = ours.cfg  # resolved: explicit n_kv_head and d_mlp
+    if "hf" in peers and mc.mlp != "swiglu":
+        print(f"warning: model.mlp={mc.mlp!r} but the HF peer is SwiGLU; shapes differ")
+    B, T = tc.batch_size, mc.seq_len
+    data = torch.randint(mc.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = data[:, :-1].to(device), data[:, 1:].to(device)
+    models = {"scalelab": ours, "hf": hf_peer(mc) if "hf" in peers else None}
+    params = {n: sum(q.numel() for q in models[n].parameters()) for n in peers}
+    steps = {n: make_step(models[n], cfg, device, x, y, n == "hf", args.compile) for n in peers}
+    fpt = ours.flops_per_token(T)  # same FLOP count for both: 6N + 12LHQT, N = ours
+    hw = detect(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    print(f"device {device_name(device)} | torch {torch.__version__} | dtype {args.dtype} | "
+          f"compile {args.compile}")
+    print(f"shape: L={mc.n_layer} d={mc.d_model} H={mc.n_head} kv={mc.n_kv_head} "
+          f"mlp={mc.d_mlp} vocab={mc.vocab_size} tied={mc.tie_embeddings} | "
+          f"batch {B} x {T} tokens | {fpt / 1e6:.2f} MFLOP/token")
+    times: dict[str, list[float]] = {n: [] for n in peers}
+    for i in range(args.warmup + args.steps):  # alternate turns: fair under background load
+        for n in peers:
+            sync()
+            t0 = time.perf_counter()
+            steps[n]()
+            sync()
+            if i >= args.warmup:
+                times[n].append(time.perf_counter() - t0)
+
+    results = {}
+    for n in peers:
+        sec = statistics.median(times[n])
+        tflops = fpt * B * T / sec / 1e12
+        results[n] = {"params": params[n], "ms_per_step": sec * 1e3, "tokens_per_s": B * T / sec,
+                      "tflops": tflops, "mfu": tflops * 1e12 / hw.peak_flops if hw else None,
+                      "ms_min": min(times[n]) * 1e3, "ms_max": max(times[n]) * 1e3}
+    print(f"\n{'system':<10}{'params':>12}{'ms/step':>10}{'min..max ms':>18}"
+          f"{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
+    for n, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        spread = f"{r['ms_min']:.1f}..{r['ms_max']:.1f}"
+        print(f"{n:<10}{r['params']:>12,}{r['ms_per_step']:>10.1f}{spread:>18}"
+              f"{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.3f}{mfu:>8}")
+    ratio = None
+    if len(results) == 2:
+        ratio = results["scalelab"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+        print(f"\nscalelab / hf tokens/s: {ratio:.3f}")
+    else:
+        print("\nscalelab / hf tokens/s: n/a")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "device": device_name(device), "torch": torch.__version__,
+               "command": " ".join(["python", *sys.argv]),
+               "config": {"model": vars(mc), "batch_size": B, "seq_len": T,
+                          "dtype": args.dtype, "compile": args.compile,
+                          "threads": torch.get_num_threads(), "steps": args.steps,
+                          "warmup": args.warmup},
+               "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio}
+        if "hf" in peers:
+            import transformers
+            out["transformers"] = transformers.__version__
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalelab.config import ModelConfig
+from scalelab.data.world import generate_documents
+from scalelab.model import Transformer
+from scalelab.tokenizer import Tokenizer
+
+# A few seconds of CPU per run: 2 layers x 32 wide, 400-token BPE, 2000 documents.
+TINY_SETS = [
+    "model.seq_len=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
+    "data.n_docs=2000", "data.tokenizer_vocab=400", "train.batch_size=8",
+    "train.eval_every=10", "train.eval_batches=2", "train.log_every=1",
+    "train.checkpoint_every=10", "train.warmup_steps=5",
+]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalelab", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_sets() -> list[str]:
+    return [a for s in TINY_SETS for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train(generate_documents(1000, seed=0), 512)
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, seq_len=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,123 @@
+"""End to end through the real command line: exit codes, stderr, files on disk."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_cli, tiny_sets
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, \
+        {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    r = run_cli("pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "40",
+                *tiny_sets())
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_pretrain_writes_the_run_directory_contract(trained):
+    assert (trained / "config.toml").is_file()
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (trained / "model" / f).is_file()
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_30", "step_40"]
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r for r in rows)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert all("lr" in r for r in train_rows)
+    train, val = losses(trained)
+    assert val[40] < val[0] - 1.0  # it learns (nats), even in 40 steps of a 2 x 32 model
+    assert not list(trained.rglob(".*tmp"))  # no temporary leftovers
+
+
+def test_generate_prints_world_text(trained):
+    r = run_cli("generate", "--model", str(trained / "model"), "--prompt", "Mia has",
+                "--max-new-tokens", "20", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Mia has") and len(r.stdout) > len("Mia has") + 5
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    common = ["pretrain", "--config", "tiny", *tiny_sets(), "--max-steps", "400",
+              "--set", "train.checkpoint_every=25", "--set", "train.eval_every=50"]
+    full = tmp_path / "full"
+    assert run_cli(*common, "--out", str(full)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "scalelab", *common, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step_75").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "checkpoints" / "step_400").exists()  # really killed mid-way
+
+    r = run_cli("pretrain", "--out", str(cut), "--resume")  # config comes from the run dir
+    assert r.returncode == 0, r.stderr
+    (a, va), (b, vb) = losses(full), losses(cut)
+    assert a == b and va == vb  # bit-for-bit on CPU, every step
+
+
+def test_refuses_to_overwrite_a_run(trained):
+    before = (trained / "metrics.jsonl").read_text()
+    r = run_cli("pretrain", "--config", "tiny", "--out", str(trained), *tiny_sets())
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert (trained / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope.toml"], "nope.toml: config file not found"),
+    (["--config", "tiny", "--set", "train.learning_rate=1"], "unknown config key"),
+    (["--config", "tiny", "--set", "data.source=missing.txt"], "missing.txt: corpus"),
+    (["--config", "tiny", "--set", "model.n_head=3"], "[model] config"),
+])
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, args, message):
+    r = run_cli("pretrain", "--out", str(tmp_path / "r"), *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_toml_and_empty_corpus(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = = 3\n")
+    r = run_cli("pretrain", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "bad.toml: malformed TOML" in r.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    r = run_cli("pretrain", "--out", str(tmp_path / "r2"), "--set", f"data.source={empty}")
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_and_model_are_reported_and_kept(trained, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    weights = run / "checkpoints" / "step_40" / "model.safetensors"
+    weights.write_bytes(b"garbage" * 10)
+    r = run_cli("pretrain", "--out", str(run), "--resume", "--max-steps", "50")
+    assert r.returncode == 2 and "step_40/model.safetensors" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert weights.read_bytes() == b"garbage" * 10  # nothing was deleted or rewritten
+    (run / "model" / "config.json").write_text("{not json")
+    r = run_cli("generate", "--model", str(run / "model"), "--prompt", "x")
+    assert r.returncode == 2 and "config.json: corrupt JSON" in r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "none"), "--prompt", "x")
+    assert r.returncode == 2 and "model folder not found" in r.stderr
+
+
+def test_resume_without_checkpoint(tmp_path):
+    r = run_cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), "--resume")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr

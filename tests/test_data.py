@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from scalelab.config import DataConfig, UserError
+from scalelab.data.tokens import TokenLoader, read_documents, write_token_files
+
+
+@pytest.fixture
+def data_dir(tokenizer, tmp):
+    docs = read_documents(DataConfig(n_docs=800))
+    write_token_files(docs, tokenizer, tmp / "data", val_fraction=0.05)
+    return tmp / "data"
+
+
+def test_token_files_keep_document_boundaries(tokenizer, data_dir):
+    import json
+    meta = json.loads((data_dir / "meta.json").read_text())
+    loader = TokenLoader(data_dir, "train", 4, 16)
+    assert int((torch.from_numpy(loader.tokens[:].astype("int64")) == tokenizer.bos_id).sum()) \
+        == meta["train"]["docs"]
+    assert meta["train"]["docs"] + meta["val"]["docs"] == 800
+    assert not (data_dir.parent / "data.tmp").exists()
+
+
+def test_loader_is_deterministic_and_resumes_exactly(data_dir):
+    a = TokenLoader(data_dir, "train", 4, 16, seed=3)
+    first = [a.next_batch() for _ in range(5)]
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(700)]  # crosses an epoch boundary
+    b = TokenLoader(data_dir, "train", 4, 16, seed=3)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(first, [b.next_batch() for _ in range(5)]))
+    c = TokenLoader(data_dir, "train", 4, 16, seed=3)
+    c.load_state_dict(state)
+    again = [c.next_batch() for _ in range(700)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(rest, again))
+    assert a.epoch >= 1
+    x, y = rest[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+
+
+def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
+    whole = TokenLoader(data_dir, "train", 8, 16, seed=1)
+    ranks = [TokenLoader(data_dir, "train", 4, 16, seed=1, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        x, _ = whole.next_batch()
+        parts = [r.next_batch()[0] for r in ranks]
+        assert torch.equal(torch.cat(parts), x)
+
+
+def test_user_text_files(tmp):
+    (tmp / "a.txt").write_text("first document")
+    (tmp / "b.jsonl").write_text('{"text": "second"}\n\n{"text": "third"}\n')
+    assert read_documents(DataConfig(source=str(tmp))) == ["first document", "second", "third"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"text": "ok"}\n{"text": 5}\n', "b.jsonl:2"),
+    ('{"text": "ok"}\nnot json\n', "b.jsonl:2: malformed JSON"),
+])
+def test_bad_jsonl_names_file_and_line(tmp, content, expected):
+    (tmp / "b.jsonl").write_text(content)
+    with pytest.raises(UserError, match=expected):
+        read_documents(DataConfig(source=str(tmp / "b.jsonl")))
+
+
+def test_empty_or_missing_corpus(tmp):
+    (tmp / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="empty"):
+        read_documents(DataConfig(source=str(tmp / "empty.txt")))
+    with pytest.raises(UserError, match="not found"):
+        read_documents(DataConfig(source=str(tmp / "nope.txt")))

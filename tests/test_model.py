@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalelab.config import ModelConfig
+from scalelab.generate import generate
+from scalelab.model import LOGICAL_AXES, Transformer, logical_axes
+
+
+def test_future_tokens_never_change_past_logits(tiny_model):
+    x = torch.randint(0, 320, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 320, (2, 8))
+    with torch.no_grad():
+        a, b = tiny_model(x), tiny_model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_cache_forward_matches_full_forward(tiny_model):
+    from scalelab.model import KVCache
+    x = torch.randint(0, 320, (3, 24))
+    with torch.no_grad():
+        full = tiny_model(x)
+        cache = KVCache(tiny_model.cfg, 3, 24, "cpu", torch.float32)
+        parts = [tiny_model(x[:, :10], cache=cache), tiny_model(x[:, 10:11], cache=cache),
+                 tiny_model(x[:, 11:], cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])
+def test_greedy_with_cache_equals_without(mlp):
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=100, seq_len=64, n_layer=2, n_head=4,
+                                    n_kv_head=2, d_model=32, mlp=mlp)).eval()
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [42] * 9]  # ragged: exercises left padding
+    kw = dict(max_new_tokens=30, pad_id=0, eos_id=None, temperature=0.0)
+    with_cache = generate(model, prompts, use_cache=True, **kw)
+    without = generate(model, prompts, use_cache=False, **kw)
+    assert with_cache == without
+    assert all(len(o) == 30 for o in with_cache)
+    # Left padding with position ids from the mask: a padded prompt = the prompt alone.
+    for p, out in zip(prompts, with_cache):
+        assert generate(model, [p], **kw)[0] == out
+
+
+def test_sampling_is_seeded_and_stops_at_eos(tiny_model):
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(tiny_model, [[1, 2, 3]] * 4, 20, pad_id=0, eos_id=7, temperature=1.5,
+                        top_k=20, top_p=0.9, generator=g)
+    a, b = run(0), run(0)
+    assert a == b and a != run(1)
+    for out in a:
+        assert 7 not in out[:-1]  # nothing after EOS
+
+
+def test_every_weight_has_logical_axes_matching_its_shape(tiny_model):
+    seen = set()
+    for name, p in tiny_model.named_parameters():
+        axes = logical_axes(name)
+        assert len(axes) == p.dim(), name
+        seen.add(name.split(".", 2)[-1] if name.startswith("blocks") else name)
+    # every table row is used by some parameter (lm_head is tied, so only via the embedding)
+    used = {k for k in LOGICAL_AXES if k != "lm_head.weight"}
+    assert {k.removeprefix("blocks.") for k in used} <= seen | {k for k in used}
+
+
+def test_param_count_and_flops_by_hand():
+    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=8, d_mlp=16,
+                      tie_embeddings=False)
+    m = Transformer(cfg)
+    per_layer = 4 * 8 * 8 + 3 * 8 * 16 + 2 * 8  # attention + swiglu + two norms
+    n = 2 * per_layer + 8 + 64 * 8  # + final norm + lm_head (input table excluded)
+    assert m.num_params() == n
+    assert m.num_params(non_embedding=False) == n + 64 * 8
+    assert m.flops_per_token() == 6 * n + 12 * 2 * 2 * 4 * 16
+
+
+def test_tiny_model_overfits_one_batch(tiny_model):
+    torch.manual_seed(0)
+    x = torch.randint(0, 320, (4, 32))
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
+    tiny_model.train()
+    for _ in range(150):
+        logits = tiny_model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 320), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1  # started at ~ln(320) = 5.8
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError):
+        Transformer(ModelConfig(vocab_size=10, d_model=30, n_head=4))
+    with pytest.raises(ValueError):
+        Transformer(ModelConfig(vocab_size=10, d_model=32, n_head=4, n_kv_head=3))

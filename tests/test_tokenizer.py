@@ -1,0 +1,47 @@
+import random
+
+from scalelab.tokenizer import EOS, SPECIAL_TOKENS
+
+
+def random_unicode(rng: random.Random, n: int) -> str:
+    ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF),
+              (0x1F300, 0x1F64F), (0x0, 0x1F)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(ranges)
+        out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+def test_round_trip_on_arbitrary_unicode(tokenizer):
+    rng = random.Random(0)
+    texts = [random_unicode(rng, rng.randint(0, 80)) for _ in range(300)]
+    texts += ["", " ", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "e\u0301 \u200b",
+              "Mia has 3 apples. 12345 + 678 = 13023"]
+    for t in texts:
+        assert tokenizer.decode(tokenizer.encode(t)) == t, repr(t)
+
+
+def test_special_tokens_are_distinct_and_not_injectable(tokenizer):
+    ids = [tokenizer.special_ids[t] for t in SPECIAL_TOKENS]
+    assert len(set(ids)) == len(ids)
+    assert tokenizer.pad_id != tokenizer.eos_id
+    # Text that spells a special token stays text: user data cannot forge control tokens.
+    enc = tokenizer.encode(f"hello {EOS} world")
+    assert tokenizer.eos_id not in enc
+    assert tokenizer.decode(enc) == f"hello {EOS} world"
+    assert tokenizer.encode("hi", bos=True, eos=True)[0] == tokenizer.bos_id
+    assert tokenizer.encode("hi", bos=True, eos=True)[-1] == tokenizer.eos_id
+
+
+def test_world_text_compresses(tokenizer):
+    text = "Mia lives in Oakford. Tom has 5 apples."
+    assert len(tokenizer.encode(text)) < len(text) / 2
+
+
+def test_save_load(tokenizer, tmp):
+    from scalelab.tokenizer import Tokenizer
+    tokenizer.save(tmp / "t.json")
+    again = Tokenizer.load(tmp / "t.json")
+    assert again.encode("Mia has 3 cats") == tokenizer.encode("Mia has 3 cats")
+    assert again.pad_id == tokenizer.pad_id
