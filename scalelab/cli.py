@@ -6,19 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scalelab.config import Config, UserError, load_config
-
-PRESETS = Path(__file__).parent / "configs"
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
-    if name is None:
-        return None
-    path = Path(name)
-    if not path.exists() and (PRESETS / f"{name}.toml").is_file():
-        return PRESETS / f"{name}.toml"
-    return path
+from scalelab.config import Config, UserError, load_config, resolve_config_path
 
 
 def stage_config(args: argparse.Namespace) -> Config:

@@ -18,6 +18,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+PRESETS = Path(__file__).parent / "configs"
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
@@ -107,6 +110,16 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
         for key, value in values.items():
             _set_key(cfg, section, key, value, where)
     return cfg
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.exists() and (PRESETS / f"{name}.toml").is_file():
+        return PRESETS / f"{name}.toml"
+    return path
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
