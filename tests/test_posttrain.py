@@ -69,6 +69,19 @@ def test_post_training_stages_end_to_end(tmp_path):
                 "policy/approxkl", "loss/value", "val/ratio", "gold_reward", "loss", "lr"):
         assert all(key in r for r in rows), key
     assert abs(rows[0]["objective/kl"]) < 1e-5  # step 1: policy == reference
+
+    # Crash after step 2 (drop what came later), resume: the same steps 3 and 4 again.
+    import shutil
+    crashed = tmp_path / "ppo_crashed"
+    shutil.copytree(tmp_path / "ppo", crashed)
+    shutil.rmtree(crashed / "checkpoints/step_4")
+    r = run_cli("ppo", "--policy", str(tmp_path / "sft/model"), "--reward",
+                str(tmp_path / "rm/model"), "--prompts", "builtin:tasks",
+                "--out", str(crashed), "--resume")
+    assert r.returncode == 0, r.stderr
+    again = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
+    assert strip(again) == strip(rows)
     r = run_cli("dpo", "--policy", str(tmp_path / "sft/model"), "--data",
                 str(tmp_path / "rm/preferences.jsonl"), "--out", str(tmp_path / "dpo"),
                 "--max-steps", "3", "--set", "train.batch_size=4", "--set", "train.log_every=1")
