@@ -26,7 +26,13 @@ def stage_config(args: argparse.Namespace) -> Config:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
     model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
-    print(f"model written to {model_dir}")
+    import torch.distributed as dist
+    if dist.is_initialized():  # under torchrun: only rank 0 reports, then all leave together
+        if dist.get_rank() != 0:
+            model_dir = None
+        dist.destroy_process_group()
+    if model_dir is not None:
+        print(f"model written to {model_dir}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

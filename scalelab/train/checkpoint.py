@@ -51,9 +51,11 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_model(model: Transformer, tok: Tokenizer, final: Path) -> None:
+def save_model(model: Transformer, tok: Tokenizer, final: Path,
+               tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """tensors: the consolidated weights when the model is sharded (see parallel.checkpoint)."""
     tmp = fresh_tmp(final)
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    save_file(model_tensors(model) if tensors is None else tensors, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     tok.save(tmp / "tokenizer.json")
     replace_dir(tmp, final)
