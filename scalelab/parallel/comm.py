@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scalelab.config import ModelConfig
@@ -60,7 +61,7 @@ def _nbytes(x) -> int:
 class CommCounter(TorchDispatchMode):
     """with CommCounter(par) as cc: step()  ->  cc.records (one Collective per call)."""
 
-    def __init__(self, group_axes: dict[str, str] | None = None):
+    def __init__(self, group_axes: dict[frozenset, str] | None = None):
         super().__init__()
         self.group_axes = group_axes or {}
         self.records: list[Collective] = []
@@ -88,7 +89,11 @@ class CommCounter(TorchDispatchMode):
             pg = ProcessGroup.unbox(next(a for a in args if isinstance(a, torch.ScriptObject)))
             size = _nbytes(args[1] if kind == "reduce_scatter" else args[0])
         phase = "bwd" if torch._C._current_graph_task_id() != -1 else "fwd"
-        axis = self.group_axes.get(pg.group_name, f"group{pg.size()}")
+        try:
+            ranks = frozenset(dist.get_process_group_ranks(pg))
+        except (ValueError, RuntimeError, KeyError):
+            ranks = frozenset()
+        axis = self.group_axes.get(ranks, f"group{pg.size()}")
         return Collective(kind, axis, pg.size(), size, phase, 1, op)
 
     def summary(self) -> dict[tuple[str, str], float]:
@@ -159,3 +164,23 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
         rows.append(Collective("all_reduce", axis, world, 4, "step", 1,
                                "grad-norm (one fp32 scalar)"))
     return rows
+
+
+def measure_step(mc: ModelConfig, par, batch_size: int) -> list[Collective]:
+    """Record one training step (forward, backward, grad sync, clip) of a fresh model."""
+    import torch.nn.functional as F
+
+    from scalelab.model import Transformer
+    from scalelab.parallel.apply import clip_grad_norm_, parallelize, sync_grads
+    torch.manual_seed(0)
+    model = parallelize(Transformer(mc).to(par.device), par)
+    g = torch.Generator().manual_seed(par.data_rank)
+    x = torch.randint(0, mc.vocab_size, (batch_size, mc.seq_len + 1), generator=g)
+    x = x.to(par.device)
+    with CommCounter(par.groups) as cc:
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        sync_grads(model, par)
+        clip_grad_norm_(model, 1.0, par)
+    return cc.records

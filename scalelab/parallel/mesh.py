@@ -46,7 +46,7 @@ class Parallel:
     device: torch.device
     mesh: object = None  # DeviceMesh with dims ("dp", "fsdp", "tp"); None in one process
     rank: int = 0
-    groups: dict[str, str] = field(default_factory=dict)  # process-group name -> mesh axis
+    groups: dict[frozenset, str] = field(default_factory=dict)  # group ranks -> axis
 
     @property
     def single(self) -> bool:
@@ -106,6 +106,7 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, tuple(sizes[a] for a in MESH_AXES),
                             mesh_dim_names=MESH_AXES)
-    groups = {mesh.get_group(a).group_name: a for a in MESH_AXES}
-    groups.setdefault(dist.group.WORLD.group_name, "world")
+    # Name each process group by the ranks it spans (group names differ between meshes).
+    groups = {frozenset(dist.get_process_group_ranks(mesh.get_group(a))): a for a in MESH_AXES}
+    groups.setdefault(frozenset(range(world)), "world")
     return Parallel(sizes, rules, device, mesh, dist.get_rank(), groups)
