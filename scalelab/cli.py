@@ -56,6 +56,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + tok.decode(new))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from scalelab.hardware import HARDWARE
+    from scalelab.parallel import plan
+    from scalelab.parallel.rules import make_rules
+
+    path = resolve_config_path(args.config)
+    cfg = load_config(path, args.set)
+    rules = make_rules(cfg.parallel.rules)
+    hw = HARDWARE[args.hardware]
+    if args.explain:
+        sizes = plan.parse_mapping(args.explain, args.world_size)
+        print(plan.explain(cfg, sizes, rules, hw))
+        return
+    ests = plan.plan(cfg, args.world_size, rules, hw)
+    print(plan.format_plan(cfg, args.world_size, hw, ests, limit=args.top))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scalelab.demo import run_demo
     run_demo(Path(args.out), quick=args.quick)
@@ -88,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
+    pl.add_argument("--config", required=True, help="TOML file or preset name")
+    pl.add_argument("--world-size", type=int, required=True, help="number of devices")
+    pl.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100", "cpu"])
+    pl.add_argument("--explain", metavar="DP,FSDP,TP",
+                    help="show one mapping: each weight's shard and each collective")
+    pl.add_argument("--top", type=int, default=20, help="mappings to list")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="run the whole pipeline on built-in data and report")
     d.add_argument("--out", required=True)

@@ -82,7 +82,12 @@ def sync_grads(model: nn.Module, par: Parallel) -> None:
     for p in model.parameters():
         if p.grad is not None:
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(g, group=group)
+            if par.device.type == "cuda":  # bf16 on the wire, as FSDP above and the planner
+                buf = g.to(torch.bfloat16)
+                dist.all_reduce(buf, group=group)
+                g.copy_(buf)
+            else:
+                dist.all_reduce(g, group=group)
             g.div_(n)
 
 
