@@ -134,12 +134,12 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
 
     # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
     hd = mc.d_model // mc.n_head
-    n_block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("blocks."))
     head = mc.vocab_size * mc.d_model
+    body = count_params(mc) - head * (1 if mc.tie_embeddings else 2)  # blocks + final norm
     attn = 12 * mc.n_layer * mc.n_head * hd * mc.seq_len
-    flops_per_token = 6 * (n_block + head) + attn  # = Transformer.flops_per_token()
+    flops_per_token = 6 * (body + head) + attn  # = Transformer.flops_per_token()
     tokens = seqs * mc.seq_len
-    device_flops = tokens * (6 * n_block / tp + attn / tp + 6 * head)
+    device_flops = tokens * (6 * body / tp + attn / tp + 6 * head)
     compute_s = device_flops / (hw.peak_flops * MATMUL_EFFICIENCY)
 
     comm = step_collectives(mc, sizes, rules, tokens_micro, accum, 2, 2, 2)
