@@ -5,7 +5,7 @@
 MAPPING is dp,fsdp,tp (e.g. 2,1,2). For each: pretrain BASE/dp_fsdp_tp from scratch on the
 reference run's data with the same global batch, and record one step's collectives against
 the analytic model (BASE/comm.json). Then resume the fsdp=2 x tp=2 run's step_10 checkpoint
-under dp=4 (BASE/resume_dp4).
+under dp=4 (BASE/resume_dp4), and the one-process run's under fsdp=2 x tp=2.
 """
 
 import json
@@ -66,6 +66,15 @@ def main() -> None:
                 "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
         dist.barrier()
         pretrain(config(ref, (4, 1, 1), global_batch), out, resume=True)
+    # Resume the one-process reference run's step_10 (safetensors) under fsdp=2 x tp=2.
+    out = base / "resume_ref_fsdp2_tp2"
+    if dist.get_rank() == 0:
+        shutil.copytree(ref, out, ignore=shutil.ignore_patterns("step_20", "model"))
+        rows = (ref / "metrics.jsonl").read_text().splitlines()
+        (out / "metrics.jsonl").write_text(
+            "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
+    dist.barrier()
+    pretrain(config(ref, (1, 2, 2), global_batch), out, resume=True)
     if dist.get_rank() == 0:
         (base / "comm.json").write_text(json.dumps(comm, indent=1))
     dist.destroy_process_group()

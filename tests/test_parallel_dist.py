@@ -85,6 +85,13 @@ def test_fsdp_tp_checkpoint_resumes_in_one_process_and_under_dp4(runs, tmp_path)
     assert max_rel_diff(want, got) < 1e-4
 
 
+def test_one_process_checkpoint_resumes_under_fsdp_tp(runs):
+    base, ref = runs
+    got = losses(base / "resume_ref_fsdp2_tp2")
+    assert got[11] == pytest.approx(losses(ref)[11], rel=1e-5)
+    assert max_rel_diff(losses(ref), got) < 1e-4
+
+
 def test_sharded_model_export_generates(runs):
     base, _ = runs
     r = run_cli("generate", "--model", str(base / "1_2_2" / "model"), "--prompt", "Mia has",

@@ -28,7 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from scalelab.config import UserError
 from scalelab.parallel.mesh import Parallel
-from scalelab.train.checkpoint import fresh_tmp, list_checkpoints, read_json, replace_dir
+from scalelab.train.checkpoint import (
+    fresh_tmp,
+    list_checkpoints,
+    read_json,
+    read_tensors,
+    replace_dir,
+)
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -73,6 +79,33 @@ def load_sharded(ckpt: Path, model: torch.nn.Module,
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
+    return meta
+
+
+def load_single_into_mesh(ckpt: Path, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """A one-process checkpoint (whole tensors in safetensors, optimizer state keyed by
+    position) loaded into a sharded model: every rank reads the file and keeps its slices."""
+    meta = read_json(ckpt / "state.json")
+    weights = read_tensors(ckpt / "model.safetensors")
+    if model.cfg.tie_embeddings and "embed.weight" in weights:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=full)
+    # Position i in the saved optimizer state = i-th parameter of the param groups, in order.
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state: dict[str, dict] = {}
+    for key, v in read_tensors(ckpt / "state.safetensors").items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(order[int(idx)], {})[name] = v
+    groups, start = [], 0
+    for g in meta["param_groups"]:
+        groups.append({**g, "params": order[start: start + len(g["params"])]})
+        start += len(g["params"])
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=full)
     return meta
 
 

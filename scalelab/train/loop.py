@@ -66,12 +66,11 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
 def load_any_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         parallel=None) -> dict:
     """A checkpoint saved by one process (safetensors) or under a mesh (sharded, DCP)."""
-    from scalelab.parallel.checkpoint import is_sharded, load_sharded
+    from scalelab.parallel.checkpoint import is_sharded, load_sharded, load_single_into_mesh
     if is_sharded(ckpt):
         return load_sharded(ckpt, model, optimizer)
     if parallel is not None:
-        raise UserError(f"{ckpt}: saved by a single process; resuming it under a mesh is not "
-                        "supported yet (resume it without torchrun)")
+        return load_single_into_mesh(ckpt, model, optimizer)
     return load_checkpoint(ckpt, model, optimizer)
 
 
