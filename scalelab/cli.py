@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"scalelab: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
+            print(f"scalelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)

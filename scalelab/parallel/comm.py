@@ -59,7 +59,8 @@ def _nbytes(x) -> int:
 
 
 class CommCounter(TorchDispatchMode):
-    """with CommCounter(par) as cc: step()  ->  cc.records (one Collective per call)."""
+    """with CommCounter(par.groups) as cc: step()  ->  cc.records, one Collective per call
+    (phase "bwd" inside autograd's backward, "fwd" for everything else, e.g. the dp sync)."""
 
     def __init__(self, group_axes: dict[frozenset, str] | None = None):
         super().__init__()

@@ -56,6 +56,8 @@ def eval_loss(model: torch.nn.Module, batches: list, device: torch.device, ctx) 
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
     par = mesh.setup(cfg.parallel, cfg.train.device)  # one process: no process group at all
+    if not par.single:  # before anything is written, so a bad mesh leaves no half run
+        check_divisible(cfg.model, par.rules, par.sizes)
     torch.manual_seed(cfg.train.seed)  # same seed everywhere: every rank builds the same model
     device = par.device
     if par.is_main:  # rank 0 checks the run folder and writes the data; the rest wait
@@ -79,7 +81,6 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
     flops_per_token = model.flops_per_token()
     if not par.single:
-        check_divisible(mc, par.rules, par.sizes)
         parallelize(model, par)
         say("mesh: " + " x ".join(f"{a}={n}" for a, n in par.sizes.items()) +
             f" ({par.world} processes, backend {torch.distributed.get_backend()})")
