@@ -5,7 +5,8 @@
 MAPPING is dp,fsdp,tp (e.g. 2,1,2). For each: pretrain BASE/dp_fsdp_tp from scratch on the
 reference run's data with the same global batch, and record one step's collectives against
 the analytic model (BASE/comm.json). Then resume the fsdp=2 x tp=2 run's step_10 checkpoint
-under dp=4 (BASE/resume_dp4), and the one-process run's under fsdp=2 x tp=2.
+under dp=4 (BASE/resume_dp4), the one-process run's under fsdp=2 x tp=2, and compares a
+grouped-query-attention model under tp=4 with its unsharded self (BASE/gqa_tp.json).
 """
 
 import json
@@ -37,6 +38,40 @@ def fresh(out: Path, ref: Path) -> None:
         shutil.copytree(ref / "data", out / "data")
         shutil.copy(ref / "tokenizer.json", out / "tokenizer.json")
     dist.barrier()
+
+
+def gqa_tp_losses(steps: int = 3) -> list[tuple[float, float]]:
+    """Grouped-query attention (8 query heads, 4 kv heads) under tp=4 vs. the same model
+    unsharded in this process: (sharded, plain) loss per AdamW step on one fixed batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from scalelab.config import ModelConfig, ParallelConfig
+    from scalelab.model import Transformer
+    from scalelab.parallel.apply import clip_grad_norm_, parallelize
+
+    mc = ModelConfig(vocab_size=128, seq_len=16, n_layer=2, n_head=8, n_kv_head=4, d_model=32)
+    par = mesh.setup(ParallelConfig(tp=4), "cpu")
+    x = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    out = []
+    for sharded in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(mc)
+        if sharded:
+            parallelize(model, par)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for i in range(steps):
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            if sharded:
+                clip_grad_norm_(model, 1.0, par)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            out.append((sharded, i, loss.item()))
+    return [(a[2], b[2]) for a, b in zip(out[:steps], out[steps:])]
 
 
 def main() -> None:
@@ -75,7 +110,9 @@ def main() -> None:
             "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
     dist.barrier()
     pretrain(config(ref, (1, 2, 2), global_batch), out, resume=True)
+    gqa = gqa_tp_losses()
     if dist.get_rank() == 0:
+        (base / "gqa_tp.json").write_text(json.dumps(gqa))
         (base / "comm.json").write_text(json.dumps(comm, indent=1))
     dist.destroy_process_group()
 

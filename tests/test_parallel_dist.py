@@ -92,6 +92,14 @@ def test_one_process_checkpoint_resumes_under_fsdp_tp(runs):
     assert max_rel_diff(losses(ref), got) < 1e-4
 
 
+def test_grouped_query_attention_under_tp(runs):
+    base, _ = runs
+    pairs = json.loads((base / "gqa_tp.json").read_text())
+    assert len(pairs) == 3 and pairs[0][0] != pairs[2][0]  # it trained
+    for sharded, plain in pairs:
+        assert sharded == pytest.approx(plain, rel=1e-5)
+
+
 def test_sharded_model_export_generates(runs):
     base, _ = runs
     r = run_cli("generate", "--model", str(base / "1_2_2" / "model"), "--prompt", "Mia has",
