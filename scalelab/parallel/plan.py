@@ -178,9 +178,9 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
     lines = [f"model: {count_params(mc) / 1e6:,.1f}M parameters ({mc.n_layer} layers, "
              f"d={mc.d_model}, {mc.n_head} heads, vocab {mc.vocab_size}, seq {mc.seq_len}); "
              f"global batch {g:,} tokens",
-             f"hardware: {world} x {hw.name} ({hw.peak_flops / 1e12:.0f} TFLOP/s, "
-             f"{hw.memory_bytes / 1e9:.0f} GB, {hw.link_bandwidth / 1e9:.0f} GB/s in a node of "
-             f"{hw.node_size}, {hw.inter_node_bandwidth / 1e9:.0f} GB/s between nodes)",
+             f"hardware: {world} x {hw.name} ({hw.peak_flops / 1e12:.3g} TFLOP/s, "
+             f"{hw.memory_bytes / 1e9:.3g} GB, {hw.link_bandwidth / 1e9:.3g} GB/s in a node of "
+             f"{hw.node_size}, {hw.inter_node_bandwidth / 1e9:.3g} GB/s between nodes)",
              "",
              f"{'mapping':<24} {'tok/rank':>8} {'mem GB':>7} {'(p+g+o':>7} {'act)':>6} "
              f"{'compute':>8} {'comm f/b':>13} {'tp comm':>8} {'step s':>8} {'MFU':>6}  fits"]
