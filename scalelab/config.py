@@ -95,7 +95,10 @@ class RewardConfig:
 @dataclass
 class PPOConfig:
     n_prompts: int = 2000
-    rollout_batch: int = 32  # prompts per PPO step
+    rollout_batch: int = 32  # responses per PPO step
+    samples_per_prompt: int = 4  # responses per prompt; >1 centres each prompt's scores on
+    # the mean of its other responses (a leave-one-out baseline), so easy and hard prompts
+    # don't masquerade as good and bad answers while the value model is still learning
     minibatches: int = 2
     ppo_epochs: int = 4
     max_new_tokens: int = 24

@@ -167,6 +167,10 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         stopped = torch.tensor([bool(r) and r[-1] == tok.eos_id for r in responses],
                                device=device)
         scores_penalised = scores - pc.missing_eos_penalty * (~stopped).float()
+        if pc.samples_per_prompt > 1:  # leave-one-out baseline within each prompt's group
+            g = scores_penalised.view(-1, pc.samples_per_prompt)
+            baseline = (g.sum(1, keepdim=True) - g) / (pc.samples_per_prompt - 1)
+            scores_penalised = (g - baseline).view(-1)
         kl = kl_penalty(old_logp, ref_logp, pc.kl_estimator) * ro.resp_mask
         rewards = -kl_coef * kl
         last = (ro.resp_mask.sum(1).long() - 1).clamp(min=0)
@@ -203,7 +207,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         "objective/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * ro.resp_mask).sum(1)
         .mean().item(),
         "objective/scores": scores.mean().item(),
-        "objective/rlhf_reward": (scores_penalised - kl_coef * kl_seq).mean().item(),
+        "objective/rlhf_reward": (scores - kl_coef * kl_seq).mean().item(),
         "val/num_eos_tokens": int(stopped.sum()),
         "val/response_len": ro.resp_mask.sum(1).mean().item(),
         "kl_coef": kl_coef,
@@ -248,9 +252,12 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
     value.requires_grad_(True)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
-    if len(keep) < pc.rollout_batch:
+    if pc.rollout_batch % pc.samples_per_prompt:
+        raise UserError("ppo.rollout_batch must be a multiple of ppo.samples_per_prompt")
+    n_prompts = pc.rollout_batch // pc.samples_per_prompt
+    if len(keep) < n_prompts:
         raise UserError(f"{prompts_spec}: only {len(keep)} prompts fit the context with "
-                        f"{pc.max_new_tokens} new tokens; need {pc.rollout_batch}")
+                        f"{pc.max_new_tokens} new tokens; need {n_prompts}")
     label = get_labeler(cfg.reward.labeler) if examples is not None else None
 
     def reward_fn(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
@@ -263,7 +270,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
 
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
-    sampler = EpochSampler(len(keep), pc.rollout_batch, seed=pc.seed)
+    sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
     kl_coef, start = pc.kl_coef, 0
     if resume:
         ckpts = list_checkpoints(out)
@@ -280,7 +287,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
         for group in optimizer.param_groups:  # anneal linearly to zero
             group["lr"] = tc.lr * (1 - step / tc.max_steps)
         t0 = time.perf_counter()
-        idx = [keep[i] for i in sampler.next_indices()]
+        idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
                            tok, pc, kl_coef, gen)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
