@@ -27,6 +27,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
     model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
     print(f"model written to {model_dir}")
+    if args.register:
+        from scalelab.track.commands import open_registry, register_model
+        register_model(open_registry(args), model_dir)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
+        s.add_argument("--register", action="store_true",
+                       help="add the result to the experiment registry (see --registry)")
+        s.add_argument("--registry", help="registry file for --register")
         return s
 
     stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
@@ -87,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
     d.set_defaults(func=cmd_demo)
+
+    from scalelab.track.commands import register
+    register(sub)  # `track ...` and `sweep`
     return p
 
 
