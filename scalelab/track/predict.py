@@ -60,7 +60,7 @@ def predict(points: list[tuple[float, float]], level: float, higher: bool,
     boots = []
     for _ in range(BOOTSTRAP):
         c = crossing(xs, a + b * xs + rng.choice(resid, len(xs)), level, higher)
-        boots.append(math.inf if c is None else c)
+        boots.append(1e3 if c is None else c)  # "never": beyond any scale (see exp10)
     lo, hi = np.percentile(boots, [10, 90])
     detail = {"slope_per_decade": float(b), "intercept": float(a),
               "fit_scales": [p[0] for p in pts], "fit_values": [p[1] for p in pts]}

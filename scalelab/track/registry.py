@@ -173,7 +173,8 @@ class Registry:
                     "flops", "val_loss", "lineage", "parent"]
             cur = db.execute(f"INSERT INTO models ({', '.join(keys)}, created) VALUES "
                              f"({', '.join('?' * len(keys))}, ?)",
-                             [info.get(k) for k in keys] + [now()])
+                             [info.get(k) for k in keys[:-2]]
+                             + [info.get("lineage") or "base", info.get("parent"), now()])
             return cur.lastrowid
 
     def models(self) -> list[sqlite3.Row]:

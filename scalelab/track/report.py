@@ -35,8 +35,9 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
     choice = exp["metric"] in ("mc_accuracy", "brier")
     cols = ["mc_accuracy" if choice else "exact_match", "token_logprob",
             "brier" if choice else "edit_distance"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), squeeze=False)
-    for row, axis in enumerate(AXES):
+    present = [a for a in AXES if ser[a]]  # models without a run folder have no FLOPs
+    fig, axes = plt.subplots(len(present), 3, figsize=(13, 3.3 * len(present)), squeeze=False)
+    for row, axis in enumerate(present):
         pts = ser[axis]
         for col, metric in enumerate(cols):
             ax = axes[row][col]
@@ -64,7 +65,7 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
                                color="C4", alpha=0.15, label="predicted pass (band)")
             ax.set_xscale("log")
             ax.set_title(metric, fontsize=9)
-            if row == 1:
+            if row == len(present) - 1:
                 ax.set_xlabel(AXIS_LABEL[axis] if col == 1 else "")
             ax.tick_params(labelsize=8)
             if ax.get_legend_handles_labels()[0]:
