@@ -79,15 +79,16 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
 
 def overview_plot(plt, exps, sers: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for e in exps:
+    for i, e in enumerate(exps):
         pts = sers[e["id"]]["params"]
         if not pts:
             continue
         xs = [m["non_embedding_params"] for m, _ in pts]
         main = "mc_accuracy" if e["metric"] in ("mc_accuracy", "brier") else "exact_match"
-        axes[0].plot(xs, [r["metrics"].get(main) for _, r in pts], "o-", label=e["name"])
-        axes[1].plot(xs, [r["metrics"].get("token_logprob") for _, r in pts], "o-",
-                     label=e["name"])
+        style = {"color": plt.cm.tab20(i % 20), "ls": "-" if i < 20 else "--",
+                 "marker": "o", "label": e["name"]}
+        axes[0].plot(xs, [r["metrics"].get(main) for _, r in pts], **style)
+        axes[1].plot(xs, [r["metrics"].get("token_logprob") for _, r in pts], **style)
     for ax, t in zip(axes, ["exact match / accuracy", "mean target-token log-likelihood"]):
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters")
