@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -150,3 +151,30 @@ def test_corrupt_or_foreign_registry_exits_2(tmp_path):
     assert r.returncode == 2 and "unknown parameter 'dig'" in r.stderr
     r = run_cli("track", "model", "add", str(tmp_path), "--registry", str(tmp_path / "new.db"))
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_hf_model_folder(tmp_path, tokenizer):
+    """A local Hugging Face causal LM goes through the same registry and scoring."""
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf,
+                                                  bos_token="<|bos|>", eos_token="<|eos|>",
+                                                  pad_token="<|pad|>")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=16,
+                                  n_layer=1, n_head=2, bos_token_id=tokenizer.bos_id,
+                                  eos_token_id=tokenizer.eos_id)
+    d = tmp_path / "hf-tiny"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    hf_tok.save_pretrained(d)
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=2&n=4", "--threshold", "0.5").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "o", "--task", "builtin:older?n=4",
+                 "--threshold", "0.5").returncode == 0
+    r = track(reg, "model", "add", str(d))
+    assert r.returncode == 0, r.stderr
+    m = Registry(reg).model("hf-tiny")
+    assert m["kind"] == "hf" and m["params"] > m["non_embedding_params"] > 0
+    res = Registry(reg).results()
+    assert len(res) == 2 and all(math.isfinite(x["metrics"]["token_logprob"]) for x in res)
+    assert -20 < res[0]["metrics"]["token_logprob"] < 0

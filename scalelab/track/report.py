@@ -57,7 +57,8 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
                 hi_x = max([max(d["fit_scales"])] + [v for v in (p["predicted"], p["high"])
                                                      if v and v < 1e6 * max(d["fit_scales"])])
                 line = [lo_x * (hi_x / lo_x) ** (i / 20) for i in range(21)]
-                ax.plot(line, [d["intercept"] + d["slope_per_decade"] * math.log10(x)
+                cap = 0.0 if metric == "token_logprob" else math.inf  # log-probs stay <= 0
+                ax.plot(line, [min(cap, d["intercept"] + d["slope_per_decade"] * math.log10(x))
                                for x in line], "-", color="C4", lw=1, label="fit")
                 if p["predicted"]:
                     ax.axvline(p["predicted"], color="C4", lw=1)
