@@ -9,12 +9,15 @@ from pathlib import Path
 from scalelab.config import Config, UserError, load_config, resolve_config_path
 
 
-def stage_config(args: argparse.Namespace) -> Config:
-    """--config (or, on --resume, the run's own config.toml), then --set, then --max-steps."""
+def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
+    """--config (else, on --resume, the run's own config.toml, else the stage's preset),
+    then --set, then --max-steps."""
     path = resolve_config_path(args.config)
     saved = Path(args.out) / "config.toml"
     if path is None and args.resume and saved.is_file():
         path = saved
+    if path is None:
+        path = resolve_config_path(preset)
     cfg = load_config(path, args.set)
     if args.max_steps is not None:
         if args.max_steps < 1:
@@ -23,13 +26,52 @@ def stage_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def register_output(args: argparse.Namespace, out: Path, lineage: str,
+                    parent: str | None = None) -> None:
+    if args.register:  # --register: add the stage's model to the experiment registry
+        from scalelab.track.commands import register_output
+        register_output(args, out, lineage, parent)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
-    model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
-    print(f"model written to {model_dir}")
+    out = pretrain(stage_config(args), Path(args.out), resume=args.resume)
+    print(f"model written to {out}")
+    register_output(args, out, "base")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from scalelab.train.sft import sft
+    out = sft(stage_config(args, "sft"), Path(args.base), args.data, Path(args.out),
+              args.resume)
+    print(f"model written to {out}")
+    register_output(args, out, "sft", args.base)
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    from scalelab.train.reward import train_reward
     if args.register:
-        from scalelab.track.commands import open_registry, register_model
-        register_model(open_registry(args), model_dir)
+        raise UserError("--register: a reward model is not a language model to run "
+                        "experiments on; register the policy (sft/ppo/dpo) instead")
+    out = train_reward(stage_config(args, "reward"), Path(args.base), args.data,
+                       Path(args.out), args.resume)
+    print(f"reward model written to {out}")
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from scalelab.train.ppo import ppo
+    out = ppo(stage_config(args, "ppo"), Path(args.policy), Path(args.reward), args.prompts,
+              Path(args.out), args.resume)
+    print(f"policy written to {out}")
+    register_output(args, out, "rlhf", args.policy)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from scalelab.train.dpo import dpo
+    out = dpo(stage_config(args, "dpo"), Path(args.policy), args.data, Path(args.out),
+              args.resume)
+    print(f"policy written to {out}")
+    register_output(args, out, "rlhf", args.policy)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -76,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
+    s = stage("sft", "instruction fine-tuning (loss on assistant tokens only)")
+    s.add_argument("--base", required=True, help="model folder to start from")
+    s.add_argument("--data", required=True, help="builtin:tasks or a JSONL file")
+    s.set_defaults(func=cmd_sft)
+    s = stage("reward", "train a reward model on preference pairs")
+    s.add_argument("--base", required=True, help="model folder (the SFT model) to start from")
+    s.add_argument("--data", required=True,
+                   help="builtin:tasks (sample and rank with the gold labeler) or a JSONL file")
+    s.set_defaults(func=cmd_reward)
+    s = stage("ppo", "RLHF: optimise the policy against a reward model with PPO")
+    s.add_argument("--policy", required=True, help="model folder (the SFT model)")
+    s.add_argument("--reward", required=True, help="reward model folder")
+    s.add_argument("--prompts", required=True, help="builtin:tasks or a JSONL file of prompts")
+    s.set_defaults(func=cmd_ppo)
+    s = stage("dpo", "direct preference optimisation on preference pairs")
+    s.add_argument("--policy", required=True, help="model folder (the SFT model)")
+    s.add_argument("--data", required=True, help="preference JSONL file")
+    s.set_defaults(func=cmd_dpo)
 
     g = sub.add_parser("generate", help="sample text from a trained model")
     g.add_argument("--model", required=True, help="model folder (RUN/model)")

@@ -75,10 +75,58 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    n_examples: int = 20000  # examples drawn from the training task families (builtin:tasks)
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    n_prompts: int = 600  # prompts for generated preference data (builtin:tasks)
+    samples_per_prompt: int = 4  # K completions ranked per prompt -> C(K,2) pairs
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    heldout_fraction: float = 0.15  # prompts whose pairs measure accuracy, never trained on
+    labeler: str = "builtin:gold"  # or "module:function" returning a float per response
+    seed: int = 0
+
+
+@dataclass
+class PPOConfig:
+    n_prompts: int = 2000
+    rollout_batch: int = 32  # prompts per PPO step
+    minibatches: int = 2
+    ppo_epochs: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # "k1" (logp - ref) or "k3" (unbiased, always >= 0)
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    missing_eos_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

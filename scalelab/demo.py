@@ -1,7 +1,10 @@
-"""`scalelab demo`: the whole pipeline on built-in data, with a report of what each stage did.
+"""`scalelab demo`: the whole pipeline on built-in data, and a report of what each stage did.
 
-Each stage writes its own run directory under DIR; a stage whose model already exists is
-skipped, so an interrupted demo picks up where it stopped.
+    world corpus -> tokenizer -> pretrain -> SFT on the training task families
+      -> reward model on ranked samples of the SFT model -> PPO against it -> evaluation
+
+Each stage writes its own run directory under DIR; a finished stage is skipped and an
+interrupted one resumed, so rerunning the same command picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -10,57 +13,208 @@ import json
 import time
 from pathlib import Path
 
-from scalelab.config import PRESETS, load_config
-from scalelab.generate import generate
-from scalelab.train.checkpoint import list_checkpoints, load_model
+import torch
+from tqdm import tqdm
 
-PROMPTS = ["Mia lives in", "Tom has 5 apples. Tom eats 2 apples. Now Tom has",
-           "12 + 7 =", "Q: Where does Leo live? A:", "Numbers: 8, 3, 5. Sorted:"]
+from scalelab.config import Config, load_config, resolve_config_path
+from scalelab.train.checkpoint import list_checkpoints
+
+# Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45.
+SCHEDULES = {
+    "quick": {"pretrain": 600, "sft": 600, "reward": 150, "ppo": 60},
+    "full": {"pretrain": 3000, "sft": 2000, "reward": 400, "ppo": 200},
+}
+SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
+            "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
+            "Write in digits: forty-two"]
 
 
-def stage_done(run_dir: Path, max_steps: int) -> bool:
+def stage_config(preset: str, steps: int, sets: list[str] | None = None) -> Config:
+    cfg = load_config(resolve_config_path(preset), sets)
+    cfg.train.max_steps = steps
+    return cfg
+
+
+def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
+    """Run fn(cfg, *args, run_dir, resume) unless its final checkpoint already exists."""
     ckpts = list_checkpoints(run_dir)
-    return bool(ckpts) and ckpts[-1].name == f"step_{max_steps}"
+    if ckpts and ckpts[-1].name == f"step_{cfg.train.max_steps}":
+        tqdm.write(f"{run_dir.name}: already done, skipping")
+    else:
+        tqdm.write(f"== {run_dir.name} ==")
+        fn(cfg, *args, run_dir, resume=bool(ckpts))
+    return run_dir / "model"
 
 
-def run_pretrain(out: Path, quick: bool) -> Path:
-    from scalelab.train.pretrain import pretrain
-    cfg = load_config(PRESETS / "tiny.toml")
-    if quick:
-        cfg.train.max_steps = 300
-    run_dir = out / "pretrain"
-    if not stage_done(run_dir, cfg.train.max_steps):
-        pretrain(cfg, run_dir, resume=bool(list_checkpoints(run_dir)))
-    return run_dir
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def completions(model_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    model, tok = load_model(model_dir)
-    outs = generate(model, [tok.encode(p, bos=True) for p in prompts], max_new_tokens,
-                    tok.pad_id, tok.eos_id, temperature=0.0)
-    return [tok.decode(o) for o in outs]
+@torch.no_grad()
+def evaluate_policies(models: dict[str, Path]) -> dict:
+    """Task accuracy (greedy) on held-in and held-out families, and the mean gold reward of
+    sampled answers (temperature 1, as PPO samples) on held-in prompts, for each model."""
+    from scalelab.evaluate import respond_ids, task_accuracy
+    from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS, make_examples
+    from scalelab.train.checkpoint import load_model
+    from scalelab.train.labelers import gold
+    held_in = make_examples(TRAIN_TASKS, 8 * len(TRAIN_TASKS), seed=1001)
+    held_out = make_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), seed=1001)
+    gold_prompts = make_examples(TRAIN_TASKS, 256, seed=2002)
+    results = {}
+    for name, path in models.items():
+        model, tok = load_model(path)
+        g = torch.Generator().manual_seed(0)
+        sampled = respond_ids(model, tok, [e.prompt for e in gold_prompts], temperature=1.0,
+                              generator=g)
+        golds = [gold(e, tok.decode(ids), bool(ids) and ids[-1] == tok.eos_id)
+                 for e, ids in zip(gold_prompts, sampled)]
+        greedy = respond_ids(model, tok, SHOWCASE)
+        results[name] = {
+            "held_in": task_accuracy(model, tok, held_in),
+            "held_out": task_accuracy(model, tok, held_out),
+            "gold_reward": sum(golds) / len(golds),
+            "showcase": [tok.decode(ids) for ids in greedy],
+        }
+    return results
+
+
+def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(rows, key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for rows, name, ax in ((pre, "pretrain", axes[0]), (sft, "SFT", axes[1])):
+        ax.plot(*series(rows, "loss"), label="train loss", alpha=0.6)
+        ax.plot(*series(rows, "val_loss"), "o-", label="val loss")
+        ax.set(title=f"{name} loss", xlabel="step", ylabel="nats / token")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(*series(ppo, "objective/scores"), label="proxy reward (reward model)")
+    axes[0].plot(*series(ppo, "gold_reward"), label="gold reward (labeler)")
+    axes[0].set(title="PPO: reward of sampled responses", xlabel="PPO step")
+    axes[0].legend()
+    axes[1].plot(*series(ppo, "objective/kl"), label="KL k1 (sum over tokens)")
+    axes[1].plot(*series(ppo, "objective/kl_k3"), label="KL k3")
+    axes[1].set(title="PPO: KL to the SFT reference", xlabel="PPO step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppo.png", dpi=110)
+    plt.close(fig)
+    return ["losses.png", "ppo.png"]
+
+
+def write_report(out: Path, command: str, seconds: float, results: dict, rm_stats: dict,
+                 ppo_rows: list[dict], images: list[str]) -> str:
+    names = list(results)
+    first, last = ppo_rows[: max(1, len(ppo_rows) // 10)], ppo_rows[-max(1, len(ppo_rows) // 10):]
+
+    def avg(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    md = ["# scalelab demo", "",
+          f"Produced by `{command}` in {seconds / 60:.1f} minutes. Every number below comes "
+          "from this run.", "",
+          "## Task accuracy (greedy answers, scored by each task's programmatic scorer)", "",
+          "| model | held-in tasks | held-out tasks (never trained on) | gold reward (sampled) |",
+          "|---|---|---|---|"]
+    md += [f"| {n} | {results[n]['held_in']['mean']:.3f} | {results[n]['held_out']['mean']:.3f} "
+           f"| {results[n]['gold_reward']:.3f} |" for n in names]
+    md += ["", f"Reward model: accuracy on held-out preference pairs "
+           f"**{rm_stats['val_accuracy']:.3f}** (chance is 0.5).", "",
+           f"PPO ({len(ppo_rows)} steps): proxy reward {avg(first, 'objective/scores'):.3f} -> "
+           f"{avg(last, 'objective/scores'):.3f}, gold reward {avg(first, 'gold_reward'):.3f} -> "
+           f"{avg(last, 'gold_reward'):.3f}, KL to the reference {avg(first, 'objective/kl'):.3f}"
+           f" -> {avg(last, 'objective/kl'):.3f} nats per response (first vs last tenth of "
+           "the steps).", "",
+           "## The same prompts, answered by each model", "",
+           "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for i, prompt in enumerate(SHOWCASE):
+        cells = [results[n]["showcase"][i].strip().replace("\n", " ").replace("|", "/")
+                 or "(nothing)" for n in names]
+        md.append(f"| {prompt} | " + " | ".join(f"`{c}`" for c in cells) + " |")
+    md += ["", "## Accuracy per task family", "",
+           "| family | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for split in ("held_in", "held_out"):
+        for fam in results[names[0]][split]:
+            if fam != "mean":
+                tag = " (held out)" if split == "held_out" else ""
+                md.append(f"| {fam}{tag} | " + " | ".join(
+                    f"{results[n][split][fam]:.2f}" for n in names) + " |")
+    md += ["", "## Curves", ""] + [f"![{img}]({img})" for img in images]
+    return "\n".join(md) + "\n"
+
+
+def markdown_to_html(md: str) -> str:
+    """Just enough Markdown for this report: headings, tables, images, paragraphs."""
+    import html
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [r for r in table if not set(r) <= set("|-: ")]
+            cells = [[html.escape(c.strip().strip("`")) for c in r.strip("|").split("|")]
+                     for r in rows]
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                                  for r in cells[1:]) + "</table>")
+            table.clear()
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1: -1]
+            body.append(f'<img src="{html.escape(src)}" style="max-width:100%">')
+        elif line.strip():
+            text = html.escape(line).replace("**", "")
+            body.append(f"<p>{text}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>scalelab demo</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
 def run_demo(out: Path, quick: bool = False) -> None:
+    from scalelab.train.checkpoint import read_json
+    from scalelab.train.ppo import ppo
+    from scalelab.train.pretrain import pretrain
+    from scalelab.train.reward import train_reward
+    from scalelab.train.sft import sft
     t0 = time.time()
-    pre = run_pretrain(out, quick)
-    rows = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "val_loss" in r]
-    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    answers = completions(pre / "model", PROMPTS)
+    steps = SCHEDULES["quick" if quick else "full"]
+    out.mkdir(parents=True, exist_ok=True)
+    base = run_stage(out / "pretrain", stage_config("tiny", steps["pretrain"]), pretrain)
+    sft_model = run_stage(out / "sft", stage_config("sft", steps["sft"]), sft, base,
+                          "builtin:tasks")
+    rm = run_stage(out / "reward", stage_config("reward", steps["reward"]), train_reward,
+                   sft_model, "builtin:tasks")
+    policy = run_stage(out / "ppo", stage_config("ppo", steps["ppo"]), ppo, sft_model, rm,
+                       "builtin:tasks")
 
-    lines = ["# scalelab demo", "",
-             f"Everything below was produced by `scalelab demo --out {out}"
-             f"{' --quick' if quick else ''}` in {time.time() - t0:.0f} s.", "",
-             "## Pretraining on the built-in world corpus", "",
-             "| step | val loss (nats/token) | val bits/byte |", "|---|---|---|"]
-    lines += [f"| {r['step']} | {r['val_loss']:.3f} | {r['val_bpb']:.3f} |" for r in evals]
-    if speed:
-        lines += ["", f"Median training speed: {sorted(speed)[len(speed) // 2]:,.0f} tokens/s."]
-    lines += ["", "## Greedy completions of the pretrained model", "",
-              "| prompt | completion |", "|---|---|"]
-    lines += [f"| `{p}` | `{a.strip()}` |".replace("\n", " ") for p, a in zip(PROMPTS, answers)]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nreport written to {report}")
+    tqdm.write("== evaluation ==")
+    results = evaluate_policies({"pretrained": base, "SFT": sft_model, "PPO": policy})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    ppo_rows = read_metrics(out / "ppo")
+    images = plot(out, read_metrics(out / "pretrain"), read_metrics(out / "sft"), ppo_rows)
+    command = f"scalelab demo --out {out}" + (" --quick" if quick else "")
+    md = write_report(out, command, time.time() - t0, results, read_json(rm / "reward.json"),
+                      ppo_rows, images)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(markdown_to_html(md))
+    print(md)
+    print(f"report written to {out / 'report.html'} and {out / 'report.md'}")

@@ -11,6 +11,17 @@ import torch
 from scalelab.model import KVCache, Transformer
 
 
+def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids (B, T) and a causal attention mask (B, 1, T, T) for rows with padding
+    (valid False). Each query sees valid keys up to itself; a padded query sees only itself,
+    which keeps softmax finite (its output is never used)."""
+    T = valid.size(1)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)
+    return positions, mask.unsqueeze(1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token id per row from (B, vocab) logits; temperature 0 means greedy."""
@@ -45,11 +56,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     for i, p in enumerate(prompts):
         tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
         valid[i, P - len(p):] = True  # generated positions are always valid
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-    # Each query sees valid keys up to itself; padded queries see themselves (avoids NaN).
-    mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
-    mask = mask.unsqueeze(1)  # (B, 1, T, S)
+    positions, mask = padded_attention(valid)
 
     cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype) \
         if use_cache else None

@@ -187,6 +187,11 @@ class Transformer(nn.Module):
         mask: boolean (B, 1, T, S) attention mask, True = may attend (S = keys incl. cache);
               None means causal.
         """
+        return self.lm_head(self.hidden(tokens, positions, mask, cache))
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d_model): what heads read from."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if positions is None:
@@ -200,7 +205,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters; non_embedding drops the input table unless it is tied to the lm_head

@@ -1,7 +1,12 @@
-"""Byte-level BPE (HF `tokenizers`) with scalelab's special tokens.
+"""Byte-level BPE (HF `tokenizers`) with scalelab's special tokens and chat template.
 
 Byte-level means any Unicode string round-trips exactly: unknown characters fall back to
 their UTF-8 bytes. PAD is distinct from EOS (PPO needs to tell "stopped" from "padding").
+
+Chat template, one turn per role marker:
+    <|bos|> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|eos|> ...
+An assistant turn ends with EOS (as pretraining documents do), so a model stops by emitting
+EOS; only assistant text and its EOS carry loss in fine-tuning.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from scalelab.config import UserError
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
 class Tokenizer:
@@ -69,3 +75,25 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def encode_chat(self, messages: list[dict], generation_prompt: bool = False
+                    ) -> tuple[list[int], list[bool]]:
+        """Token ids and a loss mask (True on assistant text and its closing EOS).
+
+        generation_prompt: end with an open assistant turn for the model to complete."""
+        ids, mask = [self.bos_id], [False]
+        for m in messages:
+            role = self.special_ids[ROLES[m["role"]]]
+            body = self.encode(m["content"])
+            is_assistant = m["role"] == "assistant"
+            close = self.eos_id if is_assistant else self.special_ids[END]
+            ids += [role, *body, close]
+            mask += [False] + [is_assistant] * (len(body) + 1)
+        if generation_prompt:
+            ids.append(self.special_ids[ASSISTANT])
+            mask.append(False)
+        return ids, mask
+
+    def chat_prompt(self, user_text: str) -> list[int]:
+        """A one-turn conversation ready for the assistant's answer."""
+        return self.encode_chat([{"role": "user", "content": user_text}], True)[0]

@@ -33,7 +33,7 @@ def test_loader_is_deterministic_and_resumes_exactly(data_dir):
     c.load_state_dict(state)
     again = [c.next_batch() for _ in range(700)]
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(rest, again))
-    assert a.epoch >= 1
+    assert a.sampler.epoch >= 1
     x, y = rest[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
 

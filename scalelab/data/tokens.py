@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from scalelab.config import DataConfig, UserError
+from scalelab.data.batches import EpochSampler
 from scalelab.tokenizer import Tokenizer
 
 
@@ -95,39 +96,27 @@ def load_meta(data_dir: Path) -> dict:
 class TokenLoader:
     """Batches of (inputs, targets), each (batch_size, seq_len), from one split.
 
-    Windows of seq_len+1 tokens at stride seq_len, visited in a seeded permutation per epoch.
-    With world > 1, each rank takes its own slice of every global batch.
+    Windows of seq_len+1 tokens at stride seq_len, in EpochSampler order.
     """
 
     def __init__(self, data_dir: Path, split: str, batch_size: int, seq_len: int,
                  seed: int = 0, rank: int = 0, world: int = 1):
         meta = load_meta(data_dir)
         self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world = rank, world
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.n_windows = (len(self.tokens) - 1) // seq_len
         if self.n_windows < batch_size * world:
             raise UserError(f"{data_dir / split}.bin: {len(self.tokens)} tokens is too few for "
                             f"a batch of {batch_size * world} x {seq_len}; use more data or a "
                             "smaller batch_size / seq_len")
-        self.epoch, self.index = 0, 0
-        self._perm_epoch, self._perm = -1, None
+        self.sampler = EpochSampler(self.n_windows, batch_size, seed, rank, world)
 
     def _window(self, i: int) -> torch.Tensor:
         s = i * self.seq_len
         return torch.from_numpy(self.tokens[s: s + self.seq_len + 1].astype(np.int64))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.batch_size * self.world
-        if self.index + step > self.n_windows:  # drop the ragged end, start a new epoch
-            self.epoch, self.index = self.epoch + 1, 0
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g), self.epoch
-        start = self.index + self.rank * self.batch_size
-        rows = torch.stack([self._window(int(i))
-                            for i in self._perm[start: start + self.batch_size]])
-        self.index += step
+        rows = torch.stack([self._window(i) for i in self.sampler.next_indices()])
         return rows[:, :-1], rows[:, 1:]
 
     def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,7 +130,7 @@ class TokenLoader:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.sampler.load_state_dict(state)

@@ -157,6 +157,14 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     return dict(m)
 
 
+def register_output(args: argparse.Namespace, out: Path, lineage: str,
+                    parent: str | None = None) -> None:
+    """A training stage's `--register`: its parent is whichever registered model lives at
+    the stage's --base/--policy folder (if any)."""
+    reg = open_registry(args)
+    register_model(reg, out, lineage=lineage, parent=reg.name_of(parent) if parent else None)
+
+
 def cmd_model_add(args: argparse.Namespace) -> None:
     register_model(open_registry(args), args.dir, args.name, args.lineage, args.parent,
                    run=not args.no_run)

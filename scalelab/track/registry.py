@@ -187,6 +187,11 @@ class Registry:
             raise UserError(f"no model named {name!r} in {self.path} (known: {known})")
         return row
 
+    def name_of(self, path: str | Path) -> str | None:
+        """The registered model whose folder is `path`, if any."""
+        want = str(Path(path).resolve())
+        return next((m["name"] for m in self.models() if m["path"] == want), None)
+
     # ---- results ----------------------------------------------------------------------
 
     def add_result(self, experiment_id: int, model_id: int, metrics: dict, passed: bool,

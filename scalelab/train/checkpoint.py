@@ -43,12 +43,28 @@ def fresh_tmp(final: Path) -> Path:
     return tmp
 
 
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied lm_head)."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied.add(name)
+        first.setdefault(id(p), name)
+    return tied
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # A tied lm_head is the embedding itself; safetensors refuses shared storage, so drop it.
-    sd = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    # safetensors refuses shared storage, and a tied weight is stored once anyway.
+    skip = tied_names(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+            if k not in skip}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_model(model: Transformer, tok: Tokenizer, final: Path) -> None:
@@ -80,7 +96,7 @@ def read_json(path: Path) -> dict:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     tensors = read_tensors(path)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    missing = [k for k in missing if k not in tied_names(model)]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -15,7 +15,12 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
 from scalelab.hardware import detect
-from scalelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from scalelab.train.checkpoint import (
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,9 +75,7 @@ class Run:
         self.write_config(cfg)
 
     def write_config(self, cfg: Config) -> None:
-        tmp = self.out / ".config.toml.tmp"
-        tmp.write_text(dump_toml(cfg))
-        tmp.replace(self.out / "config.toml")
+        atomic_write_text(self.out / "config.toml", dump_toml(cfg))
 
     def log(self, row: dict) -> None:
         with self.metrics.open("a") as f:
@@ -90,9 +93,7 @@ class Run:
                 continue
             if row.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.out / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.metrics)
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
 
 
 def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.device,

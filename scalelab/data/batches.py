@@ -1,0 +1,62 @@
+"""Seeded, resumable batch order shared by every loader.
+
+`EpochSampler` visits N items in a fresh seeded permutation each epoch; its position
+(epoch, index) goes into checkpoints, so a resumed run draws exactly the next batch. With
+world > 1 each rank takes its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+class EpochSampler:
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def next_indices(self) -> list[int]:
+        step = self.batch_size * self.world
+        if self.index + step > self.n:  # drop the ragged end, start a new epoch
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), self.epoch
+        start = self.index + self.rank * self.batch_size
+        self.index += step
+        return self._perm[start: start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class ExampleLoader:
+    """Batches of whole examples: `collate` turns a list of items into tensors."""
+
+    def __init__(self, items: Sequence[Any], batch_size: int, collate: Callable[[list], tuple],
+                 seed: int = 0):
+        if len(items) < batch_size:
+            raise ValueError(f"{len(items)} examples is fewer than one batch of {batch_size}")
+        self.items, self.collate = items, collate
+        self.sampler = EpochSampler(len(items), batch_size, seed)
+
+    def next_batch(self) -> tuple:
+        return self.collate([self.items[i] for i in self.sampler.next_indices()])
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)

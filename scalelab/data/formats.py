@@ -1,0 +1,90 @@
+"""Post-training data in the HF/TRL JSONL conventions, validated line by line.
+
+    prompt-completion  {"prompt": str, "completion": str}
+    conversational     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    preference         {"prompt": str, "chosen": str, "rejected": str}
+    prompt             {"prompt": str}   (PPO prompts)
+
+Everything is normalised to conversations (lists of messages). A SPEC is a .jsonl path or
+`builtin:NAME` for data made from the task suite.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scalelab.config import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a malformed line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object")
+            rows.append((n, row))
+    if not rows:
+        raise UserError(f"{path}: no examples")
+    return rows
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f'{where}: "{key}" must be a non-empty string')
+    return value
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f'{where}: "messages" must be a non-empty list')
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES \
+                or not isinstance(m.get("content"), str):
+            raise UserError(f'{where}: messages[{i}] needs "role" (system/user/assistant) '
+                            'and a "content" string')
+    if msgs[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's")
+    return msgs
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """SFT data: prompt-completion or conversational rows, as message lists."""
+    out = []
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        if "messages" in row:
+            out.append(_messages(row, where))
+        elif "prompt" in row or "completion" in row:
+            out.append([{"role": "user", "content": _text(row, "prompt", where)},
+                        {"role": "assistant", "content": _text(row, "completion", where)}])
+        else:
+            raise UserError(f'{where}: expected "messages" or "prompt"/"completion"')
+    return out
+
+
+def read_preferences(path: str | Path) -> list[tuple[str, str, str]]:
+    """Preference data: (prompt, chosen, rejected)."""
+    out = []
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        out.append(tuple(_text(row, k, where) for k in ("prompt", "chosen", "rejected")))
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    return [_text(row, "prompt", f"{path}:{n}") for n, row in read_jsonl(path)]

@@ -1,0 +1,45 @@
+"""Task accuracy of a chat model: greedy answers to task prompts, scored programmatically."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from scalelab.generate import generate
+from scalelab.model import Transformer
+from scalelab.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 24,
+                batch_size: int = 64, **sampling) -> list[list[int]]:
+    """Answer ids (ending in EOS if the model stopped) to one-turn chat prompts; greedy unless
+    sampling says otherwise."""
+    sampling.setdefault("temperature", 0.0)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tok.chat_prompt(p) for p in prompts[i: i + batch_size]]
+        out += generate(model, ids, max_new_tokens, tok.pad_id, tok.eos_id, **sampling)
+    return out
+
+
+def respond(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 24,
+            **sampling) -> list[str]:
+    return [tok.decode(ids) for ids in respond_ids(model, tok, prompts, max_new_tokens,
+                                                   **sampling)]
+
+
+def task_accuracy(model: Transformer, tok: Tokenizer, examples: list) -> dict[str, float]:
+    """Mean score per task family, plus "mean" over families."""
+    was_training = model.training
+    model.eval()
+    answers = respond(model, tok, [e.prompt for e in examples])
+    model.train(was_training)
+    from scalelab.tasks import TASKS
+    scores: dict[str, list[float]] = defaultdict(list)
+    for e, a in zip(examples, answers):
+        scores[e.family].append(TASKS[e.family].score(e, a))
+    acc = {f: sum(v) / len(v) for f, v in sorted(scores.items())}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc

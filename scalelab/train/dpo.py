@@ -1,0 +1,103 @@
+"""DPO: learn from preference pairs directly, no reward model and no sampling.
+
+loss = -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), with log-probs summed
+over the response tokens and a frozen copy of the starting policy as reference. At step 1
+policy == reference, so the loss is exactly ln 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scalelab.config import Config, UserError
+from scalelab.data.batches import ExampleLoader, pad_right
+from scalelab.data.formats import read_jsonl, read_preferences
+from scalelab.train.checkpoint import atomic_write_text, load_model, save_model
+from scalelab.train.loop import Run, fit, pick_device
+from scalelab.train.sft import IGNORE, encode_conversations
+
+
+def sequence_logprob(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(target) over the positions where the target is not IGNORE: (B,)."""
+    logp = F.log_softmax(model(x).float(), dim=-1)
+    keep = y != IGNORE
+    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
+             ref_r: torch.Tensor, beta: float) -> torch.Tensor:
+    return -F.logsigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))).mean()
+
+
+def load_pairs(spec: str) -> list[tuple[str, str, str]]:
+    """prompt/chosen/rejected rows from a JSONL file; a reward run's generated
+    `preferences.jsonl` (ranked answers per prompt) also works: best answer vs each worse one."""
+    if spec.startswith("builtin:"):
+        raise UserError(f"--data: {spec!r}: DPO reads a preference JSONL file, e.g. the "
+                        "preferences.jsonl that `scalelab reward --data builtin:tasks` writes")
+    rows = read_jsonl(spec)
+    if "responses" not in rows[0][1]:
+        return read_preferences(spec)
+    return [(r["prompt"], r["responses"][0], worse) for _, r in rows
+            for worse, s in zip(r["responses"][1:], r["scores"][1:]) if s < r["scores"][0]]
+
+
+def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
+    torch.manual_seed(cfg.train.seed)
+    run = Run(out, cfg, resume)
+    device = pick_device(cfg.train.device)
+    model, tok = load_model(policy_dir, device)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    cfg.model = model.cfg
+    run.write_config(cfg)
+    atomic_write_text(out / "lineage.json", json.dumps({"stage": "dpo",
+                                                        "parent": str(policy_dir)}))
+    pairs = load_pairs(data_spec)
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+             for p, c, r in pairs for a in (c, r)]
+    enc = encode_conversations(convs, tok, model.cfg.seq_len)
+    if len(enc) != len(convs):
+        raise UserError(f"{data_spec}: some pairs are longer than the context "
+                        f"({model.cfg.seq_len} tokens)")
+    items = [(enc[2 * i], enc[2 * i + 1]) for i in range(len(pairs))]
+    n_val = max(1, len(items) // 10)
+    train_items, val_items = items[n_val:], items[:n_val]
+
+    def collate(batch):
+        seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected
+        return pad_right([x for x, _ in seqs], tok.pad_id), pad_right([y for _, y in seqs],
+                                                                        IGNORE)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        half = x.size(0) // 2
+        logp = sequence_logprob(m, x, y)
+        with torch.no_grad():
+            ref_logp = sequence_logprob(ref, x, y)
+        return dpo_loss(logp[:half], logp[half:], ref_logp[:half], ref_logp[half:],
+                        cfg.dpo.beta)
+
+    val_batches = [collate(val_items[i:i + 32]) for i in range(0, len(val_items), 32)]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        right = total = loss = 0.0
+        for x, y in val_batches:
+            x, y = x.to(device), y.to(device)
+            half = x.size(0) // 2
+            margin = sequence_logprob(model, x, y) - sequence_logprob(ref, x, y)
+            right += float((margin[:half] > margin[half:]).sum())
+            total += half
+            loss += loss_fn(model, (x, y)).item()
+        return {"val_loss": loss / len(val_batches), "val_pair_accuracy": right / total}
+
+    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed)
+    fit(run, cfg, model, loader, device, loss_fn, evaluate,
+        save_model=lambda: save_model(model, tok, out / "model"), resume=resume)
+    return out / "model"

@@ -1,0 +1,49 @@
+"""Gold labelers: programmatic stand-ins for human raters.
+
+A labeler scores one response to one task example: `(example, response, stopped) -> float`,
+higher is better; `stopped` says whether the model ended its answer with EOS. Preferences
+between two responses come from comparing scores. Bring your own with
+`--set reward.labeler=my_module:my_function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from difflib import SequenceMatcher
+
+from scalelab.config import UserError
+
+Labeler = Callable[[object, str, bool], float]
+
+
+def gold(example, response: str, stopped: bool) -> float:
+    """Correct first, then close to correct, then a clean stop, then concise: no single
+    right answer, a ranking.
+
+    correct answer          +1.0   (the task's own scorer)
+    closeness               +0.5 * character similarity to the reference answer (a nearly
+                                   right answer beats a wildly wrong one)
+    ended with EOS          +0.3   (a rambling answer that never stops is worse)
+    each extra word         -0.05  beyond the reference answer's length, at most -0.3
+    """
+    from scalelab.tasks import TASKS, normalize
+    score = TASKS[example.family].score(example, response)
+    score += 0.5 * SequenceMatcher(None, normalize(response), normalize(example.answer)).ratio()
+    if stopped:
+        score += 0.3
+    extra = len(response.split()) - len(example.answer.split())
+    return score - min(0.3, 0.05 * max(0, extra))
+
+
+def get_labeler(spec: str) -> Labeler:
+    if spec == "builtin:gold":
+        return gold
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise UserError(f"reward.labeler: expected builtin:gold or module:function, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"reward.labeler: cannot load {spec!r} ({e})") from None
+    return fn

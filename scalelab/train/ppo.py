@@ -1,0 +1,316 @@
+"""RLHF with PPO against a learned reward model.
+
+Four models: the policy (trained), a frozen reference copy of it, a value model initialised
+from the reward model's trunk with a zero head (trained), and the frozen reward model.
+One PPO step: sample responses with the KV-cache generator -> score them -> per-token reward
+-kl_coef * KL(policy || reference) plus the reward-model score on the last token -> GAE ->
+several epochs of clipped policy and value updates over minibatches.
+
+The details that matter (see ANCHORS.md): log-probs at the sampling temperature, left-padded
+prompts with position ids from the mask, whitened advantages, clipped value loss, a penalty
+for responses that never emit EOS, optional adaptive KL, learning rate annealed to zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from scalelab.config import Config, PPOConfig, UserError
+from scalelab.data.batches import EpochSampler
+from scalelab.data.formats import read_prompts
+from scalelab.generate import generate, padded_attention
+from scalelab.model import Transformer
+from scalelab.tokenizer import Tokenizer
+from scalelab.train.checkpoint import (
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
+from scalelab.train.loop import Run, make_optimizer, pick_device
+from scalelab.train.reward import ScalarModel, load_reward_model
+
+# ---- the math, as small pure functions (unit-tested against hand calculations) --------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the valid entries (population std, as in lm-human-preferences)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL(policy || ref) estimate from the sampled tokens' log-probs.
+    k1 = log(p/q): unbiased, can go negative per token. k3 = (q/p - 1) - log(q/p): unbiased
+    and always >= 0, lower variance (Schulman's "Approximating KL divergence")."""
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise UserError(f"ppo.kl_estimator: expected k1 or k3, got {kind!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T) right-padded response tokens.
+    Returns (advantages, returns); the value after the last valid token is 0."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.size(0), device=rewards.device)
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.size(1) else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate: mean over tokens of max(-A*r, -A*clip(r, 1-e, 1+e))."""
+    ratio = torch.exp(logp - old_logp)
+    losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    stats = {"policy/approxkl": 0.5 * masked_mean((logp - old_logp) ** 2, mask).item(),
+             "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+             "val/ratio": masked_mean(ratio, mask).item()}
+    return masked_mean(losses, mask), stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within old_v +- clip."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ---- rollouts --------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # (B, P+R): left-padded prompts, then right-padded responses
+    positions: torch.Tensor
+    mask: torch.Tensor  # (B, 1, T, T) attention mask
+    resp_mask: torch.Tensor  # (B, R) float: 1 on response tokens (EOS included)
+    prompt_len: int
+    responses: list[list[int]]
+
+
+def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                 device) -> Rollout:
+    B, P = len(prompts), max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, P + R), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, P - len(p): P] = torch.tensor(p)
+        tokens[i, P: P + len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[i, P - len(p): P + len(r)] = True
+    positions, mask = padded_attention(valid)
+    return Rollout(tokens.to(device), positions.to(device), mask.to(device),
+                   valid[:, P:].float().to(device), P, responses)
+
+
+def response_logprobs(model: Transformer, ro: Rollout, temperature: float,
+                      with_entropy: bool = False):
+    """Log-probs (B, R) of the response tokens at the sampling temperature."""
+    logits = model(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1].float()
+    logits = logits / max(temperature, 1e-6)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ro.tokens[:, ro.prompt_len:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
+    """V(state before each response token): read at the position that predicts it."""
+    return value_model(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+
+
+# ---- one PPO step --------------------------------------------------------------------------
+
+RewardFn = Callable[[list[int], list[list[int]]], torch.Tensor]
+
+
+def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
+             optimizer: torch.optim.Optimizer, reward_fn: RewardFn, prompt_idx: list[int],
+             prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
+             generator: torch.Generator | None = None) -> tuple[dict, Rollout]:
+    """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores."""
+    device = next(policy.parameters()).device
+    policy.eval()
+    responses = generate(policy, prompts, pc.max_new_tokens, tok.pad_id, tok.eos_id,
+                         temperature=pc.temperature, generator=generator)
+    ro = make_rollout(prompts, responses, tok.pad_id, device)
+    with torch.no_grad():
+        old_logp = response_logprobs(policy, ro, pc.temperature)
+        ref_logp = response_logprobs(ref, ro, pc.temperature)
+        old_values = response_values(value, ro)
+        scores = reward_fn(prompt_idx, responses).to(device).float()
+        stopped = torch.tensor([bool(r) and r[-1] == tok.eos_id for r in responses],
+                               device=device)
+        scores_penalised = scores - pc.missing_eos_penalty * (~stopped).float()
+        kl = kl_penalty(old_logp, ref_logp, pc.kl_estimator) * ro.resp_mask
+        rewards = -kl_coef * kl
+        last = (ro.resp_mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(responses), device=device), last] += scores_penalised
+        adv, returns = gae(rewards, old_values, ro.resp_mask, pc.gamma, pc.lam)
+        adv = whiten(adv, ro.resp_mask)
+
+    policy.train()
+    value.train()
+    B, stats = len(responses), []
+    for _ in range(pc.ppo_epochs):
+        order = torch.randperm(B)  # global RNG: saved in checkpoints, so resume is exact
+        for mb in order.chunk(pc.minibatches):
+            sub = Rollout(ro.tokens[mb], ro.positions[mb], ro.mask[mb], ro.resp_mask[mb],
+                          ro.prompt_len, [])
+            m = sub.resp_mask
+            logp, entropy = response_logprobs(policy, sub, pc.temperature, with_entropy=True)
+            pg, s = policy_loss(logp, old_logp[mb], adv[mb], m, pc.clip)
+            vf = value_loss(response_values(value, sub), old_values[mb], returns[mb], m,
+                            pc.value_clip)
+            loss = pg + pc.vf_coef * vf
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            optimizer.step()
+            s.update({"loss/policy": pg.item(), "loss/value": vf.item(),
+                      "objective/entropy": masked_mean(entropy, m).item()})
+            stats.append(s)
+    row = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    kl_seq = kl.sum(1)
+    row.update({
+        "objective/kl": kl_seq.mean().item(),
+        "objective/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * ro.resp_mask).sum(1)
+        .mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": (scores_penalised - kl_coef * kl_seq).mean().item(),
+        "val/num_eos_tokens": int(stopped.sum()),
+        "val/response_len": ro.resp_mask.sum(1).mean().item(),
+        "kl_coef": kl_coef,
+    })
+    return row, ro
+
+
+def update_kl_coef(kl_coef: float, kl: float, pc: PPOConfig, n: int) -> float:
+    """Adaptive KL controller (Ziegler et al.): nudge the coefficient toward target_kl."""
+    if not pc.adaptive_kl:
+        return kl_coef
+    error = max(-0.2, min(0.2, kl / pc.target_kl - 1))
+    return kl_coef * (1 + error * n / pc.kl_horizon)
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def load_prompts(spec: str, n: int, seed: int) -> tuple[list[str], list | None]:
+    """Prompt texts, and the task examples behind them when they come from the task suite
+    (so the gold labeler can score responses beside the learned reward)."""
+    if spec == "builtin:tasks":
+        from scalelab.tasks import TRAIN_TASKS, make_examples
+        examples = make_examples(TRAIN_TASKS, n, seed + 11)
+        return [e.prompt for e in examples], examples
+    if spec.startswith("builtin:"):
+        raise UserError(f"--prompts: unknown built-in data {spec!r} (known: builtin:tasks)")
+    return read_prompts(spec), None
+
+
+def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out: Path,
+        resume: bool = False) -> Path:
+    from scalelab.train.labelers import get_labeler
+    torch.manual_seed(cfg.train.seed)
+    pc, tc = cfg.ppo, cfg.train
+    run = Run(out, cfg, resume)
+    device = pick_device(tc.device)
+    policy, tok = load_model(policy_dir, device)
+    reward_model, _, stats = load_reward_model(reward_dir, device)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_model.requires_grad_(False)
+    value = ScalarModel(copy.deepcopy(reward_model.trunk), zero_head=True).to(device)
+    value.requires_grad_(True)
+    cfg.model = policy.cfg
+    run.write_config(cfg)
+    atomic_write_text(out / "lineage.json", json.dumps(
+        {"stage": "ppo", "parent": str(policy_dir), "reward": str(reward_dir)}))
+
+    texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)
+    ids = [tok.chat_prompt(t) for t in texts]
+    keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
+    if len(keep) < pc.rollout_batch:
+        raise UserError(f"{prompts_spec}: only {len(keep)} prompts fit the context with "
+                        f"{pc.max_new_tokens} new tokens; need {pc.rollout_batch}")
+    label = get_labeler(cfg.reward.labeler) if examples is not None else None
+
+    def reward_fn(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
+        from scalelab.train.reward import reward_scores
+        return reward_scores(reward_model, tok, stats, [texts[i] for i in idx], responses)
+
+    def gold_fn(idx: list[int], responses: list[list[int]]) -> float:
+        return sum(label(examples[i], tok.decode(r), bool(r) and r[-1] == tok.eos_id)
+                   for i, r in zip(idx, responses)) / len(idx)
+
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    optimizer = make_optimizer(both, tc, device)
+    sampler = EpochSampler(len(keep), pc.rollout_batch, seed=pc.seed)
+    kl_coef, start = pc.kl_coef, 0
+    if resume:
+        ckpts = list_checkpoints(out)
+        if not ckpts:
+            raise UserError(f"{out}: --resume given but no checkpoint")
+        meta = load_checkpoint(ckpts[-1], both, optimizer)
+        sampler.load_state_dict(meta["loader"])
+        kl_coef, start = meta["kl_coef"], meta["step"]
+        run.truncate_metrics(start)
+    gen = torch.Generator(device=device)
+    bar = tqdm(total=tc.max_steps, initial=start, desc="ppo", dynamic_ncols=True, disable=None)
+    for step in range(start, tc.max_steps):
+        gen.manual_seed(pc.seed * 100_003 + step)  # resumable sampling: seed per step
+        for group in optimizer.param_groups:  # anneal linearly to zero
+            group["lr"] = tc.lr * (1 - step / tc.max_steps)
+        t0 = time.perf_counter()
+        idx = [keep[i] for i in sampler.next_indices()]
+        row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
+                           tok, pc, kl_coef, gen)
+        kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
+        done = step + 1
+        row = {"step": done, "loss": row["loss/policy"] + pc.vf_coef * row["loss/value"],
+               "lr": optimizer.param_groups[0]["lr"], **row,
+               "episodes_per_s": len(idx) / (time.perf_counter() - t0)}
+        if label is not None:
+            row["gold_reward"] = gold_fn(idx, ro.responses)
+        run.log(row)
+        bar.update(1)
+        bar.set_postfix({"score": f"{row['objective/scores']:.2f}",
+                         "kl": f"{row['objective/kl']:.2f}",
+                         **({"gold": f"{row['gold_reward']:.2f}"} if label else {})})
+        if not math.isfinite(row["loss"]):
+            raise RuntimeError(f"PPO loss is {row['loss']} at step {done}; lower train.lr?")
+        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            save_model(policy, tok, out / "model")
+            save_checkpoint(out, done, both, optimizer,
+                            {"loader": sampler.state_dict(), "kl_coef": kl_coef},
+                            tc.keep_checkpoints)
+    bar.close()
+    return out / "model"

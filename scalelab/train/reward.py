@@ -1,0 +1,238 @@
+"""Reward model: the Transformer trunk plus a scalar head read at the last token, learned from
+which of two completions is preferred (Bradley-Terry: -log sigmoid(r_better - r_worse)).
+
+As in InstructGPT, the K ranked answers to one prompt form one batch element and all their
+C(K,2) comparisons are trained together. Preferences come from a JSONL file, or are
+generated: sample K completions per task prompt from the SFT model and rank them with a gold
+labeler (`scalelab.train.labelers`), a programmatic stand-in for human raters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from itertools import combinations
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from scalelab.config import Config, ModelConfig, UserError
+from scalelab.data.batches import ExampleLoader, pad_right
+from scalelab.data.formats import read_preferences
+from scalelab.evaluate import respond_ids
+from scalelab.model import Transformer
+from scalelab.tokenizer import Tokenizer
+from scalelab.train.checkpoint import (
+    atomic_write_text,
+    fresh_tmp,
+    load_model,
+    load_weights,
+    read_json,
+    replace_dir,
+)
+from scalelab.train.labelers import get_labeler
+from scalelab.train.loop import Run, fit, pick_device
+
+
+class ScalarModel(nn.Module):
+    """Trunk + linear head giving one scalar per position (reward or value)."""
+
+    def __init__(self, trunk: Transformer, zero_head: bool = False):
+        super().__init__()
+        self.trunk, self.cfg = trunk, trunk.cfg
+        self.head = nn.Linear(trunk.cfg.d_model, 1)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            if zero_head:  # a value head starts at 0 so early PPO steps aren't noise
+                self.head.weight.zero_()
+            else:
+                self.head.weight.normal_(0.0, 1 / math.sqrt(trunk.cfg.d_model + 1))
+
+    def forward(self, tokens, positions=None, mask=None) -> torch.Tensor:
+        return self.head(self.trunk.hidden(tokens, positions, mask)).squeeze(-1).float()
+
+
+def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
+    """Mean -log sigmoid(r_better - r_worse) over pairs."""
+    return -F.logsigmoid(better - worse).mean()
+
+
+def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Scalar at each right-padded sequence's last real token."""
+    out = model(seqs)
+    return out.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+
+
+# ---- saving and loading -------------------------------------------------------------------
+
+def save_reward_model(model: ScalarModel, tok: Tokenizer, final: Path, stats: dict) -> None:
+    tmp = fresh_tmp(final)
+    from safetensors.torch import save_file
+
+    from scalelab.train.checkpoint import model_tensors
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    (tmp / "reward.json").write_text(json.dumps(stats, indent=2))
+    tok.save(tmp / "tokenizer.json")
+    replace_dir(tmp, final)
+
+
+def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Tokenizer, dict]:
+    d = Path(model_dir)
+    if not (d / "reward.json").is_file():
+        raise UserError(f"{d}: not a reward model folder (no reward.json)")
+    cfg = ModelConfig(**read_json(d / "config.json"))
+    model = ScalarModel(Transformer(cfg))
+    load_weights(model, d / "model.safetensors")
+    return model.to(device).eval(), Tokenizer.load(d / "tokenizer.json"), read_json(
+        d / "reward.json")
+
+
+@torch.no_grad()
+def reward_scores(model: ScalarModel, tok: Tokenizer, stats: dict, prompts: list[str],
+                  responses: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """Normalised rewards (mean 0, std 1 on reference samples) for prompt/response ids."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [tok.chat_prompt(p) + r for p, r in zip(prompts[i:i + batch_size],
+                                                        responses[i:i + batch_size])]
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        out.append(score_last(model, pad_right(seqs, tok.pad_id).to(device), lengths))
+    raw = torch.cat(out)
+    return (raw - stats["mean"]) / stats["std"]
+
+
+# ---- preference data ------------------------------------------------------------------------
+
+def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> list[dict]:
+    """Sample K answers per task prompt, rank them with the labeler: one row per prompt with
+    its distinct answers best first and their gold scores."""
+    from scalelab.tasks import TRAIN_TASKS, make_examples
+    rc = cfg.reward
+    label = get_labeler(rc.labeler)
+    examples = make_examples(TRAIN_TASKS, rc.n_prompts, rc.seed + 7)
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(rc.seed)
+    prompts = [e.prompt for e in examples for _ in range(rc.samples_per_prompt)]
+    answers = respond_ids(policy, tok, prompts, rc.max_new_tokens, temperature=rc.temperature,
+                          generator=g)
+    rows = []
+    for k, e in enumerate(examples):
+        group = answers[k * rc.samples_per_prompt:(k + 1) * rc.samples_per_prompt]
+        scored = {}
+        for ids in group:
+            stopped = bool(ids) and ids[-1] == tok.eos_id
+            text = tok.decode(ids)
+            scored.setdefault(text, label(e, text, stopped))
+        ranked = sorted(scored.items(), key=lambda kv: -kv[1])
+        if len({s for _, s in ranked}) > 1:  # all tied: nothing to learn from
+            rows.append({"prompt": e.prompt, "responses": [t for t, _ in ranked],
+                         "scores": [s for _, s in ranked]})
+    return rows
+
+
+def rows_from_pairs(pairs: list[tuple[str, str, str]]) -> list[dict]:
+    return [{"prompt": p, "responses": [c, r], "scores": [1.0, 0.0]} for p, c, r in pairs]
+
+
+def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int) -> list[tuple]:
+    """(sequences, pairs) per prompt; pairs index (better, worse) with strictly higher score."""
+    items = []
+    for row in rows:
+        prompt = tok.chat_prompt(row["prompt"])
+        seqs = [(prompt + tok.encode(r) + [tok.eos_id])[:max_len] for r in row["responses"]]
+        s = row["scores"]
+        pairs = [(i, j) if s[i] > s[j] else (j, i)
+                 for i, j in combinations(range(len(seqs)), 2) if s[i] != s[j]]
+        if pairs:
+            items.append((seqs, pairs))
+    return items
+
+
+def collate_groups(items: list[tuple], pad_id: int):
+    seqs, better, worse = [], [], []
+    for group, pairs in items:
+        base = len(seqs)
+        seqs += group
+        better += [base + i for i, _ in pairs]
+        worse += [base + j for _, j in pairs]
+    lengths = torch.tensor([len(s) for s in seqs])
+    return pad_right(seqs, pad_id), lengths, torch.tensor(better), torch.tensor(worse)
+
+
+def pair_loss(model: ScalarModel, batch) -> torch.Tensor:
+    seqs, lengths, better, worse = batch
+    r = score_last(model, seqs, lengths)
+    return bradley_terry_loss(r[better], r[worse])
+
+
+@torch.no_grad()
+def pair_accuracy(model: ScalarModel, batches: list) -> float:
+    right = total = 0
+    for seqs, lengths, better, worse in batches:
+        r = score_last(model, seqs, lengths)
+        right += int((r[better] > r[worse]).sum())
+        total += len(better)
+    return right / max(total, 1)
+
+
+def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
+                 resume: bool = False) -> Path:
+    torch.manual_seed(cfg.train.seed)
+    run = Run(out, cfg, resume)
+    device = pick_device(cfg.train.device)
+    policy, tok = load_model(base, device)
+    cfg.model = policy.cfg
+    run.write_config(cfg)
+    atomic_write_text(out / "lineage.json", json.dumps({"stage": "reward", "parent": str(base)}))
+
+    pref_file = out / "preferences.jsonl"
+    if data_spec == "builtin:tasks":
+        if not pref_file.exists():  # generated once; a resumed run reuses the same data
+            tqdm.write("sampling completions from the base model and ranking them")
+            rows = generate_preferences(policy, tok, cfg)
+            atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
+        rows = [json.loads(line) for line in pref_file.read_text().splitlines()]
+    elif data_spec.startswith("builtin:"):
+        raise UserError(f"--data: unknown built-in data {data_spec!r} (known: builtin:tasks)")
+    else:
+        rows = rows_from_pairs(read_preferences(data_spec))
+
+    items = encode_rows(rows, tok, policy.cfg.seq_len)
+    n_held = max(1, int(len(items) * cfg.reward.heldout_fraction))
+    if len(items) - n_held < cfg.train.batch_size:
+        raise UserError(f"only {len(items)} prompts with a preference; need more than "
+                        f"{n_held + cfg.train.batch_size} (raise reward.n_prompts)")
+    held, train_items = items[:n_held], items[n_held:]
+    tqdm.write(f"reward data: {len(train_items)} prompts "
+               f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
+
+    model = ScalarModel(policy).to(device)
+    collate = lambda b: collate_groups(b, tok.pad_id)  # noqa: E731
+    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed)
+    held_batches = [tuple(t.to(device) for t in collate(held[i:i + 32]))
+                    for i in range(0, len(held), 32)]
+    train_probe = [tuple(t.to(device) for t in collate(train_items[:64]))]
+
+    def evaluate(step: int) -> dict:
+        return {"val_accuracy": pair_accuracy(model, held_batches),
+                "train_accuracy": pair_accuracy(model, train_probe)}
+
+    @torch.no_grad()
+    def save():
+        # Normalise on reference samples: every response in the training data.
+        raw = []
+        for i in range(0, len(train_items), 32):
+            seqs, lengths, _, _ = collate(train_items[i:i + 32])
+            raw.append(score_last(model, seqs.to(device), lengths.to(device)))
+        raw = torch.cat(raw)
+        stats = {"mean": raw.mean().item(), "std": raw.std().clamp(min=1e-6).item(),
+                 "val_accuracy": pair_accuracy(model, held_batches)}
+        save_reward_model(model, tok, out / "model", stats)
+
+    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume)
+    return out / "model"

@@ -1,0 +1,111 @@
+"""Instruction fine-tuning: every task framed as instruction -> response, loss on the response.
+
+Examples are not packed: each row of a batch is one conversation, right-padded, so no
+example can attend to another (packing would need a block-diagonal mask; at these lengths
+padding wastes little).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from scalelab.config import Config, UserError
+from scalelab.data.batches import ExampleLoader, pad_right
+from scalelab.data.formats import read_conversations
+from scalelab.tokenizer import Tokenizer
+from scalelab.train.checkpoint import atomic_write_text, load_model, save_model
+from scalelab.train.loop import Run, autocast, fit, pick_device
+
+IGNORE = -100
+
+
+def task_conversations(n: int, seed: int, families=None) -> tuple[list[list[dict]], list]:
+    """n conversations from the task suite (training families unless given) and the examples."""
+    from scalelab.tasks import TRAIN_TASKS, make_examples
+    examples = make_examples(families or TRAIN_TASKS, n, seed)
+    return [[{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.answer}]
+            for e in examples], examples
+
+
+def load_conversations(spec: str, n: int, seed: int) -> list[list[dict]]:
+    if spec == "builtin:tasks":
+        return task_conversations(n, seed)[0]
+    if spec.startswith("builtin:"):
+        raise UserError(f"--data: unknown built-in data {spec!r} (known: builtin:tasks)")
+    return read_conversations(spec)
+
+
+def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
+                         ) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) per conversation; targets are IGNORE except on assistant tokens."""
+    out, dropped = [], 0
+    for conv in convs:
+        ids, mask = tok.encode_chat(conv)
+        if len(ids) > max_len + 1:
+            dropped += 1
+            continue
+        targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+        out.append((ids[:-1], targets))
+    if dropped:
+        tqdm.write(f"skipped {dropped} of {len(convs)} conversations longer than {max_len} tokens")
+    if not out:
+        raise UserError(f"no conversation fits the model's context of {max_len} tokens")
+    return out
+
+
+def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                           ignore_index=IGNORE)
+
+
+def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
+    torch.manual_seed(cfg.train.seed)
+    run = Run(out, cfg, resume)
+    device = pick_device(cfg.train.device)
+    model, tok = load_model(base, device)
+    cfg.model = model.cfg
+    run.write_config(cfg)
+    atomic_write_text(out / "lineage.json", json.dumps({"stage": "sft", "parent": str(base)}))
+
+    encoded = encode_conversations(load_conversations(data_spec, cfg.sft.n_examples,
+                                                      cfg.sft.seed), tok, model.cfg.seq_len)
+    n_val = max(1, min(256, len(encoded) // 20))
+    train_items, val_items = encoded[n_val:], encoded[:n_val]
+
+    def collate(items):
+        return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
+                                                                         IGNORE)
+    tc = cfg.train
+    loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed)
+    val_batches = [collate(val_items[i: i + tc.batch_size])
+                   for i in range(0, len(val_items), tc.batch_size)]
+    ctx = autocast(device, tc.dtype)
+    eval_examples = None
+    if data_spec == "builtin:tasks":  # also measure task accuracy on fresh examples
+        eval_examples = task_conversations(200, cfg.sft.seed + 1)[1]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict:
+        total = 0.0
+        for x, y in val_batches:
+            with ctx:
+                total += masked_loss(model, (x.to(device), y.to(device))).item()
+        row = {"val_loss": total / len(val_batches)}
+        if eval_examples is not None:
+            from scalelab.evaluate import task_accuracy
+            row["task_accuracy"] = task_accuracy(model, tok, eval_examples)["mean"]
+        return row
+
+    mean_len = sum(len(i) for i, _ in train_items) / len(train_items)
+    fit(run, cfg, model, loader, device, masked_loss, evaluate,
+        save_model=lambda: save_model(model, tok, out / "model"),
+        tokens_per_micro_batch=int(tc.batch_size * mean_len),
+        flops_per_token=model.flops_per_token(int(mean_len)), resume=resume)
+    return out / "model"

@@ -1,0 +1,169 @@
+"""Behaviour tests for the instruction task suite (scalelab/tasks)."""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from scalelab.data.world import World
+from scalelab.tasks import (
+    HELDOUT_TASKS,
+    TASKS,
+    TRAIN_TASKS,
+    Example,
+    default_world,
+    make_examples,
+    normalize,
+)
+
+
+def examples(name: str, per: int = 8) -> list[Example]:
+    """`per` examples for every (difficulty, template) of one family."""
+    fam, rng = TASKS[name], random.Random(name)
+    return [fam.make(rng, d, t) for d in range(1, fam.max_difficulty + 1)
+            for t in range(len(fam.templates)) for _ in range(per)]
+
+
+def perturbed(ex: Example) -> str:
+    """A plausible but wrong response."""
+    if ex.answer in ("yes", "no"):
+        return "no" if ex.answer == "yes" else "yes"
+    if ex.options:
+        return next(o for o in ex.options if o != ex.answer)
+    if ex.answer.isdigit():
+        return str(int(ex.answer) + 1)
+    if "," in ex.answer or " and " in ex.answer:  # a list: swap the first two items
+        items = ex.answer.replace(" and ", ", ").split(", ")
+        return ", ".join([items[1], items[0]] + items[2:])
+    return ex.answer + "s"
+
+
+def test_suite_shape():
+    assert len(TASKS) >= 20
+    assert 4 <= len(HELDOUT_TASKS) <= 6
+    assert not set(TRAIN_TASKS) & set(HELDOUT_TASKS)
+    assert set(TRAIN_TASKS) | set(HELDOUT_TASKS) == set(TASKS)
+    for name, fam in TASKS.items():
+        assert fam.name == name and fam.description
+        assert len(fam.templates) >= 3 and fam.max_difficulty >= 1
+
+
+def test_deterministic():
+    a = make_examples(TRAIN_TASKS, 200, seed=0)
+    assert a == make_examples(TRAIN_TASKS, 200, seed=0)
+    assert a != make_examples(TRAIN_TASKS, 200, seed=1)
+    assert make_examples(TRAIN_TASKS, 50, seed=0) == a[:50]  # prefix-stable
+    assert [e.family for e in a[:len(TRAIN_TASKS)]] == list(TRAIN_TASKS)  # round-robin
+    ex = TASKS["story"].make(random.Random(7), 2, 1)
+    assert ex == TASKS["story"].make(random.Random(7), 2, 1)
+
+
+def test_deterministic_across_processes():
+    # per-example seeds are strings: random.Random hashes them with sha512, not hash()
+    code = "from scalelab.tasks import *; print(make_examples(list(TASKS), 300, seed=0))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": h}, check=True).stdout
+            for h in ("1", "2")}
+    assert outs == {str(make_examples(list(TASKS), 300, seed=0)) + "\n"}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_reference_scores_one_and_wrong_scores_zero(name):
+    fam = TASKS[name]
+    for ex in examples(name):
+        assert ex.family == name and ex.answer and ex.prompt
+        assert fam.score(ex, ex.answer) == 1.0, ex
+        assert fam.score(ex, " " + ex.answer + ".\n") == 1.0, ex
+        assert fam.score(ex, "zzz") == 0.0, ex
+        assert fam.score(ex, "") == 0.0, ex
+        assert fam.score(ex, perturbed(ex)) == 0.0, (ex, perturbed(ex))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_prompts_short_and_templates_all_used(name):
+    fam = TASKS[name]
+    exs = make_examples([name], 300, seed=0)
+    assert {e.template for e in exs} == set(range(len(fam.templates)))
+    assert {e.difficulty for e in exs} == set(range(1, fam.max_difficulty + 1))
+    for ex in exs + examples(name, 3):
+        assert len(ex.prompt.split()) < 60, ex.prompt
+        assert len(ex.answer.split()) <= 12, ex.answer
+        assert "{" not in ex.prompt and "}" not in ex.prompt, ex.prompt
+        assert bool(ex.options) == ("{options}" in fam.templates[ex.template])
+        if ex.options:
+            assert ex.answer in ex.options and len(set(ex.options)) == len(ex.options)
+
+
+def test_addition_difficulty_is_digit_count():
+    rng = random.Random(0)
+    for d in range(1, 6):
+        for _ in range(50):
+            ex = TASKS["addition"].make(rng, d, 0)
+            a, _, b, _ = ex.prompt.split()
+            assert max(len(a), len(b)) == d
+            assert int(ex.answer) == int(a) + int(b)
+
+
+def test_facts_match_the_world():
+    world = default_world()
+    assert world == World.create(0)
+    for ex in examples("fact_home", 5):
+        question = ex.prompt.split("\n")[-1]  # after a 1-shot demo
+        name = next(p.name for p in world.people if p.name in question.split())
+        assert ex.answer == world.person(name).home
+    other = World.create(5)
+    ex = TASKS["fact_age"].make(random.Random(0), template=0, world=other)
+    name = ex.prompt.split()[-1].rstrip("?")
+    assert ex.answer == str(other.person(name).age)
+
+
+def test_normalize_and_leniency():
+    assert normalize(" 5198.\n") == "5198"
+    assert normalize("\n  Oakford!\nmore text") == "oakford"
+    assert normalize("A  Cat.") == "a cat"
+    add = TASKS["addition"]
+    ex = Example("addition", "4821 + 377 =", "5198", 0, 4)
+    for ok in ["5198", " 5198.\n", "5198\nblah", "5,198"]:
+        assert add.score(ex, ok) == 1.0, ok
+    # by design the response must be the answer itself, not a sentence containing it
+    for bad in ["The answer is 5198.", "5199", "51 98", "five thousand"]:
+        assert add.score(ex, bad) == 0.0, bad
+    pet = Example("fact_pet", "What pet does Mia have?", "a cat", 0, 1)
+    assert all(TASKS["fact_pet"].score(pet, r) == 1.0 for r in ["cat", "A cat.", "the cat"])
+    words = Example("number_to_words", "Write 145 in words.", "one hundred forty-five", 0, 3)
+    assert TASKS["number_to_words"].score(words, "One hundred and forty five.") == 1.0
+    srt = Example("sort_ascending", "Sort: 5, 3, 7", "3, 5, 7", 0, 1)
+    for ok in ["3, 5, 7", "3,5,7", "3 5 7", "3, 5 and 7."]:
+        assert TASKS["sort_ascending"].score(srt, ok) == 1.0, ok
+    assert TASKS["sort_ascending"].score(srt, "7, 5, 3") == 0.0
+    fmt = Example("list_format", "Join with 'and': cup, key, hat", "cup, key and hat", 0, 2)
+    assert TASKS["list_format"].score(fmt, "Cup, key, and hat.") == 1.0
+    assert TASKS["list_format"].score(fmt, "cup, key, hat") == 0.0
+    yn = Example("fact_yesno", "Does Mia live in Oakford?", "yes", 0, 1)
+    assert TASKS["fact_yesno"].score(yn, "Yes, she does.") == 1.0
+    assert TASKS["fact_yesno"].score(yn, "no") == 0.0
+
+
+def test_multiple_choice_accepts_letter_or_text():
+    fam = TASKS["fact_choice"]
+    ex = fam.make(random.Random(3), difficulty=3, template=0)
+    assert len(ex.options) == 4 and "A) " in ex.prompt and "D) " in ex.prompt
+    i = ex.options.index(ex.answer)
+    letter, wrong = "ABCD"[i], "ABCD"[(i + 1) % 4]
+    for ok in [ex.answer, letter, letter.lower(), f"({letter})", f"{letter})",
+               f"{letter}) {ex.answer}"]:
+        assert fam.score(ex, ok) == 1.0, ok
+    for bad in [wrong, f"({wrong})", "E", ex.options[(i + 1) % 4]]:
+        assert fam.score(ex, bad) == 0.0, bad
+
+
+def test_one_shot_demo_differs_and_has_answer():
+    fam = TASKS["addition"]
+    shot = next(i for i, t in enumerate(fam.templates) if "{s_" in t)
+    ex = fam.make(random.Random(0), difficulty=3, template=shot)
+    demo, question = ex.prompt.split("\n")
+    assert demo != question and "=" in demo and question.endswith("=")
+    a, _, b, _, c = demo.split()
+    assert int(a) + int(b) == int(c)
