@@ -134,7 +134,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 def test_corrupt_or_foreign_registry_exits_2(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database at all" * 100)
-    r = run_cli("track", "status", "--registry", str(junk))
+    r = run_cli("track", "status", "--registry", str(junk))  # the real command line, once
     assert r.returncode == 2 and "junk.db: not a scalelab registry" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     other = tmp_path / "other.db"
@@ -142,15 +142,20 @@ def test_corrupt_or_foreign_registry_exits_2(tmp_path):
     con.execute("CREATE TABLE customers (id INTEGER)")
     con.commit()
     con.close()
-    r = run_cli("track", "experiment", "list", "--registry", str(other))
+    r = track(other, "experiment", "list")
     assert r.returncode == 2 and "other.db: an SQLite database but not a scalelab" in r.stderr
-    r = run_cli("track", "experiment", "show", "nope", "--registry", str(tmp_path / "new.db"))
+    new = tmp_path / "new.db"
+    r = track(new, "experiment", "show", "nope")
     assert r.returncode == 2 and "no experiment named 'nope'" in r.stderr
-    r = run_cli("track", "experiment", "add", "--name", "x", "--task", "builtin:addition?dig=2",
-                "--threshold", "0.5", "--registry", str(tmp_path / "new.db"))
+    r = track(new, "experiment", "add", "--name", "x", "--task", "builtin:addition?dig=2",
+              "--threshold", "0.5")
     assert r.returncode == 2 and "unknown parameter 'dig'" in r.stderr
-    r = run_cli("track", "model", "add", str(tmp_path), "--registry", str(tmp_path / "new.db"))
+    r = track(new, "model", "add", str(tmp_path))
     assert r.returncode == 2 and "config.json" in r.stderr
+    assert track(new, "experiment", "add", "--name", "x", "--task", "builtin:qa",
+                 "--threshold", "0.5").returncode == 0
+    r = track(new, "experiment", "add", "--name", "x", "--task", "builtin:qa", "--threshold", "1")
+    assert r.returncode == 2 and "already exists" in r.stderr  # names are never overwritten
 
 
 def test_hf_model_folder(tmp_path, tokenizer):

@@ -4,6 +4,7 @@ import json
 
 from conftest import run_cli, tiny_sets
 
+from scalelab.cli import main
 from scalelab.track.registry import Registry
 
 SWEEP = """
@@ -68,16 +69,16 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     assert "--- training" not in r.stdout and len(db.results()) == 6
 
 
-def test_bad_sweep_config_exits_2(tmp_path):
+def test_bad_sweep_config_exits_2(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "o"),
+            "--registry", str(tmp_path / "r.db")]
     cfg.write_text(SWEEP.replace("min_steps = 10", "min_stepz = 10"))
-    r = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "o"),
-                "--registry", str(tmp_path / "r.db"))
-    assert r.returncode == 2 and "unknown key 'sweep.min_stepz'" in r.stderr
+    assert main(args) == 2 and "unknown key 'sweep.min_stepz'" in capsys.readouterr().err
     cfg.write_text(SWEEP.replace("n_head = 2}]", "n_head = 5}]"))
-    r = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "o"),
-                "--registry", str(tmp_path / "r.db"))
-    assert r.returncode == 2 and "sweep size" in r.stderr and "Traceback" not in r.stderr
+    assert main(args) == 2 and "sweep size" in capsys.readouterr().err
+    cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
+    assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
 
 
 def test_pretrain_register(tmp_path):
