@@ -183,3 +183,23 @@ def test_hf_model_folder(tmp_path, tokenizer):
     res = Registry(reg).results()
     assert len(res) == 2 and all(math.isfinite(x["metrics"]["token_logprob"]) for x in res)
     assert -20 < res[0]["metrics"]["token_logprob"] < 0
+
+
+def test_task_suite_spec_for_chat_models(tmp_path, models):
+    """tasks:FAMILY asks through the chat template and scores with the family's scorer."""
+    from scalelab.track.evaluate import is_right
+    from scalelab.track.specs import load_items
+    items = load_items("tasks:addition?difficulty=2&n=5")
+    assert len(items) == 5 and all(it.example is not None for it in items)
+    assert is_right(items[0], " " + items[0].target + ".\n") == 1.0  # lenient, first line
+    assert is_right(items[0], "no idea") == 0.0
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "chat-add", "--task",
+                 "tasks:addition?difficulty=1&n=4", "--threshold", "0.5").returncode == 0
+    r = track(reg, "model", "add", str(models[0]), "--lineage", "sft")
+    assert r.returncode == 0, r.stderr
+    (res,) = Registry(reg).results()
+    assert 0 <= res["metrics"]["exact_match"] <= 1 and res["metrics"]["token_logprob"] < 0
+    r = track(reg, "experiment", "add", "--name", "x", "--task", "tasks:algebra",
+              "--threshold", "0.5")
+    assert r.returncode == 2 and "unknown task family 'algebra'" in r.stderr

@@ -145,9 +145,25 @@ def greedy_answers(lm, contexts: list[list[int]], lengths: list[int]) -> list[li
     return [o[: n + 1] for o, n in zip(out, lengths)]
 
 
+def contexts(lm, items: list[Item]) -> list[list[int]]:
+    if items[0].example is None:
+        return [lm.prefix + lm.encode(it.prompt) for it in items]
+    if lm.kind != "scalelab":
+        raise UserError("tasks: specs use scalelab's chat template; a Hugging Face model "
+                        "needs a JSONL task file instead")
+    return [lm.tok.chat_prompt(it.prompt) for it in items]
+
+
+def is_right(it: Item, text: str) -> float:
+    if it.example is not None:  # the task family's own (lenient) scorer
+        from scalelab.tasks import TASKS
+        return TASKS[it.example.family].score(it.example, text)
+    return M.exact_match(text, it.target)
+
+
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     """Mean metrics over the items, plus a few sample outputs."""
-    ctxs = [lm.prefix + lm.encode(it.prompt) for it in items]
+    ctxs = contexts(lm, items)
     if items[0].is_choice:
         flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
         flat_tgt = [lm.encode(ch) for it in items for ch in it.choices]
@@ -171,7 +187,7 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     rows, samples = [], []
     for it, tgt, lp, out in zip(items, tgts, lps, outs):
         text = lm.decode(out)
-        rows.append({"exact_match": M.exact_match(text, it.target),
+        rows.append({"exact_match": is_right(it, text),
                      "token_logprob": M.token_logprob(lp),
                      "edit_distance": M.edit_distance(out, tgt)})
         if len(samples) < N_SAMPLES:

@@ -10,7 +10,11 @@
 {"prompt", "target"} or {"prompt", "choices": [...], "answer": index}.
 
 The built-ins use the world corpus' own formats, so a model that was only pretrained can be
-asked directly: no instruction tuning needed.
+asked directly: no instruction tuning needed. For instruction-tuned models there is also
+
+    tasks:FAMILY?difficulty=2        a scalelab.tasks family (e.g. tasks:addition), asked
+                                     through the chat template and scored by the family's
+                                     own lenient scorer (scalelab models only)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Item:
     target: str = ""  # generation items
     choices: tuple[str, ...] = ()  # multiple-choice items
     answer: int = 0
+    example: object = None  # a scalelab.tasks Example: chat prompt, scored by its family
 
     @property
     def is_choice(self) -> bool:
@@ -154,9 +159,38 @@ def jsonl_items(path: Path) -> list[Item]:
     return items
 
 
+def suite_items(spec: str) -> list[Item]:
+    """Instruction examples from the task suite (scalelab/tasks), one family, one difficulty."""
+    from scalelab.tasks import TASKS
+    family, _, query = spec.removeprefix("tasks:").partition("?")
+    if family not in TASKS:
+        raise UserError(f"task {spec!r}: unknown task family {family!r} "
+                        f"(known: {', '.join(sorted(TASKS))})")
+    fam = TASKS[family]
+    params = {"difficulty": 1, "n": 100, "seed": 0}
+    for key, raw in parse_qsl(query, keep_blank_values=True):
+        if key not in params:
+            raise UserError(f"task {spec!r}: unknown parameter {key!r} (known: "
+                            f"{', '.join(params)})")
+        if not raw.isdigit():
+            raise UserError(f"task {spec!r}: {key} must be a non-negative integer")
+        params[key] = int(raw)
+    if not 1 <= params["difficulty"] <= fam.max_difficulty or params["n"] < 1:
+        raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}, "
+                        "n at least 1")
+    rng = random.Random(f"tasks/{family}/{params['seed']}")
+    out = []
+    for _ in range(params["n"]):
+        ex = fam.make(rng, params["difficulty"])
+        out.append(Item(ex.prompt, ex.answer, example=ex))
+    return out
+
+
 def load_items(spec: str) -> list[Item]:
     if spec.startswith("builtin:"):
         return builtin_items(spec)
+    if spec.startswith("tasks:"):
+        return suite_items(spec)
     return jsonl_items(Path(spec))
 
 
