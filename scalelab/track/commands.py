@@ -107,7 +107,7 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
 def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
     """Every experiment on every model; each evaluation adds a result row."""
     from scalelab.track.evaluate import load_lm, run_experiment
-    from scalelab.track.predict import record_predictions
+    from scalelab.track.predict import fmt, record_predictions
     version = code_version()
     for m in models:
         if not exps:
@@ -125,7 +125,6 @@ def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
                 reg.add_history(e["id"], f"first passed by {m['name']} "
                                 f"({e['metric']} {agg[e['metric']]:.3f})")
     for p in record_predictions(reg):
-        from scalelab.track.predict import fmt
         log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scalelab.config import UserError
+from scalelab.track.metrics import HIGHER_IS_BETTER
 
 DEFAULT_PATH = "scalelab-registry.db"
 SCHEMA_VERSION = 1
@@ -139,8 +140,7 @@ class Registry:
                              (name, task, metric, threshold, note, now()))
             db.execute("INSERT INTO history (experiment_id, time, event) VALUES (?, ?, ?)",
                        (cur.lastrowid, now(), f"created: {task}, pass if {metric} "
-                        f"{'>=' if metric != 'edit_distance' and metric != 'brier' else '<='} "
-                        f"{threshold}"))
+                        f"{'>=' if HIGHER_IS_BETTER[metric] else '<='} {threshold}"))
             return cur.lastrowid
 
     def add_history(self, experiment_id: int, event: str) -> None:
