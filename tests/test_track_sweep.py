@@ -92,3 +92,16 @@ def test_pretrain_register(tmp_path):
     m = Registry(reg).models()[0]
     assert m["name"] == "run" and m["tokens"] == 10 * 8 * 32 and m["val_loss"] > 0
     assert "add1" in r.stdout  # the new model was evaluated on the waiting experiment
+
+
+def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
+    from scalelab.track.sweep import load_sweep, size_config
+    cfg = tmp_path / "iso.toml"
+    cfg.write_text(SWEEP.replace("tokens_per_param = 0.5", "flops = 1e10"))
+    base, opts = load_sweep(cfg)
+    plans = [size_config(base, s, opts, vocab=448) for s in opts["sizes"]]
+    per_step = 8 * 32
+    for c, info in plans:
+        assert info["steps"] == max(10, -(-1e10 // (6 * info["params"] * per_step)))
+        assert c.train.eval_every == c.train.max_steps == info["steps"]
+    assert plans[0][1]["tokens"] > plans[2][1]["tokens"]  # iso-FLOP: small models read more
