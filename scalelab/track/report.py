@@ -191,7 +191,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      f"{esc(e['note'])}</p>")
         if sers[e["id"]]["params"]:
             img = f"exp{e['id']}.png"
-            experiment_plot(plt, e, sers[e["id"]], {} if passed else newest, out / img)
+            experiment_plot(plt, e, sers[e["id"]], newest, out / img)  # for a passed one: the
+            # last prediction before it passed, drawn beside what happened
             parts.append(f"<img src='{img}'>")
         winners = [m["name"] for m in mods if latest.get((e["id"], m["id"]), {}).get("passed")]
         parts.append(f"<p><b>First passing model:</b> {esc(winners[0] if winners else 'none yet')}"
