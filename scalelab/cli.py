@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +36,15 @@ def register_output(args: argparse.Namespace, out: Path, lineage: str,
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
-    out = pretrain(stage_config(args), Path(args.out), resume=args.resume)
-    print(f"model written to {out}")
-    register_output(args, out, "base")
+    model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
+    import torch.distributed as dist
+    if dist.is_initialized():  # under torchrun: only rank 0 reports, then all leave together
+        if dist.get_rank() != 0:
+            model_dir = None
+        dist.destroy_process_group()
+    if model_dir is not None:
+        print(f"model written to {model_dir}")
+        register_output(args, model_dir, "base")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -95,6 +102,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + tok.decode(new))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from scalelab.hardware import HARDWARE
+    from scalelab.parallel import plan
+    from scalelab.parallel.rules import make_rules
+
+    path = resolve_config_path(args.config)
+    cfg = load_config(path, args.set)
+    rules = make_rules(cfg.parallel.rules)
+    hw = HARDWARE[args.hardware]
+    if args.explain:
+        sizes = plan.parse_mapping(args.explain, args.world_size)
+        print(plan.explain(cfg, sizes, rules, hw))
+        return
+    ests = plan.plan(cfg, args.world_size, rules, hw)
+    print(plan.format_plan(cfg, args.world_size, hw, ests, limit=args.top))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from scalelab.demo import run_demo
     run_demo(Path(args.out), quick=args.quick)
@@ -149,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 
+    pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
+    pl.add_argument("--config", required=True, help="TOML file or preset name")
+    pl.add_argument("--world-size", type=int, required=True, help="number of devices")
+    pl.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100", "cpu"])
+    pl.add_argument("--explain", metavar="DP,FSDP,TP",
+                    help="show one mapping: each weight's shard and each collective")
+    pl.add_argument("--top", type=int, default=20, help="mappings to list")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pl.set_defaults(func=cmd_plan)
+
     d = sub.add_parser("demo", help="run the whole pipeline on built-in data and report")
     d.add_argument("--out", required=True)
     d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
@@ -164,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"scalelab: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
+            print(f"scalelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)

@@ -119,6 +119,18 @@ class DPOConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Mesh shape (dp x fsdp x tp = world size; one may be -1 = infer) and axis-rule overrides.
+
+    rules: logical axis -> mesh axes, comma separated ("" = replicated), e.g. in TOML
+    `[parallel.rules]` / `mlp = ""`; see scalelab/parallel/rules.py for the defaults."""
+    dp: int = 1
+    fsdp: int = 1
+    tp: int = 1
+    rules: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +139,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -139,6 +152,9 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
                         f"(known: {', '.join(sorted(sections))})")
     sub = getattr(cfg, section)
     types = {f.name: f.type for f in dataclasses.fields(sub)}
+    head, dot, item = key.partition(".")
+    if dot and isinstance(getattr(sub, head, None), dict):  # e.g. parallel.rules.mlp=tp
+        key, value = head, {**getattr(sub, head), item: value}
     if key not in types:
         raise UserError(f"{where}: unknown config key '{section}.{key}' "
                         f"(known in [{section}]: {', '.join(sorted(types))})")
@@ -200,6 +216,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):  # an inline table (keys are plain names such as "mlp")
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 

@@ -17,9 +17,10 @@ def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
     """Answer ids (ending in EOS if the model stopped) to one-turn chat prompts; greedy unless
     sampling says otherwise."""
     sampling.setdefault("temperature", 0.0)
+    room = model.cfg.seq_len - max_new_tokens  # too-long prompts keep their last tokens
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [tok.chat_prompt(p) for p in prompts[i: i + batch_size]]
+        ids = [tok.chat_prompt(p)[-room:] for p in prompts[i: i + batch_size]]
         out += generate(model, ids, max_new_tokens, tok.pad_id, tok.eos_id, **sampling)
     return out
 

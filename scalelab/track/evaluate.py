@@ -235,8 +235,10 @@ def model_info(path: str | Path, lm) -> dict:
                 step = max(step, row["step"])
             if "val_loss" in row:
                 val = row["val_loss"]
-        tc = cfg.train
-        info["tokens"] = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len
-        info["flops"] = 6.0 * params * info["tokens"]
+        tc, par = cfg.train, getattr(cfg, "parallel", None)
+        ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
+        if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
+            info["tokens"] = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
+            info["flops"] = 6.0 * params * info["tokens"]
         info["val_loss"] = val
     return info

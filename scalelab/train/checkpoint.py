@@ -67,9 +67,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: Transformer, tok: Tokenizer, final: Path) -> None:
+def save_model(model: Transformer, tok: Tokenizer, final: Path,
+               tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """tensors: the consolidated weights when the model is sharded (see parallel.checkpoint)."""
     tmp = fresh_tmp(final)
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    save_file(model_tensors(model) if tensors is None else tensors, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
     tok.save(tmp / "tokenizer.json")
     replace_dir(tmp, final)

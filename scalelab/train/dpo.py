@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right
@@ -59,13 +60,22 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     atomic_write_text(out / "lineage.json", json.dumps({"stage": "dpo",
                                                         "parent": str(policy_dir)}))
     pairs = load_pairs(data_spec)
-    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-             for p, c, r in pairs for a in (c, r)]
+    def conv(prompt: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+    def fits(prompt: str, answer: str) -> bool:
+        return len(tok.encode_chat(conv(prompt, answer))[0]) <= model.cfg.seq_len + 1
+
+    usable = [(p, c, r) for p, c, r in pairs if fits(p, c) and fits(p, r)]
+    if len(usable) < len(pairs):
+        tqdm.write(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
+                   f"context ({model.cfg.seq_len} tokens)")
+    convs = [conv(p, a) for p, c, r in usable for a in (c, r)]
     enc = encode_conversations(convs, tok, model.cfg.seq_len)
-    if len(enc) != len(convs):
-        raise UserError(f"{data_spec}: some pairs are longer than the context "
-                        f"({model.cfg.seq_len} tokens)")
-    items = [(enc[2 * i], enc[2 * i + 1]) for i in range(len(pairs))]
+    items = [(enc[2 * i], enc[2 * i + 1]) for i in range(len(usable))]
+    if len(items) < 2 * cfg.train.batch_size:
+        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least "
+                        f"{2 * cfg.train.batch_size}")
     n_val = max(1, len(items) // 10)
     train_items, val_items = items[n_val:], items[:n_val]
 

@@ -63,11 +63,25 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
                              fused=device.type == "cuda")
 
 
+def load_any_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        parallel=None) -> dict:
+    """A checkpoint saved by one process (safetensors) or under a mesh (sharded, DCP)."""
+    from scalelab.parallel.checkpoint import is_sharded, load_sharded, load_single_into_mesh
+    if is_sharded(ckpt):
+        return load_sharded(ckpt, model, optimizer)
+    if parallel is not None:
+        return load_single_into_mesh(ckpt, model, optimizer)
+    return load_checkpoint(ckpt, model, optimizer)
+
+
 class Run:
     """A run directory: config.toml, metrics.jsonl, model/, checkpoints/."""
 
-    def __init__(self, out: Path, cfg: Config, resume: bool):
-        self.out, self.metrics = out, out / "metrics.jsonl"
+    def __init__(self, out: Path, cfg: Config, resume: bool, write: bool = True):
+        # write=False: a non-zero rank of a parallel run, which writes nothing.
+        self.out, self.metrics, self.write = out, out / "metrics.jsonl", write
+        if not write:
+            return
         if not resume and (out / "config.toml").exists():
             raise UserError(f"{out}: already holds a run; pass --resume to continue it "
                             "or choose a new --out")
@@ -75,15 +89,19 @@ class Run:
         self.write_config(cfg)
 
     def write_config(self, cfg: Config) -> None:
+        if not self.write:
+            return
         atomic_write_text(self.out / "config.toml", dump_toml(cfg))
 
     def log(self, row: dict) -> None:
+        if not self.write:
+            return
         with self.metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (and any torn last line)."""
-        if not self.metrics.exists():
+        if not self.write or not self.metrics.exists():
             return
         keep = []
         for line in self.metrics.read_text().splitlines():
@@ -101,26 +119,30 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         evaluate: Callable[[int], dict] | None = None,
         save_model: Callable[[], None] | None = None,
         tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
-        resume: bool = False) -> None:
+        resume: bool = False, parallel=None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
 
     loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
     loss_fn(model, batch) returns the mean loss; evaluate(step) returns a metrics row
     (val_loss, ...); save_model() writes DIR/model. Logged "step" = optimizer steps done.
+    parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
+    rank runs this loop; gradients are synced and clipped over the mesh, rank 0 logs).
     """
     tc = cfg.train
     optimizer = make_optimizer(model, tc, device)
+    main = parallel is None or parallel.is_main
     start = 0
     if resume:
         ckpts = list_checkpoints(run.out)
         if not ckpts:
             raise UserError(f"{run.out}: --resume given but no checkpoint in "
                             f"{run.out / 'checkpoints'}")
-        meta = load_checkpoint(ckpts[-1], model, optimizer)
+        meta = load_any_checkpoint(ckpts[-1], model, optimizer, parallel)
         loader.load_state_dict(meta["loader"])
         start = meta["step"]
         run.truncate_metrics(start)
-        tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
+        if main:
+            tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
     elif evaluate is not None:
         run.log({"step": 0, **evaluate(0)})
 
@@ -128,7 +150,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     ctx = autocast(device, tc.dtype)
     step_fn = torch.compile(loss_fn) if tc.compile else loss_fn
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True,
-               disable=None)
+               disable=None if main else True)
     t0, tokens_since = time.perf_counter(), 0
     model.train()
     for step in range(start, tc.max_steps):
@@ -142,7 +164,12 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                 loss = step_fn(model, batch) / tc.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if parallel is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        else:
+            from scalelab.parallel.apply import clip_grad_norm_, sync_grads
+            sync_grads(model, parallel)  # dp all-reduce (FSDP reduced in backward already)
+            grad_norm = clip_grad_norm_(model, tc.grad_clip, parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -150,6 +177,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
+            if parallel is not None:  # each data rank saw different rows: average them
+                loss_sum = parallel.mean_over_data(loss_sum)
             loss_val = loss_sum.item()  # the only host sync of a step, and only when logging
             if not math.isfinite(loss_val):
                 raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
@@ -159,7 +188,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             if flops_per_token:
                 row["model_tflops"] = flops_per_token * tokens_since / dt / 1e12
                 if hw is not None:
-                    row["mfu"] = row["model_tflops"] * 1e12 / hw.peak_flops
+                    n_dev = 1 if parallel is None else parallel.world
+                    row["mfu"] = row["model_tflops"] * 1e12 / (hw.peak_flops * n_dev)
             run.log(row)
             post = {"loss": f"{loss_val:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
             if "mfu" in row:
@@ -172,12 +202,19 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             row = evaluate(done)
             model.train()
             run.log({"step": done, **row})
-            bar.write(f"step {done}: " + "  ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}" for k, v in row.items()))
+            if main:
+                bar.write(f"step {done}: " + "  ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}"
+                    for k, v in row.items()))
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             if save_model is not None:
                 save_model()
-            save_checkpoint(run.out, done, model, optimizer,
-                            {"loader": loader.state_dict()}, tc.keep_checkpoints)
+            if parallel is None:
+                save_checkpoint(run.out, done, model, optimizer,
+                                {"loader": loader.state_dict()}, tc.keep_checkpoints)
+            else:
+                from scalelab.parallel.checkpoint import save_sharded
+                save_sharded(run.out, done, model, optimizer, {"loader": loader.state_dict()},
+                             tc.keep_checkpoints, parallel)
             t0 = time.perf_counter()  # don't bill eval/checkpoint time to throughput
     bar.close()

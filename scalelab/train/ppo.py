@@ -243,6 +243,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
     torch.manual_seed(cfg.train.seed)
     pc, tc = cfg.ppo, cfg.train
     run = Run(out, cfg, resume)
+    texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad file: fail early
     device = pick_device(tc.device)
     policy, tok = load_model(policy_dir, device)
     reward_model, _, stats = load_reward_model(reward_dir, device)
@@ -255,7 +256,6 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
     atomic_write_text(out / "lineage.json", json.dumps(
         {"stage": "ppo", "parent": str(policy_dir), "reward": str(reward_dir)}))
 
-    texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
     if len(keep) < pc.rollout_batch:

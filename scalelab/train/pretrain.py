@@ -13,9 +13,12 @@ from scalelab.config import Config, UserError
 from scalelab.data.tokens import TokenLoader, load_meta, read_documents, write_token_files
 from scalelab.generate import generate
 from scalelab.model import Transformer
+from scalelab.parallel import mesh
+from scalelab.parallel.apply import parallelize
+from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
-from scalelab.train.loop import Run, autocast, fit, pick_device
+from scalelab.train.loop import Run, autocast, fit
 
 
 def prepare_data(cfg: Config, out: Path) -> tuple[Tokenizer, Path]:
@@ -51,10 +54,19 @@ def eval_loss(model: torch.nn.Module, batches: list, device: torch.device, ctx) 
 
 
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
-    torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume)  # refuses to overwrite an existing run before any work
-    device = pick_device(cfg.train.device)
-    tok, data_dir = prepare_data(cfg, out)
+    """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
+    par = mesh.setup(cfg.parallel, cfg.train.device)  # one process: no process group at all
+    if not par.single:  # before anything is written, so a bad mesh leaves no half run
+        check_divisible(cfg.model, par.rules, par.sizes)
+    torch.manual_seed(cfg.train.seed)  # same seed everywhere: every rank builds the same model
+    device = par.device
+    if par.is_main:  # rank 0 checks the run folder and writes the data; the rest wait
+        run = Run(out, cfg, resume)  # refuses to overwrite an existing run before any work
+        tok, data_dir = prepare_data(cfg, out)
+    par.barrier()
+    if not par.is_main:
+        run = Run(out, cfg, resume, write=False)
+        tok, data_dir = prepare_data(cfg, out)  # already there: just loads it
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = 64 * math.ceil(tok.vocab_size / 64)  # friendlier matmul shapes
     try:
@@ -64,11 +76,20 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     cfg.model = model.cfg  # resolved: every 0 = auto is now explicit
     run.write_config(cfg)
     mc, tc = model.cfg, cfg.train
-    tqdm.write(f"model: {model.num_params():,} parameters (non-embedding), "
-               f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
+    say = tqdm.write if par.is_main else (lambda _: None)
+    say(f"model: {model.num_params():,} parameters (non-embedding), "
+        f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
+    flops_per_token = model.flops_per_token()
+    if not par.single:
+        parallelize(model, par)
+        say("mesh: " + " x ".join(f"{a}={n}" for a, n in par.sizes.items()) +
+            f" ({par.world} processes, backend {torch.distributed.get_backend()})")
 
-    loader = TokenLoader(data_dir, "train", tc.batch_size, mc.seq_len, seed=tc.seed)
-    val = TokenLoader(data_dir, "val", tc.batch_size, mc.seq_len).fixed_batches(tc.eval_batches)
+    loader = TokenLoader(data_dir, "train", tc.batch_size, mc.seq_len, seed=tc.seed,
+                         rank=par.data_rank, world=par.data_world)
+    # Every rank evaluates the same global batches, so val_loss does not depend on the mapping.
+    val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
+                      mc.seq_len).fixed_batches(tc.eval_batches)
     meta = load_meta(data_dir)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
     ctx = autocast(device, tc.dtype)
@@ -78,15 +99,25 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     def evaluate(step: int) -> dict:
         loss = eval_loss(model, val, device, ctx)
         row = {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
-        if step % sample_every == 0 or step == tc.max_steps:
+        # Sampling with a KV cache needs whole heads: only in one process.
+        if par.single and (step % sample_every == 0 or step == tc.max_steps):
             g = torch.Generator(device=device).manual_seed(tc.seed)
             new = generate(model, [prompt], 48, tok.pad_id, tok.eos_id, temperature=0.8,
                            top_k=50, generator=g)[0]
             row["sample"] = tc.sample_prompt + tok.decode(new)
         return row
 
-    fit(run, cfg, model, loader, device, next_token_loss, evaluate,
-        save_model=lambda: save_model(model, tok, out / "model"),
-        tokens_per_micro_batch=tc.batch_size * mc.seq_len,
-        flops_per_token=model.flops_per_token(), resume=resume)
+    def save() -> None:
+        if par.single:
+            return save_model(model, tok, out / "model")
+        from scalelab.parallel.checkpoint import full_model_tensors
+        tensors = full_model_tensors(model, par)  # collective: every rank takes part
+        if par.is_main:
+            save_model(model, tok, out / "model", tensors)
+        par.barrier()
+
+    fit(run, cfg, model, loader, device, next_token_loss, evaluate, save_model=save,
+        tokens_per_micro_batch=tc.batch_size * mc.seq_len * par.data_world,
+        flops_per_token=flops_per_token, resume=resume,
+        parallel=None if par.single else par)
     return out / "model"

@@ -1,0 +1,118 @@
+"""Apply the axis-rules table to a model: tensor parallel, then FSDP2, then data parallel.
+
+Nothing here is written per layer type: each weight's logical axes (model.LOGICAL_AXES) and
+the table give its placement. In order (as torchtitan does):
+  1. tp:   a linear whose output dim maps to tp is ColwiseParallel, whose input dim maps to
+           tp is RowwiseParallel; everything else stays whole on every tp rank.
+  2. fsdp: `fully_shard` each block, then the root, cutting each weight along the dim that
+           maps to fsdp; with dp > 1 too the mesh is (dp, fsdp): HSDP, replicas of shards.
+  3. dp:   (only when fsdp = 1) a plain all-reduce of every gradient over the dp axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
+
+from scalelab.config import UserError
+from scalelab.parallel.mesh import Parallel
+from scalelab.parallel.rules import fsdp_dim, tp_style
+
+
+def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
+    if par.single:
+        return model
+    if par.sizes["tp"] > 1:
+        apply_tp(model, par)
+    if par.sizes["fsdp"] > 1:
+        apply_fsdp(model, par)
+    return model
+
+
+def apply_tp(model: nn.Module, par: Parallel) -> None:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {}
+    for name, _ in model.named_parameters():
+        style = tp_style(name, par.rules)
+        if style is not None:
+            plan[name.removesuffix(".weight")] = styles[style]()
+    parallelize_module(model, par.mesh["tp"], plan)
+
+
+def apply_fsdp(model: nn.Module, par: Parallel) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    for n in names.values():
+        if fsdp_dim(n, par.rules) is None:
+            raise UserError(f"parallel.fsdp={par.sizes['fsdp']}: the rules give {n} no "
+                            "dimension on the fsdp axis (keep parallel.rules.embed = \"fsdp\")")
+
+    def placement(p: nn.Parameter) -> Shard:
+        return Shard(fsdp_dim(names[id(p)], par.rules))
+
+    mesh = par.mesh["dp", "fsdp"] if par.sizes["dp"] > 1 else par.mesh["fsdp"]
+    # On GPUs under bf16 autocast, gather bf16 weights and reduce bf16 grads (the planner's
+    # assumption); on CPU everything stays fp32 so results match one process exactly.
+    bf16 = par.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
+        if bf16 else MixedPrecisionPolicy()
+    for block in model.blocks:  # reshard after forward: gather again in backward
+        fully_shard(block, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
+                    reshard_after_forward=True)
+    # The root (embedding = tied lm_head, final norm) is needed again at the start of
+    # backward, so it stays gathered: one all-gather and one reduce-scatter per step.
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
+                reshard_after_forward=False)
+
+
+@torch.no_grad()
+def sync_grads(model: nn.Module, par: Parallel) -> None:
+    """Average gradients over dp replicas (FSDP/HSDP already reduced theirs in backward)."""
+    if par.single or par.sizes["dp"] == 1 or par.sizes["fsdp"] > 1:
+        return
+    group, n = par.group("dp"), par.sizes["dp"]
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if par.device.type == "cuda":  # bf16 on the wire, as FSDP above and the planner
+                buf = g.to(torch.bfloat16)
+                dist.all_reduce(buf, group=group)
+                g.copy_(buf)
+            else:
+                dist.all_reduce(g, group=group)
+            g.div_(n)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.Tensor:
+    """Global gradient norm over every shard, with one scalar all-reduce, then clip.
+
+    Each rank sums the squares of its local shards, weighted by 1 / (number of ranks holding
+    an identical copy), so the world-wide sum counts every element exactly once."""
+    if par.single:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.zeros((), device=par.device, dtype=torch.float32)
+    for g in grads:
+        if isinstance(g, DTensor):
+            copies = par.world // g.device_mesh.size()
+            for size, pl in zip(g.device_mesh.shape, g.placements):
+                copies *= 1 if pl.is_shard() else size
+            local = g.to_local()
+        else:
+            copies, local = par.world, g
+        total += local.float().square().sum() / copies
+    dist.all_reduce(total)
+    norm = total.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
+    return norm

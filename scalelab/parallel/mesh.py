@@ -1,0 +1,112 @@
+"""The device mesh from `[parallel]`: dp x fsdp x tp processes, started by torchrun.
+
+One process without torchrun (and a 1 x 1 x 1 mesh) needs no process group at all: then
+`Parallel.single` is True and every method here is a cheap no-op, so the stages run as before.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from scalelab.config import ParallelConfig, UserError
+from scalelab.parallel.rules import MESH_AXES, Rules, make_rules
+
+
+def mesh_shape(pc: ParallelConfig, world: int) -> dict[str, int]:
+    """{'dp','fsdp','tp'} sizes whose product is `world`; at most one may be -1 (inferred)."""
+    sizes = {"dp": pc.dp, "fsdp": pc.fsdp, "tp": pc.tp}
+    for axis, n in sizes.items():
+        if not isinstance(n, int) or (n < 1 and n != -1):
+            raise UserError(f"parallel.{axis}: must be a positive integer or -1, got {n!r}")
+    free = [a for a, n in sizes.items() if n == -1]
+    if len(free) > 1:
+        raise UserError(f"parallel: only one of dp, fsdp, tp may be -1 (got {', '.join(free)})")
+    known = math.prod(n for n in sizes.values() if n != -1)
+    if free:
+        if world % known:
+            raise UserError(f"parallel.{free[0]}=-1: world size {world} does not divide by "
+                            f"the other axes ({known})")
+        sizes[free[0]] = world // known
+    if math.prod(sizes.values()) != world:
+        raise UserError(f"parallel: dp*fsdp*tp = {sizes['dp']}*{sizes['fsdp']}*{sizes['tp']} "
+                        f"= {math.prod(sizes.values())} but the world size is {world} "
+                        "(set it with torchrun --nproc-per-node/--nnodes)")
+    return sizes
+
+
+@dataclass
+class Parallel:
+    sizes: dict[str, int]
+    rules: Rules
+    device: torch.device
+    mesh: object = None  # DeviceMesh with dims ("dp", "fsdp", "tp"); None in one process
+    rank: int = 0
+    groups: dict[frozenset, str] = field(default_factory=dict)  # group ranks -> axis
+
+    @property
+    def single(self) -> bool:
+        return self.mesh is None
+
+    @property
+    def world(self) -> int:
+        return math.prod(self.sizes.values())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_world(self) -> int:  # ranks that read different data: dp x fsdp
+        return self.sizes["dp"] * self.sizes["fsdp"]
+
+    @property
+    def data_rank(self) -> int:  # tp ranks of one group share it, so they read the same rows
+        if self.single:
+            return 0
+        c = self.mesh.get_coordinate()
+        return c[0] * self.sizes["fsdp"] + c[1]
+
+    def group(self, axis: str):
+        return self.mesh.get_group(axis)
+
+    def barrier(self) -> None:
+        if not self.single:
+            dist.barrier()
+
+    def mean_over_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Average a per-rank scalar (a loss) over data ranks (tp ranks hold equal copies)."""
+        if self.single:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)  # over the whole world: each data rank's value appears tp times
+        return x / self.world
+
+
+def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
+    """Read the torchrun environment, check the mesh shape, start the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = mesh_shape(pc, world)
+    rules = make_rules(pc.rules)
+    if world == 1:
+        from scalelab.train.loop import pick_device
+        return Parallel(sizes, rules, pick_device(device_name))
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, tuple(sizes[a] for a in MESH_AXES),
+                            mesh_dim_names=MESH_AXES)
+    # Name each process group by the ranks it spans (group names differ between meshes).
+    groups = {frozenset(dist.get_process_group_ranks(mesh.get_group(a))): a for a in MESH_AXES}
+    groups.setdefault(frozenset(range(world)), "world")
+    return Parallel(sizes, rules, device, mesh, dist.get_rank(), groups)

@@ -1,0 +1,265 @@
+"""The planner: what every (dp, fsdp, tp) mapping of N devices costs, on paper.
+
+Nothing is instantiated: shapes come from the config (rules.weight_shapes), placements from
+the axis-rules table, collectives from comm.step_collectives (the same function the CPU test
+checks against measured bytes). Assumptions, stated once:
+  - global batch = the config's train.batch_size * grad_accum * seq_len tokens (its one-device
+    recipe), split over dp x fsdp; each device takes the largest micro-batch that fits and
+    accumulates the rest (FSDP gathers and reduces again every micro-step);
+  - AdamW with fp32 master weights: 4 (param) + 4 (grad) + 8 (moments) bytes per parameter;
+  - bf16 compute and bf16 collectives (FSDP gathers bf16 weights and reduces bf16 grads);
+  - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
+    flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
+  - compute at the measured bf16 matmul ceiling (808 of 989 TFLOP/s on an H100, ANCHORS.md);
+  - FSDP/DP traffic overlaps compute (forward gathers with forward, the rest with backward);
+    tensor-parallel all-reduces sit on the critical path; bandwidth only, no latency term;
+  - a ring that leaves a node (node_size devices) runs at the inter-node bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scalelab.config import Config, ModelConfig, UserError
+from scalelab.hardware import Hardware
+from scalelab.model import resolve
+from scalelab.parallel.comm import Collective, step_collectives
+from scalelab.parallel.rules import (
+    MESH_AXES,
+    Rules,
+    local_shape,
+    tp_style,
+    weight_shapes,
+    weight_spec,
+)
+
+MATMUL_EFFICIENCY = 808 / 989  # measured bf16 8192^3 matmul / datasheet peak (ANCHORS.md)
+
+
+def model_for_plan(cfg: Config) -> ModelConfig:
+    """The resolved model config; vocab 0 (= from the tokenizer) is taken as data.tokenizer_vocab
+    rounded up to 64, as pretraining does."""
+    mc = resolve(cfg.model)
+    if not mc.vocab_size:
+        mc.vocab_size = 64 * math.ceil(cfg.data.tokenizer_vocab / 64)
+    return mc
+
+
+def count_params(mc: ModelConfig) -> int:
+    return sum(math.prod(s) for s in weight_shapes(mc).values())
+
+
+def factorizations(n: int) -> list[dict[str, int]]:
+    """Every (dp, fsdp, tp) with dp * fsdp * tp = n."""
+    out = []
+    for tp in range(1, n + 1):
+        if n % tp:
+            continue
+        for fsdp in range(1, n // tp + 1):
+            if (n // tp) % fsdp == 0:
+                out.append({"dp": n // tp // fsdp, "fsdp": fsdp, "tp": tp})
+    return out
+
+
+def axis_bandwidth(axis: str, sizes: dict[str, int], hw: Hardware) -> float:
+    """Ring bandwidth of a mesh axis: ranks are laid out tp fastest, then fsdp, then dp."""
+    stride = {"tp": 1, "fsdp": sizes["tp"], "dp": sizes["tp"] * sizes["fsdp"]}
+    world = math.prod(sizes.values())
+    span = world if axis not in stride else stride[axis] * sizes[axis]
+    return hw.link_bandwidth if span <= hw.node_size else hw.inter_node_bandwidth
+
+
+@dataclass
+class Estimate:
+    sizes: dict[str, int]
+    tokens_per_device: float  # tokens each data rank processes per optimizer step
+    micro_batch: int  # sequences per forward on one device (the largest that fits)
+    grad_accum: int
+    memory: dict[str, float]  # bytes per device: params, grads, optimizer, gathered, activations
+    compute_s: float
+    comm: list[Collective]
+    comm_s: dict[str, float]  # fwd / bwd (overlappable) and tp (exposed)
+    step_s: float
+    mfu: float
+    fits: bool
+    why: str = ""
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def name(self) -> str:
+        return " x ".join(f"{a}={self.sizes[a]}" for a in MESH_AXES)
+
+
+def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> Estimate:
+    mc = model_for_plan(cfg)
+    tc = cfg.train
+    dp, fsdp, tp = sizes["dp"], sizes["fsdp"], sizes["tp"]
+    data_world, world = dp * fsdp, dp * fsdp * tp
+    global_seqs = tc.batch_size * tc.grad_accum
+    seqs = global_seqs / data_world  # per data rank per step
+    why = ""
+    if seqs < 1:
+        why = f"global batch of {global_seqs} sequences < {data_world} data ranks"
+    for dim, n in (("heads", mc.n_head), ("kv", mc.n_kv_head), ("mlp", mc.d_mlp)):
+        if "tp" in rules[dim] and n % tp:
+            why = why or f"tp={tp} does not divide {dim}={n}"
+
+    shapes = weight_shapes(mc)
+    p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
+    gathered = 0.0
+    if fsdp > 1:  # bf16 working copies: the root (embedding) plus two blocks (prefetch)
+        tp_only = {**sizes, "dp": 1, "fsdp": 1}
+        full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
+        root = sum(v for n, v in full.items() if not n.startswith("blocks."))
+        gathered = 2 * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
+
+    def memory_for(micro: int) -> dict[str, float]:
+        tokens_micro = micro * mc.seq_len
+        act = mc.n_layer * tokens_micro * mc.d_model * (10 + 24 / tp)  # bytes (Korthikanti)
+        logits = tokens_micro * mc.vocab_size * 10  # bf16 logits + fp32 copy + fp32 grad
+        return {"params": 4 * p_local, "grads": 4 * p_local, "optimizer": 8 * p_local,
+                "gathered": gathered, "activations": act + logits}
+
+    # The largest micro-batch (a divisor of this rank's sequences) whose activations fit.
+    n_seqs = max(1, int(seqs))
+    micro = next((m for m in range(n_seqs, 0, -1) if n_seqs % m == 0 and
+                  sum(memory_for(m).values()) <= hw.memory_bytes), 1)
+    accum = n_seqs // micro
+    memory = memory_for(micro)
+    tokens_micro = micro * mc.seq_len
+
+    # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
+    hd = mc.d_model // mc.n_head
+    head = mc.vocab_size * mc.d_model
+    body = count_params(mc) - head * (1 if mc.tie_embeddings else 2)  # blocks + final norm
+    attn = 12 * mc.n_layer * mc.n_head * hd * mc.seq_len
+    flops_per_token = 6 * (body + head) + attn  # = Transformer.flops_per_token()
+    tokens = seqs * mc.seq_len
+    device_flops = tokens * (6 * body / tp + attn / tp + 6 * head)
+    compute_s = device_flops / (hw.peak_flops * MATMUL_EFFICIENCY)
+
+    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, 2, 2, 2)
+    comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
+    for c in comm:
+        t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
+        comm_s["tp" if c.axis == "tp" else "fwd" if c.phase == "fwd" else "bwd"] += t
+    step_s = (max(compute_s / 3, comm_s["fwd"]) + max(2 * compute_s / 3, comm_s["bwd"])
+              + comm_s["tp"])
+    mfu = flops_per_token * global_seqs * mc.seq_len / (step_s * world * hw.peak_flops)
+    total = sum(memory.values())
+    if not why and total > hw.memory_bytes:
+        why = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB"
+    return Estimate(sizes, tokens, micro, accum, memory, compute_s, comm, comm_s, step_s, mfu,
+                    not why, why)
+
+
+def plan(cfg: Config, world: int, rules: Rules, hw: Hardware) -> list[Estimate]:
+    """Every mapping, best first: fitting ones by predicted step time, then by traffic."""
+    if world < 1:
+        raise UserError(f"--world-size must be at least 1, got {world}")
+    ests = [estimate(cfg, s, rules, hw) for s in factorizations(world)]
+    return sorted(ests, key=lambda e: (not e.fits, round(e.step_s, 6),
+                                       sum(e.comm_s.values()), e.sizes["tp"], e.sizes["fsdp"]))
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.1f}"
+
+
+def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
+                limit: int = 20) -> str:
+    mc = model_for_plan(cfg)
+    tc = cfg.train
+    g = tc.batch_size * tc.grad_accum * mc.seq_len
+    lines = [f"model: {count_params(mc) / 1e6:,.1f}M parameters ({mc.n_layer} layers, "
+             f"d={mc.d_model}, {mc.n_head} heads, vocab {mc.vocab_size}, seq {mc.seq_len}); "
+             f"global batch {g:,} tokens",
+             f"hardware: {world} x {hw.name} ({hw.peak_flops / 1e12:.3g} TFLOP/s, "
+             f"{hw.memory_bytes / 1e9:.3g} GB, {hw.link_bandwidth / 1e9:.3g} GB/s in a node of "
+             f"{hw.node_size}, {hw.inter_node_bandwidth / 1e9:.3g} GB/s between nodes)",
+             "",
+             f"{'mapping':<24} {'tok/rank':>8} {'mem GB':>7} {'(p+g+o':>7} {'act)':>6} "
+             f"{'compute':>8} {'comm f/b':>13} {'tp comm':>8} {'step s':>8} {'MFU':>6}  fits"]
+    for e in ests[:limit]:
+        pgo = e.memory["params"] + e.memory["grads"] + e.memory["optimizer"]
+        lines.append(
+            f"{e.name:<24} {e.tokens_per_device:>8,.0f} {_gb(e.total_memory):>7} {_gb(pgo):>7} "
+            f"{_gb(e.memory['activations']):>6} {e.compute_s:>8.3f} "
+            f"{e.comm_s['fwd']:>6.3f}/{e.comm_s['bwd']:<6.3f} {e.comm_s['tp']:>8.3f} "
+            f"{e.step_s:>8.3f} {e.mfu:>6.1%}  {'yes' if e.fits else 'NO: ' + e.why}")
+    if len(ests) > limit:
+        lines.append(f"... {len(ests) - limit} more mappings (worse or not fitting)")
+    best = ests[0] if ests and ests[0].fits else None
+    lines.append("")
+    if best is None:
+        lines.append("recommended: none fits; use more devices or a smaller batch_size")
+    else:
+        bound = "compute" if best.compute_s >= 1.5 * best.comm_s["bwd"] else "communication"
+        lines.append(f"recommended: {best.name}  (predicted {best.step_s:.3f} s/step, MFU "
+                     f"{best.mfu:.1%} upper bound, {_gb(best.total_memory)} GB/device, "
+                     f"{best.tokens_per_device:,.0f} tokens per data rank per step, {bound}-bound)")
+        lines.append(f"  torchrun ... -m scalelab pretrain --config ... --set parallel.dp="
+                     f"{best.sizes['dp']} --set parallel.fsdp={best.sizes['fsdp']} "
+                     f"--set parallel.tp={best.sizes['tp']} --set train.batch_size="
+                     f"{best.micro_batch} --set train.grad_accum={best.grad_accum}")
+    return "\n".join(lines)
+
+
+def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> str:
+    """One mapping as "matmuls on many machines": layer 0's shards on one device, then every
+    collective of a step, both generated from the axis-rules table."""
+    mc = model_for_plan(cfg)
+    e = estimate(cfg, sizes, rules, hw)
+    shapes = weight_shapes(mc)
+    lines = [f"mapping {e.name} on {math.prod(sizes.values())} devices",
+             "rules: " + "  ".join(f"{k}->{','.join(v) or '-'}" for k, v in rules.items()),
+             "", "weights of layer 0 (and the shared ones) on one device:",
+             f"  {'weight':<26} {'logical axes':<18} {'mesh axes':<14} {'global':>13} "
+             f"{'local':>13}  tp"]
+    for n, shape in shapes.items():
+        if n.startswith("blocks.") and not n.startswith("blocks.0."):
+            continue
+        spec = weight_spec(n, rules)
+        names = ",".join(shape_names(n))
+        axes = ",".join("+".join(a) or "-" for a in spec)
+        loc = local_shape(n, shape, rules, sizes)
+        lines.append(f"  {n:<26} {names:<18} {axes:<14} {str(tuple(shape)):>13} "
+                     f"{str(tuple(loc)):>13}  {tp_style(n, rules) or '-'}")
+    lines += ["", f"collectives of one step (micro-batch {e.micro_batch} x {mc.seq_len} tokens "
+              f"per device, {e.grad_accum} micro-steps), bf16:",
+              f"  {'kind':<15} {'axis':<6} {'n':>4} {'count':>6} {'S each':>10} "
+              f"{'sent/device':>12} {'time s':>8}  what"]
+    for c in e.comm:
+        t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
+        lines.append(f"  {c.kind:<15} {c.axis:<6} {c.n:>4} {c.count:>6} {_mb(c.size):>10} "
+                     f"{_mb(c.ring_bytes):>12} {t:>8.4f}  {c.phase}: {c.what}")
+    lines += ["", "memory/device: " + ", ".join(f"{k} {_gb(v)} GB" for k, v in e.memory.items())
+              + f" = {_gb(e.total_memory)} GB" + ("" if e.fits else f"  (NO: {e.why})"),
+              f"step: compute {e.compute_s:.3f} s, comm fwd {e.comm_s['fwd']:.3f} s / bwd "
+              f"{e.comm_s['bwd']:.3f} s (overlapped), tp {e.comm_s['tp']:.3f} s (exposed) -> "
+              f"{e.step_s:.3f} s, MFU {e.mfu:.1%}"]
+    return "\n".join(lines)
+
+
+def shape_names(name: str) -> tuple[str, ...]:
+    from scalelab.model import LOGICAL_AXES
+    from scalelab.parallel.rules import param_key
+    return LOGICAL_AXES[param_key(name)]
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.2f} MB" if x >= 1e4 else f"{x:.0f} B"
+
+
+def parse_mapping(text: str, world: int) -> dict[str, int]:
+    try:
+        dp, fsdp, tp = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--explain {text!r}: expected dp,fsdp,tp such as 2,4,1") from None
+    if dp * fsdp * tp != world or min(dp, fsdp, tp) < 1:
+        raise UserError(f"--explain {text}: dp*fsdp*tp must equal --world-size {world}")
+    return {"dp": dp, "fsdp": fsdp, "tp": tp}

@@ -1,0 +1,152 @@
+"""The axis-rules table, mesh shapes and the planner, checked against hand calculations."""
+
+import math
+
+import pytest
+from conftest import run_cli
+
+from scalelab.config import ModelConfig, ParallelConfig, UserError, dump_toml, load_config
+from scalelab.hardware import HARDWARE
+from scalelab.model import Transformer
+from scalelab.parallel import plan
+from scalelab.parallel.comm import step_collectives, summarize
+from scalelab.parallel.mesh import mesh_shape
+from scalelab.parallel.rules import fsdp_dim, local_shape, make_rules, tp_style
+
+H100 = HARDWARE["h100"]
+
+
+def test_rules_come_from_config_and_round_trip(tmp):
+    (tmp / "p.toml").write_text('[parallel]\ntp = 2\n[parallel.rules]\nmlp = ""\n')
+    cfg = load_config(tmp / "p.toml", ["parallel.rules.heads=tp"])
+    assert cfg.parallel.tp == 2 and cfg.parallel.rules == {"mlp": "", "heads": "tp"}
+    (tmp / "back.toml").write_text(dump_toml(cfg))
+    assert load_config(tmp / "back.toml") == cfg
+    rules = make_rules(cfg.parallel.rules)
+    assert rules["mlp"] == () and rules["heads"] == ("tp",)
+
+
+@pytest.mark.parametrize("rules, match", [
+    ({"vocab": "tp"}, "parallel.rules.vocab"),
+    ({"mlp": "model"}, "unknown mesh axis 'model'"),
+    ({"mlpp": "tp"}, "parallel.rules.mlpp: unknown logical axis"),
+    ({"heads": ""}, "heads and kv must both"),
+])
+def test_bad_rules_name_the_key(rules, match):
+    with pytest.raises(UserError, match=match):
+        make_rules(rules)
+
+
+def test_mesh_shape_infers_and_checks():
+    assert mesh_shape(ParallelConfig(dp=-1, tp=2), 8) == {"dp": 4, "fsdp": 1, "tp": 2}
+    with pytest.raises(UserError, match="world size is 4"):
+        mesh_shape(ParallelConfig(fsdp=2, tp=4), 4)
+    with pytest.raises(UserError, match="only one of"):
+        mesh_shape(ParallelConfig(dp=-1, fsdp=-1), 4)
+
+
+def test_placements_are_derived_from_the_table():
+    r = make_rules()
+    assert [tp_style(f"blocks.0.{n}.weight", r) for n in
+            ("attn.wq", "attn.wk", "attn.wo", "mlp.w_up", "mlp.w_down", "attn_norm")] == \
+        ["colwise", "colwise", "rowwise", "colwise", "rowwise", None]
+    assert tp_style("embed.weight", r) is None  # vocab -> replicated over tp
+    assert fsdp_dim("blocks.1.attn.wq.weight", r) == 1  # (heads, embed): embed is dim 1
+    sizes = {"dp": 2, "fsdp": 4, "tp": 2}
+    assert local_shape("blocks.0.mlp.w_down.weight", (768, 2048), r, sizes) == (192, 1024)
+    no_tp_mlp = make_rules({"mlp": ""})
+    assert tp_style("blocks.0.mlp.w_up.weight", no_tp_mlp) is None
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(mlp="relu2"),
+                                dict(n_kv_head=2)])
+def test_parameter_count_without_building_the_model(kw):
+    mc = ModelConfig(vocab_size=320, seq_len=32, n_layer=3, n_head=4, d_model=64, **kw)
+    model = Transformer(mc)
+    assert plan.count_params(mc) == sum(p.numel() for p in model.parameters())
+
+
+def gpt2():
+    return load_config("configs/gpt2-124m.toml")
+
+
+def test_dp_and_fsdp_bytes_by_hand():
+    cfg = gpt2()
+    mc = plan.model_for_plan(cfg)
+    P = plan.count_params(mc)
+    L, d = mc.n_layer, mc.d_model
+    blk = 4 * d * d + 3 * d * mc.d_mlp + 2 * d  # one block's weights (GPT-2 shape, swiglu)
+    rules = make_rules()
+    dp8 = summarize(step_collectives(mc, {"dp": 8, "fsdp": 1, "tp": 1}, rules, 1024, 1, 2, 2))
+    assert dp8[("all_reduce", "dp")] == pytest.approx(2 * 7 / 8 * 2 * P)
+    f8 = summarize(step_collectives(mc, {"dp": 1, "fsdp": 8, "tp": 1}, rules, 1024, 1, 2, 2))
+    root = P - L * blk
+    assert f8[("all_gather", "fsdp")] == pytest.approx(7 / 8 * 2 * (2 * L * blk + root))
+    assert f8[("reduce_scatter", "fsdp")] == pytest.approx(7 / 8 * 2 * P)
+    tp2 = summarize(step_collectives(mc, {"dp": 1, "fsdp": 1, "tp": 2}, rules, 1024, 1, 2, 2,
+                                     act_bytes=2))
+    # 2 row-parallel outputs forward + 5 col-parallel input grads backward, [1024, d] bf16
+    assert tp2[("all_reduce", "tp")] == pytest.approx(L * 7 * 2 * 1 / 2 * 1024 * d * 2)
+
+
+def test_memory_and_compute_by_hand():
+    cfg = gpt2()
+    mc = plan.model_for_plan(cfg)
+    P = plan.count_params(mc)
+    e = plan.estimate(cfg, {"dp": 1, "fsdp": 8, "tp": 1}, make_rules(), H100)
+    assert e.memory["params"] + e.memory["grads"] + e.memory["optimizer"] == \
+        pytest.approx(16 * P / 8, rel=1e-3)  # FSDP pads: ceil per weight
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * mc.seq_len / 8
+    flops = tokens * Transformer(ModelConfig(**vars(mc))).flops_per_token()
+    assert e.compute_s == pytest.approx(flops / (H100.peak_flops * 808 / 989))
+    assert e.tokens_per_device == tokens
+
+
+def one_batch(tokens_per_device: int, world: int):
+    cfg = gpt2()
+    cfg.train.batch_size, cfg.train.grad_accum = tokens_per_device // 1024 * world, 1
+    return cfg
+
+
+def test_rule_of_thumb_dp_compute_bound_above_about_2k_tokens():
+    rules = make_rules()
+    for kind in ({"dp": 8, "fsdp": 1, "tp": 1}, {"dp": 1, "fsdp": 8, "tp": 1}):
+        big = plan.estimate(one_batch(4096, 8), kind, rules, H100)
+        small = plan.estimate(one_batch(1024, 8), kind, rules, H100)
+        assert big.comm_s["bwd"] < 2 / 3 * big.compute_s  # hidden behind backward
+        assert small.comm_s["bwd"] > 2 / 3 * small.compute_s  # exposed
+
+
+def test_tp_beyond_one_node_loses():
+    cfg = load_config("configs/llama-7b.toml")
+    rules = make_rules()
+    within = plan.estimate(cfg, {"dp": 2, "fsdp": 1, "tp": 8}, rules, H100)
+    across = plan.estimate(cfg, {"dp": 1, "fsdp": 1, "tp": 16}, rules, H100)
+    assert across.comm_s["tp"] > 5 * within.comm_s["tp"]  # 9x slower links, similar bytes
+    assert across.step_s > within.step_s
+
+
+def test_recommendations():
+    best = plan.plan(gpt2(), 8, make_rules(), H100)[0]
+    assert best.fits and best.sizes["tp"] == 1  # 124M: pure data parallel on one node
+    big = plan.plan(load_config("configs/llama-7b.toml"), 64, make_rules(), H100)
+    assert big[0].fits and big[0].sizes["fsdp"] > 1  # 7B x 16 B/param does not fit unsharded
+    dp64 = next(e for e in big if e.sizes == {"dp": 64, "fsdp": 1, "tp": 1})
+    assert not dp64.fits and "GB" in dp64.why
+    huge = plan.plan(load_config("configs/llama-7b.toml"), 4096, make_rules(), H100)
+    assert len(huge) == sum(1 for t in range(1, 4097) if 4096 % t == 0
+                            for f in range(1, 4097 // t + 1) if (4096 // t) % f == 0)
+    assert math.isfinite(huge[0].step_s)
+
+
+def test_plan_cli(tmp):
+    r = run_cli("plan", "--config", "configs/gpt2-124m.toml", "--world-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert "recommended: dp=8 x fsdp=1 x tp=1" in r.stdout
+    r = run_cli("plan", "--config", "gpt2-124m", "--world-size", "8", "--explain", "2,2,2")
+    assert r.returncode == 0 and "blocks.0.attn.wq.weight" in r.stdout
+    assert "(384, 384)" in r.stdout  # 768 x 768 cut by tp=2 (heads) and fsdp=2 (embed)
+    for args, msg in [(["--explain", "2,2"], "--explain"), (["--explain", "2,2,1"], "equal"),
+                      (["--set", "parallel.rules.vocab=tp"], "parallel.rules.vocab")]:
+        r = run_cli("plan", "--config", "gpt2-124m", "--world-size", "8", *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

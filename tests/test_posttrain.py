@@ -1,0 +1,117 @@
+"""Post-training behaviour: PPO learns a toy reward; the stages run end to end via the CLI."""
+
+import json
+
+import torch
+from conftest import run_cli, tiny_sets
+
+from scalelab.config import ModelConfig, PPOConfig
+from scalelab.model import Transformer
+from scalelab.train.loop import make_optimizer
+from scalelab.train.ppo import ppo_step
+from scalelab.train.reward import ScalarModel
+
+
+def test_ppo_raises_a_toy_reward(tokenizer):
+    """Reward = fraction of response tokens from the lower half of the vocabulary."""
+    import copy
+
+    from scalelab.config import TrainConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                      d_model=32)
+    policy = Transformer(cfg)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    opt = make_optimizer(both, TrainConfig(lr=3e-3, weight_decay=0.0), torch.device("cpu"))
+    pc = PPOConfig(max_new_tokens=8, kl_coef=0.01, missing_eos_penalty=0.0, minibatches=2)
+    half = tokenizer.vocab_size // 2
+
+    def reward_fn(idx, responses):
+        return torch.tensor([sum(t < half for t in r) / max(len(r), 1) for r in responses])
+
+    prompts = [tokenizer.encode(f"Mia has {i}", bos=True) for i in range(32)]
+    g = torch.Generator().manual_seed(0)
+    scores = [ppo_step(policy, ref, value, opt, reward_fn, list(range(32)), prompts, tokenizer,
+                       pc, pc.kl_coef, g)[0]["objective/scores"] for _ in range(25)]
+    assert sum(scores[:3]) / 3 < 0.65
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2
+
+
+def test_post_training_stages_end_to_end(tmp_path):
+    base = tmp_path / "pre"
+    small = [*tiny_sets(), "--set", "model.seq_len=96"]
+    assert run_cli("pretrain", "--config", "tiny", "--out", str(base), "--max-steps", "30",
+                   *small).returncode == 0
+    quick = ["--set", "train.eval_every=10", "--set", "train.checkpoint_every=10",
+             "--set", "train.batch_size=8"]
+    r = run_cli("sft", "--base", str(base / "model"), "--data", "builtin:tasks",
+                "--out", str(tmp_path / "sft"), "--max-steps", "20", *quick,
+                "--set", "sft.n_examples=400")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("reward", "--base", str(tmp_path / "sft/model"), "--data", "builtin:tasks",
+                "--out", str(tmp_path / "rm"), "--max-steps", "10", *quick,
+                "--set", "reward.n_prompts=120", "--set", "reward.max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((tmp_path / "rm/model/reward.json").read_text())
+    assert 0.0 <= stats["val_accuracy"] <= 1.0 and stats["std"] > 0
+    r = run_cli("ppo", "--policy", str(tmp_path / "sft/model"), "--reward",
+                str(tmp_path / "rm/model"), "--prompts", "builtin:tasks",
+                "--out", str(tmp_path / "ppo"), "--max-steps", "4",
+                "--set", "ppo.rollout_batch=8", "--set", "ppo.max_new_tokens=8",
+                "--set", "ppo.n_prompts=64", "--set", "train.checkpoint_every=2")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text()
+            .splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac",
+                "policy/approxkl", "loss/value", "val/ratio", "gold_reward", "loss", "lr"):
+        assert all(key in r for r in rows), key
+    assert abs(rows[0]["objective/kl"]) < 1e-5  # step 1: policy == reference
+
+    # Crash after step 2 (drop what came later), resume: the same steps 3 and 4 again.
+    import shutil
+    crashed = tmp_path / "ppo_crashed"
+    shutil.copytree(tmp_path / "ppo", crashed)
+    shutil.rmtree(crashed / "checkpoints/step_4")
+    r = run_cli("ppo", "--policy", str(tmp_path / "sft/model"), "--reward",
+                str(tmp_path / "rm/model"), "--prompts", "builtin:tasks",
+                "--out", str(crashed), "--resume")
+    assert r.returncode == 0, r.stderr
+    again = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
+    assert strip(again) == strip(rows)
+    r = run_cli("dpo", "--policy", str(tmp_path / "sft/model"), "--data",
+                str(tmp_path / "rm/preferences.jsonl"), "--out", str(tmp_path / "dpo"),
+                "--max-steps", "3", "--set", "train.batch_size=4", "--set", "train.log_every=1")
+    assert r.returncode == 0, r.stderr
+    first = json.loads((tmp_path / "dpo/metrics.jsonl").read_text().splitlines()[1])
+    assert first["step"] == 1 and abs(first["loss"] - 0.6931) < 1e-3  # ln 2 at step 1
+
+
+def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
+    from scalelab.model import Transformer as T
+    from scalelab.train.checkpoint import save_model
+    model_dir = tmp_path / "m"
+    save_model(T(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
+                             n_head=2, d_model=16)), tokenizer, model_dir)
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
+    r = run_cli("dpo", "--policy", str(model_dir), "--data", str(bad), "--out",
+                str(tmp_path / "d"))
+    assert r.returncode == 2 and "prefs.jsonl:2" in r.stderr and "chosen" in r.stderr
+    r = run_cli("reward", "--base", str(model_dir), "--data", str(bad), "--out",
+                str(tmp_path / "r"))
+    assert r.returncode == 2 and "prefs.jsonl:2" in r.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": 3}\n')
+    r = run_cli("ppo", "--policy", str(model_dir), "--reward", str(model_dir), "--prompts",
+                str(prompts), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "prompts.jsonl:2" in r.stderr
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
+    r = run_cli("sft", "--base", str(model_dir), "--data", str(sft_data), "--out",
+                str(tmp_path / "s"))
+    assert r.returncode == 2 and "sft.jsonl:1" in r.stderr and "assistant" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,98 @@
+"""The RLHF math against hand calculations, and the chat loss mask."""
+
+import math
+
+import pytest
+import torch
+
+from scalelab.train.dpo import dpo_loss, sequence_logprob
+from scalelab.train.ppo import gae, kl_penalty, policy_loss, value_loss, whiten
+from scalelab.train.reward import bradley_terry_loss
+from scalelab.train.sft import IGNORE, encode_conversations
+
+
+def test_gae_by_hand():
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]),
+                   torch.ones(1, 3), gamma=1.0, lam=0.95)
+    # t=2: 1 - .5 = .5; t=1: 0 + .95*.5; t=0: .95 * .475
+    torch.testing.assert_close(adv, torch.tensor([[0.45125, 0.475, 0.5]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.95125, 0.975, 1.0]]))
+
+
+def test_gae_ignores_padding_after_the_response():
+    adv, _ = gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.5, 9.0]]),
+                 torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.475, 0.5, 0.0]]))
+
+
+def test_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    expect = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(1.25)
+    torch.testing.assert_close(whiten(x, mask)[0, :4], expect, atol=1e-5, rtol=1e-5)
+    assert whiten(x, mask)[0, 4] == 0
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 2), clip=0.2)
+    # ratio 1.5, A=+1: max(-1.5, -1.2) = -1.2;  ratio .5, A=-1: max(.5, .8) = .8
+    assert loss.item() == pytest.approx(-0.2)
+    assert stats["policy/clipfrac"] == 1.0
+    loss, stats = policy_loss(old, old, adv, torch.ones(1, 2), clip=0.2)
+    assert loss.item() == pytest.approx(0.0) and stats["val/ratio"] == pytest.approx(1.0)
+
+
+def test_clipped_value_loss_by_hand():
+    m = torch.ones(1, 1)
+    # v=2 from old 0, return 1: unclipped (2-1)^2=1, clipped (.2-1)^2=.64 -> .5*1
+    assert value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.ones(1, 1), m,
+                      0.2).item() == pytest.approx(0.5)
+    # v=.5: unclipped .25, clipped (.2-1)^2=.64 -> the max is the clipped one: .32
+    assert value_loss(torch.tensor([[0.5]]), torch.zeros(1, 1), torch.ones(1, 1), m,
+                      0.2).item() == pytest.approx(0.32)
+
+
+def test_kl_estimators_by_hand_and_in_expectation():
+    p, q = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_penalty(p, q, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(p, q, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    # Sampled from p, both estimate KL(p || q) without bias; k3 is never negative.
+    torch.manual_seed(0)
+    probs_p, probs_q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    exact = (probs_p * (probs_p / probs_q).log()).sum().item()
+    x = torch.multinomial(probs_p, 200_000, replacement=True)
+    lp, lq = probs_p.log()[x], probs_q.log()[x]
+    assert kl_penalty(lp, lq, "k1").mean().item() == pytest.approx(exact, rel=0.03)
+    assert kl_penalty(lp, lq, "k3").mean().item() == pytest.approx(exact, rel=0.03)
+    assert (kl_penalty(lp, lq, "k3") >= 0).all()
+    assert (kl_penalty(lp, lq, "k1") < 0).any()
+
+
+def test_bradley_terry_by_hand():
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2)
+
+
+def test_dpo_loss_is_ln2_when_policy_is_the_reference(tiny_model):
+    x = torch.randint(0, 320, (4, 12))
+    y = x.clone()
+    y[:, :6] = IGNORE
+    with torch.no_grad():
+        lp = sequence_logprob(tiny_model, x, y)
+    loss = dpo_loss(lp[:2], lp[2:], lp[:2], lp[2:], beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_only_assistant_tokens_carry_sft_loss(tokenizer):
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2 ="},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3 + 3?"},
+            {"role": "assistant", "content": "6"}]
+    ids, mask = tokenizer.encode_chat(conv)
+    supervised = [i for i, m in zip(ids, mask) if m]
+    assert tokenizer.decode(supervised, skip_special=False) == "4<|eos|>6<|eos|>"
+    (x, y), = encode_conversations([conv], tokenizer, 128)
+    assert x == ids[:-1]
+    assert [t for t in y if t != IGNORE] == supervised
