@@ -171,7 +171,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
             raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
                             "change sweep.name")
         m = known.get(name) or register_model(reg, run / "model", name, run=False)
-        done = {(r["experiment_id"]) for r in reg.results() if r["model_id"] == m["id"]}
+        done = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
         todo = [e for e in reg.experiments() if e["id"] not in done]
         evaluate(reg, [m], todo)
         m = reg.model(name)
