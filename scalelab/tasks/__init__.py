@@ -15,14 +15,14 @@ a name, yes/no or a short list, because the models are tiny (1-10M parameters, c
 Families (difficulty range in brackets; * = held out, never trained on):
 
   arithmetic   addition [1-5 digits], subtraction [1-5 digits], multiplication [1-3]
-  numbers      compare_numbers [1-4], next_number [1-4], previous_number* [1-4],
+  numbers      compare_numbers [1-4], next_number [1-4], previous_number [1-4],
                number_to_words [1-5], words_to_number* [1-5]
   number lists sort_ascending [1-4], sort_descending* [1-4], list_min [1-4], list_max* [1-4]
   word lists   count_items [1-3], reverse_list [1-4], first_item [1-5], last_item* [1-5],
                list_format [1-4], copy [1-4], unscramble [1-3]
   people       compare_ages [1: ages given, 2: recalled], fact_home, fact_age,
                fact_colour, fact_pet, fact_pet_name, fact_job, fact_yesno*,
-               fact_choice [2-4 options]
+               fact_choice* [2-4 options]
   stories      story [1-3 steps]
 
 Every family has 4-5 templates: a plain instruction, a question, a corpus-style

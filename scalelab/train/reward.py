@@ -123,14 +123,15 @@ def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> li
     rows = []
     for k, e in enumerate(examples):
         group = answers[k * rc.samples_per_prompt:(k + 1) * rc.samples_per_prompt]
-        scored = {}
+        scored = {}  # (text, stopped) -> gold score; duplicates collapse
         for ids in group:
             stopped = bool(ids) and ids[-1] == tok.eos_id
             text = tok.decode(ids)
-            scored.setdefault(text, label(e, text, stopped))
+            scored.setdefault((text, stopped), label(e, text, stopped))
         ranked = sorted(scored.items(), key=lambda kv: -kv[1])
         if len({s for _, s in ranked}) > 1:  # all tied: nothing to learn from
-            rows.append({"prompt": e.prompt, "responses": [t for t, _ in ranked],
+            rows.append({"prompt": e.prompt, "responses": [t for (t, _), _ in ranked],
+                         "stopped": [st for (_, st), _ in ranked],
                          "scores": [s for _, s in ranked]})
     return rows
 
@@ -139,15 +140,20 @@ def rows_from_pairs(pairs: list[tuple[str, str, str]]) -> list[dict]:
     return [{"prompt": p, "responses": [c, r], "scores": [1.0, 0.0]} for p, c, r in pairs]
 
 
-def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int) -> list[tuple]:
-    """(sequences, pairs) per prompt; pairs index (better, worse) with strictly higher score."""
+def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: float = 0.0
+                ) -> list[tuple]:
+    """(sequences, pairs) per prompt; pairs index (better, worse) whose scores differ by more
+    than min_margin (near-ties are no preference). A response ends with EOS unless the row
+    says it never stopped, exactly as PPO will present it."""
     items = []
     for row in rows:
         prompt = tok.chat_prompt(row["prompt"])
-        seqs = [(prompt + tok.encode(r) + [tok.eos_id])[:max_len] for r in row["responses"]]
+        stopped = row.get("stopped", [True] * len(row["responses"]))
+        seqs = [(prompt + tok.encode(r) + [tok.eos_id] * st)[:max_len]
+                for r, st in zip(row["responses"], stopped)]
         s = row["scores"]
         pairs = [(i, j) if s[i] > s[j] else (j, i)
-                 for i, j in combinations(range(len(seqs)), 2) if s[i] != s[j]]
+                 for i, j in combinations(range(len(seqs)), 2) if abs(s[i] - s[j]) > min_margin]
         if pairs:
             items.append((seqs, pairs))
     return items
@@ -202,7 +208,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     else:
         rows = rows_from_pairs(read_preferences(data_spec))
 
-    items = encode_rows(rows, tok, policy.cfg.seq_len)
+    items = encode_rows(rows, tok, policy.cfg.seq_len, cfg.reward.min_margin)
     n_held = max(1, int(len(items) * cfg.reward.heldout_fraction))
     if len(items) - n_held < cfg.train.batch_size:
         raise UserError(f"only {len(items)} prompts with a preference; need more than "
