@@ -19,6 +19,7 @@ import torch
 
 from scalelab.config import DataConfig, UserError
 from scalelab.data.batches import EpochSampler
+from scalelab.data.formats import read_jsonl
 from scalelab.tokenizer import Tokenizer
 
 
@@ -47,24 +48,16 @@ def read_documents(cfg: DataConfig) -> list[str]:
 
 
 def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        rows = read_jsonl(path)
+        for n, row in rows:
+            if not isinstance(row.get("text"), str):
+                raise UserError(f'{path}:{n}: expected an object with a "text" string')
+        return [row["text"] for _, row in rows]
     try:
-        text = path.read_text(encoding="utf-8")
+        return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
-    if path.suffix != ".jsonl":
-        return [text]
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise UserError(f'{path}:{n}: expected an object with a "text" string')
-        docs.append(row["text"])
-    return docs
 
 
 def write_token_files(docs: list[str], tok: Tokenizer, out: Path, val_fraction: float) -> dict:

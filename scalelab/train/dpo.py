@@ -8,7 +8,6 @@ policy == reference, so the loss is exactly ln 2.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ from tqdm import tqdm
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right
 from scalelab.data.formats import read_jsonl, read_preferences
-from scalelab.train.checkpoint import atomic_write_text, load_model, save_model
-from scalelab.train.loop import Run, fit, pick_device
+from scalelab.train.checkpoint import save_model
+from scalelab.train.loop import fit, start_stage
 from scalelab.train.sft import IGNORE, encode_conversations
 
 
@@ -50,15 +49,8 @@ def load_pairs(spec: str) -> list[tuple[str, str, str]]:
 
 
 def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume)
-    device = pick_device(cfg.train.device)
-    model, tok = load_model(policy_dir, device)
+    run, device, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    cfg.model = model.cfg
-    run.write_config(cfg)
-    atomic_write_text(out / "lineage.json", json.dumps({"stage": "dpo",
-                                                        "parent": str(policy_dir)}))
     pairs = load_pairs(data_spec)
     def conv(prompt: str, answer: str) -> list[dict]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]

@@ -82,7 +82,8 @@ class Run:
         self.out, self.metrics, self.write = out, out / "metrics.jsonl", write
         if not write:
             return
-        if not resume and (out / "config.toml").exists():
+        # A folder whose earlier attempt failed before training (bad data, say) is reused.
+        if not resume and ((out / "metrics.jsonl").exists() or list_checkpoints(out)):
             raise UserError(f"{out}: already holds a run; pass --resume to continue it "
                             "or choose a new --out")
         out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,22 @@ class Run:
             if row.get("step", 0) <= step:
                 keep.append(line)
         atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+
+
+def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
+    """What every post-training stage does first: seed, claim the run folder, load the model
+    it starts from, save the resolved config and where the model came from (lineage.json).
+    Returns (run, device, model, tokenizer)."""
+    from scalelab.train.checkpoint import load_model
+    torch.manual_seed(cfg.train.seed)
+    run = Run(out, cfg, resume)
+    device = pick_device(cfg.train.device)
+    model, tok = load_model(parent, device)
+    cfg.model = model.cfg
+    run.write_config(cfg)
+    record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
+    atomic_write_text(out / "lineage.json", json.dumps(record))
+    return run, device, model, tok
 
 
 def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.device,

@@ -14,7 +14,6 @@ for responses that never emit EOS, optional adaptive KL, learning rate annealed 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -32,14 +31,12 @@ from scalelab.generate import generate, padded_attention
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import (
-    atomic_write_text,
     list_checkpoints,
     load_checkpoint,
-    load_model,
     save_checkpoint,
     save_model,
 )
-from scalelab.train.loop import Run, make_optimizer, pick_device
+from scalelab.train.loop import make_optimizer, pick_device, start_stage
 from scalelab.train.reward import ScalarModel, load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
@@ -240,22 +237,15 @@ def load_prompts(spec: str, n: int, seed: int) -> tuple[list[str], list | None]:
 def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out: Path,
         resume: bool = False) -> Path:
     from scalelab.train.labelers import get_labeler
-    torch.manual_seed(cfg.train.seed)
     pc, tc = cfg.ppo, cfg.train
-    run = Run(out, cfg, resume)
-    texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad file: fail early
-    device = pick_device(tc.device)
-    policy, tok = load_model(policy_dir, device)
-    reward_model, _, stats = load_reward_model(reward_dir, device)
+    texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
+    reward_model, _, stats = load_reward_model(reward_dir, pick_device(tc.device))
+    run, device, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
+                                           reward=reward_dir)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model.requires_grad_(False)
     value = ScalarModel(copy.deepcopy(reward_model.trunk), zero_head=True).to(device)
     value.requires_grad_(True)
-    cfg.model = policy.cfg
-    run.write_config(cfg)
-    atomic_write_text(out / "lineage.json", json.dumps(
-        {"stage": "ppo", "parent": str(policy_dir), "reward": str(reward_dir)}))
-
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
     if len(keep) < pc.rollout_batch:

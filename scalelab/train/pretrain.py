@@ -21,10 +21,10 @@ from scalelab.train.checkpoint import save_model
 from scalelab.train.loop import Run, autocast, fit
 
 
-def prepare_data(cfg: Config, out: Path) -> tuple[Tokenizer, Path]:
+def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
     """Train the tokenizer and write token files once per run (reused on --resume)."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
-    if tok_path.exists() and (data_dir / "meta.json").exists():
+    if reuse and tok_path.exists() and (data_dir / "meta.json").exists():
         return Tokenizer.load(tok_path), data_dir
     docs = read_documents(cfg.data)
     tqdm.write(f"corpus: {len(docs):,} documents; training a {cfg.data.tokenizer_vocab}-token "
@@ -62,11 +62,11 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     device = par.device
     if par.is_main:  # rank 0 checks the run folder and writes the data; the rest wait
         run = Run(out, cfg, resume)  # refuses to overwrite an existing run before any work
-        tok, data_dir = prepare_data(cfg, out)
+        tok, data_dir = prepare_data(cfg, out, reuse=resume)
     par.barrier()
     if not par.is_main:
         run = Run(out, cfg, resume, write=False)
-        tok, data_dir = prepare_data(cfg, out)  # already there: just loads it
+        tok, data_dir = prepare_data(cfg, out, reuse=True)  # rank 0 made it: just load
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = 64 * math.ceil(tok.vocab_size / 64)  # friendlier matmul shapes
     try:

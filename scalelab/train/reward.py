@@ -29,13 +29,12 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import (
     atomic_write_text,
     fresh_tmp,
-    load_model,
     load_weights,
     read_json,
     replace_dir,
 )
 from scalelab.train.labelers import get_labeler
-from scalelab.train.loop import Run, fit, pick_device
+from scalelab.train.loop import fit, start_stage
 
 
 class ScalarModel(nn.Module):
@@ -188,13 +187,7 @@ def pair_accuracy(model: ScalarModel, batches: list) -> float:
 
 def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  resume: bool = False) -> Path:
-    torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume)
-    device = pick_device(cfg.train.device)
-    policy, tok = load_model(base, device)
-    cfg.model = policy.cfg
-    run.write_config(cfg)
-    atomic_write_text(out / "lineage.json", json.dumps({"stage": "reward", "parent": str(base)}))
+    run, device, policy, tok = start_stage(cfg, out, resume, "reward", base)
 
     pref_file = out / "preferences.jsonl"
     if data_spec == "builtin:tasks":

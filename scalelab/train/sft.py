@@ -7,7 +7,6 @@ padding wastes little).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right
 from scalelab.data.formats import read_conversations
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import atomic_write_text, load_model, save_model
-from scalelab.train.loop import Run, autocast, fit, pick_device
+from scalelab.train.checkpoint import save_model
+from scalelab.train.loop import autocast, fit, start_stage
 
 IGNORE = -100
 
@@ -66,13 +65,7 @@ def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torc
 
 
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume)
-    device = pick_device(cfg.train.device)
-    model, tok = load_model(base, device)
-    cfg.model = model.cfg
-    run.write_config(cfg)
-    atomic_write_text(out / "lineage.json", json.dumps({"stage": "sft", "parent": str(base)}))
+    run, device, model, tok = start_stage(cfg, out, resume, "sft", base)
 
     encoded = encode_conversations(load_conversations(data_spec, cfg.sft.n_examples,
                                                       cfg.sft.seed), tok, model.cfg.seq_len)
