@@ -57,6 +57,10 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     page = (tmp_path / "sw" / "report" / "report.html").read_text()
     assert "L(N) =" in page and "scaling.png" in page
     assert (tmp_path / "sw" / "report" / "scaling.png").is_file()
+    shared = (tmp_path / "sw" / "shared" / "tokenizer.json").read_bytes()
+    for s in sizes:  # one tokenizer for every size, so the losses compare
+        assert (tmp_path / "sw" / "runs" / s["label"] / "tokenizer.json").read_bytes() == shared
+    assert "warning" not in r.stdout
     # the corpus followed the configured mix: only arithmetic and Q/A documents
     docs = [json.loads(x)["text"] for x in
             (tmp_path / "sw" / "shared" / "corpus.jsonl").read_text().splitlines()[:50]]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -143,7 +142,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         if not corpus.exists():
             write_corpus(corpus, base.data.n_docs, base.data.seed, opts["corpus"])
         base.data.source = str(corpus)
-    tok, data_dir = prepare_data(base, shared)
+    tok, _ = prepare_data(base, shared, reuse=True)
     vocab = 64 * math.ceil(tok.vocab_size / 64)
 
     plan = [size_config(base, s, opts, vocab) for s in opts["sizes"]]
@@ -159,12 +158,14 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
             resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
             if not resume:  # a fresh start (or one killed before its first checkpoint)
                 shutil.rmtree(run, ignore_errors=True)
-                run.mkdir(parents=True)
-                shutil.copy(shared / "tokenizer.json", run / "tokenizer.json")
-                shutil.copytree(data_dir, run / "data", copy_function=os.link)
             print(f"--- training {name}: lr {info['lr']:.2e}, {info['tokens']:,} tokens",
                   flush=True)
             pretrain(cfg, run, resume=resume)
+            # pretrain trains its own tokenizer on the same corpus; BPE training is
+            # deterministic, so it must equal the shared one or the losses don't compare
+            if (run / "tokenizer.json").read_bytes() != (shared / "tokenizer.json").read_bytes():
+                print(f"warning: {run / 'tokenizer.json'} differs from the sweep's shared "
+                      "tokenizer; validation losses are not comparable across sizes")
         info["train_seconds"] = time.perf_counter() - t0
         known = {m["name"]: m for m in reg.models()}
         if name in known and Path(known[name]["path"]) != (run / "model").resolve():
