@@ -203,3 +203,15 @@ def test_task_suite_spec_for_chat_models(tmp_path, models):
     r = track(reg, "experiment", "add", "--name", "x", "--task", "tasks:algebra",
               "--threshold", "0.5")
     assert r.returncode == 2 and "unknown task family 'algebra'" in r.stderr
+
+
+def test_lineage_from_post_training_record(tmp_path, models):
+    import shutil
+    reg = tmp_path / "reg.db"
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    run = tmp_path / "sft-run"
+    shutil.copytree(models[1], run / "model")
+    (run / "lineage.json").write_text(json.dumps({"stage": "sft", "parent": str(models[0])}))
+    assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    m = Registry(reg).model("sft-run")
+    assert (m["lineage"], m["parent"]) == ("sft", "m16")

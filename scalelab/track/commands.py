@@ -129,6 +129,9 @@ def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
 
 
+STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
+
+
 def register_model(reg: Registry, path: str | Path, name: str | None = None,
                    lineage: str = "base", parent: str | None = None, run: bool = True,
                    log=print) -> dict:
@@ -139,6 +142,14 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     info = model_info(path, lm)
     if name is None:
         name = path.resolve().parent.name if path.name == "model" else path.name
+    record = path.resolve().parent / "lineage.json"  # written by post-training stages
+    if lineage == "base" and record.is_file():
+        try:
+            rec = json.loads(record.read_text())
+            lineage = STAGE_LINEAGE.get(rec["stage"], rec["stage"])
+            parent = parent or reg.name_of(rec["parent"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{record}: corrupt lineage record") from None
     if parent is not None:
         reg.model(parent)  # must exist
     info.update(name=name, lineage=lineage, parent=parent)
