@@ -87,7 +87,7 @@ class RewardConfig:
     temperature: float = 1.0
     max_new_tokens: int = 24
     heldout_fraction: float = 0.15  # prompts whose pairs measure accuracy, never trained on
-    min_margin: float = 0.1  # generated answers whose gold scores differ less are not compared
+    min_margin: float = 0.3  # answers whose gold scores differ less are a tie: not compared
     labeler: str = "builtin:gold"  # or "module:function" returning a float per response
     seed: int = 0
 

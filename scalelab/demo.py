@@ -21,7 +21,7 @@ from scalelab.train.checkpoint import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45.
 SCHEDULES = {
-    "quick": {"pretrain": 600, "sft": 600, "reward": 150, "ppo": 60},
+    "quick": {"pretrain": 600, "sft": 600, "reward": 200, "ppo": 60},
     "full": {"pretrain": 3000, "sft": 2000, "reward": 400, "ppo": 200},
 }
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
