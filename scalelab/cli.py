@@ -27,6 +27,13 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     return cfg
 
 
+def register_output(args: argparse.Namespace, out: Path, lineage: str,
+                    parent: str | None = None) -> None:
+    if args.register:  # --register: add the stage's model to the experiment registry
+        from scalelab.track.commands import register_output
+        register_output(args, out, lineage, parent)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
     model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
@@ -37,6 +44,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
     if model_dir is not None:
         print(f"model written to {model_dir}")
+        register_output(args, model_dir, "base")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -44,10 +52,14 @@ def cmd_sft(args: argparse.Namespace) -> None:
     out = sft(stage_config(args, "sft"), Path(args.base), args.data, Path(args.out),
               args.resume)
     print(f"model written to {out}")
+    register_output(args, out, "sft", args.base)
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
     from scalelab.train.reward import train_reward
+    if args.register:
+        raise UserError("--register: a reward model is not a language model to run "
+                        "experiments on; register the policy (sft/ppo/dpo) instead")
     out = train_reward(stage_config(args, "reward"), Path(args.base), args.data,
                        Path(args.out), args.resume)
     print(f"reward model written to {out}")
@@ -58,6 +70,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     out = ppo(stage_config(args, "ppo"), Path(args.policy), Path(args.reward), args.prompts,
               Path(args.out), args.resume)
     print(f"policy written to {out}")
+    register_output(args, out, "rlhf", args.policy)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
@@ -65,6 +78,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     out = dpo(stage_config(args, "dpo"), Path(args.policy), args.data, Path(args.out),
               args.resume)
     print(f"policy written to {out}")
+    register_output(args, out, "rlhf", args.policy)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -122,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
+        s.add_argument("--register", action="store_true",
+                       help="add the result to the experiment registry (see --registry)")
+        s.add_argument("--registry", help="registry file for --register")
         return s
 
     stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
@@ -170,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
     d.set_defaults(func=cmd_demo)
+
+    from scalelab.track.commands import register
+    register(sub)  # `track ...` and `sweep`
     return p
 
 

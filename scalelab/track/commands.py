@@ -1,0 +1,318 @@
+"""`scalelab track ...` and `scalelab sweep`: registered on the main parser by `register`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from scalelab.config import UserError
+from scalelab.track import metrics as M
+from scalelab.track.registry import Registry, code_version, registry_path
+
+
+def open_registry(args: argparse.Namespace) -> Registry:
+    return Registry(registry_path(getattr(args, "registry", None)))
+
+
+def human(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+# ---- experiments ---------------------------------------------------------------------------
+
+def add_experiment(reg: Registry, name: str, task: str, threshold: float,
+                   metric: str | None = None, note: str = "") -> int:
+    from scalelab.track.specs import is_choice_task
+    if not name.strip():
+        raise UserError("--name must not be empty")
+    choice = is_choice_task(task)  # also validates the spec (file, line, key)
+    allowed = M.CHOICE_METRICS if choice else M.GENERATION_METRICS
+    metric = metric or ("mc_accuracy" if choice else "exact_match")
+    if metric not in allowed:
+        raise UserError(f"--metric {metric!r} does not apply to {task!r} "
+                        f"({'multiple choice' if choice else 'generation'}: "
+                        f"{', '.join(allowed)})")
+    if not math.isfinite(threshold) or (metric in M.ALL_OR_NOTHING + ("edit_distance",)
+                                        and not 0 <= threshold <= 1):
+        raise UserError(f"--threshold {threshold} is out of range for {metric}")
+    return reg.add_experiment(name, task, metric, threshold, note)
+
+
+def seed_experiments(reg: Registry) -> list[str]:
+    """Add the starter set (graded arithmetic, stories, facts); existing names are kept."""
+    from scalelab.track.specs import STARTER
+    have = {e["name"] for e in reg.experiments()}
+    added = []
+    for name, task, thr, note in STARTER:
+        if name not in have:
+            add_experiment(reg, name, task, thr, None, note)
+            added.append(name)
+    return added
+
+
+def cmd_experiment_add(args: argparse.Namespace) -> None:
+    reg = open_registry(args)
+    add_experiment(reg, args.name, args.task, args.threshold, args.metric, args.note)
+    e = reg.experiment(args.name)
+    print(f"added experiment {e['name']}: {e['task']}, pass if {e['metric']} "
+          f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']}")
+
+
+def cmd_experiment_seed(args: argparse.Namespace) -> None:
+    added = seed_experiments(open_registry(args))
+    print(f"added {len(added)} built-in experiments" + (": " + ", ".join(added) if added else ""))
+
+
+def cmd_experiment_list(args: argparse.Namespace) -> None:
+    reg = open_registry(args)
+    passed = reg.passed_experiment_ids()
+    for e in reg.experiments():
+        print(f"{e['name']:<18} {'passed' if e['id'] in passed else 'not yet':<8} "
+              f"{e['metric']} {'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} "
+              f"{e['threshold']:<5} {e['task']}")
+
+
+def cmd_experiment_show(args: argparse.Namespace) -> None:
+    from scalelab.track.predict import fmt, verdict
+    reg = open_registry(args)
+    e = reg.experiment(args.name)
+    print(f"{e['name']}: {e['task']}\n  pass if {e['metric']} "
+          f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']}"
+          f"\n  note: {e['note'] or '-'}\n  created {e['created']}\nhistory:")
+    for h in reg.history(e["id"]):
+        print(f"  {h['time']}  {h['event']}")
+    print("results (every evaluation, oldest first):")
+    for r in reg.results(e["id"]):
+        vals = "  ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        print(f"  {r['time']}  {r['model']:<16} {'PASS' if r['passed'] else 'fail'}  {vals}  "
+              f"[{r['code_version']}]")
+        if r["samples"]:
+            s = r["samples"][0]
+            print(f"      e.g. {s['prompt']!r} -> {s['output']!r} (want {s['target']!r})")
+    for p in reg.predictions(e["id"]):
+        print(f"prediction {p['time']} from {p['n_models']} models ({p['axis']}): passes at "
+              f"{fmt(p['predicted'])} [{fmt(p['low'])} .. {fmt(p['high'])}] -> "
+              f"{verdict(reg, e, p)}")
+
+
+# ---- models and runs ----------------------------------------------------------------------
+
+def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
+    """Every experiment on every model; each evaluation adds a result row."""
+    from scalelab.track.evaluate import load_lm, run_experiment
+    from scalelab.track.predict import fmt, record_predictions
+    version = code_version()
+    for m in models:
+        if not exps:
+            break
+        lm = load_lm(m["path"])
+        for e in exps:
+            before = e["id"] in reg.passed_experiment_ids()
+            agg, ok, samples, n, secs = run_experiment(lm, e)
+            reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
+            extra = "  ".join(f"{k} {agg[k]:.3f}" for k in agg if k != e["metric"]
+                              and k in M.HIGHER_IS_BETTER)
+            log(f"  {m['name']:<16} {e['name']:<16} {e['metric']} {agg[e['metric']]:.3f} "
+                f"{'PASS' if ok else 'fail'}  ({extra})")
+            if ok and not before:
+                reg.add_history(e["id"], f"first passed by {m['name']} "
+                                f"({e['metric']} {agg[e['metric']]:.3f})")
+    for p in record_predictions(reg):
+        log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
+            f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
+
+
+STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
+
+
+def register_model(reg: Registry, path: str | Path, name: str | None = None,
+                   lineage: str = "base", parent: str | None = None, run: bool = True,
+                   log=print) -> dict:
+    """Register a model folder, then run every experiment no model has passed yet on it."""
+    from scalelab.track.evaluate import load_lm, model_info
+    path = Path(path)
+    lm = load_lm(path)
+    info = model_info(path, lm)
+    if name is None:
+        name = path.resolve().parent.name if path.name == "model" else path.name
+    record = path.resolve().parent / "lineage.json"  # written by post-training stages
+    if lineage == "base" and record.is_file():
+        try:
+            rec = json.loads(record.read_text())
+            lineage = STAGE_LINEAGE.get(rec["stage"], rec["stage"])
+            parent = parent or reg.name_of(rec["parent"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{record}: corrupt lineage record") from None
+    if parent is not None:
+        reg.model(parent)  # must exist
+    info.update(name=name, lineage=lineage, parent=parent)
+    reg.add_model(info)
+    m = reg.model(name)
+    log(f"registered model {name}: {human(m['params'])} params "
+        f"({human(m['non_embedding_params'])} non-embedding), "
+        f"{human(m['tokens'])} tokens, {human(m['flops'])} FLOPs")
+    if run:
+        passed = reg.passed_experiment_ids()
+        todo = [e for e in reg.experiments() if e["id"] not in passed]
+        log(f"running the {len(todo)} experiments no model has passed yet "
+            f"({len(passed)} already passed, skipped)")
+        evaluate(reg, [m], todo, log)
+    return dict(m)
+
+
+def register_output(args: argparse.Namespace, out: Path, lineage: str,
+                    parent: str | None = None) -> None:
+    """A training stage's `--register`: its parent is whichever registered model lives at
+    the stage's --base/--policy folder (if any)."""
+    reg = open_registry(args)
+    register_model(reg, out, lineage=lineage, parent=reg.name_of(parent) if parent else None)
+
+
+def cmd_model_add(args: argparse.Namespace) -> None:
+    register_model(open_registry(args), args.dir, args.name, args.lineage, args.parent,
+                   run=not args.no_run)
+
+
+def cmd_model_list(args: argparse.Namespace) -> None:
+    for m in open_registry(args).models():
+        print(f"{m['name']:<18} {m['kind']:<8} {m['lineage']:<5} params {human(m['params']):>6}"
+              f"  non-emb {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
+              f"  FLOPs {human(m['flops']):>6}  val_loss "
+              f"{'-' if m['val_loss'] is None else format(m['val_loss'], '.3f')}  {m['path']}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    reg = open_registry(args)
+    models = [reg.model(args.model)] if args.model else reg.models()
+    exps = [reg.experiment(args.experiment)] if args.experiment else reg.experiments()
+    if args.failed_only:
+        passed = reg.passed_experiment_ids()
+        exps = [e for e in exps if e["id"] not in passed]
+    print(f"running {len(exps)} experiments on {len(models)} models")
+    evaluate(reg, models, exps)
+
+
+def status(reg: Registry) -> dict:
+    latest = reg.latest()
+    models = sorted(reg.models(), key=lambda m: (m["non_embedding_params"], m["id"]))
+    out = {"models": [{k: m[k] for k in ("name", "params", "non_embedding_params", "tokens",
+                                         "flops", "lineage")} for m in models],
+           "experiments": [], "not_yet": []}
+    for e in reg.experiments():
+        cells, first = {}, None
+        for m in models:
+            r = latest.get((e["id"], m["id"]))
+            if r is not None:
+                cells[m["name"]] = {"value": r["metrics"][e["metric"]], "passed": bool(r["passed"])}
+                if r["passed"] and first is None:
+                    first = m["name"]
+        out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
+                                   "threshold": e["threshold"], "results": cells,
+                                   "first_passing_model": first})
+        if first is None:
+            out["not_yet"].append(e["name"])
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    s = status(open_registry(args))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return
+    names = [m["name"] for m in s["models"]]
+    for i, m in enumerate(s["models"], 1):
+        print(f"M{i} = {m['name']} ({human(m['non_embedding_params'])} non-embedding params, "
+              f"{human(m['flops'])} FLOPs, {m['lineage']})")
+    head = f"{'experiment':<18}{'metric':<13}{'pass at':>8} " + \
+        "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing"
+    print(head)
+    for e in s["experiments"]:
+        cells = ""
+        for n in names:
+            c = e["results"].get(n)
+            cells += f"{'':>8}" if c is None else \
+                f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
+        print(f"{e['name']:<18}{e['metric']:<13}{e['threshold']:>8g} {cells}  "
+              f"{e['first_passing_model'] or 'not yet'}")
+    print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from scalelab.track.report import write_report
+    path = write_report(open_registry(args), Path(args.out))
+    print(f"report written to {path}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from scalelab.track.sweep import run_sweep
+    run_sweep(Path(args.config), Path(args.out), open_registry(args))
+
+
+# ---- the parser --------------------------------------------------------------------------
+
+def register(sub) -> None:
+    """Add `track` and `sweep` to the main `scalelab` sub-parsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=argparse.SUPPRESS,
+                        help="SQLite registry file (default: $SCALELAB_REGISTRY or "
+                        "./scalelab-registry.db)")
+    t = sub.add_parser("track", help="experiment registry: rerun failed experiments on new "
+                       "models, report emergence", parents=[common])
+    ts = t.add_subparsers(dest="track_command", required=True)
+
+    ex = ts.add_parser("experiment", help="add, list or show experiments")
+    exs = ex.add_subparsers(dest="experiment_command", required=True)
+    a = exs.add_parser("add", help="register an experiment", parents=[common])
+    a.add_argument("--name", required=True)
+    a.add_argument("--task", required=True, help="builtin:FAMILY?key=value or a JSONL file")
+    a.add_argument("--threshold", type=float, required=True, help="pass level of --metric")
+    a.add_argument("--metric", choices=sorted(M.HIGHER_IS_BETTER),
+                   help="default: exact_match (generation) or mc_accuracy (multiple choice)")
+    a.add_argument("--note", default="", help="hypothesis or free text")
+    a.set_defaults(func=cmd_experiment_add)
+    exs.add_parser("list", parents=[common]).set_defaults(func=cmd_experiment_list)
+    s = exs.add_parser("show", parents=[common])
+    s.add_argument("name")
+    s.set_defaults(func=cmd_experiment_show)
+    exs.add_parser("seed", help="add the built-in starter experiments",
+                   parents=[common]).set_defaults(func=cmd_experiment_seed)
+
+    mo = ts.add_parser("model", help="add or list models")
+    mos = mo.add_subparsers(dest="model_command", required=True)
+    a = mos.add_parser("add", help="register a model and run the experiments not yet passed",
+                       parents=[common])
+    a.add_argument("dir", help="scalelab model folder (RUN/model) or a local HF model folder")
+    a.add_argument("--name")
+    a.add_argument("--lineage", default="base", help="base, sft, rlhf, ...")
+    a.add_argument("--parent", help="name of the registered model this one came from")
+    a.add_argument("--no-run", action="store_true", help="register only")
+    a.set_defaults(func=cmd_model_add)
+    mos.add_parser("list", parents=[common]).set_defaults(func=cmd_model_list)
+
+    r = ts.add_parser("run", help="evaluate experiments on models (adds result rows)",
+                      parents=[common])
+    r.add_argument("--failed-only", action="store_true",
+                   help="only experiments no model has passed yet")
+    r.add_argument("--model")
+    r.add_argument("--experiment")
+    r.set_defaults(func=cmd_run)
+    st = ts.add_parser("status", help="experiments x models, pass/fail", parents=[common])
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    rp = ts.add_parser("report", help="HTML report with plots and predictions",
+                       parents=[common])
+    rp.add_argument("--out", required=True)
+    rp.set_defaults(func=cmd_report)
+
+    sw = sub.add_parser("sweep", help="train a ladder of sizes, register, evaluate, fit, report",
+                        parents=[common])
+    sw.add_argument("--config", required=True, help="sweep TOML (e.g. configs/sweep-cpu.toml)")
+    sw.add_argument("--out", required=True)
+    sw.set_defaults(func=cmd_sweep)

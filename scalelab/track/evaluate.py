@@ -1,0 +1,244 @@
+"""Run an experiment's items through a model: greedy answers (the batched KV-cache generator)
+and teacher-forced log-likelihoods (one forward pass per batch over prompt + target).
+
+Models are scalelab model folders or, when `transformers` is installed, local Hugging Face
+causal-LM folders. Both sit behind the same three calls: encode, loglik, greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scalelab.config import UserError
+from scalelab.track import metrics as M
+from scalelab.track.specs import Item, load_items
+
+BATCH = 64
+N_SAMPLES = 5  # sample outputs kept per result
+
+
+class ScalelabLM:
+    kind = "scalelab"
+
+    def __init__(self, path: Path, device: torch.device):
+        from scalelab.train.checkpoint import load_model
+        self.model, self.tok = load_model(path, device)
+        self.device, self.max_len = device, self.model.cfg.seq_len
+        self.prefix = [self.tok.bos_id]  # documents start with BOS in pretraining
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)  # right padding: causal attention never sees the pads
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        from scalelab.generate import generate
+        return generate(self.model, prompts, max_new, self.tok.pad_id, self.tok.eos_id,
+                        temperature=0)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_id
+
+
+class HFLM:
+    kind = "hf"
+
+    def __init__(self, path: Path, device: torch.device):
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise UserError(f"{path}: a Hugging Face model folder needs `pip install "
+                            "transformers`") from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot load as a Hugging Face causal LM ({e})") from None
+        self.model.to(device).eval()
+        self.device = device
+        self.max_len = getattr(self.model.config, "max_position_embeddings", 2048)
+        bos = self.tok.bos_token_id
+        self.prefix = [bos] if bos is not None else []
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else \
+            (self.tok.eos_token_id or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, attention_mask=mask.long()).logits
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding for generation
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        out = self.model.generate(input_ids=ids.to(self.device),
+                                  attention_mask=mask.to(self.device), max_new_tokens=max_new,
+                                  do_sample=False, pad_token_id=self.pad_id)
+        eos = self.tok.eos_token_id
+        res = []
+        for row in out[:, P:].tolist():
+            res.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
+        return res
+
+
+def is_hf_folder(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM | HFLM:
+    from scalelab.train.loop import pick_device
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model folder not found")
+    device = device or pick_device("auto")
+    return HFLM(path, device) if is_hf_folder(path) else ScalelabLM(path, device)
+
+
+@torch.no_grad()
+def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+    """Log-probability of every target token given its context, one forward per batch."""
+    out: list[list[float]] = []
+    for b in range(0, len(contexts), BATCH):
+        seqs, starts = [], []
+        for ctx, tgt in zip(contexts[b: b + BATCH], targets[b: b + BATCH]):
+            seq = (ctx + tgt)[-lm.max_len:]  # an over-long context loses its start
+            seqs.append(seq)
+            starts.append(len(seq) - len(tgt))
+        T = max(map(len, seqs))
+        tokens = torch.full((len(seqs), T), lm.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
+        logp = F.log_softmax(lm.logits(tokens.to(lm.device), mask.to(lm.device)).float(), -1)
+        picked = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(lm.device)).squeeze(-1).cpu()
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            out.append(picked[i, start - 1: len(s) - 1].tolist())
+    return out
+
+
+def greedy_answers(lm, contexts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """Greedy continuations, one token longer than each target (to see where it stops)."""
+    out: list[list[int]] = []
+    for b in range(0, len(contexts), BATCH):
+        ctx = [c[-(lm.max_len - max(lengths[b: b + BATCH]) - 1):]
+               for c in contexts[b: b + BATCH]]
+        out += lm.greedy(ctx, max(lengths[b: b + BATCH]) + 1)
+    return [o[: n + 1] for o, n in zip(out, lengths)]
+
+
+def contexts(lm, items: list[Item]) -> list[list[int]]:
+    if items[0].example is None:
+        return [lm.prefix + lm.encode(it.prompt) for it in items]
+    if lm.kind != "scalelab":
+        raise UserError("tasks: specs use scalelab's chat template; a Hugging Face model "
+                        "needs a JSONL task file instead")
+    return [lm.tok.chat_prompt(it.prompt) for it in items]
+
+
+def is_right(it: Item, text: str) -> float:
+    if it.example is not None:  # the task family's own (lenient) scorer
+        from scalelab.tasks import TASKS
+        return TASKS[it.example.family].score(it.example, text)
+    return M.exact_match(text, it.target)
+
+
+def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
+    """Mean metrics over the items, plus a few sample outputs."""
+    ctxs = contexts(lm, items)
+    if items[0].is_choice:
+        flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
+        flat_tgt = [lm.encode(ch) for it in items for ch in it.choices]
+        lps = iter(loglik(lm, flat_ctx, flat_tgt))
+        rows, samples = [], []
+        for it in items:
+            per = [next(lps) for _ in it.choices]
+            s = M.choice_scores([sum(lp) for lp in per], it.answer)
+            s["token_logprob"] = M.token_logprob(per[it.answer])
+            rows.append(s)
+            if len(samples) < N_SAMPLES:
+                best = max(range(len(per)), key=lambda i: sum(per[i]))
+                samples.append({"prompt": it.prompt, "target": it.choices[it.answer],
+                                "output": it.choices[best]})
+        agg = {k: M.mean([r[k] for r in rows]) for k in M.CHOICE_METRICS}
+        agg["n_choices"] = M.mean([len(it.choices) for it in items])
+        return agg, samples
+    tgts = [lm.encode(it.target) for it in items]
+    lps = loglik(lm, ctxs, tgts)
+    outs = greedy_answers(lm, ctxs, [len(t) for t in tgts])
+    rows, samples = [], []
+    for it, tgt, lp, out in zip(items, tgts, lps, outs):
+        text = lm.decode(out)
+        rows.append({"exact_match": is_right(it, text),
+                     "token_logprob": M.token_logprob(lp),
+                     "edit_distance": M.edit_distance(out, tgt)})
+        if len(samples) < N_SAMPLES:
+            samples.append({"prompt": it.prompt, "target": it.target, "output": text})
+    agg = {k: M.mean([r[k] for r in rows]) for k in M.GENERATION_METRICS}
+    agg["target_tokens"] = M.mean([len(t) for t in tgts])
+    return agg, samples
+
+
+def run_experiment(lm, exp) -> tuple[dict, bool, list[dict], int, float]:
+    t0 = time.perf_counter()
+    items = load_items(exp["task"])
+    agg, samples = score(lm, items)
+    if exp["metric"] not in agg:
+        raise UserError(f"experiment {exp['name']!r}: metric {exp['metric']!r} does not apply "
+                        f"to task {exp['task']!r} (it has {', '.join(sorted(agg))})")
+    passed = M.passes(agg[exp["metric"]], exp["threshold"], exp["metric"])
+    return agg, passed, samples, len(items), time.perf_counter() - t0
+
+
+# ---- what a model folder says about itself ----------------------------------------------
+
+def model_info(path: str | Path, lm) -> dict:
+    """Parameter counts, and from the run folder around it (RUN/model) the training tokens,
+    6ND FLOPs and final validation loss."""
+    path = Path(path).resolve()
+    model = lm.model
+    params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+    info = {"path": str(path), "kind": lm.kind, "params": params,
+            "non_embedding_params": params - emb.weight.numel(), "tokens": None,
+            "flops": None, "val_loss": None}
+    run = path.parent
+    if lm.kind == "scalelab" and (run / "config.toml").is_file() \
+            and (run / "metrics.jsonl").is_file():
+        from scalelab.config import load_config
+        cfg = load_config(run / "config.toml")
+        step, val = 0, None
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in row:
+                step = max(step, row["step"])
+            if "val_loss" in row:
+                val = row["val_loss"]
+        tc, par = cfg.train, getattr(cfg, "parallel", None)
+        ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
+        if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
+            info["tokens"] = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
+            info["flops"] = 6.0 * params * info["tokens"]
+        info["val_loss"] = val
+    return info

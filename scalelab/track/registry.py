@@ -1,0 +1,243 @@
+"""The registry: one SQLite file of experiments, models, results and predictions.
+
+Nothing is ever overwritten: a rerun adds a result row, a new prediction adds a prediction
+row. WAL mode + a busy timeout + one IMMEDIATE transaction per write let two processes
+register and evaluate at the same time without losing anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from scalelab.config import UserError
+from scalelab.track.metrics import HIGHER_IS_BETTER
+
+DEFAULT_PATH = "scalelab-registry.db"
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE scalelab_registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE experiments (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, task TEXT NOT NULL,
+    metric TEXT NOT NULL, threshold REAL NOT NULL, note TEXT NOT NULL DEFAULT '',
+    created TEXT NOT NULL);
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    time TEXT NOT NULL, event TEXT NOT NULL);
+CREATE TABLE models (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL,
+    params INTEGER NOT NULL, non_embedding_params INTEGER NOT NULL,
+    tokens INTEGER, flops REAL, val_loss REAL, lineage TEXT NOT NULL DEFAULT 'base',
+    parent TEXT, created TEXT NOT NULL);
+CREATE TABLE results (
+    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    model_id INTEGER NOT NULL REFERENCES models(id), metrics TEXT NOT NULL,
+    passed INTEGER NOT NULL, samples TEXT NOT NULL, n_items INTEGER NOT NULL,
+    seconds REAL NOT NULL, code_version TEXT NOT NULL, time TEXT NOT NULL);
+CREATE TABLE predictions (
+    id INTEGER PRIMARY KEY, experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    axis TEXT NOT NULL, n_models INTEGER NOT NULL, last_model_id INTEGER NOT NULL,
+    largest REAL NOT NULL, metric TEXT NOT NULL, level REAL NOT NULL,
+    predicted REAL, low REAL, high REAL, detail TEXT NOT NULL, time TEXT NOT NULL);
+"""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def code_version() -> str:
+    """`git describe` of the scalelab checkout, else the installed package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return "git:" + out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return "scalelab " + version("scalelab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def registry_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("SCALELAB_REGISTRY") or DEFAULT_PATH)
+
+
+class Registry:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: registry path is a folder, expected a file")
+        if not self.path.parent.exists():
+            raise UserError(f"{self.path}: folder {self.path.parent} does not exist")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 60000")
+            self._check_or_create()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: not a scalelab registry ({e})") from None
+
+    def _check_or_create(self) -> None:
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            with self.write():
+                again = {r[0] for r in self.db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not again:  # another process may have created it while we waited
+                    for stmt in SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self.db.execute("INSERT INTO scalelab_registry VALUES ('version', ?)",
+                                    (str(SCHEMA_VERSION),))
+            return
+        if "scalelab_registry" not in tables:
+            raise UserError(f"{self.path}: an SQLite database but not a scalelab registry "
+                            f"(tables: {', '.join(sorted(tables)[:5])})")
+        row = self.db.execute(
+            "SELECT value FROM scalelab_registry WHERE key = 'version'").fetchone()
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            raise UserError(f"{self.path}: registry schema version {row and row[0]} is not "
+                            f"the supported {SCHEMA_VERSION}")
+        self.db.execute("PRAGMA journal_mode = WAL")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- experiments ------------------------------------------------------------------
+
+    def add_experiment(self, name: str, task: str, metric: str, threshold: float,
+                       note: str = "") -> int:
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone():
+                raise UserError(f"experiment {name!r} already exists (names are permanent; "
+                                "choose another)")
+            cur = db.execute("INSERT INTO experiments (name, task, metric, threshold, note, "
+                             "created) VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, task, metric, threshold, note, now()))
+            db.execute("INSERT INTO history (experiment_id, time, event) VALUES (?, ?, ?)",
+                       (cur.lastrowid, now(), f"created: {task}, pass if {metric} "
+                        f"{'>=' if HIGHER_IS_BETTER[metric] else '<='} {threshold}"))
+            return cur.lastrowid
+
+    def add_history(self, experiment_id: int, event: str) -> None:
+        with self.write() as db:
+            db.execute("INSERT INTO history (experiment_id, time, event) VALUES (?, ?, ?)",
+                       (experiment_id, now(), event))
+
+    def experiments(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM experiments ORDER BY id").fetchall()
+
+    def experiment(self, name: str) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM experiments WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(r["name"] for r in self.experiments()) or "none yet"
+            raise UserError(f"no experiment named {name!r} in {self.path} (known: {known})")
+        return row
+
+    def history(self, experiment_id: int) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM history WHERE experiment_id = ? ORDER BY id",
+                               (experiment_id,)).fetchall()
+
+    # ---- models -----------------------------------------------------------------------
+
+    def add_model(self, info: dict) -> int:
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM models WHERE name = ?", (info["name"],)).fetchone():
+                raise UserError(f"model {info['name']!r} is already registered "
+                                "(pass --name to register it under another name)")
+            keys = ["name", "path", "kind", "params", "non_embedding_params", "tokens",
+                    "flops", "val_loss", "lineage", "parent"]
+            cur = db.execute(f"INSERT INTO models ({', '.join(keys)}, created) VALUES "
+                             f"({', '.join('?' * len(keys))}, ?)",
+                             [info.get(k) for k in keys[:-2]]
+                             + [info.get("lineage") or "base", info.get("parent"), now()])
+            return cur.lastrowid
+
+    def models(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM models ORDER BY id").fetchall()
+
+    def model(self, name: str) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(r["name"] for r in self.models()) or "none yet"
+            raise UserError(f"no model named {name!r} in {self.path} (known: {known})")
+        return row
+
+    def name_of(self, path: str | Path) -> str | None:
+        """The registered model whose folder is `path`, if any."""
+        want = str(Path(path).resolve())
+        return next((m["name"] for m in self.models() if m["path"] == want), None)
+
+    # ---- results ----------------------------------------------------------------------
+
+    def add_result(self, experiment_id: int, model_id: int, metrics: dict, passed: bool,
+                   samples: list, n_items: int, seconds: float, version: str) -> int:
+        with self.write() as db:
+            cur = db.execute(
+                "INSERT INTO results (experiment_id, model_id, metrics, passed, samples, "
+                "n_items, seconds, code_version, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, model_id, json.dumps(metrics), int(passed),
+                 json.dumps(samples), n_items, seconds, version, now()))
+            return cur.lastrowid
+
+    def results(self, experiment_id: int | None = None) -> list[dict]:
+        sql = ("SELECT r.*, e.name AS experiment, m.name AS model FROM results r "
+               "JOIN experiments e ON e.id = r.experiment_id JOIN models m ON m.id = r.model_id")
+        args: tuple = ()
+        if experiment_id is not None:
+            sql, args = sql + " WHERE r.experiment_id = ?", (experiment_id,)
+        rows = []
+        for r in self.db.execute(sql + " ORDER BY r.id", args):
+            d = dict(r)
+            d["metrics"], d["samples"] = json.loads(d["metrics"]), json.loads(d["samples"])
+            rows.append(d)
+        return rows
+
+    def latest(self) -> dict[tuple[int, int], dict]:
+        """The newest result of every (experiment, model) pair."""
+        return {(r["experiment_id"], r["model_id"]): r for r in self.results()}
+
+    def passed_experiment_ids(self) -> set[int]:
+        """Experiments that some model has passed (on its newest evaluation)."""
+        return {e for (e, _), r in self.latest().items() if r["passed"]}
+
+    # ---- predictions ------------------------------------------------------------------
+
+    def add_prediction(self, p: dict) -> int:
+        keys = ["experiment_id", "axis", "n_models", "last_model_id", "largest", "metric",
+                "level", "predicted", "low", "high", "detail"]
+        with self.write() as db:
+            cur = db.execute(f"INSERT INTO predictions ({', '.join(keys)}, time) VALUES "
+                             f"({', '.join('?' * len(keys))}, ?)",
+                             [p[k] for k in keys] + [now()])
+            return cur.lastrowid
+
+    def predictions(self, experiment_id: int | None = None) -> list[sqlite3.Row]:
+        if experiment_id is None:
+            return self.db.execute("SELECT * FROM predictions ORDER BY id").fetchall()
+        return self.db.execute("SELECT * FROM predictions WHERE experiment_id = ? ORDER BY id",
+                               (experiment_id,)).fetchall()

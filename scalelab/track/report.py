@@ -1,0 +1,227 @@
+"""`scalelab track report`: one HTML page with PNG plots, readable straight from disk.
+
+For each experiment: the all-or-nothing metric and the continuous ones against non-embedding
+parameters and training FLOPs; the first (smallest) passing model; for a still-failing one,
+the newest prediction of where it passes (line, level and band drawn in); and how every
+earlier prediction fared once bigger models arrived.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from scalelab.config import UserError
+from scalelab.track import metrics as M
+from scalelab.track.predict import AXES, fit_power_law, fmt, record_predictions, verdict
+
+AXIS_LABEL = {"params": "non-embedding parameters", "flops": "training FLOPs (6ND)"}
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the report needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
+    """2 rows (params, FLOPs) x 3 panels (all-or-nothing, log-likelihood, edit/Brier)."""
+    choice = exp["metric"] in ("mc_accuracy", "brier")
+    cols = ["mc_accuracy" if choice else "exact_match", "token_logprob",
+            "brier" if choice else "edit_distance"]
+    present = [a for a in AXES if ser[a]]  # models without a run folder have no FLOPs
+    fig, axes = plt.subplots(len(present), 3, figsize=(13, 3.3 * len(present)), squeeze=False)
+    for row, axis in enumerate(present):
+        pts = ser[axis]
+        for col, metric in enumerate(cols):
+            ax = axes[row][col]
+            xs = [m[AXES[axis]] for m, _ in pts]
+            ys = [r["metrics"].get(metric, math.nan) for _, r in pts]
+            ax.plot(xs, ys, "o-", color="C0" if col == 0 else "C1")
+            for (_, r), x, y in zip(pts, xs, ys):
+                if r["passed"] and col == 0:
+                    ax.plot([x], [y], "o", color="C2", ms=9)
+            if metric == exp["metric"]:
+                ax.axhline(exp["threshold"], ls="--", color="C3", lw=1, label="pass level")
+            p = preds.get(axis)
+            if p is not None and p["metric"] == metric:
+                d = json.loads(p["detail"])
+                ax.axhline(p["level"], ls=":", color="C3", lw=1, label="pass level (fit)")
+                lo_x = min(d["fit_scales"])
+                hi_x = max([max(d["fit_scales"])] + [v for v in (p["predicted"], p["high"])
+                                                     if v and v < 1e6 * max(d["fit_scales"])])
+                line = [lo_x * (hi_x / lo_x) ** (i / 20) for i in range(21)]
+                cap = 0.0 if metric == "token_logprob" else math.inf  # log-probs stay <= 0
+                ax.plot(line, [min(cap, d["intercept"] + d["slope_per_decade"] * math.log10(x))
+                               for x in line], "-", color="C4", lw=1, label="fit")
+                if p["predicted"]:
+                    ax.axvline(p["predicted"], color="C4", lw=1)
+                    ax.axvspan(p["low"] or p["predicted"], min(p["high"] or hi_x, hi_x),
+                               color="C4", alpha=0.15, label="predicted pass (band)")
+            ax.set_xscale("log")
+            ax.set_title(metric, fontsize=9)
+            if row == len(present) - 1:
+                ax.set_xlabel(AXIS_LABEL[axis] if col == 1 else "")
+            ax.tick_params(labelsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        axes[row][0].set_ylabel(f"vs {axis}")
+    fig.suptitle(f"{exp['name']}: {exp['task']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def overview_plot(plt, exps, sers: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, e in enumerate(exps):
+        pts = sers[e["id"]]["params"]
+        if not pts:
+            continue
+        xs = [m["non_embedding_params"] for m, _ in pts]
+        main = "mc_accuracy" if e["metric"] in ("mc_accuracy", "brier") else "exact_match"
+        style = {"color": plt.cm.tab20(i % 20), "ls": "-" if i < 20 else "--",
+                 "marker": "o", "label": e["name"]}
+        axes[0].plot(xs, [r["metrics"].get(main) for _, r in pts], **style)
+        axes[1].plot(xs, [r["metrics"].get("token_logprob") for _, r in pts], **style)
+    for ax, t in zip(axes, ["exact match / accuracy", "mean target-token log-likelihood"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        ax.set_title(t)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def scaling_plot(plt, fit: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(fit["n"], fit["loss"], "o", label="final validation loss")
+    lo, hi = min(fit["n"]), max(fit["n"]) * 4
+    xs = [lo * (hi / lo) ** (i / 40) for i in range(41)]
+    ax.plot(xs, [fit["E"] + fit["A"] * x ** -fit["alpha"] for x in xs], "-",
+            label=f"L = {fit['E']:.2f} + {fit['A']:.3g} / N^{fit['alpha']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def write_report(reg, out: Path, models: list[str] | None = None,
+                 scaling: dict | None = None) -> Path:
+    """out/report.html plus PNGs beside it. `models` limits the page to those names."""
+    from scalelab.track.predict import series
+    plt = pyplot()
+    record_predictions(reg)  # make sure the newest evidence has a prediction on file
+    out.mkdir(parents=True, exist_ok=True)
+    keep = set(models) if models else None
+    mods = [dict(m) for m in reg.models() if keep is None or m["name"] in keep]
+    mods.sort(key=lambda m: (m["non_embedding_params"], m["id"]))
+    if scaling is None:
+        base = [m for m in mods if m["lineage"] == "base" and m["val_loss"] is not None]
+        scaling = fit_power_law([m["non_embedding_params"] for m in base],
+                                [m["val_loss"] for m in base])
+    exps = reg.experiments()
+    latest = reg.latest()
+    sers = {}
+    for e in exps:
+        sers[e["id"]] = {a: [(m, r) for m, r in series(reg, e, a)
+                             if keep is None or m["name"] in keep] for a in AXES}
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
+             "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+             "padding:2px 6px;text-align:right}td.l,th.l{text-align:left}.p{background:#cfc}"
+             "img{max-width:100%}</style></head><body><h1>Emergence report</h1>",
+             f"<p>Registry <code>{esc(reg.path)}</code>: {len(exps)} experiments, "
+             f"{len(mods)} models.</p>"]
+    if scaling:
+        scaling_plot(plt, scaling, out / "scaling.png")
+        parts.append(f"<h2>Scaling law</h2><p>Least-squares fit of final validation loss on "
+                     f"non-embedding parameters N over {len(scaling['n'])} models: "
+                     f"<b>L(N) = {scaling['E']:.3f} + {scaling['A']:.4g} / "
+                     f"N^{scaling['alpha']:.3f}</b> (rmse {scaling['rmse']:.4f}).</p>"
+                     "<img src='scaling.png'>")
+    parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
+                 "".join(f"<th>{esc(m['name'])}<br>{m['non_embedding_params']:.3g}</th>"
+                         for m in mods) + "<th class=l>first passing model</th></tr>")
+    for e in exps:
+        first, cells = None, ""
+        for m in mods:
+            r = latest.get((e["id"], m["id"]))
+            if r is None:
+                cells += "<td></td>"
+                continue
+            if r["passed"] and first is None:
+                first = m["name"]
+            cells += (f"<td class='{'p' if r['passed'] else ''}'>"
+                      f"{r['metrics'][e['metric']]:.2f}</td>")
+        op = ">=" if M.HIGHER_IS_BETTER[e["metric"]] else "<="
+        parts.append(f"<tr><td class=l><a href='#e{e['id']}'>{esc(e['name'])}</a></td>"
+                     f"<td>{esc(e['metric'])} {op} {e['threshold']:g}</td>{cells}"
+                     f"<td class=l>{esc(first or 'not yet')}</td></tr>")
+    parts.append("</table><p>Green: passes (newest evaluation). Columns: models, with "
+                 "non-embedding parameter counts, smallest first.</p>")
+    if any(sers[e["id"]]["params"] for e in exps):
+        overview_plot(plt, exps, sers, out / "overview.png")
+        parts.append("<h2>All experiments against size</h2><img src='overview.png'>")
+
+    for e in exps:
+        preds = reg.predictions(e["id"])
+        newest = {}
+        for p in preds:
+            newest[p["axis"]] = p
+        passed = any(latest.get((e["id"], m["id"]), {}).get("passed") for m in mods)
+        parts.append(f"<h2 id='e{e['id']}'>{esc(e['name'])}</h2><p><code>{esc(e['task'])}"
+                     f"</code>: pass if {esc(e['metric'])} "
+                     f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']:g}. "
+                     f"{esc(e['note'])}</p>")
+        if sers[e["id"]]["params"]:
+            img = f"exp{e['id']}.png"
+            experiment_plot(plt, e, sers[e["id"]], newest, out / img)  # for a passed one: the
+            # last prediction before it passed, drawn beside what happened
+            parts.append(f"<img src='{img}'>")
+        winners = [m["name"] for m in mods if latest.get((e["id"], m["id"]), {}).get("passed")]
+        parts.append(f"<p><b>First passing model:</b> {esc(winners[0] if winners else 'none yet')}"
+                     "</p>")
+        if not passed:
+            for axis, p in newest.items():
+                parts.append(f"<p><b>Prediction ({AXIS_LABEL[axis]}):</b> passes at "
+                             f"{fmt(p['predicted'])} (band {fmt(p['low'])} .. {fmt(p['high'])}),"
+                             f" from {p['n_models']} models up to {p['largest']:.3g}; "
+                             f"{esc(p['metric'])} must reach {p['level']:.3f}.</p>")
+        if preds:
+            parts.append("<table><tr><th class=l>made</th><th>axis</th><th>models</th>"
+                         "<th>largest then</th><th>predicted pass</th><th>band</th>"
+                         "<th class=l>what happened</th></tr>")
+            for p in preds:
+                parts.append(f"<tr><td class=l>{esc(p['time'])}</td><td>{p['axis']}</td>"
+                             f"<td>{p['n_models']}</td><td>{p['largest']:.3g}</td>"
+                             f"<td>{fmt(p['predicted'])}</td><td>{fmt(p['low'])} .. "
+                             f"{fmt(p['high'])}</td><td class=l>"
+                             f"{esc(verdict(reg, e, p))}</td></tr>")
+            parts.append("</table>")
+        big = sers[e["id"]]["params"][-1] if sers[e["id"]]["params"] else None
+        if big and big[1]["samples"]:
+            parts.append(f"<p>Sample outputs of {esc(big[0]['name'])}:</p><ul>" + "".join(
+                f"<li><code>{esc(s['prompt'][-70:])}</code> &rarr; <code>{esc(s['output'])}"
+                f"</code> (want <code>{esc(s['target'])}</code>)</li>"
+                for s in big[1]["samples"][:3]) + "</ul>")
+    parts.append("</body></html>")
+    tmp = out / ".report.html.tmp"
+    tmp.write_text("\n".join(parts))
+    tmp.replace(out / "report.html")
+    return out / "report.html"

@@ -1,0 +1,198 @@
+"""`scalelab sweep`: a ladder of model sizes, each trained for a compute-optimal number of
+tokens, registered, evaluated on every experiment; then L(N) is fitted and reported.
+
+A sweep TOML is an ordinary run config ([model], [data], [train] shared by every size) plus
+a [sweep] table:
+
+    [sweep]
+    name = "cpu"                 # model names become cpu-L2-d64, ...
+    tokens_per_param = 20.0      # Chinchilla; or flops = 1e13 for a fixed budget per size
+    lr_width = 128               # train.lr is the lr at this d_model; lr ~ 1/d_model
+    min_steps = 100
+    sizes = [{n_layer = 1, d_model = 32, n_head = 2}, ...]
+    experiments = "starter"      # or [{name=, task=, threshold=, metric=, note=}, ...]
+    [sweep.corpus]               # optional document-kind weights for builtin:world
+    arithmetic = 0.5
+
+Learning rate scales as 1/width (ANCHORS: with one lr for all sizes the biggest model
+failed, and the "emergence" curve measured the optimiser).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from scalelab.config import Config, UserError, apply_dict, tomllib
+from scalelab.track.commands import add_experiment, evaluate, register_model, seed_experiments
+from scalelab.track.registry import Registry
+
+SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,
+              "min_steps": int, "sizes": list, "experiments": (str, list), "corpus": dict}
+
+
+def load_sweep(path: Path) -> tuple[Config, dict]:
+    if not path.is_file():
+        raise UserError(f"{path}: sweep config not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed TOML: {e}") from None
+    sw = data.pop("sweep", None)
+    if not isinstance(sw, dict):
+        raise UserError(f"{path}: needs a [sweep] table (name, sizes, ...)")
+    cfg = apply_dict(Config(), data, str(path))
+    opts = {"name": path.stem, "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0,
+            "min_steps": 50, "sizes": [], "experiments": "starter", "corpus": {}}
+    for key, value in sw.items():
+        if key not in SWEEP_KEYS:
+            raise UserError(f"{path}: unknown key 'sweep.{key}' (known: {', '.join(SWEEP_KEYS)})")
+        want = SWEEP_KEYS[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise UserError(f"{path}: 'sweep.{key}' has the wrong type ({type(value).__name__})")
+        opts[key] = value
+    if not opts["sizes"]:
+        raise UserError(f"{path}: 'sweep.sizes' must list at least one model size")
+    for i, size in enumerate(opts["sizes"]):
+        if not isinstance(size, dict):
+            raise UserError(f"{path}: sweep.sizes[{i}] must be a table like "
+                            "{n_layer = 2, d_model = 64, n_head = 2}")
+        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: sweep.sizes[{i}]")
+    from scalelab.data.world import DOC_KINDS
+    for kind, w in opts["corpus"].items():
+        if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
+            raise UserError(f"{path}: sweep.corpus.{kind}: expected a weight >= 0 for one of "
+                            f"{', '.join(DOC_KINDS)}")
+    return cfg, opts
+
+
+def write_corpus(path: Path, n_docs: int, seed: int, weights: dict[str, float]) -> None:
+    """The world corpus with chosen document-kind weights, as {"text": ...} rows."""
+    from scalelab.data.world import DOC_KINDS, World
+    world, kinds = World.create(seed), list(weights)
+    tmp = path.with_name("." + path.name + ".tmp")
+    with tmp.open("w") as f:
+        for i in range(n_docs):
+            rng = random.Random(seed * 2**32 + i)
+            kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+            f.write(json.dumps({"text": DOC_KINDS[kind](world, rng)}) + "\n")
+    tmp.replace(path)
+
+
+def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Config, dict]:
+    """This size's config: its shape, lr ~ 1/width, steps for its token or FLOP budget."""
+    from scalelab.model import Transformer
+    cfg = apply_dict(copy.deepcopy(base), {"model": size}, "sweep size")
+    cfg.model.vocab_size = vocab
+    try:
+        model = Transformer(cfg.model)
+    except ValueError as e:
+        raise UserError(f"sweep size {size}: {e}") from None
+    n = model.num_params()  # the project's N (a tied embedding is a real matmul)
+    tc = cfg.train
+    per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
+    tokens = opts["flops"] / (6 * n) if opts["flops"] else opts["tokens_per_param"] * n
+    tc.max_steps = max(opts["min_steps"], math.ceil(tokens / per_step))
+    tc.warmup_steps = min(tc.warmup_steps, tc.max_steps // 5)
+    if opts["lr_width"]:
+        tc.lr = tc.lr * opts["lr_width"] / cfg.model.d_model
+    tc.eval_every = tc.checkpoint_every = tc.max_steps  # eval and checkpoint at the end
+    label = f"L{cfg.model.n_layer}-d{cfg.model.d_model}"
+    return cfg, {"label": label, "params": n, "steps": tc.max_steps, "lr": tc.lr,
+                 "tokens": tc.max_steps * per_step}
+
+
+def ensure_experiments(reg: Registry, opts: dict, where: Path) -> None:
+    if opts["experiments"] == "starter":
+        seed_experiments(reg)
+        return
+    if isinstance(opts["experiments"], str):
+        raise UserError(f"{where}: sweep.experiments must be \"starter\" or a list of tables")
+    have = {e["name"] for e in reg.experiments()}
+    for i, e in enumerate(opts["experiments"]):
+        if not isinstance(e, dict) or not {"name", "task", "threshold"} <= set(e):
+            raise UserError(f"{where}: sweep.experiments[{i}] needs name, task and threshold")
+        if e["name"] not in have:
+            add_experiment(reg, e["name"], e["task"], float(e["threshold"]), e.get("metric"),
+                           e.get("note", ""))
+
+
+def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
+    from scalelab.track.predict import fit_power_law
+    from scalelab.track.report import write_report
+    from scalelab.train.pretrain import prepare_data, pretrain
+    base, opts = load_sweep(config)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_experiments(reg, opts, config)
+
+    # One corpus and tokenizer for every size, so the losses are comparable.
+    shared = out / "shared"
+    shared.mkdir(exist_ok=True)
+    if opts["corpus"] and base.data.source == "builtin:world":
+        corpus = shared / "corpus.jsonl"
+        if not corpus.exists():
+            write_corpus(corpus, base.data.n_docs, base.data.seed, opts["corpus"])
+        base.data.source = str(corpus)
+    tok, _ = prepare_data(base, shared, reuse=True)
+    vocab = 64 * math.ceil(tok.vocab_size / 64)
+
+    plan = [size_config(base, s, opts, vocab) for s in opts["sizes"]]
+    plan.sort(key=lambda p: p[1]["params"])  # small to large: predictions come before answers
+    print(f"sweep {opts['name']}: {len(plan)} sizes, " + ", ".join(
+        f"{p['label']} ({p['params'] / 1e3:.0f}k params, {p['steps']} steps)" for _, p in plan))
+    sizes, names = [], []
+    for cfg, info in plan:
+        run = out / "runs" / info["label"]
+        name = f"{opts['name']}-{info['label']}"
+        t0 = time.perf_counter()
+        if not (run / "checkpoints" / f"step_{info['steps']}").is_dir():
+            resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+            if not resume:  # a fresh start (or one killed before its first checkpoint)
+                shutil.rmtree(run, ignore_errors=True)
+            print(f"--- training {name}: lr {info['lr']:.2e}, {info['tokens']:,} tokens",
+                  flush=True)
+            pretrain(cfg, run, resume=resume)
+            # pretrain trains its own tokenizer on the same corpus; BPE training is
+            # deterministic, so it must equal the shared one or the losses don't compare
+            if (run / "tokenizer.json").read_bytes() != (shared / "tokenizer.json").read_bytes():
+                print(f"warning: {run / 'tokenizer.json'} differs from the sweep's shared "
+                      "tokenizer; validation losses are not comparable across sizes")
+        info["train_seconds"] = time.perf_counter() - t0
+        known = {m["name"]: m for m in reg.models()}
+        if name in known and Path(known[name]["path"]) != (run / "model").resolve():
+            raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
+                            "change sweep.name")
+        m = known.get(name) or register_model(reg, run / "model", name, run=False)
+        done = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
+        todo = [e for e in reg.experiments() if e["id"] not in done]
+        evaluate(reg, [m], todo)
+        m = reg.model(name)
+        info.update(name=name, non_embedding_params=m["non_embedding_params"],
+                    flops=m["flops"], val_loss=m["val_loss"],
+                    seconds=time.perf_counter() - t0)
+        sizes.append(info)
+        names.append(name)
+        sys.stdout.flush()
+
+    fit = fit_power_law([s["non_embedding_params"] for s in sizes],
+                        [s["val_loss"] for s in sizes])
+    summary = {"config": str(config), "sizes": sizes, "scaling_law": fit,
+               "wall_seconds": time.perf_counter() - t_start}
+    tmp = out / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "sweep.json")
+    if fit:
+        print(f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
+              f"(N = non-embedding params, rmse {fit['rmse']:.3f})")
+    report = write_report(reg, out / "report", models=names, scaling=fit)
+    print(f"sweep done in {summary['wall_seconds'] / 60:.1f} min; report: {report}")
+    return summary

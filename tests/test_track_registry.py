@@ -1,0 +1,217 @@
+"""The registry and the track commands, end to end on randomly initialised tiny models."""
+
+import contextlib
+import io
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from scalelab.cli import main
+from scalelab.config import ModelConfig
+from scalelab.model import Transformer
+from scalelab.track.registry import Registry
+from scalelab.train.checkpoint import save_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """Three random tiny models of growing width (no training: the rules are what's tested)."""
+    root = tmp_path_factory.mktemp("models")
+    out = []
+    for i, d in enumerate((16, 24, 32)):
+        torch.manual_seed(i)
+        # untied: a random tied model just repeats its last input token, whatever its seed
+        m = Transformer(ModelConfig(vocab_size=512, seq_len=64, n_layer=1, n_head=2, d_model=d,
+                                    tie_embeddings=False))
+        save_model(m, tokenizer, root / f"m{d}" / "model")
+        out.append(root / f"m{d}" / "model")
+    return out
+
+
+def track(reg: Path, *args: str) -> subprocess.CompletedProcess:
+    """In process (importing torch per call would dominate the test time)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["track", *args, "--registry", str(reg)])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+def greedy_text(model_dir: Path, prompt: str) -> str:
+    from scalelab.track.evaluate import greedy_answers, load_lm
+    lm = load_lm(model_dir, torch.device("cpu"))
+    out = greedy_answers(lm, [lm.prefix + lm.encode(prompt)], [3])[0]
+    return lm.decode(out[:3])
+
+
+def test_rerun_on_new_model_runs_exactly_the_unpassed_experiments(tmp_path, models):
+    reg = tmp_path / "reg.db"
+    # "mine" passes only for the m24 model: its target is m24's own greedy answer.
+    task = tmp_path / "mine.jsonl"
+    want = greedy_text(models[1], "12 + 7 =")
+    assert want != greedy_text(models[0], "12 + 7 =")
+    task.write_text(json.dumps({"prompt": "12 + 7 =", "target": want}) + "\n")
+    assert track(reg, "experiment", "add", "--name", "mine", "--task", str(task),
+                 "--threshold", "1").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "easy", "--task",
+                 "builtin:addition?digits=1&n=8", "--metric", "edit_distance",
+                 "--threshold", "1").returncode == 0  # edit distance <= 1 always passes
+    r = track(reg, "experiment", "add", "--name", "hard", "--task", "builtin:older?n=8",
+              "--threshold", "1.0", "--note", "needs a real model")
+    assert r.returncode == 0, r.stderr
+
+    r = track(reg, "model", "add", str(models[0]))
+    assert r.returncode == 0, r.stderr
+    assert "running the 3 experiments" in r.stdout
+    r = track(reg, "model", "add", str(models[1]))  # "easy" passed already: 2 run
+    assert "running the 2 experiments" in r.stdout, r.stdout
+    r = track(reg, "model", "add", str(models[2]), "--name", "big")  # only "hard" is left
+    assert "running the 1 experiments" in r.stdout, r.stdout
+
+    db = Registry(reg)
+    ran = {(x["model"], x["experiment"]) for x in db.results()}
+    assert ran == {("m16", "mine"), ("m16", "easy"), ("m16", "hard"),
+                   ("m24", "mine"), ("m24", "hard"), ("big", "hard")}
+    r = track(reg, "status", "--json")
+    s = json.loads(r.stdout)
+    first = {e["name"]: e["first_passing_model"] for e in s["experiments"]}
+    assert first == {"mine": "m24", "easy": "m16", "hard": None}
+    assert s["not_yet"] == ["hard"]
+    text = track(reg, "status").stdout
+    assert "not yet passed: hard" in text
+
+    # reruns add rows, never replace them
+    n = len(db.results())
+    r = track(reg, "run", "--failed-only")
+    assert r.returncode == 0 and "running 1 experiments on 3 models" in r.stdout
+    assert len(db.results()) == n + 3
+    r = track(reg, "run", "--model", "m16", "--experiment", "easy")
+    rows = [x for x in db.results() if (x["model"], x["experiment"]) == ("m16", "easy")]
+    assert len(rows) == 2 and rows[0]["metrics"] == rows[1]["metrics"]  # deterministic
+    assert rows[0]["code_version"] and rows[0]["samples"]
+    show = track(reg, "experiment", "show", "mine").stdout
+    assert "first passed by m24" in show
+
+
+def test_report_and_predictions(tmp_path, models):
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "add1", "--task",
+                 "builtin:addition?digits=1&n=8", "--threshold", "0.9").returncode == 0
+    for m in models:
+        r = track(reg, "model", "add", str(m))
+        assert r.returncode == 0, r.stderr
+    r = track(reg, "report", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "rep" / "report.html").read_text()
+    for src in [s.split("'")[0] for s in page.split("<img src='")[1:]]:
+        assert (tmp_path / "rep" / src).is_file() and "/" not in src  # relative, present
+    assert "add1" in page and "Prediction" in page
+    preds = Registry(reg).predictions()
+    assert {p["n_models"] for p in preds} == {3}  # made once 3 models had results
+    assert {p["axis"] for p in preds} == {"params"}  # random models: no training FLOPs
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    reg = tmp_path / "reg.db"
+    db = Registry(reg)
+    eid = db.add_experiment("e", "builtin:qa", "exact_match", 0.5)
+    mid = db.add_model({"name": "m", "path": "/x", "kind": "scalelab", "params": 1,
+                        "non_embedding_params": 1})
+    code = (f"from scalelab.track.registry import Registry\nr = Registry({str(reg)!r})\n"
+            f"for i in range(150): r.add_result({eid}, {mid}, {{'i': i}}, False, [], 1, 0.0, "
+            "'test')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert len(db.results()) == 300
+
+
+def test_corrupt_or_foreign_registry_exits_2(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    r = run_cli("track", "status", "--registry", str(junk))  # the real command line, once
+    assert r.returncode == 2 and "junk.db: not a scalelab registry" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE customers (id INTEGER)")
+    con.commit()
+    con.close()
+    r = track(other, "experiment", "list")
+    assert r.returncode == 2 and "other.db: an SQLite database but not a scalelab" in r.stderr
+    new = tmp_path / "new.db"
+    r = track(new, "experiment", "show", "nope")
+    assert r.returncode == 2 and "no experiment named 'nope'" in r.stderr
+    r = track(new, "experiment", "add", "--name", "x", "--task", "builtin:addition?dig=2",
+              "--threshold", "0.5")
+    assert r.returncode == 2 and "unknown parameter 'dig'" in r.stderr
+    r = track(new, "model", "add", str(tmp_path))
+    assert r.returncode == 2 and "config.json" in r.stderr
+    assert track(new, "experiment", "add", "--name", "x", "--task", "builtin:qa",
+                 "--threshold", "0.5").returncode == 0
+    r = track(new, "experiment", "add", "--name", "x", "--task", "builtin:qa", "--threshold", "1")
+    assert r.returncode == 2 and "already exists" in r.stderr  # names are never overwritten
+
+
+def test_hf_model_folder(tmp_path, tokenizer):
+    """A local Hugging Face causal LM goes through the same registry and scoring."""
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf,
+                                                  bos_token="<|bos|>", eos_token="<|eos|>",
+                                                  pad_token="<|pad|>")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=16,
+                                  n_layer=1, n_head=2, bos_token_id=tokenizer.bos_id,
+                                  eos_token_id=tokenizer.eos_id)
+    d = tmp_path / "hf-tiny"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    hf_tok.save_pretrained(d)
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=2&n=4", "--threshold", "0.5").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "o", "--task", "builtin:older?n=4",
+                 "--threshold", "0.5").returncode == 0
+    r = track(reg, "model", "add", str(d))
+    assert r.returncode == 0, r.stderr
+    m = Registry(reg).model("hf-tiny")
+    assert m["kind"] == "hf" and m["params"] > m["non_embedding_params"] > 0
+    res = Registry(reg).results()
+    assert len(res) == 2 and all(math.isfinite(x["metrics"]["token_logprob"]) for x in res)
+    assert -20 < res[0]["metrics"]["token_logprob"] < 0
+
+
+def test_task_suite_spec_for_chat_models(tmp_path, models):
+    """tasks:FAMILY asks through the chat template and scores with the family's scorer."""
+    from scalelab.track.evaluate import is_right
+    from scalelab.track.specs import load_items
+    items = load_items("tasks:addition?difficulty=2&n=5")
+    assert len(items) == 5 and all(it.example is not None for it in items)
+    assert is_right(items[0], " " + items[0].target + ".\n") == 1.0  # lenient, first line
+    assert is_right(items[0], "no idea") == 0.0
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "chat-add", "--task",
+                 "tasks:addition?difficulty=1&n=4", "--threshold", "0.5").returncode == 0
+    r = track(reg, "model", "add", str(models[0]), "--lineage", "sft")
+    assert r.returncode == 0, r.stderr
+    (res,) = Registry(reg).results()
+    assert 0 <= res["metrics"]["exact_match"] <= 1 and res["metrics"]["token_logprob"] < 0
+    r = track(reg, "experiment", "add", "--name", "x", "--task", "tasks:algebra",
+              "--threshold", "0.5")
+    assert r.returncode == 2 and "unknown task family 'algebra'" in r.stderr
+
+
+def test_lineage_from_post_training_record(tmp_path, models):
+    import shutil
+    reg = tmp_path / "reg.db"
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    run = tmp_path / "sft-run"
+    shutil.copytree(models[1], run / "model")
+    (run / "lineage.json").write_text(json.dumps({"stage": "sft", "parent": str(models[0])}))
+    assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    m = Registry(reg).model("sft-run")
+    assert (m["lineage"], m["parent"]) == ("sft", "m16")

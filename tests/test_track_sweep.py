@@ -1,0 +1,111 @@
+"""`scalelab sweep` end to end on a toy ladder (seconds per size), and `pretrain --register`."""
+
+import json
+
+from conftest import run_cli, tiny_sets
+
+from scalelab.cli import main
+from scalelab.track.registry import Registry
+
+SWEEP = """
+[model]
+seq_len = 32
+[data]
+n_docs = 1500
+tokenizer_vocab = 400
+[train]
+batch_size = 8
+lr = 3e-3
+warmup_steps = 5
+eval_batches = 2
+log_every = 5
+
+[sweep]
+name = "toy"
+tokens_per_param = 0.5
+lr_width = 32
+min_steps = 10
+sizes = [{n_layer = 1, d_model = 16, n_head = 2}, {n_layer = 1, d_model = 24, n_head = 2},
+         {n_layer = 1, d_model = 32, n_head = 2}]
+experiments = [{name = "add1", task = "builtin:addition?digits=1&n=6", threshold = 0.9},
+               {name = "older", task = "builtin:older?n=6", threshold = 0.99}]
+[sweep.corpus]
+arithmetic = 3.0
+qa = 1.0
+"""
+
+
+def test_sweep_trains_registers_fits_and_reports(tmp_path):
+    cfg = tmp_path / "toy.toml"
+    cfg.write_text(SWEEP)
+    reg = tmp_path / "reg.db"
+    r = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"),
+                "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    sizes = summary["sizes"]
+    assert [s["label"] for s in sizes] == ["L1-d16", "L1-d24", "L1-d32"]
+    assert [s["lr"] for s in sizes] == [6e-3, 4e-3, 3e-3]  # lr ~ 1/width
+    assert all(s["tokens"] >= 0.5 * s["params"] for s in sizes)
+    assert sizes[0]["steps"] < sizes[2]["steps"]  # bigger models see more tokens
+    fit = summary["scaling_law"]
+    assert fit and set(fit) >= {"E", "A", "alpha"}
+    db = Registry(reg)
+    assert [m["name"] for m in db.models()] == ["toy-L1-d16", "toy-L1-d24", "toy-L1-d32"]
+    assert all(m["flops"] == 6 * m["params"] * m["tokens"] for m in db.models())
+    assert len(db.results()) == 6  # every experiment on every size
+    page = (tmp_path / "sw" / "report" / "report.html").read_text()
+    assert "L(N) =" in page and "scaling.png" in page
+    assert (tmp_path / "sw" / "report" / "scaling.png").is_file()
+    shared = (tmp_path / "sw" / "shared" / "tokenizer.json").read_bytes()
+    for s in sizes:  # one tokenizer for every size, so the losses compare
+        assert (tmp_path / "sw" / "runs" / s["label"] / "tokenizer.json").read_bytes() == shared
+    assert "warning" not in r.stdout
+    # the corpus followed the configured mix: only arithmetic and Q/A documents
+    docs = [json.loads(x)["text"] for x in
+            (tmp_path / "sw" / "shared" / "corpus.jsonl").read_text().splitlines()[:50]]
+    assert all(" = " in d or d.startswith("Q:") or " is " in d for d in docs)
+
+    # running it again trains nothing and adds no duplicate models or results
+    r = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"),
+                "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    assert "--- training" not in r.stdout and len(db.results()) == 6
+
+
+def test_bad_sweep_config_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "o"),
+            "--registry", str(tmp_path / "r.db")]
+    cfg.write_text(SWEEP.replace("min_steps = 10", "min_stepz = 10"))
+    assert main(args) == 2 and "unknown key 'sweep.min_stepz'" in capsys.readouterr().err
+    cfg.write_text(SWEEP.replace("n_head = 2}]", "n_head = 5}]"))
+    assert main(args) == 2 and "sweep size" in capsys.readouterr().err
+    cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
+    assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
+
+
+def test_pretrain_register(tmp_path):
+    reg = tmp_path / "reg.db"
+    r = run_cli("track", "experiment", "add", "--name", "add1", "--task",
+                "builtin:addition?digits=1&n=5", "--threshold", "0.9", "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "run"), "--max-steps",
+                "10", *tiny_sets(), "--register", "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    m = Registry(reg).models()[0]
+    assert m["name"] == "run" and m["tokens"] == 10 * 8 * 32 and m["val_loss"] > 0
+    assert "add1" in r.stdout  # the new model was evaluated on the waiting experiment
+
+
+def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
+    from scalelab.track.sweep import load_sweep, size_config
+    cfg = tmp_path / "iso.toml"
+    cfg.write_text(SWEEP.replace("tokens_per_param = 0.5", "flops = 1e10"))
+    base, opts = load_sweep(cfg)
+    plans = [size_config(base, s, opts, vocab=448) for s in opts["sizes"]]
+    per_step = 8 * 32
+    for c, info in plans:
+        assert info["steps"] == max(10, -(-1e10 // (6 * info["params"] * per_step)))
+        assert c.train.eval_every == c.train.max_steps == info["steps"]
+    assert plans[0][1]["tokens"] > plans[2][1]["tokens"]  # iso-FLOP: small models read more
