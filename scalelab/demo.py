@@ -10,6 +10,7 @@ interrupted one resumed, so rerunning the same command picks up where it stopped
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from scalelab.train.checkpoint import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45.
 SCHEDULES = {
-    "quick": {"pretrain": 600, "sft": 600, "reward": 200, "ppo": 60},
+    "quick": {"pretrain": 600, "sft": 1000, "reward": 200, "ppo": 120},
     "full": {"pretrain": 3000, "sft": 2000, "reward": 400, "ppo": 200},
 }
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
@@ -60,7 +61,7 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     from scalelab.train.labelers import gold
     held_in = make_examples(TRAIN_TASKS, 8 * len(TRAIN_TASKS), seed=1001)
     held_out = make_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), seed=1001)
-    gold_prompts = make_examples(TRAIN_TASKS, 256, seed=2002)
+    gold_prompts = make_examples(TRAIN_TASKS, 1024, seed=2002)
     results = {}
     for name, path in models.items():
         model, tok = load_model(path)
@@ -74,6 +75,7 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
             "held_in": task_accuracy(model, tok, held_in),
             "held_out": task_accuracy(model, tok, held_out),
             "gold_reward": sum(golds) / len(golds),
+            "gold_reward_se": statistics.stdev(golds) / len(golds) ** 0.5,
             "showcase": [tok.decode(ids) for ids in greedy],
         }
     return results
@@ -122,13 +124,16 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
         return sum(r[key] for r in rows) / len(rows)
 
     md = ["# scalelab demo", "",
-          f"Produced by `{command}` in {seconds / 60:.1f} minutes. Every number below comes "
-          "from this run.", "",
+          f"Produced by `{command}`; this invocation took {seconds / 60:.1f} minutes (stages "
+          "finished by an earlier invocation are skipped). Every number below comes from this "
+          "run directory.", "",
           "## Task accuracy (greedy answers, scored by each task's programmatic scorer)", "",
-          "| model | held-in tasks | held-out tasks (never trained on) | gold reward (sampled) |",
+          "| model | held-in tasks | held-out tasks (never trained on) | gold reward of sampled "
+          "answers (± standard error) |",
           "|---|---|---|---|"]
     md += [f"| {n} | {results[n]['held_in']['mean']:.3f} | {results[n]['held_out']['mean']:.3f} "
-           f"| {results[n]['gold_reward']:.3f} |" for n in names]
+           f"| {results[n]['gold_reward']:.3f} ± {results[n]['gold_reward_se']:.3f} |"
+           for n in names]
     md += ["", f"Reward model: accuracy on held-out preference pairs "
            f"**{rm_stats['val_accuracy']:.3f}** (chance is 0.5).", "",
            f"PPO ({len(ppo_rows)} steps): proxy reward {avg(first, 'objective/scores'):.3f} -> "
