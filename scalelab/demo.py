@@ -22,8 +22,8 @@ from scalelab.train.checkpoint import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45.
 SCHEDULES = {
-    "quick": {"pretrain": 600, "sft": 1000, "reward": 200, "ppo": 120},
-    "full": {"pretrain": 3000, "sft": 2000, "reward": 400, "ppo": 200},
+    "quick": {"pretrain": 600, "sft": 1000, "reward": 60, "ppo": 120},
+    "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200},
 }
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
             "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
