@@ -190,18 +190,20 @@ def resolve_config_path(name: str | None) -> Path | None:
     return path
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, in that order."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: malformed TOML: {e}") from None
-        apply_dict(cfg, data, str(path))
+        apply_dict(cfg, read_toml(Path(path)), str(path))
     for item in overrides or []:
         name, sep, raw = item.partition("=")
         section, dot, key = name.strip().partition(".")

@@ -19,13 +19,13 @@ asked directly: no instruction tuning needed. For instruction-tuned models there
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 from scalelab.config import UserError
+from scalelab.data.formats import read_jsonl
 from scalelab.data.world import (
     OBJECTS,
     World,
@@ -128,17 +128,9 @@ def builtin_items(spec: str) -> list[Item]:
 
 
 def jsonl_items(path: Path) -> list[Item]:
-    if not path.is_file():
-        raise UserError(f"{path}: task file not found")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for n, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str):
             raise UserError(f'{path}:{n}: expected an object with a "prompt" string')
         if "choices" in row:
             ch, ans = row["choices"], row.get("answer")

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from scalelab.config import Config, UserError, apply_dict, tomllib
+from scalelab.config import Config, UserError, apply_dict, read_toml
 from scalelab.track.commands import add_experiment, evaluate, register_model, seed_experiments
 from scalelab.track.registry import Registry
 
@@ -38,12 +38,7 @@ SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width"
 
 
 def load_sweep(path: Path) -> tuple[Config, dict]:
-    if not path.is_file():
-        raise UserError(f"{path}: sweep config not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: malformed TOML: {e}") from None
+    data = read_toml(path, "sweep config")
     sw = data.pop("sweep", None)
     if not isinstance(sw, dict):
         raise UserError(f"{path}: needs a [sweep] table (name, sizes, ...)")
