@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,12 +68,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: Transformer, tok: Tokenizer, final: Path,
-               tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """tensors: the consolidated weights when the model is sharded (see parallel.checkpoint)."""
+def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
+               tensors: dict[str, torch.Tensor] | None = None,
+               extra_json: dict[str, dict] | None = None) -> None:
+    """tensors: the consolidated weights when the model is sharded (see parallel.checkpoint);
+    extra_json: more files for the folder, e.g. {"reward.json": stats} for a reward model."""
     tmp = fresh_tmp(final)
     save_file(model_tensors(model) if tensors is None else tensors, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+    for name, data in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(data, indent=2))
     tok.save(tmp / "tokenizer.json")
     replace_dir(tmp, final)
 
@@ -104,9 +109,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[Transformer, Tokenizer]:
-    """A model folder written by save_model (DIR/model or a checkpoint's step folder)."""
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               wrap: Callable[[Transformer], torch.nn.Module] | None = None
+               ) -> tuple[torch.nn.Module, Tokenizer]:
+    """A model folder written by save_model (DIR/model or a checkpoint's step folder).
+    wrap builds what the weights belong to around the Transformer (a reward model's head)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
@@ -116,7 +123,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"
     except TypeError as e:
         raise UserError(f"{d / 'config.json'}: not a scalelab model config ({e})") from None
     tok = Tokenizer.load(d / "tokenizer.json")
-    model = Transformer(cfg)
+    model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
     load_weights(model, d / "model.safetensors")
     return model.to(device).eval(), tok
 

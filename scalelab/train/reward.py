@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from scalelab.config import Config, ModelConfig, UserError
+from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right
 from scalelab.data.formats import read_preferences
 from scalelab.evaluate import respond_ids
@@ -28,10 +27,9 @@ from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import (
     atomic_write_text,
-    fresh_tmp,
-    load_weights,
+    load_model,
     read_json,
-    replace_dir,
+    save_model,
 )
 from scalelab.train.labelers import get_labeler
 from scalelab.train.loop import fit, start_stage
@@ -68,27 +66,12 @@ def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor) ->
 
 # ---- saving and loading -------------------------------------------------------------------
 
-def save_reward_model(model: ScalarModel, tok: Tokenizer, final: Path, stats: dict) -> None:
-    tmp = fresh_tmp(final)
-    from safetensors.torch import save_file
-
-    from scalelab.train.checkpoint import model_tensors
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
-    (tmp / "reward.json").write_text(json.dumps(stats, indent=2))
-    tok.save(tmp / "tokenizer.json")
-    replace_dir(tmp, final)
-
-
 def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Tokenizer, dict]:
     d = Path(model_dir)
     if not (d / "reward.json").is_file():
         raise UserError(f"{d}: not a reward model folder (no reward.json)")
-    cfg = ModelConfig(**read_json(d / "config.json"))
-    model = ScalarModel(Transformer(cfg))
-    load_weights(model, d / "model.safetensors")
-    return model.to(device).eval(), Tokenizer.load(d / "tokenizer.json"), read_json(
-        d / "reward.json")
+    model, tok = load_model(d, device, wrap=ScalarModel)
+    return model, tok, read_json(d / "reward.json")
 
 
 @torch.no_grad()
@@ -231,7 +214,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         raw = torch.cat(raw)
         stats = {"mean": raw.mean().item(), "std": raw.std().clamp(min=1e-6).item(),
                  "val_accuracy": pair_accuracy(model, held_batches)}
-        save_reward_model(model, tok, out / "model", stats)
+        save_model(model, tok, out / "model", extra_json={"reward.json": stats})
 
     fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume)
     return out / "model"
