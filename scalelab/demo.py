@@ -30,7 +30,7 @@ SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia 
             "Write in digits: forty-two"]
 
 
-def stage_config(preset: str, steps: int, sets: list[str] | None = None) -> Config:
+def preset_config(preset: str, steps: int, sets: list[str] | None = None) -> Config:
     cfg = load_config(resolve_config_path(preset), sets)
     cfg.train.max_steps = steps
     return cfg
@@ -203,12 +203,12 @@ def run_demo(out: Path, quick: bool = False) -> None:
     t0 = time.time()
     steps = SCHEDULES["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
-    base = run_stage(out / "pretrain", stage_config("tiny", steps["pretrain"]), pretrain)
-    sft_model = run_stage(out / "sft", stage_config("sft", steps["sft"]), sft, base,
+    base = run_stage(out / "pretrain", preset_config("tiny", steps["pretrain"]), pretrain)
+    sft_model = run_stage(out / "sft", preset_config("sft", steps["sft"]), sft, base,
                           "builtin:tasks")
-    rm = run_stage(out / "reward", stage_config("reward", steps["reward"]), train_reward,
+    rm = run_stage(out / "reward", preset_config("reward", steps["reward"]), train_reward,
                    sft_model, "builtin:tasks")
-    policy = run_stage(out / "ppo", stage_config("ppo", steps["ppo"]), ppo, sft_model, rm,
+    policy = run_stage(out / "ppo", preset_config("ppo", steps["ppo"]), ppo, sft_model, rm,
                        "builtin:tasks")
 
     tqdm.write("== evaluation ==")
