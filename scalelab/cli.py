@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_reward)
     s = stage("ppo", "RLHF: optimise the policy against a reward model with PPO")
     s.add_argument("--policy", required=True, help="model folder (the SFT model)")
-    s.add_argument("--reward", required=True, help="reward model folder")
+    s.add_argument("--reward", required=True,
+                   help="reward model folder, or builtin:gold to optimise the gold labeler "
+                        "itself (a perfect reward model: the ceiling for a learned one)")
     s.add_argument("--prompts", required=True, help="builtin:tasks or a JSONL file of prompts")
     s.set_defaults(func=cmd_ppo)
     s = stage("dpo", "direct preference optimisation on preference pairs")

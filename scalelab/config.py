@@ -77,6 +77,8 @@ class TrainConfig:
 @dataclass
 class SFTConfig:
     n_examples: int = 20000  # examples drawn from the training task families (builtin:tasks)
+    chatty_fraction: float = 0.3  # builtin:tasks responses that end with a pleasantry line,
+    # as some human demonstrators write (the gold labeler prefers the bare answer)
     seed: int = 0
 
 

@@ -53,29 +53,37 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_policies(models: dict[str, Path]) -> dict:
-    """Task accuracy (greedy) on held-in and held-out families, and the mean gold reward of
-    sampled answers (temperature 1, as PPO samples) on held-in prompts, for each model."""
+    """Task accuracy (greedy) on held-in and held-out families, and for sampled answers
+    (temperature 1, as PPO samples) to held-in prompts: the mean gold reward and what it is
+    made of (correct, said more than the answer, stopped), for each model."""
     from scalelab.evaluate import respond_ids, task_accuracy
-    from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS, make_examples
+    from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS, make_examples
     from scalelab.train.checkpoint import load_model
     from scalelab.train.labelers import gold
-    held_in = make_examples(TRAIN_TASKS, 8 * len(TRAIN_TASKS), seed=1001)
+    held_in = make_examples(TRAIN_TASKS, 32 * len(TRAIN_TASKS), seed=1001)
     held_out = make_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), seed=1001)
     gold_prompts = make_examples(TRAIN_TASKS, 1024, seed=2002)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     results = {}
     for name, path in models.items():
         model, tok = load_model(path)
         g = torch.Generator().manual_seed(0)
         sampled = respond_ids(model, tok, [e.prompt for e in gold_prompts], temperature=1.0,
                               generator=g)
-        golds = [gold(e, tok.decode(ids), bool(ids) and ids[-1] == tok.eos_id)
-                 for e, ids in zip(gold_prompts, sampled)]
+        texts = [tok.decode(ids) for ids in sampled]
+        stopped = [bool(ids) and ids[-1] == tok.eos_id for ids in sampled]
+        golds = [gold(e, t, st) for e, t, st in zip(gold_prompts, texts, stopped)]
         greedy = respond_ids(model, tok, SHOWCASE)
         results[name] = {
             "held_in": task_accuracy(model, tok, held_in),
             "held_out": task_accuracy(model, tok, held_out),
-            "gold_reward": sum(golds) / len(golds),
+            "gold_reward": mean(golds),
             "gold_reward_se": statistics.stdev(golds) / len(golds) ** 0.5,
+            "sampled_correct": mean([TASKS[e.family].score(e, t)
+                                     for e, t in zip(gold_prompts, texts)]),
+            "sampled_extra_words": mean([len(t.split()) > len(e.answer.split())
+                                         for e, t in zip(gold_prompts, texts)]),
+            "sampled_stopped": mean(stopped),
             "showcase": [tok.decode(ids) for ids in greedy],
         }
     return results
@@ -128,12 +136,18 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
           "finished by an earlier invocation are skipped). Every number below comes from this "
           "run directory.", "",
           "## Task accuracy (greedy answers, scored by each task's programmatic scorer)", "",
-          "| model | held-in tasks | held-out tasks (never trained on) | gold reward of sampled "
-          "answers (± standard error) |",
-          "|---|---|---|---|"]
-    md += [f"| {n} | {results[n]['held_in']['mean']:.3f} | {results[n]['held_out']['mean']:.3f} "
-           f"| {results[n]['gold_reward']:.3f} ± {results[n]['gold_reward_se']:.3f} |"
+          "| model | held-in tasks | held-out tasks (never trained on) |", "|---|---|---|"]
+    md += [f"| {n} | {results[n]['held_in']['mean']:.3f} | {results[n]['held_out']['mean']:.3f} |"
            for n in names]
+    md += ["", "## Sampled answers (temperature 1, 1024 held-in prompts) and the gold labeler",
+           "", "The gold labeler stands in for human raters: correct first, then no extra words "
+           "(it dislikes pleasantries such as \"I hope this helps!\", which some demonstrations "
+           "end with), then close to correct, then a clean stop.", "",
+           "| model | gold reward (± standard error) | correct | said more than the answer "
+           "| stopped |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {r['gold_reward']:.3f} ± {r['gold_reward_se']:.3f} | "
+           f"{r['sampled_correct']:.3f} | {r['sampled_extra_words']:.3f} | "
+           f"{r['sampled_stopped']:.3f} |" for n, r in results.items()]
     md += ["", f"Reward model: accuracy on held-out preference pairs "
            f"**{rm_stats['val_accuracy']:.3f}** (chance is 0.5).", "",
            f"PPO ({len(ppo_rows)} steps): proxy reward {avg(first, 'objective/scores'):.3f} -> "

@@ -82,6 +82,15 @@ def test_post_training_stages_end_to_end(tmp_path):
     again = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
     assert strip(again) == strip(rows)
+    # The gold labeler itself as the reward (no reward model): gold_reward is the score.
+    r = run_cli("ppo", "--policy", str(tmp_path / "sft/model"), "--reward", "builtin:gold",
+                "--prompts", "builtin:tasks", "--out", str(tmp_path / "oracle"),
+                "--max-steps", "2", "--set", "ppo.rollout_batch=8", "--set",
+                "ppo.max_new_tokens=8", "--set", "ppo.n_prompts=64")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "oracle/metrics.jsonl").read_text()
+            .splitlines()]
+    assert all(abs(r["objective/scores"] - r["gold_reward"]) < 1e-6 for r in rows)
     r = run_cli("dpo", "--policy", str(tmp_path / "sft/model"), "--data",
                 str(tmp_path / "rm/preferences.jsonl"), "--out", str(tmp_path / "dpo"),
                 "--max-steps", "3", "--set", "train.batch_size=4", "--set", "train.log_every=1")
@@ -109,6 +118,10 @@ def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
     r = run_cli("ppo", "--policy", str(model_dir), "--reward", str(model_dir), "--prompts",
                 str(prompts), "--out", str(tmp_path / "p"))
     assert r.returncode == 2 and "prompts.jsonl:2" in r.stderr
+    prompts.write_text('{"prompt": "hi"}\n')
+    r = run_cli("ppo", "--policy", str(model_dir), "--reward", "builtin:gold", "--prompts",
+                str(prompts), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "builtin:tasks" in r.stderr
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     r = run_cli("sft", "--base", str(model_dir), "--data", str(sft_data), "--out",

@@ -167,3 +167,24 @@ def test_one_shot_demo_differs_and_has_answer():
     assert demo != question and "=" in demo and question.endswith("=")
     a, _, b, _, c = demo.split()
     assert int(a) + int(b) == int(c)
+
+
+def test_demonstrations_and_the_gold_labelers_taste():
+    """Some demonstrations end with a pleasantry: still correct by the task's scorer, but the
+    gold labeler ranks the bare answer above it by more than the reward model's tie margin,
+    and a correct chatty answer above a wrong bare one."""
+    from scalelab.config import RewardConfig
+    from scalelab.tasks.core import demonstration
+    from scalelab.train.labelers import gold
+    exs = make_examples(TRAIN_TASKS, 400, seed=3)
+    rng = random.Random(0)
+    demos = [demonstration(e, rng, 0.3) for e in exs]
+    chatty = [(e, d) for e, d in zip(exs, demos) if d != e.answer]
+    assert 0.2 < len(chatty) / len(exs) < 0.4
+    assert all(demonstration(e, rng, 0.0) == e.answer for e in exs)
+    margin = RewardConfig().min_margin
+    for e, d in chatty:
+        assert d.startswith(e.answer + "\n")
+        assert TASKS[e.family].score(e, d) == 1.0
+        assert gold(e, e.answer, True) - gold(e, d, True) > margin
+        assert gold(e, d, True) - gold(e, perturbed(e), True) > margin

@@ -104,6 +104,22 @@ class TaskFamily:
         return float(same(self.kind, r, example.answer))
 
 
+# Human demonstrators differ in habits: some end an answer with a pleasantry on a second
+# line. Scoring reads only the first line, so these are still correct answers; the gold
+# labeler (train/labelers.py) prefers them without the filler. SFT imitates the writers,
+# RLHF can learn the raters' taste: see docs/posttraining.md.
+PLEASANTRIES = ("I hope this helps!", "Let me know if you need anything else.",
+                "Happy to help with more questions.", "Is there anything else I can do?")
+
+
+def demonstration(example: Example, rng: random.Random, chatty_fraction: float) -> str:
+    """The response a demonstrator writes: the reference answer, and with probability
+    chatty_fraction a pleasantry on a second line."""
+    if rng.random() < chatty_fraction:
+        return f"{example.answer}\n{rng.choice(PLEASANTRIES)}"
+    return example.answer
+
+
 # -----------------------------------------------------------------------------
 # normalisation and comparison
 

@@ -18,14 +18,15 @@ Labeler = Callable[[object, str, bool], float]
 
 
 def gold(example, response: str, stopped: bool) -> float:
-    """Correct first, then close to correct, then a clean stop, then concise: no single
+    """Correct first, then concise, then close to correct, then a clean stop: no single
     right answer, a ranking.
 
-    correct answer          +1.0   (the task's own scorer)
-    closeness               +0.5 * character similarity to the reference answer (a nearly
-                                   right answer beats a wildly wrong one)
+    correct answer          +1.0   (the task's own scorer, which reads the first line)
+    closeness               +0.5 * character similarity of the first line to the reference
+                                   answer (a nearly right answer beats a wildly wrong one)
     ended with EOS          +0.3   (a rambling answer that never stops is worse)
-    each extra word         -0.05  beyond the reference answer's length, at most -0.3
+    each extra word         -0.1   beyond the reference answer's length, at most -0.5 (the
+                                   raters dislike filler such as "I hope this helps!")
     """
     from scalelab.tasks import TASKS, normalize
     score = TASKS[example.family].score(example, response)
@@ -33,7 +34,7 @@ def gold(example, response: str, stopped: bool) -> float:
     if stopped:
         score += 0.3
     extra = len(response.split()) - len(example.answer.split())
-    return score - min(0.3, 0.05 * max(0, extra))
+    return score - min(0.5, 0.1 * max(0, extra))
 
 
 def get_labeler(spec: str) -> Labeler:

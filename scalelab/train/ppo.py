@@ -243,12 +243,17 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
     from scalelab.train.labelers import get_labeler
     pc, tc = cfg.ppo, cfg.train
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
-    reward_model, _, stats = load_reward_model(reward_dir, pick_device(tc.device))
+    oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
+    if oracle and examples is None:
+        raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
+    if not oracle:
+        reward_model, _, stats = load_reward_model(reward_dir, pick_device(tc.device))
+        reward_model.requires_grad_(False)
     run, device, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
                                            reward=reward_dir)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model.requires_grad_(False)
-    value = ScalarModel(copy.deepcopy(reward_model.trunk), zero_head=True).to(device)
+    trunk = policy if oracle else reward_model.trunk
+    value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
     value.requires_grad_(True)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
@@ -260,13 +265,15 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
                         f"{pc.max_new_tokens} new tokens; need {n_prompts}")
     label = get_labeler(cfg.reward.labeler) if examples is not None else None
 
+    def gold_scores(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([label(examples[i], tok.decode(r), bool(r) and r[-1] == tok.eos_id)
+                             for i, r in zip(idx, responses)])
+
     def reward_fn(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
+        if oracle:
+            return gold_scores(idx, responses)
         from scalelab.train.reward import reward_scores
         return reward_scores(reward_model, tok, stats, [texts[i] for i in idx], responses)
-
-    def gold_fn(idx: list[int], responses: list[list[int]]) -> float:
-        return sum(label(examples[i], tok.decode(r), bool(r) and r[-1] == tok.eos_id)
-                   for i, r in zip(idx, responses)) / len(idx)
 
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
@@ -296,7 +303,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out:
                "lr": optimizer.param_groups[0]["lr"], **row,
                "episodes_per_s": len(idx) / (time.perf_counter() - t0)}
         if label is not None:
-            row["gold_reward"] = gold_fn(idx, ro.responses)
+            row["gold_reward"] = gold_scores(idx, ro.responses).mean().item()
         run.log(row)
         bar.update(1)
         bar.set_postfix({"score": f"{row['objective/scores']:.2f}",

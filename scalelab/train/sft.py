@@ -7,6 +7,7 @@ padding wastes little).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -23,17 +24,23 @@ from scalelab.train.loop import autocast, fit, start_stage
 IGNORE = -100
 
 
-def task_conversations(n: int, seed: int, families=None) -> tuple[list[list[dict]], list]:
-    """n conversations from the task suite (training families unless given) and the examples."""
+def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
+                       ) -> tuple[list[list[dict]], list]:
+    """n conversations over the training task families, and the examples behind them. A
+    chatty_fraction of the responses end with a pleasantry line (tasks.demonstration)."""
     from scalelab.tasks import TRAIN_TASKS, make_examples
-    examples = make_examples(families or TRAIN_TASKS, n, seed)
-    return [[{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.answer}]
+    from scalelab.tasks.core import demonstration
+    examples = make_examples(TRAIN_TASKS, n, seed)
+    rng = random.Random(f"{seed}:demonstrations")
+    return [[{"role": "user", "content": e.prompt},
+             {"role": "assistant", "content": demonstration(e, rng, chatty_fraction)}]
             for e in examples], examples
 
 
-def load_conversations(spec: str, n: int, seed: int) -> list[list[dict]]:
+def load_conversations(spec: str, n: int, seed: int, chatty_fraction: float
+                       ) -> list[list[dict]]:
     if spec == "builtin:tasks":
-        return task_conversations(n, seed)[0]
+        return task_conversations(n, seed, chatty_fraction)[0]
     if spec.startswith("builtin:"):
         raise UserError(f"--data: unknown built-in data {spec!r} (known: builtin:tasks)")
     return read_conversations(spec)
@@ -67,8 +74,9 @@ def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torc
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
     run, device, model, tok = start_stage(cfg, out, resume, "sft", base)
 
-    encoded = encode_conversations(load_conversations(data_spec, cfg.sft.n_examples,
-                                                      cfg.sft.seed), tok, model.cfg.seq_len)
+    sc = cfg.sft
+    encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
+                                                      sc.chatty_fraction), tok, model.cfg.seq_len)
     n_val = max(1, min(256, len(encoded) // 20))
     train_items, val_items = encoded[n_val:], encoded[:n_val]
 
