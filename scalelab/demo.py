@@ -20,11 +20,14 @@ from tqdm import tqdm
 from scalelab.config import Config, load_config, resolve_config_path
 from scalelab.train.checkpoint import list_checkpoints
 
-# Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45.
+# Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
+# demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
+# the ceiling for the learned one.
 SCHEDULES = {
-    "quick": {"pretrain": 600, "sft": 1000, "reward": 60, "ppo": 120},
-    "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200},
+    "quick": {"pretrain": 600, "sft": 1000, "reward": 60, "ppo": 120, "oracle": 0},
+    "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200, "oracle": 200},
 }
+ORACLE = "PPO vs gold labeler"
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
             "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
             "Write in digits: forty-two"]
@@ -89,7 +92,8 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     return results
 
 
-def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict]) -> list[str]:
+def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
+         ) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,6 +115,8 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict]) -> list[s
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot(*series(ppo, "objective/scores"), label="proxy reward (reward model)")
     axes[0].plot(*series(ppo, "gold_reward"), label="gold reward (labeler)")
+    if oracle:
+        axes[0].plot(*series(oracle, "gold_reward"), label="gold reward, PPO against it")
     axes[0].set(title="PPO: reward of sampled responses", xlabel="PPO step")
     axes[0].legend()
     axes[1].plot(*series(ppo, "objective/kl"), label="KL k1 (sum over tokens)")
@@ -154,8 +160,12 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
            f"{avg(last, 'objective/scores'):.3f}, gold reward {avg(first, 'gold_reward'):.3f} -> "
            f"{avg(last, 'gold_reward'):.3f}, KL to the reference {avg(first, 'objective/kl'):.3f}"
            f" -> {avg(last, 'objective/kl'):.3f} nats per response (first vs last tenth of "
-           "the steps).", "",
-           "## The same prompts, answered by each model", "",
+           "the steps).", ""]
+    if ORACLE in results:
+        md += [f"{ORACLE}: the same PPO with the gold labeler itself as the reward, a perfect "
+               "reward model. The gap between it and PPO is what the learned reward model "
+               "costs; its gain over SFT is what this PPO budget does with a perfect reward.", ""]
+    md += ["## The same prompts, answered by each model", "",
            "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i, prompt in enumerate(SHOWCASE):
         cells = [results[n]["showcase"][i].strip().replace("\n", " ").replace("|", "/")
@@ -224,12 +234,18 @@ def run_demo(out: Path, quick: bool = False) -> None:
                    sft_model, "builtin:tasks")
     policy = run_stage(out / "ppo", preset_config("ppo", steps["ppo"]), ppo, sft_model, rm,
                        "builtin:tasks")
+    models = {"pretrained": base, "SFT": sft_model, "PPO": policy}
+    if steps["oracle"]:
+        models[ORACLE] = run_stage(out / "ppo_gold", preset_config("ppo", steps["oracle"]),
+                                   ppo, sft_model, "builtin:gold", "builtin:tasks")
 
     tqdm.write("== evaluation ==")
-    results = evaluate_policies({"pretrained": base, "SFT": sft_model, "PPO": policy})
+    results = evaluate_policies(models)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     ppo_rows = read_metrics(out / "ppo")
-    images = plot(out, read_metrics(out / "pretrain"), read_metrics(out / "sft"), ppo_rows)
+    oracle_rows = read_metrics(out / "ppo_gold") if steps["oracle"] else []
+    images = plot(out, read_metrics(out / "pretrain"), read_metrics(out / "sft"), ppo_rows,
+                  oracle_rows)
     command = f"scalelab demo --out {out}" + (" --quick" if quick else "")
     md = write_report(out, command, time.time() - t0, results, read_json(rm / "reward.json"),
                       ppo_rows, images)

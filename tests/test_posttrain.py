@@ -128,3 +128,13 @@ def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
                 str(tmp_path / "s"))
     assert r.returncode == 2 and "sft.jsonl:1" in r.stderr and "assistant" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):
+    from scalelab.train.dpo import load_pairs
+    f = tmp_path / "preferences.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"],
+                             "stopped": [True, False, True], "scores": [1.5, 0.3, 1.4]}) + "\n")
+    # "c" is within the tie margin of the best answer: no pair; "b" never stopped.
+    assert load_pairs(str(f), 0.3) == [("p", "a", "b", True, False)]
+    assert len(load_pairs(str(f), 0.0)) == 2

@@ -35,36 +35,51 @@ def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
     return -F.logsigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))).mean()
 
 
-def load_pairs(spec: str) -> list[tuple[str, str, str]]:
+Pair = tuple[str, str, str, bool, bool]  # prompt, chosen, rejected, and whether each stopped
+
+
+def load_pairs(spec: str, min_margin: float) -> list[Pair]:
     """prompt/chosen/rejected rows from a JSONL file; a reward run's generated
-    `preferences.jsonl` (ranked answers per prompt) also works: best answer vs each worse one."""
+    `preferences.jsonl` (ranked answers per prompt) also works: the best answer vs each one
+    scored more than min_margin lower, each ending with EOS only if the model stopped."""
     if spec.startswith("builtin:"):
         raise UserError(f"--data: {spec!r}: DPO reads a preference JSONL file, e.g. the "
                         "preferences.jsonl that `scalelab reward --data builtin:tasks` writes")
     rows = read_jsonl(spec)
     if "responses" not in rows[0][1]:
-        return read_preferences(spec)
-    return [(r["prompt"], r["responses"][0], worse) for _, r in rows
-            for worse, s in zip(r["responses"][1:], r["scores"][1:]) if s < r["scores"][0]]
+        return [(p, c, r, True, True) for p, c, r in read_preferences(spec)]
+    pairs = []
+    for _, row in rows:
+        answers, scores = row["responses"], row["scores"]
+        stopped = row.get("stopped", [True] * len(answers))
+        pairs += [(row["prompt"], answers[0], a, stopped[0], st)
+                  for a, s, st in zip(answers[1:], scores[1:], stopped[1:])
+                  if scores[0] - s > min_margin]
+    return pairs
 
 
 def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
     run, device, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    pairs = load_pairs(data_spec)
+    pairs = load_pairs(data_spec, cfg.reward.min_margin)
+
     def conv(prompt: str, answer: str) -> list[dict]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
     def fits(prompt: str, answer: str) -> bool:
         return len(tok.encode_chat(conv(prompt, answer))[0]) <= model.cfg.seq_len + 1
 
-    usable = [(p, c, r) for p, c, r in pairs if fits(p, c) and fits(p, r)]
+    def encode(prompt: str, answer: str, stopped: bool) -> tuple[list[int], list[int]]:
+        x, y = encode_conversations([conv(prompt, answer)], tok, model.cfg.seq_len)[0]
+        if not stopped:  # the model never said EOS here: don't credit or blame one
+            y[max(i for i, t in enumerate(y) if t != IGNORE)] = IGNORE
+        return x, y
+
+    usable = [pair for pair in pairs if fits(*pair[:2]) and fits(pair[0], pair[2])]
     if len(usable) < len(pairs):
         tqdm.write(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
                    f"context ({model.cfg.seq_len} tokens)")
-    convs = [conv(p, a) for p, c, r in usable for a in (c, r)]
-    enc = encode_conversations(convs, tok, model.cfg.seq_len)
-    items = [(enc[2 * i], enc[2 * i + 1]) for i in range(len(usable))]
+    items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
     if len(items) < 2 * cfg.train.batch_size:
         raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least "
                         f"{2 * cfg.train.batch_size}")

@@ -238,8 +238,10 @@ def load_prompts(spec: str, n: int, seed: int) -> tuple[list[str], list | None]:
     return read_prompts(spec), None
 
 
-def ppo(cfg: Config, policy_dir: Path, reward_dir: Path, prompts_spec: str, out: Path,
+def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str, out: Path,
         resume: bool = False) -> Path:
+    """PPO from the policy in policy_dir against the reward model in reward_dir, or against
+    the gold labeler itself when reward_dir is "builtin:gold"."""
     from scalelab.train.labelers import get_labeler
     pc, tc = cfg.ppo, cfg.train
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
