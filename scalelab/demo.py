@@ -112,15 +112,23 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
     fig.savefig(out / "losses.png", dpi=110)
     plt.close(fig)
 
+    def noisy(ax, rows, key, label):
+        """Each step's value faint, a 10-step running mean on top: a step sees 32 answers."""
+        x, y = series(rows, key)
+        line, = ax.plot(x, y, alpha=0.25)
+        mean = [sum(y[max(0, i - 9): i + 1]) / len(y[max(0, i - 9): i + 1])
+                for i in range(len(y))]
+        ax.plot(x, mean, color=line.get_color(), label=label)
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot(*series(ppo, "objective/scores"), label="proxy reward (reward model)")
-    axes[0].plot(*series(ppo, "gold_reward"), label="gold reward (labeler)")
+    noisy(axes[0], ppo, "objective/scores", "proxy reward (reward model)")
+    noisy(axes[0], ppo, "gold_reward", "gold reward (labeler)")
     if oracle:
-        axes[0].plot(*series(oracle, "gold_reward"), label="gold reward, PPO against it")
+        noisy(axes[0], oracle, "gold_reward", "gold reward, PPO against the labeler")
     axes[0].set(title="PPO: reward of sampled responses", xlabel="PPO step")
     axes[0].legend()
-    axes[1].plot(*series(ppo, "objective/kl"), label="KL k1 (sum over tokens)")
-    axes[1].plot(*series(ppo, "objective/kl_k3"), label="KL k3")
+    noisy(axes[1], ppo, "objective/kl", "KL k1 (sum over tokens)")
+    noisy(axes[1], ppo, "objective/kl_k3", "KL k3")
     axes[1].set(title="PPO: KL to the SFT reference", xlabel="PPO step")
     axes[1].legend()
     fig.tight_layout()
