@@ -66,7 +66,6 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     held_in = make_examples(TRAIN_TASKS, 32 * len(TRAIN_TASKS), seed=1001)
     held_out = make_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), seed=1001)
     gold_prompts = make_examples(TRAIN_TASKS, 1024, seed=2002)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     results = {}
     for name, path in models.items():
         model, tok = load_model(path)
@@ -80,13 +79,13 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
         results[name] = {
             "held_in": task_accuracy(model, tok, held_in),
             "held_out": task_accuracy(model, tok, held_out),
-            "gold_reward": mean(golds),
+            "gold_reward": statistics.fmean(golds),
             "gold_reward_se": statistics.stdev(golds) / len(golds) ** 0.5,
-            "sampled_correct": mean([TASKS[e.family].score(e, t)
+            "sampled_correct": statistics.fmean([TASKS[e.family].score(e, t)
                                      for e, t in zip(gold_prompts, texts)]),
-            "sampled_extra_words": mean([len(t.split()) > len(e.answer.split())
+            "sampled_extra_words": statistics.fmean([len(t.split()) > len(e.answer.split())
                                          for e, t in zip(gold_prompts, texts)]),
-            "sampled_stopped": mean(stopped),
+            "sampled_stopped": statistics.fmean(stopped),
             "showcase": [tok.decode(ids) for ids in greedy],
         }
     return results
@@ -116,8 +115,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
         """Each step's value faint, a 10-step running mean on top: a step sees 32 answers."""
         x, y = series(rows, key)
         line, = ax.plot(x, y, alpha=0.25)
-        mean = [sum(y[max(0, i - 9): i + 1]) / len(y[max(0, i - 9): i + 1])
-                for i in range(len(y))]
+        mean = [statistics.fmean(y[max(0, i - 9): i + 1]) for i in range(len(y))]
         ax.plot(x, mean, color=line.get_color(), label=label)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
