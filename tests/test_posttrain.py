@@ -82,6 +82,18 @@ def test_post_training_stages_end_to_end(tmp_path):
     again = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
     assert strip(again) == strip(rows)
+    # The demo's evaluation and report over these models.
+    from scalelab.demo import evaluate_policies, markdown_to_html, read_metrics, write_report
+    results = evaluate_policies({"SFT": tmp_path / "sft/model", "PPO": tmp_path / "ppo/model"})
+    for r in results.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("sampled_correct", "sampled_extra_words",
+                                                 "sampled_stopped"))
+        assert len(r["showcase"]) == 6 and "mean" in r["held_in"] and "mean" in r["held_out"]
+    md = write_report(tmp_path, "scalelab demo", 1.0, results, stats,
+                      read_metrics(tmp_path / "ppo"), [])
+    assert f"{results['PPO']['gold_reward']:.3f}" in md and "| PPO |" in md
+    assert "<table>" in markdown_to_html(md)
+
     # The gold labeler itself as the reward (no reward model): gold_reward is the score.
     r = run_cli("ppo", "--policy", str(tmp_path / "sft/model"), "--reward", "builtin:gold",
                 "--prompts", "builtin:tasks", "--out", str(tmp_path / "oracle"),
