@@ -150,3 +150,22 @@ def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):
     # "c" is within the tie margin of the best answer: no pair; "b" never stopped.
     assert load_pairs(str(f), 0.3) == [("p", "a", "b", True, False)]
     assert len(load_pairs(str(f), 0.0)) == 2
+
+
+def test_post_training_refuses_to_run_as_many_copies(tmp_path, tokenizer):
+    """Under torchrun every process would train its own copy into one folder: refuse, exit 2,
+    write nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from scalelab.train.checkpoint import save_model
+    model_dir = tmp_path / "m"
+    save_model(Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
+                                       n_head=2, d_model=16)), tokenizer, model_dir)
+    out = tmp_path / "sft"
+    r = subprocess.run([sys.executable, "-m", "scalelab", "sft", "--base", str(model_dir),
+                        "--data", "builtin:tasks", "--out", str(out)], capture_output=True,
+                       text=True, env={**os.environ, "WORLD_SIZE": "2"}, timeout=120)
+    assert r.returncode == 2 and "WORLD_SIZE" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

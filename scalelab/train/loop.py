@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,10 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     it starts from, save the resolved config and where the model came from (lineage.json).
     Returns (run, device, model, tokenizer)."""
     from scalelab.train.checkpoint import load_model
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # N processes would each train a copy into the same folder
+        raise UserError(f"{stage} runs in one process (WORLD_SIZE is {world}): only pretrain "
+                        "spreads over a device mesh so far; run this stage without torchrun")
     torch.manual_seed(cfg.train.seed)
     run = Run(out, cfg, resume)
     device = pick_device(cfg.train.device)
