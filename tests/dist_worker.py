@@ -30,6 +30,16 @@ def config(ref: Path, sizes: tuple[int, int, int], global_batch: int):
     return cfg
 
 
+def crashed_at_step_10(src: Path, out: Path) -> None:
+    """Rank 0 copies a finished 20-step run as if it had crashed after step 10's checkpoint."""
+    if dist.get_rank() == 0:
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns("step_20", "model"))
+        rows = (src / "metrics.jsonl").read_text().splitlines()
+        (out / "metrics.jsonl").write_text(
+            "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
+    dist.barrier()
+
+
 def fresh(out: Path, ref: Path) -> None:
     """Rank 0 copies the reference run's data and tokenizer into a new run folder."""
     if dist.get_rank() == 0:
@@ -94,21 +104,11 @@ def main() -> None:
     # Resume fsdp=2 x tp=2 at step 10 under dp=4.
     src, out = base / "1_2_2", base / "resume_dp4"
     if src.exists():
-        if dist.get_rank() == 0:
-            shutil.copytree(src, out, ignore=shutil.ignore_patterns("step_20", "model"))
-            rows = (src / "metrics.jsonl").read_text().splitlines()
-            (out / "metrics.jsonl").write_text(
-                "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
-        dist.barrier()
+        crashed_at_step_10(src, out)
         pretrain(config(ref, (4, 1, 1), global_batch), out, resume=True)
     # Resume the one-process reference run's step_10 (safetensors) under fsdp=2 x tp=2.
     out = base / "resume_ref_fsdp2_tp2"
-    if dist.get_rank() == 0:
-        shutil.copytree(ref, out, ignore=shutil.ignore_patterns("step_20", "model"))
-        rows = (ref / "metrics.jsonl").read_text().splitlines()
-        (out / "metrics.jsonl").write_text(
-            "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 10))
-    dist.barrier()
+    crashed_at_step_10(ref, out)
     pretrain(config(ref, (1, 2, 2), global_batch), out, resume=True)
     gqa = gqa_tp_losses()
     if dist.get_rank() == 0:
