@@ -52,15 +52,35 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+    """Preallocated keys and values for every layer.
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    Two ways to write: by default `pos` counts the filled positions and each call appends
+    (attention then sees positions [0, pos + T)). With `write_at` set to a (T,) long tensor,
+    keys/values go to those positions by index and attention sees the whole buffer, so every
+    shape stays fixed (what a CUDA graph needs); the caller's mask hides unwritten positions.
+    With dtype None the buffers are made on the first write, in the dtype attention produced
+    (bf16 under autocast), with as many heads as this rank computes.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=None):
+        self.shape = [cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head]
+        self.k = self.v = None
+        if dtype is not None:
+            self.k = torch.zeros(self.shape, device=device, dtype=dtype)
+            self.v = torch.zeros(self.shape, device=device, dtype=dtype)
         self.pos = 0
+        self.write_at: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:  # zeros, not empty: masked-out garbage must still be finite
+            self.shape[2] = k.size(1)
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.write_at is not None:
+            self.k[layer].index_copy_(2, self.write_at, k)
+            self.v[layer].index_copy_(2, self.write_at, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         if end > self.k.size(3):
             raise ValueError(f"KV cache full: {end} > {self.k.size(3)} positions")
