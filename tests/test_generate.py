@@ -139,3 +139,18 @@ def test_top_k_and_top_p_masks_are_exact():
     assert filter_logits(p, 0, 0.4).isinf().tolist() == [[False, True, True, True]]
     assert filter_logits(p, 0, 0.9).isinf().tolist() == [[False, False, False, True]]
     assert (sample_next(logits, 0.0, 0, 1.0, None) == torch.tensor([3, 2])).all()
+
+
+def test_rope_is_a_rotation_of_each_half_pair():
+    # Computed another way: pair i is the complex number x[i] + j*x[i + D/2], turned by the
+    # angle position * theta^(-2i/D).
+    from scalelab.model import apply_rope, rope_tables
+    B, T, H, D = 2, 5, 3, 8
+    x = torch.randn(B, T, H, D)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 7, 8, 9, 10]])
+    cos, sin = rope_tables(D, 16, 10000.0)
+    got = apply_rope(x, cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
+    freq = 10000.0 ** (-torch.arange(0, D, 2) / D)
+    turn = torch.polar(torch.ones(B, T, 1, D // 2), positions[..., None, None] * freq)
+    want = torch.complex(x[..., : D // 2], x[..., D // 2:]) * turn
+    torch.testing.assert_close(got, torch.cat([want.real, want.imag], -1), atol=1e-5, rtol=1e-5)
