@@ -2,13 +2,31 @@
 
 Prompts of different lengths are left-padded; position ids come from the padding mask, so a
 padded prompt produces exactly the same tokens as the same prompt alone.
+
+The rollout engine (`Rollout`) keeps every decode-step input at a fixed shape and address: the
+KV cache is preallocated, the step reads the token ids (B, 1), positions (B,), the write
+position as a tensor and a full-length key mask updated in place, writes the cache by index,
+and samples inside the step. The host only replays steps and looks at `done` every
+`check_every` tokens. On CUDA the step is recorded once as a CUDA graph per batch/length
+bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eagerly.
+
+Sampling is Gumbel-max: argmax(logits / T + Gumbel noise), with the uniform noise drawn from
+`generator` before each step. It draws from the same distribution as the multinomial sampler
+used before, but from different random numbers, so a given seed gives other tokens than it did.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import torch
 
 from scalelab.model import KVCache, Transformer
+
+CHECK_EVERY = 16  # decode steps between host checks of "has every row stopped?"
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
+_MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
 
 
 def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,64 +40,233 @@ def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, mask.unsqueeze(1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row from (B, vocab) logits; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, vocab) logits with the tokens outside top-k / the top-p nucleus set to -inf."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if 0 < top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                uniform: torch.Tensor | None) -> torch.Tensor:
+    """One token id per row from (B, vocab) logits; temperature 0 means greedy.
+
+    uniform: (B, vocab) noise in [0, 1) (unused when greedy). Gumbel-max: the argmax of
+    logits / T - log(-log(u)) is a sample from softmax(logits / T), with no host sync and
+    no multinomial, so it can live inside a CUDA graph."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+def _autocast_without_cache(device_type: str):
+    """The caller's autocast, but with its weight-cast cache off: a graph must not keep
+    pointers to cached bf16 weights that die when the caller's autocast block ends."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          cache_enabled=False)
+
+
+class Rollout:
+    """Fixed-shape decoding state for `rows` sequences of up to `length` tokens."""
+
+    def __init__(self, model: Transformer, rows: int, length: int, pad_id: int,
+                 eos_id: int | None, temperature: float, top_k: int, top_p: float):
+        device = next(model.parameters()).device
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.sampling = (temperature, top_k, top_p)
+        self.cache = KVCache(model.cfg, rows, length, device)  # dtype: what attention makes
+        self.cur = torch.zeros(rows, 1, dtype=torch.long, device=device)  # token to feed
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # its position id
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.key_ok = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)
+        self.out = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.noise = torch.zeros(rows, model.cfg.vocab_size, device=device)
+        self.graph = None
+        self.live_rows = rows
+
+    def draw(self, generator: torch.Generator | None) -> None:
+        # Noise for the live rows only: a bucket's filler rows take no random numbers, so
+        # the tokens do not depend on the bucket size.
+        if self.sampling[0] > 0:
+            self.noise[: self.live_rows].uniform_(generator=generator)
+
+    def prefill(self, model: Transformer, tokens: torch.Tensor, valid: torch.Tensor,
+                prompt_len: int, live: torch.Tensor, generator: torch.Generator | None,
+                draw: bool = True) -> None:
+        """Run the (B, prompt_len) prompts, sample the first new token, reset the state.
+        tokens/valid: (B, length); live: (B,) False for filler rows of a bucket."""
+        P, length = prompt_len, tokens.size(1)
+        self.live_rows = int(live.sum())
+        positions, mask = padded_attention(valid)
+        self.cache.write_at = torch.arange(P, device=tokens.device)
+        h = model.hidden(tokens[:, :P], positions[:, :P], mask[:, :, :P, :], self.cache)
+        if draw:
+            self.draw(generator)
+        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise)
+        nxt = nxt.masked_fill(~live, self.pad_id)
+        self.out.copy_(tokens)
+        self.out[:, P] = nxt
+        self.done.copy_(~live)
+        if self.eos_id is not None:
+            self.done |= nxt == self.eos_id
+        self.cur.copy_(nxt[:, None])
+        self.pos.copy_(positions[:, P])
+        self.write_at.fill_(P)
+        cols = torch.arange(length, device=tokens.device)
+        self.key_ok.copy_((valid & (cols < P))[:, None, None, :])
+        self.cache.write_at = self.write_at  # from here on, writes follow the step's tensor
+
+    def step(self, model: Transformer) -> None:
+        """One decode step; every input is a fixed buffer, so it can be graph-captured."""
+        self.key_ok.index_fill_(3, self.write_at, True)
+        h = model.hidden(self.cur, self.pos[:, None], self.key_ok, self.cache)
+        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise)
+        nxt = nxt.masked_fill(self.done, self.pad_id)
+        if self.eos_id is not None:
+            self.done |= nxt == self.eos_id
+        self.out.index_copy_(1, self.write_at + 1, nxt[:, None])
+        self.cur.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.write_at.add_(1)
+
+    def capture(self, model: Transformer) -> None:
+        """Record `step` as a CUDA graph (CUDA only; the state must have been prefilled, and
+        it is left dirty: prefill again before use)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _autocast_without_cache("cuda"):
+            for _ in range(2):  # warm-up: cuBLAS workspaces, allocator pools
+                self.step(model)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), _autocast_without_cache("cuda"):
+            self.step(model)
+        self.graph = graph
+
+    def decode(self, model: Transformer, steps: int, generator: torch.Generator | None,
+               check_every: int) -> int:
+        """Up to `steps` decode steps; stops early (checked every check_every steps) once
+        every row has sampled EOS. Returns the number of steps run."""
+        for i in range(steps):
+            self.draw(generator)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step(model)
+            if self.eos_id is not None and (i + 1) % check_every == 0 and self.done.all():
+                return i + 1
+        return steps
+
+
+def _use_graph(device: torch.device, graphs: bool) -> bool:
+    return graphs and device.type == "cuda"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _engine(model: Transformer, rows: int, length: int, use_graph: bool, *args) -> Rollout:
+    """A Rollout for this shape: new each call without graphs; cached per model with them."""
+    if not use_graph:
+        return Rollout(model, rows, length, *args)
+    device_type = next(model.parameters()).device.type
+    autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+    p = next(model.parameters())
+    key = (rows, length, args, autocast, p.dtype, p.data_ptr())
+    engines = _ENGINES.setdefault(model, {})
+    if key not in engines:
+        while len(engines) >= _MAX_ENGINES:
+            engines.pop(next(iter(engines)))
+        engines[key] = Rollout(model, rows, length, *args)
+    return engines[key]
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
              pad_id: int, eos_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> list[list[int]]:
-    """New tokens for each prompt (ending at and including EOS if one was sampled)."""
+             use_cache: bool = True, graphs: bool = True,
+             check_every: int = CHECK_EVERY) -> list[list[int]]:
+    """New tokens for each prompt (ending at and including EOS if one was sampled).
+
+    use_cache=False recomputes the whole sequence every token: slow, the reference.
+    graphs: on CUDA, replay the decode step as a CUDA graph (no effect elsewhere)."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
     if P >= total:
         raise ValueError(f"prompt of {P} tokens leaves no room in seq_len {model.cfg.seq_len}")
+    if not use_cache:
+        return _generate_no_cache(model, prompts, total, pad_id, eos_id, temperature, top_k,
+                                  top_p, generator)
+    use_graph = _use_graph(device, graphs)
+    # With graphs, round the batch and length up so later calls can reuse the recording.
+    rows, length = (_round_up(B, 8), _round_up(total, 64)) if use_graph else (B, total)
+    tokens = torch.full((rows, length), pad_id, dtype=torch.long)
+    valid = torch.zeros((rows, length), dtype=torch.bool)
+    valid[B:, P - 1:] = True  # filler rows: one pad token as the prompt, marked done
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True  # generated positions are always valid
+    tokens, valid = tokens.to(device), valid.to(device)
+    live = torch.arange(rows, device=device) < B
+
+    engine = _engine(model, rows, length, use_graph, pad_id, eos_id, temperature, top_k, top_p)
+    if use_graph and engine.graph is None:
+        # A one-token dummy prompt makes the cache; warm-up and capture then write only
+        # columns 0..3, in range for any length (rounded up to 64).
+        engine.prefill(model, torch.full_like(tokens, pad_id), torch.ones_like(valid), 1, live,
+                       generator, draw=False)
+        engine.capture(model)
+    engine.prefill(model, tokens, valid, P, live, generator)
+    steps = engine.decode(model, total - P - 1, generator, max(1, check_every))
+    rows_out = engine.out[:B, P: P + 1 + steps].tolist()
+    return [_cut_at_eos(r, eos_id) for r in rows_out]
+
+
+def _cut_at_eos(new: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in new:  # rows that stopped early hold pads after EOS
+        return new[: new.index(eos_id) + 1]
+    return new
+
+
+def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int, pad_id: int,
+                       eos_id: int | None, temperature: float, top_k: int, top_p: float,
+                       generator: torch.Generator | None) -> list[list[int]]:
+    """The reference: a full forward pass over the sequence so far for every new token,
+    with the same noise draws as the engine (so equal logits give equal tokens)."""
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros((B, total), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True  # generated positions are always valid
+        valid[i, P - len(p):] = True
     positions, mask = padded_attention(valid)
-
-    cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype) \
-        if use_cache else None
+    noise = torch.zeros(B, model.cfg.vocab_size, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    start = 0
     for t in range(P, total):
-        if use_cache:  # first step feeds the whole prompt, later ones one token
-            logits = model(tokens[:, start:t], positions[:, start:t], mask[:, :, start:t, :t],
-                           cache)
-            start = t
-        else:
-            logits = model(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t])
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        logits = model(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t])
+        if temperature > 0:
+            noise.uniform_(generator=generator)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, noise)
         tokens[:, t] = torch.where(done, pad_id, nxt)
         if eos_id is not None:
             done |= nxt == eos_id
             if done.all():
                 total = t + 1
                 break
-    out = []
-    for i in range(B):
-        new = tokens[i, P:total].tolist()
-        if eos_id is not None and eos_id in new:  # rows that stopped early hold pads after EOS
-            new = new[: new.index(eos_id) + 1]
-        out.append(new)
-    return out
+    return [_cut_at_eos(r, eos_id) for r in tokens[:, P:total].tolist()]

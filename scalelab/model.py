@@ -52,15 +52,35 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+    """Preallocated keys and values for every layer.
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    Two ways to write: by default `pos` counts the filled positions and each call appends
+    (attention then sees positions [0, pos + T)). With `write_at` set to a (T,) long tensor,
+    keys/values go to those positions by index and attention sees the whole buffer, so every
+    shape stays fixed (what a CUDA graph needs); the caller's mask hides unwritten positions.
+    With dtype None the buffers are made on the first write, in the dtype attention produced
+    (bf16 under autocast), with as many heads as this rank computes.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=None):
+        self.shape = [cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head]
+        self.k = self.v = None
+        if dtype is not None:
+            self.k = torch.zeros(self.shape, device=device, dtype=dtype)
+            self.v = torch.zeros(self.shape, device=device, dtype=dtype)
         self.pos = 0
+        self.write_at: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:  # zeros, not empty: masked-out garbage must still be finite
+            self.shape[2] = k.size(1)
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.write_at is not None:
+            self.k[layer].index_copy_(2, self.write_at, k)
+            self.v[layer].index_copy_(2, self.write_at, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         if end > self.k.size(3):
             raise ValueError(f"KV cache full: {end} > {self.k.size(3)} positions")
@@ -70,16 +90,21 @@ class KVCache:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_len, head_dim) tables [cos, cos] and [-sin, sin], the form `apply_rope` uses."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (B, 1, T, D/2). Rotate pairs (first half, second half).
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
+    """Rotate pairs (first half, second half): (x1 cos - x2 sin, x2 cos + x1 sin).
+    x: (B, T, H, D); cos, sin: (B, T, 1, D) rows of `rope_tables`. Written as
+    x * [cos, cos] + [x2, x1] * [-sin, sin] so every product runs on whole contiguous rows
+    (few, fast kernels when decoding), with the same float results as the half-by-half form."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -96,10 +121,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallelism this rank holds only some heads.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = q.size(1) != k.size(1)
@@ -198,8 +222,8 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if mask is None and start > 0 and T > 1:  # causal, offset by what is cached
             mask = causal_mask(T, start + T, tokens.device)
-        cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(2)
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)

@@ -1,0 +1,179 @@
+"""Rollout throughput: scalelab `generate()` vs. Hugging Face `generate` with a static cache.
+
+Same shape for both (GPT-2 124M: 12 x 768, 12 heads, vocab 50304, as a LlamaForCausalLM with
+scalelab's SwiGLU width), random weights, batch 64 x 64-token prompts, 128 sampled tokens at
+temperature 1 with no top-k/top-p, bf16 weights on CUDA (fp32 on CPU). No EOS, so every system
+produces all 128 tokens. Systems take turns after warm-up; the median new tokens/s is reported.
+
+    python bench/generate_throughput.py [--device cuda|cpu] [--smoke] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from scalelab.config import ModelConfig
+from scalelab.generate import generate
+from scalelab.model import Transformer
+
+FULL = dict(model=dict(n_layer=12, d_model=768, n_head=12, vocab_size=50304, seq_len=256),
+            batch=64, prompt=64, new=128)
+SMOKE = dict(model=dict(n_layer=2, d_model=64, n_head=4, vocab_size=512, seq_len=64),
+             batch=8, prompt=16, new=32)
+
+
+def hf_model(mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """LlamaForCausalLM of scalelab's resolved shape (layers, heads, MLP, vocab, tied)."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta}}
+            if int(transformers.__version__.split(".")[0]) >= 5 else {"rope_theta": mc.rope_theta})
+    hc = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model,
+                     intermediate_size=mc.d_mlp, num_hidden_layers=mc.n_layer,
+                     num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
+                     max_position_embeddings=mc.seq_len, rms_norm_eps=mc.norm_eps,
+                     tie_word_embeddings=mc.tie_embeddings, attention_bias=False,
+                     mlp_bias=False, hidden_act="silu", **rope)
+    model = LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--smoke", action="store_true", help="tiny shape: seconds on a CPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    if args.threads or args.smoke:  # tiny shapes: one thread wastes no time in barriers
+        torch.set_num_threads(args.threads or 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    shape = SMOKE if args.smoke else FULL
+    B, P, N = shape["batch"], shape["prompt"], shape["new"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**shape["model"])).to(device=device, dtype=dtype).eval()
+    mc = ours.cfg
+    prompts = torch.randint(1, mc.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
+    prompt_lists = prompts.tolist()
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def scalelab_run(graphs: bool) -> Callable[[], int]:
+        def run() -> int:
+            out = generate(ours, prompt_lists, N, pad_id=0, eos_id=None, temperature=1.0,
+                           generator=gen, graphs=graphs)
+            return sum(len(o) for o in out)
+        return run
+
+    systems: dict[str, Callable[[], int]] = {"scalelab": scalelab_run(True)}
+    if cuda:
+        systems["scalelab_no_graphs"] = scalelab_run(False)
+    unavailable: dict[str, str] = {}
+    try:
+        peer = hf_model(mc, dtype, device)
+        ids, attn = prompts.to(device), torch.ones_like(prompts).to(device)
+
+        def hf_run() -> int:
+            out = peer.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N,
+                                cache_implementation="static", pad_token_id=0,
+                                eos_token_id=None)
+            return (out.size(1) - P) * B
+        systems["hf_static"] = hf_run
+    except Exception as e:  # transformers missing or too old: scalelab alone
+        unavailable["hf_static"] = f"{type(e).__name__}: {e}"[:300]
+
+    print(f"device {device_name(device)} | torch {torch.__version__} | {dtype} | shape L="
+          f"{mc.n_layer} d={mc.d_model} H={mc.n_head} mlp={mc.d_mlp} vocab={mc.vocab_size} | "
+          f"batch {B}, prompt {P}, {N} new tokens")
+    warm_s: dict[str, float] = {}
+    for name in list(systems):  # warm-up: graph capture / HF's compile happen here
+        try:
+            t0 = time.perf_counter()
+            for _ in range(2):
+                got = systems[name]()
+            sync()
+            warm_s[name] = time.perf_counter() - t0
+            if got != B * N:
+                raise RuntimeError(f"made {got} tokens, expected {B * N}")
+        except Exception as e:
+            if name == "scalelab":
+                raise
+            unavailable[name] = f"{type(e).__name__}: {e}"[:300]
+            del systems[name]
+            print(f"{name} unavailable: {unavailable[name]}")
+    times: dict[str, list[float]] = {n: [] for n in systems}
+    for _ in range(args.repeats):  # alternate turns: background load hits all alike
+        for name, run in systems.items():
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+
+    tok_s = {n: B * N / statistics.median(t) for n, t in times.items()}
+    print(f"\n{'system':<20}{'new tok/s':>12}{'median s':>10}{'warm-up s':>11}")
+    for n in systems:
+        print(f"{n:<20}{tok_s[n]:>12,.0f}{statistics.median(times[n]):>10.3f}"
+              f"{warm_s[n]:>11.1f}")
+    for n, why in unavailable.items():
+        print(f"{n:<20} peer unavailable: {why}")
+    hf = tok_s.get("hf_static")
+    rows = []
+    for n in systems:
+        if n.startswith("scalelab"):
+            rows.append({"name": f"rollouts new tok/s: {n} vs hf static cache", "value": tok_s[n],
+                         "unit": "new tok/s", "peer": "hf generate, static cache",
+                         "peer_value": hf, "ratio": tok_s[n] / hf if hf else None})
+            print(f"{n} / hf_static: " + (f"{tok_s[n] / hf:.2f}x" if hf else "n/a"))
+    if "scalelab_no_graphs" in tok_s:
+        ratio = tok_s["scalelab"] / tok_s["scalelab_no_graphs"]
+        rows.append({"name": "rollouts new tok/s: CUDA graphs on vs off",
+                     "value": tok_s["scalelab"], "unit": "new tok/s",
+                     "peer": "scalelab, graphs off", "peer_value": tok_s["scalelab_no_graphs"],
+                     "ratio": ratio})
+        print(f"graphs on / off: {ratio:.2f}x")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "device": device_name(device), "torch": torch.__version__,
+               "command": " ".join(["python", *sys.argv]),
+               "config": {"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
+                          "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats},
+               "rows": rows, "tokens_per_s": tok_s, "warmup_s": warm_s,
+               "seconds": times, "peer_unavailable": unavailable}
+        try:
+            import transformers
+            out["transformers"] = transformers.__version__
+        except ImportError:
+            out["transformers"] = None
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

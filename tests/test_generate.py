@@ -1,0 +1,156 @@
+"""The rollout engine against the full-recompute reference, and its sampler's statistics."""
+
+import pytest
+import torch
+
+import scalelab.generate as gen
+from scalelab.config import ModelConfig
+from scalelab.generate import Rollout, filter_logits, generate, sample_next
+from scalelab.model import Transformer
+
+
+def small_model(vocab: int = 100, n_kv_head: int = 2, seed: int = 1) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=vocab, seq_len=96, n_layer=2, n_head=4,
+                                   n_kv_head=n_kv_head, d_model=32)).eval()
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [42] * 9, [3]]  # ragged: exercises left padding
+
+
+def run(model, prompts=PROMPTS, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return generate(model, prompts, kw.pop("max_new_tokens", 40), 0, generator=g, **kw)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_sampled_engine_matches_full_recompute_for_the_same_seed(n_kv_head):
+    model = small_model(n_kv_head=n_kv_head)
+    kw = dict(temperature=1.3, top_k=30, top_p=0.9)
+    fast = run(model, **kw)
+    assert fast == run(model, use_cache=False, **kw)
+    assert fast == run(model, **kw) and fast != run(model, seed=1, **kw)
+    assert all(len(o) == 40 for o in fast)
+
+
+def test_stop_checks_every_k_tokens_still_cut_at_the_first_eos():
+    model = small_model(vocab=12)  # a small vocabulary: EOS (id 7) comes up soon
+    prompts = [[1, 2, 3]] * 6 + [[4]] * 2
+    ref = run(model, prompts, eos_id=7, use_cache=False, max_new_tokens=60)
+    assert any(len(o) < 60 for o in ref) and all(o[-1] == 7 for o in ref if len(o) < 60)
+    for k in (1, 3, 16, 1000):
+        out = run(model, prompts, eos_id=7, check_every=k, max_new_tokens=60)
+        assert out == ref, k
+    assert all(7 not in o[:-1] for o in ref)
+
+
+def test_greedy_equals_full_recompute_and_prompt_alone():
+    model = small_model()
+    kw = dict(temperature=0.0, max_new_tokens=50)
+    fast = run(model, **kw)
+    assert fast == run(model, use_cache=False, **kw)
+    for p, out in zip(PROMPTS, fast):
+        assert run(model, [p], **kw)[0] == out
+
+
+class EagerGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: replay runs the step eagerly."""
+
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
+
+    def replay(self):
+        self.engine.step(self.model)
+
+
+def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
+    # Everything the CUDA path does except the recording: rows/length rounded up to a bucket,
+    # a dummy prefill + warm-up steps that dirty the state, then the real prefill; the engine is
+    # cached and reused by later calls with other prompt lengths.
+    calls = []
+
+    def fake_capture(self, model):
+        for _ in range(2):
+            self.step(model)
+        calls.append(self)
+        self.graph = EagerGraph(self, model)
+
+    model = small_model()
+    kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
+    want = [run(model, PROMPTS, **kw), run(model, PROMPTS[1:2], **kw),
+            run(model, PROMPTS[:3], temperature=0.0, max_new_tokens=20)]
+    monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
+    monkeypatch.setattr(Rollout, "capture", fake_capture)
+    got = [run(model, PROMPTS, **kw), run(model, PROMPTS[1:2], **kw),
+           run(model, PROMPTS[:3], temperature=0.0, max_new_tokens=20)]
+    assert got == want
+    assert len(calls) == 2  # one recording per sampling setting; the second call reused it
+    assert calls[0].out.shape == (8, 64)  # 4 rows -> 8, 9 + 30 tokens -> 64
+    assert run(model, PROMPTS, graphs=False, **kw) == want[0]
+
+
+def test_cache_follows_the_dtype_attention_produces():
+    model = small_model()
+    engine = Rollout(model, 2, 16, 0, None, 0.0, 0, 1.0)
+    tokens = torch.randint(1, 100, (2, 16))
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    live = torch.ones(2, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.prefill(model, tokens, valid, 4, live, None)
+        engine.step(model)
+    assert engine.cache.k.dtype == torch.bfloat16 and engine.cache.k.shape[2] == 2
+    assert engine.write_at.item() == 5
+    assert engine.key_ok[0, 0, 0].tolist() == [True] * 5 + [False] * 11
+    bf16 = small_model().to(torch.bfloat16)
+    out = run(bf16, temperature=0.0, max_new_tokens=10)
+    assert all(len(o) == 10 for o in out)
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def frequencies(temperature=1.0, top_k=0, top_p=1.0, n=40_000):
+    g = torch.Generator().manual_seed(0)
+    logits = PROBS.log().expand(n, 4)
+    ids = sample_next(logits, temperature, top_k, top_p, torch.rand(n, 4, generator=g))
+    return torch.bincount(ids, minlength=4).float() / n
+
+
+def test_gumbel_max_samples_the_softmax():
+    # 40k draws: the standard error of each frequency is below 0.0025; allow 4 of them.
+    torch.testing.assert_close(frequencies(), PROBS, atol=0.01, rtol=0)
+    hot = PROBS.sqrt() / PROBS.sqrt().sum()  # temperature 2: p^(1/2), renormalised
+    torch.testing.assert_close(frequencies(temperature=2.0), hot, atol=0.01, rtol=0)
+    kept = torch.tensor([0.5, 0.3, 0, 0]) / 0.8
+    torch.testing.assert_close(frequencies(top_k=2), kept, atol=0.01, rtol=0)
+    torch.testing.assert_close(frequencies(top_p=0.7), kept, atol=0.01, rtol=0)
+
+
+def test_top_k_and_top_p_masks_are_exact():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0], [0.0, 0.0, 5.0, 1.0, -2.0]])
+    inf = float("-inf")
+    assert filter_logits(logits, 2, 1.0).tolist() == [[2.0, inf, inf, 3.0, inf],
+                                                      [inf, inf, 5.0, 1.0, inf]]
+    p = PROBS.log()[None]
+    # nucleus: the smallest set whose mass reaches top_p (0.5 < 0.6 -> two tokens)
+    assert filter_logits(p, 0, 0.6).isinf().tolist() == [[False, False, True, True]]
+    assert filter_logits(p, 0, 0.4).isinf().tolist() == [[False, True, True, True]]
+    assert filter_logits(p, 0, 0.9).isinf().tolist() == [[False, False, False, True]]
+    assert (sample_next(logits, 0.0, 0, 1.0, None) == torch.tensor([3, 2])).all()
+
+
+def test_rope_is_a_rotation_of_each_half_pair():
+    # Computed another way: pair i is the complex number x[i] + j*x[i + D/2], turned by the
+    # angle position * theta^(-2i/D).
+    from scalelab.model import apply_rope, rope_tables
+    B, T, H, D = 2, 5, 3, 8
+    x = torch.randn(B, T, H, D)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 7, 8, 9, 10]])
+    cos, sin = rope_tables(D, 16, 10000.0)
+    got = apply_rope(x, cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
+    freq = 10000.0 ** (-torch.arange(0, D, 2) / D)
+    turn = torch.polar(torch.ones(B, T, 1, D // 2), positions[..., None, None] * freq)
+    want = torch.complex(x[..., : D // 2], x[..., D // 2:]) * turn
+    torch.testing.assert_close(got, torch.cat([want.real, want.imag], -1), atol=1e-5, rtol=1e-5)
