@@ -1,10 +1,14 @@
 """Training-step throughput of scalelab's Transformer vs. a same-shape HF LlamaForCausalLM.
 
-One timed step = forward, cross-entropy loss, backward, AdamW step, zero_grad. The systems
+One timed step = forward, cross-entropy loss, backward, AdamW step, zero_grad. scalelab's
+step is the one `scalelab pretrain` runs (`next_token_loss` through `loop.loss_step`: chunked
+cross-entropy, and with --compile model and loss compiled together). The systems
 run in alternating turns (scalelab, hf, scalelab, hf, ...) and each reports its median
 ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*T for both.
 
-    python bench/train_throughput.py                       # tiny preset, CPU or GPU
+    python bench/train_throughput.py                       # tiny preset on CPU
+    python bench/train_throughput.py --device cuda         # GPT-2 124M shape, 12 x 1024, compiled
+    python bench/train_throughput.py --smoke --json x.json # a few seconds: does it all run?
     python bench/train_throughput.py --config tiny --set model.d_model=256 \
         --seq-len 256 --batch-size 16 --vocab 4096         # the ANCHORS shape
 """
@@ -12,6 +16,7 @@ ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -28,7 +33,8 @@ from scalelab.cli import resolve_config_path
 from scalelab.config import Config, ModelConfig, load_config
 from scalelab.hardware import detect
 from scalelab.model import Transformer
-from scalelab.train.loop import autocast, make_optimizer, pick_device
+from scalelab.train.loop import autocast, loss_step, make_optimizer, pick_device
+from scalelab.train.pretrain import next_token_loss
 
 
 def hf_peer(mc: ModelConfig) -> torch.nn.Module:
@@ -50,13 +56,21 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
     """A closure doing one full training step on the fixed batch (x, y)."""
     model.to(device).train()
     opt = make_optimizer(model, cfg.train, device)
-    fwd = torch.compile(model) if compile else model
     ctx = autocast(device, cfg.train.dtype)
+    if hf:
+        fwd = torch.compile(model) if compile else model
+
+        def loss_fn(_, batch):
+            logits = fwd(input_ids=batch[0], use_cache=False).logits
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
+    else:  # exactly what `scalelab pretrain` runs per micro-batch
+        tc = copy.copy(cfg.train)
+        tc.compile = compile
+        loss_fn = loss_step(next_token_loss, tc)
 
     def step() -> None:
         with ctx:
-            logits = fwd(input_ids=x, use_cache=False).logits if hf else fwd(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            loss = loss_fn(model, (x, y))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -77,16 +91,20 @@ def device_name(device: torch.device) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="tiny", help="TOML path or preset name (default tiny)")
+    p.add_argument("--config", help="TOML path or preset name (default: tiny on CPU, "
+                   "gpt2-124m on CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--vocab", type=int, help="vocab size (default: config's, else 4096)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile both systems (default: on for CUDA, off on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per system")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per system")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and 3 steps: checks that everything runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -94,13 +112,21 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(resolve_config_path(args.config), args.set)
+    device = pick_device(args.device)
+    if args.compile is None:
+        args.compile = device.type == "cuda" and not args.smoke
+    name = args.config or ("gpt2-124m" if device.type == "cuda" and not args.smoke else "tiny")
+    cfg = load_config(resolve_config_path(name), args.set)
     mc, tc = cfg.model, cfg.train
+    if args.smoke:  # a handful of seconds on 2 CPU cores
+        mc.n_layer, mc.d_model, mc.n_head, mc.d_mlp = 2, 64, 2, 0
+        args.seq_len, args.batch_size = args.seq_len or 32, args.batch_size or 4
+        args.vocab = args.vocab or 512
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     mc.vocab_size = args.vocab or mc.vocab_size or 4096
     mc.seq_len = args.seq_len or mc.seq_len
     tc.batch_size = args.batch_size or tc.batch_size
     tc.dtype = args.dtype
-    device = pick_device(args.device)
     peers = [s.strip() for s in args.peers.split(",") if s.strip()]
     if unknown := set(peers) - {"scalelab", "hf"}:
         p.error(f"--peers: unknown {sorted(unknown)} (choose from scalelab, hf)")

@@ -19,15 +19,14 @@ from scalelab.data.batches import ExampleLoader, pad_right
 from scalelab.data.formats import read_jsonl, read_preferences
 from scalelab.train.checkpoint import save_model
 from scalelab.train.loop import fit, start_stage
+from scalelab.train.losses import token_logprobs
 from scalelab.train.sft import IGNORE, encode_conversations
 
 
 def sequence_logprob(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum of log p(target) over the positions where the target is not IGNORE: (B,)."""
-    logp = F.log_softmax(model(x).float(), dim=-1)
-    keep = y != IGNORE
-    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * keep).sum(-1)
+    picked = token_logprobs(model.hidden(x), model.lm_head.weight, y)  # chunked over tokens
+    return (picked * (y != IGNORE)).sum(-1)
 
 
 def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,

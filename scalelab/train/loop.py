@@ -64,6 +64,12 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
                              fused=device.type == "cuda")
 
 
+def loss_step(loss_fn: Callable, tc: TrainConfig) -> Callable:
+    """What fit() runs per micro-batch: loss_fn(model, batch), compiled whole (model and loss
+    in one graph) when train.compile is on. bench/train_throughput.py times this same path."""
+    return torch.compile(loss_fn) if tc.compile else loss_fn
+
+
 def load_any_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         parallel=None) -> dict:
     """A checkpoint saved by one process (safetensors) or under a mesh (sharded, DCP)."""
@@ -170,7 +176,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
 
     hw = detect(device)
     ctx = autocast(device, tc.dtype)
-    step_fn = torch.compile(loss_fn) if tc.compile else loss_fn
+    step_fn = loss_step(loss_fn, tc)
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=None if main else True)
     t0, tokens_since = time.perf_counter(), 0

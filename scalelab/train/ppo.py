@@ -13,6 +13,7 @@ for responses that never emit EOS, optional adaptive KL, learning rate annealed 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, PPOConfig, UserError
@@ -36,7 +36,8 @@ from scalelab.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from scalelab.train.loop import make_optimizer, pick_device, start_stage
+from scalelab.train.loop import autocast, make_optimizer, pick_device, start_stage
+from scalelab.train.losses import token_logprobs
 from scalelab.train.reward import ScalarModel, load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
@@ -85,9 +86,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
     """PPO's clipped surrogate: mean over tokens of max(-A*r, -A*clip(r, 1-e, 1+e))."""
     ratio = torch.exp(logp - old_logp)
     losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    stats = {"policy/approxkl": 0.5 * masked_mean((logp - old_logp) ** 2, mask).item(),
-             "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
-             "val/ratio": masked_mean(ratio, mask).item()}
+    with torch.no_grad():  # tensors, not floats: reading them would wait for the GPU
+        stats = {"policy/approxkl": 0.5 * masked_mean((logp - old_logp) ** 2, mask),
+                 "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask),
+                 "val/ratio": masked_mean(ratio, mask)}
     return masked_mean(losses, mask), stats
 
 
@@ -112,9 +114,10 @@ class Rollout:
 
 
 def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                 device) -> Rollout:
+                 device, min_response_len: int = 1) -> Rollout:
+    """min_response_len pads every rollout to one shape (what a compiled step wants)."""
     B, P = len(prompts), max(len(p) for p in prompts)
-    R = max(1, max(len(r) for r in responses))
+    R = max(1, min_response_len, max(len(r) for r in responses))
     tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
     valid = torch.zeros((B, P + R), dtype=torch.bool)
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -128,15 +131,11 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: i
 
 def response_logprobs(model: Transformer, ro: Rollout, temperature: float,
                       with_entropy: bool = False):
-    """Log-probs (B, R) of the response tokens at the sampling temperature."""
-    logits = model(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1].float()
-    logits = logits / max(temperature, 1e-6)
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ro.tokens[:, ro.prompt_len:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    """Log-probs (B, R) of the response tokens at the sampling temperature (and the entropy
+    of each token's distribution), in chunks: no (B, R, vocab) fp32 tensor is held whole."""
+    h = model.hidden(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+    return token_logprobs(h, model.lm_head.weight, ro.tokens[:, ro.prompt_len:], temperature,
+                          with_entropy)
 
 
 def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
@@ -146,20 +145,42 @@ def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
 
 # ---- one PPO step --------------------------------------------------------------------------
 
+
+def minibatch_loss(policy: Transformer, value: ScalarModel, sub: Rollout, old_logp, old_values,
+                   adv, returns, pc: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """The clipped policy + value loss of one minibatch, and its stats as tensors."""
+    m = sub.resp_mask
+    logp, entropy = response_logprobs(policy, sub, pc.temperature, with_entropy=True)
+    pg, stats = policy_loss(logp, old_logp, adv, m, pc.clip)
+    vf = value_loss(response_values(value, sub), old_values, returns, m, pc.value_clip)
+    stats.update({"loss/policy": pg.detach(), "loss/value": vf.detach(),
+                  "objective/entropy": masked_mean(entropy, m)})
+    return pg + pc.vf_coef * vf, stats
+
+
 RewardFn = Callable[[list[int], list[list[int]]], torch.Tensor]
 
 
 def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              optimizer: torch.optim.Optimizer, reward_fn: RewardFn, prompt_idx: list[int],
              prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
-             generator: torch.Generator | None = None) -> tuple[dict, Rollout]:
-    """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores."""
+             generator: torch.Generator | None = None, ctx=None, grad_clip: float = 1.0,
+             loss_fn: Callable | None = None, fixed_shape: bool = False) -> tuple[dict, Rollout]:
+    """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
+    ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
+    or a compiled copy of it (then fixed_shape pads every rollout to max_new_tokens).
+    Nothing in the minibatch loop reads a value back to the host: the stats stay tensors
+    until the end of the step."""
     device = next(policy.parameters()).device
+    ctx = ctx if ctx is not None else contextlib.nullcontext()
+    loss_fn = loss_fn or minibatch_loss
     policy.eval()
-    responses = generate(policy, prompts, pc.max_new_tokens, tok.pad_id, tok.eos_id,
-                         temperature=pc.temperature, generator=generator)
-    ro = make_rollout(prompts, responses, tok.pad_id, device)
-    with torch.no_grad():
+    with ctx:
+        responses = generate(policy, prompts, pc.max_new_tokens, tok.pad_id, tok.eos_id,
+                             temperature=pc.temperature, generator=generator)
+    ro = make_rollout(prompts, responses, tok.pad_id, device,
+                      pc.max_new_tokens if fixed_shape else 1)
+    with torch.no_grad(), ctx:
         old_logp = response_logprobs(policy, ro, pc.temperature)
         ref_logp = response_logprobs(ref, ro, pc.temperature)
         old_values = response_values(value, ro)
@@ -180,27 +201,25 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
 
     policy.train()
     value.train()
-    B, stats = len(responses), []
+    B, sums, n = len(responses), {}, 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(pc.ppo_epochs):
-        order = torch.randperm(B)  # global RNG: saved in checkpoints, so resume is exact
+        # global CPU RNG: saved in checkpoints, so resume is exact; one copy to the device
+        order = torch.randperm(B).to(device)
         for mb in order.chunk(pc.minibatches):
             sub = Rollout(ro.tokens[mb], ro.positions[mb], ro.mask[mb], ro.resp_mask[mb],
                           ro.prompt_len, [])
-            m = sub.resp_mask
-            logp, entropy = response_logprobs(policy, sub, pc.temperature, with_entropy=True)
-            pg, s = policy_loss(logp, old_logp[mb], adv[mb], m, pc.clip)
-            vf = value_loss(response_values(value, sub), old_values[mb], returns[mb], m,
-                            pc.value_clip)
-            loss = pg + pc.vf_coef * vf
+            with ctx:
+                loss, s = loss_fn(policy, value, sub, old_logp[mb], old_values[mb], adv[mb],
+                                  returns[mb], pc)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
-            s.update({"loss/policy": pg.item(), "loss/value": vf.item(),
-                      "objective/entropy": masked_mean(entropy, m).item()})
-            stats.append(s)
-    row = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+            sums = {k: sums.get(k, 0.0) + v.detach() for k, v in s.items()}
+            n += 1
+    keys = list(sums)  # one host sync for all the stats of the step
+    row = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist()))
     kl_seq = kl.sum(1)
     row.update({
         "objective/kl": kl_seq.mean().item(),
@@ -277,6 +296,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         from scalelab.train.reward import reward_scores
         return reward_scores(reward_model, tok, stats, [texts[i] for i in idx], responses)
 
+    ctx = autocast(device, tc.dtype)
+    loss_fn = torch.compile(minibatch_loss) if tc.compile else minibatch_loss
+
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
@@ -298,7 +320,8 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         t0 = time.perf_counter()
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
-                           tok, pc, kl_coef, gen)
+                           tok, pc, kl_coef, gen, ctx=ctx, grad_clip=tc.grad_clip,
+                           loss_fn=loss_fn, fixed_shape=tc.compile)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
         done = step + 1
         row = {"step": done, "loss": row["loss/policy"] + pc.vf_coef * row["loss/value"],

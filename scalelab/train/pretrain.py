@@ -19,6 +19,7 @@ from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
 from scalelab.train.loop import Run, autocast, fit
+from scalelab.train.losses import cross_entropy
 
 
 def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
@@ -39,9 +40,19 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
 
 
 def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean next-token loss, with the chunked cross-entropy (no full fp32 logits)."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    if is_sharded(model):  # FSDP gathers the weights in forward(): take the plain path
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return cross_entropy(model.hidden(x), model.lm_head.weight, y)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(model.lm_head.weight, DTensor)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
@@ -20,8 +19,7 @@ from scalelab.data.formats import read_conversations
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
 from scalelab.train.loop import autocast, fit, start_stage
-
-IGNORE = -100
+from scalelab.train.losses import IGNORE, cross_entropy
 
 
 def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
@@ -66,9 +64,7 @@ def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
 
 def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                           ignore_index=IGNORE)
+    return cross_entropy(model.hidden(x), model.lm_head.weight, y)  # skips IGNORE targets
 
 
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:

@@ -1,0 +1,132 @@
+"""Token losses read straight from the final hidden states, in chunks over tokens.
+
+The lm_head maps d_model to the whole vocabulary, so the plain way (logits = lm_head(h), then
+log_softmax in fp32) holds a (tokens, vocab) fp32 tensor, and its gradient, at once: 2.5 GB
+for a batch of 12 x 1024 at vocab 50k. Here the logits live one chunk of tokens at a time,
+in the forward pass and again in the backward pass, and never all together.
+
+- `cross_entropy(h, w, targets)`: mean next-token loss. The forward pass also computes the
+  gradients (the loss is a scalar, so its gradient is known up to the incoming scale), so
+  training pays no extra matmul for the chunking.
+- `token_logprobs(h, w, targets, temperature)`: log p(target) per token, and optionally the
+  entropy, as PPO and DPO need them. Its backward recomputes each chunk's logits (one extra
+  lm_head matmul) because the incoming gradient differs per token.
+
+Matmuls run in the autocast dtype when autocast is on (bf16 on GPUs); softmax, log-probs and
+gradient sums are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in fp32)
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+def _chunks(n: int, vocab: int, chunk: int | None) -> list[tuple[int, int]]:
+    size = chunk or max(64, CHUNK_ELEMENTS // vocab)
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, inv_temp: float):
+    z = (h.to(dtype) @ w.to(dtype).t()).float()
+    return z * inv_temp if inv_temp != 1.0 else z
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk, need_grad):
+        dtype = _compute_dtype(h)
+        valid = targets != IGNORE
+        count = valid.sum().clamp(min=1).float()
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) \
+            if need_grad else None
+        for a, b in _chunks(h.size(0), w.size(0), chunk):
+            z = _logits(h[a:b], w, dtype, 1.0)
+            lse = torch.logsumexp(z, dim=-1)
+            y, keep = targets[a:b].clamp(min=0), valid[a:b]
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            total = total + ((lse - picked) * keep).sum()
+            if need_grad:  # d loss / d z = (softmax - onehot) / count on kept rows
+                g = torch.exp(z - lse[:, None])
+                g.scatter_add_(1, y[:, None], -torch.ones_like(picked)[:, None])
+                g = (g * (keep.float() / count)[:, None]).to(dtype)
+                grad_h[a:b] = (g @ w.to(dtype)).to(h.dtype)
+                grad_w += (g.t() @ h[a:b].to(dtype)).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype),
+                None, None, None)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, inv_temp, chunk, with_entropy):
+        dtype = _compute_dtype(h)
+        logp = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for a, b in _chunks(h.size(0), w.size(0), chunk):
+            z = _logits(h[a:b], w, dtype, inv_temp)
+            lse = torch.logsumexp(z, dim=-1)
+            logp[a:b] = z.gather(1, targets[a:b, None]).squeeze(1) - lse
+            if with_entropy:  # H = lse - sum(p * z)
+                entropy[a:b] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(h, w, targets)
+        ctx.inv_temp, ctx.chunk, ctx.dtype = inv_temp, chunk, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        h, w, targets = ctx.saved_tensors
+        dtype, inv_temp = ctx.dtype, ctx.inv_temp
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+        for a, b in _chunks(h.size(0), w.size(0), ctx.chunk):
+            z = _logits(h[a:b], w, dtype, inv_temp)
+            # d logp / d z = onehot - softmax, times 1/temperature through the scaling
+            g = -torch.softmax(z, dim=-1)
+            g.scatter_add_(1, targets[a:b, None], torch.ones_like(z[:, :1]))
+            g = (g * (grad_logp[a:b].float() * inv_temp)[:, None]).to(dtype)
+            if grad_h is not None:
+                grad_h[a:b] = (g @ w.to(dtype)).to(h.dtype)
+            grad_w += (g.t() @ h[a:b].to(dtype)).float()
+        return grad_h, grad_w.to(w.dtype), None, None, None, None
+
+
+def cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight.T against targets, skipping IGNORE (-100).
+    h: (..., d); targets: (...) token ids; weight: (vocab, d)."""
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _CrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk,
+                               need_grad)
+
+
+def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = False,
+                   chunk: int | None = None):
+    """log softmax(h @ weight.T / temperature)[target] per token, shaped like targets.
+    Targets equal to IGNORE read token 0 (mask them out yourself). With with_entropy, also
+    the entropy of each token's distribution (no gradient)."""
+    shape = targets.shape
+    logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
+                                         targets.reshape(-1).clamp(min=0),
+                                         1.0 / max(temperature, 1e-6), chunk, with_entropy)
+    if with_entropy:
+        return logp.view(shape), entropy.view(shape)
+    return logp.view(shape)
