@@ -15,10 +15,15 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Peer wheels (bench/peer_wheels.sh) travel in .whl where the GPU image lacks them.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/peer-site"
+fi
 if [ "$mode" = "--cpu" ]; then
   args=(--device cpu --smoke); limit=300
 else
-  args=(--device cuda); limit=170
+  args=(--device cuda); limit=${BENCH_LIMIT:-170}
 fi
 
 $py - "$out/env.json" <<'PY'
@@ -59,11 +64,9 @@ for f in sorted(out.glob("*.json")):
     if "rows" not in data:  # a bench without the row format: show its JSON as it is
         print(f.stem, json.dumps(data)[:1500])
     for r in data.get("rows", []):
-        peer = r.get("peer_value")
-        ratio = r.get("ratio")
-        print(f"{r['name'][:46]:<46} {r['value']:>12.4g} "
-              f"{peer if peer is None else format(peer, '.4g'):>12} "
-              f"{'-' if ratio is None else format(ratio, '.2f'):>7}  {r.get('unit', '')}"
-              f"  [{r.get('peer', '')}]")
+        val, peer, ratio = (r.get(k) for k in ("value", "peer_value", "ratio"))
+        num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        print(f"{r['name'][:46]:<46} {num(val, '.4g'):>12} {num(peer, '.4g'):>12} "
+              f"{num(ratio, '.2f'):>7}  {r.get('unit', '')}  [{r.get('peer', '')}]")
 PY
 exit $status
