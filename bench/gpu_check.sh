@@ -42,7 +42,7 @@ print(json.dumps(info))
 PY
 
 status=0
-for bench in generate ppo train; do
+for bench in ${BENCHES:-ppo train generate}; do
   echo "== $bench ($(date +%T))"
   timeout "$limit" $py "bench/${bench}_throughput.py" "${args[@]}" --json "$out/$bench.json" \
     > "$out/$bench.log" 2>&1
