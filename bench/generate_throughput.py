@@ -59,6 +59,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--smoke", action="store_true", help="tiny shape: seconds on a CPU")
+    p.add_argument("--fuse", action="store_true",
+                   help="also time generate(fuse=True): compiled layer math (experimental)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -81,16 +83,18 @@ def main() -> None:
     prompt_lists = prompts.tolist()
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def scalelab_run(graphs: bool) -> Callable[[], int]:
+    def scalelab_run(graphs: bool, fuse: bool = False) -> Callable[[], int]:
         def run() -> int:
             out = generate(ours, prompt_lists, N, pad_id=0, eos_id=None, temperature=1.0,
-                           generator=gen, graphs=graphs)
+                           generator=gen, graphs=graphs, fuse=fuse)
             return sum(len(o) for o in out)
         return run
 
     systems: dict[str, Callable[[], int]] = {"scalelab": scalelab_run(True)}
     if cuda:
         systems["scalelab_no_graphs"] = scalelab_run(False)
+        if args.fuse:
+            systems["scalelab_fused"] = scalelab_run(True, fuse=True)
     unavailable: dict[str, str] = {}
     try:
         peer = hf_model(mc, dtype, device)
@@ -149,13 +153,14 @@ def main() -> None:
                          "unit": "new tok/s", "peer": "hf generate, static cache",
                          "peer_value": hf, "ratio": tok_s[n] / hf if hf else None})
             print(f"{n} / hf_static: " + (f"{tok_s[n] / hf:.2f}x" if hf else "n/a"))
-    if "scalelab_no_graphs" in tok_s:
-        ratio = tok_s["scalelab"] / tok_s["scalelab_no_graphs"]
-        rows.append({"name": "rollouts new tok/s: CUDA graphs on vs off",
-                     "value": tok_s["scalelab"], "unit": "new tok/s",
-                     "peer": "scalelab, graphs off", "peer_value": tok_s["scalelab_no_graphs"],
-                     "ratio": ratio})
-        print(f"graphs on / off: {ratio:.2f}x")
+    for on, off, what in (("scalelab", "scalelab_no_graphs", "CUDA graphs"),
+                          ("scalelab_fused", "scalelab", "compiled layer math")):
+        if on in tok_s and off in tok_s:
+            ratio = tok_s[on] / tok_s[off]
+            rows.append({"name": f"rollouts new tok/s: {what} on vs off", "value": tok_s[on],
+                         "unit": "new tok/s", "peer": off, "peer_value": tok_s[off],
+                         "ratio": ratio})
+            print(f"{what} on / off: {ratio:.2f}x")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,11 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     # cached and reused by later calls with other prompt lengths.
     calls = []
 
-    def fake_capture(self, model):
+    def fake_capture(self, model, fuse):
         for _ in range(2):
             self.step(model)
         calls.append(self)
+        self.layer_fns = (gen.attn_in, gen.attn_out_mlp) if fuse else None  # uncompiled
         self.graph = EagerGraph(self, model)
 
     model = small_model()
@@ -87,6 +88,12 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     assert len(calls) == 2  # one recording per sampling setting; the second call reused it
     assert calls[0].out.shape == (8, 64)  # 4 rows -> 8, 9 + 30 tokens -> 64
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
+    # fuse=True: the step's layer math as plain-tensor functions (compiled on CUDA)
+    assert run(model, PROMPTS, fuse=True, **kw) == want[0] and len(calls) == 3
+    relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
+                                    d_model=32, mlp="relu2")).eval()
+    greedy = dict(temperature=0.0, max_new_tokens=30)
+    assert run(relu2, fuse=True, **greedy) == run(relu2, use_cache=False, **greedy)
 
 
 def test_cache_follows_the_dtype_attention_produces():
