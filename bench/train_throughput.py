@@ -158,6 +158,14 @@ def main() -> None:
     print(f"shape: L={mc.n_layer} d={mc.d_model} H={mc.n_head} kv={mc.n_kv_head} "
           f"mlp={mc.d_mlp} vocab={mc.vocab_size} tied={mc.tie_embeddings} | "
           f"batch {B} x {T} tokens | {fpt / 1e6:.2f} MFLOP/token")
+    unavailable = {}
+    if "hf" in peers:  # first (compiling) step of the peer: if it cannot run, say so and go on
+        try:
+            steps["hf"]()
+        except Exception as e:  # noqa: BLE001
+            unavailable["hf"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"hf: peer unavailable: {unavailable['hf']}")
+            peers.remove("hf")
     times: dict[str, list[float]] = {n: [] for n in peers}
     for i in range(args.warmup + args.steps):  # alternate turns: fair under background load
         for n in peers:
@@ -198,7 +206,8 @@ def main() -> None:
                           "dtype": args.dtype, "compile": args.compile,
                           "threads": torch.get_num_threads(), "steps": args.steps,
                           "warmup": args.warmup},
-               "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio}
+               "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio,
+               "unavailable": unavailable}
         if "hf" in peers:
             import transformers
             out["transformers"] = transformers.__version__

@@ -71,3 +71,44 @@ def test_token_logprobs_under_bf16_autocast_is_close():
     (-logp.sum() + loss).backward()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
+    """Through a real model: PPO's chunked log-probs and entropy equal a log_softmax over the
+    model's full logits; and a whole PPO step runs under bf16 autocast (the GPU path)."""
+    import copy
+
+    from scalelab.config import ModelConfig, PPOConfig, TrainConfig
+    from scalelab.model import Transformer
+    from scalelab.train.loop import make_optimizer
+    from scalelab.train.ppo import make_rollout, ppo_step, response_logprobs
+    from scalelab.train.reward import ScalarModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                      d_model=32)
+    policy = Transformer(cfg)
+    prompts = [tokenizer.encode(f"Mia has {i} apples", bos=True)[: 3 + i % 4] for i in range(6)]
+    responses = [[5 + i, 7, 9][: 1 + i % 3] for i in range(6)]
+    ro = make_rollout(prompts, responses, tokenizer.pad_id, "cpu", min_response_len=4)
+    logp, ent = response_logprobs(policy, ro, 0.7, with_entropy=True)
+    full = F.log_softmax(policy(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+                         / 0.7, dim=-1)
+    want = full.gather(-1, ro.tokens[:, ro.prompt_len:, None]).squeeze(-1)
+    assert torch.allclose(logp, want, atol=1e-5, rtol=0)
+    assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
+
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    opt = make_optimizer(both, TrainConfig(lr=1e-3), torch.device("cpu"))
+    before = [p.detach().clone() for p in both.parameters()]
+    pc = PPOConfig(max_new_tokens=6, minibatches=2, samples_per_prompt=1)
+    row, ro = ppo_step(policy, ref, value, opt, lambda idx, r: torch.randn(len(r)),
+                       list(range(6)), prompts, tokenizer, pc, 0.05,
+                       torch.Generator().manual_seed(0),
+                       ctx=torch.autocast("cpu", dtype=torch.bfloat16), grad_clip=0.5,
+                       fixed_shape=True)
+    assert ro.resp_mask.size(1) == 6  # padded to max_new_tokens: one shape per step
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, both.parameters()))

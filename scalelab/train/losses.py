@@ -10,7 +10,9 @@ in the forward pass and again in the backward pass, and never all together.
   training pays no extra matmul for the chunking.
 - `token_logprobs(h, w, targets, temperature)`: log p(target) per token, and optionally the
   entropy, as PPO and DPO need them. Its backward recomputes each chunk's logits (one extra
-  lm_head matmul) because the incoming gradient differs per token.
+  lm_head matmul) because the incoming gradient differs per token, unless the whole input
+  fits in one chunk: then that chunk's probabilities are kept (memory stays bounded by the
+  chunk size either way).
 
 Matmuls run in the autocast dtype when autocast is on (bf16 on GPUs); softmax, log-probs and
 gradient sums are fp32.
@@ -40,6 +42,18 @@ def _logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, inv_temp: floa
     return z * inv_temp if inv_temp != 1.0 else z
 
 
+def _add_grads(probs, targets, row_scale, h, w, dtype, grad_w, want_h: bool):
+    """Gradients of sum_i row_scale_i * (logsumexp(z_i) - z_i[target_i]) through z = h @ w.T,
+    given probs = softmax(z) (overwritten). The per-row scale is applied on the d_model side
+    (h and the (n, d) result), which is far cheaper than another pass over (n, vocab).
+    Adds into grad_w; returns this chunk's gradient for h (or None)."""
+    g = probs.scatter_add_(1, targets[:, None], probs.new_full((len(targets), 1), -1.0))
+    g = g.to(dtype)
+    scale = row_scale[:, None]
+    grad_w += (g.t() @ (h.float() * scale).to(dtype)).float()
+    return ((g @ w.to(dtype)).float() * scale).to(h.dtype) if want_h else None
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, chunk, need_grad):
@@ -47,7 +61,7 @@ class _CrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE
         count = valid.sum().clamp(min=1).float()
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_grad else None
+        grad_h = []  # chunks, concatenated once (slice writes would copy under compile)
         grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) \
             if need_grad else None
         for a, b in _chunks(h.size(0), w.size(0), chunk):
@@ -56,14 +70,11 @@ class _CrossEntropy(torch.autograd.Function):
             y, keep = targets[a:b].clamp(min=0), valid[a:b]
             picked = z.gather(1, y[:, None]).squeeze(1)
             total = total + ((lse - picked) * keep).sum()
-            if need_grad:  # d loss / d z = (softmax - onehot) / count on kept rows
-                g = torch.exp(z - lse[:, None])
-                g.scatter_add_(1, y[:, None], -torch.ones_like(picked)[:, None])
-                g = (g * (keep.float() / count)[:, None]).to(dtype)
-                grad_h[a:b] = (g @ w.to(dtype)).to(h.dtype)
-                grad_w += (g.t() @ h[a:b].to(dtype)).float()
+            if need_grad:  # d loss / d z = (softmax - onehot) * keep / count
+                grad_h.append(_add_grads(z.sub_(lse[:, None]).exp_(), y, keep.float() / count,
+                                         h[a:b], w, dtype, grad_w, True))
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+            ctx.save_for_backward(torch.cat(grad_h), grad_w.to(w.dtype))
         return total / count
 
     @staticmethod
@@ -75,37 +86,39 @@ class _CrossEntropy(torch.autograd.Function):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, targets, inv_temp, chunk, with_entropy):
+    def forward(ctx, h, w, targets, inv_temp, chunk, with_entropy, need_grad):
         dtype = _compute_dtype(h)
-        logp = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
-        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
-        for a, b in _chunks(h.size(0), w.size(0), chunk):
+        logp, entropy = [], []
+        chunks = _chunks(h.size(0), w.size(0), chunk)
+        probs = None
+        for a, b in chunks:
             z = _logits(h[a:b], w, dtype, inv_temp)
             lse = torch.logsumexp(z, dim=-1)
-            logp[a:b] = z.gather(1, targets[a:b, None]).squeeze(1) - lse
+            logp.append(z.gather(1, targets[a:b, None]).squeeze(1) - lse)
             if with_entropy:  # H = lse - sum(p * z)
-                entropy[a:b] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-        ctx.save_for_backward(h, w, targets)
+                entropy.append(lse - (torch.exp(z - lse[:, None]) * z).sum(-1))
+            if need_grad and len(chunks) == 1:  # all in one chunk: keep it, skip the recompute
+                probs = z.sub_(lse[:, None]).exp_()
+        ctx.save_for_backward(h, w, targets, *([] if probs is None else [probs]))
         ctx.inv_temp, ctx.chunk, ctx.dtype = inv_temp, chunk, dtype
+        logp = torch.cat(logp)
+        entropy = torch.cat(entropy) if with_entropy else logp.new_empty(0)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        h, w, targets = ctx.saved_tensors
+        h, w, targets, *kept = ctx.saved_tensors
         dtype, inv_temp = ctx.dtype, ctx.inv_temp
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_h = []
         grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
         for a, b in _chunks(h.size(0), w.size(0), ctx.chunk):
-            z = _logits(h[a:b], w, dtype, inv_temp)
+            probs = kept[0] if kept else torch.softmax(_logits(h[a:b], w, dtype, inv_temp), -1)
             # d logp / d z = onehot - softmax, times 1/temperature through the scaling
-            g = -torch.softmax(z, dim=-1)
-            g.scatter_add_(1, targets[a:b, None], torch.ones_like(z[:, :1]))
-            g = (g * (grad_logp[a:b].float() * inv_temp)[:, None]).to(dtype)
-            if grad_h is not None:
-                grad_h[a:b] = (g @ w.to(dtype)).to(h.dtype)
-            grad_w += (g.t() @ h[a:b].to(dtype)).float()
-        return grad_h, grad_w.to(w.dtype), None, None, None, None
+            grad_h.append(_add_grads(probs, targets[a:b], -grad_logp[a:b].float() * inv_temp,
+                                     h[a:b], w, dtype, grad_w, ctx.needs_input_grad[0]))
+        grad_h = torch.cat(grad_h) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w.to(w.dtype), None, None, None, None, None
 
 
 def cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -124,9 +137,11 @@ def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     Targets equal to IGNORE read token 0 (mask them out yourself). With with_entropy, also
     the entropy of each token's distribution (no gradient)."""
     shape = targets.shape
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
                                          targets.reshape(-1).clamp(min=0),
-                                         1.0 / max(temperature, 1e-6), chunk, with_entropy)
+                                         1.0 / max(temperature, 1e-6), chunk, with_entropy,
+                                         need_grad)
     if with_entropy:
         return logp.view(shape), entropy.view(shape)
     return logp.view(shape)
