@@ -216,5 +216,6 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  "val_accuracy": pair_accuracy(model, held_batches)}
         save_model(model, tok, out / "model", extra_json={"reward.json": stats})
 
-    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume)
+    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume,
+        count_tokens=lambda batch: int(batch[1].sum()))  # batch[1]: sequence lengths
     return out / "model"

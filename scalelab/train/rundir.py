@@ -1,0 +1,90 @@
+"""Claiming a run folder safely: a run writes only into a folder that is new, empty, or an
+earlier run of the same stage. Anything else is refused before any work, so a user's own
+files can never be overwritten or deleted by `--out .` or `--out my_project`.
+
+Each run folder records its stage in DIR/run.json ({"stage": "pretrain"}); folders from
+before that file existed are recognised by what they hold (lineage.json, data/meta.json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from scalelab.config import UserError
+
+MARKER = "run.json"
+
+
+def last_step(out: Path) -> int | None:
+    """Step of the newest finished checkpoint, or None."""
+    ck = out / "checkpoints"
+    steps = [int(p.name[5:]) for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
+        if ck.is_dir() else []
+    return max(steps) if steps else None
+
+
+def run_stage(out: Path) -> str | None:
+    """The stage that made the run in `out`, or None if it is not a scalelab run folder."""
+    for name, key in ((MARKER, "stage"), ("lineage.json", "stage")):
+        try:
+            stage = json.loads((out / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(stage, str):
+            return stage
+    if (out / "data" / "meta.json").is_file() and (out / "config.toml").is_file():
+        return "pretrain"
+    return None
+
+
+def _started(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or last_step(out) is not None
+
+
+def check_out(out: Path, stage: str, resume: bool) -> None:
+    """Raise UserError unless `stage` may write its run into `out` (nothing is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run (new or empty)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    owner = run_stage(out) if entries else None
+    if owner is not None and owner != stage:
+        fix = f"resume it with `scalelab {owner} ... --resume`" if resume \
+            else "choose a new --out"
+        raise UserError(f"--out {out}: holds a {owner} run, not a {stage} run; {fix}")
+    if resume:
+        if owner is None:
+            raise UserError(f"--out {out}: --resume given but there is no {stage} run here "
+                            "(no checkpoint); start one without --resume")
+        if last_step(out) is None:
+            raise UserError(f"--out {out}: --resume given but no checkpoint in "
+                            f"{out / 'checkpoints'} (the run stopped before its first one); "
+                            "start again without --resume")
+        return
+    if owner is not None and _started(out):
+        raise UserError(f"--out {out}: already holds a run; pass --resume to continue it "
+                        "or choose a new --out")
+    if entries and owner is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UserError(f"--out {out}: folder is not empty ({shown}) and is not a scalelab "
+                        "run; a run is written only into a new or empty folder, so that no "
+                        "file of yours is touched: choose a new --out")
+    # else: new, empty, or our own run that stopped before training (bad data, say): reuse
+
+
+def finished_step(out: Path, max_steps: int) -> int | None:
+    """On --resume: the checkpoint step if the run already reached max_steps (nothing to do)."""
+    step = last_step(out)
+    return step if step is not None and step >= max_steps else None
+
+
+def claim(out: Path, stage: str, resume: bool) -> None:
+    """check_out, then create the folder and record the stage (idempotent)."""
+    check_out(out, stage, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        tmp = out / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps({"stage": stage}) + "\n")
+        tmp.replace(marker)
