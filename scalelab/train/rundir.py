@@ -88,3 +88,16 @@ def claim(out: Path, stage: str, resume: bool) -> None:
         tmp = out / f".{MARKER}.tmp"
         tmp.write_text(json.dumps({"stage": stage}) + "\n")
         tmp.replace(marker)
+
+
+def check_folder(out: Path, own: str, command: str) -> None:
+    """For commands that write several things into --out (demo, sweep, track report): the
+    folder must be new, empty, or one this command wrote before (it holds `own`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (out / own).exists():
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UserError(f"--out {out}: folder is not empty ({shown}) and was not written by "
+                        f"`scalelab {command}`; choose a new or empty --out so that no file "
+                        "of yours is touched")
