@@ -9,6 +9,8 @@ from pathlib import Path
 
 from scalelab.config import Config, UserError, load_config, resolve_config_path
 
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+
 
 def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     """--config (else, on --resume, the run's own config.toml, else the stage's preset),
@@ -284,8 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from scalelab.train.rundir import forget_unstarted, is_fresh
+    stage_out = Path(args.out) if args.command in STAGES else None
+    fresh = stage_out is not None and is_fresh(stage_out)
+    existed = stage_out is not None and stage_out.exists()
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except UserError:  # bad input before training: leave no half-made run behind
+            if fresh and os.environ.get("RANK", "0") == "0":
+                forget_unstarted(stage_out, existed)
+            raise
         sys.stdout.flush()  # a closed pipe shows here, inside the try
     except BrokenPipeError:  # `scalelab ... | head`: the reader has all it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)

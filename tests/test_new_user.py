@@ -110,16 +110,30 @@ def test_wrong_stage_resume_leaves_the_run_untouched(sft_run):
     assert snapshot(sft_run) == before
 
 
-def test_resume_without_checkpoint_builds_nothing(home, tmp_path):
-    run = tmp_path / "r"
-    # a first attempt that failed on bad data: the folder is claimed but never trained
-    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(run), *SMALL,
-                     "--set", f"data.source={tmp_path / 'typo.txt'}")
-    assert rc == 2 and "typo.txt" in err
-    rc, _, err = cli("pretrain", "--out", str(run), "--resume",
-                     "--set", f"data.source={home / 'corpus.txt'}")
+def test_resume_without_checkpoint_builds_nothing(home, base, tmp_path):
+    import shutil
+    corpus = ["--set", f"data.source={home / 'corpus.txt'}"]
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "new"),
+                     "--resume", *SMALL, *corpus)
     assert rc == 2 and "no checkpoint" in err
-    assert not (run / "data").exists() and not (run / "tokenizer.json").exists()
+    assert not (tmp_path / "new").exists()  # no corpus, no tokenizer, no folder
+    run = tmp_path / "killed"  # a run stopped before its first checkpoint
+    shutil.copytree(base[0], run)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume", *corpus)
+    assert rc == 2 and "no checkpoint" in err and snapshot(run) == before
+
+
+def test_a_mistake_in_the_data_leaves_no_half_made_run(tmp_path):
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), *SMALL,
+                     "--set", f"data.source={tmp_path / 'typo.txt'}")
+    assert rc == 2 and "typo.txt: corpus file or folder not found" in err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "empty"), *SMALL,
+                     "--set", f"data.source={tmp_path / 'typo.txt'}")
+    assert rc == 2 and list((tmp_path / "empty").iterdir()) == []
 
 
 def test_resume_on_a_finished_run_says_there_is_nothing_to_do(base):
@@ -169,12 +183,20 @@ def test_txt_corpus_is_split_into_documents_with_a_sampled_validation_set(home, 
 
 
 def test_one_document_per_line_is_configurable(home, tmp_path):
-    from scalelab.config import DataConfig
-    from scalelab.data.tokens import read_documents
+    from scalelab.config import DataConfig, UserError
+    from scalelab.data.tokens import read_documents, split_documents
     f = tmp_path / "lines.txt"
     f.write_text("one\ntwo\n\nthree\n")
     assert read_documents(DataConfig(source=str(f), txt_split="lines")) == ["one", "two", "three"]
     assert read_documents(DataConfig(source=str(f))) == ["one\ntwo", "three"]
+    # held-out text of one's own, but never the training text itself
+    held = tmp_path / "held.txt"
+    held.write_text("four\n\nfive\n")
+    cfg = DataConfig(source=str(f), val_source=str(held))
+    assert split_documents(read_documents(cfg), cfg) == (["one\ntwo", "three"], ["four", "five"])
+    with pytest.raises(UserError, match="data.val_source"):
+        cfg = DataConfig(source=str(f), val_source=str(f))
+        split_documents(read_documents(cfg), cfg)
 
 
 def test_a_corpus_too_small_to_split_names_val_fraction(tmp_path):
@@ -269,6 +291,7 @@ def test_wrong_kind_of_folder_is_named(base, reward_dir, sft_run, tmp_path):
                   "--registry", str(tmp_path / "reg.db")]):
         rc, _, err = cli(*args)
         assert rc == 2 and "this is a reward model" in err, args
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -86,7 +86,12 @@ def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[s
     """(train, val): data.val_source if given, else a seeded random sample of whole documents
     (data.val_fraction of them). Never the same documents for both."""
     if cfg.val_source:
-        return docs, read_documents(cfg, cfg.val_source)
+        val = read_documents(cfg, cfg.val_source)
+        if set(val) <= set(docs):
+            raise UserError(f"data.val_source {cfg.val_source}: every one of its documents is "
+                            "also in data.source, so validation would be training text; name "
+                            "held-out text, or leave it empty to sample data.val_fraction")
+        return docs, val
     n_val = round(len(docs) * cfg.val_fraction)
     if n_val < 1 or n_val >= len(docs):
         raise UserError(f"{cfg.source}: {len(docs)} document(s) with data.val_fraction "

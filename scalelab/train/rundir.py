@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -101,3 +102,23 @@ def check_folder(out: Path, own: str, command: str) -> None:
         raise UserError(f"--out {out}: folder is not empty ({shown}) and was not written by "
                         f"`scalelab {command}`; choose a new or empty --out so that no file "
                         "of yours is touched")
+
+
+def is_fresh(out: Path) -> bool:
+    """New or empty: everything that later appears inside was written by this run."""
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
+def forget_unstarted(out: Path, existed: bool) -> None:
+    """A run that failed on bad input before training leaves nothing behind: remove what it
+    wrote into its (new or empty) folder. Call only when is_fresh(out) held at the start."""
+    if not out.is_dir() or _started(out):
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
