@@ -35,8 +35,9 @@ def run_stage(out: Path) -> str | None:
             continue
         if isinstance(stage, str):
             return stage
-    if (out / "data" / "meta.json").is_file() and (out / "config.toml").is_file():
-        return "pretrain"
+    if (out / "data" / "meta.json").is_file() and \
+            ((out / "config.toml").is_file() or (out / "tokenizer.json").is_file()):
+        return "pretrain"  # token files (and tokenizer) in scalelab's layout
     return None
 
 
