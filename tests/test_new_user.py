@@ -361,7 +361,18 @@ def test_no_scaling_fit_on_models_of_one_size(base, tmp_path):
     rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", reg)
     assert rc == 0, err
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert "no L(N) fit" in page and "L(N) = " not in page
+    assert "no L(N) fit" in page and "L(N) = " not in page and "different corpora" not in page
+    other = tmp_path / "other.jsonl"  # a second corpus
+    other.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs(200, seed=1)))
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "o"),
+                     "--max-steps", "2", *SMALL, "--set", "model.d_model=48",
+                     "--set", f"data.source={other}")
+    assert rc == 0, err
+    assert cli("track", "model", "add", str(tmp_path / "o" / "model"), "--no-run",
+               "--registry", reg)[0] == 0
+    rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", reg)
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert rc == 0 and "different corpora" in page and str(other) in page, err
 
 
 def test_tracker_keeps_task_files_usable_from_any_folder(base, tmp_path, monkeypatch):

@@ -131,20 +131,19 @@ def corpus_of(model: dict) -> str | None:
 
 
 def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
-    """Why L(N) was not fitted, or why the fit may not mean much."""
+    """Why L(N) was not fitted, or why the fits and predictions may not mean much."""
     sizes = {m["non_embedding_params"] for m in base}
-    if scaling is None:
-        if len(base) >= 2 and len(sizes) < 3:
-            return (f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
-                    "distinct size(s); a curve in N needs at least three")
-        return ""
+    notes = []
+    if scaling is None and len(base) >= 2 and len(sizes) < 3:
+        notes.append(f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
+                     "distinct size(s); a curve in N needs at least three.")
     corpora = {corpus_of(m) for m in base}
     if len(corpora) > 1:
         names = ", ".join(sorted(str(c) for c in corpora))
-        return (f"these models were pretrained on different corpora ({names}); their "
-                "validation losses are on different text, so the fitted L(N) mixes corpora "
-                "and says little about size alone")
-    return ""
+        notes.append(f"these models were pretrained on different corpora ({names}): their "
+                     "validation losses are on different text, so L(N) and the predictions "
+                     "below mix corpora and say little about scale alone.")
+    return " ".join(notes)
 
 
 def write_report(reg, out: Path, models: list[str] | None = None,

@@ -26,7 +26,7 @@ from scalelab.train.progress import Progress
 from scalelab.train.rundir import claim
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -34,15 +34,15 @@ def pick_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device {name!r}: unknown device (auto, cpu, cuda, cuda:N, mps)") \
+        raise UserError(f"{key} {name!r}: unknown device (auto, cpu, cuda, cuda:N, mps)") \
             from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: torch sees no CUDA GPU on this machine "
+        raise UserError(f"{key} {name!r}: torch sees no CUDA GPU on this machine "
                         f"(torch {torch.__version__}); use cpu or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        raise UserError(f"{key} {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r}: MPS is not available here; use cpu or auto")
+        raise UserError(f"{key} {name!r}: MPS is not available here; use cpu or auto")
     return dev
 
 
@@ -169,8 +169,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     if main and tc.max_steps < tc.warmup_steps:
         tqdm.write(f"note: train.max_steps ({tc.max_steps}) is shorter than train.warmup_steps "
                    f"({tc.warmup_steps}): the learning rate only climbs to "
-                   f"{lr_at(tc.max_steps - 1, tc):.3g} of train.lr {tc.lr:g} and is never "
-                   "decayed; lower train.warmup_steps for a full schedule")
+                   f"{lr_at(tc.max_steps - 1, tc):.3g} (train.lr is {tc.lr:g}) and never "
+                   "decays; lower train.warmup_steps for a full schedule")
     if resume:
         ckpts = list_checkpoints(run.out)
         if not ckpts:

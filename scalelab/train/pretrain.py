@@ -37,9 +37,9 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
                f"training a {cfg.data.tokenizer_vocab}-token BPE tokenizer")
     tok = Tokenizer.train(train, cfg.data.tokenizer_vocab)  # validation text stays unseen
     if tok.vocab_size < cfg.data.tokenizer_vocab:
-        tqdm.write(f"note: data.tokenizer_vocab is {cfg.data.tokenizer_vocab} but BPE found "
-                   f"only {tok.vocab_size} tokens' worth of merges in this corpus; the "
-                   f"tokenizer has {tok.vocab_size}")
+        tqdm.write(f"note: data.tokenizer_vocab is {cfg.data.tokenizer_vocab}, but this corpus "
+                   f"supports only {tok.vocab_size} tokens (BPE ran out of pairs to merge); "
+                   f"the tokenizer has {tok.vocab_size}")
     meta = write_token_files({"train": train, "val": val}, tok, data_dir)
     tmp = out / ".tokenizer.json.tmp"
     tok.save(tmp)
