@@ -57,8 +57,10 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
         raise UserError(f"--out {out}: holds a {owner} run, not a {stage} run; {fix}")
     if resume:
         if owner is None:
-            raise UserError(f"--out {out}: --resume given but there is no {stage} run here "
-                            "(no checkpoint); start one without --resume")
+            where = "this folder is not a scalelab run" if entries else "nothing is here"
+            raise UserError(f"--out {out}: --resume given but {where} (no checkpoint to "
+                            f"resume); start a {stage} run in a new or empty folder without "
+                            "--resume")
         if last_step(out) is None:
             raise UserError(f"--out {out}: --resume given but no checkpoint in "
                             f"{out / 'checkpoints'} (the run stopped before its first one); "
