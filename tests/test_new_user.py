@@ -317,6 +317,17 @@ def test_status_json_into_a_closed_pipe(tmp_path):
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
 
 
+def test_ppo_on_own_prompts_shows_progress_without_a_terminal(home, sft_run, reward_dir):
+    prompts = home / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in WORDS))
+    rc, _, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(reward_dir),
+                     "--prompts", str(prompts), "--out", str(home / "ppo"), "--max-steps", "2",
+                     "--set", "ppo.rollout_batch=8", "--set", "ppo.samples_per_prompt=2",
+                     "--set", "ppo.max_new_tokens=6", "--set", "train.checkpoint_every=2")
+    assert rc == 0, err
+    assert "ppo: step 1/2" in err and "ppo: step 2/2" in err
+
+
 # ---- 6. honest numbers ------------------------------------------------------------------
 
 def test_dpo_logs_real_tokens_and_registry_adds_its_base(home, base, sft_run, tmp_path):
