@@ -254,8 +254,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         apply_dict(cfg, read_toml(Path(path)), str(path))
-        if not overrides:
-            check_values(cfg, str(path))
     for item in overrides or []:
         name, sep, raw = item.partition("=")
         section, dot, key = name.strip().partition(".")
@@ -266,8 +264,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError:
             value = raw
         _set_key(cfg, section, key.strip(), value, f"--set {name.strip()}")
-    if overrides or path is None:
-        check_values(cfg, "--set" if overrides else "config")
+    sources = ([str(path)] if path is not None else []) + (["--set"] if overrides else [])
+    check_values(cfg, " / ".join(sources) or "config")
     return cfg
 
 
