@@ -292,6 +292,9 @@ def test_wrong_kind_of_folder_is_named(base, reward_dir, sft_run, tmp_path):
         rc, _, err = cli(*args)
         assert rc == 2 and "this is a reward model" in err, args
     assert not (tmp_path / "s").exists()
+    rc, _, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(reward_dir.parent),
+                     "--prompts", "builtin:tasks", "--out", str(tmp_path / "p"))
+    assert rc == 2 and f"did you mean {reward_dir}" in err
 
 
 @pytest.mark.parametrize("args, message", [
