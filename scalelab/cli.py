@@ -9,10 +9,15 @@ from pathlib import Path
 
 from scalelab.config import Config, UserError, load_config, resolve_config_path
 
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+
 
 def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     """--config (else, on --resume, the run's own config.toml, else the stage's preset),
-    then --set, then --max-steps."""
+    then --set, then --max-steps. First of all, --out must be a folder this stage may write:
+    new, empty, or its own earlier run (exit 2 before any work otherwise)."""
+    from scalelab.train.rundir import check_out
+    check_out(Path(args.out), args.command, args.resume)
     path = resolve_config_path(args.config)
     saved = Path(args.out) / "config.toml"
     if path is None and args.resume and saved.is_file():
@@ -27,6 +32,17 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     return cfg
 
 
+def nothing_to_do(args: argparse.Namespace, cfg: Config) -> bool:
+    """--resume on a run that already reached train.max_steps: say so instead of silence."""
+    from scalelab.train.rundir import finished_step
+    step = finished_step(Path(args.out), cfg.train.max_steps) if args.resume else None
+    if step is not None:
+        print(f"{args.out}: nothing to do: the run already reached step {step} "
+              f"(train.max_steps {cfg.train.max_steps}); pass a larger --max-steps to train "
+              f"on. Its model is {Path(args.out) / 'model'}")
+    return step is not None
+
+
 def register_output(args: argparse.Namespace, out: Path, lineage: str,
                     parent: str | None = None) -> None:
     if args.register:  # --register: add the stage's model to the experiment registry
@@ -36,7 +52,10 @@ def register_output(args: argparse.Namespace, out: Path, lineage: str,
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
-    model_dir = pretrain(stage_config(args), Path(args.out), resume=args.resume)
+    cfg = stage_config(args)
+    if nothing_to_do(args, cfg):
+        return
+    model_dir = pretrain(cfg, Path(args.out), resume=args.resume)
     import torch.distributed as dist
     if dist.is_initialized():  # under torchrun: only rank 0 reports, then all leave together
         if dist.get_rank() != 0:
@@ -49,8 +68,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from scalelab.train.sft import sft
-    out = sft(stage_config(args, "sft"), Path(args.base), args.data, Path(args.out),
-              args.resume)
+    cfg = stage_config(args, "sft")
+    if nothing_to_do(args, cfg):
+        return
+    out = sft(cfg, Path(args.base), args.data, Path(args.out), args.resume)
     print(f"model written to {out}")
     register_output(args, out, "sft", args.base)
 
@@ -60,46 +81,102 @@ def cmd_reward(args: argparse.Namespace) -> None:
     if args.register:
         raise UserError("--register: a reward model is not a language model to run "
                         "experiments on; register the policy (sft/ppo/dpo) instead")
-    out = train_reward(stage_config(args, "reward"), Path(args.base), args.data,
-                       Path(args.out), args.resume)
+    cfg = stage_config(args, "reward")
+    if nothing_to_do(args, cfg):
+        return
+    out = train_reward(cfg, Path(args.base), args.data, Path(args.out), args.resume)
     print(f"reward model written to {out}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
     from scalelab.train.ppo import ppo
-    out = ppo(stage_config(args, "ppo"), Path(args.policy), Path(args.reward), args.prompts,
-              Path(args.out), args.resume)
+    cfg = stage_config(args, "ppo")
+    if nothing_to_do(args, cfg):
+        return
+    out = ppo(cfg, Path(args.policy), Path(args.reward), args.prompts, Path(args.out),
+              args.resume)
     print(f"policy written to {out}")
     register_output(args, out, "rlhf", args.policy)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
     from scalelab.train.dpo import dpo
-    out = dpo(stage_config(args, "dpo"), Path(args.policy), args.data, Path(args.out),
-              args.resume)
+    cfg = stage_config(args, "dpo")
+    if nothing_to_do(args, cfg):
+        return
+    out = dpo(cfg, Path(args.policy), args.data, Path(args.out), args.resume)
     print(f"policy written to {out}")
     register_output(args, out, "rlhf", args.policy)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def check_sampling(args: argparse.Namespace) -> None:
+    """Sampling options shared by generate and chat: each wrong value named with its fix."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
+
+
+def load_for_sampling(args: argparse.Namespace):
     import torch
 
-    from scalelab.generate import generate
     from scalelab.train.checkpoint import load_model
     from scalelab.train.loop import pick_device
-
-    model, tok = load_model(args.model, pick_device(args.device))
-    prompt = tok.encode(args.prompt, bos=True)
-    if len(prompt) >= model.cfg.seq_len:
-        raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
-                        f"{model.cfg.seq_len}")
+    model, tok = load_model(args.model, pick_device(args.device, "--device"))
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    return model, tok, g
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from scalelab.generate import generate
+    check_sampling(args)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: must be at least 1")
+    if args.temperature == 0 and args.num_samples > 1:
+        raise UserError(f"--temperature 0 is greedy: all {args.num_samples} samples would be "
+                        "the same; use --temperature > 0 or --num-samples 1")
+    model, tok, g = load_for_sampling(args)
+    if args.chat:
+        prompt = tok.chat_prompt(args.prompt)
+    else:
+        prompt = tok.encode(args.prompt, bos=True)
+    room = model.cfg.seq_len - len(prompt)
+    if room < 1:
+        raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
+                        f"{model.cfg.seq_len}: shorten the prompt")
+    if args.max_new_tokens > room:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the prompt is {len(prompt)} "
+                        f"tokens and the model's context {model.cfg.seq_len}, so at most "
+                        f"{room} new tokens fit; lower --max-new-tokens")
     outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens, tok.pad_id,
                     tok.eos_id, args.temperature, args.top_k, args.top_p, generator=g)
     for i, new in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tok.decode(new))
+        print(tok.decode(new) if args.chat else args.prompt + tok.decode(new))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from scalelab.chat import HELP, chat_loop
+    check_sampling(args)
+    model, tok, g = load_for_sampling(args)
+    if args.max_new_tokens >= model.cfg.seq_len:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
+                        f"{model.cfg.seq_len} tokens and the conversation needs room too; "
+                        "lower --max-new-tokens")
+    if not (Path(args.model).resolve().parent / "lineage.json").is_file():
+        print("note: this model was not instruction-tuned (no lineage.json beside it): it will "
+              "continue text rather than answer; chat with an sft, dpo or ppo model",
+              file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model} {HELP}")
+    chat_loop(model, tok, sys.stdin, sys.stdout, args.max_new_tokens, args.temperature,
+              args.top_k, args.top_p, g, system=args.system, interactive=interactive)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -121,6 +198,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from scalelab.demo import run_demo
+    from scalelab.train.rundir import check_folder
+    check_folder(Path(args.out), "pretrain", "demo")
     run_demo(Path(args.out), quick=args.quick)
 
 
@@ -163,17 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="preference JSONL file")
     s.set_defaults(func=cmd_dpo)
 
+    def sampling(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--model", required=True, help="model folder (RUN/model)")
+        cmd.add_argument("--max-new-tokens", type=int, default=64)
+        cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
+        cmd.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+
     g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--model", required=True, help="model folder (RUN/model)")
+    sampling(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--num-samples", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message in the chat template; print the answer")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk to a chat model (sft/dpo/ppo), turn after turn")
+    sampling(c)
+    c.add_argument("--system", help="a system message that opens the conversation")
+    c.set_defaults(func=cmd_chat)
 
     pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
     pl.add_argument("--config", required=True, help="TOML file or preset name")
@@ -197,8 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from scalelab.train.rundir import forget_unstarted, is_fresh
+    stage_out = Path(args.out) if args.command in STAGES else None
+    fresh = stage_out is not None and is_fresh(stage_out)
+    existed = stage_out is not None and stage_out.exists()
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except UserError:  # bad input before training: leave no half-made run behind
+            if fresh and os.environ.get("RANK", "0") == "0":
+                forget_unstarted(stage_out, existed)
+            raise
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+    except BrokenPipeError:  # `scalelab ... | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+        return 0
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
             print(f"scalelab: error: {e}", file=sys.stderr)

@@ -40,12 +40,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
 
+TXT_SPLITS = ("blank_lines", "lines", "file")
+
+
 @dataclass
 class DataConfig:
     source: str = "builtin:world"  # "builtin:world", a .txt/.jsonl file, or a folder of them
     n_docs: int = 20000  # documents generated for builtin:world
     seed: int = 0
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # validation: a seeded random sample of whole documents
+    val_source: str = ""  # or a separate .txt/.jsonl file or folder of validation documents
+    txt_split: str = "blank_lines"  # .txt documents: "blank_lines", "lines" or "file" (whole)
     tokenizer_vocab: int = 1024  # BPE vocabulary size when training a tokenizer
 
 
@@ -182,6 +187,10 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
     return cfg
 
 
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
 def resolve_config_path(name: str | None) -> Path | None:
     """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
     if name is None:
@@ -189,7 +198,46 @@ def resolve_config_path(name: str | None) -> Path | None:
     path = Path(name)
     if not path.exists() and (PRESETS / f"{name}.toml").is_file():
         return PRESETS / f"{name}.toml"
+    if not path.is_file():
+        what = "is a folder, not a config file" if path.is_dir() else "config file not found"
+        raise UserError(f"{name}: {what}, and not a preset name "
+                        f"(presets: {', '.join(preset_names())})")
     return path
+
+
+# Sizes and counts that must be >= 1 (or >= 0 where 0 means "auto" or "off").
+AT_LEAST_ONE = {
+    "model": ("seq_len", "n_layer", "n_head", "d_model"),
+    "data": ("n_docs", "tokenizer_vocab"),
+    "train": ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+              "log_every", "checkpoint_every"),
+    "sft": ("n_examples",),
+    "reward": ("n_prompts", "samples_per_prompt", "max_new_tokens"),
+    "ppo": ("n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
+            "max_new_tokens"),
+}
+AT_LEAST_ZERO = {
+    "model": ("vocab_size", "n_kv_head", "d_mlp"),
+    "train": ("warmup_steps", "sample_every", "keep_checkpoints"),
+}
+
+
+def check_values(cfg: Config, where: str) -> None:
+    """Values no run can use, named with their key (before any work is done)."""
+    for floor, table in ((1, AT_LEAST_ONE), (0, AT_LEAST_ZERO)):
+        for section, keys in table.items():
+            for key in keys:
+                v = getattr(getattr(cfg, section), key)
+                if v < floor:
+                    raise UserError(f"{where}: {section}.{key} = {v} must be at least {floor}"
+                                    + (" (0 = automatic/off)" if floor == 0 else ""))
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"{where}: data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
+    if not cfg.train.lr > 0:
+        raise UserError(f"{where}: train.lr = {cfg.train.lr} must be positive")
+    if cfg.data.txt_split not in TXT_SPLITS:
+        raise UserError(f"{where}: data.txt_split = {cfg.data.txt_split!r}; expected one of "
+                        f"{', '.join(TXT_SPLITS)}")
 
 
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
@@ -216,6 +264,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError:
             value = raw
         _set_key(cfg, section, key.strip(), value, f"--set {name.strip()}")
+    sources = ([str(path)] if path is not None else []) + (["--set"] if overrides else [])
+    check_values(cfg, " / ".join(sources) or "config")
     return cfg
 
 

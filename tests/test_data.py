@@ -2,13 +2,19 @@ import pytest
 import torch
 
 from scalelab.config import DataConfig, UserError
-from scalelab.data.tokens import TokenLoader, read_documents, write_token_files
+from scalelab.data.tokens import (
+    TokenLoader,
+    read_documents,
+    split_documents,
+    write_token_files,
+)
 
 
 @pytest.fixture
 def data_dir(tokenizer, tmp):
-    docs = read_documents(DataConfig(n_docs=800))
-    write_token_files(docs, tokenizer, tmp / "data", val_fraction=0.05)
+    cfg = DataConfig(n_docs=800, val_fraction=0.05)
+    train, val = split_documents(read_documents(cfg), cfg)
+    write_token_files({"train": train, "val": val}, tokenizer, tmp / "data")
     return tmp / "data"
 
 

@@ -25,7 +25,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (many Windows tools write one) is not part of line 1
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     rows = []

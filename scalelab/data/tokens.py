@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -23,31 +24,52 @@ from scalelab.data.formats import read_jsonl
 from scalelab.tokenizer import Tokenizer
 
 
-def read_documents(cfg: DataConfig) -> list[str]:
-    """Documents from `builtin:world`, a .txt file (one document), a .jsonl file of
-    {"text": ...} rows, or a folder of such files."""
-    if cfg.source == "builtin:world":
+def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
+    """Documents from `builtin:world`, a .txt file (split per data.txt_split: at blank
+    lines, at every line, or the whole file as one), a .jsonl file of {"text": ...} rows, or
+    a folder of such files. `source` overrides cfg.source (used for data.val_source)."""
+    source = cfg.source if source is None else source
+    if source == "builtin:world":
         from scalelab.data.world import generate_documents
         docs = generate_documents(cfg.n_docs, seed=cfg.seed)
-    elif cfg.source.startswith("builtin:"):
-        raise UserError(f"data.source: unknown built-in corpus {cfg.source!r} "
+    elif source.startswith("builtin:"):
+        raise UserError(f"data.source: unknown built-in corpus {source!r} "
                         "(known: builtin:world)")
     else:
-        path = Path(cfg.source)
+        path = Path(source)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            if not files:
+                raise UserError(f"{path}: no .txt or .jsonl files in this folder")
         elif path.is_file():
             files = [path]
         else:
             raise UserError(f"{path}: corpus file or folder not found")
-        docs = [doc for f in files for doc in _read_file(f)]
+        docs = [doc for f in files for doc in _read_file(f, cfg.txt_split)]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise UserError(f"{cfg.source}: the corpus is empty (no non-blank documents)")
+        raise UserError(f"{source}: the corpus is empty (no non-blank documents)")
     return docs
 
 
-def _read_file(path: Path) -> list[str]:
+def split_text(text: str, how: str) -> list[str]:
+    """One .txt file -> documents: 'blank_lines' (paragraphs separated by an empty line),
+    'lines' (one per line) or 'file' (the whole file)."""
+    if how == "file":
+        return [text]
+    if how == "lines":
+        return [line for line in text.splitlines() if line.strip()]
+    docs, cur = [], []
+    for line in text.splitlines():
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            docs.append("\n".join(cur))
+            cur = []
+    return docs + (["\n".join(cur)] if cur else [])
+
+
+def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
         for n, row in rows:
@@ -55,16 +77,39 @@ def _read_file(path: Path) -> list[str]:
                 raise UserError(f'{path}:{n}: expected an object with a "text" string')
         return [row["text"] for _, row in rows]
     try:
-        return [path.read_text(encoding="utf-8")]
+        return split_text(path.read_text(encoding="utf-8-sig"), txt_split)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def write_token_files(docs: list[str], tok: Tokenizer, out: Path, val_fraction: float) -> dict:
-    """Tokenise into out/{train,val}.bin + meta.json. Writes to a temporary folder first and
-    renames it into place, so an interrupted run never leaves half a data folder."""
-    n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
-    splits = {"train": docs[: len(docs) - n_val], "val": docs[len(docs) - n_val:] or docs}
+def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, val): data.val_source if given, else a seeded random sample of whole documents
+    (data.val_fraction of them). Never the same documents for both."""
+    if cfg.val_source:
+        val = read_documents(cfg, cfg.val_source)
+        if set(val) <= set(docs):
+            raise UserError(f"data.val_source {cfg.val_source}: every one of its documents is "
+                            "also in data.source, so validation would be training text; name "
+                            "held-out text, or leave it empty to sample data.val_fraction")
+        return docs, val
+    n_val = round(len(docs) * cfg.val_fraction)
+    if n_val < 1 or n_val >= len(docs):
+        raise UserError(f"{cfg.source}: {len(docs)} document(s) with data.val_fraction "
+                        f"{cfg.val_fraction} leaves no real validation split (val would be "
+                        "training data); raise data.val_fraction, add documents (a .txt file "
+                        "is split at blank lines, see data.txt_split), or name held-out text "
+                        "with data.val_source")
+    order = list(range(len(docs)))
+    random.Random(f"{cfg.seed}:val").shuffle(order)
+    val = set(order[:n_val])
+    return ([d for i, d in enumerate(docs) if i not in val],
+            [d for i, d in enumerate(docs) if i in val])
+
+
+def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -> dict:
+    """Tokenise {"train": docs, "val": docs} into out/{train,val}.bin + meta.json. Writes
+    to a temporary folder first and renames it into place, so an interrupted run never
+    leaves half a data folder. `out` belongs to the run (see train.rundir)."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

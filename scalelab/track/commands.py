@@ -33,6 +33,8 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
     if not name.strip():
         raise UserError("--name must not be empty")
     choice = is_choice_task(task)  # also validates the spec (file, line, key)
+    if not task.startswith(("builtin:", "tasks:")):  # a file: found from any folder later
+        task = str(Path(task).resolve())
     allowed = M.CHOICE_METRICS if choice else M.GENERATION_METRICS
     metric = metric or ("mc_accuracy" if choice else "exact_match")
     if metric not in allowed:
@@ -161,6 +163,11 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     if run:
         passed = reg.passed_experiment_ids()
         todo = [e for e in reg.experiments() if e["id"] not in passed]
+        if not reg.experiments():
+            log("no experiments registered yet, so there was nothing to run: add the "
+                "built-in starter set with `scalelab track experiment seed` (or your own with "
+                "`scalelab track experiment add`), then `scalelab track run`")
+            return dict(m)
         log(f"running the {len(todo)} experiments no model has passed yet "
             f"({len(passed)} already passed, skipped)")
         evaluate(reg, [m], todo, log)
@@ -184,7 +191,7 @@ def cmd_model_list(args: argparse.Namespace) -> None:
     for m in open_registry(args).models():
         print(f"{m['name']:<18} {m['kind']:<8} {m['lineage']:<5} params {human(m['params']):>6}"
               f"  non-emb {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
-              f"  FLOPs {human(m['flops']):>6}  val_loss "
+              f"  FLOPs {human(m['flops']):>6}  pretrain val_loss "
               f"{'-' if m['val_loss'] is None else format(m['val_loss'], '.3f')}  {m['path']}")
 
 
@@ -246,12 +253,16 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from scalelab.track.report import write_report
+    from scalelab.train.rundir import check_folder
+    check_folder(Path(args.out), "report.html", "track report")
     path = write_report(open_registry(args), Path(args.out))
     print(f"report written to {path}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from scalelab.track.sweep import run_sweep
+    from scalelab.train.rundir import check_folder
+    check_folder(Path(args.out), "shared", "sweep")
     run_sweep(Path(args.config), Path(args.out), open_registry(args))
 
 

@@ -212,7 +212,10 @@ def run_experiment(lm, exp) -> tuple[dict, bool, list[dict], int, float]:
 
 def model_info(path: str | Path, lm) -> dict:
     """Parameter counts, and from the run folder around it (RUN/model) the training tokens,
-    6ND FLOPs and final validation loss."""
+    6ND FLOPs and the pretraining validation loss (next-token loss on held-out text; a
+    post-training stage's own losses are different quantities and are not stored there).
+    A post-trained model's tokens and FLOPs include those of the model it started from
+    (lineage.json); PPO's rollouts are not counted."""
     path = Path(path).resolve()
     model = lm.model
     params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
@@ -220,25 +223,49 @@ def model_info(path: str | Path, lm) -> dict:
     info = {"path": str(path), "kind": lm.kind, "params": params,
             "non_embedding_params": params - emb.weight.numel(), "tokens": None,
             "flops": None, "val_loss": None}
-    run = path.parent
-    if lm.kind == "scalelab" and (run / "config.toml").is_file() \
-            and (run / "metrics.jsonl").is_file():
-        from scalelab.config import load_config
-        cfg = load_config(run / "config.toml")
-        step, val = 0, None
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in row:
-                step = max(step, row["step"])
-            if "val_loss" in row:
-                val = row["val_loss"]
+    if lm.kind == "scalelab":
+        info.update(run_totals(path, params))
+    return info
+
+
+def run_totals(model_dir: Path, params: int, depth: int = 0) -> dict:
+    """tokens, flops and val_loss of the run around model_dir, plus its parents' tokens and
+    flops (following lineage.json up to a few stages)."""
+    run = model_dir.parent
+    if not ((run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()):
+        return {}
+    from scalelab.config import load_config
+    cfg = load_config(run / "config.toml")
+    step, val, counted = 0, None, None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in row:
+            step = max(step, row["step"])
+            counted = row.get("tokens", counted)  # real tokens, logged by the training loop
+        if "val_loss" in row:
+            val = row["val_loss"]
+    try:
+        record = json.loads((run / "lineage.json").read_text())
+        stage, parent = record["stage"], Path(record["parent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        stage, parent = "pretrain", None
+    tokens = counted
+    if tokens is None and stage != "ppo":  # older runs: full windows of batch x seq_len
         tc, par = cfg.train, getattr(cfg, "parallel", None)
         ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
         if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
-            info["tokens"] = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
-            info["flops"] = 6.0 * params * info["tokens"]
-        info["val_loss"] = val
-    return info
+            tokens = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
+    out = {"tokens": tokens or 0, "flops": 6.0 * params * (tokens or 0),
+           "val_loss": val if stage == "pretrain" else None}
+    if parent is not None and depth < 8:
+        if not parent.is_absolute():
+            parent = (Path.cwd() / parent).resolve()
+        up = run_totals(parent, params, depth + 1)
+        out["tokens"] += up.get("tokens") or 0
+        out["flops"] += up.get("flops") or 0.0
+    if tokens is None and stage == "pretrain":
+        return {"val_loss": out["val_loss"]}
+    return out

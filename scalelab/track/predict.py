@@ -136,7 +136,7 @@ def fmt(v: float | None) -> str:
 def fit_power_law(n: list[float], loss: list[float]) -> dict | None:
     """Least squares for L(N) = E + A * N^-alpha: a grid over alpha, and for each alpha the
     best (E, A) by linear least squares (A >= 0), then a finer grid around the best alpha."""
-    if len(n) < 3:
+    if len(set(n)) < 3:  # a curve in N needs at least three different N
         return None
     N, L = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
 

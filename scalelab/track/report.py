@@ -120,6 +120,32 @@ def esc(x) -> str:
     return html.escape(str(x))
 
 
+def corpus_of(model: dict) -> str | None:
+    """The data.source a registered scalelab model was pretrained on (its run's config)."""
+    cfg_path = Path(model["path"]).parent / "config.toml"
+    try:
+        from scalelab.config import load_config
+        return load_config(cfg_path).data.source
+    except (UserError, OSError):  # not a scalelab run, or unreadable: unknown
+        return None
+
+
+def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
+    """Why L(N) was not fitted, or why the fits and predictions may not mean much."""
+    sizes = {m["non_embedding_params"] for m in base}
+    notes = []
+    if scaling is None and len(base) >= 2 and len(sizes) < 3:
+        notes.append(f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
+                     "distinct size(s); a curve in N needs at least three.")
+    corpora = {corpus_of(m) for m in base}
+    if len(corpora) > 1:
+        names = ", ".join(sorted(str(c) for c in corpora))
+        notes.append(f"these models were pretrained on different corpora ({names}): their "
+                     "validation losses are on different text, so L(N) and the predictions "
+                     "below mix corpora and say little about scale alone.")
+    return " ".join(notes)
+
+
 def write_report(reg, out: Path, models: list[str] | None = None,
                  scaling: dict | None = None) -> Path:
     """out/report.html plus PNGs beside it. `models` limits the page to those names."""
@@ -130,10 +156,11 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     keep = set(models) if models else None
     mods = [dict(m) for m in reg.models() if keep is None or m["name"] in keep]
     mods.sort(key=lambda m: (m["non_embedding_params"], m["id"]))
+    base = [m for m in mods if m["lineage"] == "base" and m["val_loss"] is not None]
     if scaling is None:
-        base = [m for m in mods if m["lineage"] == "base" and m["val_loss"] is not None]
         scaling = fit_power_law([m["non_embedding_params"] for m in base],
                                 [m["val_loss"] for m in base])
+    caveat = scaling_caveat(base, scaling)
     exps = reg.experiments()
     latest = reg.latest()
     sers = {}
@@ -155,6 +182,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      f"<b>L(N) = {scaling['E']:.3f} + {scaling['A']:.4g} / "
                      f"N^{scaling['alpha']:.3f}</b> (rmse {scaling['rmse']:.4f}).</p>"
                      "<img src='scaling.png'>")
+    if caveat:
+        parts.append(f"<p><b>Caveat:</b> {esc(caveat)}</p>")
     parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
                  "".join(f"<th>{esc(m['name'])}<br>{m['non_embedding_params']:.3g}</th>"
                          for m in mods) + "<th class=l>first passing model</th></tr>")

@@ -117,6 +117,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
+    if not (d / "config.json").exists() and (d / "model" / "config.json").is_file():
+        raise UserError(f"{d}: is a run folder, not a model folder; did you mean {d / 'model'}?")
+    if wrap is None and (d / "reward.json").is_file():
+        raise UserError(f"{d}: this is a reward model (it scores answers and cannot generate "
+                        "or be trained as a policy); give a language model folder, e.g. the "
+                        "SFT run's model/ (a reward model goes to `ppo --reward`)")
     cfg_dict = read_json(d / "config.json")
     try:
         cfg = ModelConfig(**cfg_dict)

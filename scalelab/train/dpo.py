@@ -115,5 +115,6 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
 
     loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed)
     fit(run, cfg, model, loader, device, loss_fn, evaluate,
-        save_model=lambda: save_model(model, tok, out / "model"), resume=resume)
+        save_model=lambda: save_model(model, tok, out / "model"), resume=resume,
+        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()))
     return out / "model"

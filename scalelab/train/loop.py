@@ -22,17 +22,28 @@ from scalelab.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from scalelab.train.progress import Progress
+from scalelab.train.rundir import claim
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"train.device: unknown device {name!r}") from None
+        raise UserError(f"{key} {name!r}: unknown device (auto, cpu, cuda, cuda:N, mps)") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key} {name!r}: torch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}); use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{key} {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key} {name!r}: MPS is not available here; use cpu or auto")
+    return dev
 
 
 def autocast(device: torch.device, dtype: str):
@@ -84,16 +95,14 @@ def load_any_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
 class Run:
     """A run directory: config.toml, metrics.jsonl, model/, checkpoints/."""
 
-    def __init__(self, out: Path, cfg: Config, resume: bool, write: bool = True):
+    def __init__(self, out: Path, cfg: Config, resume: bool, write: bool = True,
+                 stage: str = "pretrain"):
         # write=False: a non-zero rank of a parallel run, which writes nothing.
         self.out, self.metrics, self.write = out, out / "metrics.jsonl", write
         if not write:
             return
-        # A folder whose earlier attempt failed before training (bad data, say) is reused.
-        if not resume and ((out / "metrics.jsonl").exists() or list_checkpoints(out)):
-            raise UserError(f"{out}: already holds a run; pass --resume to continue it "
-                            "or choose a new --out")
-        out.mkdir(parents=True, exist_ok=True)
+        # New, empty, or this stage's own run (see rundir.check_out); else exit 2 untouched.
+        claim(out, stage, resume)
         self.write_config(cfg)
 
     def write_config(self, cfg: Config) -> None:
@@ -132,7 +141,7 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
         raise UserError(f"{stage} runs in one process (WORLD_SIZE is {world}): only pretrain "
                         "spreads over a device mesh so far; run this stage without torchrun")
     torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume)
+    run = Run(out, cfg, resume, stage=stage)
     device = pick_device(cfg.train.device)
     model, tok = load_model(parent, device)
     cfg.model = model.cfg
@@ -147,7 +156,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         evaluate: Callable[[int], dict] | None = None,
         save_model: Callable[[], None] | None = None,
         tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
-        resume: bool = False, parallel=None) -> None:
+        resume: bool = False, parallel=None,
+        count_tokens: Callable[[tuple], int] | None = None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
 
     loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
@@ -155,11 +165,18 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     (val_loss, ...); save_model() writes DIR/model. Logged "step" = optimizer steps done.
     parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
     rank runs this loop; gradients are synced and clipped over the mesh, rank 0 logs).
+    count_tokens(batch): the real (unpadded) tokens of a micro-batch, for stages whose
+    batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
     """
     tc = cfg.train
     optimizer = make_optimizer(model, tc, device)
     main = parallel is None or parallel.is_main
-    start = 0
+    start, tokens_seen = 0, 0
+    if main and tc.max_steps < tc.warmup_steps:
+        tqdm.write(f"note: train.max_steps ({tc.max_steps}) is shorter than train.warmup_steps "
+                   f"({tc.warmup_steps}): the learning rate only climbs to "
+                   f"{lr_at(tc.max_steps - 1, tc):.3g} (train.lr is {tc.lr:g}) and never "
+                   "decays; lower train.warmup_steps for a full schedule")
     if resume:
         ckpts = list_checkpoints(run.out)
         if not ckpts:
@@ -167,7 +184,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                             f"{run.out / 'checkpoints'}")
         meta = load_any_checkpoint(ckpts[-1], model, optimizer, parallel)
         loader.load_state_dict(meta["loader"])
-        start = meta["step"]
+        start, tokens_seen = meta["step"], meta.get("tokens", 0)
         run.truncate_metrics(start)
         if main:
             tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
@@ -177,8 +194,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     hw = detect(device)
     ctx = autocast(device, tc.dtype)
     step_fn = loss_step(loss_fn, tc)
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True,
-               disable=None if main else True)
+    bar = Progress(tc.max_steps, start, "train", enabled=main)
     t0, tokens_since = time.perf_counter(), 0
     model.train()
     for step in range(start, tc.max_steps):
@@ -187,7 +203,11 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for _ in range(tc.grad_accum):
-            batch = tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
+            batch = loader.next_batch()
+            n_tokens = count_tokens(batch) if count_tokens else tokens_per_micro_batch
+            tokens_since += n_tokens
+            tokens_seen += n_tokens
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
             with ctx:
                 loss = step_fn(model, batch) / tc.grad_accum
             loss.backward()
@@ -201,7 +221,6 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        tokens_since += tokens_per_micro_batch * tc.grad_accum
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
@@ -211,15 +230,18 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             if not math.isfinite(loss_val):
                 raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
             dt = time.perf_counter() - t0
-            row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_since / dt}
-            if flops_per_token:
+            row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}
+            if tokens_seen:  # 0 = this stage does not count its tokens: say nothing
+                row.update(tokens=tokens_seen, tokens_per_s=tokens_since / dt)
+            if flops_per_token and tokens_seen:
                 row["model_tflops"] = flops_per_token * tokens_since / dt / 1e12
                 if hw is not None:
                     n_dev = 1 if parallel is None else parallel.world
                     row["mfu"] = row["model_tflops"] * 1e12 / (hw.peak_flops * n_dev)
             run.log(row)
-            post = {"loss": f"{loss_val:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+            post = {"loss": f"{loss_val:.3f}"}
+            if "tokens_per_s" in row:
+                post["tok/s"] = f"{row['tokens_per_s']:,.0f}"
             if "mfu" in row:
                 post["mfu"] = f"{row['mfu']:.1%}"
             bar.set_postfix(post)
@@ -239,10 +261,12 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                 save_model()
             if parallel is None:
                 save_checkpoint(run.out, done, model, optimizer,
-                                {"loader": loader.state_dict()}, tc.keep_checkpoints)
+                                {"loader": loader.state_dict(), "tokens": tokens_seen},
+                                tc.keep_checkpoints)
             else:
                 from scalelab.parallel.checkpoint import save_sharded
-                save_sharded(run.out, done, model, optimizer, {"loader": loader.state_dict()},
+                save_sharded(run.out, done, model, optimizer,
+                             {"loader": loader.state_dict(), "tokens": tokens_seen},
                              tc.keep_checkpoints, parallel)
             t0 = time.perf_counter()  # don't bill eval/checkpoint time to throughput
     bar.close()

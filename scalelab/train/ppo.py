@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
@@ -38,6 +37,7 @@ from scalelab.train.checkpoint import (
 )
 from scalelab.train.loop import autocast, make_optimizer, pick_device, start_stage
 from scalelab.train.losses import token_logprobs
+from scalelab.train.progress import Progress
 from scalelab.train.reward import ScalarModel, load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
@@ -312,7 +312,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         kl_coef, start = meta["kl_coef"], meta["step"]
         run.truncate_metrics(start)
     gen = torch.Generator(device=device)
-    bar = tqdm(total=tc.max_steps, initial=start, desc="ppo", dynamic_ncols=True, disable=None)
+    bar = Progress(tc.max_steps, start, "ppo")  # plain lines when not on a terminal
     for step in range(start, tc.max_steps):
         gen.manual_seed(pc.seed * 100_003 + step)  # resumable sampling: seed per step
         for group in optimizer.param_groups:  # anneal linearly to zero

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.tokens import TokenLoader, load_meta, read_documents, write_token_files
+from scalelab.data.tokens import (
+    TokenLoader,
+    load_meta,
+    read_documents,
+    split_documents,
+    write_token_files,
+)
 from scalelab.generate import generate
 from scalelab.model import Transformer
 from scalelab.parallel import mesh
@@ -27,11 +33,15 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
     data_dir, tok_path = out / "data", out / "tokenizer.json"
     if reuse and tok_path.exists() and (data_dir / "meta.json").exists():
         return Tokenizer.load(tok_path), data_dir
-    docs = read_documents(cfg.data)
-    tqdm.write(f"corpus: {len(docs):,} documents; training a {cfg.data.tokenizer_vocab}-token "
-               "BPE tokenizer")
-    tok = Tokenizer.train(docs, cfg.data.tokenizer_vocab)
-    meta = write_token_files(docs, tok, data_dir, cfg.data.val_fraction)
+    train, val = split_documents(read_documents(cfg.data), cfg.data)
+    tqdm.write(f"corpus: {len(train):,} training and {len(val):,} validation documents; "
+               f"training a {cfg.data.tokenizer_vocab}-token BPE tokenizer")
+    tok = Tokenizer.train(train, cfg.data.tokenizer_vocab)  # validation text stays unseen
+    if tok.vocab_size < cfg.data.tokenizer_vocab:
+        tqdm.write(f"note: data.tokenizer_vocab is {cfg.data.tokenizer_vocab}, but this corpus "
+                   f"supports only {tok.vocab_size} tokens (BPE ran out of pairs to merge); "
+                   f"the tokenizer has {tok.vocab_size}")
+    meta = write_token_files({"train": train, "val": val}, tok, data_dir)
     tmp = out / ".tokenizer.json.tmp"
     tok.save(tmp)
     tmp.replace(tok_path)
@@ -99,9 +109,15 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     loader = TokenLoader(data_dir, "train", tc.batch_size, mc.seq_len, seed=tc.seed,
                          rank=par.data_rank, world=par.data_world)
     # Every rank evaluates the same global batches, so val_loss does not depend on the mapping.
+    meta = load_meta(data_dir)
+    if (meta["val"]["tokens"] - 1) // mc.seq_len < tc.batch_size * par.data_world:
+        raise UserError(f"{data_dir}: the validation split holds {meta['val']['tokens']:,} "
+                        f"tokens ({meta['val']['docs']} documents), too few for one batch of "
+                        f"{tc.batch_size * par.data_world} x {mc.seq_len}; raise "
+                        f"data.val_fraction (now {cfg.data.val_fraction}), name held-out text "
+                        "with data.val_source, or lower train.batch_size / model.seq_len")
     val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
                       mc.seq_len).fixed_batches(tc.eval_batches)
-    meta = load_meta(data_dir)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
     ctx = autocast(device, tc.dtype)
     prompt = tok.encode(tc.sample_prompt, bos=True)

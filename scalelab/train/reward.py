@@ -69,7 +69,9 @@ def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor) ->
 def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Tokenizer, dict]:
     d = Path(model_dir)
     if not (d / "reward.json").is_file():
-        raise UserError(f"{d}: not a reward model folder (no reward.json)")
+        hint = f"; did you mean {d / 'model'}?" if (d / "model" / "reward.json").is_file() \
+            else " (give the model/ folder of a `scalelab reward` run)"
+        raise UserError(f"{d}: not a reward model folder (no reward.json){hint}")
     model, tok = load_model(d, device, wrap=ScalarModel)
     return model, tok, read_json(d / "reward.json")
 
@@ -216,5 +218,6 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  "val_accuracy": pair_accuracy(model, held_batches)}
         save_model(model, tok, out / "model", extra_json={"reward.json": stats})
 
-    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume)
+    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume,
+        count_tokens=lambda batch: int(batch[1].sum()))  # batch[1]: sequence lengths
     return out / "model"

@@ -103,6 +103,6 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     mean_len = sum(len(i) for i, _ in train_items) / len(train_items)
     fit(run, cfg, model, loader, device, masked_loss, evaluate,
         save_model=lambda: save_model(model, tok, out / "model"),
-        tokens_per_micro_batch=int(tc.batch_size * mean_len),
+        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
         flops_per_token=model.flops_per_token(int(mean_len)), resume=resume)
     return out / "model"

@@ -1,0 +1,112 @@
+"""`scalelab chat`: talk to a chat model in the terminal, turn after turn.
+
+Each turn is the whole conversation so far in the tokenizer's chat template, ending with an
+open assistant turn; the answer is printed token by token as it is sampled (one row, a KV
+cache) and ends at EOS. Works with stdin piped, one user message per line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+import torch
+
+from scalelab.generate import sample_next
+from scalelab.model import KVCache
+from scalelab.tokenizer import Tokenizer
+
+HELP = "(one message per line; /reset forgets the conversation, /exit or end of input quits)"
+
+
+@torch.no_grad()
+def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int,
+                  temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None) -> Iterator[int]:
+    """Yield sampled token ids one at a time (EOS included, then stop)."""
+    param = next(model.parameters())
+    total = min(len(prompt) + max_new_tokens, model.cfg.seq_len)
+    cache = KVCache(model.cfg, 1, total, param.device, param.dtype)
+    x = torch.tensor([prompt], dtype=torch.long, device=param.device)
+    for _ in range(total - len(prompt)):
+        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, generator)
+        tok = int(nxt.item())
+        yield tok
+        if tok == eos_id:
+            return
+        x = nxt.view(1, 1)
+
+
+def stream_text(tok: Tokenizer, ids: Iterator[int], out: TextIO) -> list[int]:
+    """Print the decoded text as it grows; hold back a character whose bytes are incomplete."""
+    got, shown = [], ""
+    for i in ids:
+        got.append(i)
+        text = tok.decode(got)
+        if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            continue
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    text = tok.decode(got)
+    out.write(text[len(shown):])
+    return got
+
+
+def fit_history(tok: Tokenizer, messages: list[dict], budget: int) -> tuple[list[int], int]:
+    """Prompt ids for the newest turns that fit `budget` tokens; how many turns were dropped.
+    A system message, if any, is kept."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids = tok.encode_chat(system + turns, generation_prompt=True)[0]
+        if len(ids) <= budget or len(turns) <= 1:
+            return ids, dropped
+        turns, dropped = turns[2:] if len(turns) > 2 else turns[1:], dropped + 1
+
+
+def chat_loop(model: torch.nn.Module, tok: Tokenizer, inp: TextIO, out: TextIO,
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+              generator: torch.Generator | None, system: str | None = None,
+              interactive: bool = False) -> int:
+    """Read user lines until EOF or /exit; return the number of answers given."""
+    messages = [{"role": "system", "content": system}] if system else []
+    answers = 0
+    budget = model.cfg.seq_len - max_new_tokens
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if system else []
+            out.write("(conversation forgotten)\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt, dropped = fit_history(tok, messages, budget)
+        if len(prompt) > budget:
+            messages.pop()
+            sys.stderr.write(f"scalelab: that message is too long for the model's context of "
+                             f"{model.cfg.seq_len} tokens with --max-new-tokens "
+                             f"{max_new_tokens}; say less or lower --max-new-tokens\n")
+            continue
+        if dropped:
+            sys.stderr.write(f"(the oldest {dropped} exchange(s) no longer fit the context of "
+                             f"{model.cfg.seq_len} tokens: the model no longer sees them)\n")
+        out.write("assistant> ")
+        ids = stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.eos_id,
+                                             temperature, top_k, top_p, generator), out)
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": tok.decode(ids)})
+        answers += 1
+    return answers

@@ -1,0 +1,127 @@
+"""Claiming a run folder safely: a run writes only into a folder that is new, empty, or an
+earlier run of the same stage. Anything else is refused before any work, so a user's own
+files can never be overwritten or deleted by `--out .` or `--out my_project`.
+
+Each run folder records its stage in DIR/run.json ({"stage": "pretrain"}); folders from
+before that file existed are recognised by what they hold (lineage.json, data/meta.json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from scalelab.config import UserError
+
+MARKER = "run.json"
+
+
+def last_step(out: Path) -> int | None:
+    """Step of the newest finished checkpoint, or None."""
+    ck = out / "checkpoints"
+    steps = [int(p.name[5:]) for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
+        if ck.is_dir() else []
+    return max(steps) if steps else None
+
+
+def run_stage(out: Path) -> str | None:
+    """The stage that made the run in `out`, or None if it is not a scalelab run folder."""
+    for name, key in ((MARKER, "stage"), ("lineage.json", "stage")):
+        try:
+            stage = json.loads((out / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(stage, str):
+            return stage
+    if (out / "data" / "meta.json").is_file() and \
+            ((out / "config.toml").is_file() or (out / "tokenizer.json").is_file()):
+        return "pretrain"  # token files (and tokenizer) in scalelab's layout
+    return None
+
+
+def _started(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or last_step(out) is not None
+
+
+def check_out(out: Path, stage: str, resume: bool) -> None:
+    """Raise UserError unless `stage` may write its run into `out` (nothing is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the run (new or empty)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    owner = run_stage(out) if entries else None
+    if owner is not None and owner != stage:
+        fix = f"resume it with `scalelab {owner} ... --resume`" if resume \
+            else "choose a new --out"
+        raise UserError(f"--out {out}: holds a {owner} run, not a {stage} run; {fix}")
+    if resume:
+        if owner is None:
+            where = "this folder is not a scalelab run" if entries else "nothing is here"
+            raise UserError(f"--out {out}: --resume given but {where} (no checkpoint to "
+                            f"resume); start a {stage} run in a new or empty folder without "
+                            "--resume")
+        if last_step(out) is None:
+            raise UserError(f"--out {out}: --resume given but no checkpoint in "
+                            f"{out / 'checkpoints'} (the run stopped before its first one); "
+                            "start again without --resume")
+        return
+    if owner is not None and _started(out):
+        raise UserError(f"--out {out}: already holds a run; pass --resume to continue it "
+                        "or choose a new --out")
+    if entries and owner is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UserError(f"--out {out}: folder is not empty ({shown}) and is not a scalelab "
+                        "run; a run is written only into a new or empty folder, so that no "
+                        "file of yours is touched: choose a new --out")
+    # else: new, empty, or our own run that stopped before training (bad data, say): reuse
+
+
+def finished_step(out: Path, max_steps: int) -> int | None:
+    """On --resume: the checkpoint step if the run already reached max_steps (nothing to do)."""
+    step = last_step(out)
+    return step if step is not None and step >= max_steps else None
+
+
+def claim(out: Path, stage: str, resume: bool) -> None:
+    """check_out, then create the folder and record the stage (idempotent)."""
+    check_out(out, stage, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        tmp = out / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps({"stage": stage}) + "\n")
+        tmp.replace(marker)
+
+
+def check_folder(out: Path, own: str, command: str) -> None:
+    """For commands that write several things into --out (demo, sweep, track report): the
+    folder must be new, empty, or one this command wrote before (it holds `own`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (out / own).exists():
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UserError(f"--out {out}: folder is not empty ({shown}) and was not written by "
+                        f"`scalelab {command}`; choose a new or empty --out so that no file "
+                        "of yours is touched")
+
+
+def is_fresh(out: Path) -> bool:
+    """New or empty: everything that later appears inside was written by this run."""
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
+def forget_unstarted(out: Path, existed: bool) -> None:
+    """A run that failed on bad input before training leaves nothing behind: remove what it
+    wrote into its (new or empty) folder. Call only when is_fresh(out) held at the start."""
+    if not out.is_dir() or _started(out):
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,403 @@
+"""A new user's first hour, end to end through the command line: their own corpus, SFT and
+preference files and prompts, and the mistakes everyone makes. Each trap below once lost
+data, lied, or answered with a traceback (issue 15)."""
+
+import contextlib
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_sets
+
+from scalelab.cli import main
+
+WORDS = ("river stone lamp garden window orange quiet bread yellow market winter letter "
+         "forest candle copper morning harbour violin pepper ladder cotton meadow").split()
+
+
+def cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run `scalelab ARGS` in this process; (exit code, stdout, stderr). A traceback would
+    propagate and fail the test."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        sys.stdin = old_stdin
+    return rc, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+def paragraphs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) + "."
+            for _ in range(n)]
+
+
+SMALL = [*tiny_sets(), "--set", "data.val_fraction=0.1"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """The user's project: a .txt corpus of 300 paragraphs, SFT and preference files."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "corpus.txt").write_text("\n\n".join(paragraphs(300)) + "\n")
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in WORDS] * 3
+    # written with a byte-order mark, as many Windows tools do
+    (home / "sft.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows),
+                                    encoding="utf-8")
+    pairs = [{"prompt": f"Say {w}.", "chosen": w, "rejected": f"{w} {w} {w}"} for w in WORDS]
+    (home / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return home
+
+
+@pytest.fixture(scope="module")
+def base(home) -> tuple[Path, str, str]:
+    """Pretrained on the user's corpus, stderr not a terminal. Max steps below the warmup and
+    a tokenizer vocabulary the corpus cannot fill, on purpose."""
+    rc, out, err = cli("pretrain", "--config", "tiny", "--out", str(home / "base"),
+                       "--max-steps", "20", *SMALL, "--set", f"data.source={home / 'corpus.txt'}",
+                       "--set", "train.warmup_steps=30", "--set", "data.tokenizer_vocab=4000")
+    assert rc == 0, err
+    return home / "base", out, err
+
+
+@pytest.fixture(scope="module")
+def sft_run(home, base) -> Path:
+    rc, _, err = cli("sft", "--base", str(base[0] / "model"), "--data", str(home / "sft.jsonl"),
+                     "--out", str(home / "sft"), "--max-steps", "12", *tiny_sets(),
+                     "--set", "train.lr=3e-3")
+    assert rc == 0, err
+    return home / "sft"
+
+
+# ---- 1. data loss and run folders -------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["named", "dot"])
+def test_out_on_a_project_folder_touches_nothing(home, tmp_path, monkeypatch, where):
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "my_corpus.jsonl").write_text(
+        "".join(json.dumps({"text": p}) + "\n" for p in paragraphs(100)))
+    (proj / "data" / "important.txt").write_text("do not delete me\n")
+    (proj / "notes.md").write_text("my notes\n")
+    before = snapshot(proj)
+    monkeypatch.chdir(proj if where == "dot" else tmp_path)
+    out = "." if where == "dot" else "proj"
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", out, "--max-steps", "2", *SMALL,
+                     "--set", f"data.source={proj / 'data' / 'my_corpus.jsonl'}")
+    assert rc == 2 and "not empty" in err and "choose a new" in err
+    assert snapshot(proj) == before  # byte-identical, nothing added
+
+
+def test_wrong_stage_resume_leaves_the_run_untouched(sft_run):
+    before = snapshot(sft_run)
+    rc, _, err = cli("pretrain", "--out", str(sft_run), "--resume")
+    assert rc == 2 and "holds a sft run" in err and "scalelab sft" in err
+    assert snapshot(sft_run) == before
+
+
+def test_resume_without_checkpoint_builds_nothing(home, base, tmp_path):
+    import shutil
+    corpus = ["--set", f"data.source={home / 'corpus.txt'}"]
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "new"),
+                     "--resume", *SMALL, *corpus)
+    assert rc == 2 and "no checkpoint" in err
+    assert not (tmp_path / "new").exists()  # no corpus, no tokenizer, no folder
+    run = tmp_path / "killed"  # a run stopped before its first checkpoint
+    shutil.copytree(base[0], run)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume", *corpus)
+    assert rc == 2 and "no checkpoint" in err and snapshot(run) == before
+
+
+def test_a_mistake_in_the_data_leaves_no_half_made_run(tmp_path):
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), *SMALL,
+                     "--set", f"data.source={tmp_path / 'typo.txt'}")
+    assert rc == 2 and "typo.txt: corpus file or folder not found" in err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "empty"), *SMALL,
+                     "--set", f"data.source={tmp_path / 'typo.txt'}")
+    assert rc == 2 and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_resume_on_a_finished_run_says_there_is_nothing_to_do(base):
+    run = base[0]
+    before = snapshot(run)
+    rc, out, err = cli("pretrain", "--out", str(run), "--resume")
+    assert rc == 0 and "nothing to do" in out and "step 20" in out, err
+    assert snapshot(run) == before
+
+
+def test_out_naming_a_file(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("mine")
+    for args in (["pretrain", "--config", "tiny"], ["demo"], ["track", "report"]):
+        rc, _, err = cli(*args, "--out", str(f))
+        assert rc == 2 and "is a file" in err, args
+    assert f.read_text() == "mine"
+
+
+# ---- 2. the user's corpus: documents, validation, EOS -----------------------------------
+
+def split_docs(bin_path: Path, bos: int, eos: int) -> list[tuple[int, ...]]:
+    ids = np.fromfile(bin_path, dtype=np.uint16).tolist()
+    docs, cur = [], []
+    for i in ids:
+        if i == bos:
+            cur = []
+        elif i == eos:
+            docs.append(tuple(cur))
+        else:
+            cur.append(i)
+    return docs
+
+
+def test_txt_corpus_is_split_into_documents_with_a_sampled_validation_set(home, base):
+    from scalelab.tokenizer import Tokenizer
+    run = base[0]
+    tok = Tokenizer.load(run / "tokenizer.json")
+    train = split_docs(run / "data" / "train.bin", tok.bos_id, tok.eos_id)
+    val = split_docs(run / "data" / "val.bin", tok.bos_id, tok.eos_id)
+    originals = [tuple(tok.encode(p)) for p in paragraphs(300)]
+    assert len(train) + len(val) == 300 and len(val) == 30  # every paragraph a document
+    assert sorted(train + val) == sorted(originals)  # each ends with EOS: stopping is learned
+    assert not set(train) & set(val)  # validation is never training text
+    positions = sorted(originals.index(d) for d in val)
+    assert positions != list(range(270, 300))  # a random sample, not the file's tail
+
+
+def test_one_document_per_line_is_configurable(home, tmp_path):
+    from scalelab.config import DataConfig, UserError
+    from scalelab.data.tokens import read_documents, split_documents
+    f = tmp_path / "lines.txt"
+    f.write_text("one\ntwo\n\nthree\n")
+    assert read_documents(DataConfig(source=str(f), txt_split="lines")) == ["one", "two", "three"]
+    assert read_documents(DataConfig(source=str(f))) == ["one\ntwo", "three"]
+    # held-out text of one's own, but never the training text itself
+    held = tmp_path / "held.txt"
+    held.write_text("four\n\nfive\n")
+    cfg = DataConfig(source=str(f), val_source=str(held))
+    assert split_documents(read_documents(cfg), cfg) == (["one\ntwo", "three"], ["four", "five"])
+    with pytest.raises(UserError, match="data.val_source"):
+        cfg = DataConfig(source=str(f), val_source=str(f))
+        split_documents(read_documents(cfg), cfg)
+
+
+def test_a_corpus_too_small_to_split_names_val_fraction(tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("only one paragraph of text here\n")
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"),
+                     "--set", f"data.source={f}")
+    assert rc == 2 and "data.val_fraction" in err and "data.val_source" in err
+
+
+def test_tokenizer_notice_warmup_notice_and_plain_progress(base):
+    from scalelab.tokenizer import Tokenizer
+    _, out, err = base
+    real = Tokenizer.load(base[0] / "tokenizer.json").vocab_size
+    assert real < 4000 and f"the tokenizer has {real}" in out
+    assert "shorter than train.warmup_steps" in out
+    # stderr was not a terminal: plain progress lines, the first step and the last
+    assert "train: step 1/20" in err and "train: step 20/20" in err
+
+
+# ---- 3. talking to a chat model ---------------------------------------------------------
+
+def test_chat_streams_multi_turn_answers_from_piped_stdin(sft_run):
+    from scalelab.generate import generate
+    from scalelab.train.checkpoint import load_model
+    model_dir = str(sft_run / "model")
+    rc, out, err = cli("chat", "--model", model_dir, "--temperature", "0",
+                       "--max-new-tokens", "8", stdin="Say river.\n\nSay lamp.\n")
+    assert rc == 0, err
+    # each answer is the greedy continuation of the whole conversation in the chat
+    # template, computed here another way (the batched generator, no streaming)
+    model, tok = load_model(model_dir)
+    conv, want = [], []
+    for text in ("Say river.", "Say lamp."):
+        conv.append({"role": "user", "content": text})
+        prompt = tok.encode_chat(conv, generation_prompt=True)[0]
+        answer = tok.decode(generate(model, [prompt], 8, tok.pad_id, tok.eos_id,
+                                     temperature=0)[0])
+        conv.append({"role": "assistant", "content": answer})
+        want.append(answer)
+    assert out == "".join(f"assistant> {a}\n" for a in want)
+    rc, out, err = cli("generate", "--chat", "--model", model_dir, "--prompt", "Say river.",
+                       "--temperature", "0", "--max-new-tokens", "8")
+    assert rc == 0 and out == want[0] + "\n", err
+
+
+# ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reward_dir(home, base) -> Path:
+    """A reward-model folder (random head: only its kind matters here)."""
+    from scalelab.train.checkpoint import load_model, save_model
+    from scalelab.train.reward import ScalarModel
+    model, tok = load_model(base[0] / "model")
+    out = home / "rm" / "model"
+    save_model(ScalarModel(model), tok, out, extra_json={"reward.json": {"mean": 0, "std": 1}})
+    return out
+
+
+GENERATE_MISTAKES = [
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--max-new-tokens", "5000"], "at most"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--top-k", "-5"], "--top-k -5"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "0", "--num-samples", "3"], "would be the same"),
+]
+
+
+@pytest.mark.parametrize("args, message", GENERATE_MISTAKES)
+def test_generate_value_mistakes(base, args, message):
+    rc, out, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "river",
+                       *args)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu(base):
+    rc, _, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "x",
+                     "--device", "cuda")
+    assert rc == 2 and "no CUDA GPU" in err
+
+
+def test_wrong_kind_of_folder_is_named(base, reward_dir, sft_run, tmp_path):
+    rc, _, err = cli("generate", "--model", str(base[0]), "--prompt", "x")
+    assert rc == 2 and f"did you mean {base[0] / 'model'}" in err
+    for args in (["generate", "--model", str(reward_dir), "--prompt", "x"],
+                 ["sft", "--base", str(reward_dir), "--data", "builtin:tasks",
+                  "--out", str(tmp_path / "s")],
+                 ["track", "model", "add", str(reward_dir), "--no-run",
+                  "--registry", str(tmp_path / "reg.db")]):
+        rc, _, err = cli(*args)
+        assert rc == 2 and "this is a reward model" in err, args
+    assert not (tmp_path / "s").exists()
+    rc, _, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(reward_dir.parent),
+                     "--prompts", "builtin:tasks", "--out", str(tmp_path / "p"))
+    assert rc == 2 and f"did you mean {reward_dir}" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "tny"], "presets: "),
+    (["--config", "."], "is a folder"),
+    (["--config", "tiny", "--set", "model.n_layer=-3"], "model.n_layer = -3"),
+    (["--config", "tiny", "--set", "train.batch_size=0"], "train.batch_size = 0"),
+])
+def test_config_mistakes(tmp_path, args, message):
+    rc, _, err = cli("pretrain", "--out", str(tmp_path / "r"), *args)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing claimed for a mistake in the command
+    if message == "presets: ":
+        assert "tiny" in err and "small" in err
+
+
+def test_status_json_into_a_closed_pipe(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "scalelab", "track", "status", "--json",
+                             "--registry", str(tmp_path / "reg.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has already exited
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_ppo_on_own_prompts_shows_progress_without_a_terminal(home, sft_run, reward_dir):
+    prompts = home / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in WORDS))
+    rc, _, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(reward_dir),
+                     "--prompts", str(prompts), "--out", str(home / "ppo"), "--max-steps", "2",
+                     "--set", "ppo.rollout_batch=8", "--set", "ppo.samples_per_prompt=2",
+                     "--set", "ppo.max_new_tokens=6", "--set", "train.checkpoint_every=2")
+    assert rc == 0, err
+    assert "ppo: step 1/2" in err and "ppo: step 2/2" in err
+
+
+# ---- 6. honest numbers ------------------------------------------------------------------
+
+def test_dpo_logs_real_tokens_and_registry_adds_its_base(home, base, sft_run, tmp_path):
+    rc, _, err = cli("dpo", "--policy", str(sft_run / "model"), "--data",
+                     str(home / "prefs.jsonl"), "--out", str(home / "dpo"), "--max-steps", "4",
+                     *tiny_sets(), "--set", "train.batch_size=4")
+    assert rc == 0, err
+    rows = [json.loads(r) for r in (home / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    # 4 steps x 4 pairs x 2 answers: real tokens, fewer than the padded batches would hold
+    assert 0 < train_rows[-1]["tokens"] < 4 * 8 * 32
+
+    reg = str(tmp_path / "reg.db")
+    got = {}
+    for name, folder in (("base", base[0]), ("sft", sft_run), ("dpo", home / "dpo")):
+        rc, _, err = cli("track", "model", "add", str(folder / "model"), "--name", name,
+                         "--no-run", "--registry", reg)
+        assert rc == 0, err
+    from scalelab.track.registry import Registry
+    got = {m["name"]: m for m in Registry(Path(reg)).models()}
+
+    def logged_tokens(run):
+        rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["tokens"] for r in rows if "tokens" in r][-1]
+    assert got["base"]["tokens"] == 20 * 8 * 32 == logged_tokens(base[0])
+    assert got["dpo"]["tokens"] == sum(logged_tokens(r) for r in (base[0], sft_run,
+                                                                   home / "dpo"))
+    assert got["dpo"]["flops"] > got["sft"]["flops"] > got["base"]["flops"]
+    # val_loss is the pretraining next-token loss only; SFT and DPO losses are not it
+    last_val = [json.loads(r) for r in (base[0] / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in r][-1]["val_loss"]
+    assert got["base"]["val_loss"] == last_val
+    assert got["sft"]["val_loss"] is None and got["dpo"]["val_loss"] is None
+
+
+def test_no_scaling_fit_on_models_of_one_size(base, tmp_path):
+    reg = str(tmp_path / "reg.db")
+    for name in ("a", "b", "c"):
+        assert cli("track", "model", "add", str(base[0] / "model"), "--name", name,
+                   "--no-run", "--registry", reg)[0] == 0
+    rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", reg)
+    assert rc == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "no L(N) fit" in page and "L(N) = " not in page and "different corpora" not in page
+    other = tmp_path / "other.jsonl"  # a second corpus
+    other.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs(200, seed=1)))
+    rc, _, err = cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "o"),
+                     "--max-steps", "2", *SMALL, "--set", "model.d_model=48",
+                     "--set", f"data.source={other}")
+    assert rc == 0, err
+    assert cli("track", "model", "add", str(tmp_path / "o" / "model"), "--no-run",
+               "--registry", reg)[0] == 0
+    rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", reg)
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert rc == 0 and "different corpora" in page and str(other) in page, err
+
+
+def test_tracker_keeps_task_files_usable_from_any_folder(base, tmp_path, monkeypatch):
+    reg = str(tmp_path / "reg.db")
+    (tmp_path / "proj").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    Path("qa.jsonl").write_text(json.dumps({"prompt": "river", "target": " stone"}) + "\n")
+    rc, out, err = cli("track", "model", "add", str(base[0] / "model"), "--registry", reg)
+    assert rc == 0 and "track experiment seed" in out, err  # empty registry: told what to do
+    assert cli("track", "experiment", "add", "--name", "mine", "--task", "qa.jsonl",
+               "--threshold", "0.5", "--registry", reg)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli("track", "run", "--registry", reg)
+    assert rc == 0 and "mine" in out, err
