@@ -159,7 +159,7 @@ async function compare(ev) {
   const out = $("compare-out");
   out.replaceChildren();
   const params = {temperature: numberParam("compare-temperature"),
-                  max_tokens: numberParam("compare-max-tokens")};
+                  max_tokens: numberParam("compare-max-tokens"), seed: numberParam("compare-seed")};
   await Promise.all(models.map(async (model) => {
     const col = el("div", "answer");
     col.append(el("h3", "", model));
