@@ -162,12 +162,12 @@ class Engine:
             batch = [j for j in self._next_batch() if not j.cancelled]
             if not batch:
                 continue
+            self.batches += 1
             try:
                 self.run_batch(batch)
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving
                 for j in batch:
                     j.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
-            self.batches += 1
 
     @torch.no_grad()
     def run_batch(self, jobs: list[Job]) -> None:
