@@ -338,6 +338,19 @@ def test_browser_chat_streams(setup, client, browser):
     assert shown == want and shown
     partials = set(d.execute_script("return window.partials"))
     assert len(partials) >= 2 and all(want.startswith(p) for p in partials)  # it streamed
+    # edit the question: the conversation is cut there and answered again
+    css(d, ".msg.user .edit")[0].click()
+    area = css(d, ".msg.user textarea")[0]
+    area.clear()
+    area.send_keys("Where does Bob live?")
+    css(d, ".msg.user .save")[0].click()
+    wait(d, lambda: css(d, ".msg.assistant .content.done") and
+         text(d, css(d, ".msg.user .content")[0]) == "Where does Bob live?")
+    assert len(css(d, ".msg")) == 2
+    again = client.chat.completions.create(
+        model="untrained", messages=[{"role": "user", "content": "Where does Bob live?"}],
+        temperature=1, seed=4, max_tokens=24).choices[0].message.content
+    assert text(d, css(d, ".msg.assistant .content")[0]) == again
 
 
 def test_browser_compare_shows_two_answers(setup, client, browser):
