@@ -81,8 +81,8 @@ def shoot(url: str, out: Path, prompt: str) -> None:
     setv("chat-temperature", "0")
     for question in (prompt, "Where does Mia live?"):
         css("#chat-input")[0].send_keys(question + "\n")
-        wait.until(lambda _: len(css(".msg.assistant .content.done")) ==
-                   len(css(".msg.user")))
+        wait.until(lambda _: len(css(".msg.assistant")) == len(css(".msg.user")) and
+                   css(".msg.assistant:last-child .content.done"))
     d.save_screenshot(str(out / "chat.png"))
 
     view("compare")
