@@ -166,16 +166,20 @@ def start(engine: Engine, prompt: list[int], s: Sampling, n: int
     return job, events
 
 
-async def events_of(job: Job, events: asyncio.Queue) -> AsyncIterator[dict]:
-    """Events until every row is done; an engine error becomes an APIError."""
+async def event_batches(job: Job, events: asyncio.Queue) -> AsyncIterator[list[dict]]:
+    """Events until every row is done, in lists of those already waiting (a stream then
+    writes them to the socket together); an engine error becomes an APIError."""
     left = job.n
     try:
         while left:
-            ev = await events.get()
-            if ev["type"] == "error":
-                raise APIError(500, ev["message"], type="server_error")
-            left -= ev["type"] == "done"
-            yield ev
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            for ev in batch:
+                if ev["type"] == "error":
+                    raise APIError(500, ev["message"], type="server_error")
+                left -= ev["type"] == "done"
+            yield batch
     finally:
         job.cancelled = left > 0  # the client left (or failed) early: free the rows
 
@@ -183,7 +187,7 @@ async def events_of(job: Job, events: asyncio.Queue) -> AsyncIterator[dict]:
 async def collect(jobs: list[tuple[Job, asyncio.Queue]]) -> list[list[dict]]:
     """The done event of every row of every job."""
     async def one(job, q):
-        done = [ev async for ev in events_of(job, q) if ev["type"] == "done"]
+        done = [ev async for b in event_batches(job, q) for ev in b if ev["type"] == "done"]
         return sorted(done, key=lambda ev: ev["index"])
     return list(await asyncio.gather(*(one(j, q) for j, q in jobs)))
 
@@ -239,14 +243,17 @@ async def chat_completions(request: Request):
                           "logprobs": None, "finish_reason": None} for i in range(n)])
             done = []
             try:
-                async for ev in events_of(job, events):
-                    if ev["type"] == "delta":
-                        yield chunk([{"index": ev["index"], "delta": {"content": ev["text"]},
-                                      "logprobs": None, "finish_reason": None}])
-                    else:
-                        done.append(ev)
-                        yield chunk([{"index": ev["index"], "delta": {},
-                                      "logprobs": None, "finish_reason": ev["finish_reason"]}])
+                async for batch in event_batches(job, events):
+                    out = []
+                    for ev in batch:
+                        if ev["type"] == "delta":
+                            delta, reason = {"content": ev["text"]}, None
+                        else:
+                            done.append(ev)
+                            delta, reason = {}, ev["finish_reason"]
+                        out.append(chunk([{"index": ev["index"], "delta": delta,
+                                           "logprobs": None, "finish_reason": reason}]))
+                    yield "".join(out)
                 if want_usage:
                     yield chunk([], usage=usage(len(prompt), done))
             except APIError as e:
@@ -329,13 +336,15 @@ async def completions(request: Request):
         async def chunks() -> AsyncIterator[str]:
             try:
                 for p, (job, events) in enumerate(started):
-                    async for ev in events_of(job, events):
-                        index = p * n + ev["index"]
-                        text, reason = (ev["text"], None) if ev["type"] == "delta" else \
-                            ("", ev["finish_reason"])
-                        yield sse({**head, "choices": [{"index": index, "text": text,
-                                                        "logprobs": None,
-                                                        "finish_reason": reason}]})
+                    async for batch in event_batches(job, events):
+                        out = []
+                        for ev in batch:
+                            text, reason = (ev["text"], None) if ev["type"] == "delta" else \
+                                ("", ev["finish_reason"])
+                            out.append(sse({**head, "choices": [{
+                                "index": p * n + ev["index"], "text": text, "logprobs": None,
+                                "finish_reason": reason}]}))
+                        yield "".join(out)
             except APIError as e:
                 yield sse(error_body(e.message, e.type, e.param, e.code))
             yield sse("[DONE]")

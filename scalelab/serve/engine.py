@@ -102,11 +102,12 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     uniform noise (B, V): argmax(logits / T + Gumbel) is a sample from softmax(logits / T)."""
     greedy = logits.argmax(-1)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, math.inf))
-    drop = (probs.cumsum(-1) - probs) > limit[:, None]  # keep the smallest set reaching top_p
-    scaled = scaled.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    if bool((top_p < 1).any()):  # the sort is a quarter of a tiny model's step: only if asked
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, math.inf))
+        drop = (probs.cumsum(-1) - probs) > limit[:, None]  # the smallest set reaching top_p
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), -math.inf)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
     return torch.where(temperature <= 0, greedy, (scaled + gumbel).argmax(-1))
 
