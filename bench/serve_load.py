@@ -165,6 +165,15 @@ def start_server(model_dir: Path, port: int, extra: list[str]) -> subprocess.Pop
     raise SystemExit("server did not start within 60 s")
 
 
+def phase(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    """run_load plus how many batches the engine ran for it (from /health)."""
+    before = httpx.get(f"{url}/health").json()["models"]["m"]
+    s = asyncio.run(run_load(url, "m", clients, seconds, max_tokens))
+    after = httpx.get(f"{url}/health").json()["models"]["m"]
+    return {**s, "batches": after["batches"] - before["batches"],
+            "rows": after["rows"] - before["rows"]}
+
+
 def line(s: dict) -> str:
     return (f"{s['clients']:>7} {s['requests']:>8} {s['requests_per_s']:>9.2f} "
             f"{s['tokens_per_s']:>9.1f} {1000 * s['ttft_p50']:>9.1f} {1000 * s['ttft_p99']:>9.1f} "
@@ -191,10 +200,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_load(url, "m", 1, 2.0, args.max_tokens))  # warm-up
-            single = asyncio.run(run_load(url, "m", 1, args.baseline_seconds or args.seconds,
-                                          args.max_tokens))
-            many = asyncio.run(run_load(url, "m", args.clients, args.seconds, args.max_tokens))
-            health = httpx.get(f"{url}/health").json()
+            single = phase(url, 1, args.baseline_seconds or args.seconds, args.max_tokens)
+            many = phase(url, args.clients, args.seconds, args.max_tokens)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -207,9 +214,9 @@ def main() -> None:
     for s in (single, many):
         for p in s["problems"]:
             print(f"  problem ({s['clients']} clients): {p}")
-    m = health["models"]["m"]
-    print(f"batches run: {m['batches']}, rows served: {m['rows']} "
-          f"(mean {m['rows'] / max(1, m['batches']):.1f} rows per batch)")
+    for s in (single, many):
+        print(f"{s['clients']} client(s): {s['batches']} batches, mean "
+              f"{s['rows'] / max(1, s['batches']):.1f} rows per batch")
     print(f"tokens/s with {args.clients} clients / tokens/s with 1 client: "
           f"{many['tokens_per_s'] / single['tokens_per_s']:.2f}x "
           f"(times in ms; ttft = time to first token)")

@@ -28,6 +28,7 @@ from scalelab.serve.engine import Sampling
 
 router = APIRouter()
 CHOICES = ("A", "B", "tie", "skip")
+MAX_PENDING = 64
 
 
 class LabelStore:
@@ -163,7 +164,10 @@ async def label_pair(request: Request) -> dict:
     pair = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "answers": answers,
             "source": source, "model": name,
             "gold": None if example is None else gold_ranking(example, answers, stopped)}
-    store.pending[pair["id"]] = pair
+    with store.lock:
+        store.pending[pair["id"]] = pair
+        while len(store.pending) > MAX_PENDING:  # pairs asked for and never judged
+            store.pending.pop(next(iter(store.pending)))
     return public(pair)
 
 
