@@ -170,8 +170,7 @@ def phase(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
     before = httpx.get(f"{url}/health").json()["models"]["m"]
     s = asyncio.run(run_load(url, "m", clients, seconds, max_tokens))
     after = httpx.get(f"{url}/health").json()["models"]["m"]
-    return {**s, "batches": after["batches"] - before["batches"],
-            "rows": after["rows"] - before["rows"]}
+    return {**s, **{k: after[k] - before[k] for k in ("batches", "rows", "steps", "row_steps")}}
 
 
 def line(s: dict) -> str:
@@ -215,8 +214,9 @@ def main() -> None:
         for p in s["problems"]:
             print(f"  problem ({s['clients']} clients): {p}")
     for s in (single, many):
-        print(f"{s['clients']} client(s): {s['batches']} batches, mean "
-              f"{s['rows'] / max(1, s['batches']):.1f} rows per batch")
+        print(f"{s['clients']} client(s): {s['steps']} decode steps, mean "
+              f"{s['row_steps'] / max(1, s['steps']):.1f} rows per step; {s['rows']} requests "
+              f"joined in {s['batches']} prefills")
     print(f"tokens/s with {args.clients} clients / tokens/s with 1 client: "
           f"{many['tokens_per_s'] / single['tokens_per_s']:.2f}x "
           f"(times in ms; ttft = time to first token)")

@@ -264,6 +264,30 @@ def test_label_store_refuses_a_torn_file(tmp_path):
         LabelStore(f)
 
 
+def test_label_store_appends_undoes_and_refuses_blank_answers(tmp_path):
+    from scalelab.serve.api import APIError
+    f = tmp_path / "labels.jsonl"
+    f.write_text('{"prompt": "p0", "chosen": "a", "rejected": "b"}\n')
+    store = LabelStore(f)
+    pairs = [{"id": str(i), "prompt": f"p{i}", "answers": [f"x{i}", f"y{i}"], "source": "typed",
+              "model": "m", "gold": None} for i in (1, 2)]
+    pairs.append({**pairs[0], "id": "3", "answers": ["fine", " "]})
+    store.pending = {p["id"]: p for p in pairs}
+    assert store.judge("1", "B")["written"] == 2
+    with pytest.raises(APIError, match="blank"):
+        store.judge("3", "A")
+    assert store.judge("3", "skip")["counts"]["skip"] == 1
+    store.judge("2", "A")
+    assert read_preferences(f) == [("p0", "a", "b"), ("p1", "y1", "x1"), ("p2", "x2", "y2")]
+    assert store.undo()["undone"] == "A" and store.undo()["undone"] == "skip"
+    assert read_preferences(f) == [("p0", "a", "b"), ("p1", "y1", "x1")]
+    with open(f, "a") as out:  # someone else appended: undo must not cut their line
+        out.write('{"prompt": "q", "chosen": "c", "rejected": "d"}\n')
+    with pytest.raises(APIError, match="changed"):
+        store.undo()
+    assert len(read_preferences(f)) == 3
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

@@ -202,7 +202,8 @@ def create_app(engines: dict, opts: ServeOptions, limits=None):
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": {
-            n: {"batches": e.batches, "rows": e.rows_served, "queued": e.queue.qsize()}
+            n: {"batches": e.batches, "rows": e.rows_served, "steps": e.steps,
+                "row_steps": e.row_steps, "queued": e.queue.qsize()}
             for n, e in engines.items()}}
 
     @app.get("/")

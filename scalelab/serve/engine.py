@@ -1,14 +1,11 @@
 """The batching engine: one worker thread per loaded model.
 
-Requests that arrive within a few milliseconds of each other are decoded together in one
-batch (left-padded prompts, one KV cache), and every sampled token is streamed out as an
-event the moment it exists. Sampling settings are per row (temperature, top_p, seed: the
-noise for Gumbel-max sampling comes from each request's own generator), so any mix of
-requests can share a batch; a request waits for the next batch only when it would not fit
-in the model's context beside the others, or the batch is full.
-
-Static batching: a batch runs until its last row finishes, and requests that arrive in the
-meantime form the next one. Rows that finish early report at once; their slots idle.
+Concurrent requests are decoded together, continuously: a request joins the running batch
+between two decode steps and leaves it when it ends, and every sampled token is streamed out
+as an event the moment it exists. Sampling settings are per row (temperature, top_p, seed:
+the noise for Gumbel-max sampling comes from each request's own generator), so any mix of
+requests can share a batch, and a seeded request gives the same tokens alone or in company.
+How rows share one KV cache: see Engine.
 
 The engine knows nothing about HTTP: a Job carries a callback that receives plain dicts
   {"type": "delta", "index": i, "text": str}                         new text of row i
@@ -113,18 +110,31 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
 
 
 class Engine:
-    """Owns one model; `submit` a Job from any thread, events come back through job.emit."""
+    """Owns one model; `submit` a Job from any thread, events come back through job.emit.
+
+    Continuous batching over one KV cache of seq_len columns: every decode step feeds each
+    row's newest token at the same column t (positions are per row, so columns are storage
+    only). A new job joins between steps: its prompt is prefilled on its own into columns
+    [t - len, t) of a free row, its first token sampled, and from then on it steps with the
+    others. When t runs out of room, every column before the oldest live row's first one is
+    dropped (the cache shifts left). Admission is first come, first served: a job that cannot
+    join yet (its prompt is longer than t, or it would not fit before the cache's end, or
+    no row is free) holds the ones behind it, so the batch drains for it and nothing starves.
+    """
 
     def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = 32,
                  window_s: float = 0.005, max_queue: int = 256):
         self.model, self.tok = model, tok
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.seq_len = model.cfg.seq_len
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: queue.Queue[Job] = queue.Queue(max_queue)
-        self.waiting: deque[Job] = deque()  # taken from the queue but did not fit a batch
+        self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted
         self.shared_gen = torch.Generator(device=self.device).manual_seed(0)
-        self.batches = self.rows_served = 0  # counters for /health
+        # counters for /health: admissions (prefill batches), decode steps, rows x steps
+        self.batches = self.rows_served = self.steps = self.row_steps = 0
+        self._reset()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="scalelab-engine")
         self.thread.start()
 
@@ -134,84 +144,182 @@ class Engine:
 
     # ---- the worker -------------------------------------------------------------------
 
-    def _next_batch(self) -> list[Job]:
-        first = self.waiting.popleft() if self.waiting else self.queue.get()
-        batch, skipped = [first], []
-        deadline = time.monotonic() + self.window_s
-        while sum(j.n for j in batch) < self.max_batch:
-            if self.waiting:
-                job = self.waiting.popleft()
-            else:
-                try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            if self._fits(batch + [job]):
-                batch.append(job)
-            else:
-                skipped.append(job)
-        self.waiting.extendleft(reversed(skipped))
-        return batch
+    def _reset(self) -> None:
+        self.rows: list[Row] = []  # one per cache row; done rows are free slots
+        self.cache: KVCache | None = None
+        self.valid = torch.zeros((0, self.seq_len), dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # next token to feed
+        self.start: list[int] = []  # each row's first column
+        self.admitting: list[Job] = []
+        self.t = 0
 
-    def _fits(self, jobs: list[Job]) -> bool:
-        longest = max(len(j.prompt) for j in jobs)
-        return (sum(j.n for j in jobs) <= self.max_batch and
-                longest + max(j.sampling.max_tokens for j in jobs) <= self.seq_len)
+    def _live(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if not (r.done or r.job.cancelled)]
 
     def _loop(self) -> None:
         while True:
-            batch = [j for j in self._next_batch() if not j.cancelled]
-            if not batch:
-                continue
-            self.batches += 1
+            if not self._live():
+                self._reset()
+                if not self.waiting:
+                    self.waiting.append(self.queue.get())
+                deadline = time.monotonic() + self.window_s
+                while True:  # a burst of requests is prefilled together
+                    try:
+                        self.waiting.append(self.queue.get(
+                            timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
+            while True:
+                try:
+                    self.waiting.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                self.run_batch(batch)
+                with torch.no_grad():
+                    self._admit()
+                    if self._live():
+                        self._step_all()
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving
-                for j in batch:
-                    j.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                jobs = [r.job for r in self.rows if r is not None and not r.done]
+                for job in {id(j): j for j in jobs + self.admitting}.values():
+                    job.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                self._reset()
 
-    @torch.no_grad()
-    def run_batch(self, jobs: list[Job]) -> None:
-        rows: list[Row] = []
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch, in order, while they fit."""
+        S, fresh = self.seq_len, not self.rows
+        free = [i for i, r in enumerate(self.rows) if r.done or r.job.cancelled]
+        room = len(free) + self.max_batch - len(self.rows)
+        t, most, joining = self.t, 0, []
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            if job.n > room and joining:
+                break
+            if fresh:  # the batch starts at the longest prompt's end
+                if joining and max(t, len(job.prompt)) + max(most, job.sampling.max_tokens) > S:
+                    break
+                t = max(t, len(job.prompt))
+            else:
+                if job.n > room or len(job.prompt) > t:
+                    break
+                if t + job.sampling.max_tokens > S:
+                    if joining or not self._shift(t + job.sampling.max_tokens - S):
+                        break
+                    t = self.t
+                    if len(job.prompt) > t:
+                        break
+            most = max(most, job.sampling.max_tokens)
+            joining.append(self.waiting.popleft())
+            room -= job.n
+        if joining:
+            self.t = t
+            self.admitting = joining
+            self._prefill(joining, free)
+            self.admitting = []
+
+    def _shift(self, need: int) -> bool:
+        """Drop the first columns (at least `need`) that no live row uses."""
+        live = self._live()
+        drop = min(self.start[i] for i in live) if live else self.t
+        if drop < need:
+            return False
+        S = self.seq_len
+        for cache in (self.cache.k, self.cache.v):
+            cache[:, :, :, :S - drop] = cache[:, :, :, drop:].clone()
+        self.valid[:, :S - drop] = self.valid[:, drop:].clone()
+        self.valid[:, S - drop:] = False
+        self.start = [c - drop for c in self.start]
+        self.t -= drop
+        return True
+
+    def _prefill(self, jobs: list[Job], free: list[int]) -> None:
+        new_rows: list[Row] = []
         for job in jobs:
             gen = self.shared_gen if job.sampling.seed is None else \
                 torch.Generator(device=self.device).manual_seed(job.sampling.seed)
-            rows += [Row(job, i, gen) for i in range(job.n)]
-        self.rows_served += len(rows)
-        prompts = [r.job.prompt for r in rows]
-        P = max(len(p) for p in prompts)
-        total = min(P + max(j.sampling.max_tokens for j in jobs), self.seq_len)
-        tokens, positions, mask = padded_batch(prompts, total, self.tok.pad_id, self.device)
-        temps = torch.tensor([r.job.sampling.temperature for r in rows], device=self.device)
-        top_ps = torch.tensor([r.job.sampling.top_p for r in rows], device=self.device)
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.cfg, len(rows), total, self.device, dtype)
+            new_rows += [Row(job, i, gen) for i in range(job.n)]
+        self.batches += 1
+        self.rows_served += len(new_rows)
+        prompts = [r.job.prompt for r in new_rows]
+        P, t = max(len(p) for p in prompts), self.t
+        tokens, positions, mask = padded_batch(prompts, P, self.tok.pad_id, self.device)
+        scratch = KVCache(self.model.cfg, len(new_rows), P, self.device, self.dtype)
+        logits = self.model(tokens, positions, mask, scratch).float()
 
-        logits = self.model(tokens[:, :P], positions[:, :P], mask[:, :, :P, :P], cache).float()
-        for i, r in enumerate(rows):
+        grow = max(0, len(new_rows) - len(free))
+        if grow:  # more rows: grow the cache and the per-row tensors
+            shape = (self.model.cfg.n_layer, grow) + (self.cache.k.shape[2:] if self.cache
+                                                      else scratch.k.shape[2:3] +
+                                                      (self.seq_len,) + scratch.k.shape[4:])
+            zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            if self.cache is None:
+                self.cache = KVCache(self.model.cfg, 0, self.seq_len, self.device, self.dtype)
+                self.cache.k, self.cache.v = zeros, zeros.clone()
+            else:
+                self.cache.k = torch.cat([self.cache.k, zeros], 1)
+                self.cache.v = torch.cat([self.cache.v, zeros.clone()], 1)
+            pad = lambda x, fill: torch.cat([x, torch.full((grow,) + x.shape[1:], fill,  # noqa: E731
+                                                           dtype=x.dtype, device=x.device)])
+            self.valid, self.positions, self.last = \
+                pad(self.valid, False), pad(self.positions, 0), pad(self.last, self.tok.pad_id)
+            free = free + list(range(len(self.rows), len(self.rows) + grow))
+            self.rows += [None] * grow  # type: ignore[list-item]
+            self.start += [0] * grow
+        slots = free[:len(new_rows)]
+        idx = torch.tensor(slots, device=self.device)
+        self.cache.k[:, idx, :, t - P:t] = scratch.k
+        self.cache.v[:, idx, :, t - P:t] = scratch.v
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.valid[idx] = False
+        self.valid[idx, t - P:t] = torch.arange(P, device=self.device) >= (P - lengths)[:, None]
+        self.positions[idx] = lengths
+        for slot, r, p in zip(slots, new_rows, prompts):
+            self.rows[slot] = r
+            self.start[slot] = t - len(p)
+        for i, r in enumerate(new_rows):
             if r.index == 0 and r.job.sampling.echo:
                 r.job.prompt_logprobs = self._prompt_logprobs(logits[i], tokens[i], P,
-                                                              len(r.job.prompt), r.job)
+                                                              len(prompts[i]), r.job)
             if r.job.sampling.max_tokens == 0:
                 self._finish(r, "length")
-        t = P
-        while t < total and not all(r.done or r.job.cancelled for r in rows):
-            last = logits[:, -1]
-            noise = torch.empty_like(last)
-            for i, r in enumerate(rows):
-                noise[i] = torch.rand(last.size(-1), generator=r.generator, device=self.device)
-            nxt = sample_rows(last, temps, top_ps, noise)
-            logp = last.log_softmax(-1) if any(r.job.sampling.logprobs is not None
-                                               for r in rows) else None
-            tokens[:, t] = nxt
-            ids = nxt.tolist()
-            for i, r in enumerate(rows):
-                if not (r.done or r.job.cancelled):
-                    self._step(r, ids[i], None if logp is None else logp[i], t + 1 == total)
-            t += 1
-            if t < total:
-                logits = self.model(tokens[:, t - 1:t], positions[:, t - 1:t],
-                                    mask[:, :, t - 1:t, :t], cache).float()
+        self._sample(logits[:, -1], new_rows, slots)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row], slots: list[int]) -> None:
+        """Sample each row's next token from its logits (B, V), report it, and keep it as
+        the token the row feeds at column t."""
+        noise = torch.empty_like(logits)
+        for i, r in enumerate(rows):
+            noise[i] = torch.rand(logits.size(-1), generator=r.generator, device=self.device)
+        temps = torch.tensor([r.job.sampling.temperature for r in rows], device=self.device)
+        top_ps = torch.tensor([r.job.sampling.top_p for r in rows], device=self.device)
+        nxt = sample_rows(logits, temps, top_ps, noise)
+        logp = logits.log_softmax(-1) if any(r.job.sampling.logprobs is not None
+                                             for r in rows) else None
+        self.last[torch.tensor(slots, device=self.device)] = nxt
+        for i, (r, token) in enumerate(zip(rows, nxt.tolist())):
+            if not (r.done or r.job.cancelled):
+                self._step(r, token, None if logp is None else logp[i], self.t >= self.seq_len)
+
+    def _step_all(self) -> None:
+        """One decode step: every row feeds its newest token at column t."""
+        t = self.t
+        self.valid[:, t] = True
+        cols = t + 1
+        self.cache.pos = t
+        # free rows step along unused; their positions must stay inside the RoPE table
+        positions = self.positions.clamp(max=self.seq_len - 1)
+        logits = self.model(self.last[:, None], positions[:, None],
+                            self.valid[:, None, None, :cols], self.cache)[:, -1].float()
+        self.positions += 1
+        self.t = t + 1
+        live = self._live()
+        self.steps += 1
+        self.row_steps += len(live)
+        self._sample(logits[live], [self.rows[i] for i in live], live)
 
     def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
         top = logp.topk(k) if k > 0 else None

@@ -74,6 +74,10 @@ class LabelStore:
                 raise APIError(404, f"no pair {pair_id!r} waiting for a label", "id")
             rec = {"pair": pair, "choice": choice, "written": None}
             if choice in ("A", "B"):
+                if not all(a.strip() for a in pair["answers"]):
+                    self.pending[pair_id] = pair
+                    raise APIError(400, "an answer is blank, and the preference format has no "
+                                   "place for one: skip this pair", "choice")
                 chosen = 0 if choice == "A" else 1
                 rec["written"] = self.append({"prompt": pair["prompt"],
                                               "chosen": pair["answers"][chosen],
@@ -156,7 +160,10 @@ async def label_pair(request: Request) -> dict:
     s = Sampling(max_tokens=min(integer(body, "max_tokens", 48, 1, 1024),
                                 engine.seq_len - len(ids)),
                  temperature=number(body, "temperature", 1.0, 0.0, 2.0))
-    (done,) = await collect([start(engine, ids, s, 2)])
+    for _ in range(4):  # the preference format needs two non-blank answers
+        (done,) = await collect([start(engine, ids, s, 2)])
+        if all(ev["text"].strip() for ev in done):
+            break
     order = [0, 1]
     random.shuffle(order)
     answers = [done[i]["text"] for i in order]
