@@ -70,6 +70,44 @@ def test_seeded_rows_do_not_depend_on_batch_mates(engine):
     assert [alone[i]["text"] for i in (0, 1)] == [results[1][i]["text"] for i in (0, 1)]
 
 
+def test_rows_joining_mid_batch_and_a_full_cache_shift_change_nothing(tokenizer):
+    """A chain of seeded jobs, each submitted when the previous one has streamed 4 pieces of
+    text, so they join a running batch at later and later columns until the cache is full and
+    shifts; every answer must equal the same job run alone."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=40, n_layer=2, n_head=4,
+                      n_kv_head=2, d_model=32)
+    eng = Engine(Transformer(cfg).eval(), tokenizer)
+    prompts = [tokenizer.chat_prompt(q) for q in ("Hi", "Who is Bob?", "Count to 3", "Yes?",
+                                                  "Where is Mia?", "Add 2 and 2", "Ok")]
+    samplings = [Sampling(max_tokens=14, temperature=1.0, seed=100 + i) for i in range(7)]
+    alone = [submit_all(eng, [(p, s, 1)])[0][0][0]["text"] for p, s in zip(prompts, samplings)]
+    assert all(alone)
+
+    texts, finished = {}, threading.Semaphore(0)
+
+    def launch(i):
+        pieces = []
+
+        def emit(ev):
+            if ev["type"] == "delta":
+                pieces.append(ev["text"])
+            if i + 1 < len(prompts) and (len(pieces) == 4 and ev["type"] == "delta" or
+                                         ev["type"] == "done" and len(pieces) < 4):
+                launch(i + 1)
+            if ev["type"] == "done":
+                texts[i] = ev["text"]
+                finished.release()
+            assert ev["type"] != "error", ev
+        eng.submit(Job(prompts[i], samplings[i], emit))
+    shifts = eng.shifts
+    launch(0)
+    for _ in prompts:
+        assert finished.acquire(timeout=60)
+    assert [texts[i] for i in range(len(prompts))] == alone
+    assert eng.shifts > shifts  # the chain ran past the cache's end
+
+
 def test_sample_rows_follows_temperature_and_top_p():
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])

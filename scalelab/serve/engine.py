@@ -133,7 +133,7 @@ class Engine:
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted
         self.shared_gen = torch.Generator(device=self.device).manual_seed(0)
         # counters for /health: admissions (prefill batches), decode steps, rows x steps
-        self.batches = self.rows_served = self.steps = self.row_steps = 0
+        self.batches = self.rows_served = self.steps = self.row_steps = self.shifts = 0
         self._reset()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="scalelab-engine")
         self.thread.start()
@@ -234,6 +234,7 @@ class Engine:
         self.valid[:, S - drop:] = False
         self.start = [c - drop for c in self.start]
         self.t -= drop
+        self.shifts += 1
         return True
 
     def _prefill(self, jobs: list[Job], free: list[int]) -> None:
