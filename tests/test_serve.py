@@ -268,7 +268,10 @@ def test_label_store_appends_undoes_and_refuses_blank_answers(tmp_path):
     from scalelab.serve.api import APIError
     f = tmp_path / "labels.jsonl"
     f.write_text('{"prompt": "p0", "chosen": "a", "rejected": "b"}\n')
-    store = LabelStore(f)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "first"}\n{"prompt": "second"}\n')
+    store = LabelStore(f, str(prompts))
+    assert [store.take_prompt() for _ in range(3)] == ["first", "second", "first"]
     pairs = [{"id": str(i), "prompt": f"p{i}", "answers": [f"x{i}", f"y{i}"], "source": "typed",
               "model": "m", "gold": None} for i in (1, 2)]
     pairs.append({**pairs[0], "id": "3", "answers": ["fine", " "]})
