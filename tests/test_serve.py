@@ -199,6 +199,8 @@ def test_bad_requests_get_openai_errors(setup, client):
     long = httpx.post(url, json={"model": "tiny", "messages": [
         {"role": "user", "content": "Alice " * 200}]})
     assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    missing = httpx.get(setup["url"] + "/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
     # a page elsewhere reaching the loopback server through DNS rebinding carries its own Host
     assert httpx.get(setup["url"] + "/v1/models", headers={"Host": "evil.example"}
                      ).status_code == 421

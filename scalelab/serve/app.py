@@ -179,9 +179,9 @@ class Guard:
 def create_app(engines: dict, opts: ServeOptions, limits=None):
     """The FastAPI app over already-started engines (name -> Engine)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import HTTPException
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException  # also catches routing's 404 and 405
 
     from scalelab.serve import api, web
 
