@@ -171,6 +171,9 @@ def test_completions_logprobs_and_echo(setup, client):
     expect = [want[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     assert lp.token_logprobs == pytest.approx(expect, abs=1e-4)
     assert lp.text_offset[0] == 0 and lp.text_offset[-1] == prompt.rindex(lp.tokens[-1])
+    by_ids = client.completions.create(model="tiny", prompt=ids[1:], max_tokens=0, echo=True,
+                                       logprobs=1).choices[0]  # token ids, as lm-eval sends
+    assert by_ids.text == prompt and by_ids.logprobs.token_logprobs == lp.token_logprobs
     g = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
                                   logprobs=2)
     glp = g.choices[0].logprobs
