@@ -203,6 +203,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from scalelab.serve.app import ServeOptions, parse_models, serve
+    serve(ServeOptions(models=parse_models(args.model), host=args.host, port=args.port,
+                       api_key=args.api_key, labels=args.labels,
+                       label_prompts=args.label_prompts, registry=args.registry,
+                       cors_origins=args.cors_origin, device=args.device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalelab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -278,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and a web app (chat, compare, "
+                        "label preferences, tracker)")
+    sv.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                    help="model folder to serve (repeatable)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind; a non-loopback one needs --api-key")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="required on every request (default: $SCALELAB_API_KEY)")
+    sv.add_argument("--labels", default="labels.jsonl",
+                    help="preference JSONL the Label view appends to")
+    sv.add_argument("--label-prompts", help="prompts JSONL offered by the Label view")
+    sv.add_argument("--registry", help="experiment registry for the Tracker view")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow cross-origin requests from ORIGIN (repeatable; default none)")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
 
     from scalelab.track.commands import register
     register(sub)  # `track ...` and `sweep`

@@ -1,0 +1,380 @@
+"""The batching engine: one worker thread per loaded model.
+
+Concurrent requests are decoded together, continuously: a request joins the running batch
+between two decode steps and leaves it when it ends, and every sampled token is streamed out
+as an event the moment it exists. Sampling settings are per row (temperature, top_p, seed:
+the noise for Gumbel-max sampling comes from each request's own generator), so any mix of
+requests can share a batch, and a seeded request gives the same tokens alone or in company.
+How rows share one KV cache: see Engine.
+
+The engine knows nothing about HTTP: a Job carries a callback that receives plain dicts
+  {"type": "delta", "index": i, "text": str}                         new text of row i
+  {"type": "done", "index": i, "finish_reason": "stop"|"length", "text": str,
+   "tokens": int, "logprobs": [...] | None, "prompt_logprobs": [...] | None}
+  {"type": "error", "message": str}                                  the whole job failed
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from scalelab.model import KVCache, Transformer
+from scalelab.tokenizer import Tokenizer
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's and k alternatives
+    echo: bool = False  # also score the prompt (completions API)
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[dict], None]
+    n: int = 1
+    cancelled: bool = False  # set by the caller when its client went away
+    prompt_logprobs: list | None = None  # filled for echo
+
+
+@dataclass
+class Row:
+    job: Job
+    index: int
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already emitted
+    entries: list[dict] = field(default_factory=list)  # per-token logprob entries
+    done: bool = False
+    eos: bool = False
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to hold back while streaming: a suffix that may be the
+    start of a stop string, or a half-decoded UTF-8 character."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    if text[len(text) - hold - 1: len(text) - hold] == "\ufffd":
+        hold += 1
+    return hold
+
+
+def padded_batch(prompts: list[list[int]], total: int, pad_id: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded tokens (B, total), position ids counting valid tokens only, and the
+    causal mask (B, 1, total, total) that hides padding (a pad query sees itself)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, total), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, total), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool)
+    return tokens.to(device), positions.to(device), mask.unsqueeze(1).to(device)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+    """One token per row with per-row temperature (0 = greedy) and top_p, by Gumbel-max on
+    uniform noise (B, V): argmax(logits / T + Gumbel) is a sample from softmax(logits / T)."""
+    greedy = logits.argmax(-1)
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    if bool((top_p < 1).any()):  # the sort is a quarter of a tiny model's step: only if asked
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, math.inf))
+        drop = (probs.cumsum(-1) - probs) > limit[:, None]  # the smallest set reaching top_p
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
+    return torch.where(temperature <= 0, greedy, (scaled + gumbel).argmax(-1))
+
+
+class Engine:
+    """Owns one model; `submit` a Job from any thread, events come back through job.emit.
+
+    Continuous batching over one KV cache of seq_len columns: every decode step feeds each
+    row's newest token at the same column t (positions are per row, so columns are storage
+    only). A new job joins between steps: its prompt is prefilled on its own into columns
+    [t - len, t) of a free row, its first token sampled, and from then on it steps with the
+    others. When t runs out of room, every column before the oldest live row's first one is
+    dropped (the cache shifts left). Admission is first come, first served: a job that cannot
+    join yet (its prompt is longer than t, or it would not fit before the cache's end, or
+    no row is free) holds the ones behind it, so the batch drains for it and nothing starves.
+    """
+
+    def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = 32,
+                 window_s: float = 0.005, max_queue: int = 256):
+        self.model, self.tok = model, tok
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.seq_len = model.cfg.seq_len
+        self.max_batch, self.window_s = max_batch, window_s
+        self.queue: queue.Queue[Job] = queue.Queue(max_queue)
+        self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted
+        self.shared_gen = torch.Generator(device=self.device).manual_seed(0)
+        # counters for /health: admissions (prefill batches), decode steps, rows x steps
+        self.batches = self.rows_served = self.steps = self.row_steps = self.shifts = 0
+        self._reset()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="scalelab-engine")
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Raises queue.Full when the server is overloaded (the caller answers 503)."""
+        self.queue.put_nowait(job)
+
+    # ---- the worker -------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self.rows: list[Row] = []  # one per cache row; done rows are free slots
+        self.cache: KVCache | None = None
+        self.valid = torch.zeros((0, self.seq_len), dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # next token to feed
+        self.start: list[int] = []  # each row's first column
+        self.admitting: list[Job] = []
+        self.t = 0
+
+    def _live(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if not (r.done or r.job.cancelled)]
+
+    def _loop(self) -> None:
+        while True:
+            if not self._live():
+                self._reset()
+                if not self.waiting:
+                    self.waiting.append(self.queue.get())
+                deadline = time.monotonic() + self.window_s
+                while True:  # a burst of requests is prefilled together
+                    try:
+                        self.waiting.append(self.queue.get(
+                            timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
+            while True:
+                try:
+                    self.waiting.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    if self._live():
+                        self._step_all()
+            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+                jobs = [r.job for r in self.rows if r is not None and not r.done]
+                for job in {id(j): j for j in jobs + self.admitting}.values():
+                    job.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                self._reset()
+
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch, in order, while they fit."""
+        S, fresh = self.seq_len, not self.rows
+        free = [i for i, r in enumerate(self.rows) if r.done or r.job.cancelled]
+        room = len(free) + self.max_batch - len(self.rows)
+        t, most, joining = self.t, 0, []
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            if job.n > room and joining:
+                break
+            if fresh:  # the batch starts at the longest prompt's end
+                if joining and max(t, len(job.prompt)) + max(most, job.sampling.max_tokens) > S:
+                    break
+                t = max(t, len(job.prompt))
+            else:
+                if job.n > room or len(job.prompt) > t:
+                    break
+                if t + job.sampling.max_tokens > S:
+                    if joining or not self._shift(t + job.sampling.max_tokens - S):
+                        break
+                    t = self.t
+                    if len(job.prompt) > t:
+                        break
+            most = max(most, job.sampling.max_tokens)
+            joining.append(self.waiting.popleft())
+            room -= job.n
+        if joining:
+            self.t = t
+            self.admitting = joining
+            self._prefill(joining, free)
+            self.admitting = []
+
+    def _shift(self, need: int) -> bool:
+        """Drop the first columns (at least `need`) that no live row uses."""
+        live = self._live()
+        drop = min(self.start[i] for i in live) if live else self.t
+        if drop < need:
+            return False
+        S = self.seq_len
+        for cache in (self.cache.k, self.cache.v):
+            cache[:, :, :, :S - drop] = cache[:, :, :, drop:].clone()
+        self.valid[:, :S - drop] = self.valid[:, drop:].clone()
+        self.valid[:, S - drop:] = False
+        self.start = [c - drop for c in self.start]
+        self.t -= drop
+        self.shifts += 1
+        return True
+
+    def _prefill(self, jobs: list[Job], free: list[int]) -> None:
+        new_rows: list[Row] = []
+        for job in jobs:
+            gen = self.shared_gen if job.sampling.seed is None else \
+                torch.Generator(device=self.device).manual_seed(job.sampling.seed)
+            new_rows += [Row(job, i, gen) for i in range(job.n)]
+        self.batches += 1
+        self.rows_served += len(new_rows)
+        prompts = [r.job.prompt for r in new_rows]
+        P, t = max(len(p) for p in prompts), self.t
+        tokens, positions, mask = padded_batch(prompts, P, self.tok.pad_id, self.device)
+        scratch = KVCache(self.model.cfg, len(new_rows), P, self.device, self.dtype)
+        logits = self.model(tokens, positions, mask, scratch).float()
+
+        grow = max(0, len(new_rows) - len(free))
+        if grow:  # more rows: grow the cache and the per-row tensors
+            shape = (self.model.cfg.n_layer, grow) + (self.cache.k.shape[2:] if self.cache
+                                                      else scratch.k.shape[2:3] +
+                                                      (self.seq_len,) + scratch.k.shape[4:])
+            zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            if self.cache is None:
+                self.cache = KVCache(self.model.cfg, 0, self.seq_len, self.device, self.dtype)
+                self.cache.k, self.cache.v = zeros, zeros.clone()
+            else:
+                self.cache.k = torch.cat([self.cache.k, zeros], 1)
+                self.cache.v = torch.cat([self.cache.v, zeros.clone()], 1)
+            pad = lambda x, fill: torch.cat([x, torch.full((grow,) + x.shape[1:], fill,  # noqa: E731
+                                                           dtype=x.dtype, device=x.device)])
+            self.valid, self.positions, self.last = \
+                pad(self.valid, False), pad(self.positions, 0), pad(self.last, self.tok.pad_id)
+            free = free + list(range(len(self.rows), len(self.rows) + grow))
+            self.rows += [None] * grow  # type: ignore[list-item]
+            self.start += [0] * grow
+        slots = free[:len(new_rows)]
+        idx = torch.tensor(slots, device=self.device)
+        self.cache.k[:, idx, :, t - P:t] = scratch.k
+        self.cache.v[:, idx, :, t - P:t] = scratch.v
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.valid[idx] = False
+        self.valid[idx, t - P:t] = torch.arange(P, device=self.device) >= (P - lengths)[:, None]
+        self.positions[idx] = lengths
+        for slot, r, p in zip(slots, new_rows, prompts):
+            self.rows[slot] = r
+            self.start[slot] = t - len(p)
+        for i, r in enumerate(new_rows):
+            if r.index == 0 and r.job.sampling.echo:
+                r.job.prompt_logprobs = self._prompt_logprobs(logits[i], tokens[i], P,
+                                                              len(prompts[i]), r.job)
+            if r.job.sampling.max_tokens == 0:
+                self._finish(r, "length")
+        self._sample(logits[:, -1], new_rows, slots)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row], slots: list[int]) -> None:
+        """Sample each row's next token from its logits (B, V), report it, and keep it as
+        the token the row feeds at column t."""
+        noise = torch.empty_like(logits)
+        for i, r in enumerate(rows):
+            noise[i] = torch.rand(logits.size(-1), generator=r.generator, device=self.device)
+        temps = torch.tensor([r.job.sampling.temperature for r in rows], device=self.device)
+        top_ps = torch.tensor([r.job.sampling.top_p for r in rows], device=self.device)
+        nxt = sample_rows(logits, temps, top_ps, noise)
+        logp = logits.log_softmax(-1) if any(r.job.sampling.logprobs is not None
+                                             for r in rows) else None
+        self.last[torch.tensor(slots, device=self.device)] = nxt
+        for i, (r, token) in enumerate(zip(rows, nxt.tolist())):
+            if not (r.done or r.job.cancelled):
+                self._step(r, token, None if logp is None else logp[i], self.t >= self.seq_len)
+
+    def _step_all(self) -> None:
+        """One decode step: every row feeds its newest token at column t."""
+        t = self.t
+        self.valid[:, t] = True
+        cols = t + 1
+        self.cache.pos = t
+        # free rows step along unused; their positions must stay inside the RoPE table
+        positions = self.positions.clamp(max=self.seq_len - 1)
+        logits = self.model(self.last[:, None], positions[:, None],
+                            self.valid[:, None, None, :cols], self.cache)[:, -1].float()
+        self.positions += 1
+        self.t = t + 1
+        live = self._live()
+        self.steps += 1
+        self.row_steps += len(live)
+        self._sample(logits[live], [self.rows[i] for i in live], live)
+
+    def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
+        top = logp.topk(k) if k > 0 else None
+        return {"token": self.tok.decode([token], skip_special=False),
+                "logprob": float(logp[token]),
+                "top": {} if top is None else
+                {self.tok.decode([int(i)], skip_special=False): float(v)
+                 for v, i in zip(top.values.tolist(), top.indices.tolist())}}
+
+    def _prompt_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, P: int, n: int,
+                         job: Job) -> list[dict | None]:
+        """Logprob of each prompt token given the ones before it (None for the first)."""
+        k = job.sampling.logprobs or 0
+        logp = logits.log_softmax(-1)
+        out: list[dict | None] = [None]
+        for pos in range(P - n + 1, P):
+            out.append(self._entry(int(tokens[pos]), logp[pos - 1], k))
+        return out
+
+    def _step(self, r: Row, token: int, logp: torch.Tensor | None, last: bool) -> None:
+        s = r.job.sampling
+        if token == self.tok.eos_id:
+            r.eos = True
+            self._finish(r, "stop")
+            return
+        r.ids.append(token)
+        if logp is not None:
+            r.entries.append(self._entry(token, logp, s.logprobs or 0))
+        text = self.tok.decode(r.ids)
+        hits = [text.find(stop) for stop in s.stop if stop in text]
+        if hits:
+            self._finish(r, "stop", text[:min(hits)])
+        elif len(r.ids) >= s.max_tokens or last:
+            self._finish(r, "length", text)
+        else:
+            safe = len(text) - held_back(text, s.stop)
+            if safe > r.sent:
+                r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:safe]})
+                r.sent = safe
+
+    def _finish(self, r: Row, reason: str, text: str | None = None) -> None:
+        text = self.tok.decode(r.ids) if text is None else text
+        if len(text) > r.sent:
+            r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:]})
+        entries = None
+        if r.job.sampling.logprobs is not None:  # keep the tokens that made the final text
+            entries, offset = [], 0
+            for k, e in enumerate(r.entries):
+                if offset >= len(text):
+                    break
+                e["offset"] = offset
+                entries.append(e)
+                offset = len(self.tok.decode(r.ids[:k + 1]))
+        r.done = True
+        r.job.emit({"type": "done", "index": r.index, "finish_reason": reason, "text": text,
+                    "tokens": len(r.ids) + r.eos, "logprobs": entries,
+                    "prompt_logprobs": r.job.prompt_logprobs})

@@ -1,0 +1,131 @@
+"""The serving engine without HTTP: batched answers equal answers computed alone, per-row
+sampling draws from the right distribution, and streamed text holds back partial stops."""
+
+import threading
+
+import pytest
+import torch
+
+from scalelab.config import ModelConfig
+from scalelab.generate import generate
+from scalelab.model import Transformer
+from scalelab.serve.engine import Engine, Job, Sampling, held_back, sample_rows
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2, n_head=4,
+                      n_kv_head=2, d_model=32)
+    return Engine(Transformer(cfg).eval(), tokenizer, window_s=0.2)
+
+
+def submit_all(engine, jobs_args):
+    """Submit every job at once (they land in one batch) and wait for all rows."""
+    results = [dict() for _ in jobs_args]
+    deltas = [dict() for _ in jobs_args]
+    left = threading.Semaphore(0)
+
+    def emit_for(k):
+        def emit(ev):
+            if ev["type"] == "delta":
+                deltas[k].setdefault(ev["index"], []).append(ev["text"])
+            elif ev["type"] == "done":
+                results[k][ev["index"]] = ev
+                left.release()
+            else:
+                raise AssertionError(ev)
+        return emit
+    before = engine.batches
+    for k, (prompt, s, n) in enumerate(jobs_args):
+        engine.submit(Job(prompt, s, emit_for(k), n))
+    for _ in range(sum(n for _, _, n in jobs_args)):
+        assert left.acquire(timeout=60)
+    return results, deltas, engine.batches - before
+
+
+def test_batched_greedy_equals_each_prompt_alone(engine):
+    tok = engine.tok
+    prompts = [tok.chat_prompt(t) for t in ("Hi", "What is 4821 plus 377?", "Sort 3, 1, 2.")]
+    jobs = [(p, Sampling(max_tokens=m, temperature=0.0), 1) for p, m in zip(prompts, (5, 9, 7))]
+    results, deltas, batches = submit_all(engine, jobs)
+    assert batches == 1
+    for k, (p, s, _) in enumerate(jobs):
+        alone = generate(engine.model, [p], s.max_tokens, tok.pad_id, tok.eos_id,
+                         temperature=0.0)[0]
+        done = results[k][0]
+        assert done["text"] == tok.decode(alone)
+        assert done["tokens"] == len(alone)
+        assert "".join(deltas[k].get(0, [])) == done["text"]
+
+
+def test_seeded_rows_do_not_depend_on_batch_mates(engine):
+    p = engine.tok.chat_prompt("Where does Alice live?")
+    s = Sampling(max_tokens=12, temperature=0.9, top_p=0.9, seed=42)
+    (alone,), _, _ = submit_all(engine, [(p, s, 2)])
+    other = Sampling(max_tokens=20, temperature=1.3, seed=None)
+    results, _, batches = submit_all(engine, [(engine.tok.chat_prompt("x y z"), other, 3),
+                                              (p, s, 2)])
+    assert batches == 1
+    assert [alone[i]["text"] for i in (0, 1)] == [results[1][i]["text"] for i in (0, 1)]
+
+
+def test_rows_joining_mid_batch_and_a_full_cache_shift_change_nothing(tokenizer):
+    """A chain of seeded jobs, each submitted when the previous one has streamed 4 pieces of
+    text, so they join a running batch at later and later columns until the cache is full and
+    shifts; every answer must equal the same job run alone."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=40, n_layer=2, n_head=4,
+                      n_kv_head=2, d_model=32)
+    eng = Engine(Transformer(cfg).eval(), tokenizer)
+    prompts = [tokenizer.chat_prompt(q) for q in ("Hi", "Who is Bob?", "Count to 3", "Yes?",
+                                                  "Where is Mia?", "Add 2 and 2", "Ok")]
+    samplings = [Sampling(max_tokens=14, temperature=1.0, seed=100 + i) for i in range(7)]
+    alone = [submit_all(eng, [(p, s, 1)])[0][0][0]["text"] for p, s in zip(prompts, samplings)]
+    assert all(alone)
+
+    texts, finished = {}, threading.Semaphore(0)
+
+    def launch(i):
+        pieces = []
+
+        def emit(ev):
+            if ev["type"] == "delta":
+                pieces.append(ev["text"])
+            if i + 1 < len(prompts) and (len(pieces) == 4 and ev["type"] == "delta" or
+                                         ev["type"] == "done" and len(pieces) < 4):
+                launch(i + 1)
+            if ev["type"] == "done":
+                texts[i] = ev["text"]
+                finished.release()
+            assert ev["type"] != "error", ev
+        eng.submit(Job(prompts[i], samplings[i], emit))
+    shifts = eng.shifts
+    launch(0)
+    for _ in prompts:
+        assert finished.acquire(timeout=60)
+    assert [texts[i] for i in range(len(prompts))] == alone
+    assert eng.shifts > shifts  # the chain ran past the cache's end
+
+
+def test_sample_rows_follows_temperature_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40_000
+    temp, top_p = 0.7, 0.8
+    got = sample_rows(logits.expand(n, 5), torch.full((n,), temp), torch.full((n,), top_p),
+                      torch.rand(n, 5))
+    probs = (logits / temp).softmax(-1)
+    keep = (probs.cumsum(-1) - probs) <= top_p  # sorted already: the nucleus
+    want = torch.where(keep, probs, 0) / probs[keep].sum()
+    freq = torch.bincount(got, minlength=5).float() / n
+    assert torch.allclose(freq, want, atol=0.01), (freq, want)
+    greedy = sample_rows(logits.expand(3, 5), torch.zeros(3), torch.ones(3), torch.rand(3, 5))
+    assert greedy.tolist() == [0, 0, 0]
+
+
+def test_held_back_keeps_partial_stop_strings():
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["world"]) == 0
+    assert held_back("abc\ufffd", []) == 1  # half a UTF-8 character
+    assert held_back("say ##", ["###", "#!"]) == 2
