@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from scalelab.config import ModelConfig, PPOConfig, TrainConfig
+from scalelab.hardware import autocast, pick_device
 from scalelab.model import Transformer
-from scalelab.train.loop import autocast, make_optimizer, pick_device
+from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import make_rollout, minibatch_loss, ppo_step
 from scalelab.train.reward import ScalarModel
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from scalelab.cli import resolve_config_path
 from scalelab.config import Config, ModelConfig, load_config
-from scalelab.hardware import detect
+from scalelab.hardware import autocast, detect, pick_device
 from scalelab.model import Transformer
-from scalelab.train.loop import autocast, loss_step, make_optimizer, pick_device
+from scalelab.train.loop import loss_step, make_optimizer
 from scalelab.train.pretrain import next_token_loss
 
 

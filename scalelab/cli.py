@@ -124,8 +124,8 @@ def check_sampling(args: argparse.Namespace) -> None:
 def load_for_sampling(args: argparse.Namespace):
     import torch
 
+    from scalelab.hardware import pick_device
     from scalelab.train.checkpoint import load_model
-    from scalelab.train.loop import pick_device
     model, tok = load_model(args.model, pick_device(args.device, "--device"))
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     return model, tok, g

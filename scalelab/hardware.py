@@ -1,10 +1,14 @@
-"""Accelerator numbers used for MFU and (later) the parallelism planner. One small table."""
+"""The device and precision policy (which device, which autocast) and the accelerator table
+used for MFU and the parallelism planner."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from scalelab.config import UserError
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,33 @@ def detect(device: torch.device) -> Hardware | None:
         return None
     name = torch.cuda.get_device_name(device).lower()
     return next((hw for key, hw in HARDWARE.items() if key in name), None)
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key} {name!r}: unknown device (auto, cpu, cuda, cuda:N, mps)") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key} {name!r}: torch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}); use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{key} {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key} {name!r}: MPS is not available here; use cpu or auto")
+    return dev
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on GPUs by default; plain fp32 on CPU (exact and reproducible)."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"train.dtype: expected auto, bfloat16 or float32, got {dtype!r}")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

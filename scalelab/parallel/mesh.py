@@ -93,7 +93,7 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     sizes = mesh_shape(pc, world)
     rules = make_rules(pc.rules)
     if world == 1:
-        from scalelab.train.loop import pick_device
+        from scalelab.hardware import pick_device
         return Parallel(sizes, rules, pick_device(device_name))
     cuda = torch.cuda.is_available() and device_name != "cpu"
     if cuda:

@@ -223,9 +223,9 @@ def create_app(engines: dict, opts: ServeOptions, limits=None):
 
 
 def load_engines(opts: ServeOptions) -> dict:
+    from scalelab.hardware import pick_device
     from scalelab.serve.engine import Engine
     from scalelab.train.checkpoint import load_model
-    from scalelab.train.loop import pick_device
 
     device = pick_device(opts.device)
     engines = {}

@@ -105,7 +105,7 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM | HFLM:
-    from scalelab.train.loop import pick_device
+    from scalelab.hardware import pick_device
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found")

@@ -3,7 +3,6 @@ checkpoints and exact resume. A stage supplies only its batches, its loss and it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
-from scalelab.hardware import detect
+from scalelab.hardware import autocast, detect, pick_device
 from scalelab.train.checkpoint import (
     atomic_write_text,
     list_checkpoints,
@@ -24,36 +23,6 @@ from scalelab.train.checkpoint import (
 )
 from scalelab.train.progress import Progress
 from scalelab.train.rundir import claim
-
-
-def pick_device(name: str, key: str = "train.device") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key} {name!r}: unknown device (auto, cpu, cuda, cuda:N, mps)") \
-            from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{key} {name!r}: torch sees no CUDA GPU on this machine "
-                        f"(torch {torch.__version__}); use cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"{key} {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{key} {name!r}: MPS is not available here; use cpu or auto")
-    return dev
-
-
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on GPUs by default; plain fp32 on CPU (exact and reproducible)."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if dtype not in ("auto", "bfloat16", "float32"):
-        raise UserError(f"train.dtype: expected auto, bfloat16 or float32, got {dtype!r}")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:

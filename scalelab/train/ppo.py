@@ -27,6 +27,7 @@ from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
 from scalelab.data.formats import read_prompts
 from scalelab.generate import generate, padded_attention
+from scalelab.hardware import autocast, pick_device
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import (
@@ -35,7 +36,7 @@ from scalelab.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from scalelab.train.loop import autocast, make_optimizer, pick_device, start_stage
+from scalelab.train.loop import make_optimizer, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.progress import Progress
 from scalelab.train.reward import ScalarModel, load_reward_model

@@ -18,13 +18,14 @@ from scalelab.data.tokens import (
     write_token_files,
 )
 from scalelab.generate import generate
+from scalelab.hardware import autocast
 from scalelab.model import Transformer
 from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
-from scalelab.train.loop import Run, autocast, fit
+from scalelab.train.loop import Run, fit
 from scalelab.train.losses import cross_entropy
 
 

@@ -16,9 +16,10 @@ from tqdm import tqdm
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right
 from scalelab.data.formats import read_conversations
+from scalelab.hardware import autocast
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
-from scalelab.train.loop import autocast, fit, start_stage
+from scalelab.train.loop import fit, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
 
 
