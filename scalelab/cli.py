@@ -102,6 +102,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + tok.decode(new))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from scalelab.hf_export import export
+    export(Path(args.model), Path(args.out), args.dtype)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from scalelab.hardware import HARDWARE
     from scalelab.parallel import plan
@@ -164,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_dpo)
 
     g = sub.add_parser("generate", help="sample text from a trained model")
-    g.add_argument("--model", required=True, help="model folder (RUN/model)")
+    g.add_argument("--model", required=True,
+                   help="model folder (RUN/model, or a Hugging Face Llama/Qwen2/Mistral folder)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -174,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face folder (transformers)")
+    e.add_argument("--model", required=True, help="model folder (RUN/model or an HF folder)")
+    e.add_argument("--out", required=True, help="folder to write")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
     pl.add_argument("--config", required=True, help="TOML file or preset name")
