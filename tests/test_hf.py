@@ -1,21 +1,32 @@
 """Hugging Face folders in and out, checked against `transformers` itself (a test dependency):
 tiny random-weight models of each architecture, saved with save_pretrained."""
 
+import contextlib
+import io
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
-from conftest import run_cli
 from hf_folders import CHATML, left_pad, make_hf_folder, ragged
 from safetensors import safe_open
 
+from scalelab.cli import main
 from scalelab.config import ModelConfig, UserError
 from scalelab.generate import generate, padded_attention
 from scalelab.model import Transformer
 from scalelab.train.checkpoint import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """In process: a new interpreter per call would spend most of the test importing torch."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 CASES = {  # name: make_hf_folder options
     "llama-untied-llama3-rope": dict(arch="llama", rope_scaling=True),
@@ -262,3 +273,23 @@ def test_post_training_an_imported_model_via_the_cli(tmp_path):
     ids, mask = tok.encode_chat([{"role": "user", "content": "Hi"},
                                  {"role": "assistant", "content": "Yo"}])
     assert tok.special_ids["<|assistant|>"] in ids and ids[-1] == tok.eos_id and mask[-1]
+
+
+def test_track_model_add_on_an_imported_folder(tmp_path):
+    """Registered through scalelab's own engine (kind hf), parameters as transformers counts
+    them, no tokens or FLOPs claimed; experiments run on it."""
+    from scalelab.track.registry import Registry
+    folder = make_hf_folder(tmp_path / "qwen-tiny", arch="qwen2", tie=True)
+    reg = tmp_path / "reg.db"
+    r = run_cli("track", "experiment", "add", "--name", "a", "--task",
+                "builtin:addition?digits=2&n=4", "--threshold", "0.5", "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("track", "model", "add", str(folder), "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    assert "parameter axis only" in r.stdout
+    m = Registry(reg).model("qwen-tiny")
+    ref = hf_model(folder)
+    n = sum(p.numel() for p in ref.parameters())
+    assert (m["kind"], m["params"], m["tokens"], m["flops"]) == ("hf", n, None, None)
+    assert m["non_embedding_params"] == n - ref.get_input_embeddings().weight.numel()
+    assert len(Registry(reg).results()) == 1
