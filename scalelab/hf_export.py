@@ -19,7 +19,8 @@ from scalelab.model import Transformer
 from scalelab.train.checkpoint import fresh_tmp, load_model, replace_dir
 
 SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja chat template
-    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|end|>' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
