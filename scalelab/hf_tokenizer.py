@@ -8,7 +8,8 @@ unique marker before rendering; the rendered text is then cut at the markers. Te
 is tokenized with special tokens recognised ("<|im_start|>" is one token), message text with
 them spelled out as plain text, so a user cannot inject control tokens. The assistant's mask
 covers its text and the template's first special token after it (the end-of-turn token the
-model must learn to emit; it becomes `eos_id`, where generation stops).
+model must learn to emit; it becomes `eos_id`, where generation stops). A template that
+edits message text (e.g. `| trim`) edits only the marker: the text goes in as given.
 
 Without a chat template, `add_role_tokens` adds scalelab's role tokens (<|user|>, ...) and
 the conversation format of scalelab.tokenizer is used.
