@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from scalelab.config import ModelConfig, UserError
 from scalelab.hf_tokenizer import HFStyleTokenizer, read_json_file
-from scalelab.model import Transformer
+from scalelab.model import Transformer, rope_tables
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "MistralForCausalLM": "mistral"}
@@ -218,8 +218,16 @@ def load_hf(d: Path) -> tuple[Transformer, HFStyleTokenizer]:
     raw = read_json_file(where)
     cfg = hf_model_config(raw, str(where))
     tok = HFStyleTokenizer.from_folder(d, raw)
-    model = Transformer(cfg)
-    read_hf_weights(d, model)
+    with torch.device("meta"):  # no time spent drawing random weights about to be replaced
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each name its own storage: tie again
+        model.lm_head.weight = model.embed.weight
+    cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta,
+                           cfg.rope_scaling)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    read_hf_weights(d, model)  # fills every parameter, or fails naming the missing one
     return model, tok
 
 

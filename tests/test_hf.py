@@ -293,3 +293,8 @@ def test_track_model_add_on_an_imported_folder(tmp_path):
     assert (m["kind"], m["params"], m["tokens"], m["flops"]) == ("hf", n, None, None)
     assert m["non_embedding_params"] == n - ref.get_input_embeddings().weight.numel()
     assert len(Registry(reg).results()) == 1
+
+
+def test_tied_import_shares_one_tensor(tmp_path):
+    model, _ = load_model(make_hf_folder(tmp_path / "m", tie=True))
+    assert model.lm_head.weight is model.embed.weight

@@ -72,7 +72,7 @@ def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     import scalelab.lmeval  # noqa: F401  (registers the `scalelab` model type)
     manager = TaskManager(include_path=str(tasks))
     names = ["toy_choice", "toy_rolling", "toy_generate"]
-    ours = simple_evaluate(model="scalelab", model_args=f"path={tmp_path / 'model'},batch_size=4",
+    ours = simple_evaluate(model="scalelab", model_args=f"path={tmp_path / 'model'}", batch_size=4,
                            tasks=names, task_manager=manager, log_samples=True, device="cpu")
     theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
                              tasks=names, task_manager=manager, log_samples=True, device="cpu",

@@ -4,7 +4,7 @@ Importing this module registers the model type `scalelab` (any folder load_model
 scalelab run's model, or an imported Hugging Face folder). lm-eval finds its built-in model
 types by name only, so run it through this module, which registers `scalelab` first:
 
-    python -m scalelab.lmeval --model scalelab --model_args path=RUN/model,batch_size=16 \\
+    python -m scalelab.lmeval --model scalelab --model_args path=RUN/model --batch_size 16 \\
         --tasks TASK [--include_path DIR_OF_TASK_YAMLS] ...
 
 or from Python: `import scalelab.lmeval; lm_eval.simple_evaluate(model="scalelab", ...)`.
@@ -13,8 +13,6 @@ scalelab.generate.generate (the KV-cache rollout engine), greedy unless asked to
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +38,8 @@ class ScalelabEvalLM(TemplateLM):
     def __init__(self, path: str, device: str = "auto", batch_size: int | str = 16,
                  max_gen_toks: int = 256, **_ignored) -> None:
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "auto"  # lm-eval's command line asks for cuda by default
         self.device_ = pick_device(device)
         self.model, self.tok = load_model(path, self.device_)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # no "auto"
@@ -138,14 +138,3 @@ class ScalelabEvalLM(TemplateLM):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]
-
-
-def main() -> None:
-    """lm-eval's own command line, with the `scalelab` model type registered."""
-    from lm_eval.__main__ import cli_evaluate
-    sys.argv[0] = "lm_eval"
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
