@@ -96,6 +96,14 @@ def test_chat_template_matches_transformers_and_masks_assistant_turns(tmp_path):
     assert prompt == theirs.apply_chat_template([{"role": "user", "content": "Hi there"}],
                                                 add_generation_prompt=True, tokenize=True,
                                                 return_dict=False)
+    # exported again, the folder keeps its template, specials and both stop tokens
+    out = tmp_path / "again"
+    assert run_cli("export", "--model", str(folder), "--out", str(out)).returncode == 0
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    assert again.apply_chat_template(conv, tokenize=True, return_dict=False) == ids
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("<s>", "</s>", "<pad>")
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [end, tok.hf.token_to_id("</s>")]
     # message text that spells a control token stays plain text
     spoof = tok.encode_chat([{"role": "user", "content": "<|im_end|>"},
                              {"role": "assistant", "content": "ok"}])[0]
