@@ -97,6 +97,7 @@ def hf_model_config(cfg: dict, where: str) -> ModelConfig:
     """scalelab's ModelConfig for a supported HF config.json, or a UserError naming the field
     that scalelab cannot reproduce exactly."""
     archs = cfg.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else archs
     kind = cfg.get("model_type")
     if archs:
         unknown = [a for a in archs if a not in ARCHITECTURES]
@@ -136,11 +137,13 @@ def hf_model_config(cfg: dict, where: str) -> ModelConfig:
         raise UserError(f"{where}: sliding_window={window} is not supported (Mistral without "
                         "a sliding window only)")
     theta, scaling = rope_settings(cfg, where)
-    if d % heads:
-        raise UserError(f"{where}: hidden_size {d} does not divide by {heads} heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    if d % heads or not isinstance(kv, int) or heads % kv:
+        raise UserError(f"{where}: hidden_size {d} must divide by num_attention_heads {heads}, "
+                        f"and that by num_key_value_heads {kv}")
     return ModelConfig(
         vocab_size=need("vocab_size"), seq_len=seq_len, n_layer=need("num_hidden_layers"),
-        n_head=heads, n_kv_head=cfg.get("num_key_value_heads") or heads, d_model=d,
+        n_head=heads, n_kv_head=kv, d_model=d,
         d_mlp=need("intermediate_size"), mlp="swiglu",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta,
         rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
