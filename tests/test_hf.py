@@ -306,3 +306,19 @@ def test_track_model_add_on_an_imported_folder(tmp_path):
 def test_tied_import_shares_one_tensor(tmp_path):
     model, _ = load_model(make_hf_folder(tmp_path / "m", tie=True))
     assert model.lm_head.weight is model.embed.weight
+
+
+def test_folder_without_bos_token(tmp_path):
+    """Qwen2 tokenizers have no BOS: nothing is prepended, and generation still runs."""
+    folder = make_hf_folder(tmp_path / "m", arch="qwen2")
+    rewrite_json(folder / "tokenizer_config.json", bos_token=None)
+    rewrite_json(folder / "config.json", bos_token_id=None)
+    _, tok = load_model(folder)
+    assert tok.bos_id is None and tok.encode("Mia", bos=True) == tok.encode("Mia")
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert tok.encode_chat(conv)[0] == theirs.apply_chat_template(conv, tokenize=True,
+                                                                   return_dict=False)
+    r = run_cli("generate", "--model", str(folder), "--prompt", "Mia has", "--max-new-tokens",
+                "4", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("Mia has"), r.stderr
