@@ -179,6 +179,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
               args.top_k, args.top_p, g, system=args.system, interactive=interactive)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from scalelab.hf_export import export
+    export(Path(args.model), Path(args.out), args.dtype)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from scalelab.hardware import HARDWARE
     from scalelab.parallel import plan
@@ -251,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_dpo)
 
     def sampling(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--model", required=True, help="model folder (RUN/model)")
+        cmd.add_argument("--model", required=True,
+                         help="model folder (RUN/model, or a Hugging Face Llama/Qwen2/Mistral "
+                              "folder)")
         cmd.add_argument("--max-new-tokens", type=int, default=64)
         cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
@@ -271,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(c)
     c.add_argument("--system", help="a system message that opens the conversation")
     c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face folder (transformers)")
+    e.add_argument("--model", required=True, help="model folder (RUN/model or an HF folder)")
+    e.add_argument("--out", required=True, help="folder to write")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
     pl.add_argument("--config", required=True, help="TOML file or preset name")

@@ -37,7 +37,11 @@ class ModelConfig:
     mlp: str = "swiglu"  # "swiglu" or "relu2"
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # Llama-3 RoPE scaling as HF writes it ({} = none): factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings (see model.rope_frequencies)
+    rope_scaling: dict[str, float] = field(default_factory=dict)
     norm_eps: float = 1e-5
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
 
 
 TXT_SPLITS = ("blank_lines", "lines", "file")

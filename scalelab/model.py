@@ -24,6 +24,9 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "blocks.attn.wk.weight": ("kv", "embed"),
     "blocks.attn.wv.weight": ("kv", "embed"),
     "blocks.attn.wo.weight": ("embed", "heads"),
+    "blocks.attn.wq.bias": ("heads",),
+    "blocks.attn.wk.bias": ("kv",),
+    "blocks.attn.wv.bias": ("kv",),
     "blocks.mlp_norm.weight": ("embed",),
     "blocks.mlp.w_gate.weight": ("mlp", "embed"),
     "blocks.mlp.w_up.weight": ("mlp", "embed"),
@@ -89,9 +92,26 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_len, head_dim) tables [cos, cos] and [-sin, sin], the form `apply_rope` uses."""
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, float] | None = None
+                     ) -> torch.Tensor:
+    """Rotation speed of each pair of dimensions. With Llama-3 scaling, slow (long-wavelength)
+    pairs are slowed further by `factor`, fast ones kept, and those in between blended."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if not scaling:
+        return inv_freq
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    blend = (old_len / wavelen - low) / (high - low)
+    between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(between, (1 - blend) * scaled / factor + blend * scaled, scaled)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_len, head_dim) tables [cos, cos] and [-sin, sin], the form `apply_rope` uses."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
@@ -113,9 +133,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        bias = cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
@@ -187,7 +208,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta,
+                               cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -198,6 +220,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("wo.weight", "w_down.weight")):
                 p.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.n_layer))
             else:

@@ -81,7 +81,8 @@ class Tokenizer:
         """Token ids and a loss mask (True on assistant text and its closing EOS).
 
         generation_prompt: end with an open assistant turn for the model to complete."""
-        ids, mask = [self.bos_id], [False]
+        ids = [self.bos_id] if self.bos_id is not None else []  # some HF tokenizers have none
+        mask = [False] * len(ids)
         for m in messages:
             role = self.special_ids[ROLES[m["role"]]]
             body = self.encode(m["content"])

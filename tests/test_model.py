@@ -57,7 +57,8 @@ def test_sampling_is_seeded_and_stops_at_eos(tiny_model):
 
 def test_every_weight_has_logical_axes_matching_its_shape(tiny_model):
     seen = set()
-    for name, p in tiny_model.named_parameters():
+    biased = Transformer(ModelConfig(**{**vars(tiny_model.cfg), "qkv_bias": True}))
+    for name, p in [*tiny_model.named_parameters(), *biased.named_parameters()]:
         axes = logical_axes(name)
         assert len(axes) == p.dim(), name
         seen.add(name.split(".", 2)[-1] if name.startswith("blocks") else name)

@@ -109,6 +109,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                    b + "attn.wv.weight": (c.n_kv_head * hd, c.d_model),
                    b + "attn.wo.weight": (c.d_model, c.n_head * hd),
                    b + "mlp_norm.weight": (c.d_model,)}
+        if c.qkv_bias:
+            shapes |= {b + "attn.wq.bias": (c.n_head * hd,),
+                       b + "attn.wk.bias": (c.n_kv_head * hd,),
+                       b + "attn.wv.bias": (c.n_kv_head * hd,)}
         if c.mlp == "swiglu":
             shapes[b + "mlp.w_gate.weight"] = (c.d_mlp, c.d_model)
         shapes |= {b + "mlp.w_up.weight": (c.d_mlp, c.d_model),

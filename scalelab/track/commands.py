@@ -160,6 +160,9 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     log(f"registered model {name}: {human(m['params'])} params "
         f"({human(m['non_embedding_params'])} non-embedding), "
         f"{human(m['tokens'])} tokens, {human(m['flops'])} FLOPs")
+    if m["flops"] is None:
+        log("  no training tokens or FLOPs known for this folder: reports place it on the "
+            "parameter axis only")
     if run:
         passed = reg.passed_experiment_ids()
         todo = [e for e in reg.experiments() if e["id"] not in passed]

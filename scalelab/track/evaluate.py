@@ -25,11 +25,13 @@ N_SAMPLES = 5  # sample outputs kept per result
 class ScalelabLM:
     kind = "scalelab"
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, kind: str = "scalelab"):
         from scalelab.train.checkpoint import load_model
+        self.kind = kind  # "hf": a Hugging Face folder imported by scalelab.hf
         self.model, self.tok = load_model(path, device)
         self.device, self.max_len = device, self.model.cfg.seq_len
-        self.prefix = [self.tok.bos_id]  # documents start with BOS in pretraining
+        bos = self.tok.bos_id  # documents start with BOS in pretraining (where there is one)
+        self.prefix = [bos] if bos is not None else []
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -97,20 +99,20 @@ class HFLM:
         return res
 
 
-def is_hf_folder(path: Path) -> bool:
-    try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM | HFLM:
+    from scalelab import hf
     from scalelab.hardware import pick_device
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found")
     device = device or pick_device("auto")
-    return HFLM(path, device) if is_hf_folder(path) else ScalelabLM(path, device)
+    if not hf.is_hf_folder(path):
+        return ScalelabLM(path, device)
+    try:  # Llama, Qwen2, Mistral: scalelab runs them itself (no transformers needed)
+        hf.hf_model_config(json.loads((path / "config.json").read_text()), str(path))
+    except UserError:
+        return HFLM(path, device)  # any other causal LM, through transformers
+    return ScalelabLM(path, device, kind="hf")
 
 
 @torch.no_grad()

@@ -204,6 +204,10 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      f"<td class=l>{esc(first or 'not yet')}</td></tr>")
     parts.append("</table><p>Green: passes (newest evaluation). Columns: models, with "
                  "non-embedding parameter counts, smallest first.</p>")
+    untrained = [m["name"] for m in mods if m["flops"] is None]
+    if untrained:  # e.g. imported Hugging Face folders: nothing says what they were trained on
+        parts.append(f"<p>No training tokens or FLOPs known for {esc(', '.join(untrained))}: "
+                     "these models are placed on the parameter axis only.</p>")
     if any(sers[e["id"]]["params"] for e in exps):
         overview_plot(plt, exps, sers, out / "overview.png")
         parts.append("<h2>All experiments against size</h2><img src='overview.png'>")

@@ -112,8 +112,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                wrap: Callable[[Transformer], torch.nn.Module] | None = None
                ) -> tuple[torch.nn.Module, Tokenizer]:
-    """A model folder written by save_model (DIR/model or a checkpoint's step folder).
+    """A model folder written by save_model (DIR/model or a checkpoint's step folder), or a
+    Hugging Face folder of a supported architecture (scalelab.hf).
     wrap builds what the weights belong to around the Transformer (a reward model's head)."""
+    from scalelab import hf
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
@@ -123,12 +125,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{d}: this is a reward model (it scores answers and cannot generate "
                         "or be trained as a policy); give a language model folder, e.g. the "
                         "SFT run's model/ (a reward model goes to `ppo --reward`)")
+    if hf.is_hf_folder(d):
+        if wrap is not None:
+            raise UserError(f"{d}: a Hugging Face folder holds a language model, not a "
+                            "scalelab reward model")
+        model, tok = hf.load_hf(d)
+        return model.to(device).eval(), tok
     cfg_dict = read_json(d / "config.json")
     try:
         cfg = ModelConfig(**cfg_dict)
     except TypeError as e:
         raise UserError(f"{d / 'config.json'}: not a scalelab model config ({e})") from None
-    tok = Tokenizer.load(d / "tokenizer.json")
+    tok = hf.load_tokenizer(d)
     model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
     load_weights(model, d / "model.safetensors")
     return model.to(device).eval(), tok

@@ -113,6 +113,8 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     run = Run(out, cfg, resume, stage=stage)
     device = pick_device(cfg.train.device)
     model, tok = load_model(parent, device)
+    from scalelab.hf import add_chat_tokens
+    add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
     cfg.model = model.cfg
     run.write_config(cfg)
     record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}

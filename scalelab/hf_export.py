@@ -1,0 +1,107 @@
+"""`scalelab export`: a model folder (scalelab's own, or an imported one) as a Hugging Face
+folder that `transformers` loads with AutoModelForCausalLM / AutoTokenizer: config.json,
+model.safetensors with HF tensor names, tokenizer.json, tokenizer_config.json (special tokens
+and the chat template) and generation_config.json. Only what maps exactly is exported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from scalelab.config import ModelConfig, UserError
+from scalelab.hf import hf_name
+from scalelab.hf_tokenizer import HFStyleTokenizer
+from scalelab.model import Transformer
+from scalelab.train.checkpoint import fresh_tmp, load_model, replace_dir
+
+SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja chat template
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def doc_eos(tok) -> int:
+    """The end-of-document token (an imported chat tokenizer's eos_id is its end of turn)."""
+    return getattr(tok, "doc_eos_id", tok.eos_id)
+
+
+def hf_config(cfg: ModelConfig, tok, dtype: str) -> dict:
+    """config.json for transformers: LlamaForCausalLM, or Qwen2ForCausalLM when the model
+    has q/k/v biases (Llama's attention_bias would add an o_proj bias as well)."""
+    arch, kind = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
+    out = {"architectures": [arch], "model_type": kind, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.d_model // cfg.n_head,
+           "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+           "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling
+           else None, "tie_word_embeddings": cfg.tie_embeddings,
+           "bos_token_id": tok.bos_id, "eos_token_id": doc_eos(tok), "pad_token_id": tok.pad_id,
+           "torch_dtype": dtype, "use_cache": True}
+    if kind == "llama":
+        out |= {"attention_bias": False, "mlp_bias": False}
+    else:
+        out |= {"use_sliding_window": False, "sliding_window": None}
+    return out
+
+
+def export_tensors(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    skip = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    return {hf_name(k): v.detach().to("cpu", dtype).contiguous()
+            for k, v in model.state_dict().items() if k not in skip}
+
+
+def tokenizer_files(tok, seq_len: int) -> tuple[dict, str]:
+    """tokenizer_config.json contents and the chat template for an exported folder."""
+    from scalelab.tokenizer import BOS, EOS, PAD
+    if isinstance(tok, HFStyleTokenizer):
+        template = tok.chat_template or (SCALELAB_TEMPLATE if tok.has_chat_format else None)
+        name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
+        specials = {"bos_token": name(tok.bos_id), "eos_token": name(tok.doc_eos_id),
+                    "pad_token": name(tok.pad_id)}
+    else:
+        template, specials = SCALELAB_TEMPLATE, {"bos_token": BOS, "eos_token": EOS,
+                                                 "pad_token": PAD}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+              "model_max_length": seq_len, "clean_up_tokenization_spaces": False}
+    if template:
+        config["chat_template"] = template
+    return config, template
+
+
+def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Path:
+    """Write a Hugging Face folder (config, weights, tokenizer, generation config)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, tok = load_model(model_dir)
+    if not isinstance(model, Transformer):
+        raise UserError(f"{model_dir}: only language models export (not a reward model)")
+    cfg = model.cfg
+    if cfg.mlp != "swiglu":
+        raise UserError(f"{model_dir / 'config.json'}: mlp={cfg.mlp!r} has no Hugging Face "
+                        "Llama equivalent (only swiglu exports)")
+    if out.resolve() == Path(model_dir).resolve():
+        raise UserError(f"--out {out}: must differ from --model")
+    tmp = fresh_tmp(out)
+    save_file(export_tensors(model, DTYPES[dtype]), str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tok, dtype), indent=2))
+    tok.hf.save(str(tmp / "tokenizer.json"))
+    tok_config, _ = tokenizer_files(tok, cfg.seq_len)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    stops = list(dict.fromkeys([tok.eos_id, doc_eos(tok)]))  # generation stops at either
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+           "pad_token_id": tok.pad_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    replace_dir(tmp, out)
+    log(f"exported {model_dir} to {out} ({hf_config(cfg, tok, dtype)['architectures'][0]}, "
+        f"{dtype})")
+    return out
