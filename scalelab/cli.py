@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from scalelab.config import Config, UserError, load_config, resolve_config_path
+from scalelab.config import Config, RunFailed, UserError, load_config, resolve_config_path
 
 
 def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
             print(f"scalelab: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # the run monitor stopped it (policy "stop", too many rewinds)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scalelab: run stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)
         return 130

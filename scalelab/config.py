@@ -25,6 +25,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
+class RunFailed(Exception):
+    """The run monitor stopped a run (a NaN under policy "stop", too many rewinds): one
+    line on stderr, exit code 1."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0 = take it from the tokenizer (rounded up to a multiple of 64)
@@ -137,6 +142,27 @@ class ParallelConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Health checks, goodput accounting and the stall watchdog (scalelab/train/monitor.py)."""
+    enabled: bool = True  # checks cost one host sync per step (two scalars)
+    policy: str = "rewind"  # on a NaN, spike or grad explosion: "stop", "skip" (drop the
+    # update) or "rewind" (back to the last checkpoint, past the data that led there)
+    spike_k: float = 6.0  # a spike: loss > running median + spike_k robust deviations ...
+    spike_min_rise: float = 0.1  # ... and more than this fraction above the median
+    spike_window: int = 20  # recent healthy steps in the running median
+    min_history: int = 10  # steps seen before spikes and explosions are judged
+    grad_factor: float = 20.0  # an explosion: grad norm > grad_factor x its median (0 = off)
+    max_rewinds: int = 3  # rewinds in one process before the run gives up
+    rewind_lr_factor: float = 1.0  # after a rewind, lr x this ...
+    rewind_lr_steps: int = 0  # ... for this many steps
+    stall_factor: float = 2.5  # stall: no step for this x the median step time (0 = off) ...
+    stall_min_s: float = 120.0  # ... and at least this many seconds
+    on_event: str = ""  # shell command run with each event's JSON on stdin
+    tensorboard: bool = False  # mirror metrics to DIR/tensorboard (needs tensorboard)
+    inject: str = ""  # TESTING ONLY: faults to inject, e.g. "nan@12,spike@20,stall@30"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -146,6 +172,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
