@@ -10,9 +10,24 @@ from pathlib import Path
 from scalelab.config import Config, RunFailed, UserError, load_config, resolve_config_path
 
 
+def resume_after_restart(args: argparse.Namespace) -> None:
+    """A worker that `torchrun --max-restarts=N` started again (TORCHELASTIC_RESTART_COUNT
+    > 0) goes on from its run's last checkpoint, as if --resume had been given."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if args.resume or restart == 0:
+        return
+    from scalelab.train.checkpoint import list_checkpoints
+    if list_checkpoints(Path(args.out)):
+        args.resume = True
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scalelab: restart {restart} by torchrun: resuming {args.out}",
+                  file=sys.stderr)
+
+
 def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     """--config (else, on --resume, the run's own config.toml, else the stage's preset),
     then --set, then --max-steps."""
+    resume_after_restart(args)
     path = resolve_config_path(args.config)
     saved = Path(args.out) / "config.toml"
     if path is None and args.resume and saved.is_file():

@@ -239,7 +239,6 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         done = step + 1
         tokens_since += tokens_per_step
         mon.tokens += tokens_per_step if seen is None else 0
-        mon.step_done(done)
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:

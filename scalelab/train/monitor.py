@@ -38,6 +38,7 @@ import torch
 from scalelab.config import MonitorConfig, RunFailed, UserError
 
 PROCESS_START = time.monotonic()  # imported when a stage starts: the rest is "startup"
+PROCESS_START_UNIX = time.time()
 BUCKETS = ("train", "data", "eval", "checkpoint", "rewind", "restart", "startup")
 POLICIES = ("stop", "skip", "rewind")
 FAULTS = ("nan", "spike", "stall")
@@ -214,7 +215,8 @@ class Monitor:
                 self.total[k] -= lost
                 self.total["rewind"] += lost
         else:  # a new process: the old one's time up to the checkpoint, then what it lost
-            lost = max(0.0, self.previous_wall() - sum(then.values()))
+            wall, at = self.previous_wall()
+            lost = max(0.0, wall - sum(then.values())) + max(0.0, PROCESS_START_UNIX - at)
             mine = self.total["startup"]
             for k in BUCKETS:
                 self.total[k] += then.get(k, 0.0)
@@ -222,13 +224,18 @@ class Monitor:
             self.total["restart"] += mine + lost
         self.tokens = state.get("tokens", 0)
 
-    def previous_wall(self) -> float:
-        """Wall time the crashed attempt had reached, from its last progress.json."""
-        try:
-            prog = json.loads((self.out / "progress.json").read_text())
-            return float(sum(prog["time"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return 0.0
+    def previous_wall(self) -> tuple[float, float]:
+        """(wall time, unix time) the last attempt had reached when it last wrote
+        progress.json or summary.json; (0, now) when neither can be read."""
+        best = (0.0, PROCESS_START_UNIX)
+        for name in ("progress.json", "summary.json"):
+            try:
+                rec = json.loads((self.out / name).read_text())
+                wall, at = float(sum(rec["time"].values())), float(rec["time_unix"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            best = max(best, (wall, at))
+        return best
 
     # ---- health -------------------------------------------------------------------------
 
@@ -246,7 +253,7 @@ class Monitor:
         policy = self.mc.policy
         if policy == "rewind" and not can_rewind:
             policy = "skip"
-            seen["note"] = "no checkpoint yet to rewind to: skipped the update"
+            seen.setdefault("note", "no checkpoint yet to rewind to: skipped the update")
         if policy == "rewind":
             self.rewinds += 1
             if self.rewinds > self.mc.max_rewinds:
@@ -352,9 +359,8 @@ class Monitor:
                "loss": self.loss, "tokens": self.tokens,
                "tokens_per_s": self.tokens / busy if busy else None,
                "goodput": self.total["train"] / wall if wall else None,
-               "wall_s": wall, "time": p["time"],
-               "events": {k: sum(e["event"] == k for e in self.events)
-                          for k in sorted({e["event"] for e in self.events})}}
+               "wall_s": wall, "time": p["time"], "time_unix": p["time_unix"],
+               "events": count_events(self.out)}
         if self.peak_flops and self.flops_per_token and wall:
             out["mfu"] = self.flops_per_token * self.tokens / wall / self.peak_flops
             out["mfu_in_train_steps"] = (self.flops_per_token * self.tokens / busy /
@@ -418,6 +424,23 @@ class Monitor:
             self.tb = None
 
 
+def read_events(run_dir: Path) -> list[dict]:
+    """DIR/events.jsonl (a torn last line, from a kill, is skipped)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "events.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def count_events(run_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ev in read_events(run_dir):
+        counts[ev.get("event", "?")] = counts.get(ev.get("event", "?"), 0) + 1
+    return counts
+
+
 def describe(ev: dict) -> str:
     kind = ev.get("event")
     if kind == "nonfinite":
@@ -431,4 +454,6 @@ def describe(ev: dict) -> str:
     if kind == "stall":
         return (f"stall after step {ev['step']}: no progress for {ev['waited_s']:.2f} s "
                 f"(median step {ev['median_step_s']:.3f} s); stacks in {ev['stacks']}")
+    if kind == "resumed":
+        return f"resumed from the checkpoint at step {ev['step']} (restart {ev['restart']})"
     return json.dumps(ev)

@@ -37,6 +37,7 @@ from scalelab.train.checkpoint import (
     save_model,
 )
 from scalelab.train.loop import make_optimizer, pick_device, start_stage
+from scalelab.train.monitor import Monitor
 from scalelab.train.reward import ScalarModel, load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
@@ -152,8 +153,12 @@ RewardFn = Callable[[list[int], list[list[int]]], torch.Tensor]
 def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              optimizer: torch.optim.Optimizer, reward_fn: RewardFn, prompt_idx: list[int],
              prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
-             generator: torch.Generator | None = None) -> tuple[dict, Rollout]:
-    """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores."""
+             generator: torch.Generator | None = None,
+             corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[dict, Rollout]:
+    """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
+    A minibatch whose loss or gradient norm is not finite is not applied (counted in
+    row["skipped_updates"]); corrupt(loss) is the run monitor's test-only fault injection."""
     device = next(policy.parameters()).device
     policy.eval()
     responses = generate(policy, prompts, pc.max_new_tokens, tok.pad_id, tok.eos_id,
@@ -180,7 +185,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
 
     policy.train()
     value.train()
-    B, stats = len(responses), []
+    B, stats, skipped = len(responses), [], 0
     for _ in range(pc.ppo_epochs):
         order = torch.randperm(B)  # global RNG: saved in checkpoints, so resume is exact
         for mb in order.chunk(pc.minibatches):
@@ -191,12 +196,15 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             pg, s = policy_loss(logp, old_logp[mb], adv[mb], m, pc.clip)
             vf = value_loss(response_values(value, sub), old_values[mb], returns[mb], m,
                             pc.value_clip)
-            loss = pg + pc.vf_coef * vf
+            loss = pg + pc.vf_coef * vf if corrupt is None else corrupt(pg + pc.vf_coef * vf)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(
+            norm = torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
+            if torch.isfinite(loss) and torch.isfinite(norm):
+                optimizer.step()
+            else:
+                skipped += 1
             s.update({"loss/policy": pg.item(), "loss/value": vf.item(),
                       "objective/entropy": masked_mean(entropy, m).item()})
             stats.append(s)
@@ -211,6 +219,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         "val/num_eos_tokens": int(stopped.sum()),
         "val/response_len": ro.resp_mask.sum(1).mean().item(),
         "kl_coef": kl_coef,
+        "skipped_updates": skipped,
     })
     return row, ro
 
@@ -281,6 +290,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
     kl_coef, start = pc.kl_coef, 0
+    mon = Monitor(cfg.monitor, out, resume=resume)
     if resume:
         ckpts = list_checkpoints(out)
         if not ckpts:
@@ -289,8 +299,11 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         sampler.load_state_dict(meta["loader"])
         kl_coef, start = meta["kl_coef"], meta["step"]
         run.truncate_metrics(start)
+        mon.load_state_dict(meta.get("monitor"))
+        mon.step = start
     gen = torch.Generator(device=device)
     bar = tqdm(total=tc.max_steps, initial=start, desc="ppo", dynamic_ncols=True, disable=None)
+    mon.start(tc.max_steps)
     for step in range(start, tc.max_steps):
         gen.manual_seed(pc.seed * 100_003 + step)  # resumable sampling: seed per step
         for group in optimizer.param_groups:  # anneal linearly to zero
@@ -298,7 +311,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         t0 = time.perf_counter()
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
-                           tok, pc, kl_coef, gen)
+                           tok, pc, kl_coef, gen,
+                           corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss))
+        mon.step_done(step + 1)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
         done = step + 1
         row = {"step": done, "loss": row["loss/policy"] + pc.vf_coef * row["loss/value"],
@@ -311,12 +326,21 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         bar.set_postfix({"score": f"{row['objective/scores']:.2f}",
                          "kl": f"{row['objective/kl']:.2f}",
                          **({"gold": f"{row['gold_reward']:.2f}"} if label else {})})
-        if not math.isfinite(row["loss"]):
-            raise RuntimeError(f"PPO loss is {row['loss']} at step {done}; lower train.lr?")
+        mon.logged(row)
+        if row["skipped_updates"] or not math.isfinite(row["loss"]):
+            # The bad minibatch updates were not applied; PPO neither rewinds nor judges
+            # spikes (its loss is not a descent curve). Policy "stop" stops here.
+            seen = {"step": done, "event": "nonfinite", "loss": row["loss"],
+                    "grad_norm": float("nan"), "skipped_updates": row["skipped_updates"],
+                    "note": "PPO drops non-finite minibatch updates"}
+            mon.act(seen, can_rewind=False)  # raises RunFailed under policy "stop"
+            run.log(mon.skipped(seen))
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            save_model(policy, tok, out / "model")
-            save_checkpoint(out, done, both, optimizer,
-                            {"loader": sampler.state_dict(), "kl_coef": kl_coef},
-                            tc.keep_checkpoints)
+            with mon.clock("checkpoint"):
+                save_model(policy, tok, out / "model")
+                save_checkpoint(out, done, both, optimizer,
+                                {"loader": sampler.state_dict(), "kl_coef": kl_coef,
+                                 "monitor": mon.state_dict()}, tc.keep_checkpoints)
     bar.close()
+    mon.finish()
     return out / "model"
