@@ -259,14 +259,14 @@ class Monitor:
             if self.rewinds > self.mc.max_rewinds:
                 self.event({**seen, "action": "give_up"})
                 self.finish("stopped", f"{describe(seen)}; too many rewinds")
-                raise RunFailed(f"step {seen['step']}: {describe(seen)} again after "
+                raise RunFailed(f"{describe(seen)} again after "
                                 f"{self.mc.max_rewinds} rewinds (monitor.max_rewinds); giving "
                                 "up. Lower train.lr, raise train.warmup_steps or look at the "
                                 "data around this step")
         if policy == "stop":
             self.event({**seen, "action": "stop"})
             self.finish("stopped", describe(seen))
-            raise RunFailed(f"step {seen['step']}: {describe(seen)} (monitor.policy = stop); "
+            raise RunFailed(f"{describe(seen)} (monitor.policy = stop); "
                             "lower train.lr or set monitor.policy = \"rewind\"")
         return policy
 
