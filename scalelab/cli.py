@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from scalelab.track.commands import register
     register(sub)  # `track ...` and `sweep`
+    from scalelab import runs
+    runs.register(sub)  # `runs list|show|watch`
     return p
 
 

@@ -85,6 +85,28 @@ def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
     assert summary["time"]["rewind"] > 0 and 0 < summary["goodput"] < 1
     clean_summary = json.loads((clean / "summary.json").read_text())
     assert clean_summary["time"]["rewind"] == 0 and clean_summary["events"] == {}
+    # `runs list|show|watch` read it all back.
+    r = run_cli("runs", "list", str(tmp_path))
+    assert r.returncode == 0 and str(hurt) in r.stdout and str(clean) in r.stdout
+    assert "finished  60/60" in r.stdout
+    r = run_cli("runs", "show", str(hurt))
+    assert r.returncode == 0, r.stderr
+    assert "status      finished" in r.stdout and "goodput" in r.stdout
+    assert "step 45: loss spike" in r.stdout and "-> rewind" in r.stdout
+    r = run_cli("runs", "watch", "--once", str(hurt))
+    assert r.returncode == 0 and "loss spike" in r.stdout
+    # Killed mid-run: no summary, and the process of progress.json is gone.
+    shutil.copytree(hurt, tmp_path / "killed")
+    (tmp_path / "killed/summary.json").unlink()
+    shutil.rmtree(tmp_path / "killed/model")
+    (tmp_path / "killed/metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in rows(hurt) if r["step"] <= 30))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    prog = json.loads((tmp_path / "killed/progress.json").read_text())
+    (tmp_path / "killed/progress.json").write_text(json.dumps({**prog, "pid": int(gone)}))
+    r = run_cli("runs", "show", str(tmp_path / "killed"))
+    assert "status      dead (killed or crashed" in r.stdout
     # Each logged row splits its interval's wall time into shares.
     last = [r for r in rows(hurt) if "loss" in r][-1]
     shares = {k: v for k, v in last.items() if k.startswith("time/")}
