@@ -7,6 +7,7 @@ the dataclass default. Unknown sections or keys are errors (a typo must not be i
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,57 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];
+# every other int must be >= 0 and every float finite and >= 0.
+AT_LEAST_ONE = {
+    "model": {"seq_len", "n_layer", "n_head", "d_model"},
+    "data": {"n_docs", "tokenizer_vocab"},
+    "train": {"batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+              "log_every", "checkpoint_every"},
+    "sft": {"n_examples"}, "reward": {"n_prompts", "samples_per_prompt", "max_new_tokens"},
+    "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
+            "max_new_tokens", "kl_horizon"},
+    "parallel": set(),
+}
+FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
+             ("train", "beta2"), ("sft", "chatty_fraction"), ("reward", "heldout_fraction"),
+             ("ppo", "gamma"), ("ppo", "lam")}
+POSITIVE = {("model", "rope_theta"), ("model", "norm_eps")}
+SIGNED = {("parallel", "dp"), ("parallel", "fsdp"), ("parallel", "tp"), ("ppo", "seed"),
+          ("data", "seed"), ("train", "seed"), ("sft", "seed"), ("reward", "seed")}
+
+
+CHOICES = {("model", "mlp"): ("swiglu", "relu2"), ("train", "dtype"): ("auto", "bfloat16",
+                                                                          "float32"),
+           ("ppo", "kl_estimator"): ("k1", "k3"), ("monitor", "policy"): ("stop", "skip",
+                                                                          "rewind")}
+INJECT = re.compile(r"\s*((nan|spike|stall)@\d+\s*(,\s*|$))*")
+
+
+def check_range(section: str, key: str, v: Any, where: str) -> None:
+    """A value out of range is bad input (exit 2), not a crash deep inside training."""
+    name = f"{section}.{key}"
+    if (section, key) in CHOICES and v not in CHOICES[section, key]:
+        raise UserError(f"{where}: '{name}' must be one of "
+                        f"{', '.join(CHOICES[section, key])}, got {v!r}")
+    if (section, key) == ("monitor", "inject") and not INJECT.fullmatch(v):
+        raise UserError(f"{where}: '{name}' must look like 'nan@12,spike@20,stall@30', "
+                        f"got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
+        return
+    if v != v or v in (float("inf"), float("-inf")):
+        raise UserError(f"{where}: '{name}' must be a finite number, got {v}")
+    low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
+    if v < low:
+        raise UserError(f"{where}: '{name}' must be >= {low}, got {v}")
+    if (section, key) in POSITIVE and v <= 0:
+        raise UserError(f"{where}: '{name}' must be > 0, got {v}")
+    if (section, key) in FRACTIONS and v > 1:
+        raise UserError(f"{where}: '{name}' must be between 0 and 1, got {v}")
+    if (section, key) == ("data", "val_fraction") and not 0 < v < 1:
+        raise UserError(f"{where}: '{name}' must be between 0 and 1 (exclusive), got {v}")
+
+
 def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     sections = {f.name for f in dataclasses.fields(cfg)}
     if section not in sections:
@@ -197,6 +249,7 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise UserError(f"{where}: '{section}.{key}' must be {want.__name__}, "
                         f"got {type(value).__name__} {value!r}")
+    check_range(section, key, value, where)
     setattr(sub, key, value)
 
 
