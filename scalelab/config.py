@@ -215,6 +215,11 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     if (section, key) == ("monitor", "inject") and not INJECT.fullmatch(v):
         raise UserError(f"{where}: '{name}' must look like 'nan@12,spike@20,stall@30', "
                         f"got {v!r}")
+    if (section, key) == ("monitor", "tensorboard") and v:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(f"{where}: 'monitor.tensorboard' needs the tensorboard package "
+                            "(pip install tensorboard)")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if v != v or v in (float("inf"), float("-inf")):

@@ -67,8 +67,13 @@ def test_watchdog_reports_a_stall_within_3x_the_median_step():
 def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
     clean, hurt = tmp_path / "clean", tmp_path / "hurt"
     assert pretrain(clean, 60, "train.eval_every=20").returncode == 0
-    r = pretrain(hurt, 60, "train.eval_every=20", 'monitor.inject="nan@25,spike@45"')
+    r = pretrain(hurt, 60, "train.eval_every=20", 'monitor.inject="nan@25,spike@45"',
+                 "monitor.rewind_lr_factor=0.5", "monitor.rewind_lr_steps=3")
     assert r.returncode == 0, r.stderr
+    lr = lambda run, step: next(r["lr"] for r in rows(run) if r["step"] == step and "lr" in r)
+    for step in (21, 22, 23, 41, 42, 43):  # lr halved for 3 steps after each rewind
+        assert lr(hurt, step) == pytest.approx(0.5 * lr(clean, step))
+    assert lr(hurt, 24) == lr(clean, 24) and lr(hurt, 44) == lr(clean, 44)
     events = read_events(hurt)
     assert [(e["event"], e["step"], e["action"], e["to_step"]) for e in events] == \
         [("nonfinite", 25, "rewind", 20), ("spike", 45, "rewind", 40)]
@@ -114,17 +119,18 @@ def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
 
 
 def test_policy_stop_and_too_many_rewinds_exit_1_with_a_clear_message(tmp_path):
-    r = pretrain(tmp_path / "stop", 20, 'monitor.inject="nan@5"', "monitor.policy=stop")
+    few = "data.n_docs=600"  # a smaller corpus: these runs stop early anyway
+    r = pretrain(tmp_path / "stop", 20, few, 'monitor.inject="nan@5"', "monitor.policy=stop")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "run stopped: step 5: loss nan" in r.stderr
     assert json.loads((tmp_path / "stop/summary.json").read_text())["status"] == "stopped"
     # Before any checkpoint, "rewind" drops the update instead.
-    r = pretrain(tmp_path / "skip", 8, 'monitor.inject="nan@5"')
+    r = pretrain(tmp_path / "skip", 8, few, 'monitor.inject="nan@5"')
     assert r.returncode == 0, r.stderr
     assert [(e["step"], e["action"]) for e in read_events(tmp_path / "skip")] == [(5, "skip")]
     # Every gradient is an "explosion": the run keeps rewinding, then gives up.
-    r = pretrain(tmp_path / "jumpy", 40, "monitor.grad_factor=1e-9", "monitor.max_rewinds=2",
-                 "train.checkpoint_every=5")
+    r = pretrain(tmp_path / "jumpy", 40, few, "monitor.grad_factor=1e-9",
+                 "monitor.max_rewinds=2", "train.checkpoint_every=5")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "again after 2 rewinds" in r.stderr
     actions = [e["action"] for e in read_events(tmp_path / "jumpy")]
@@ -136,7 +142,8 @@ def test_stall_dumps_stacks_exits_and_torchrun_restart_resumes(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     cmd = [torchrun, "--nproc-per-node", "1", "--max-restarts", "1", "-m", "scalelab",
            "pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "30",
-           *tiny_sets(), "--set", 'monitor.inject="stall@25"', "--set",
+           *tiny_sets(), "--set", "data.n_docs=600", "--set", 'monitor.inject="stall@25"',
+           "--set",
            "monitor.stall_min_s=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

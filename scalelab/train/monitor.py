@@ -377,12 +377,8 @@ class Monitor:
         """monitor.tensorboard: numbers also go to DIR/tensorboard (JSONL stays the truth)."""
         if not self.mc.tensorboard:
             return
-        if self.tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("monitor.tensorboard = true needs the tensorboard package "
-                                "(pip install tensorboard)") from None
+        if self.tb is None:  # config.py made sure that tensorboard is installed
+            from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
