@@ -195,7 +195,6 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=None if main else True)
     tokens_since, tokens_per_step = 0, tokens_per_micro_batch * tc.grad_accum
-    mon.interval_row()  # the first interval starts here
     model.train()
     step = start
     mon.start(tc.max_steps)

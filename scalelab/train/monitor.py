@@ -156,7 +156,7 @@ class Monitor:
         self.interval = dict.fromkeys(BUCKETS, 0.0)
         self.mark = self.interval_start = now
         self.watchdog: Watchdog | None = None
-        self.max_steps = 0
+        self.max_steps, self.started = 0, False
         self.tb = None
 
     # ---- time ---------------------------------------------------------------------------
@@ -166,8 +166,9 @@ class Monitor:
         self.interval[bucket] += seconds
 
     def _train_until_now(self) -> None:
-        now = time.monotonic()
-        self._bill("train", now - self.mark)
+        now = time.monotonic()  # before start(): loading, compiling, ... count as startup
+        self._bill("train" if self.watchdog is not None or self.started else "startup",
+                   now - self.mark)
         self.mark = now
 
     @contextlib.contextmanager
@@ -401,8 +402,11 @@ class Monitor:
         os._exit(1)  # the main thread may be stuck in C code: leave without waiting for it
 
     def start(self, max_steps: int) -> None:
-        """Before the first step: the watchdog starts watching."""
+        """Before the first step: the first logged interval and the watchdog start."""
         self.max_steps = max_steps
+        self._train_until_now()
+        self.interval = dict.fromkeys(BUCKETS, 0.0)
+        self.started = True
         if self.mc.stall_factor > 0:
             self.watchdog = Watchdog(self.mc.stall_factor, self.mc.stall_min_s, self.on_stall)
             self.watchdog.start()
