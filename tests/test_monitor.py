@@ -125,9 +125,14 @@ def test_policy_stop_and_too_many_rewinds_exit_1_with_a_clear_message(tmp_path):
     assert "run stopped: step 5: loss nan" in r.stderr
     assert json.loads((tmp_path / "stop/summary.json").read_text())["status"] == "stopped"
     # Before any checkpoint, "rewind" drops the update instead.
-    r = pretrain(tmp_path / "skip", 8, few, 'monitor.inject="nan@5"')
+    # ... and monitor.on_event hears about it, and about the end, as JSON on stdin.
+    told = tmp_path / "told.txt"
+    r = pretrain(tmp_path / "skip", 8, few, 'monitor.inject="nan@5"',
+                 f'monitor.on_event="cat >> {told}; echo >> {told}"')
     assert r.returncode == 0, r.stderr
     assert [(e["step"], e["action"]) for e in read_events(tmp_path / "skip")] == [(5, "skip")]
+    heard = [json.loads(line) for line in told.read_text().splitlines() if line]
+    assert [(h["event"], h["step"]) for h in heard] == [("nonfinite", 5), ("finished", 8)]
     # Every gradient is an "explosion": the run keeps rewinding, then gives up.
     r = pretrain(tmp_path / "jumpy", 40, few, "monitor.grad_factor=1e-9",
                  "monitor.max_rewinds=2", "train.checkpoint_every=5")
