@@ -149,12 +149,11 @@ class Monitor:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
-        self.events: list[dict] = []
         now = time.monotonic()
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - PROCESS_START
         self.interval = dict.fromkeys(BUCKETS, 0.0)
-        self.mark = self.interval_start = now
+        self.mark = now
         self.watchdog: Watchdog | None = None
         self.max_steps, self.started = 0, False
         self.tb = None
@@ -217,7 +216,10 @@ class Monitor:
                 self.total["rewind"] += lost
         else:  # a new process: the old one's time up to the checkpoint, then what it lost
             wall, at = self.previous_wall()
-            lost = max(0.0, wall - sum(then.values())) + max(0.0, PROCESS_START_UNIX - at)
+            lost = max(0.0, wall - sum(then.values()))
+            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+                lost += max(0.0, PROCESS_START_UNIX - at)  # torchrun's restart latency
+            # (a manual --resume: the hours nobody ran it are not the run's time)
             mine = self.total["startup"]
             for k in BUCKETS:
                 self.total[k] += then.get(k, 0.0)
@@ -321,7 +323,6 @@ class Monitor:
     def event(self, ev: dict) -> None:
         ev = {**{k: v if not isinstance(v, float) or math.isfinite(v) else str(v)
                  for k, v in ev.items()}, "time": time.time()}  # strict JSON: no NaN
-        self.events.append(ev)
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
