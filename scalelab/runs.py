@@ -108,7 +108,7 @@ def state(run_dir: Path) -> dict:
         "dir": str(run_dir), "stage": lineage.get("stage", "pretrain" if cfg else "?"),
         "status": status, "step": step, "max_steps": max_steps,
         "loss": last.get("loss"), "val_loss": evals[-1]["val_loss"] if evals else None,
-        "tokens_per_s": last.get("tokens_per_s") or summary.get("tokens_per_s"),
+        "tokens_per_s": last.get("tokens_per_s") or summary.get("tokens_per_s") or None,
         "episodes_per_s": last.get("episodes_per_s"),
         "mfu": summary.get("mfu", last.get("mfu")),
         "goodput": summary.get("goodput") or (total.get("train", 0) / wall if wall else None),
