@@ -7,7 +7,21 @@ import os
 import sys
 from pathlib import Path
 
-from scalelab.config import Config, UserError, load_config, resolve_config_path
+from scalelab.config import Config, RunFailed, UserError, load_config, resolve_config_path
+
+
+def resume_after_restart(args: argparse.Namespace) -> None:
+    """A worker that `torchrun --max-restarts=N` started again (TORCHELASTIC_RESTART_COUNT
+    > 0) goes on from its run's last checkpoint, as if --resume had been given."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if args.resume or restart == 0:
+        return
+    from scalelab.train.checkpoint import list_checkpoints
+    if list_checkpoints(Path(args.out)):
+        args.resume = True
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scalelab: restart {restart} by torchrun: resuming {args.out}",
+                  file=sys.stderr)
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 
@@ -16,6 +30,7 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
     """--config (else, on --resume, the run's own config.toml, else the stage's preset),
     then --set, then --max-steps. First of all, --out must be a folder this stage may write:
     new, empty, or its own earlier run (exit 2 before any work otherwise)."""
+    resume_after_restart(args)
     from scalelab.train.rundir import check_out
     check_out(Path(args.out), args.command, args.resume)
     path = resolve_config_path(args.config)
@@ -319,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from scalelab.track.commands import register
     register(sub)  # `track ...` and `sweep`
+    from scalelab import runs
+    runs.register(sub)  # `runs list|show|watch`
     return p
 
 
@@ -344,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
             print(f"scalelab: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # the run monitor stopped it (policy "stop", too many rewinds)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scalelab: run stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)
         return 130

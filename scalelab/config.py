@@ -7,6 +7,7 @@ the dataclass default. Unknown sections or keys are errors (a typo must not be i
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ PRESETS = Path(__file__).parent / "configs"
 
 class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+class RunFailed(Exception):
+    """The run monitor stopped a run (a NaN under policy "stop", too many rewinds): one
+    line on stderr, exit code 1."""
 
 
 @dataclass
@@ -146,6 +152,27 @@ class ParallelConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Health checks, goodput accounting and the stall watchdog (scalelab/train/monitor.py)."""
+    enabled: bool = True  # checks cost one host sync per step (two scalars)
+    policy: str = "rewind"  # on a NaN, spike or grad explosion: "stop", "skip" (drop the
+    # update) or "rewind" (back to the last checkpoint, past the data that led there)
+    spike_k: float = 6.0  # a spike: loss > running median + spike_k robust deviations ...
+    spike_min_rise: float = 0.1  # ... and more than this fraction above the median
+    spike_window: int = 20  # recent healthy steps in the running median
+    min_history: int = 10  # steps seen before spikes and explosions are judged
+    grad_factor: float = 20.0  # an explosion: grad norm > grad_factor x its median (0 = off)
+    max_rewinds: int = 3  # rewinds in one process before the run gives up
+    rewind_lr_factor: float = 1.0  # after a rewind, lr x this ...
+    rewind_lr_steps: int = 0  # ... for this many steps
+    stall_factor: float = 2.5  # stall: no step for this x the median step time (0 = off) ...
+    stall_min_s: float = 120.0  # ... and at least this many seconds
+    on_event: str = ""  # shell command run with each event's JSON on stdin
+    tensorboard: bool = False  # mirror metrics to DIR/tensorboard (needs tensorboard)
+    inject: str = ""  # TESTING ONLY: faults to inject, e.g. "nan@12,spike@20,stall@30"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,9 +182,66 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+
+# Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];
+# every other int must be >= 0 and every float finite and >= 0.
+AT_LEAST_ONE = {
+    "model": {"seq_len", "n_layer", "n_head", "d_model"},
+    "data": {"n_docs", "tokenizer_vocab"},
+    "train": {"batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+              "log_every", "checkpoint_every"},
+    "sft": {"n_examples"}, "reward": {"n_prompts", "samples_per_prompt", "max_new_tokens"},
+    "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
+            "max_new_tokens", "kl_horizon"},
+    "parallel": set(),
+}
+FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
+             ("train", "beta2"), ("sft", "chatty_fraction"), ("reward", "heldout_fraction"),
+             ("ppo", "gamma"), ("ppo", "lam")}
+POSITIVE = {("model", "rope_theta"), ("model", "norm_eps")}
+SIGNED = {("parallel", "dp"), ("parallel", "fsdp"), ("parallel", "tp"), ("ppo", "seed"),
+          ("data", "seed"), ("train", "seed"), ("sft", "seed"), ("reward", "seed")}
+
+
+CHOICES = {("model", "mlp"): ("swiglu", "relu2"), ("train", "dtype"): ("auto", "bfloat16",
+                                                                          "float32"),
+           ("ppo", "kl_estimator"): ("k1", "k3"), ("monitor", "policy"): ("stop", "skip",
+                                                                          "rewind")}
+INJECT = re.compile(r"\s*((nan|spike|stall)@\d+\s*(,\s*|$))*")
+
+
+def check_range(section: str, key: str, v: Any, where: str) -> None:
+    """A value out of range is bad input (exit 2), not a crash deep inside training."""
+    name = f"{section}.{key}"
+    if (section, key) in CHOICES and v not in CHOICES[section, key]:
+        raise UserError(f"{where}: '{name}' must be one of "
+                        f"{', '.join(CHOICES[section, key])}, got {v!r}")
+    if (section, key) == ("monitor", "inject") and not INJECT.fullmatch(v):
+        raise UserError(f"{where}: '{name}' must look like 'nan@12,spike@20,stall@30', "
+                        f"got {v!r}")
+    if (section, key) == ("monitor", "tensorboard") and v:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(f"{where}: 'monitor.tensorboard' needs the tensorboard package "
+                            "(pip install tensorboard)")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
+        return
+    if v != v or v in (float("inf"), float("-inf")):
+        raise UserError(f"{where}: '{name}' must be a finite number, got {v}")
+    low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
+    if v < low:
+        raise UserError(f"{where}: '{name}' must be >= {low}, got {v}")
+    if (section, key) in POSITIVE and v <= 0:
+        raise UserError(f"{where}: '{name}' must be > 0, got {v}")
+    if (section, key) in FRACTIONS and v > 1:
+        raise UserError(f"{where}: '{name}' must be between 0 and 1, got {v}")
+    if (section, key) == ("data", "val_fraction") and not 0 < v < 1:
+        raise UserError(f"{where}: '{name}' must be between 0 and 1 (exclusive), got {v}")
 
 
 def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
@@ -179,6 +263,7 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise UserError(f"{where}: '{section}.{key}' must be {want.__name__}, "
                         f"got {type(value).__name__} {value!r}")
+    check_range(section, key, value, where)
     setattr(sub, key, value)
 
 

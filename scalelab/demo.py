@@ -185,8 +185,27 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
                 tag = " (held out)" if split == "held_out" else ""
                 md.append(f"| {fam}{tag} | " + " | ".join(
                     f"{results[n][split][fam]:.2f}" for n in names) + " |")
+    md += run_health(out)
     md += ["", "## Curves", ""] + [f"![{img}]({img})" for img in images]
     return "\n".join(md) + "\n"
+
+
+def run_health(out: Path) -> list[str]:
+    """Each stage's summary.json (the run monitor): how much of its wall time was training."""
+    rows = []
+    for summary in sorted(out.glob("*/summary.json")):
+        s = json.loads(summary.read_text())
+        mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a"
+        events = ", ".join(f"{k} {v}" for k, v in s.get("events", {}).items()) or "none"
+        rows.append(f"| {summary.parent.name} | {s['status']} | {s['step']} | "
+                    f"{s['wall_s']:.0f} s | {s.get('goodput') or 0:.0%} | {mfu} | {events} |")
+    if not rows:
+        return []
+    return ["", "## Run health (scalelab runs show DIR)", "",
+            "Goodput: the share of each stage's wall time spent in training steps (the rest: "
+            "startup, data, evaluation, checkpoints, rewinds, restarts).", "",
+            "| stage | status | steps | wall time | goodput | MFU | monitor events |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def markdown_to_html(md: str) -> str:

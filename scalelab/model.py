@@ -201,6 +201,9 @@ class Transformer(nn.Module):
         cfg = resolve(cfg)
         if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_kv_head:
             raise ValueError("d_model must divide by n_head, and n_head by n_kv_head")
+        if (cfg.d_model // cfg.n_head) % 2:
+            raise ValueError(f"d_model / n_head = {cfg.d_model // cfg.n_head} must be even "
+                             "(rotary embeddings rotate pairs of channels)")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))

@@ -140,6 +140,11 @@ def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
                 str(tmp_path / "s"))
     assert r.returncode == 2 and "sft.jsonl:1" in r.stderr and "assistant" in r.stderr
     assert "Traceback" not in r.stderr
+    # Found by a fuzz run: well-formed but too few examples to fill one training batch.
+    sft_data.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
+    r = run_cli("sft", "--base", str(model_dir), "--data", str(sft_data), "--out",
+                str(tmp_path / "s2"), "--set", "train.batch_size=4")
+    assert r.returncode == 2 and "fewer than one batch" in r.stderr, r.stderr
 
 
 def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):

@@ -10,6 +10,7 @@ leaves either the old folder or the new one, never half of one. Nothing is unpic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scalelab.config import ModelConfig, UserError
+from scalelab.config import ModelConfig, RunFailed, UserError
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 
@@ -74,11 +75,13 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     """tensors: the consolidated weights when the model is sharded (see parallel.checkpoint);
     extra_json: more files for the folder, e.g. {"reward.json": stats} for a reward model."""
     tmp = fresh_tmp(final)
-    save_file(model_tensors(model) if tensors is None else tensors, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
-    for name, data in (extra_json or {}).items():
-        (tmp / name).write_text(json.dumps(data, indent=2))
-    tok.save(tmp / "tokenizer.json")
+    with disk_errors(final, tmp):
+        save_file(model_tensors(model) if tensors is None else tensors,
+                  str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
+        for name, data in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2))
+        tok.save(tmp / "tokenizer.json")
     replace_dir(tmp, final)
 
 
@@ -144,11 +147,38 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
 
 # ---- resumable checkpoints -------------------------------------------------------------
 
+@contextlib.contextmanager
+def disk_errors(final: Path, tmp: Path):
+    """A full disk (or any write error) while writing `final`: remove the partial temporary
+    folder and say that the previous one is intact (the rename never happened)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        before = [p.name for p in list_checkpoints(final.parent.parent)] \
+            if final.parent.name == "checkpoints" else []
+        kept = f"the previous checkpoint {before[-1]} is intact" if before else \
+            f"{final} is as it was"
+        why = getattr(e, "strerror", None) or e
+        raise RunFailed(f"could not write {final} ({why}); nothing was "
+                        f"replaced: {kept}") from None
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
     """Model, optimizer, RNG and the caller's state (data position, ...) at `step`."""
     final = run_dir / "checkpoints" / f"step_{step}"
     tmp = fresh_tmp(final)
+    with disk_errors(final, tmp):
+        _write_checkpoint(tmp, model, optimizer, {"step": step, **state})
+    replace_dir(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      state: dict) -> None:
     save_file(model_tensors(model), str(tmp / "model.safetensors"))
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
@@ -162,12 +192,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
             else:
                 scalars.setdefault(str(idx), {})[name] = v
     save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"step": step, "param_groups": opt["param_groups"], "opt_scalars": scalars, **state}
+    meta = {"param_groups": opt["param_groups"], "opt_scalars": scalars, **state}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    replace_dir(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from scalelab.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
 from scalelab.train.rundir import claim
 
@@ -122,6 +122,19 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     return run, device, model, tok
 
 
+def rewind(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
+           mon: Monitor, parallel=None) -> int:
+    """Back to the last checkpoint, but with the data position of now: the batches that led
+    to the anomaly are skipped. Returns the step to continue from."""
+    ckpt = list_checkpoints(run.out)[-1]
+    data_now = loader.state_dict()
+    meta = load_any_checkpoint(ckpt, model, optimizer, parallel)
+    loader.load_state_dict(data_now)
+    run.truncate_metrics(meta["step"])
+    mon.load_state_dict(meta.get("monitor"), rewinding=True)
+    return meta["step"]
+
+
 def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.device,
         loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
         evaluate: Callable[[int], dict] | None = None,
@@ -142,12 +155,16 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     tc = cfg.train
     optimizer = make_optimizer(model, tc, device)
     main = parallel is None or parallel.is_main
-    start, tokens_seen = 0, 0
     if main and tc.max_steps < tc.warmup_steps:
         tqdm.write(f"note: train.max_steps ({tc.max_steps}) is shorter than train.warmup_steps "
                    f"({tc.warmup_steps}): the learning rate only climbs to "
                    f"{lr_at(tc.max_steps - 1, tc):.3g} (train.lr is {tc.lr:g}) and never "
                    "decays; lower train.warmup_steps for a full schedule")
+    hw = detect(device)
+    n_dev = 1 if parallel is None else parallel.world
+    mon = Monitor(cfg.monitor, run.out, main, resume, flops_per_token=flops_per_token,
+                  peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
+    start = 0
     if resume:
         ckpts = list_checkpoints(run.out)
         if not ckpts:
@@ -155,32 +172,38 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                             f"{run.out / 'checkpoints'}")
         meta = load_any_checkpoint(ckpts[-1], model, optimizer, parallel)
         loader.load_state_dict(meta["loader"])
-        start, tokens_seen = meta["step"], meta.get("tokens", 0)
+        start = meta["step"]
         run.truncate_metrics(start)
+        mon.load_state_dict(meta.get("monitor"))
+        mon.step = start
         if main:
             tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
+            mon.event({"event": "resumed", "step": start,
+                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
     elif evaluate is not None:
-        run.log({"step": 0, **evaluate(0)})
+        with mon.clock("eval"):
+            run.log({"step": 0, **evaluate(0)})
 
-    hw = detect(device)
     ctx = autocast(device, tc.dtype)
     step_fn = loss_step(loss_fn, tc)
     bar = Progress(tc.max_steps, start, "train", enabled=main)
-    t0, tokens_since = time.perf_counter(), 0
+    tokens_since = 0
     model.train()
-    for step in range(start, tc.max_steps):
-        lr = lr_at(step, tc)
+    step = start
+    mon.start(tc.max_steps)
+    while step < tc.max_steps:
+        lr = lr_at(step, tc) * mon.lr_scale(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, step_tokens = torch.zeros((), device=device), 0
         for _ in range(tc.grad_accum):
-            batch = loader.next_batch()
-            n_tokens = count_tokens(batch) if count_tokens else tokens_per_micro_batch
-            tokens_since += n_tokens
-            tokens_seen += n_tokens
-            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            with mon.clock("data"):
+                mon.stall(step + 1)
+                batch = loader.next_batch()
+            step_tokens += count_tokens(batch) if count_tokens else tokens_per_micro_batch
+            batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
             with ctx:
-                loss = step_fn(model, batch) / tc.grad_accum
+                loss = mon.corrupt(step + 1, step_fn(model, batch) / tc.grad_accum)
             loss.backward()
             loss_sum += loss.detach()
         if parallel is None:
@@ -189,55 +212,75 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             from scalelab.parallel.apply import clip_grad_norm_, sync_grads
             sync_grads(model, parallel)  # dp all-reduce (FSDP reduced in backward already)
             grad_norm = clip_grad_norm_(model, tc.grad_clip, parallel)
-        optimizer.step()
+        if parallel is not None and mon.enabled:  # every rank must judge the same numbers
+            loss_sum = parallel.mean_over_data(loss_sum)
+        seen = mon.check(step + 1, loss_sum, grad_norm)  # None: healthy
+        if seen is None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mon.step_done(step + 1)
+        if seen is not None and mon.act(seen, bool(list_checkpoints(run.out))) == "rewind":
+            with mon.clock("rewind"):
+                step = rewind(run, model, optimizer, loader, mon, parallel)
+            run.log(mon.rewound(seen, step))
+            bar.goto(step)
+            tokens_since = 0
+            continue
+        if seen is not None:
+            run.log(mon.skipped(seen))
         done = step + 1
+        if seen is None:  # tokens of updates that stand (a rewind restores the count)
+            tokens_since += step_tokens
+            mon.tokens += step_tokens
         bar.update(1)
 
         if done % tc.log_every == 0 or done == tc.max_steps:
-            if parallel is not None:  # each data rank saw different rows: average them
+            if parallel is not None and not mon.enabled:  # data ranks saw different rows
                 loss_sum = parallel.mean_over_data(loss_sum)
-            loss_val = loss_sum.item()  # the only host sync of a step, and only when logging
-            if not math.isfinite(loss_val):
+            loss_val = loss_sum.item()  # the only host sync of a step without the monitor
+            if not math.isfinite(loss_val) and not mon.enabled:
                 raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
-            dt = time.perf_counter() - t0
+            dt = max(1e-9, mon.busy_seconds())  # train + data: not eval, checkpoints
             row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}
-            if tokens_seen:  # 0 = this stage does not count its tokens: say nothing
-                row.update(tokens=tokens_seen, tokens_per_s=tokens_since / dt)
-            if flops_per_token and tokens_seen:
+            if mon.tokens:  # 0 = this stage does not count its tokens: say nothing
+                row.update(tokens=mon.tokens, tokens_per_s=tokens_since / dt)
+            if flops_per_token and mon.tokens:
                 row["model_tflops"] = flops_per_token * tokens_since / dt / 1e12
-                if hw is not None:
-                    n_dev = 1 if parallel is None else parallel.world
-                    row["mfu"] = row["model_tflops"] * 1e12 / (hw.peak_flops * n_dev)
+                if mon.peak_flops:
+                    row["mfu"] = row["model_tflops"] * 1e12 / mon.peak_flops
+            row.update(mon.interval_row())
             run.log(row)
+            mon.logged(row)
             post = {"loss": f"{loss_val:.3f}"}
             if "tokens_per_s" in row:
                 post["tok/s"] = f"{row['tokens_per_s']:,.0f}"
             if "mfu" in row:
                 post["mfu"] = f"{row['mfu']:.1%}"
             bar.set_postfix(post)
-            t0, tokens_since = time.perf_counter(), 0
+            tokens_since = 0
 
         if evaluate is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
-            model.eval()
-            row = evaluate(done)
-            model.train()
+            with mon.clock("eval"):
+                model.eval()
+                row = evaluate(done)
+                model.train()
             run.log({"step": done, **row})
             if main:
                 bar.write(f"step {done}: " + "  ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}"
                     for k, v in row.items()))
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            if save_model is not None:
-                save_model()
-            if parallel is None:
-                save_checkpoint(run.out, done, model, optimizer,
-                                {"loader": loader.state_dict(), "tokens": tokens_seen},
-                                tc.keep_checkpoints)
-            else:
-                from scalelab.parallel.checkpoint import save_sharded
-                save_sharded(run.out, done, model, optimizer,
-                             {"loader": loader.state_dict(), "tokens": tokens_seen},
-                             tc.keep_checkpoints, parallel)
-            t0 = time.perf_counter()  # don't bill eval/checkpoint time to throughput
+            with mon.clock("checkpoint"):
+                if save_model is not None:
+                    save_model()
+                state = {"loader": loader.state_dict(), "monitor": mon.state_dict()}
+                if parallel is None:
+                    save_checkpoint(run.out, done, model, optimizer, state,
+                                    tc.keep_checkpoints)
+                else:
+                    from scalelab.parallel.checkpoint import save_sharded
+                    save_sharded(run.out, done, model, optimizer, state,
+                                 tc.keep_checkpoints, parallel)
+        step = done
     bar.close()
+    mon.finish()

@@ -38,6 +38,7 @@ from scalelab.train.checkpoint import (
 )
 from scalelab.train.loop import make_optimizer, start_stage
 from scalelab.train.losses import token_logprobs
+from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
 from scalelab.train.reward import ScalarModel, load_reward_model
 
@@ -166,12 +167,16 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              optimizer: torch.optim.Optimizer, reward_fn: RewardFn, prompt_idx: list[int],
              prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
              generator: torch.Generator | None = None, ctx=None, grad_clip: float = 1.0,
-             loss_fn: Callable | None = None, fixed_shape: bool = False) -> tuple[dict, Rollout]:
+             loss_fn: Callable | None = None, fixed_shape: bool = False,
+             corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[dict, Rollout]:
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
     or a compiled copy of it (then fixed_shape pads every rollout to max_new_tokens).
-    Nothing in the minibatch loop reads a value back to the host: the stats stay tensors
-    until the end of the step."""
+    The stats stay tensors until the end of the step; the one host read inside the
+    minibatch loop is whether loss and gradient norm are finite: a minibatch where they are
+    not is not applied (counted in row["skipped_updates"]). corrupt(loss) is the run
+    monitor's test-only fault injection."""
     device = next(policy.parameters()).device
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
@@ -202,7 +207,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
 
     policy.train()
     value.train()
-    B, sums, n = len(responses), {}, 0
+    B, sums, n, skipped = len(responses), {}, 0, 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(pc.ppo_epochs):
         # global CPU RNG: saved in checkpoints, so resume is exact; one copy to the device
@@ -213,10 +218,15 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             with ctx:
                 loss, s = loss_fn(policy, value, sub, old_logp[mb], old_values[mb], adv[mb],
                                   returns[mb], pc)
+            if corrupt is not None:
+                loss = corrupt(loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                optimizer.step()
+            else:
+                skipped += 1
             sums = {k: sums.get(k, 0.0) + v.detach() for k, v in s.items()}
             n += 1
     keys = list(sums)  # one host sync for all the stats of the step
@@ -231,6 +241,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         "val/num_eos_tokens": int(stopped.sum()),
         "val/response_len": ro.resp_mask.sum(1).mean().item(),
         "kl_coef": kl_coef,
+        "skipped_updates": skipped,
     })
     return row, ro
 
@@ -304,6 +315,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
     kl_coef, start = pc.kl_coef, 0
+    mon = Monitor(cfg.monitor, out, resume=resume)
     if resume:
         ckpts = list_checkpoints(out)
         if not ckpts:
@@ -312,8 +324,11 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         sampler.load_state_dict(meta["loader"])
         kl_coef, start = meta["kl_coef"], meta["step"]
         run.truncate_metrics(start)
+        mon.load_state_dict(meta.get("monitor"))
+        mon.step = start
     gen = torch.Generator(device=device)
     bar = Progress(tc.max_steps, start, "ppo")  # plain lines when not on a terminal
+    mon.start(tc.max_steps)
     for step in range(start, tc.max_steps):
         gen.manual_seed(pc.seed * 100_003 + step)  # resumable sampling: seed per step
         for group in optimizer.param_groups:  # anneal linearly to zero
@@ -322,7 +337,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
                            tok, pc, kl_coef, gen, ctx=ctx, grad_clip=tc.grad_clip,
-                           loss_fn=loss_fn, fixed_shape=tc.compile)
+                           loss_fn=loss_fn, fixed_shape=tc.compile,
+                           corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss))
+        mon.step_done(step + 1)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
         done = step + 1
         row = {"step": done, "loss": row["loss/policy"] + pc.vf_coef * row["loss/value"],
@@ -335,12 +352,21 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         bar.set_postfix({"score": f"{row['objective/scores']:.2f}",
                          "kl": f"{row['objective/kl']:.2f}",
                          **({"gold": f"{row['gold_reward']:.2f}"} if label else {})})
-        if not math.isfinite(row["loss"]):
-            raise RuntimeError(f"PPO loss is {row['loss']} at step {done}; lower train.lr?")
+        mon.logged(row)
+        if row["skipped_updates"] or not math.isfinite(row["loss"]):
+            # The bad minibatch updates were not applied; PPO neither rewinds nor judges
+            # spikes (its loss is not a descent curve). Policy "stop" stops here.
+            seen = {"step": done, "event": "nonfinite", "loss": row["loss"],
+                    "grad_norm": float("nan"), "skipped_updates": row["skipped_updates"],
+                    "note": "PPO drops non-finite minibatch updates"}
+            mon.act(seen, can_rewind=False)  # raises RunFailed under policy "stop"
+            run.log(mon.skipped(seen))
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            save_model(policy, tok, out / "model")
-            save_checkpoint(out, done, both, optimizer,
-                            {"loader": sampler.state_dict(), "kl_coef": kl_coef},
-                            tc.keep_checkpoints)
+            with mon.clock("checkpoint"):
+                save_model(policy, tok, out / "model")
+                save_checkpoint(out, done, both, optimizer,
+                                {"loader": sampler.state_dict(), "kl_coef": kl_coef,
+                                 "monitor": mon.state_dict()}, tc.keep_checkpoints)
     bar.close()
+    mon.finish()
     return out / "model"

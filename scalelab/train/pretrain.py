@@ -128,7 +128,8 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         loss = eval_loss(model, val, device, ctx)
         row = {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
         # Sampling with a KV cache needs whole heads: only in one process.
-        if par.single and (step % sample_every == 0 or step == tc.max_steps):
+        if par.single and len(prompt) < mc.seq_len and (step % sample_every == 0 or
+                                                        step == tc.max_steps):
             g = torch.Generator(device=device).manual_seed(tc.seed)
             new = generate(model, [prompt], 48, tok.pad_id, tok.eos_id, temperature=0.8,
                            top_k=50, generator=g)[0]

@@ -30,6 +30,13 @@ class Progress:
         if self.enabled and (self.said == self.start or now - self.last >= self.every):
             self._line(now)
 
+    def goto(self, n: int) -> None:
+        """Back to step n (after a rewind)."""
+        self.n = n
+        if self.bar is not None:
+            self.bar.n = n
+            self.bar.refresh()
+
     def set_postfix(self, post: dict) -> None:
         self.post = {k: str(v) for k, v in post.items()}
         if self.bar is not None:

@@ -81,6 +81,9 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
         return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
                                                                          IGNORE)
     tc = cfg.train
+    if len(train_items) < tc.batch_size:
+        raise UserError(f"{data_spec}: {len(encoded)} usable examples ({n_val} held out), "
+                        f"fewer than one batch of train.batch_size = {tc.batch_size} to train on")
     loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed)
     val_batches = [collate(val_items[i: i + tc.batch_size])
                    for i in range(0, len(val_items), tc.batch_size)]

@@ -1,0 +1,214 @@
+"""Kill -9 every training stage at random moments, resume it, and compare with a run that was
+never interrupted.
+
+    python bench/kill_stress.py --kills 20 --out /tmp/kill_stress [--stages pretrain,sft,...]
+
+For each stage (pretrain, sft, reward, dpo, ppo; tiny CPU settings) the script:
+1. runs it once uninterrupted (the reference);
+2. runs it again, killing the process with SIGKILL --kills times: half of the kills at a
+   random moment of the run, half the moment a checkpoint or model folder is being written
+   (a hidden `.step_N.tmp` / `.model.tmp` folder appears); after each kill it checks every
+   checkpoint and the model folder on disk (a file that cannot be read is "corrupt") and
+   starts the run again with --resume (from scratch when no checkpoint exists yet);
+3. lets the last attempt finish and compares its metrics.jsonl with the reference: every
+   number except timings must be identical (CPU, fp32: resume is exact).
+Prints a table per stage: kills, kills that landed during a write, corrupt checkpoints,
+mismatched metric values, and exits 1 when any is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = ["model.seq_len=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
+        "data.n_docs=2000", "data.tokenizer_vocab=400", "train.batch_size=8",
+        "train.eval_every=10", "train.eval_batches=2", "train.log_every=1",
+        "train.checkpoint_every=5", "train.warmup_steps=5"]
+TIMING = ("per_s", "time/", "tflops", "mfu")  # keys that differ run to run
+
+
+def sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def stage_args(stage: str, prep: Path) -> list[str]:
+    post = sets(["train.eval_every=5", "train.checkpoint_every=2", "train.batch_size=8",
+                 "train.log_every=1"])
+    return {
+        "pretrain": ["pretrain", "--config", "tiny", "--max-steps", "30", *sets(TINY),
+                     "--set", "model.seq_len=96"],
+        "sft": ["sft", "--base", str(prep / "pre/model"), "--data", "builtin:tasks",
+                "--max-steps", "12", *post, "--set", "sft.n_examples=400"],
+        "reward": ["reward", "--base", str(prep / "sft/model"), "--data", "builtin:tasks",
+                   "--max-steps", "8", *post, "--set", "reward.n_prompts=120",
+                   "--set", "reward.max_new_tokens=8"],
+        "dpo": ["dpo", "--policy", str(prep / "sft/model"), "--data",
+                str(prep / "rm/preferences.jsonl"), "--max-steps", "8", *post,
+                "--set", "train.batch_size=4"],
+        "ppo": ["ppo", "--policy", str(prep / "sft/model"), "--reward", str(prep / "rm/model"),
+                "--prompts", "builtin:tasks", "--max-steps", "6", *post,
+                "--set", "ppo.rollout_batch=8", "--set", "ppo.max_new_tokens=8",
+                "--set", "ppo.n_prompts=64"],
+    }[stage]
+
+
+def command(stage: str, prep: Path, out: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "scalelab", *stage_args(stage, prep), "--out", str(out),
+            *(["--resume"] if resume else [])]
+
+
+def run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+
+
+def prepare(prep: Path) -> None:
+    """The models the post-training stages start from (made once, never killed)."""
+    if not (prep / "pre/model").is_dir():
+        run(command("pretrain", prep, prep / "pre", False))
+    if not (prep / "sft/model").is_dir():
+        run(command("sft", prep, prep / "sft", False))
+    if not (prep / "rm/model").is_dir():
+        run(command("reward", prep, prep / "rm", False))
+
+
+def writing(out: Path) -> bool:
+    """A checkpoint or model folder is being written right now."""
+    return any((out / "checkpoints").glob(".step_*.tmp")) or (out / ".model.tmp").exists()
+
+
+def check_disk(out: Path) -> list[str]:
+    """Every finished checkpoint and the model folder must load; returns what did not."""
+    from scalelab.train.checkpoint import list_checkpoints, read_json, read_tensors
+    bad = []
+    folders = list_checkpoints(out) + ([out / "model"] if (out / "model").is_dir() else [])
+    for folder in folders:
+        try:
+            read_tensors(folder / "model.safetensors")
+            if (folder / "state.json").exists() or folder.parent.name == "checkpoints":
+                meta = read_json(folder / "state.json")
+                assert isinstance(meta["step"], int)
+                read_tensors(folder / "state.safetensors")
+            else:
+                read_json(folder / "config.json")
+        except Exception as e:  # noqa: BLE001 - anything unreadable counts
+            bad.append(f"{folder}: {e}")
+    return bad
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not any(t in k for t in TIMING)}
+
+
+def mismatches(a: list[dict], b: list[dict]) -> int:
+    """Values (not timings) that differ between two runs' metrics, row by row."""
+    if len(a) != len(b):
+        return abs(len(a) - len(b)) + sum(strip(x) != strip(y) for x, y in zip(a, b))
+    bad = 0
+    for x, y in zip(a, b):
+        x, y = strip(x), strip(y)
+        bad += sum(x.get(k) != y.get(k) for k in set(x) | set(y))
+    return bad
+
+
+def stress(stage: str, prep: Path, root: Path, kills: int, rng: random.Random) -> dict:
+    ref = root / f"{stage}_ref"
+    shutil.rmtree(ref, ignore_errors=True)
+    t0 = time.perf_counter()
+    run(command(stage, prep, ref, False))
+    t_ref = time.perf_counter() - t0
+    out = root / f"{stage}_killed"
+    shutil.rmtree(out, ignore_errors=True)
+    stats = {"stage": stage, "kills": 0, "during_write": 0, "corrupt": 0, "fresh_starts": 0,
+             "finished_early": 0, "reference_s": t_ref}
+    problems: list[str] = []
+    while stats["kills"] < kills:
+        resume = bool((out / "checkpoints").is_dir() and any((out / "checkpoints")
+                                                              .glob("step_*")))
+        if not resume and out.exists():  # killed before its first checkpoint: start over
+            shutil.rmtree(out)
+            stats["fresh_starts"] += 1
+        proc = subprocess.Popen(command(stage, prep, out, resume), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        at_write = rng.random() < 0.5
+        deadline = time.perf_counter() + rng.uniform(0.3, t_ref)
+        while proc.poll() is None:
+            if (writing(out) if at_write else time.perf_counter() >= deadline):
+                break
+            time.sleep(0.002 if at_write else 0.01)
+        if proc.poll() is not None:  # it finished (or failed) before the kill
+            err = proc.stderr.read()
+            if proc.returncode != 0:
+                problems.append(f"attempt exited {proc.returncode}: {err[-500:]}")
+                break
+            stats["finished_early"] += 1
+            shutil.rmtree(out)  # run it again so that every kill lands in a live run
+            continue
+        during = writing(out)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        stats["kills"] += 1
+        stats["during_write"] += during
+        bad = check_disk(out)
+        stats["corrupt"] += len(bad)
+        problems += bad
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*"))
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+    run(command(stage, prep, out, resume))
+    stats["corrupt"] += len(check_disk(out))
+    stats["mismatches"] = mismatches(rows(ref), rows(out))
+    stats["problems"] = problems
+    return stats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=20, help="kills per stage")
+    ap.add_argument("--out", default="/tmp/scalelab_kill_stress")
+    ap.add_argument("--stages", default="pretrain,sft,reward,dpo,ppo")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    prepare(root / "prep")
+    rng = random.Random(args.seed)
+    results = []
+    for stage in args.stages.split(","):
+        r = stress(stage, root / "prep", root, args.kills, rng)
+        results.append(r)
+        print(f"{stage:9s} kills {r['kills']:3d}  during a write {r['during_write']:3d}  "
+              f"corrupt {r['corrupt']}  mismatched values {r['mismatches']}  "
+              f"fresh starts {r['fresh_starts']}  (reference run {r['reference_s']:.1f} s)",
+              flush=True)
+        for p in r["problems"]:
+            print(f"    {p}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    bad = sum(r["corrupt"] + r["mismatches"] + len(r["problems"]) for r in results)
+    print("OK: no corrupt checkpoint, no mismatch" if not bad else f"FAILED: {bad} problems")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

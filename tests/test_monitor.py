@@ -1,0 +1,219 @@
+"""The run monitor: spikes and NaNs are detected and rewound, stalls end the process with
+stacks dumped (and torchrun restarts it), a full disk leaves the previous checkpoint intact."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_cli, tiny_sets
+
+from scalelab.config import ModelConfig, MonitorConfig, PPOConfig, RunFailed, TrainConfig
+from scalelab.model import Transformer
+from scalelab.train import checkpoint as ck
+from scalelab.train.loop import make_optimizer
+from scalelab.train.monitor import Health, Watchdog, read_events
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_val_loss(run_dir):
+    return [r["val_loss"] for r in rows(run_dir) if "val_loss" in r][-1]
+
+
+def pretrain(out, steps, *sets):
+    return run_cli("pretrain", "--config", "tiny", "--out", str(out), "--max-steps", str(steps),
+                   *tiny_sets(), *[a for s in sets for a in ("--set", s)])
+
+
+def test_health_flags_spikes_nans_and_explosions_but_not_noise():
+    h = Health(MonitorConfig(spike_window=20, min_history=10))
+    torch.manual_seed(0)
+    # A noisy, falling loss: no verdict on any step.
+    for i in range(60):
+        assert h.judge(5.0 - 0.02 * i + 0.05 * torch.randn(()).item(), 0.5) is None
+    assert h.judge(float("nan"), 0.5)["event"] == "nonfinite"
+    assert h.judge(3.9, float("inf"))["event"] == "nonfinite"
+    seen = h.judge(6.0, 0.5)  # the median is ~3.9: a jump of 2 nats is a spike
+    assert seen["event"] == "spike" and seen["median"] < 4.1 < seen["limit"] < 6.0
+    assert h.judge(3.9, 0.5 * 25)["event"] == "grad_explosion"
+    assert h.judge(3.9, 0.5 * 5) is None  # 5x is inside the default factor of 20
+
+
+def test_watchdog_reports_a_stall_within_3x_the_median_step():
+    fired = []
+    dog = Watchdog(2.5, 0.0, lambda waited, median: fired.append((waited, median)))
+    dog.start()
+    for _ in range(8):  # steps of ~40 ms, then nothing
+        dog.beat()
+        time.sleep(0.04)
+    dog.beat()
+    stalled_at = time.monotonic()
+    dog.join(timeout=5)
+    assert fired, "the watchdog did not fire"
+    waited, median = fired[0]
+    assert 0.03 < median < 0.2
+    assert 2.5 * median <= waited <= 3 * median
+    assert stalled_at + waited <= time.monotonic()
+
+
+def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
+    clean, hurt = tmp_path / "clean", tmp_path / "hurt"
+    assert pretrain(clean, 60, "train.eval_every=20").returncode == 0
+    r = pretrain(hurt, 60, "train.eval_every=20", 'monitor.inject="nan@25,spike@45"',
+                 "monitor.rewind_lr_factor=0.5", "monitor.rewind_lr_steps=3")
+    assert r.returncode == 0, r.stderr
+    lr = lambda run, step: next(r["lr"] for r in rows(run) if r["step"] == step and "lr" in r)
+    for step in (21, 22, 23, 41, 42, 43):  # lr halved for 3 steps after each rewind
+        assert lr(hurt, step) == pytest.approx(0.5 * lr(clean, step))
+    assert lr(hurt, 24) == lr(clean, 24) and lr(hurt, 44) == lr(clean, 44)
+    events = read_events(hurt)
+    assert [(e["event"], e["step"], e["action"], e["to_step"]) for e in events] == \
+        [("nonfinite", 25, "rewind", 20), ("spike", 45, "rewind", 40)]
+    assert events[1]["loss"] > events[1]["limit"]
+    marks = [r for r in rows(hurt) if "event" in r]
+    assert [(m["step"], m["seen_step"]) for m in marks] == [(20, 25), (40, 45)]
+    train_steps = [r["step"] for r in rows(hurt) if "loss" in r]
+    assert train_steps == list(range(1, 61))  # each rewound stretch appears once
+    # Final loss within noise of the clean run (the two diverge by skipped data only).
+    assert abs(final_val_loss(hurt) - final_val_loss(clean)) < 0.05
+    summary = json.loads((hurt / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 60
+    assert summary["events"] == {"nonfinite": 1, "spike": 1}
+    assert summary["time"]["rewind"] > 0 and 0 < summary["goodput"] < 1
+    clean_summary = json.loads((clean / "summary.json").read_text())
+    assert clean_summary["time"]["rewind"] == 0 and clean_summary["events"] == {}
+    # `runs list|show|watch` read it all back.
+    r = run_cli("runs", "list", str(tmp_path))
+    assert r.returncode == 0 and str(hurt) in r.stdout and str(clean) in r.stdout
+    assert "finished  60/60" in r.stdout
+    r = run_cli("runs", "show", str(hurt))
+    assert r.returncode == 0, r.stderr
+    assert "status      finished" in r.stdout and "goodput" in r.stdout
+    assert "step 45: loss spike" in r.stdout and "-> rewind" in r.stdout
+    r = run_cli("runs", "watch", "--once", str(hurt))
+    assert r.returncode == 0 and "loss spike" in r.stdout
+    # Killed mid-run: no summary, and the process of progress.json is gone.
+    shutil.copytree(hurt, tmp_path / "killed")
+    (tmp_path / "killed/summary.json").unlink()
+    shutil.rmtree(tmp_path / "killed/model")
+    (tmp_path / "killed/metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in rows(hurt) if r["step"] <= 30))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    prog = json.loads((tmp_path / "killed/progress.json").read_text())
+    (tmp_path / "killed/progress.json").write_text(json.dumps({**prog, "pid": int(gone)}))
+    r = run_cli("runs", "show", str(tmp_path / "killed"))
+    assert "status      dead (killed or crashed" in r.stdout
+    # Each logged row splits its interval's wall time into shares.
+    last = [r for r in rows(hurt) if "loss" in r][-1]
+    shares = {k: v for k, v in last.items() if k.startswith("time/")}
+    assert abs(sum(shares.values()) - 1) < 1e-6 and shares["time/train"] > 0
+
+
+def test_policy_stop_and_too_many_rewinds_exit_1_with_a_clear_message(tmp_path):
+    few = "data.n_docs=600"  # a smaller corpus: these runs stop early anyway
+    r = pretrain(tmp_path / "stop", 20, few, 'monitor.inject="nan@5"', "monitor.policy=stop")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "run stopped: step 5: loss nan" in r.stderr
+    assert json.loads((tmp_path / "stop/summary.json").read_text())["status"] == "stopped"
+    # Before any checkpoint, "rewind" drops the update instead.
+    # ... and monitor.on_event hears about it, and about the end, as JSON on stdin.
+    told = tmp_path / "told.txt"
+    r = pretrain(tmp_path / "skip", 8, few, 'monitor.inject="nan@5"',
+                 f'monitor.on_event="cat >> {told}; echo >> {told}"')
+    assert r.returncode == 0, r.stderr
+    assert [(e["step"], e["action"]) for e in read_events(tmp_path / "skip")] == [(5, "skip")]
+    heard = [json.loads(line) for line in told.read_text().splitlines() if line]
+    assert [(h["event"], h["step"]) for h in heard] == [("nonfinite", 5), ("finished", 8)]
+    # Every gradient is an "explosion": the run keeps rewinding, then gives up.
+    r = pretrain(tmp_path / "jumpy", 40, few, "monitor.grad_factor=1e-9",
+                 "monitor.max_rewinds=2", "train.checkpoint_every=5")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "again after 2 rewinds" in r.stderr
+    actions = [e["action"] for e in read_events(tmp_path / "jumpy")]
+    assert actions == ["rewind", "rewind", "give_up"]
+
+
+def test_stall_dumps_stacks_exits_and_torchrun_restart_resumes(tmp_path):
+    out = tmp_path / "stall"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cmd = [torchrun, "--nproc-per-node", "1", "--max-restarts", "1", "-m", "scalelab",
+           "pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "30",
+           *tiny_sets(), "--set", "data.n_docs=600", "--set", 'monitor.inject="stall@25"',
+           "--set",
+           "monitor.stall_min_s=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restart 1 by torchrun: resuming" in r.stderr
+    events = read_events(out)
+    assert [e["event"] for e in events] == ["stall", "resumed"]
+    stall = events[0]
+    assert stall["step"] == 24 and stall["action"] == "exit"
+    assert 1.0 <= stall["waited_s"] < 3.0  # the 1 s floor, checked every limit/50
+    stacks = open(stall["stacks"]).read()
+    assert "in stall" in stacks and "in fit" in stacks  # the main thread, asleep in the loader
+    assert events[1]["step"] == 20 and events[1]["restart"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 30
+    assert summary["time"]["restart"] > 1.0  # the lost stretch and the second start
+    assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, 31))
+
+
+def test_ppo_drops_non_finite_minibatch_updates(tokenizer):
+    import copy
+
+    from scalelab.train.ppo import ppo_step
+    from scalelab.train.reward import ScalarModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                      d_model=32)
+    policy = Transformer(cfg)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    opt = make_optimizer(both, TrainConfig(lr=3e-3), torch.device("cpu"))
+    pc = PPOConfig(max_new_tokens=6, minibatches=2, ppo_epochs=2)
+    prompts = [tokenizer.encode(f"Mia has {i}", bos=True) for i in range(8)]
+    before = {k: v.clone() for k, v in both.state_dict().items()}
+    row, _ = ppo_step(policy, ref, value, opt, lambda i, r: torch.ones(len(r)),
+                      list(range(8)), prompts, tokenizer, pc, 0.05,
+                      corrupt=lambda loss: loss * float("nan"))
+    assert row["skipped_updates"] == 4
+    assert all(torch.equal(before[k], v) for k, v in both.state_dict().items())
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    ck.save_checkpoint(tmp_path, 10, model, opt, {"loader": {"epoch": 0, "index": 3}}, 2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real = ck.save_file
+
+    def full_disk(tensors, path):
+        real(tensors, path)  # a file is half there, then the disk is full
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(RunFailed, match="No space left on device.*step_10 is intact"):
+        ck.save_checkpoint(tmp_path, 20, model, opt, {"loader": {}}, 2)
+    monkeypatch.setattr(ck, "save_file", real)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_10"]
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no partial folder left
+    meta = ck.load_checkpoint(tmp_path / "checkpoints/step_10", model, opt)
+    assert meta["step"] == 10 and meta["loader"] == {"epoch": 0, "index": 3}
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
