@@ -112,10 +112,10 @@ def builtin_items(spec: str) -> list[Item]:
     items = []
     for _ in range(p["n"]):
         if family == "addition":
-            q, a = addition_problem(rng, p["digits"])
+            q, a = addition_problem(rng, p["digits"], half="test")
             items.append(Item(q, " " + a))
         elif family == "subtraction":
-            q, a = subtraction_problem(rng, p["digits"])
+            q, a = subtraction_problem(rng, p["digits"], half="test")
             items.append(Item(q, " " + a))
         elif family == "story":
             items.append(story_item(world, rng, p["steps"]))
