@@ -212,13 +212,24 @@ def run_experiment(lm, exp) -> tuple[dict, bool, list[dict], int, float]:
 
 def model_info(path: str | Path, lm) -> dict:
     """Parameter counts, and from the run folder around it (RUN/model) the training tokens,
-    6ND FLOPs and final validation loss."""
+    6ND FLOPs and final validation loss.
+
+    N, the one parameter count of every fit, budget and prediction ("non_embedding_params"),
+    is Transformer.num_params(): all parameters except an input embedding table, which is
+    counted when it is tied to the output layer (there it is a real matmul). The sweep's
+    token budgets use the same N."""
     path = Path(path).resolve()
     model = lm.model
     params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+    if lm.kind == "scalelab":
+        n = model.num_params()
+    else:  # a Hugging Face model: the same rule, by asking whether the head is the table
+        head = model.get_output_embeddings()
+        n = params if head is not None and head.weight is emb.weight else \
+            params - emb.weight.numel()
     info = {"path": str(path), "kind": lm.kind, "params": params,
-            "non_embedding_params": params - emb.weight.numel(), "tokens": None,
+            "non_embedding_params": n, "tokens": None,
             "flops": None, "val_loss": None}
     run = path.parent
     if lm.kind == "scalelab" and (run / "config.toml").is_file() \
@@ -239,6 +250,6 @@ def model_info(path: str | Path, lm) -> dict:
         ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
         if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
             info["tokens"] = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
-            info["flops"] = 6.0 * params * info["tokens"]
+            info["flops"] = 6.0 * n * info["tokens"]
         info["val_loss"] = val
     return info

@@ -91,7 +91,7 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
         model = Transformer(cfg.model)
     except ValueError as e:
         raise UserError(f"sweep size {size}: {e}") from None
-    n = model.num_params()  # the project's N (a tied embedding is a real matmul)
+    n = model.num_params()  # the project's one N (track/evaluate.py model_info says which)
     tc = cfg.train
     per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
     tokens = opts["flops"] / (6 * n) if opts["flops"] else opts["tokens_per_param"] * n
