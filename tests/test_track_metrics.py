@@ -2,11 +2,18 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from scalelab.config import UserError
 from scalelab.track import metrics as M
-from scalelab.track.predict import fit_power_law, predict
+from scalelab.track.predict import (
+    fit_logistic,
+    fit_power_law,
+    level_for,
+    predict,
+    predict_calibrated,
+)
 from scalelab.track.specs import builtin_items, jsonl_items, load_items
 
 
@@ -90,3 +97,58 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
     bad.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
     with pytest.raises(UserError, match="t.jsonl:1: \"answer\""):
         jsonl_items(bad)
+
+
+def test_logistic_calibration_recovers_a_known_curve():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 1, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
+    a, b = fit_logistic(x, y)
+    assert a == pytest.approx(4, rel=0.15) and b == pytest.approx(4, rel=0.15)
+    assert fit_logistic(x, np.zeros_like(x)) is None  # one outcome: nothing to calibrate
+
+
+def test_calibrated_prediction_lands_near_the_true_crossing():
+    """Items whose mean log-likelihood rises 0.5 per decade, right with a known logistic
+    probability: the prediction from three models falls within 2x of where the true curve
+    crosses, inside its band; a flat trend predicts never, with a 'never' band."""
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(0, 0.4, 300)
+    truth = (4.0, 4.0)
+
+    def model(n):
+        x = -3 + 0.5 * math.log10(n) + offsets
+        y = (rng.random(len(x)) < 1 / (1 + np.exp(-(truth[0] + truth[1] * x)))).astype(float)
+        return x, y
+    data = [(n, *model(n)) for n in (1e3, 1e4, 1e5)]
+    assert max(d[2].mean() for d in data) < 0.8  # all three still fail at 0.8
+    cx, cy = np.concatenate([d[1] for d in data]), np.concatenate([d[2] for d in data])
+    p = predict_calibrated([(n, x) for n, x, _ in data], cx, cy, 0.8)
+    want = 10 ** ((level_for(-3 + offsets, 0.8, *truth) + 3) / 0.5)
+    assert want / 2 < p["predicted"] < want * 2
+    assert p["low"] <= p["predicted"] <= p["high"]
+    flat = [(n, -2 + offsets) for n in (1e3, 1e4, 1e5)]
+    q = predict_calibrated(flat, cx, cy, 0.8)
+    assert q["predicted"] is None and q["low"] is None and q["high"] is None
+
+
+def test_backtest_verdicts_treat_never_honestly():
+    from scalelab.track.backtest import judge
+    assert judge(None, 3e4, 1e5) == "miss (predicted never)"  # it passed: never was wrong
+    assert judge(None, None, 1e5) == "hit (no pass yet)"
+    assert judge(5e4, None, 1e5) == "miss (predicted a pass that did not come)"
+    assert judge(5e4, 3e4, 1e5) == "hit" and judge(1e5, 3e4, 1e5) == "late"
+
+
+def test_data_groups_split_by_tokenizer_and_corpus(tmp_path):
+    from scalelab.track.predict import data_group
+
+    def model(name: str, tok: str, n_docs: int) -> dict:
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "tokenizer.json").write_text(tok)
+        (tmp_path / name / "config.toml").write_text(f"[data]\nn_docs = {n_docs}\n")
+        return {"path": str(tmp_path / name / "model")}
+    a, b = model("a", "tok1", 100), model("b", "tok1", 100)
+    assert data_group(a) == data_group(b)
+    assert data_group(model("c", "tok2", 100)) != data_group(a)  # another tokenizer
+    assert data_group(model("d", "tok1", 200)) != data_group(a)  # another corpus

@@ -162,7 +162,10 @@ def is_right(it: Item, text: str) -> float:
 
 
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
-    """Mean metrics over the items, plus a few sample outputs."""
+    """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
+    item's right/wrong and its continuous score (mean target-token log-likelihood; for
+    multiple choice the answer's log-likelihood margin over the best other choice), from
+    which predictions calibrate pass/fail (track/predict.py)."""
     ctxs = contexts(lm, items)
     if items[0].is_choice:
         flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
@@ -171,8 +174,11 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
         rows, samples = [], []
         for it in items:
             per = [next(lps) for _ in it.choices]
-            s = M.choice_scores([sum(lp) for lp in per], it.answer)
+            totals = [sum(lp) for lp in per]
+            s = M.choice_scores(totals, it.answer)
             s["token_logprob"] = M.token_logprob(per[it.answer])
+            s["margin"] = totals[it.answer] - max(t for i, t in enumerate(totals)
+                                                  if i != it.answer)
             rows.append(s)
             if len(samples) < N_SAMPLES:
                 best = max(range(len(per)), key=lambda i: sum(per[i]))
@@ -180,6 +186,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
                                 "output": it.choices[best]})
         agg = {k: M.mean([r[k] for r in rows]) for k in M.CHOICE_METRICS}
         agg["n_choices"] = M.mean([len(it.choices) for it in items])
+        agg["per_item"] = {"x": [r["margin"] for r in rows],
+                           "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
         return agg, samples
     tgts = [lm.encode(it.target) for it in items]
     lps = loglik(lm, ctxs, tgts)
@@ -194,6 +202,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
             samples.append({"prompt": it.prompt, "target": it.target, "output": text})
     agg = {k: M.mean([r[k] for r in rows]) for k in M.GENERATION_METRICS}
     agg["target_tokens"] = M.mean([len(t) for t in tgts])
+    agg["per_item"] = {"x": [r["token_logprob"] for r in rows],
+                       "ok": [r["exact_match"] for r in rows], "x_is": "token_logprob"}
     return agg, samples
 
 

@@ -187,7 +187,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     tmp.replace(out / "sweep.json")
     if fit:
         print(f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
-              f"(N = non-embedding params, rmse {fit['rmse']:.3f})")
+              f"(N = params, a tied embedding counted once; rmse {fit['rmse']:.3f})")
     report = write_report(reg, out / "report", models=names, scaling=fit)
     print(f"sweep done in {summary['wall_seconds'] / 60:.1f} min; report: {report}")
     return summary
