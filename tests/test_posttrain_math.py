@@ -143,3 +143,18 @@ def test_only_assistant_tokens_carry_sft_loss(tokenizer):
     (x, y), = encode_conversations([conv], tokenizer, 128)
     assert x == ids[:-1]
     assert [t for t in y if t != IGNORE] == supervised
+
+
+def test_reward_probe_credits_a_pair_to_a_property_only_when_it_alone_differs():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "bench" / "reward_probe.py"
+    spec = importlib.util.spec_from_file_location("reward_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    base = {"correct": 1.0, "extra": False, "stopped": True}
+    assert probe.what_differs(base, {**base, "correct": 0.0}) == "correctness"
+    assert probe.what_differs(base, {**base, "extra": True}) == "filler"
+    assert probe.what_differs(base, {**base, "stopped": False}) == "stop"
+    assert probe.what_differs(base, dict(base)) == "closeness"
+    assert probe.what_differs(base, {**base, "correct": 0.0, "extra": True}) == "mixed"

@@ -43,20 +43,23 @@ def track(reg: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
-def greedy_text(model_dir: Path, prompt: str) -> str:
+def greedy_text(model_dir: Path, prompt: str, n: int = 3) -> str:
     from scalelab.track.evaluate import greedy_answers, load_lm
     lm = load_lm(model_dir, torch.device("cpu"))
-    out = greedy_answers(lm, [lm.prefix + lm.encode(prompt)], [3])[0]
-    return lm.decode(out[:3])
+    out = greedy_answers(lm, [lm.prefix + lm.encode(prompt)], [n])[0]
+    return lm.decode(out[:n])
 
 
 def test_rerun_on_new_model_runs_exactly_the_unpassed_experiments(tmp_path, models):
     reg = tmp_path / "reg.db"
-    # "mine" passes only for the m24 model: its target is m24's own greedy answer.
+    # "mine" passes only for the m24 model: its target is m24's own greedy answer, on a
+    # prompt where that answer is not the start of a longer word (exact match needs that)
     task = tmp_path / "mine.jsonl"
-    want = greedy_text(models[1], "12 + 7 =")
-    assert want != greedy_text(models[0], "12 + 7 =")
-    task.write_text(json.dumps({"prompt": "12 + 7 =", "target": want}) + "\n")
+    for prompt in ("12 + 7 =", "Q: Where does Mia live? A:", "Tom has", "5 - 3 =", "Count"):
+        want, longer = greedy_text(models[1], prompt), greedy_text(models[1], prompt, 4)
+        if want != greedy_text(models[0], prompt) and not longer[len(want):][:1].isalnum():
+            break
+    task.write_text(json.dumps({"prompt": prompt, "target": want}) + "\n")
     assert track(reg, "experiment", "add", "--name", "mine", "--task", str(task),
                  "--threshold", "1").returncode == 0
     assert track(reg, "experiment", "add", "--name", "easy", "--task",
@@ -103,6 +106,9 @@ def test_report_and_predictions(tmp_path, models):
     reg = tmp_path / "reg.db"
     assert track(reg, "experiment", "add", "--name", "add1", "--task",
                  "builtin:addition?digits=1&n=8", "--threshold", "0.9").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "add1-ed", "--task",
+                 "builtin:addition?digits=1&n=8", "--metric", "edit_distance",
+                 "--threshold", "0").returncode == 0
     for m in models:
         r = track(reg, "model", "add", str(m))
         assert r.returncode == 0, r.stderr
@@ -112,7 +118,11 @@ def test_report_and_predictions(tmp_path, models):
     for src in [s.split("'")[0] for s in page.split("<img src='")[1:]]:
         assert (tmp_path / "rep" / src).is_file() and "/" not in src  # relative, present
     assert "add1" in page and "Prediction" in page
+    # random models never answer right: nothing calibrates exact match, so add1 has no
+    # prediction (and the page says why); the continuous add1-ed is extrapolated directly
+    assert "no model of its group has answered an item right" in page
     preds = Registry(reg).predictions()
+    assert {p["experiment_id"] for p in preds} == {Registry(reg).experiment("add1-ed")["id"]}
     assert {p["n_models"] for p in preds} == {3}  # made once 3 models had results
     assert {p["axis"] for p in preds} == {"params"}  # random models: no training FLOPs
 

@@ -223,6 +223,11 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                              f"{fmt(p['predicted'])} (band {fmt(p['low'])} .. {fmt(p['high'])}),"
                              f" from {p['n_models']} models up to {p['largest']:.3g}; "
                              f"{esc(p['metric'])} must reach {p['level']:.3f}.</p>")
+            if not newest and e["metric"] in M.ALL_OR_NOTHING and \
+                    len(sers[e["id"]]["params"]) >= 3:
+                parts.append("<p><b>Prediction:</b> none: no model of its group has answered "
+                             "an item right yet, so nothing links the continuous scores to "
+                             "passing (predict.py calibrates on such items).</p>")
         if preds:
             parts.append("<table><tr><th class=l>made</th><th>axis</th><th>models</th>"
                          "<th>largest then</th><th>predicted pass</th><th>band</th>"
