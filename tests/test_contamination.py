@@ -58,3 +58,14 @@ def test_word_sums_in_the_corpus_use_the_train_half():
     sums = re.findall(r"([a-z-]+) plus ([a-z-]+) is", "\n".join(docs).lower())
     assert len(sums) > 100
     assert all(pair_half(words[x], words[y]) == "train" for x, y in sums)
+
+
+def test_seen_items_are_the_memorisation_control(tmp_path):
+    """seen=1 draws from the corpus's own half: those items are in the corpus, so a model's
+    score on them beside the unseen ones separates recall from generalisation."""
+    text = _corpus(tmp_path, 5000)
+    lines = set(text.split("\n"))
+    seen = load_items("builtin:addition?digits=1&seen=1")
+    assert all(pair_half(*map(int, it.prompt.split()[::2][:2])) == "train" for it in seen)
+    assert sum(f"{it.prompt}{it.target}" in lines for it in seen) > 90
+    assert load_items("builtin:addition?digits=1") != seen
