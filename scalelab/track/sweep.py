@@ -14,8 +14,8 @@ a [sweep] table:
     [sweep.corpus]               # optional document-kind weights for builtin:world
     arithmetic = 0.5
 
-Learning rate scales as 1/width (ANCHORS: with one lr for all sizes the biggest model
-failed, and the "emergence" curve measured the optimiser).
+Learning rate scales as 1/width (with one lr for all sizes the biggest model failed in an
+earlier run, and the "emergence" curve measured the optimiser).
 """
 
 from __future__ import annotations
