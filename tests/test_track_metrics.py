@@ -152,3 +152,36 @@ def test_data_groups_split_by_tokenizer_and_corpus(tmp_path):
     assert data_group(a) == data_group(b)
     assert data_group(model("c", "tok2", 100)) != data_group(a)  # another tokenizer
     assert data_group(model("d", "tok1", 200)) != data_group(a)  # another corpus
+
+
+def test_backtest_on_a_synthetic_ladder(tmp_path):
+    """Five registered 'models' whose items follow a known logistic curve: the backtest
+    predicts sizes 4 and 5 from the smaller ones, finds the pass at the fifth, and tables
+    both the calibrated and the old ln(X)/L predictions."""
+    from scalelab.track.backtest import backtest, markdown
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", 0.8)
+    rng = np.random.default_rng(2)
+    offsets = rng.normal(0, 0.4, 200)
+    for i, n in enumerate([1e3, 3e3, 1e4, 3e4, 1e5]):
+        x = -3.2 + 0.6 * math.log10(n) + offsets
+        ok = (rng.random(200) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
+        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                             "params": int(n), "non_embedding_params": int(n)})
+        metrics = {"exact_match": ok.mean(), "token_logprob": x.mean(), "edit_distance": 0.5,
+                   "target_tokens": 1.0, "per_item": {"x": x.tolist(), "ok": ok.tolist(),
+                                                      "x_is": "token_logprob"}}
+        reg.add_result(exp, mid, metrics, ok.mean() >= 0.8, [], 200, 0.0, "test")
+    passing = [m["name"] for m in reg.models()
+               if reg.latest()[(exp, m["id"])]["passed"]]
+    assert passing == ["m4"]  # the synthetic ladder turns at the largest size
+    rows = backtest(reg)
+    assert [r["k"] for r in rows] == [3, 4] and all(r["actual"] == 1e5 for r in rows)
+    assert all(r["verdict"] in ("hit", "early", "late") for r in rows)
+    # the true crossing of 0.8 lies between the ladder's last two sizes; from 4 models the
+    # prediction lands within 2x of it (the ladder's own 3.3x step is coarser than that)
+    true = 10 ** ((level_for(-3.2 + offsets, 0.8, 4.0, 4.0) + 3.2) / 0.6)
+    assert 3e4 < true < 1e5 and true / 2 < rows[1]["predicted"] < true * 2
+    table = markdown(rows)
+    assert "| toy | 4 (3e+04) |" in table and "old mapping" in table

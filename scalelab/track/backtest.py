@@ -7,7 +7,9 @@ For each all-or-nothing experiment and each k >= 3 at which it still failed on a
 the calibrated prediction (predict.py) and, beside it, the mapping it replaced (exact match X
 <-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X), both from the
 same k models. A row is a hit when the first passing model lies within 2x of the predicted
-size (parameters N); a prediction of "never" is a hit when no bigger model passes.
+size (parameters N); a prediction of "never" is a hit when no bigger model passes. Since the
+true crossing lies anywhere between the last failing and the first passing size, each row
+also says whether the prediction falls in that bracket.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def backtest(reg) -> list[dict]:
                     "naive_verdict": judge(naive_prediction(exp, sub), actual, sizes[-1]),
                     "in_band": None if p is None or actual is None else
                     bool((p["low"] or math.inf) <= actual <= (p["high"] or math.inf)),
+                    "in_bracket": None if p is None or actual is None else
+                    bool(sizes[first_pass - 1] < (p["predicted"] or math.inf) <= actual),
                 })
     return rows
 
@@ -95,15 +99,18 @@ def markdown(rows: list[dict]) -> str:
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
-                "first pass | verdict | old mapping | its verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "first pass | verdict | between last fail and first pass | old mapping | "
+                "its verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["group"] == group):
             first = n(r["actual"]) if r["actual"] else f"none up to {r['top']:.3g}"
             band = "" if r["in_band"] is None else \
                 (", in band" if r["in_band"] else ", outside band")
             out.append(f"| {r['experiment']} | {r['k']} ({r['largest']:.3g}) | "
                        f"{n(r['predicted'])} | {n(r['low'])} .. {n(r['high'])} | {first} | "
-                       f"{r['verdict']}{band} | {n(r['naive'])} | {r['naive_verdict']} |")
+                       f"{r['verdict']}{band} | "
+                       f"{'-' if r['in_bracket'] is None else 'yes' if r['in_bracket'] else 'no'}"
+                       f" | {n(r['naive'])} | {r['naive_verdict']} |")
         out.append("")
     scored = [r for r in rows if r["verdict"] != "no prediction"]
     hits = sum(r["verdict"].startswith("hit") for r in scored)
