@@ -185,3 +185,25 @@ def test_backtest_on_a_synthetic_ladder(tmp_path):
     assert 3e4 < true < 1e5 and true / 2 < rows[1]["predicted"] < true * 2
     table = markdown(rows)
     assert "| toy | 4 (3e+04) |" in table and "old mapping" in table
+
+
+def test_verdict_never_is_a_miss_when_a_bigger_model_passes(tmp_path):
+    import json
+
+    from scalelab.track.predict import verdict
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", 0.8)
+    ids = [reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                          "params": n, "non_embedding_params": n}) for i, n in
+           enumerate([100, 1000])]
+    for mid, ok in zip(ids, (False, True)):
+        reg.add_result(exp, mid, {"exact_match": float(ok)}, ok, [], 1, 0.0, "test")
+    group = json.dumps({"group": None})
+    base = {"experiment_id": exp, "axis": "params", "n_models": 3, "last_model_id": ids[0],
+            "largest": 100.0, "metric": "token_logprob", "level": -0.1, "detail": group}
+    for pred, want in [({"predicted": None, "low": None, "high": None}, "a miss"),
+                       ({"predicted": 900.0, "low": 500.0, "high": None}, "inside the band"),
+                       ({"predicted": 5e3, "low": 3e3, "high": 9e3}, "earlier than predicted")]:
+        reg.add_prediction({**base, **pred})
+        assert want in verdict(reg, reg.experiment("toy"), reg.predictions(exp)[-1])

@@ -290,6 +290,8 @@ def verdict(reg, exp, pred) -> str:
     hi = math.inf if pred["high"] is None else pred["high"]
     if won:
         x = won[0][col]
+        if pred["predicted"] is None:
+            return f"passed at {x:.3g} ({won[0]['name']}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \
             ("earlier than predicted" if x < lo else "later than predicted")
         return f"passed at {x:.3g} ({won[0]['name']}): {where}"
