@@ -232,7 +232,8 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
         return None
     x = np.concatenate([d[0] for _, d in data])
     y = np.concatenate([d[1] for _, d in data])
-    metric = ser[-1][1]["metrics"]["per_item"].get("x_is", "token_logprob")
+    metric = next(r["metrics"]["per_item"].get("x_is", "token_logprob")
+                  for _, r in reversed(ser) if r["metrics"].get("per_item"))
     source = "this experiment"
     if y.min() == y.max() and pooled and metric in pooled:
         (x, y), source = pooled[metric], "pooled over experiments"
