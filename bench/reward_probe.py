@@ -4,12 +4,15 @@ separates the two answers.
 Samples K answers to fresh held-in task prompts (a seed the reward run never used) from a
 policy, scores each with the reward model and with the gold labeler, and for every pair of
 distinct answers whose gold scores differ by more than the tie margin checks whether the
-reward model prefers the better one. Pairs are grouped by what tells them apart, first match:
+reward model prefers the better one. A pair is credited to a property only when that
+property alone separates the two answers (the reward model is known to judge filler and
+stopping, so a pair that differs in correctness and filler says nothing about correctness):
 
-  correctness  one answer is correct, the other is not
-  filler       one says more than the answer, the other does not
-  stop         one ended with EOS, the other did not
-  closeness    the rest: both wrong, one closer to the reference
+  correctness  one answer is correct, the other is not; same filler, same stop
+  filler       one says more than the answer, the other does not; otherwise alike
+  stop         one ended with EOS, the other did not; otherwise alike
+  closeness    none of the three differ: one is closer to the reference
+  mixed        two or more differ (counted in "all" only)
 
     python bench/reward_probe.py --policy runs/demo/sft/model --reward runs/demo/reward/model
 """
@@ -30,14 +33,15 @@ from scalelab.train.checkpoint import load_model
 from scalelab.train.labelers import gold
 from scalelab.train.reward import load_reward_model, reward_scores
 
-KINDS = ("correctness", "filler", "stop", "closeness")
+KINDS = ("correctness", "filler", "stop", "closeness", "mixed")
 
 
 def what_differs(a: dict, b: dict) -> str:
-    for kind, key in zip(KINDS, ("correct", "extra", "stopped")):
-        if a[key] != b[key]:
-            return kind
-    return "closeness"
+    differ = [kind for kind, key in zip(KINDS, ("correct", "extra", "stopped"))
+              if a[key] != b[key]]
+    if len(differ) > 1:
+        return "mixed"
+    return differ[0] if differ else "closeness"
 
 
 def main() -> None:

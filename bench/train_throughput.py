@@ -10,7 +10,7 @@ ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*
     python bench/train_throughput.py --device cuda         # GPT-2 124M shape, 12 x 1024, compiled
     python bench/train_throughput.py --smoke --json x.json # a few seconds: does it all run?
     python bench/train_throughput.py --config tiny --set model.d_model=256 \
-        --seq-len 256 --batch-size 16 --vocab 4096         # the ANCHORS shape
+        --seq-len 256 --batch-size 16 --vocab 4096         # the reference shape
 """
 
 from __future__ import annotations

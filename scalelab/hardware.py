@@ -27,7 +27,7 @@ HARDWARE: dict[str, Hardware] = {
     "h200": Hardware("h200", 989e12, 141e9, 4.8e12, 450e9, 8, 50e9),
     "a100": Hardware("a100", 312e12, 80e9, 2.0e12, 300e9, 8, 25e9),
     # One process on one core of a small CPU box, gloo over shared memory: rough numbers
-    # (ANCHORS.md: ~100 GFLOP/s of model FLOPs on 2 cores) for planning CPU test runs.
+    # (about 100 GFLOP/s of model FLOPs on 2 cores) for planning CPU test runs.
     "cpu": Hardware("cpu", 50e9, 16e9, 20e9, 2e9, 2, 0.5e9),
 }
 

@@ -56,15 +56,19 @@ def test_sampling_is_seeded_and_stops_at_eos(tiny_model):
 
 
 def test_every_weight_has_logical_axes_matching_its_shape(tiny_model):
-    seen = set()
-    biased = Transformer(ModelConfig(**{**vars(tiny_model.cfg), "qkv_bias": True}))
-    for name, p in [*tiny_model.named_parameters(), *biased.named_parameters()]:
-        axes = logical_axes(name)
-        assert len(axes) == p.dim(), name
-        seen.add(name.split(".", 2)[-1] if name.startswith("blocks") else name)
-    # every table row is used by some parameter (lm_head is tied, so only via the embedding)
-    used = {k for k in LOGICAL_AXES if k != "lm_head.weight"}
-    assert {k.removeprefix("blocks.") for k in used} <= seen | {k for k in used}
+    def table_keys(model: Transformer) -> set[str]:
+        seen = set()
+        for name, p in model.named_parameters():
+            assert len(logical_axes(name)) == p.dim(), name
+            seen.add("blocks." + name.split(".", 2)[-1] if name.startswith("blocks.") else name)
+        return seen
+    # every table row names a parameter and every parameter a row, root level included;
+    # a tied lm_head is the embedding (named_parameters lists a shared tensor once)
+    biases = {k for k in LOGICAL_AXES if k.endswith(".bias")}
+    assert table_keys(tiny_model) == set(LOGICAL_AXES) - {"lm_head.weight"} - biases
+    untied = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2,
+                                     d_model=8, tie_embeddings=False, qkv_bias=True))
+    assert table_keys(untied) == set(LOGICAL_AXES)
 
 
 def test_param_count_and_flops_by_hand():

@@ -76,14 +76,61 @@ def test_bradley_terry_by_hand():
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2)
 
 
-def test_dpo_loss_is_ln2_when_policy_is_the_reference(tiny_model):
+def test_dpo_loss_by_hand_with_a_different_reference(tiny_model):
+    """sequence_logprob and dpo_loss against a hand computation in plain Python, with a
+    reference that differs from the policy (with equal ones every DPO loss is ln 2)."""
+    from scalelab.config import ModelConfig
+    from scalelab.model import Transformer
+    torch.manual_seed(1)
+    ref = Transformer(ModelConfig(vocab_size=320, seq_len=64, n_layer=2, n_head=4,
+                                  n_kv_head=2, d_model=32)).eval()
     x = torch.randint(0, 320, (4, 12))
-    y = x.clone()
+    y = torch.randint(0, 320, (4, 12))
     y[:, :6] = IGNORE
+    y[3, 9:] = IGNORE  # a shorter answer
+
+    def by_hand(model) -> list[float]:
+        with torch.no_grad():
+            logits = model(x).double().tolist()
+        out = []
+        for b in range(4):
+            total = 0.0
+            for t in range(12):
+                if y[b, t] != IGNORE:
+                    row = logits[b][t]
+                    top = max(row)
+                    lse = top + math.log(sum(math.exp(v - top) for v in row))
+                    total += row[y[b, t]] - lse
+            out.append(total)
+        return out
+
     with torch.no_grad():
-        lp = sequence_logprob(tiny_model, x, y)
-    loss = dpo_loss(lp[:2], lp[2:], lp[:2], lp[2:], beta=0.1)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        lp, lr = sequence_logprob(tiny_model, x, y), sequence_logprob(ref, x, y)
+    hp, hr = by_hand(tiny_model), by_hand(ref)
+    assert lp.tolist() == pytest.approx(hp, abs=1e-3)
+    assert lr.tolist() == pytest.approx(hr, abs=1e-3)
+    beta = 0.5  # pairs: (0 chosen, 2 rejected), (1 chosen, 3 rejected)
+    z = [beta * ((hp[i] - hr[i]) - (hp[i + 2] - hr[i + 2])) for i in (0, 1)]
+    expect = sum(math.log(1 + math.exp(-v)) for v in z) / 2
+    loss = dpo_loss(lp[:2], lp[2:], lr[:2], lr[2:], beta=beta)
+    assert loss.item() == pytest.approx(expect, rel=1e-4)
+    assert abs(expect - math.log(2)) > 0.05  # the reference really differs
+    assert dpo_loss(lp[:2], lp[2:], lp[:2], lp[2:], beta).item() == pytest.approx(math.log(2))
+
+
+def test_gold_labeler_by_hand():
+    """The gold reward of a few answers to one addition example, from its definition."""
+    from scalelab.tasks.core import Example
+    from scalelab.train.labelers import gold
+    ex = Example("addition", "What is 4821 plus 377?", "5198", 1, 4)
+    assert gold(ex, "5198", True) == pytest.approx(1.0 + 0.5 + 0.3)
+    # a pleasantry on a second line: still correct and similar (first line), 4 extra words
+    assert gold(ex, "5198\nI hope this helps!", True) == pytest.approx(1.8 - 0.4)
+    # wrong by one digit, never stopped: similarity 2 * 3 / 8 = 0.75
+    assert gold(ex, "5199", False) == pytest.approx(0.5 * 0.75)
+    # words after the number on the first line: not correct (the scorer reads the whole
+    # line), similarity 2 * 4 / (28 + 4), and eight extra words cost only the -0.5 cap
+    assert gold(ex, "5198" + " so" * 8, True) == pytest.approx(0.5 * 0.25 + 0.3 - 0.5)
 
 
 def test_only_assistant_tokens_carry_sft_loss(tokenizer):
@@ -96,3 +143,18 @@ def test_only_assistant_tokens_carry_sft_loss(tokenizer):
     (x, y), = encode_conversations([conv], tokenizer, 128)
     assert x == ids[:-1]
     assert [t for t in y if t != IGNORE] == supervised
+
+
+def test_reward_probe_credits_a_pair_to_a_property_only_when_it_alone_differs():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "bench" / "reward_probe.py"
+    spec = importlib.util.spec_from_file_location("reward_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    base = {"correct": 1.0, "extra": False, "stopped": True}
+    assert probe.what_differs(base, {**base, "correct": 0.0}) == "correctness"
+    assert probe.what_differs(base, {**base, "extra": True}) == "filler"
+    assert probe.what_differs(base, {**base, "stopped": False}) == "stop"
+    assert probe.what_differs(base, dict(base)) == "closeness"
+    assert probe.what_differs(base, {**base, "correct": 0.0, "extra": True}) == "mixed"

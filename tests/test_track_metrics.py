@@ -2,11 +2,18 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from scalelab.config import UserError
 from scalelab.track import metrics as M
-from scalelab.track.predict import fit_power_law, predict
+from scalelab.track.predict import (
+    fit_logistic,
+    fit_power_law,
+    level_for,
+    predict,
+    predict_calibrated,
+)
 from scalelab.track.specs import builtin_items, jsonl_items, load_items
 
 
@@ -90,3 +97,113 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
     bad.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
     with pytest.raises(UserError, match="t.jsonl:1: \"answer\""):
         jsonl_items(bad)
+
+
+def test_logistic_calibration_recovers_a_known_curve():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 1, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
+    a, b = fit_logistic(x, y)
+    assert a == pytest.approx(4, rel=0.15) and b == pytest.approx(4, rel=0.15)
+    assert fit_logistic(x, np.zeros_like(x)) is None  # one outcome: nothing to calibrate
+
+
+def test_calibrated_prediction_lands_near_the_true_crossing():
+    """Items whose mean log-likelihood rises 0.5 per decade, right with a known logistic
+    probability: the prediction from three models falls within 2x of where the true curve
+    crosses, inside its band; a flat trend predicts never, with a 'never' band."""
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(0, 0.4, 300)
+    truth = (4.0, 4.0)
+
+    def model(n):
+        x = -3 + 0.5 * math.log10(n) + offsets
+        y = (rng.random(len(x)) < 1 / (1 + np.exp(-(truth[0] + truth[1] * x)))).astype(float)
+        return x, y
+    data = [(n, *model(n)) for n in (1e3, 1e4, 1e5)]
+    assert max(d[2].mean() for d in data) < 0.8  # all three still fail at 0.8
+    cx, cy = np.concatenate([d[1] for d in data]), np.concatenate([d[2] for d in data])
+    p = predict_calibrated([(n, x) for n, x, _ in data], cx, cy, 0.8)
+    want = 10 ** ((level_for(-3 + offsets, 0.8, *truth) + 3) / 0.5)
+    assert want / 2 < p["predicted"] < want * 2
+    assert p["low"] <= p["predicted"] <= p["high"]
+    flat = [(n, -2 + offsets) for n in (1e3, 1e4, 1e5)]
+    q = predict_calibrated(flat, cx, cy, 0.8)
+    assert q["predicted"] is None and q["low"] is None and q["high"] is None
+
+
+def test_backtest_verdicts_treat_never_honestly():
+    from scalelab.track.backtest import judge
+    assert judge(None, 3e4, 1e5) == "miss (predicted never)"  # it passed: never was wrong
+    assert judge(None, None, 1e5) == "hit (no pass yet)"
+    assert judge(5e4, None, 1e5) == "miss (predicted a pass that did not come)"
+    assert judge(5e4, 3e4, 1e5) == "hit" and judge(1e5, 3e4, 1e5) == "late"
+
+
+def test_data_groups_split_by_tokenizer_and_corpus(tmp_path):
+    from scalelab.track.predict import data_group
+
+    def model(name: str, tok: str, n_docs: int) -> dict:
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "tokenizer.json").write_text(tok)
+        (tmp_path / name / "config.toml").write_text(f"[data]\nn_docs = {n_docs}\n")
+        return {"path": str(tmp_path / name / "model")}
+    a, b = model("a", "tok1", 100), model("b", "tok1", 100)
+    assert data_group(a) == data_group(b)
+    assert data_group(model("c", "tok2", 100)) != data_group(a)  # another tokenizer
+    assert data_group(model("d", "tok1", 200)) != data_group(a)  # another corpus
+
+
+def test_backtest_on_a_synthetic_ladder(tmp_path):
+    """Five registered 'models' whose items follow a known logistic curve: the backtest
+    predicts sizes 4 and 5 from the smaller ones, finds the pass at the fifth, and tables
+    both the calibrated and the old ln(X)/L predictions."""
+    from scalelab.track.backtest import backtest, markdown
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", 0.8)
+    rng = np.random.default_rng(2)
+    offsets = rng.normal(0, 0.4, 200)
+    for i, n in enumerate([1e3, 3e3, 1e4, 3e4, 1e5]):
+        x = -3.2 + 0.6 * math.log10(n) + offsets
+        ok = (rng.random(200) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
+        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                             "params": int(n), "non_embedding_params": int(n)})
+        metrics = {"exact_match": ok.mean(), "token_logprob": x.mean(), "edit_distance": 0.5,
+                   "target_tokens": 1.0, "per_item": {"x": x.tolist(), "ok": ok.tolist(),
+                                                      "x_is": "token_logprob"}}
+        reg.add_result(exp, mid, metrics, ok.mean() >= 0.8, [], 200, 0.0, "test")
+    passing = [m["name"] for m in reg.models()
+               if reg.latest()[(exp, m["id"])]["passed"]]
+    assert passing == ["m4"]  # the synthetic ladder turns at the largest size
+    rows = backtest(reg)
+    assert [r["k"] for r in rows] == [3, 4] and all(r["actual"] == 1e5 for r in rows)
+    assert all(r["verdict"] in ("hit", "early", "late") for r in rows)
+    # the true crossing of 0.8 lies between the ladder's last two sizes; from 4 models the
+    # prediction lands within 2x of it (the ladder's own 3.3x step is coarser than that)
+    true = 10 ** ((level_for(-3.2 + offsets, 0.8, 4.0, 4.0) + 3.2) / 0.6)
+    assert 3e4 < true < 1e5 and true / 2 < rows[1]["predicted"] < true * 2
+    table = markdown(rows)
+    assert "| toy | 4 (3e+04) |" in table and "old mapping" in table
+
+
+def test_verdict_never_is_a_miss_when_a_bigger_model_passes(tmp_path):
+    import json
+
+    from scalelab.track.predict import verdict
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", 0.8)
+    ids = [reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                          "params": n, "non_embedding_params": n}) for i, n in
+           enumerate([100, 1000])]
+    for mid, ok in zip(ids, (False, True)):
+        reg.add_result(exp, mid, {"exact_match": float(ok)}, ok, [], 1, 0.0, "test")
+    group = json.dumps({"group": None})
+    base = {"experiment_id": exp, "axis": "params", "n_models": 3, "last_model_id": ids[0],
+            "largest": 100.0, "metric": "token_logprob", "level": -0.1, "detail": group}
+    for pred, want in [({"predicted": None, "low": None, "high": None}, "a miss"),
+                       ({"predicted": 900.0, "low": 500.0, "high": None}, "inside the band"),
+                       ({"predicted": 5e3, "low": 3e3, "high": 9e3}, "earlier than predicted")]:
+        reg.add_prediction({**base, **pred})
+        assert want in verdict(reg, reg.experiment("toy"), reg.predictions(exp)[-1])

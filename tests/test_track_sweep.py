@@ -1,6 +1,7 @@
 """`scalelab sweep` end to end on a toy ladder (seconds per size), and `pretrain --register`."""
 
 import json
+import math
 
 from conftest import run_cli, tiny_sets
 
@@ -46,13 +47,18 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     sizes = summary["sizes"]
     assert [s["label"] for s in sizes] == ["L1-d16", "L1-d24", "L1-d32"]
     assert [s["lr"] for s in sizes] == [6e-3, 4e-3, 3e-3]  # lr ~ 1/width
-    assert all(s["tokens"] >= 0.5 * s["params"] for s in sizes)
+    for s in sizes:  # 0.5 tokens per parameter, at least 10 steps of 8 x 32 tokens
+        assert s["steps"] == max(10, math.ceil(0.5 * s["params"] / (8 * 32)))
+        assert s["tokens"] == s["steps"] * 8 * 32
     assert sizes[0]["steps"] < sizes[2]["steps"]  # bigger models see more tokens
     fit = summary["scaling_law"]
     assert fit and set(fit) >= {"E", "A", "alpha"}
     db = Registry(reg)
     assert [m["name"] for m in db.models()] == ["toy-L1-d16", "toy-L1-d24", "toy-L1-d32"]
-    assert all(m["flops"] == 6 * m["params"] * m["tokens"] for m in db.models())
+    # one N: the budget's parameter count is the registry's, and FLOPs are 6 N D with it
+    assert [m["non_embedding_params"] for m in db.models()] == [s["params"] for s in sizes]
+    assert all(m["flops"] == 6 * m["non_embedding_params"] * m["tokens"] for m in db.models())
+    assert fit["n"] == [float(s["params"]) for s in sizes]
     assert len(db.results()) == 6  # every experiment on every size
     page = (tmp_path / "sw" / "report" / "report.html").read_text()
     assert "L(N) =" in page and "scaling.png" in page
@@ -94,7 +100,9 @@ def test_pretrain_register(tmp_path):
                 "10", *tiny_sets(), "--register", "--registry", str(reg))
     assert r.returncode == 0, r.stderr
     m = Registry(reg).models()[0]
-    assert m["name"] == "run" and m["tokens"] == 10 * 8 * 32 and m["val_loss"] > 0
+    vals = [json.loads(x)["val_loss"] for x in (tmp_path / "run" / "metrics.jsonl")
+            .read_text().splitlines() if "val_loss" in x]
+    assert m["name"] == "run" and m["tokens"] == 10 * 8 * 32 and m["val_loss"] == vals[-1]
     assert "add1" in r.stdout  # the new model was evaluated on the waiting experiment
 
 

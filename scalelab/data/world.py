@@ -12,6 +12,7 @@ multi-step stories leave room for bigger models. Pure stdlib, deterministic.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,23 +161,49 @@ def random_number(rng: random.Random, digits: int) -> int:
     return rng.randint(lo, 10**digits - 1)
 
 
-def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
-    # one operand has exactly `digits` digits; the other too half the time, else fewer
-    a = random_number(rng, digits)
-    b = random_number(rng, digits if rng.random() < 0.5 else rng.randint(1, digits))
-    return (a, b) if rng.random() < 0.5 else (b, a)
+# Train/test halves of the operand pairs. The corpus only ever shows "train" pairs, the
+# tracker's builtin:addition / builtin:subtraction items and the held-out arithmetic tasks
+# only "test" pairs, so a correct answer on them cannot be recall of a corpus line. The half
+# depends on the unordered pair, so "3 + 5" and "5 + 3" (and "8 - 5") fall on the same side.
+HALVES = ("train", "test")
 
 
-def addition_problem(rng: random.Random, digits: int) -> tuple[str, str]:
-    """('4821 + 377 =', '5198'): operands of up to `digits` digits, at least one exactly."""
-    a, b = _operands(rng, digits)
+def pair_half(a: int, b: int) -> str:
+    """'train' or 'test' for the operand pair {a, b}: a fixed hash, order ignored."""
+    lo, hi = min(a, b), max(a, b)
+    return HALVES[zlib.crc32(f"{lo},{hi}".encode()) & 1]
+
+
+def _operands(rng: random.Random, digits: int, half: str) -> tuple[int, int]:
+    # one operand has exactly `digits` digits; the other too half the time, else fewer.
+    # Redraw until the pair is in the wanted half (about two tries on average).
+    while True:
+        a = random_number(rng, digits)
+        b = random_number(rng, digits if rng.random() < 0.5 else rng.randint(1, digits))
+        if pair_half(a, b) == half:
+            return (a, b) if rng.random() < 0.5 else (b, a)
+
+
+def addition_problem(rng: random.Random, digits: int, half: str = "train") -> tuple[str, str]:
+    """('4821 + 377 =', '5198'): operands of up to `digits` digits, at least one exactly,
+    the pair from the given half (see pair_half)."""
+    a, b = _operands(rng, digits, half)
     return f"{a} + {b} =", str(a + b)
 
 
-def subtraction_problem(rng: random.Random, digits: int) -> tuple[str, str]:
+def subtraction_problem(rng: random.Random, digits: int, half: str = "train"
+                        ) -> tuple[str, str]:
     """('4821 - 377 =', '4444'): like addition_problem, never negative."""
-    a, b = sorted(_operands(rng, digits), reverse=True)
+    a, b = sorted(_operands(rng, digits, half), reverse=True)
     return f"{a} - {b} =", str(a - b)
+
+
+def small_pair(rng: random.Random, top: int, half: str = "train") -> tuple[int, int]:
+    """Two numbers in 0..top whose pair is in the given half (the sums said in words)."""
+    while True:
+        x, y = rng.randint(0, top), rng.randint(0, top)
+        if pair_half(x, y) == half:
+            return x, y
 
 
 def multiplication_problem(rng: random.Random, max_factor: int = 12) -> tuple[str, str]:
@@ -288,7 +315,7 @@ def doc_arithmetic(world: World, rng: random.Random) -> str:
         elif r < 0.75:
             q, a = multiplication_problem(rng)
         else:  # in words, small numbers
-            x, y = rng.randint(0, 50), rng.randint(0, 50)
+            x, y = small_pair(rng, 50)
             w = number_to_words
             r = rng.random()
             if r < 0.5:

@@ -10,7 +10,7 @@ checks against measured bytes). Assumptions, stated once:
   - bf16 compute and bf16 collectives (FSDP gathers bf16 weights and reduces bf16 grads);
   - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
     flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
-  - compute at the measured bf16 matmul ceiling (808 of 989 TFLOP/s on an H100, ANCHORS.md);
+  - compute at the measured bf16 matmul ceiling (808 of 989 TFLOP/s, 8192^3, on an H100);
   - FSDP/DP traffic overlaps compute (forward gathers with forward, the rest with backward);
     tensor-parallel all-reduces sit on the critical path; bandwidth only, no latency term;
   - a ring that leaves a node (node_size devices) runs at the inter-node bandwidth.
@@ -34,7 +34,7 @@ from scalelab.parallel.rules import (
     weight_spec,
 )
 
-MATMUL_EFFICIENCY = 808 / 989  # measured bf16 8192^3 matmul / datasheet peak (ANCHORS.md)
+MATMUL_EFFICIENCY = 808 / 989  # measured bf16 8192^3 matmul / datasheet peak
 
 
 def model_for_plan(cfg: Config) -> ModelConfig:

@@ -14,20 +14,21 @@ a name, yes/no or a short list, because the models are tiny (1-10M parameters, c
 
 Families (difficulty range in brackets; * = held out, never trained on):
 
-  arithmetic   addition [1-5 digits], subtraction [1-5 digits], multiplication [1-3]
+  arithmetic   addition [1-5 digits], subtraction [1-5 digits], multiplication [1-3],
+               addition_choice* [1-3 digits, options], addition_words* [1-3]
   numbers      compare_numbers [1-4], next_number [1-4], previous_number [1-4],
                number_to_words [1-5], words_to_number* [1-5]
-  number lists sort_ascending [1-4], sort_descending* [1-4], list_min [1-4], list_max* [1-4]
-  word lists   count_items [1-3], reverse_list [1-4], first_item [1-5], last_item* [1-5],
+  number lists sort_ascending [1-4], sort_descending [1-4], list_min [1-4], list_max [1-4]
+  word lists   count_items [1-3], reverse_list [1-4], first_item [1-5], last_item [1-5],
                list_format [1-4], copy [1-4], unscramble [1-3]
-  people       compare_ages [1: ages given, 2: recalled], fact_home, fact_age,
-               fact_colour, fact_pet, fact_pet_name, fact_job, fact_yesno*,
-               fact_choice* [2-4 options]
+  people       compare_ages [1: ages given, 2: recalled], older_yesno* [1-2], fact_home,
+               fact_age, fact_colour, fact_pet, fact_pet_name, fact_job, fact_yesno*
   stories      story [1-3 steps]
 
-Every family has 4-5 templates: a plain instruction, a question, a corpus-style
+Every family has 3-5 templates: a plain instruction, a question, a corpus-style
 completion or Q/A form, an options variant where choices make sense, and a 1-shot
-variant. Why these six are held out: see families.py. How scoring is lenient: core.py.
+variant. What "held out" means (a trained skill in a format and wording no trained
+template shows) and how it is checked: families.py. How scoring is lenient: core.py.
 Facts refer to default_world() = World.create(0), the world of the default data seed;
 pass world= to make / make_examples for another.
 """

@@ -68,6 +68,7 @@ class TaskFamily:
     max_difficulty: int
     generate: Generator
     kind: str = "text"
+    skill: str = ""  # what is computed; families that share it differ only in format
 
     def make(self, rng: random.Random, difficulty: int | None = None,
              template: int | None = None, world: World | None = None) -> Example:

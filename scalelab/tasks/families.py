@@ -5,23 +5,27 @@ Every generator is gen(world, rng, difficulty) -> (fields, answer, choices); the
 templates are plain instructions, questions, corpus-style completions, an options
 variant where choices make sense, and a 1-shot variant (see core.py).
 
-Held-out split. A held-out family asks for a skill the pretraining corpus covers, in an
-instruction framing that SFT never shows, next to a trained sibling with the mirrored
-framing. Zero-shot accuracy on them measures generalisation to unseen instructions:
+Held-out split: the rule. A held-out family is a new instruction, a combination of skill
+and answer format that no trained template shows:
+  1. its skill (TaskFamily.skill: what is computed) is trained, but never in its answer
+     format (the scorer's kind, and whether options are shown);
+  2. its wording is new: no word 4-gram of a held-out prompt (names, numbers and the
+     option list replaced by a slot) occurs in any trained prompt.
+tests/test_tasks.py checks both on generated prompts, so a template that borrows trained
+wording or format fails the suite. The five held-out families:
 
-  held out         framing                      corpus has               trained sibling
-  fact_yesno       "Does Mia live in Oakford?"  the facts                fact_* lookups
-  fact_choice      "Where does Tom live? A) .." the facts                fact_* lookups
-  sort_descending  "Sort from largest to ..."   "Sorted from largest"    sort_ascending
-  list_max         "What is the largest ...?"   "The largest of"         list_min
-  words_to_number  "Write forty-five as ..."    "In words, 45 is"        number_to_words
-  last_item        "What is the last item?"     "The last thing was"     first_item
+  held out         skill (trained as)                 new format
+  fact_yesno       fact recall (fact_*: the value)    yes/no: "Is red the favourite colour of Mia?"
+  older_yesno      ages (compare_ages: a name)        yes/no: "Is Mia older than Tom?"
+  addition_choice  addition (addition: a number)      pick from options
+  addition_words   addition (addition: digits)        operands and answer in words
+  words_to_number  number words (number_to_words)     the other direction, digits out
 
-Most of these mirror a trained sibling, which a tiny model tends to imitate (answering the
-minimum when asked for the maximum). fact_choice differs from its siblings only in framing
-(options to pick from), so it is the one a small model can transfer to; previous_number,
-held out at first, scored 0 after SFT in the quick demo and now trains beside
-next_number.
+The corpus has each skill (facts, "Mia is older than Tom.", worksheets, "forty plus two is
+forty-two", "In words, 45 is ..."), never yes/no answers. The held-out arithmetic draws
+its operand pairs from the 'test' half (data/world.py), which the corpus never shows.
+The mirrored families (sort_descending, list_max, last_item), held out before this rule,
+now train: a mirror of a trained template is trained wording with one word swapped.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from scalelab.data.world import (
     multiplication_problem,
     number_to_words,
     random_number,
+    small_pair,
     subtraction_problem,
 )
 from scalelab.tasks.core import Example, Generator, Instance, TaskFamily
@@ -55,10 +60,11 @@ TASKS: dict[str, TaskFamily] = {}
 
 
 def task(name: str, description: str, templates: Sequence[str], max_difficulty: int = 1,
-         kind: str = "text") -> Callable[[Generator], Generator]:
-    """Decorator: register a generator as a TaskFamily in TASKS."""
+         kind: str = "text", skill: str = "") -> Callable[[Generator], Generator]:
+    """Decorator: register a generator as a TaskFamily in TASKS (skill defaults to name)."""
     def register(gen: Generator) -> Generator:
-        TASKS[name] = TaskFamily(name, description, tuple(templates), max_difficulty, gen, kind)
+        TASKS[name] = TaskFamily(name, description, tuple(templates), max_difficulty, gen, kind,
+                                 skill or name)
         return gen
     return register
 
@@ -178,7 +184,7 @@ def gen_number_to_words(world: World, rng: random.Random, d: int) -> Instance:
     "What number is {w}?",
     "Write in digits: {w}",
     "{s_w} in digits is {s_answer}.\n{w} in digits is",
-], max_difficulty=5, kind="number")
+], max_difficulty=5, kind="number", skill="number_to_words")
 def gen_words_to_number(world: World, rng: random.Random, d: int) -> Instance:
     n = random_number(rng, d)
     return {"w": number_to_words(n)}, str(n), ()
@@ -337,7 +343,7 @@ def gen_unscramble(world: World, rng: random.Random, d: int) -> Instance:
     "{context}Who is older? {options}",
     "{s_context}Q: Who is older, {s_a} or {s_b}? A: {s_answer}\n"
     "{context}Q: Who is older, {a} or {b}? A:",
-], max_difficulty=2)
+], max_difficulty=2, skill="compare_ages")
 def gen_compare_ages(world: World, rng: random.Random, d: int) -> Instance:
     p, q = rng.sample(world.people, 2)
     context = f"{p.name} is {p.age} and {q.name} is {q.age}. " if d == 1 else ""
@@ -352,9 +358,9 @@ FACTS: dict[str, Fact] = {
              lambda p: p.home, lambda w: PLACES),
     "age": ("How old is {name}?", "Is {name} {value} years old?",
             lambda p: str(p.age), lambda w: [str(p.age) for p in w.people]),
-    "colour": ("What is {name}'s favourite colour?", "Is {name}'s favourite colour {value}?",
+    "colour": ("What is {name}'s favourite colour?", "Is {value} the favourite colour of {name}?",
                lambda p: p.colour, lambda w: COLOURS),
-    "pet": ("What pet does {name} have?", "Does {name} have {value}?",
+    "pet": ("What pet does {name} have?", "Does {name} own {value}?",
             lambda p: f"{article(p.pet)} {p.pet}", lambda w: [f"{article(x)} {x}" for x in PETS]),
     "pet_name": ("What is the name of {name}'s {pet}?", "Is {name}'s {pet} named {value}?",
                  lambda p: p.pet_name, lambda w: PET_NAMES),
@@ -390,7 +396,7 @@ for _attr, (_question, _, _, _) in FACTS.items():
         FACT_ASK[_attr],
         f"{_question} {{options}}",
         f"Q: {_s_question} A: {{s_answer}}\nQ: {_question} A:",
-    ])(_fact_generator(_attr))
+    ], skill="fact_recall")(_fact_generator(_attr))
 
 
 def _fact_question(world: World, rng: random.Random, yes: bool | None = None
@@ -406,29 +412,65 @@ def _fact_question(world: World, rng: random.Random, yes: bool | None = None
     return question.format(**fill), yesno.format(value=v, **fill), true, values
 
 
-@task("fact_yesno", "yes/no questions about world facts", [
+@task("fact_yesno", "yes/no questions about world facts (held out)", [
     "{question}",
     "{question} Answer yes or no.",
     "Q: {question} A:",
-    "{question} {options}",
     "Q: {s_question} A: {s_answer}\nQ: {question} A:",
-], kind="yesno")
+], kind="yesno", skill="fact_recall")
 def gen_fact_yesno(world: World, rng: random.Random, d: int) -> Instance:
     yes = rng.random() < 0.5
     _, question, _, _ = _fact_question(world, rng, yes)
-    return {"question": question}, "yes" if yes else "no", ("yes", "no")
+    return {"question": question}, "yes" if yes else "no", ()
 
 
-@task("fact_choice", "multiple-choice world facts with 2..4 options (difficulty 1..3)", [
-    "{question} {options}",
-    "Q: {question} {options} A:",
-    "Pick the right answer. {question} {options}",
-    "{question}\nOptions: {options}\nAnswer:",
-    "Q: {s_question} {s_options} A: {s_answer}\nQ: {question} {options} A:",
-], max_difficulty=3)
-def gen_fact_choice(world: World, rng: random.Random, d: int) -> Instance:
-    question, _, answer, values = _fact_question(world, rng)
-    return {"question": question}, answer, _with_choices(rng, answer, values, d + 1)
+@task("older_yesno", "is one person older than another; ages given (1) or recalled (2)", [
+    "{context}Is {a} older than {b}?",
+    "{context}Is {a} older than {b}? Answer yes or no.",
+    "{context}Q: Is {a} older than {b}? A:",
+    "{s_context}Q: Is {s_a} older than {s_b}? A: {s_answer}\n"
+    "{context}Q: Is {a} older than {b}? A:",
+], max_difficulty=2, kind="yesno", skill="compare_ages")
+def gen_older_yesno(world: World, rng: random.Random, d: int) -> Instance:
+    p, q = rng.sample(world.people, 2)
+    context = f"Ages: {p.name} {p.age}, {q.name} {q.age}. " if d == 1 else ""
+    return {"context": context, "a": p.name, "b": q.name}, \
+        "yes" if p.age > q.age else "no", ()
+
+
+# -----------------------------------------------------------------------------
+# held-out arithmetic: operand pairs from the 'test' half, which the corpus never shows
+
+def _near_misses(rng: random.Random, answer: int, n: int = 3) -> tuple[str, ...]:
+    """The answer and n-1 plausible wrong sums (off by 1, 2 or 10), shuffled."""
+    wrong = sorted({answer + k for k in (-10, -2, -1, 1, 2, 10) if answer + k >= 0})
+    choices = [str(answer)] + [str(x) for x in rng.sample(wrong, n - 1)]
+    rng.shuffle(choices)
+    return tuple(choices)
+
+
+@task("addition_choice", "pick the sum of two numbers (up to 1..3 digits) from options", [
+    "Choose the sum {a} + {b} from the options: {options}",
+    "{a} + {b} equals which of these? {options}",
+    "Q: Pick the value of {a} + {b}. {options} A:",
+    "Choose the sum {s_a} + {s_b} from the options: {s_options} Answer: {s_answer}\n"
+    "Choose the sum {a} + {b} from the options: {options} Answer:",
+], max_difficulty=3, kind="number", skill="addition")
+def gen_addition_choice(world: World, rng: random.Random, d: int) -> Instance:
+    q, ans = addition_problem(rng, d, half="test")
+    a, _, b, _ = q.split()
+    return {"a": a, "b": b}, ans, _near_misses(rng, int(ans))
+
+
+@task("addition_words", "add two numbers below 10, 20 or 50 given in words, answer in words", [
+    "Add {wa} to {wb} and say the result in words.",
+    "Say in words the total when {wa} is added to {wb}.",
+    "{wa} and {wb} together make how many? Reply in words.",
+    "{s_wa} and {s_wb} together make {s_answer}.\n{wa} and {wb} together make",
+], max_difficulty=3, kind="words", skill="addition")
+def gen_addition_words(world: World, rng: random.Random, d: int) -> Instance:
+    x, y = small_pair(rng, (9, 19, 50)[d - 1], half="test")
+    return {"wa": number_to_words(x), "wb": number_to_words(y)}, number_to_words(x + y), ()
 
 
 # -----------------------------------------------------------------------------
@@ -463,8 +505,8 @@ def gen_story(world: World, rng: random.Random, d: int) -> Instance:
 # -----------------------------------------------------------------------------
 # splits and batches
 
-HELDOUT_TASKS: tuple[str, ...] = ("fact_yesno", "fact_choice", "sort_descending", "list_max",
-                                  "words_to_number", "last_item")
+HELDOUT_TASKS: tuple[str, ...] = ("fact_yesno", "older_yesno", "addition_choice",
+                                  "addition_words", "words_to_number")
 TRAIN_TASKS: tuple[str, ...] = tuple(t for t in TASKS if t not in HELDOUT_TASKS)
 
 

@@ -92,7 +92,7 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
         print(f"  {h['time']}  {h['event']}")
     print("results (every evaluation, oldest first):")
     for r in reg.results(e["id"]):
-        vals = "  ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        vals = "  ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if k != "per_item")
         print(f"  {r['time']}  {r['model']:<16} {'PASS' if r['passed'] else 'fail'}  {vals}  "
               f"[{r['code_version']}]")
         if r["samples"]:
@@ -158,7 +158,7 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     reg.add_model(info)
     m = reg.model(name)
     log(f"registered model {name}: {human(m['params'])} params "
-        f"({human(m['non_embedding_params'])} non-embedding), "
+        f"(N = {human(m['non_embedding_params'])}), "
         f"{human(m['tokens'])} tokens, {human(m['flops'])} FLOPs")
     if m["flops"] is None:
         log("  no training tokens or FLOPs known for this folder: reports place it on the "
@@ -193,7 +193,7 @@ def cmd_model_add(args: argparse.Namespace) -> None:
 def cmd_model_list(args: argparse.Namespace) -> None:
     for m in open_registry(args).models():
         print(f"{m['name']:<18} {m['kind']:<8} {m['lineage']:<5} params {human(m['params']):>6}"
-              f"  non-emb {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
+              f"  N {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
               f"  FLOPs {human(m['flops']):>6}  pretrain val_loss "
               f"{'-' if m['val_loss'] is None else format(m['val_loss'], '.3f')}  {m['path']}")
 
@@ -238,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     names = [m["name"] for m in s["models"]]
     for i, m in enumerate(s["models"], 1):
-        print(f"M{i} = {m['name']} ({human(m['non_embedding_params'])} non-embedding params, "
+        print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
     head = f"{'experiment':<18}{'metric':<13}{'pass at':>8} " + \
         "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing"
@@ -260,6 +260,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     check_folder(Path(args.out), "report.html", "track report")
     path = write_report(open_registry(args), Path(args.out))
     print(f"report written to {path}")
+
+
+def cmd_backtest(args: argparse.Namespace) -> None:
+    from scalelab.track.backtest import backtest, markdown
+    text = markdown(backtest(open_registry(args)))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -324,6 +332,10 @@ def register(sub) -> None:
                        parents=[common])
     rp.add_argument("--out", required=True)
     rp.set_defaults(func=cmd_report)
+    bt = ts.add_parser("backtest", help="predict each size from the smaller ones, compare",
+                       parents=[common])
+    bt.add_argument("--out", help="also write the markdown table to this file")
+    bt.set_defaults(func=cmd_backtest)
 
     sw = sub.add_parser("sweep", help="train a ladder of sizes, register, evaluate, fit, report",
                         parents=[common])

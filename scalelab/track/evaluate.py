@@ -164,7 +164,10 @@ def is_right(it: Item, text: str) -> float:
 
 
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
-    """Mean metrics over the items, plus a few sample outputs."""
+    """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
+    item's right/wrong and its continuous score (mean target-token log-likelihood; for
+    multiple choice the answer's log-likelihood margin over the best other choice), from
+    which predictions calibrate pass/fail (track/predict.py)."""
     ctxs = contexts(lm, items)
     if items[0].is_choice:
         flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
@@ -173,8 +176,11 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
         rows, samples = [], []
         for it in items:
             per = [next(lps) for _ in it.choices]
-            s = M.choice_scores([sum(lp) for lp in per], it.answer)
+            totals = [sum(lp) for lp in per]
+            s = M.choice_scores(totals, it.answer)
             s["token_logprob"] = M.token_logprob(per[it.answer])
+            s["margin"] = totals[it.answer] - max(t for i, t in enumerate(totals)
+                                                  if i != it.answer)
             rows.append(s)
             if len(samples) < N_SAMPLES:
                 best = max(range(len(per)), key=lambda i: sum(per[i]))
@@ -182,6 +188,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
                                 "output": it.choices[best]})
         agg = {k: M.mean([r[k] for r in rows]) for k in M.CHOICE_METRICS}
         agg["n_choices"] = M.mean([len(it.choices) for it in items])
+        agg["per_item"] = {"x": [r["margin"] for r in rows],
+                           "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
         return agg, samples
     tgts = [lm.encode(it.target) for it in items]
     lps = loglik(lm, ctxs, tgts)
@@ -196,6 +204,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
             samples.append({"prompt": it.prompt, "target": it.target, "output": text})
     agg = {k: M.mean([r[k] for r in rows]) for k in M.GENERATION_METRICS}
     agg["target_tokens"] = M.mean([len(t) for t in tgts])
+    agg["per_item"] = {"x": [r["token_logprob"] for r in rows],
+                       "ok": [r["exact_match"] for r in rows], "x_is": "token_logprob"}
     return agg, samples
 
 
@@ -217,22 +227,33 @@ def model_info(path: str | Path, lm) -> dict:
     6ND FLOPs and the pretraining validation loss (next-token loss on held-out text; a
     post-training stage's own losses are different quantities and are not stored there).
     A post-trained model's tokens and FLOPs include those of the model it started from
-    (lineage.json); PPO's rollouts are not counted."""
+    (lineage.json); PPO's rollouts are not counted.
+
+    N, the one parameter count of every fit, budget and prediction ("non_embedding_params"),
+    is Transformer.num_params(): all parameters except an input embedding table, which is
+    counted when it is tied to the output layer (there it is a real matmul). The sweep's
+    token budgets and the FLOPs (6ND) use the same N."""
     path = Path(path).resolve()
     model = lm.model
     params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+    if lm.kind == "scalelab":
+        n = model.num_params()
+    else:  # a Hugging Face model: the same rule, by asking whether the head is the table
+        head = model.get_output_embeddings()
+        n = params if head is not None and head.weight is emb.weight else \
+            params - emb.weight.numel()
     info = {"path": str(path), "kind": lm.kind, "params": params,
-            "non_embedding_params": params - emb.weight.numel(), "tokens": None,
+            "non_embedding_params": n, "tokens": None,
             "flops": None, "val_loss": None}
     if lm.kind == "scalelab":
-        info.update(run_totals(path, params))
+        info.update(run_totals(path, n))
     return info
 
 
-def run_totals(model_dir: Path, params: int, depth: int = 0) -> dict:
-    """tokens, flops and val_loss of the run around model_dir, plus its parents' tokens and
-    flops (following lineage.json up to a few stages)."""
+def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
+    """tokens, flops (6 N D) and val_loss of the run around model_dir, plus its parents'
+    tokens and flops (following lineage.json up to a few stages)."""
     run = model_dir.parent
     if not ((run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()):
         return {}
@@ -260,12 +281,12 @@ def run_totals(model_dir: Path, params: int, depth: int = 0) -> dict:
         ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
         if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
             tokens = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
-    out = {"tokens": tokens or 0, "flops": 6.0 * params * (tokens or 0),
+    out = {"tokens": tokens or 0, "flops": 6.0 * n * (tokens or 0),
            "val_loss": val if stage == "pretrain" else None}
     if parent is not None and depth < 8:
         if not parent.is_absolute():
             parent = (Path.cwd() / parent).resolve()
-        up = run_totals(parent, params, depth + 1)
+        up = run_totals(parent, n, depth + 1)
         out["tokens"] += up.get("tokens") or 0
         out["flops"] += up.get("flops") or 0.0
     if tokens is None and stage == "pretrain":

@@ -1,47 +1,184 @@
 """Fits: when will a failing experiment pass, and the loss scaling law L(N) = E + A / N^alpha.
 
-Prediction. The all-or-nothing metric jumps, so it is useless to extrapolate; the continuous
-one moves smoothly (if Schaeffer et al. are right), so fit it against log10(scale) and ask
-where the fitted line reaches the continuous level that goes with the threshold:
-  exact match >= X     <->  mean token log-likelihood >= ln(X) / L   (exact ~ p_token^L)
-  mc accuracy >= X     <->  Brier <= brier_pass_level(X, choices)
-  a continuous metric  ->   its own threshold
-The line is fitted on the largest FIT_POINTS base models (the recent trend matters most) and
-the band comes from a residual bootstrap (10th..90th percentile of the crossing).
+Prediction. The all-or-nothing metric jumps, so it is useless to extrapolate; a continuous one
+moves smoothly with log(scale). What links them is measured, not assumed: every evaluation
+keeps each item's right/wrong next to its continuous score (the answer's mean token
+log-likelihood, or for multiple choice its log-likelihood margin over the best other choice).
+From the registered models of the group a logistic fit gives P(item right | score). Then
+
+  1. the mean item score is fitted against log10(scale) on the largest FIT_POINTS models;
+  2. at a larger scale every item of the largest model moves up by the fitted change of the
+     mean (the spread of easy and hard items is kept), and the calibrated curve turns the
+     items into an expected pass rate;
+  3. the prediction is the first scale where that rate reaches the threshold, searched up to
+     HORIZON decades beyond the largest model; not reached there: "never".
+
+The band (10th..90th percentile) comes from a bootstrap that redraws the items, the
+calibration pairs and the trend's residuals together; a draw that never crosses counts as
+infinitely late, so a band can end in "never" (and start there: then any pass is a miss).
+Experiments on a continuous metric skip the calibration: their own line reaches their own
+threshold. Only models that share a tokenizer and a corpus are fitted together (data_group).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from scalelab.config import tomllib
 from scalelab.track import metrics as M
 
 FIT_POINTS = 4
-BOOTSTRAP = 400
+BOOTSTRAP = 200
+HORIZON = 3.0  # decades of scale searched beyond the largest model
 AXES = {"params": "non_embedding_params", "flops": "flops"}
 
 
-def continuous_target(exp, results: list[dict]) -> tuple[str, float]:
-    """(continuous metric, level at which the experiment should pass)."""
-    metric, x = exp["metric"], exp["threshold"]
-    if metric in M.CONTINUOUS:
-        return metric, x
-    if metric == "mc_accuracy":
-        k = results[-1]["metrics"].get("n_choices", 2) if results else 2
-        return "brier", M.brier_pass_level(x, round(k))
-    length = M.mean([r["metrics"].get("target_tokens", 1.0) for r in results]) or 1.0
-    return "token_logprob", math.log(max(x, 1e-9)) / length
+# ---- which models may share a fit ---------------------------------------------------------
+
+@lru_cache(maxsize=512)
+def _group_of(path: str) -> str:
+    model = Path(path)
+    tok = next((model / f for f in ("tokenizer.json", "tokenizer_config.json")
+                if (model / f).is_file()), None)
+    tok_id = hashlib.sha256(tok.read_bytes()).hexdigest()[:10] if tok else "no-tokenizer"
+    data = "unknown corpus"
+    cfg = model.parent / "config.toml"
+    if cfg.is_file():
+        try:
+            d = tomllib.loads(cfg.read_text()).get("data", {})
+        except tomllib.TOMLDecodeError:
+            d = {}
+        src = d.get("source", "builtin:world")
+        data = f"{src} n_docs={d.get('n_docs')} seed={d.get('seed', 0)}" \
+            if src.startswith("builtin:") else Path(src).name
+        if not src.startswith("builtin:") and Path(src).is_file():
+            data += f" ({Path(src).stat().st_size} bytes)"
+    return f"tokenizer {tok_id}, corpus {data}"
 
 
-def crossing(xs: np.ndarray, ys: np.ndarray, level: float, higher: bool) -> float | None:
-    """log10 scale where the least-squares line through (log10 x, y) reaches level."""
+def data_group(model: dict) -> str:
+    """Models whose losses and scores may be fitted together: the same tokenizer (file
+    hash) and the same pretraining corpus (from RUN/config.toml)."""
+    return _group_of(str(model["path"]))
+
+
+def series(reg, exp, axis: str, group: str | None = None) -> list[tuple[dict, dict]]:
+    """(model row, newest result) for base models that have a value on this axis, of one
+    data group when given."""
+    latest = reg.latest()
+    out = []
+    for m in reg.models():
+        r = latest.get((exp["id"], m["id"]))
+        if r is not None and m["lineage"] == "base" and m[AXES[axis]] and \
+                (group is None or data_group(m) == group):
+            out.append((dict(m), r))
+    return sorted(out, key=lambda mr: mr[0][AXES[axis]])
+
+
+# ---- calibration: P(right | continuous item score) ----------------------------------------
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[float, float] | None:
+    """(a, b) of P(y=1) = sigmoid(a + b x) by Newton's method; None unless both outcomes
+    occur. A small ridge keeps perfectly separated data finite."""
+    if len(x) < 4 or y.min() == y.max():
+        return None
+    X = np.stack([np.ones_like(x), x], 1)
+    w = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
+        grad = X.T @ (p - y) + ridge * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return (float(w[0]), float(w[1])) if w[1] > 0 else None
+
+
+def per_item(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    pi = result["metrics"].get("per_item")
+    if not pi:
+        return None
+    return np.asarray(pi["x"], dtype=float), np.asarray(pi["ok"], dtype=float)
+
+
+def pass_rate(items: np.ndarray, shift: float, a: float, b: float) -> float:
+    return float(np.mean(1 / (1 + np.exp(-np.clip(a + b * (items + shift), -30, 30)))))
+
+
+def level_for(items: np.ndarray, threshold: float, a: float, b: float) -> float:
+    """The mean item score at which the calibrated pass rate reaches the threshold (items
+    shifted together): bisection on the shift."""
+    lo, hi = -100.0, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pass_rate(items, mid, a, b) >= threshold else (mid, hi)
+    return float(items.mean() + hi)
+
+
+def calibrated_crossing(xs: np.ndarray, means: np.ndarray, items: np.ndarray,
+                        calib: tuple[float, float], threshold: float) -> float:
+    """log10 scale where the shifted items reach the threshold; inf if not within HORIZON."""
+    slope, _ = np.polyfit(xs, means, 1)
+    if slope <= 0:
+        return math.inf
+    need = level_for(items, threshold, *calib) - items.mean()  # shift still needed
+    at = xs[-1] + max(0.0, need) / slope
+    return float(at) if at <= xs[-1] + HORIZON else math.inf
+
+
+def predict_calibrated(points: list[tuple[float, np.ndarray]], calib_x: np.ndarray,
+                       calib_y: np.ndarray, threshold: float, seed: int = 0) -> dict | None:
+    """points: (scale, item scores) per model, smallest first; calibration pairs pooled over
+    those models. None if fewer than 3 scales or the calibration has one outcome only."""
+    pts = sorted(points, key=lambda p: p[0])[-FIT_POINTS:]
+    calib = fit_logistic(calib_x, calib_y)
+    if len({p[0] for p in pts}) < 3 or calib is None:
+        return None
+    xs = np.log10([p[0] for p in pts])
+    means = np.array([p[1].mean() for p in pts])
+    items = pts[-1][1]
+    best = calibrated_crossing(xs, means, items, calib, threshold)
+    b, a = np.polyfit(xs, means, 1)
+    resid = (means - (a + b * xs)) * math.sqrt(len(xs) / max(1, len(xs) - 2))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(BOOTSTRAP):
+        ys = a + b * xs + rng.choice(resid, len(xs))
+        it = rng.choice(items, len(items))
+        k = rng.integers(0, len(calib_x), len(calib_x))
+        c = fit_logistic(calib_x[k], calib_y[k]) or calib
+        boots.append(calibrated_crossing(xs, ys, it, c, threshold))
+    lo = float(np.percentile(boots, 10, method="lower"))
+    hi = float(np.percentile(boots, 90, method="higher"))
+    detail = {"method": "calibrated", "slope_per_decade": float(b), "intercept": float(a),
+              "calibration": list(calib), "fit_scales": [p[0] for p in pts],
+              "fit_values": [float(v) for v in means],
+              "never_fraction": float(np.mean(np.isinf(boots)))}
+    return {"predicted": exp10(best), "low": exp10(lo), "high": exp10(hi),
+            "level": level_for(items, threshold, *calib), "detail": detail}
+
+
+def exp10(v: float) -> float | None:
+    return None if not math.isfinite(v) else 10.0 ** v
+
+
+# ---- a continuous metric against its own threshold ----------------------------------------
+
+def crossing(xs: np.ndarray, ys: np.ndarray, level: float, higher: bool) -> float:
+    """log10 scale where the least-squares line through (log10 x, y) reaches level; inf if
+    it does not improve or only beyond HORIZON."""
     b, a = np.polyfit(xs, ys, 1)
     if (b <= 0 if higher else b >= 0):
-        return None  # not improving with scale: no crossing ahead
-    return float((level - a) / b)
+        return math.inf
+    at = max(float(xs[-1]), float((level - a) / b))
+    return at if at <= xs[-1] + HORIZON else math.inf
 
 
 def predict(points: list[tuple[float, float]], level: float, higher: bool,
@@ -54,70 +191,108 @@ def predict(points: list[tuple[float, float]], level: float, higher: bool,
     ys = np.array([p[1] for p in pts], dtype=float)
     best = crossing(xs, ys, level, higher)
     b, a = np.polyfit(xs, ys, 1)
-    resid = ys - (a + b * xs)
-    resid *= math.sqrt(len(xs) / max(1, len(xs) - 2))  # undo the fit's shrinkage
+    resid = (ys - (a + b * xs)) * math.sqrt(len(xs) / max(1, len(xs) - 2))
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(BOOTSTRAP):
-        c = crossing(xs, a + b * xs + rng.choice(resid, len(xs)), level, higher)
-        boots.append(1e3 if c is None else c)  # "never": beyond any scale (see exp10)
-    lo, hi = np.percentile(boots, [10, 90])
-    detail = {"slope_per_decade": float(b), "intercept": float(a),
+    boots = [crossing(xs, a + b * xs + rng.choice(resid, len(xs)), level, higher)
+             for _ in range(BOOTSTRAP)]
+    lo = float(np.percentile(boots, 10, method="lower"))
+    hi = float(np.percentile(boots, 90, method="higher"))
+    detail = {"method": "direct", "slope_per_decade": float(b), "intercept": float(a),
               "fit_scales": [p[0] for p in pts], "fit_values": [p[1] for p in pts]}
-    exp10 = lambda v: None if v is None or not math.isfinite(v) or v > 300 else 10.0 ** v
-    return {"predicted": exp10(best), "low": exp10(lo), "high": exp10(hi), "detail": detail}
+    return {"predicted": exp10(best), "low": exp10(lo), "high": exp10(hi), "level": level,
+            "detail": detail}
 
 
-def series(reg, exp, axis: str) -> list[tuple[dict, dict]]:
-    """(model row, newest result) for base models that have a value on this axis."""
-    latest = reg.latest()
-    out = []
-    for m in reg.models():
-        r = latest.get((exp["id"], m["id"]))
-        if r is not None and m["lineage"] == "base" and m[AXES[axis]]:
-            out.append((dict(m), r))
-    return sorted(out, key=lambda mr: mr[0][AXES[axis]])
+def pooled_calibration(serieses: list[list[tuple[dict, dict]]], x_is: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration pairs of every experiment (of one kind of item score) in these series."""
+    xs, ys = [np.zeros(0)], [np.zeros(0)]
+    for ser in serieses:
+        for _, r in ser:
+            d = per_item(r)
+            if d is not None and r["metrics"]["per_item"].get("x_is") == x_is:
+                xs.append(d[0])
+                ys.append(d[1])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
+                   pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> tuple[str, dict] | None:
+    """(metric, prediction) from the (model, result) series of one data group. The
+    calibration uses this experiment's own items; if they are all wrong (or all right), the
+    pooled pairs of every experiment with the same kind of item score (pooled[x_is])."""
+    if exp["metric"] in M.CONTINUOUS:
+        pts = [(m[col], r["metrics"][exp["metric"]]) for m, r in ser
+               if r["metrics"].get(exp["metric"]) is not None]
+        return exp["metric"], predict(pts, exp["threshold"], M.HIGHER_IS_BETTER[exp["metric"]])
+    data = [(m[col], per_item(r)) for m, r in ser]
+    data = [(s, d) for s, d in data if d is not None]
+    if not data:
+        return None
+    x = np.concatenate([d[0] for _, d in data])
+    y = np.concatenate([d[1] for _, d in data])
+    metric = next(r["metrics"]["per_item"].get("x_is", "token_logprob")
+                  for _, r in reversed(ser) if r["metrics"].get("per_item"))
+    source = "this experiment"
+    if y.min() == y.max() and pooled and metric in pooled:
+        (x, y), source = pooled[metric], "pooled over experiments"
+    p = predict_calibrated([(s, d[0]) for s, d in data], x, y, exp["threshold"])
+    if p is not None:
+        p["detail"]["calibrated_on"] = source
+    return metric, p
 
 
 def record_predictions(reg) -> list[dict]:
-    """A new prediction row for each still-failing experiment whose evidence changed."""
+    """A new prediction row for each still-failing experiment and data group whose evidence
+    changed."""
     passed, made = reg.passed_experiment_ids(), []
+    groups = sorted({data_group(m) for m in reg.models() if m["lineage"] == "base"})
+    pooled = {}
+    for group in groups:
+        every = [series(reg, e, "params", group) for e in reg.experiments()]
+        pooled[group] = {k: pooled_calibration(every, k) for k in ("token_logprob", "margin")}
     for exp in reg.experiments():
         if exp["id"] in passed:
             continue
-        for axis, col in AXES.items():
-            ser = series(reg, exp, axis)
-            if len(ser) < 3:
-                continue
-            metric, level = continuous_target(exp, [r for _, r in ser])
-            pts = [(m[col], r["metrics"].get(metric)) for m, r in ser
-                   if r["metrics"].get(metric) is not None]
-            p = predict(pts, level, M.HIGHER_IS_BETTER[metric])
-            if p is None:
-                continue
-            last = max(m["id"] for m, _ in ser)
-            if any(q["axis"] == axis and q["n_models"] == len(ser) and q["last_model_id"] == last
-                   for q in reg.predictions(exp["id"])):
-                continue  # same evidence, same prediction: don't add a duplicate row
-            row = {"experiment_id": exp["id"], "axis": axis, "n_models": len(ser),
-                   "last_model_id": last, "largest": max(m[col] for m, _ in ser),
-                   "metric": metric, "level": level, "predicted": p["predicted"],
-                   "low": p["low"], "high": p["high"], "detail": json.dumps(p["detail"])}
-            reg.add_prediction(row)
-            made.append({**row, "experiment": exp["name"]})
+        for group in groups:
+            for axis, col in AXES.items():
+                ser = series(reg, exp, axis, group)
+                if len(ser) < 3:
+                    continue
+                out = prediction_for(exp, ser, col, pooled[group])
+                if out is None or out[1] is None:
+                    continue
+                metric, p = out
+                last = max(m["id"] for m, _ in ser)
+                if any(q["axis"] == axis and q["n_models"] == len(ser)
+                       and q["last_model_id"] == last for q in reg.predictions(exp["id"])):
+                    continue  # same evidence, same prediction: don't add a duplicate row
+                row = {"experiment_id": exp["id"], "axis": axis, "n_models": len(ser),
+                       "last_model_id": last, "largest": max(m[col] for m, _ in ser),
+                       "metric": metric, "level": p["level"], "predicted": p["predicted"],
+                       "low": p["low"], "high": p["high"],
+                       "detail": json.dumps({**p["detail"], "group": group})}
+                reg.add_prediction(row)
+                made.append({**row, "experiment": exp["name"]})
     return made
 
 
 def verdict(reg, exp, pred) -> str:
-    """How a stored prediction fared against the models that came after it."""
+    """How a stored prediction fared against the models that came after it (same group).
+    None as a bound is "never": a pass with a 'never' low end is a miss, not a hit."""
     col = AXES[pred["axis"]]
-    later = [(m, r) for m, r in series(reg, exp, pred["axis"]) if m[col] > pred["largest"]]
+    group = json.loads(pred["detail"]).get("group")
+    later = [(m, r) for m, r in series(reg, exp, pred["axis"], group) if m[col] > pred["largest"]]
     if not later:
         return "no bigger model yet"
     won = [m for m, r in later if r["passed"]]
-    lo, hi = pred["low"] or 0.0, pred["high"] or math.inf
+    lo = math.inf if pred["low"] is None else pred["low"]
+    hi = math.inf if pred["high"] is None else pred["high"]
     if won:
         x = won[0][col]
+        if pred["predicted"] is None:
+            return f"passed at {x:.3g} ({won[0]['name']}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \
             ("earlier than predicted" if x < lo else "later than predicted")
         return f"passed at {x:.3g} ({won[0]['name']}): {where}"
@@ -128,7 +303,7 @@ def verdict(reg, exp, pred) -> str:
 
 
 def fmt(v: float | None) -> str:
-    return "never (no upward trend)" if v is None else f"{v:.3g}"
+    return f"never (not within 10^{HORIZON:g}x)" if v is None else f"{v:.3g}"
 
 
 # ---- the loss scaling law ---------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`scalelab track report`: one HTML page with PNG plots, readable straight from disk.
 
-For each experiment: the all-or-nothing metric and the continuous ones against non-embedding
-parameters and training FLOPs; the first (smallest) passing model; for a still-failing one,
-the newest prediction of where it passes (line, level and band drawn in); and how every
-earlier prediction fared once bigger models arrived.
+For each experiment: the all-or-nothing metric and the continuous ones against parameters N
+(the tracker's one N: track/evaluate.py model_info) and training FLOPs; the first
+(smallest) passing model; for a still-failing one, the newest prediction of where it passes
+(line, level and band drawn in); and how every earlier prediction fared once bigger models
+arrived. Loss fits and predictions pool only models of one tokenizer and corpus.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from pathlib import Path
 
 from scalelab.config import UserError
 from scalelab.track import metrics as M
-from scalelab.track.predict import AXES, fit_power_law, fmt, record_predictions, verdict
+from scalelab.track.predict import (
+    AXES,
+    data_group,
+    fit_power_law,
+    fmt,
+    record_predictions,
+    verdict,
+)
 
-AXIS_LABEL = {"params": "non-embedding parameters", "flops": "training FLOPs (6ND)"}
+AXIS_LABEL = {"params": "parameters N", "flops": "training FLOPs (6ND)"}
 
 
 def pyplot():
@@ -92,7 +100,7 @@ def overview_plot(plt, exps, sers: dict, path: Path) -> None:
         axes[1].plot(xs, [r["metrics"].get("token_logprob") for _, r in pts], **style)
     for ax, t in zip(axes, ["exact match / accuracy", "mean target-token log-likelihood"]):
         ax.set_xscale("log")
-        ax.set_xlabel("non-embedding parameters")
+        ax.set_xlabel("parameters N")
         ax.set_title(t)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -108,7 +116,7 @@ def scaling_plot(plt, fit: dict, path: Path) -> None:
     ax.plot(xs, [fit["E"] + fit["A"] * x ** -fit["alpha"] for x in xs], "-",
             label=f"L = {fit['E']:.2f} + {fit['A']:.3g} / N^{fit['alpha']:.3f}")
     ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters N")
+    ax.set_xlabel("parameters N")
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -141,8 +149,8 @@ def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
     if len(corpora) > 1:
         names = ", ".join(sorted(str(c) for c in corpora))
         notes.append(f"these models were pretrained on different corpora ({names}): their "
-                     "validation losses are on different text, so L(N) and the predictions "
-                     "below mix corpora and say little about scale alone.")
+                     "validation losses are on different text, so each corpus gets its own "
+                     "L(N) fit and its own predictions below.")
     return " ".join(notes)
 
 
@@ -156,11 +164,19 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     keep = set(models) if models else None
     mods = [dict(m) for m in reg.models() if keep is None or m["name"] in keep]
     mods.sort(key=lambda m: (m["non_embedding_params"], m["id"]))
+    # Losses in nats/token compare only under one tokenizer and corpus: one fit per group.
     base = [m for m in mods if m["lineage"] == "base" and m["val_loss"] is not None]
     if scaling is None:
-        scaling = fit_power_law([m["non_embedding_params"] for m in base],
-                                [m["val_loss"] for m in base])
-    caveat = scaling_caveat(base, scaling)
+        fits = []
+        for group in sorted({data_group(m) for m in base}):
+            ms = [m for m in base if data_group(m) == group]
+            fit = fit_power_law([m["non_embedding_params"] for m in ms],
+                                [m["val_loss"] for m in ms])
+            if fit:
+                fits.append((group, fit))
+    else:
+        fits = [("the sweep's models (one tokenizer and corpus)", scaling)]
+    caveat = scaling_caveat(base, fits[0][1] if fits else None)
     exps = reg.experiments()
     latest = reg.latest()
     sers = {}
@@ -175,13 +191,15 @@ def write_report(reg, out: Path, models: list[str] | None = None,
              "img{max-width:100%}</style></head><body><h1>Emergence report</h1>",
              f"<p>Registry <code>{esc(reg.path)}</code>: {len(exps)} experiments, "
              f"{len(mods)} models.</p>"]
-    if scaling:
-        scaling_plot(plt, scaling, out / "scaling.png")
-        parts.append(f"<h2>Scaling law</h2><p>Least-squares fit of final validation loss on "
-                     f"non-embedding parameters N over {len(scaling['n'])} models: "
+    for i, (group, scaling) in enumerate(fits):
+        png = "scaling.png" if i == 0 else f"scaling{i}.png"
+        scaling_plot(plt, scaling, out / png)
+        parts.append(f"<h2>Scaling law</h2><p>Models of {esc(group)}. Least-squares fit of "
+                     f"final validation loss on N (parameters, a tied embedding counted "
+                     f"once) over {len(scaling['n'])} models: "
                      f"<b>L(N) = {scaling['E']:.3f} + {scaling['A']:.4g} / "
                      f"N^{scaling['alpha']:.3f}</b> (rmse {scaling['rmse']:.4f}).</p>"
-                     "<img src='scaling.png'>")
+                     f"<img src='{png}'>")
     if caveat:
         parts.append(f"<p><b>Caveat:</b> {esc(caveat)}</p>")
     parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
@@ -203,7 +221,7 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      f"<td>{esc(e['metric'])} {op} {e['threshold']:g}</td>{cells}"
                      f"<td class=l>{esc(first or 'not yet')}</td></tr>")
     parts.append("</table><p>Green: passes (newest evaluation). Columns: models, with "
-                 "non-embedding parameter counts, smallest first.</p>")
+                 "parameter counts N, smallest first.</p>")
     untrained = [m["name"] for m in mods if m["flops"] is None]
     if untrained:  # e.g. imported Hugging Face folders: nothing says what they were trained on
         parts.append(f"<p>No training tokens or FLOPs known for {esc(', '.join(untrained))}: "
@@ -232,10 +250,17 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      "</p>")
         if not passed:
             for axis, p in newest.items():
-                parts.append(f"<p><b>Prediction ({AXIS_LABEL[axis]}):</b> passes at "
+                group = json.loads(p["detail"]).get("group", "")
+                parts.append(f"<p><b>Prediction ({AXIS_LABEL[axis]}; {esc(group)}):</b> "
+                             "passes at "
                              f"{fmt(p['predicted'])} (band {fmt(p['low'])} .. {fmt(p['high'])}),"
                              f" from {p['n_models']} models up to {p['largest']:.3g}; "
                              f"{esc(p['metric'])} must reach {p['level']:.3f}.</p>")
+            if not newest and e["metric"] in M.ALL_OR_NOTHING and \
+                    len(sers[e["id"]]["params"]) >= 3:
+                parts.append("<p><b>Prediction:</b> none: no model of its group has answered "
+                             "an item right yet, so nothing links the continuous scores to "
+                             "passing (predict.py calibrates on such items).</p>")
         if preds:
             parts.append("<table><tr><th class=l>made</th><th>axis</th><th>models</th>"
                          "<th>largest then</th><th>predicted pass</th><th>band</th>"

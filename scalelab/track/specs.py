@@ -9,6 +9,12 @@
 (each also takes n= items, default 100, and seed=, default 0), or a JSONL file with rows
 {"prompt", "target"} or {"prompt", "choices": [...], "answer": index}.
 
+Addition and subtraction items use operand pairs the world corpus never shows (the 'test'
+half, data/world.py), so passing them is generalisation; `seen=1` asks pairs from the half
+the corpus does show instead, the memorisation control (builtin:addition?digits=2&seen=1).
+The qa and older items are about the world's facts, which the corpus states: recall by
+design.
+
 The built-ins use the world corpus' own formats, so a model that was only pretrained can be
 asked directly: no instruction tuning needed. For instruction-tuned models there is also
 
@@ -27,6 +33,7 @@ from urllib.parse import parse_qsl
 from scalelab.config import UserError
 from scalelab.data.formats import read_jsonl
 from scalelab.data.world import (
+    HALVES,
     OBJECTS,
     World,
     addition_problem,
@@ -78,13 +85,13 @@ def older_item(world: World, rng: random.Random) -> Item:
 
 # family -> (allowed parameters with defaults, item maker)
 BUILTINS = {
-    "addition": {"digits": 3},
-    "subtraction": {"digits": 3},
+    "addition": {"digits": 3, "seen": 0},
+    "subtraction": {"digits": 3, "seen": 0},
     "story": {"steps": 2},
     "qa": {},
     "older": {},
 }
-LIMITS = {"digits": (1, 5), "steps": (1, 8), "n": (1, 100000), "seed": (0, 2**31),
+LIMITS = {"digits": (1, 5), "seen": (0, 1), "steps": (1, 8), "n": (1, 100000), "seed": (0, 2**31),
           "world": (0, 2**31)}
 
 
@@ -112,10 +119,10 @@ def builtin_items(spec: str) -> list[Item]:
     items = []
     for _ in range(p["n"]):
         if family == "addition":
-            q, a = addition_problem(rng, p["digits"])
+            q, a = addition_problem(rng, p["digits"], half=HALVES[1 - p["seen"]])
             items.append(Item(q, " " + a))
         elif family == "subtraction":
-            q, a = subtraction_problem(rng, p["digits"])
+            q, a = subtraction_problem(rng, p["digits"], half=HALVES[1 - p["seen"]])
             items.append(Item(q, " " + a))
         elif family == "story":
             items.append(story_item(world, rng, p["steps"]))
@@ -193,11 +200,14 @@ def is_choice_task(spec: str) -> bool:
 # The starter set: graded difficulty, so a ladder of sizes shows where each one turns.
 STARTER = (
     [(f"addition-{d}d", f"builtin:addition?digits={d}", 0.8,
-      f"{d}-digit addition, answer exactly right") for d in range(1, 6)]
+      f"{d}-digit addition, answer exactly right (operand pairs the corpus never shows)")
+     for d in range(1, 6)]
     + [(f"subtraction-{d}d", f"builtin:subtraction?digits={d}", 0.8,
-        f"{d}-digit subtraction") for d in (1, 2, 3)]
+        f"{d}-digit subtraction (unseen operand pairs)") for d in (1, 2, 3)]
     + [(f"story-{s}step", f"builtin:story?steps={s}", 0.8,
         f"track a count through {s} hidden steps") for s in (1, 2, 4)]
-    + [("fact-qa", "builtin:qa", 0.8, "recall facts about the world's people"),
-       ("older-mc", "builtin:older", 0.9, "who is older: multiple choice by log-likelihood")]
+    + [("fact-qa", "builtin:qa", 0.8,
+        "recall facts about the world's people (memorisation: the corpus states them)"),
+       ("older-mc", "builtin:older", 0.9,
+        "who is older: multiple choice by log-likelihood (recall of the ages)")]
 )

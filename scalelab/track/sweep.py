@@ -14,8 +14,8 @@ a [sweep] table:
     [sweep.corpus]               # optional document-kind weights for builtin:world
     arithmetic = 0.5
 
-Learning rate scales as 1/width (ANCHORS: with one lr for all sizes the biggest model
-failed, and the "emergence" curve measured the optimiser).
+Learning rate scales as 1/width (with one lr for all sizes the biggest model failed in an
+earlier run, and the "emergence" curve measured the optimiser).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
         model = Transformer(cfg.model)
     except ValueError as e:
         raise UserError(f"sweep size {size}: {e}") from None
-    n = model.num_params()  # the project's N (a tied embedding is a real matmul)
+    n = model.num_params()  # the project's one N (track/evaluate.py model_info says which)
     tc = cfg.train
     per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
     tokens = opts["flops"] / (6 * n) if opts["flops"] else opts["tokens_per_param"] * n
@@ -187,7 +187,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     tmp.replace(out / "sweep.json")
     if fit:
         print(f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
-              f"(N = non-embedding params, rmse {fit['rmse']:.3f})")
+              f"(N = params, a tied embedding counted once; rmse {fit['rmse']:.3f})")
     report = write_report(reg, out / "report", models=names, scaling=fit)
     print(f"sweep done in {summary['wall_seconds'] / 60:.1f} min; report: {report}")
     return summary

@@ -99,7 +99,7 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     run.write_config(cfg)
     mc, tc = model.cfg, cfg.train
     say = tqdm.write if par.is_main else (lambda _: None)
-    say(f"model: {model.num_params():,} parameters (non-embedding), "
+    say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
         f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
     flops_per_token = model.flops_per_token()
     if not par.single:
