@@ -2,7 +2,6 @@
 
 import random
 import re
-import time
 
 import pytest
 
@@ -159,8 +158,3 @@ def test_vocab_small_and_ascii():
     assert len(words) < 800
     assert all(d.isascii() and d.strip() for d in docs)
 
-
-def test_fast():
-    t0 = time.perf_counter()
-    generate_documents(20000, seed=0)
-    assert time.perf_counter() - t0 < 2.0

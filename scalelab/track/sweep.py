@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from scalelab.config import Config, UserError, apply_dict, read_toml
-from scalelab.track.commands import add_experiment, evaluate, register_model, seed_experiments
+from scalelab.track.ops import add_experiment, evaluate, register_model, seed_experiments
 from scalelab.track.registry import Registry
 
 SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,

@@ -1,0 +1,124 @@
+"""What the tracker does, called by the `track` commands, the sweep and the training stages
+(`--register`): add experiments, register a model, evaluate models on experiments."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from scalelab.config import UserError
+from scalelab.track import metrics as M
+from scalelab.track.registry import Registry, code_version
+
+
+def human(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def add_experiment(reg: Registry, name: str, task: str, threshold: float,
+                   metric: str | None = None, note: str = "") -> int:
+    from scalelab.track.specs import is_choice_task
+    if not name.strip():
+        raise UserError("--name must not be empty")
+    choice = is_choice_task(task)  # also validates the spec (file, line, key)
+    if not task.startswith(("builtin:", "tasks:")):  # a file: found from any folder later
+        task = str(Path(task).resolve())
+    allowed = M.CHOICE_METRICS if choice else M.GENERATION_METRICS
+    metric = metric or ("mc_accuracy" if choice else "exact_match")
+    if metric not in allowed:
+        raise UserError(f"--metric {metric!r} does not apply to {task!r} "
+                        f"({'multiple choice' if choice else 'generation'}: "
+                        f"{', '.join(allowed)})")
+    if not math.isfinite(threshold) or (metric in M.ALL_OR_NOTHING + ("edit_distance",)
+                                        and not 0 <= threshold <= 1):
+        raise UserError(f"--threshold {threshold} is out of range for {metric}")
+    return reg.add_experiment(name, task, metric, threshold, note)
+
+
+def seed_experiments(reg: Registry) -> list[str]:
+    """Add the starter set (graded arithmetic, stories, facts); existing names are kept."""
+    from scalelab.track.specs import STARTER
+    have = {e["name"] for e in reg.experiments()}
+    added = []
+    for name, task, thr, note in STARTER:
+        if name not in have:
+            add_experiment(reg, name, task, thr, None, note)
+            added.append(name)
+    return added
+
+
+def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
+    """Every experiment on every model; each evaluation adds a result row."""
+    from scalelab.track.evaluate import load_lm, run_experiment
+    from scalelab.track.predict import fmt, record_predictions
+    version = code_version()
+    for m in models:
+        if not exps:
+            break
+        lm = load_lm(m["path"])
+        for e in exps:
+            before = e["id"] in reg.passed_experiment_ids()
+            agg, ok, samples, n, secs = run_experiment(lm, e)
+            reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
+            extra = "  ".join(f"{k} {agg[k]:.3f}" for k in agg if k != e["metric"]
+                              and k in M.HIGHER_IS_BETTER)
+            log(f"  {m['name']:<16} {e['name']:<16} {e['metric']} {agg[e['metric']]:.3f} "
+                f"{'PASS' if ok else 'fail'}  ({extra})")
+            if ok and not before:
+                reg.add_history(e["id"], f"first passed by {m['name']} "
+                                f"({e['metric']} {agg[e['metric']]:.3f})")
+    for p in record_predictions(reg):
+        log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
+            f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
+
+
+STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
+
+
+def register_model(reg: Registry, path: str | Path, name: str | None = None,
+                   lineage: str = "base", parent: str | None = None, run: bool = True,
+                   log=print) -> dict:
+    """Register a model folder, then run every experiment no model has passed yet on it."""
+    from scalelab.track.evaluate import load_lm, model_info
+    path = Path(path)
+    lm = load_lm(path)
+    info = model_info(path, lm)
+    if name is None:
+        name = path.resolve().parent.name if path.name == "model" else path.name
+    record = path.resolve().parent / "lineage.json"  # written by post-training stages
+    if lineage == "base" and record.is_file():
+        try:
+            rec = json.loads(record.read_text())
+            lineage = STAGE_LINEAGE.get(rec["stage"], rec["stage"])
+            parent = parent or reg.name_of(rec["parent"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{record}: corrupt lineage record") from None
+    if parent is not None:
+        reg.model(parent)  # must exist
+    info.update(name=name, lineage=lineage, parent=parent)
+    reg.add_model(info)
+    m = reg.model(name)
+    log(f"registered model {name}: {human(m['params'])} params "
+        f"(N = {human(m['non_embedding_params'])}), "
+        f"{human(m['tokens'])} tokens, {human(m['flops'])} FLOPs")
+    if m["flops"] is None:
+        log("  no training tokens or FLOPs known for this folder: reports place it on the "
+            "parameter axis only")
+    if run:
+        passed = reg.passed_experiment_ids()
+        todo = [e for e in reg.experiments() if e["id"] not in passed]
+        if not reg.experiments():
+            log("no experiments registered yet, so there was nothing to run: add the "
+                "built-in starter set with `scalelab track experiment seed` (or your own with "
+                "`scalelab track experiment add`), then `scalelab track run`")
+            return dict(m)
+        log(f"running the {len(todo)} experiments no model has passed yet "
+            f"({len(passed)} already passed, skipped)")
+        evaluate(reg, [m], todo, log)
+    return dict(m)
