@@ -40,6 +40,25 @@ def tiny_model() -> Transformer:
     return Transformer(cfg).eval()
 
 
+def toy_ppo(tokenizer: Tokenizer, **train) -> tuple:
+    """Policy, frozen reference, value model (zero head) and one optimizer over policy and
+    value: the smallest PPO setup, 1 layer x 32 wide."""
+    import copy
+
+    from scalelab.config import TrainConfig
+    from scalelab.train.loop import make_optimizer
+    from scalelab.train.reward import ScalarModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                      d_model=32)
+    policy = Transformer(cfg)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    opt = make_optimizer(both, TrainConfig(**train), torch.device("cpu"))
+    return policy, ref, value, opt, both
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli, tiny_sets
+from conftest import run_cli, tiny_sets, toy_ppo
 
 from scalelab.config import ModelConfig, MonitorConfig, PPOConfig, RunFailed, TrainConfig
 from scalelab.model import Transformer
@@ -169,18 +169,8 @@ def test_stall_dumps_stacks_exits_and_torchrun_restart_resumes(tmp_path):
 
 
 def test_ppo_drops_non_finite_minibatch_updates(tokenizer):
-    import copy
-
     from scalelab.train.ppo import ppo_step
-    from scalelab.train.reward import ScalarModel
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
-                      d_model=32)
-    policy = Transformer(cfg)
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
-    both = torch.nn.ModuleDict({"policy": policy, "value": value})
-    opt = make_optimizer(both, TrainConfig(lr=3e-3), torch.device("cpu"))
+    policy, ref, value, opt, both = toy_ppo(tokenizer, lr=3e-3)
     pc = PPOConfig(max_new_tokens=6, minibatches=2, ppo_epochs=2)
     prompts = [tokenizer.encode(f"Mia has {i}", bos=True) for i in range(8)]
     before = {k: v.clone() for k, v in both.state_dict().items()}

@@ -3,28 +3,16 @@
 import json
 
 import torch
-from conftest import run_cli, tiny_sets
+from conftest import run_cli, tiny_sets, toy_ppo
 
 from scalelab.config import ModelConfig, PPOConfig
 from scalelab.model import Transformer
-from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import ppo_step
-from scalelab.train.reward import ScalarModel
 
 
 def test_ppo_raises_a_toy_reward(tokenizer):
     """Reward = fraction of response tokens from the lower half of the vocabulary."""
-    import copy
-
-    from scalelab.config import TrainConfig
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
-                      d_model=32)
-    policy = Transformer(cfg)
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    value = ScalarModel(copy.deepcopy(policy), zero_head=True)
-    both = torch.nn.ModuleDict({"policy": policy, "value": value})
-    opt = make_optimizer(both, TrainConfig(lr=3e-3, weight_decay=0.0), torch.device("cpu"))
+    policy, ref, value, opt, _ = toy_ppo(tokenizer, lr=3e-3, weight_decay=0.0)
     pc = PPOConfig(max_new_tokens=8, kl_coef=0.01, missing_eos_penalty=0.0, minibatches=2)
     half = tokenizer.vocab_size // 2
 
