@@ -39,6 +39,9 @@ from scalelab.config import MonitorConfig, RunFailed, UserError
 
 PROCESS_START = time.monotonic()  # imported when a stage starts: the rest is "startup"
 PROCESS_START_UNIX = time.time()
+# Where the next stage's "startup" begins: the process start, then the end of the previous
+# stage run in the same process (the demo and the sweep run several).
+STAGE_ORIGIN = [PROCESS_START]
 BUCKETS = ("train", "data", "eval", "checkpoint", "rewind", "restart", "startup")
 POLICIES = ("stop", "skip", "rewind")
 FAULTS = ("nan", "spike", "stall")
@@ -151,7 +154,7 @@ class Monitor:
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
         now = time.monotonic()
         self.total = dict.fromkeys(BUCKETS, 0.0)
-        self.total["startup"] = now - PROCESS_START
+        self.total["startup"] = now - STAGE_ORIGIN[0]
         self.interval = dict.fromkeys(BUCKETS, 0.0)
         self.mark = now
         self.watchdog: Watchdog | None = None
@@ -416,6 +419,7 @@ class Monitor:
         """summary.json (a run that died without one crashed or was killed)."""
         if self.watchdog is not None:
             self.watchdog.stop.set()
+        STAGE_ORIGIN[0] = time.monotonic()
         if self.main:
             summary = self.summary(status, message)
             self._write_json("summary.json", summary)
