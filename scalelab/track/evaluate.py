@@ -237,9 +237,9 @@ def model_info(path: str | Path, lm) -> dict:
     model = lm.model
     params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
-    if lm.kind == "scalelab":
+    if hasattr(model, "num_params"):  # scalelab's Transformer (own or imported weights)
         n = model.num_params()
-    else:  # a Hugging Face model: the same rule, by asking whether the head is the table
+    else:  # a transformers model: the same rule, by asking whether the head is the table
         head = model.get_output_embeddings()
         n = params if head is not None and head.weight is emb.weight else \
             params - emb.weight.numel()
