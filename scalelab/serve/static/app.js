@@ -218,12 +218,15 @@ async function judge(choice) {
   try {
     const r = await api("/api/label", {id: done.id, choice});
     showCounts(r);
+    // Shown under the next pair, so it names the pair it is about.
+    const about = `previous pair ("${done.prompt.slice(0, 60)}"): `;
     if (r.gold) {
       const g = r.gold;
-      $("label-gold").textContent = `you said ${choice}; the gold labeler ranks ${g.choice} ` +
-        `(scores A ${g.scores[0].toFixed(2)}, B ${g.scores[1].toFixed(2)}; reference answer "${g.answer}")`;
+      $("label-gold").textContent = about + `you said ${choice}; the gold labeler ranks ` +
+        `${g.choice} (scores A ${g.scores[0].toFixed(2)}, B ${g.scores[1].toFixed(2)}; ` +
+        `reference answer "${g.answer}")`;
     } else {
-      $("label-gold").textContent = `you said ${choice} (no gold labeler for this prompt)`;
+      $("label-gold").textContent = about + `you said ${choice} (no gold labeler for this prompt)`;
     }
   } catch (e) {
     $("label-gold").replaceChildren(el("span", "error", e.message));
