@@ -41,6 +41,22 @@ AXES = {"params": "non_embedding_params", "flops": "flops"}
 
 # ---- which models may share a fit ---------------------------------------------------------
 
+def run_data(model_dir: Path) -> dict | None:
+    """The [data] section of the run a model folder sits in (RUN/config.toml), None when
+    there is no readable one (an imported folder, say)."""
+    cfg = model_dir.parent / "config.toml"
+    try:
+        return tomllib.loads(cfg.read_text()).get("data", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+
+
+def corpus_source(model_dir: Path) -> str | None:
+    """data.source the model was pretrained on, None when unknown."""
+    d = run_data(model_dir)
+    return None if d is None else d.get("source", "builtin:world")
+
+
 @lru_cache(maxsize=512)
 def _group_of(path: str) -> str:
     model = Path(path)
@@ -48,12 +64,8 @@ def _group_of(path: str) -> str:
                 if (model / f).is_file()), None)
     tok_id = hashlib.sha256(tok.read_bytes()).hexdigest()[:10] if tok else "no-tokenizer"
     data = "unknown corpus"
-    cfg = model.parent / "config.toml"
-    if cfg.is_file():
-        try:
-            d = tomllib.loads(cfg.read_text()).get("data", {})
-        except tomllib.TOMLDecodeError:
-            d = {}
+    d = run_data(model)
+    if d is not None:
         src = d.get("source", "builtin:world")
         data = f"{src} n_docs={d.get('n_docs')} seed={d.get('seed', 0)}" \
             if src.startswith("builtin:") else Path(src).name

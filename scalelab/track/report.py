@@ -18,6 +18,7 @@ from scalelab.config import UserError
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
     AXES,
+    corpus_source,
     data_group,
     fit_power_law,
     fmt,
@@ -128,16 +129,6 @@ def esc(x) -> str:
     return html.escape(str(x))
 
 
-def corpus_of(model: dict) -> str | None:
-    """The data.source a registered scalelab model was pretrained on (its run's config)."""
-    cfg_path = Path(model["path"]).parent / "config.toml"
-    try:
-        from scalelab.config import load_config
-        return load_config(cfg_path).data.source
-    except (UserError, OSError):  # not a scalelab run, or unreadable: unknown
-        return None
-
-
 def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
     """Why L(N) was not fitted, or why the fits and predictions may not mean much."""
     sizes = {m["non_embedding_params"] for m in base}
@@ -145,7 +136,7 @@ def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
     if scaling is None and len(base) >= 2 and len(sizes) < 3:
         notes.append(f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
                      "distinct size(s); a curve in N needs at least three.")
-    corpora = {corpus_of(m) for m in base}
+    corpora = {corpus_source(Path(m["path"])) for m in base}
     if len(corpora) > 1:
         names = ", ".join(sorted(str(c) for c in corpora))
         notes.append(f"these models were pretrained on different corpora ({names}): their "
