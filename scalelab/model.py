@@ -91,6 +91,30 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    # For a server whose batch changes while it runs (scalelab.serve.engine); buffers exist.
+
+    def add_rows(self, n: int) -> None:
+        """Append n zeroed rows to the batch."""
+        self.shape[1] += n
+        for name in ("k", "v"):
+            buf = getattr(self, name)
+            zeros = buf.new_zeros((buf.size(0), n) + buf.shape[2:])
+            setattr(self, name, torch.cat([buf, zeros], 1))
+
+    def write_rows(self, rows: torch.Tensor, start: int, src: KVCache) -> None:
+        """Copy all of src's positions into `rows` of this cache, from position `start` on."""
+        end = start + src.k.size(3)
+        self.k[:, rows, :, start:end] = src.k
+        self.v[:, rows, :, start:end] = src.v
+
+    def drop_front(self, n: int) -> None:
+        """Move every position left by n, forgetting the first n; the last n keep stale
+        (finite) values that the caller's mask must hide."""
+        if n <= 0:
+            return
+        for buf in (self.k, self.v):
+            buf[:, :, :, :-n] = buf[:, :, :, n:].clone()
+
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, float] | None = None
                      ) -> torch.Tensor:

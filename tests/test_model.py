@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from scalelab.config import ModelConfig
 from scalelab.generate import generate
-from scalelab.model import LOGICAL_AXES, Transformer, logical_axes
+from scalelab.model import LOGICAL_AXES, KVCache, Transformer, logical_axes
 
 
 def test_future_tokens_never_change_past_logits(tiny_model):
@@ -101,3 +101,25 @@ def test_bad_shapes_are_rejected():
         Transformer(ModelConfig(vocab_size=10, d_model=30, n_head=4))
     with pytest.raises(ValueError):
         Transformer(ModelConfig(vocab_size=10, d_model=32, n_head=4, n_kv_head=3))
+
+
+def test_kv_cache_row_methods_match_plain_tensor_edits():
+    """add_rows / write_rows / drop_front (the server's batch edits) against the same edits
+    done by hand on plain tensors."""
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=16, vocab_size=32, seq_len=8)
+    cache = KVCache(cfg, 2, 8, "cpu", torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    k, v = cache.k.clone(), cache.v.clone()
+    cache.add_rows(3)
+    zeros = torch.zeros(2, 3, 2, 8, 4)
+    k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
+    src = KVCache(cfg, 2, 3, "cpu", torch.float32)
+    src.k.normal_(), src.v.normal_()
+    rows = torch.tensor([4, 1])
+    cache.write_rows(rows, 2, src)
+    k[:, 4, :, 2:5], k[:, 1, :, 2:5] = src.k[:, 0], src.k[:, 1]
+    v[:, 4, :, 2:5], v[:, 1, :, 2:5] = src.v[:, 0], src.v[:, 1]
+    cache.drop_front(3)
+    for got, want in ((cache.k, k), (cache.v, v)):
+        assert torch.equal(got[:, :, :, :5], want[:, :, :, 3:])
+    assert cache.k.shape == (2, 5, 2, 8, 4) and cache.shape[1] == 5

@@ -228,8 +228,7 @@ class Engine:
         if drop < need:
             return False
         S = self.seq_len
-        for cache in (self.cache.k, self.cache.v):
-            cache[:, :, :, :S - drop] = cache[:, :, :, drop:].clone()
+        self.cache.drop_front(drop)
         self.valid[:, :S - drop] = self.valid[:, drop:].clone()
         self.valid[:, S - drop:] = False
         self.start = [c - drop for c in self.start]
@@ -253,16 +252,9 @@ class Engine:
 
         grow = max(0, len(new_rows) - len(free))
         if grow:  # more rows: grow the cache and the per-row tensors
-            shape = (self.model.cfg.n_layer, grow) + (self.cache.k.shape[2:] if self.cache
-                                                      else scratch.k.shape[2:3] +
-                                                      (self.seq_len,) + scratch.k.shape[4:])
-            zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
             if self.cache is None:
                 self.cache = KVCache(self.model.cfg, 0, self.seq_len, self.device, self.dtype)
-                self.cache.k, self.cache.v = zeros, zeros.clone()
-            else:
-                self.cache.k = torch.cat([self.cache.k, zeros], 1)
-                self.cache.v = torch.cat([self.cache.v, zeros.clone()], 1)
+            self.cache.add_rows(grow)
             pad = lambda x, fill: torch.cat([x, torch.full((grow,) + x.shape[1:], fill,  # noqa: E731
                                                            dtype=x.dtype, device=x.device)])
             self.valid, self.positions, self.last = \
@@ -272,8 +264,7 @@ class Engine:
             self.start += [0] * grow
         slots = free[:len(new_rows)]
         idx = torch.tensor(slots, device=self.device)
-        self.cache.k[:, idx, :, t - P:t] = scratch.k
-        self.cache.v[:, idx, :, t - P:t] = scratch.v
+        self.cache.write_rows(idx, t - P, scratch)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         self.valid[idx] = False
         self.valid[idx, t - P:t] = torch.arange(P, device=self.device) >= (P - lengths)[:, None]
