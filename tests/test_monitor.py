@@ -168,9 +168,12 @@ def test_stall_dumps_stacks_exits_and_torchrun_restart_resumes(tmp_path):
     assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, 31))
 
 
-def test_ppo_drops_non_finite_minibatch_updates(tokenizer):
+@pytest.mark.parametrize("fused", [False, True])  # True: skipped on the device, as on CUDA
+def test_ppo_drops_non_finite_minibatch_updates(tokenizer, fused):
     from scalelab.train.ppo import ppo_step
     policy, ref, value, opt, both = toy_ppo(tokenizer, lr=3e-3)
+    if fused:
+        opt = torch.optim.AdamW(both.parameters(), lr=3e-3, fused=True)
     pc = PPOConfig(max_new_tokens=6, minibatches=2, ppo_epochs=2)
     prompts = [tokenizer.encode(f"Mia has {i}", bos=True) for i in range(8)]
     before = {k: v.clone() for k, v in both.state_dict().items()}
@@ -179,6 +182,10 @@ def test_ppo_drops_non_finite_minibatch_updates(tokenizer):
                       corrupt=lambda loss: loss * float("nan"))
     assert row["skipped_updates"] == 4
     assert all(torch.equal(before[k], v) for k, v in both.state_dict().items())
+    row, _ = ppo_step(policy, ref, value, opt, lambda i, r: torch.ones(len(r)),
+                      list(range(8)), prompts, tokenizer, pc, 0.05)  # a sound step is applied
+    assert row["skipped_updates"] == 0
+    assert not all(torch.equal(before[k], v) for k, v in both.state_dict().items())
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

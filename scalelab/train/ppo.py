@@ -173,10 +173,11 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
     or a compiled copy of it (then fixed_shape pads every rollout to max_new_tokens).
-    The stats stay tensors until the end of the step; the one host read inside the
-    minibatch loop is whether loss and gradient norm are finite: a minibatch where they are
-    not is not applied (counted in row["skipped_updates"]). corrupt(loss) is the run
-    monitor's test-only fault injection."""
+    The stats stay tensors until the end of the step. A minibatch whose loss or gradient
+    norm is not finite is not applied (counted in row["skipped_updates"]): a fused optimizer
+    (AdamW on CUDA) skips it on the device, so the loop never waits for the GPU; others
+    read the flag on the host. corrupt(loss) is the run monitor's test-only fault
+    injection."""
     device = next(policy.parameters()).device
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
@@ -207,7 +208,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
 
     policy.train()
     value.train()
-    B, sums, n, skipped = len(responses), {}, 0, 0
+    B, sums, n, skipped = len(responses), {}, 0, torch.zeros((), device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(pc.ppo_epochs):
         # global CPU RNG: saved in checkpoints, so resume is exact; one copy to the device
@@ -223,10 +224,14 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+            skipped += bad
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                optimizer.found_inf = bad  # what GradScaler hands a fused step: skip if 1
                 optimizer.step()
-            else:
-                skipped += 1
+                del optimizer.found_inf
+            elif not bad.item():
+                optimizer.step()
             sums = {k: sums.get(k, 0.0) + v.detach() for k, v in s.items()}
             n += 1
     keys = list(sums)  # one host sync for all the stats of the step
@@ -241,7 +246,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         "val/num_eos_tokens": int(stopped.sum()),
         "val/response_len": ro.resp_mask.sum(1).mean().item(),
         "kl_coef": kl_coef,
-        "skipped_updates": skipped,
+        "skipped_updates": int(skipped.item()),
     })
     return row, ro
 
