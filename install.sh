@@ -16,4 +16,7 @@ if ! $py -c "import torch" 2>/dev/null; then
   if [ -n "$wheel" ]; then $py -m pip install -q "$wheel"; else $py -m pip install -q torch; fi
 fi
 $py -m pip install -q -e ".[dev]"
+# A wheel install puts scalelab_lmeval.pth in site-packages (setup.py); an editable one does
+# not, so it is copied here: it lets lm-eval's own `lm_eval --model scalelab` find scalelab.
+cp scalelab_lmeval.pth "$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 echo "scalelab installed in .venv (torch $($py -c 'import torch; print(torch.__version__)'))"

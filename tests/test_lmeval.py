@@ -3,6 +3,9 @@ same generations on a scalelab model as lm-eval's own `hf` model on its exported
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +49,9 @@ metric_list: [{{metric: exact_match}}]
 """
 
 
-def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
+def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
+    """A tiny random scalelab model in tmp_path/model, six JSONL questions and their three
+    task YAMLs in tmp_path/tasks; the datasets library kept offline."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
@@ -54,9 +59,6 @@ def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=24, n_layer=2,
                                     n_head=4, n_kv_head=2, d_model=32)).eval()
     save_model(model, tokenizer, tmp_path / "model")
-    from scalelab.hf_export import export
-    export(tmp_path / "model", tmp_path / "hf", "float32", log=lambda *_: None)
-
     data = tmp_path / "toy.jsonl"
     rows = [{"question": f"Mia has {i} apples and Tom has {i + 1}. Who has more?",
              "choices": [" Mia", " Tom", " nobody"], "answer": 1} for i in range(6)]
@@ -65,6 +67,13 @@ def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     tasks.mkdir()
     for k, text in enumerate(TASKS.format(data=data).split("---")):
         (tasks / f"t{k}.yaml").write_text(text.strip() + "\n")
+    return model, tasks, rows
+
+
+def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
+    _, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
+    from scalelab.hf_export import export
+    export(tmp_path / "model", tmp_path / "hf", "float32", log=lambda *_: None)
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -92,3 +101,35 @@ def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     assert any(s["resps"][0][0] for s in ours["samples"]["toy_generate"])  # text came out
     assert ours["results"]["toy_choice"]["acc,none"] == theirs["results"]["toy_choice"]["acc,none"]
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_lm_eval_command_line_knows_scalelab(tmp_path, tokenizer, monkeypatch):
+    """lm-eval's own `lm_eval` script (no wrapper) runs `--model scalelab`: the installed
+    scalelab_lmeval.pth registers it. Each answer's log-likelihood is checked against a plain
+    forward pass of the model over context + continuation."""
+    model, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
+    script = Path(sys.executable).parent / "lm_eval"
+    r = subprocess.run([str(script), "--model", "scalelab", "--model_args",
+                        f"path={tmp_path / 'model'}", "--tasks", "toy_choice", "--include_path",
+                        str(tasks), "--device", "cpu", "--batch_size", "4", "--log_samples",
+                        "--output_path", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_toy_choice*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert len(samples) == len(rows)
+    correct = 0
+    for s in samples:
+        got = [float(resp[0][0]) for resp in s["resps"]]
+        want = []
+        for args in s["arguments"].values():
+            ctx, cont = args["arg_0"], args["arg_1"]
+            ids = tokenizer.hf.encode(ctx + cont, add_special_tokens=False).ids
+            n = len(ids) - len(tokenizer.hf.encode(ctx, add_special_tokens=False).ids)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
+            want.append(logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item())
+        assert got == pytest.approx(want, abs=1e-4)
+        correct += max(range(len(want)), key=want.__getitem__) == s["doc"]["answer"]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["results"]["toy_choice"]["acc,none"] == pytest.approx(correct / len(rows))
