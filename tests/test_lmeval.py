@@ -70,6 +70,15 @@ def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
     return model, tasks, rows
 
 
+def direct_loglik(model, tokenizer, ctx: str, cont: str) -> tuple[float, int]:
+    """(log p(cont | ctx), tokens of cont) from one plain forward pass, no batching."""
+    ids = tokenizer.hf.encode(ctx + cont, add_special_tokens=False).ids
+    n = len(ids) - len(tokenizer.hf.encode(ctx, add_special_tokens=False).ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
+    return logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item(), n
+
+
 def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     _, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
     from scalelab.hf_export import export
@@ -123,13 +132,52 @@ def test_lm_eval_command_line_knows_scalelab(tmp_path, tokenizer, monkeypatch):
         got = [float(resp[0][0]) for resp in s["resps"]]
         want = []
         for args in s["arguments"].values():
-            ctx, cont = args["arg_0"], args["arg_1"]
-            ids = tokenizer.hf.encode(ctx + cont, add_special_tokens=False).ids
-            n = len(ids) - len(tokenizer.hf.encode(ctx, add_special_tokens=False).ids)
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
-            want.append(logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item())
+            want.append(direct_loglik(model, tokenizer, args["arg_0"], args["arg_1"])[0])
         assert got == pytest.approx(want, abs=1e-4)
         correct += max(range(len(want)), key=want.__getitem__) == s["doc"]["answer"]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["results"]["toy_choice"]["acc,none"] == pytest.approx(correct / len(rows))
+
+
+def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monkeypatch, capsys):
+    """`track experiment add --lm-eval TASK --include-path DIR`, then `track model add`: the
+    task runs through the bridge and its metrics (lm-eval's and the tracker's continuous
+    ones) are recorded, checked against plain forward passes; bad input exits 2."""
+    from scalelab.cli import main
+    from scalelab.track.registry import Registry
+    model, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
+    reg = str(tmp_path / "reg.db")
+    add = ["track", "experiment", "add", "--registry", reg, "--threshold", "0.5"]
+    assert main(add + ["--name", "choice", "--lm-eval", "toy_choice", "--include-path",
+                       str(tasks)]) == 0
+    assert main(add + ["--name", "gen", "--lm-eval", "toy_generate", "--include-path",
+                       str(tasks), "--limit", "4"]) == 0
+    capsys.readouterr()
+    assert main(add + ["--name", "x", "--lm-eval", "nope", "--include-path", str(tasks)]) == 2
+    assert "lm-eval task 'nope' not found in" in capsys.readouterr().err
+    assert main(add + ["--name", "x", "--lm-eval", "toy_choice", "--include-path", str(tasks),
+                       "--metric", "edit_distance"]) == 2
+    assert main(add + ["--name", "x", "--task", "builtin:qa", "--include-path", "."]) == 2
+    assert main(["track", "model", "add", "--registry", reg, str(tmp_path / "model"),
+                 "--name", "toy"]) == 0
+
+    results = {r["experiment"]: r for r in Registry(tmp_path / "reg.db").results()}
+    choice, gen = results["choice"]["metrics"], results["gen"]["metrics"]
+    q = [r["question"] for r in rows]
+    lls = [[direct_loglik(model, tokenizer, x, " " + c)[0] for c in r["choices"]]
+           for x, r in zip(q, rows)]
+    right = [max(range(3), key=ll.__getitem__) == r["answer"] for ll, r in zip(lls, rows)]
+    assert choice["mc_accuracy"] == pytest.approx(sum(right) / len(rows))
+    assert choice["acc"] == choice["mc_accuracy"]  # lm-eval's own, kept under its name
+    probs = [torch.softmax(torch.tensor(ll), 0) for ll in lls]
+    brier = [float(((p - torch.eye(3)[r["answer"]]) ** 2).sum()) for p, r in zip(probs, rows)]
+    assert choice["brier"] == pytest.approx(sum(brier) / len(rows), abs=1e-5)
+    assert results["choice"]["passed"] == (choice["mc_accuracy"] >= 0.5)
+    assert results["gen"]["n_items"] == 4 and "exact_match" in gen
+    per_token = [ll / n for ll, n in (direct_loglik(model, tokenizer, x, " Tom") for x in q[:4])]
+    assert gen["token_logprob"] == pytest.approx(sum(per_token) / 4, abs=1e-4)
+    assert gen["per_item"]["x_is"] == "token_logprob" and len(gen["per_item"]["ok"]) == 4
+
+    assert main(["track", "report", "--registry", reg, "--out", str(tmp_path / "rep")]) == 0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "lm_eval:toy_choice" in html and "lm_eval:toy_generate" in html

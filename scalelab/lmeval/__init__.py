@@ -46,6 +46,17 @@ class ScalelabEvalLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = self.model.cfg.seq_len
 
+    @classmethod
+    def around(cls, model, tok, batch_size: int = 16, max_gen_toks: int = 256
+               ) -> ScalelabEvalLM:
+        """The bridge over a model already loaded (the tracker's)."""
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        self.model, self.tok, self.device_ = model, tok, next(model.parameters()).device
+        self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+        self.max_length = model.cfg.seq_len
+        return self
+
     # ---- tokens ---------------------------------------------------------------------------
 
     @property

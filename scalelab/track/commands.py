@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scalelab.config import UserError
 from scalelab.track import metrics as M
 from scalelab.track.ops import (
     add_experiment,
@@ -24,8 +25,13 @@ def open_registry(args: argparse.Namespace) -> Registry:
 # ---- experiments ---------------------------------------------------------------------------
 
 def cmd_experiment_add(args: argparse.Namespace) -> None:
+    from scalelab.track.lmeval_task import make_spec
     reg = open_registry(args)
-    add_experiment(reg, args.name, args.task, args.threshold, args.metric, args.note)
+    if args.lm_eval is None and (args.include_path or args.limit):
+        raise UserError("--include-path and --limit go with --lm-eval")
+    task = args.task if args.lm_eval is None else \
+        make_spec(args.lm_eval, args.include_path, args.limit)
+    add_experiment(reg, args.name, task, args.threshold, args.metric, args.note)
     e = reg.experiment(args.name)
     print(f"added experiment {e['name']}: {e['task']}, pass if {e['metric']} "
           f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']}")
@@ -188,10 +194,17 @@ def register(sub) -> None:
     exs = ex.add_subparsers(dest="experiment_command", required=True)
     a = exs.add_parser("add", help="register an experiment", parents=[common])
     a.add_argument("--name", required=True)
-    a.add_argument("--task", required=True, help="builtin:FAMILY?key=value or a JSONL file")
+    what = a.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="builtin:FAMILY?key=value, tasks:FAMILY or a JSONL file")
+    what.add_argument("--lm-eval", metavar="TASK", help="an lm-eval task, run through the "
+                      "bridge (pip install 'scalelab[eval]')")
+    a.add_argument("--include-path", help="with --lm-eval: folder of the task's YAML (the "
+                   "task is then looked up there only)")
+    a.add_argument("--limit", type=int, help="with --lm-eval: first N documents only")
     a.add_argument("--threshold", type=float, required=True, help="pass level of --metric")
     a.add_argument("--metric", choices=sorted(M.HIGHER_IS_BETTER),
-                   help="default: exact_match (generation) or mc_accuracy (multiple choice)")
+                   help="default: exact_match (generation) or mc_accuracy (multiple "
+                   "choice); lm-eval tasks: also acc, acc_norm, perplexities, bits_per_byte")
     a.add_argument("--note", default="", help="hypothesis or free text")
     a.set_defaults(func=cmd_experiment_add)
     exs.add_parser("list", parents=[common]).set_defaults(func=cmd_experiment_list)

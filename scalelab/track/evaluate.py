@@ -210,14 +210,19 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
 
 
 def run_experiment(lm, exp) -> tuple[dict, bool, list[dict], int, float]:
+    from scalelab.track import lmeval_task
     t0 = time.perf_counter()
-    items = load_items(exp["task"])
-    agg, samples = score(lm, items)
+    if lmeval_task.is_lm_eval(exp["task"]):
+        agg, samples, n = lmeval_task.run(lm, exp["task"])
+    else:
+        items = load_items(exp["task"])
+        agg, samples = score(lm, items)
+        n = len(items)
     if exp["metric"] not in agg:
         raise UserError(f"experiment {exp['name']!r}: metric {exp['metric']!r} does not apply "
                         f"to task {exp['task']!r} (it has {', '.join(sorted(agg))})")
     passed = M.passes(agg[exp["metric"]], exp["threshold"], exp["metric"])
-    return agg, passed, samples, len(items), time.perf_counter() - t0
+    return agg, passed, samples, n, time.perf_counter() - t0
 
 
 # ---- what a model folder says about itself ----------------------------------------------

@@ -17,6 +17,12 @@ ALL_OR_NOTHING = ("exact_match", "mc_accuracy")
 CONTINUOUS = ("token_logprob", "edit_distance", "brier")
 HIGHER_IS_BETTER = {"exact_match": True, "mc_accuracy": True, "token_logprob": True,
                     "edit_distance": False, "brier": False}
+# lm-eval's own aggregates, recorded under its names by lm_eval: experiments (lmeval_task.py)
+LM_EVAL_DISCRETE = ("acc", "acc_norm")
+LM_EVAL_CONTINUOUS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+CONTINUOUS += LM_EVAL_CONTINUOUS
+HIGHER_IS_BETTER |= {**dict.fromkeys(LM_EVAL_DISCRETE, True),
+                     **dict.fromkeys(LM_EVAL_CONTINUOUS, False)}
 GENERATION_METRICS = ("exact_match", "token_logprob", "edit_distance")
 CHOICE_METRICS = ("mc_accuracy", "brier", "token_logprob")
 

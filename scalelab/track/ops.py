@@ -23,20 +23,26 @@ def human(x: float | None) -> str:
 
 def add_experiment(reg: Registry, name: str, task: str, threshold: float,
                    metric: str | None = None, note: str = "") -> int:
+    from scalelab.track.lmeval_task import is_lm_eval, metrics_for
     from scalelab.track.specs import is_choice_task
     if not name.strip():
         raise UserError("--name must not be empty")
-    choice = is_choice_task(task)  # also validates the spec (file, line, key)
-    if not task.startswith(("builtin:", "tasks:")):  # a file: found from any folder later
-        task = str(Path(task).resolve())
-    allowed = M.CHOICE_METRICS if choice else M.GENERATION_METRICS
-    metric = metric or ("mc_accuracy" if choice else "exact_match")
+    if is_lm_eval(task):  # also finds the task (lm-eval installed, name, include path)
+        allowed, default = metrics_for(task)
+        kind = "this lm-eval task"
+    else:
+        choice = is_choice_task(task)  # also validates the spec (file, line, key)
+        if not task.startswith(("builtin:", "tasks:")):  # a file: found from any folder later
+            task = str(Path(task).resolve())
+        allowed = M.CHOICE_METRICS if choice else M.GENERATION_METRICS
+        default = "mc_accuracy" if choice else "exact_match"
+        kind = "multiple choice" if choice else "generation"
+    metric = metric or default
     if metric not in allowed:
         raise UserError(f"--metric {metric!r} does not apply to {task!r} "
-                        f"({'multiple choice' if choice else 'generation'}: "
-                        f"{', '.join(allowed)})")
-    if not math.isfinite(threshold) or (metric in M.ALL_OR_NOTHING + ("edit_distance",)
-                                        and not 0 <= threshold <= 1):
+                        f"({kind}: {', '.join(allowed)})")
+    bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
+    if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
         raise UserError(f"--threshold {threshold} is out of range for {metric}")
     return reg.add_experiment(name, task, metric, threshold, note)
 

@@ -44,6 +44,8 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
     choice = exp["metric"] in ("mc_accuracy", "brier")
     cols = ["mc_accuracy" if choice else "exact_match", "token_logprob",
             "brier" if choice else "edit_distance"]
+    if exp["metric"] not in cols:  # an lm-eval metric (acc, bits_per_byte, ...): first panel
+        cols[0] = exp["metric"]
     present = [a for a in AXES if ser[a]]  # models without a run folder have no FLOPs
     fig, axes = plt.subplots(len(present), 3, figsize=(13, 3.3 * len(present)), squeeze=False)
     for row, axis in enumerate(present):
