@@ -1,13 +1,14 @@
 """EleutherAI's lm-evaluation-harness on scalelab models (`pip install scalelab[eval]`).
 
 Importing this module registers the model type `scalelab` (any folder load_model takes: a
-scalelab run's model, or an imported Hugging Face folder). lm-eval finds its built-in model
-types by name only, so run it through this module, which registers `scalelab` first:
+scalelab run's model, or an imported Hugging Face folder). lm-eval's own command line finds it
+through scalelab_lmeval.pth (see scalelab/lmeval_plugin.py):
 
-    python -m scalelab.lmeval --model scalelab --model_args path=RUN/model --batch_size 16 \\
+    lm_eval --model scalelab --model_args path=RUN/model --batch_size 16 \\
         --tasks TASK [--include_path DIR_OF_TASK_YAMLS] ...
 
-or from Python: `import scalelab.lmeval; lm_eval.simple_evaluate(model="scalelab", ...)`.
+(`python -m scalelab.lmeval` takes the same arguments where that file is not installed), or
+from Python: `import scalelab.lmeval; lm_eval.simple_evaluate(model="scalelab", ...)`.
 Scoring is teacher-forced log-likelihood in right-padded batches; generation is
 scalelab.generate.generate (the KV-cache rollout engine), greedy unless asked to sample.
 """

@@ -1,5 +1,6 @@
 """`python -m scalelab.lmeval ...`: lm-eval's own command line, with the `scalelab` model
-type registered (importing the package registers it)."""
+type registered (importing the package registers it). Plain `lm_eval` does the same where
+scalelab_lmeval.pth is installed (wheels; install.sh for editable installs)."""
 
 import sys
 
