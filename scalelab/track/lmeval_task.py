@@ -79,9 +79,9 @@ def task_config(spec: str) -> dict:
     where = f"in {include_path}" if include_path else "among lm-eval's built-in tasks"
     if entry is None:
         raise UserError(f"lm-eval task {task!r} not found {where}")
-    if entry.cfg is None or "group" in entry.cfg and "task" not in entry.cfg:
-        raise UserError(f"lm-eval {task!r} is a group or tag, not a task: register its "
-                        "tasks one by one")
+    if entry.kind.name != "TASK" or entry.cfg is None:  # a group, a tag, a Python class
+        raise UserError(f"lm-eval {task!r} is a {entry.kind.name.lower()}, not a YAML task: "
+                        "register its tasks one by one")
     return entry.cfg
 
 
@@ -92,13 +92,17 @@ def metrics_for(spec: str) -> tuple[tuple[str, ...], str]:
     if kind not in DERIVED:
         raise UserError(f"lm-eval task {parse(spec)[0]!r}: output_type {kind!r} is not "
                         f"supported (known: {', '.join(DERIVED)})")
-    own = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
+    own = [m.get("metric") for m in cfg.get("metric_list") or []
+           if isinstance(m, dict) and isinstance(m.get("metric"), str)]
     if not own:  # lm-eval's defaults per output type
         own = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
                "loglikelihood": ["perplexity", "acc"],
                "loglikelihood_rolling": list(M.LM_EVAL_CONTINUOUS[1:])}[kind]
     allowed = DERIVED[kind] + tuple(m for m in own if m in M.HIGHER_IS_BETTER
                                     and m not in DERIVED[kind])
+    if not allowed:
+        raise UserError(f"lm-eval task {parse(spec)[0]!r}: none of its metrics ({own}) can "
+                        f"be a pass metric (known: {', '.join(M.HIGHER_IS_BETTER)})")
     default = DEFAULT[kind] if DEFAULT[kind] in allowed else allowed[0]
     return allowed, default
 
