@@ -39,7 +39,7 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
         path = saved
     if path is None:
         path = resolve_config_path(preset)
-    cfg = load_config(path, args.set)
+    cfg = load_config(path, args.set, stage=args.command)
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError("--max-steps must be at least 1")

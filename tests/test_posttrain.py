@@ -6,6 +6,7 @@ import torch
 from conftest import run_cli, tiny_sets, toy_ppo
 
 from scalelab.config import ModelConfig, PPOConfig
+from scalelab.data.batches import split_heldout
 from scalelab.model import Transformer
 from scalelab.train.ppo import ppo_step
 
@@ -114,7 +115,7 @@ def held_out_pair_accuracy(run) -> tuple[int, int]:
     model, tok, _ = load_reward_model(run / "model")
     rows = [json.loads(line) for line in (run / "preferences.jsonl").read_text().splitlines()]
     items = encode_rows(rows, tok, model.cfg.seq_len, cfg.reward.min_margin)
-    held = items[:max(1, int(len(items) * cfg.reward.heldout_fraction))]
+    held = split_heldout(items)[1]
     right = total = 0
     with torch.no_grad():
         for seqs, pairs in held:

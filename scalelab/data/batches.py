@@ -60,3 +60,14 @@ class ExampleLoader:
 def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+HELDOUT_FRACTION, HELDOUT_MAX = 0.1, 256
+
+
+def split_heldout(items: list) -> tuple[list, list]:
+    """(train, held_out): the one held-out rule of every post-training stage. The first
+    10% of the items (at least 1, at most 256) are held out; they measure val_* metrics
+    and are never trained on. Callers shuffle (or generate) items before, if order matters."""
+    n = max(1, min(HELDOUT_MAX, int(len(items) * HELDOUT_FRACTION)))
+    return items[n:], items[:n]

@@ -1,18 +1,22 @@
 """Model folders and resumable checkpoints, always written atomically.
 
 DIR/model/                model.safetensors, config.json, tokenizer.json  (the latest model)
-DIR/checkpoints/step_N/   model.safetensors, state.safetensors (optimizer + RNG tensors),
-                          state.json (step, optimizer hyperparameters, data position, ...)
+DIR/checkpoints/step_N/   state.json (step, optimizer hyperparameters, data position, the
+                          stage's own state such as PPO's KL coefficient), rng/rank_R.safetensors
+                          (every RNG of every rank: CPU, CUDA, MPS), and either
+                          model.safetensors + state.safetensors (one process: whole tensors)
+                          or dcp/ (under a mesh: shards, see parallel.checkpoint)
 
-Everything is written into a hidden temporary folder and renamed into place, so a crash
-leaves either the old folder or the new one, never half of one. Nothing is unpickled.
+`Checkpointer` is the one place that writes, prunes, finds and restores checkpoints; it
+picks single-file or sharded once, from whether a mesh is in use. Everything is written
+into a hidden temporary folder and renamed into place, so a crash leaves either the old
+folder or the new one, never half of one. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -21,28 +25,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scalelab.config import ModelConfig, RunFailed, UserError
+from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place (rename is atomic; the old one goes after)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
@@ -63,12 +51,6 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if k not in skip}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
                tensors: dict[str, torch.Tensor] | None = None,
                extra_json: dict[str, dict] | None = None) -> None:
@@ -85,27 +67,12 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     replace_dir(tmp, final)
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
-
-
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     tensors = read_tensors(path)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes differ: another architecture
+        raise UserError(f"{path}: weights do not match the model ({str(e)[:300]})") from None
     missing = [k for k in missing if k not in tied_names(model)]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model "
@@ -164,38 +131,6 @@ def disk_errors(final: Path, tmp: Path):
                         f"replaced: {kept}") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
-    """Model, optimizer, RNG and the caller's state (data position, ...) at `step`."""
-    final = run_dir / "checkpoints" / f"step_{step}"
-    tmp = fresh_tmp(final)
-    with disk_errors(final, tmp):
-        _write_checkpoint(tmp, model, optimizer, {"step": step, **state})
-    replace_dir(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      state: dict) -> None:
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    scalars: dict[str, dict] = {}
-    for idx, pstate in opt["state"].items():
-        for name, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(idx), {})[name] = v
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"param_groups": opt["param_groups"], "opt_scalars": scalars, **state}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
     ck = run_dir / "checkpoints"
@@ -204,14 +139,130 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG in place; return state.json (step, data position)."""
-    meta = read_json(ckpt / "state.json")
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every random generator this process draws from (the CUDA one of its current device)."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        out["mps"] = torch.mps.get_rng_state()
+    return out
+
+
+def set_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    if "mps" in tensors and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(tensors["mps"])
+
+
+class Checkpointer:
+    """Writes, prunes, finds and restores the checkpoints of the run in `run_dir`.
+
+    parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
+    rank then calls save and load; the model and optimizer are sharded with DCP), None in
+    one process (whole tensors in safetensors). Either kind loads under either."""
+
+    def __init__(self, run_dir: Path, keep: int = 0, parallel=None):
+        self.run_dir, self.keep, self.par = run_dir, keep, parallel
+        self.rank = 0 if parallel is None else parallel.rank
+        self.main = self.rank == 0
+
+    def all(self) -> list[Path]:
+        return list_checkpoints(self.run_dir)
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def _barrier(self) -> None:
+        if self.par is not None:
+            self.par.barrier()
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict) -> Path:
+        """Model, optimizer, RNG and the stage's state (data position, ...) at `step`;
+        then only the newest `keep` checkpoints stay (keep 0: all)."""
+        final = self.run_dir / "checkpoints" / f"step_{step}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.main:
+            fresh_tmp(final)
+        self._barrier()
+        with disk_errors(final, tmp):
+            meta = {"step": step, **state}
+            if self.par is None:
+                meta.update(_write_whole(tmp, model, optimizer))
+            else:
+                from scalelab.parallel.checkpoint import write_sharded
+                write_sharded(tmp, model, optimizer)
+                meta["mapping"] = self.par.sizes
+            (tmp / "rng").mkdir(exist_ok=True)
+            save_file(rng_tensors(), str(tmp / "rng" / f"rank_{self.rank}.safetensors"))
+            if self.main:
+                (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        self._barrier()
+        if self.main:
+            replace_dir(tmp, final)
+            self.prune()
+        self._barrier()
+        return final
+
+    def prune(self) -> None:
+        for old in self.all()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             ckpt: Path | None = None) -> dict:
+        """Restore model, optimizer and this rank's RNG in place from `ckpt` (default: the
+        newest); return its state.json (step, data position, the stage's own state).
+        A checkpoint that does not fit the model is a UserError: nothing has been written."""
+        ckpt = ckpt or self.latest()
+        if ckpt is None:
+            raise UserError(f"{self.run_dir}: --resume given but no checkpoint in "
+                            f"{self.run_dir / 'checkpoints'}")
+        meta = read_json(ckpt / "state.json")
+        from scalelab.parallel.checkpoint import is_sharded
+        if is_sharded(ckpt):
+            from scalelab.parallel.checkpoint import read_sharded
+            read_sharded(ckpt, model, optimizer)
+        elif self.par is not None:
+            from scalelab.parallel.checkpoint import load_single_into_mesh
+            load_single_into_mesh(ckpt, model, optimizer, meta)
+        else:
+            _read_whole(ckpt, model, optimizer, meta)
+        # This rank's generators; a rank the saving mapping did not have takes rank 0's.
+        mine, first = (ckpt / "rng" / f"rank_{r}.safetensors" for r in (self.rank, 0))
+        if mine.is_file() or first.is_file():
+            set_rng(read_tensors(mine if mine.is_file() else first))
+        elif (ckpt / "state.safetensors").is_file():  # written before rng/ existed
+            old = read_tensors(ckpt / "state.safetensors")
+            set_rng({k[4:]: v for k, v in old.items() if k.startswith("rng.")})
+        return meta
+
+
+def _write_whole(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """model.safetensors and the optimizer's tensors; returns its non-tensor state for
+    state.json."""
+    save_file(model_tensors(model), str(folder / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, pstate in opt["state"].items():
+        for name, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    save_file(tensors, str(folder / "state.safetensors"))
+    return {"param_groups": opt["param_groups"], "opt_scalars": scalars}
+
+
+def _read_whole(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                meta: dict) -> None:
     load_weights(model, ckpt / "model.safetensors")
-    tensors = read_tensors(ckpt / "state.safetensors")
     opt_state: dict[int, dict] = {}
-    for key, v in tensors.items():
+    for key, v in read_tensors(ckpt / "state.safetensors").items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             opt_state.setdefault(int(idx), {})[name] = v
@@ -221,7 +272,3 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module,
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     except (KeyError, ValueError) as e:
         raise UserError(f"{ckpt}: optimizer state does not match this model ({e})") from None
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from scalelab.config import UserError
+from scalelab.io import atomic_write_json
 
 MARKER = "run.json"
 
@@ -87,11 +88,8 @@ def claim(out: Path, stage: str, resume: bool) -> None:
     """check_out, then create the folder and record the stage (idempotent)."""
     check_out(out, stage, resume)
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / MARKER
-    if not marker.exists():
-        tmp = out / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"stage": stage}) + "\n")
-        tmp.replace(marker)
+    if not (out / MARKER).exists():
+        atomic_write_json(out / MARKER, {"stage": stage}, indent=None)
 
 
 def check_folder(out: Path, own: str, command: str) -> None:
