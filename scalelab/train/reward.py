@@ -28,6 +28,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import load_model, save_model
 from scalelab.train.labelers import get_labeler
 from scalelab.train.loop import fit, start_stage
+from scalelab.train.rundir import claim
 
 
 def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     pref_file = out / "preferences.jsonl"
     if is_builtin_tasks(data_spec, "--data"):
         if not pref_file.exists():  # generated once; a resumed run reuses the same data
-            out.mkdir(parents=True, exist_ok=True)
+            claim(out, "reward", resume)  # run.json first: a rerun may reuse this folder
             tqdm.write("sampling completions from the base model and ranking them")
             rows = generate_preferences(policy, tok, cfg)
             atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
