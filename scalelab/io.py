@@ -1,6 +1,6 @@
-"""Small file helpers every layer below the stages may use: atomic writes (a crash leaves
-the old file or folder or the new one, never half of one) and JSON / safetensors reads
-that turn a missing or corrupt file into one UserError naming it."""
+"""File helpers for every layer below the stages: atomic writes (a crash leaves the old
+file or folder or the new one, never half of one), and JSON / safetensors reads that turn
+a missing or corrupt file into one UserError naming it."""
 
 from __future__ import annotations
 
@@ -15,12 +15,8 @@ import torch
 from scalelab.config import UserError
 
 
-def _tmp_of(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")  # hidden: globs such as step_* never match
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_of(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -30,8 +26,8 @@ def atomic_write_json(path: Path, data: Any, indent: int | None = 2) -> None:
 
 
 def fresh_tmp(final: Path) -> Path:
-    """An empty hidden folder beside `final` to build it in (see replace_dir)."""
-    tmp = _tmp_of(final)
+    """An empty hidden folder beside `final` to build it in, then replace_dir."""
+    tmp = final.with_name(f".{final.name}.tmp")  # hidden: globs such as step_* never match
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

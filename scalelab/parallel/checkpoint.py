@@ -26,12 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from scalelab.config import UserError
-from scalelab.io import read_tensors
 from scalelab.parallel.mesh import Parallel
-
-
-def is_sharded(ckpt: Path) -> bool:
-    return (ckpt / "dcp").is_dir()
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -54,36 +49,6 @@ def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         raise UserError(f"{ckpt / 'dcp'}: cannot load this checkpoint ({e})") from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-
-
-def load_single_into_mesh(ckpt: Path, model: torch.nn.Module,
-                          optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """A one-process checkpoint (whole tensors in safetensors, optimizer state keyed by
-    position; meta is its state.json) loaded into a sharded model: every rank reads the
-    file and keeps its slices."""
-    weights = read_tensors(ckpt / "model.safetensors")
-    if model.cfg.tie_embeddings and "embed.weight" in weights:
-        weights["lm_head.weight"] = weights["embed.weight"]
-    full = StateDictOptions(full_state_dict=True)
-    try:
-        set_model_state_dict(model, weights, options=full)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match the model "
-                        f"({str(e)[:300]})") from None
-    # Position i in the saved optimizer state = i-th parameter of the param groups, in order.
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    state: dict[str, dict] = {}
-    for key, v in read_tensors(ckpt / "state.safetensors").items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(order[int(idx)], {})[name] = v
-    groups, start = [], 0
-    for g in meta["param_groups"]:
-        groups.append({**g, "params": order[start: start + len(g["params"])]})
-        start += len(g["params"])
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                             options=full)
 
 
 def full_model_tensors(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor]:

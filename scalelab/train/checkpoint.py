@@ -2,22 +2,20 @@
 
 DIR/model/                model.safetensors, config.json, tokenizer.json  (the latest model)
 DIR/checkpoints/step_N/   state.json (step, optimizer hyperparameters, data position, the
-                          stage's own state such as PPO's KL coefficient), rng/rank_R.safetensors
-                          (every RNG of every rank: CPU, CUDA, MPS), and either
-                          model.safetensors + state.safetensors (one process: whole tensors)
-                          or dcp/ (under a mesh: shards, see parallel.checkpoint)
+                          stage's own state such as PPO's KL coefficient); rng/rank_R.
+                          safetensors (each rank's CPU, CUDA, MPS generators); and whole
+                          tensors (model.safetensors, state.safetensors: optimizer) from one
+                          process, or dcp/ shards from a mesh (see parallel.checkpoint)
 
-`Checkpointer` is the one place that writes, prunes, finds and restores checkpoints; it
-picks single-file or sharded once, from whether a mesh is in use. Everything is written
-into a hidden temporary folder and renamed into place, so a crash leaves either the old
-folder or the new one, never half of one. Nothing is unpickled.
+`Checkpointer` is the one place that writes, prunes, finds and restores them. Everything is
+built in a hidden temporary folder and renamed into place, so a crash leaves the old folder
+or the new one, never half of one. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,15 +29,17 @@ from scalelab.config import ModelConfig, RunFailed, UserError
 from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
+from scalelab.train.rundir import list_checkpoints
 
 
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that are another parameter under a second name (a tied lm_head)."""
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters that are another parameter under a second name (a tied lm_head):
+    {second name: first name}."""
     first: dict[int, str] = {}
-    tied = set()
+    tied = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in first:
-            tied.add(name)
+            tied[name] = first[id(p)]
         first.setdefault(id(p), name)
     return tied
 
@@ -131,49 +131,36 @@ def disk_errors(final: Path, tmp: Path):
                         f"replaced: {kept}") from None
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
-    ck = run_dir / "checkpoints"
-    found = [p for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
-        if ck.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
 def rng_tensors() -> dict[str, torch.Tensor]:
-    """Every random generator this process draws from (the CUDA one of its current device)."""
-    out = {"cpu": torch.get_rng_state()}
+    """Every generator this process draws from (CUDA: its current device's)."""
+    found = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
+        found["cuda"] = torch.cuda.get_rng_state()
     if torch.backends.mps.is_available():
-        out["mps"] = torch.mps.get_rng_state()
-    return out
+        found["mps"] = torch.mps.get_rng_state()
+    return found
 
 
-def set_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["cpu"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    if "mps" in tensors and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(tensors["mps"])
+def set_rng(saved: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    if "mps" in saved and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(saved["mps"])
 
 
 class Checkpointer:
     """Writes, prunes, finds and restores the checkpoints of the run in `run_dir`.
-
-    parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
-    rank then calls save and load; the model and optimizer are sharded with DCP), None in
-    one process (whole tensors in safetensors). Either kind loads under either."""
+    parallel: the mesh (scalelab.parallel.mesh.Parallel) when the model is spread over one:
+    every rank then calls save and load, and model and optimizer are saved as DCP shards;
+    None: one process, whole tensors in safetensors. Either kind loads under either."""
 
     def __init__(self, run_dir: Path, keep: int = 0, parallel=None):
         self.run_dir, self.keep, self.par = run_dir, keep, parallel
         self.rank = 0 if parallel is None else parallel.rank
-        self.main = self.rank == 0
-
-    def all(self) -> list[Path]:
-        return list_checkpoints(self.run_dir)
 
     def latest(self) -> Path | None:
-        found = self.all()
+        found = list_checkpoints(self.run_dir)
         return found[-1] if found else None
 
     def _barrier(self) -> None:
@@ -186,7 +173,7 @@ class Checkpointer:
         then only the newest `keep` checkpoints stay (keep 0: all)."""
         final = self.run_dir / "checkpoints" / f"step_{step}"
         tmp = final.with_name(f".{final.name}.tmp")
-        if self.main:
+        if self.rank == 0:
             fresh_tmp(final)
         self._barrier()
         with disk_errors(final, tmp):
@@ -199,36 +186,28 @@ class Checkpointer:
                 meta["mapping"] = self.par.sizes
             (tmp / "rng").mkdir(exist_ok=True)
             save_file(rng_tensors(), str(tmp / "rng" / f"rank_{self.rank}.safetensors"))
-            if self.main:
+            if self.rank == 0:
                 (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         self._barrier()
-        if self.main:
+        if self.rank == 0:
             replace_dir(tmp, final)
-            self.prune()
+            for old in list_checkpoints(self.run_dir)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
 
-    def prune(self) -> None:
-        for old in self.all()[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             ckpt: Path | None = None) -> dict:
-        """Restore model, optimizer and this rank's RNG in place from `ckpt` (default: the
-        newest); return its state.json (step, data position, the stage's own state).
-        A checkpoint that does not fit the model is a UserError: nothing has been written."""
-        ckpt = ckpt or self.latest()
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG in place from the newest checkpoint;
+        return its state.json (step, data position, the stage's own state). One that does
+        not fit the model is a UserError, raised before the run writes anything."""
+        ckpt = self.latest()
         if ckpt is None:
             raise UserError(f"{self.run_dir}: --resume given but no checkpoint in "
                             f"{self.run_dir / 'checkpoints'}")
         meta = read_json(ckpt / "state.json")
-        from scalelab.parallel.checkpoint import is_sharded
-        if is_sharded(ckpt):
+        if (ckpt / "dcp").is_dir():
             from scalelab.parallel.checkpoint import read_sharded
             read_sharded(ckpt, model, optimizer)
-        elif self.par is not None:
-            from scalelab.parallel.checkpoint import load_single_into_mesh
-            load_single_into_mesh(ckpt, model, optimizer, meta)
         else:
             _read_whole(ckpt, model, optimizer, meta)
         # This rank's generators; a rank the saving mapping did not have takes rank 0's.
@@ -242,33 +221,54 @@ class Checkpointer:
 
 
 def _write_whole(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """model.safetensors and the optimizer's tensors; returns its non-tensor state for
-    state.json."""
+    """model.safetensors, and the optimizer's tensors keyed by parameter name (so they load
+    into any mapping); returns the rest of its state, for state.json."""
     save_file(model_tensors(model), str(folder / "model.safetensors"))
-    opt = optimizer.state_dict()
+    names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
-    for idx, pstate in opt["state"].items():
-        for name, v in pstate.items():
+    for p, pstate in optimizer.state.items():
+        for key, v in pstate.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
+                tensors[f"opt.{names[id(p)]}.{key}"] = v.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(idx), {})[name] = v
+                scalars.setdefault(names[id(p)], {})[key] = v
     save_file(tensors, str(folder / "state.safetensors"))
-    return {"param_groups": opt["param_groups"], "opt_scalars": scalars}
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+    return {"param_groups": groups, "opt_scalars": scalars}
 
 
 def _read_whole(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 meta: dict) -> None:
-    load_weights(model, ckpt / "model.safetensors")
-    opt_state: dict[int, dict] = {}
+    """Whole tensors into the model as it is now: in one process, or sharded over a mesh
+    (every rank reads the files and keeps its slices). Checkpoints from before optimizer
+    state was keyed by name key it by position in the param groups: those load too."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    weights = read_tensors(ckpt / "model.safetensors")
+    for second, first in tied_names(model).items():  # stored once, under its first name
+        if first in weights:
+            weights[second] = weights[first]
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    name_of = lambda k: order[int(k)] if str(k).isdigit() else k  # noqa: E731
+    state: dict[str, dict] = {}
     for key, v in read_tensors(ckpt / "state.safetensors").items():
         if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    for idx, extra in meta.get("opt_scalars", {}).items():
-        opt_state.setdefault(int(idx), {}).update(extra)
+            where, name = key[4:].rsplit(".", 1)
+            state.setdefault(name_of(where), {})[name] = v
+    for where, extra in meta.get("opt_scalars", {}).items():
+        state.setdefault(name_of(where), {}).update(extra)
+    full = StateDictOptions(full_state_dict=True)
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{ckpt}: optimizer state does not match this model ({e})") from None
+        groups = [{**g, "params": [name_of(p) for p in g["params"]]}
+                  for g in meta["param_groups"]]
+        set_model_state_dict(model, weights, options=full)
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=full)
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        raise UserError(f"{ckpt}: weights do not match the model ({str(e)[:300]})") from None

@@ -19,12 +19,17 @@ from scalelab.io import atomic_write_json
 MARKER = "run.json"
 
 
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
+    found = [p for p in (run_dir / "checkpoints").glob("step_*")
+             if re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def last_step(out: Path) -> int | None:
     """Step of the newest finished checkpoint, or None."""
-    ck = out / "checkpoints"
-    steps = [int(p.name[5:]) for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
-        if ck.is_dir() else []
-    return max(steps) if steps else None
+    found = list_checkpoints(out)
+    return int(found[-1].name[5:]) if found else None
 
 
 def run_stage(out: Path) -> str | None:
