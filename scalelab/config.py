@@ -189,9 +189,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# What each stage reads: sections, or single "section.key"s. `--set` on anything else is an
-# error, since the value would be silently ignored. Post-training stages take [model] from
-# the model folder they start from (train.loop.start_stage), so `--set model.*` is refused.
+# What each stage reads (sections, or single "section.key"s): `--set` on anything else would
+# be silently ignored, so it is an error. Post-training takes [model] from its parent model.
 STAGE_READS = {
     "pretrain": {"model", "data", "train", "parallel", "monitor"},
     "sft": {"train", "sft", "parallel", "monitor"},
@@ -205,13 +204,10 @@ def check_stage_override(stage: str, section: str, key: str, where: str) -> None
     reads = STAGE_READS[stage]
     if section in reads or f"{section}.{key}" in reads:
         return
-    if section == "model":
-        raise UserError(f"{where}: `scalelab {stage}` takes [model] from the model it starts "
-                        f"from, and fine-tuning cannot change its architecture "
-                        f"(model.{key} is that model's)")
-    shown = ", ".join(sorted(f"[{r}]" if "." not in r else r for r in reads))
-    raise UserError(f"{where}: `scalelab {stage}` does not read [{section}] (it reads "
-                    f"{shown}); the value would be ignored")
+    why = ("takes [model] from the model it starts from: fine-tuning cannot change its "
+           "architecture" if section == "model" else
+           f"does not read [{section}] (it reads {', '.join(sorted(reads))})")
+    raise UserError(f"{where}: `scalelab {stage}` {why}")
 
 
 # Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];

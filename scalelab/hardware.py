@@ -63,8 +63,6 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
 def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """What matmuls run in for train.dtype: bf16 on GPUs by default, fp32 on CPU (exact and
     reproducible)."""
-    if dtype not in ("auto", "bfloat16", "float32"):
-        raise UserError(f"train.dtype: expected auto, bfloat16 or float32, got {dtype!r}")
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
 

@@ -62,12 +62,8 @@ def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-HELDOUT_FRACTION, HELDOUT_MAX = 0.1, 256
-
-
 def split_heldout(items: list) -> tuple[list, list]:
     """(train, held_out): the one held-out rule of every post-training stage. The first
-    10% of the items (at least 1, at most 256) are held out; they measure val_* metrics
-    and are never trained on. Callers shuffle (or generate) items before, if order matters."""
-    n = max(1, min(HELDOUT_MAX, int(len(items) * HELDOUT_FRACTION)))
+    10% of the items (at least 1, at most 256) measure val_* metrics, never trained on."""
+    n = max(1, min(256, len(items) // 10))
     return items[n:], items[:n]

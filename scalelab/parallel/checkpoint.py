@@ -1,14 +1,9 @@
-"""Sharded checkpoints that move between mappings (the layout; train.checkpoint.Checkpointer
-decides when to use it and owns the folder, its atomic rename and pruning).
-
-Under a mesh, a checkpoint folder holds dcp/ (torch.distributed.checkpoint: each rank
-writes its own shards plus a global index, keyed by parameter name and global shape).
-Loading reads whatever slices the *current* mapping needs, so a checkpoint saved under
-fsdp=2 x tp=2 resumes under dp=4 or in one plain process (DCP needs no process group to
-load).
-
-DIR/model/ is always one consolidated model.safetensors, so `scalelab generate` and later
-stages never see shards.
+"""Sharded checkpoints that move between mappings: dcp/ in a checkpoint folder
+(torch.distributed.checkpoint: each rank writes its own shards plus a global index, keyed by
+parameter name and global shape). Loading reads whatever slices the *current* mapping needs,
+so a checkpoint saved under fsdp=2 x tp=2 resumes under dp=4 or in one plain process.
+train.checkpoint.Checkpointer owns the folder (atomic rename, RNG, pruning). DIR/model/ is
+always one consolidated model.safetensors (full_model_tensors): later stages see no shards.
 """
 
 from __future__ import annotations

@@ -67,16 +67,20 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     replace_dir(tmp, final)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def read_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """A model.safetensors as `model`'s state dict (a tied weight is stored once)."""
     tensors = read_tensors(path)
+    for second, first in tied_names(model).items():
+        if first in tensors:
+            tensors[second] = tensors[first]
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:  # shapes differ: another architecture
+        model.load_state_dict(read_weights(model, path))
+    except RuntimeError as e:  # missing, unexpected or differently shaped: another model
         raise UserError(f"{path}: weights do not match the model ({str(e)[:300]})") from None
-    missing = [k for k in missing if k not in tied_names(model)]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
@@ -249,10 +253,7 @@ def _read_whole(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    weights = read_tensors(ckpt / "model.safetensors")
-    for second, first in tied_names(model).items():  # stored once, under its first name
-        if first in weights:
-            weights[second] = weights[first]
+    weights = read_weights(model, ckpt / "model.safetensors")
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     name_of = lambda k: order[int(k)] if str(k).isdigit() else k  # noqa: E731

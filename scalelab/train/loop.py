@@ -57,19 +57,17 @@ class Run:
         # write=False: a non-zero rank of a parallel run, which writes nothing.
         self.out, self.metrics, self.write = out, out / "metrics.jsonl", write
         self.cfg, self.resume, self.stage, self.lineage = cfg, resume, stage, lineage
-        self.begun = False
         if write:  # new, empty, or this stage's own run (rundir.check_out); else exit 2
             check_out(out, stage, resume)
 
     def begin(self) -> None:
         """Claim the folder, save the resolved config (and where the model came from)."""
-        if not self.write or self.begun:
+        if not self.write:
             return
         claim(self.out, self.stage, self.resume)
         atomic_write_text(self.out / "config.toml", dump_toml(self.cfg))
         if self.lineage is not None:
             atomic_write_json(self.out / "lineage.json", self.lineage, indent=None)
-        self.begun = True
 
     def log(self, row: dict) -> None:
         if not self.write:
@@ -111,6 +109,26 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
     cfg.model = model.cfg  # the parent's architecture, always (config.check_stage_overrides)
     return run, device, model, tok
+
+
+def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, loader, mon: Monitor) -> dict:
+    """On --resume: model, optimizer, RNG, data position and monitor from the last
+    checkpoint; returns its state.json (the stage's own state too), {} on a fresh start.
+    Then, inputs and checkpoint known good, the run folder is written (Run.begin)."""
+    meta = ckpts.load(model, optimizer) if run.resume else {}
+    if meta:
+        loader.load_state_dict(meta["loader"])
+    run.begin()
+    if meta:
+        run.truncate_metrics(meta["step"])
+        mon.load_state_dict(meta.get("monitor"))
+        mon.step = meta["step"]
+        if mon.main:
+            tqdm.write(f"resumed from {ckpts.latest()} (step {meta['step']})")
+            mon.event({"event": "resumed", "step": meta["step"],
+                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+    return meta
 
 
 def rewind(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
@@ -155,21 +173,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     mon = Monitor(cfg.monitor, run.out, main, resume, flops_per_token=flops_per_token,
                   peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
     ckpts = Checkpointer(run.out, tc.keep_checkpoints, parallel)
-    start = 0
-    if resume:
-        meta = ckpts.load(model, optimizer)  # a bad checkpoint fails here, nothing written
-        loader.load_state_dict(meta["loader"])
-        start = meta["step"]
-        run.begin()
-        run.truncate_metrics(start)
-        mon.load_state_dict(meta.get("monitor"))
-        mon.step = start
-        if main:
-            tqdm.write(f"resumed from {ckpts.latest()} (step {start})")
-            mon.event({"event": "resumed", "step": start,
-                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
-    else:
-        run.begin()
+    start = start_or_resume(run, ckpts, model, optimizer, loader, mon).get("step", 0)
     if not resume and evaluate is not None:
         with mon.clock("eval"):
             run.log({"step": 0, **evaluate(0)})

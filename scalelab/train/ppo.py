@@ -31,7 +31,7 @@ from scalelab.hardware import autocast, pick_device
 from scalelab.model import ScalarModel, Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import Checkpointer, save_model
-from scalelab.train.loop import make_optimizer, start_stage
+from scalelab.train.loop import make_optimizer, start_or_resume, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
@@ -306,18 +306,10 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
-    kl_coef, start = pc.kl_coef, 0
     mon = Monitor(cfg.monitor, out, resume=resume)
     ckpts = Checkpointer(out, tc.keep_checkpoints)
-    if resume:
-        meta = ckpts.load(both, optimizer)  # PPO's own state: the adaptive KL coefficient
-        sampler.load_state_dict(meta["loader"])
-        kl_coef, start = meta["kl_coef"], meta["step"]
-    run.begin()  # inputs and checkpoint are good: now the run folder is written
-    if resume:
-        run.truncate_metrics(start)
-        mon.load_state_dict(meta.get("monitor"))
-        mon.step = start
+    meta = start_or_resume(run, ckpts, both, optimizer, sampler, mon)
+    kl_coef, start = meta.get("kl_coef", pc.kl_coef), meta.get("step", 0)  # PPO's own state
     gen = torch.Generator(device=device)
     bar = Progress(tc.max_steps, start, "ppo")  # plain lines when not on a terminal
     mon.start(tc.max_steps)
