@@ -16,7 +16,7 @@ def resume_after_restart(args: argparse.Namespace) -> None:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if args.resume or restart == 0:
         return
-    from scalelab.train.checkpoint import list_checkpoints
+    from scalelab.train.rundir import list_checkpoints
     if list_checkpoints(Path(args.out)):
         args.resume = True
         if os.environ.get("RANK", "0") == "0":

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.train.checkpoint import list_checkpoints
+from scalelab.train.rundir import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,

@@ -50,7 +50,8 @@ def test_post_training_stages_end_to_end(tmp_path):
                 str(tmp_path / "rm/model"), "--prompts", "builtin:tasks",
                 "--out", str(tmp_path / "ppo"), "--max-steps", "4",
                 "--set", "ppo.rollout_batch=8", "--set", "ppo.max_new_tokens=8",
-                "--set", "ppo.n_prompts=64", "--set", "train.checkpoint_every=2")
+                "--set", "ppo.n_prompts=64", "--set", "train.checkpoint_every=2",
+                "--set", "ppo.adaptive_kl=true", "--set", "ppo.kl_horizon=100")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text()
             .splitlines()]

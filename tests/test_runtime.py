@@ -140,6 +140,36 @@ def test_sharded_checkpoint_saves_every_rng_and_loads_in_one_process(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.state_dict().items())
 
 
+def test_checkpoints_with_optimizer_state_by_position_still_load(tmp_path):
+    """Before name keys, state.safetensors held opt.<position>.<name> and state.json's
+    param_groups listed positions, with the RNG in state.safetensors too."""
+    from safetensors.torch import save_file
+
+    from scalelab.io import read_tensors
+    torch.manual_seed(0)
+    model = small_model()
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    train_a_step(model, opt)
+    ckpt = Checkpointer(tmp_path).save(1, model, opt, {})
+    meta = json.loads((ckpt / "state.json").read_text())
+    order = [n for g in meta["param_groups"] for n in g["params"]]
+    old = {f"opt.{order.index(k[4:].rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v
+           for k, v in read_tensors(ckpt / "state.safetensors").items()}
+    old["rng.cpu"] = read_tensors(ckpt / "rng" / "rank_0.safetensors")["cpu"]
+    save_file(old, str(ckpt / "state.safetensors"))
+    for g in meta["param_groups"]:
+        g["params"] = [order.index(n) for n in g["params"]]
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    (ckpt / "rng" / "rank_0.safetensors").unlink()
+    want_next = torch.rand(4)
+    fresh = small_model()
+    fresh_opt = make_optimizer(fresh, TrainConfig(), torch.device("cpu"))
+    Checkpointer(tmp_path).load(fresh, fresh_opt)
+    assert torch.equal(torch.rand(4), want_next)
+    got, want = fresh_opt.state_dict()["state"], opt.state_dict()["state"]
+    assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
+
+
 def test_a_checkpoint_of_another_architecture_is_a_user_error(tmp_path):
     model = small_model()
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
