@@ -290,12 +290,16 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     setattr(sub, key, value)
 
 
+RETIRED = {("reward", "heldout_fraction")}  # in every config.toml saved before issue 10
+
+
 def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
     for section, values in data.items():
         if not isinstance(values, dict):
             raise UserError(f"{where}: '{section}' must be a [section] table of keys")
         for key, value in values.items():
-            _set_key(cfg, section, key, value, where)
+            if (section, key) not in RETIRED:
+                _set_key(cfg, section, key, value, where)
     return cfg
 
 

@@ -224,6 +224,11 @@ def test_what_each_stage_reads_is_accepted():
         assert ("model" in reads) == (stage == "pretrain")
 
 
+def test_config_saved_before_the_one_held_out_rule_still_loads(tmp_path):
+    (tmp_path / "config.toml").write_text("[reward]\nheldout_fraction = 0.15\n")
+    assert load_config(tmp_path / "config.toml").reward.min_margin == 0.3
+
+
 def test_cli_names_the_ignored_key_and_writes_nothing(tmp_path):
     from scalelab.cli import main
     out = tmp_path / "sft"
