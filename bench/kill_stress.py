@@ -92,7 +92,8 @@ def writing(out: Path) -> bool:
 
 def check_disk(out: Path) -> list[str]:
     """Every finished checkpoint and the model folder must load; returns what did not."""
-    from scalelab.train.checkpoint import list_checkpoints, read_json, read_tensors
+    from scalelab.io import read_json, read_tensors
+    from scalelab.train.rundir import list_checkpoints
     bad = []
     folders = list_checkpoints(out) + ([out / "model"] if (out / "model").is_dir() else [])
     for folder in folders:

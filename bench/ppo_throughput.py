@@ -34,10 +34,9 @@ import torch
 
 from scalelab.config import ModelConfig, PPOConfig, TrainConfig
 from scalelab.hardware import autocast, pick_device
-from scalelab.model import Transformer
+from scalelab.model import ScalarModel, Transformer
 from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import make_rollout, minibatch_loss, ppo_step
-from scalelab.train.reward import ScalarModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import device_name, hf_peer  # noqa: E402

@@ -16,7 +16,7 @@ def resume_after_restart(args: argparse.Namespace) -> None:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if args.resume or restart == 0:
         return
-    from scalelab.train.checkpoint import list_checkpoints
+    from scalelab.train.rundir import list_checkpoints
     if list_checkpoints(Path(args.out)):
         args.resume = True
         if os.environ.get("RANK", "0") == "0":
@@ -39,7 +39,7 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
         path = saved
     if path is None:
         path = resolve_config_path(preset)
-    cfg = load_config(path, args.set)
+    cfg = load_config(path, args.set, stage=args.command)
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError("--max-steps must be at least 1")

@@ -103,7 +103,6 @@ class RewardConfig:
     samples_per_prompt: int = 4  # K completions ranked per prompt -> C(K,2) pairs
     temperature: float = 1.0
     max_new_tokens: int = 24
-    heldout_fraction: float = 0.15  # prompts whose pairs measure accuracy, never trained on
     min_margin: float = 0.3  # answers whose gold scores differ less are a tie: not compared
     labeler: str = "builtin:gold"  # or "module:function" returning a float per response
     seed: int = 0
@@ -137,6 +136,8 @@ class PPOConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1
+    min_margin: float = 0.3  # a reward run's ranked answers: pair the best with each one
+    # scored more than this lower (as reward.min_margin does for the reward model)
 
 
 @dataclass
@@ -188,6 +189,27 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# What each stage reads (sections, or single "section.key"s): `--set` on anything else would
+# be silently ignored, so it is an error. Post-training takes [model] from its parent model.
+STAGE_READS = {
+    "pretrain": {"model", "data", "train", "parallel", "monitor"},
+    "sft": {"train", "sft", "parallel", "monitor"},
+    "reward": {"train", "reward", "parallel", "monitor"},
+    "ppo": {"train", "ppo", "parallel", "monitor", "reward.labeler"},
+    "dpo": {"train", "dpo", "parallel", "monitor"},
+}
+
+
+def check_stage_override(stage: str, section: str, key: str, where: str) -> None:
+    reads = STAGE_READS[stage]
+    if section in reads or f"{section}.{key}" in reads:
+        return
+    why = ("takes [model] from the model it starts from: fine-tuning cannot change its "
+           "architecture" if section == "model" else
+           f"does not read [{section}] (it reads {', '.join(sorted(reads))})")
+    raise UserError(f"{where}: `scalelab {stage}` {why}")
+
+
 # Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];
 # every other int must be >= 0 and every float finite and >= 0.
 AT_LEAST_ONE = {
@@ -201,7 +223,7 @@ AT_LEAST_ONE = {
     "parallel": set(),
 }
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
-             ("train", "beta2"), ("sft", "chatty_fraction"), ("reward", "heldout_fraction"),
+             ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
 POSITIVE = {("model", "rope_theta"), ("model", "norm_eps"), ("train", "lr")}
 SIGNED = {("parallel", "dp"), ("parallel", "fsdp"), ("parallel", "tp"), ("ppo", "seed"),
@@ -268,12 +290,16 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     setattr(sub, key, value)
 
 
+RETIRED = {("reward", "heldout_fraction")}  # in every config.toml saved before issue 10
+
+
 def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
     for section, values in data.items():
         if not isinstance(values, dict):
             raise UserError(f"{where}: '{section}' must be a [section] table of keys")
         for key, value in values.items():
-            _set_key(cfg, section, key, value, where)
+            if (section, key) not in RETIRED:
+                _set_key(cfg, section, key, value, where)
     return cfg
 
 
@@ -304,8 +330,10 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
         raise UserError(f"{path}: malformed TOML: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file, then each `section.key=value` override, in that order."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                stage: str | None = None) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override, in that order.
+    stage: the stage the config is for; an override it would ignore is an error."""
     cfg = Config()
     if path is not None:
         apply_dict(cfg, read_toml(Path(path)), str(path))
@@ -314,6 +342,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise UserError(f"--set {item!r}: expected section.key=value")
+        if stage is not None and hasattr(cfg, section.strip()):
+            check_stage_override(stage, section.strip(), key.strip().partition(".")[0],
+                                 f"--set {name.strip()}")
         try:  # TOML syntax for the value (numbers, true/false, "strings"); bare words are strings
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

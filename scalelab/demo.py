@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.train.checkpoint import list_checkpoints
+from scalelab.train.rundir import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -60,6 +60,7 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     (temperature 1, as PPO samples) to held-in prompts: the mean gold reward and what it is
     made of (correct, said more than the answer, stopped), for each model."""
     from scalelab.evaluate import respond_ids, task_accuracy
+    from scalelab.generate import stopped
     from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS, make_examples
     from scalelab.train.checkpoint import load_model
     from scalelab.train.labelers import gold
@@ -73,8 +74,8 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
         sampled = respond_ids(model, tok, [e.prompt for e in gold_prompts], temperature=1.0,
                               generator=g)
         texts = [tok.decode(ids) for ids in sampled]
-        stopped = [bool(ids) and ids[-1] == tok.eos_id for ids in sampled]
-        golds = [gold(e, t, st) for e, t, st in zip(gold_prompts, texts, stopped)]
+        ended = [stopped(ids, tok.eos_id) for ids in sampled]
+        golds = [gold(e, t, st) for e, t, st in zip(gold_prompts, texts, ended)]
         greedy = respond_ids(model, tok, SHOWCASE)
         results[name] = {
             "held_in": task_accuracy(model, tok, held_in),
@@ -85,7 +86,7 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
                                      for e, t in zip(gold_prompts, texts)]),
             "sampled_extra_words": statistics.fmean([len(t.split()) > len(e.answer.split())
                                          for e, t in zip(gold_prompts, texts)]),
-            "sampled_stopped": statistics.fmean(stopped),
+            "sampled_stopped": statistics.fmean(ended),
             "showcase": [tok.decode(ids) for ids in greedy],
         }
     return results
@@ -244,7 +245,7 @@ def markdown_to_html(md: str) -> str:
 
 
 def run_demo(out: Path, quick: bool = False) -> None:
-    from scalelab.train.checkpoint import read_json
+    from scalelab.io import read_json
     from scalelab.train.ppo import ppo
     from scalelab.train.pretrain import pretrain
     from scalelab.train.reward import train_reward

@@ -305,6 +305,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     return [_cut_at_eos(r, eos_id) for r in rows_out]
 
 
+def stopped(ids: list[int], eos_id: int) -> bool:
+    """Did this generated answer end by itself (with EOS), rather than run out of tokens?"""
+    return bool(ids) and ids[-1] == eos_id
+
+
 def _cut_at_eos(new: list[int], eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in new:  # rows that stopped early hold pads after EOS
         return new[: new.index(eos_id) + 1]

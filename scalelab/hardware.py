@@ -60,11 +60,15 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return dev
 
 
+def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """What matmuls run in for train.dtype: bf16 on GPUs by default, fp32 on CPU (exact and
+    reproducible)."""
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on GPUs by default; plain fp32 on CPU (exact and reproducible)."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if dtype not in ("auto", "bfloat16", "float32"):
-        raise UserError(f"train.dtype: expected auto, bfloat16 or float32, got {dtype!r}")
-    if use_bf16:
+    """bf16 autocast where compute_dtype says bf16; else plain fp32."""
+    if compute_dtype(device, dtype) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from scalelab.config import ModelConfig, UserError
-from scalelab.hf_tokenizer import HFStyleTokenizer, read_json_file
+from scalelab.hf_tokenizer import HFStyleTokenizer
+from scalelab.io import read_json
 from scalelab.model import Transformer, rope_tables
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -156,7 +157,7 @@ def weight_files(d: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file that holds it."""
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if index.is_file():
-        wmap = read_json_file(index).get("weight_map")
+        wmap = read_json(index).get("weight_map")
         if not isinstance(wmap, dict) or not wmap:
             raise UserError(f"{index}: no weight_map")
         return {name: d / str(file) for name, file in wmap.items()}
@@ -218,7 +219,7 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
 def load_hf(d: Path) -> tuple[Transformer, HFStyleTokenizer]:
     """A model and tokenizer from a Hugging Face folder, weights in float32 on the CPU."""
     where = d / "config.json"
-    raw = read_json_file(where)
+    raw = read_json(where)
     cfg = hf_model_config(raw, str(where))
     tok = HFStyleTokenizer.from_folder(d, raw)
     with torch.device("meta"):  # no time spent drawing random weights about to be replaced

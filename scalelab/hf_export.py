@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from scalelab.config import ModelConfig, UserError
 from scalelab.hf import hf_name
 from scalelab.hf_tokenizer import HFStyleTokenizer
+from scalelab.io import fresh_tmp, replace_dir
 from scalelab.model import Transformer
-from scalelab.train.checkpoint import fresh_tmp, load_model, replace_dir
+from scalelab.train.checkpoint import load_model
 
 SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja chat template
     "{% if bos_token %}{{ bos_token }}{% endif %}"

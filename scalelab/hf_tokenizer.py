@@ -26,6 +26,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from scalelab.config import UserError
+from scalelab.io import read_json
 from scalelab.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = [SYSTEM, USER, ASSISTANT, END]
@@ -38,16 +39,6 @@ def token_text(value) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def read_json_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def first_id(value) -> int | None:
@@ -102,7 +93,7 @@ class HFStyleTokenizer(Tokenizer):
             hf = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise UserError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
-        config = read_json_file(cfg_file) if cfg_file.is_file() else {}
+        config = read_json(cfg_file) if cfg_file.is_file() else {}
         if "chat_template" not in config and (d / "chat_template.jinja").is_file():
             config["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(hf, config, model_config, str(cfg_file))

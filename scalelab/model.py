@@ -300,3 +300,21 @@ def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
     """(q_len, k_len) boolean mask for the last q_len of k_len positions."""
     q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     return q >= torch.arange(k_len, device=device)[None, :]
+
+
+class ScalarModel(nn.Module):
+    """Trunk + linear head giving one scalar per position (reward or value)."""
+
+    def __init__(self, trunk: Transformer, zero_head: bool = False):
+        super().__init__()
+        self.trunk, self.cfg = trunk, trunk.cfg
+        self.head = nn.Linear(trunk.cfg.d_model, 1)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            if zero_head:  # a value head starts at 0 so early PPO steps aren't noise
+                self.head.weight.zero_()
+            else:
+                self.head.weight.normal_(0.0, 1 / math.sqrt(trunk.cfg.d_model + 1))
+
+    def forward(self, tokens, positions=None, mask=None) -> torch.Tensor:
+        return self.head(self.trunk.hidden(tokens, positions, mask)).squeeze(-1).float()

@@ -60,7 +60,8 @@ class Tokenizer:
             raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
 
     def save(self, path: str | Path) -> None:
-        self.hf.save(str(path))
+        from scalelab.io import atomic_write_text
+        atomic_write_text(Path(path), self.hf.to_str(pretty=True))
 
     @property
     def vocab_size(self) -> int:

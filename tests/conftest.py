@@ -28,6 +28,12 @@ def tiny_sets() -> list[str]:
     return [a for s in TINY_SETS for a in ("--set", s)]
 
 
+def train_sets() -> list[str]:
+    """The [train] part of tiny_sets: what a post-training stage reads (its [model] is its
+    parent's, and `--set` on a section a stage ignores is an error)."""
+    return [a for s in TINY_SETS if s.startswith("train.") for a in ("--set", s)]
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.train(generate_documents(1000, seed=0), 512)
@@ -46,8 +52,8 @@ def toy_ppo(tokenizer: Tokenizer, **train) -> tuple:
     import copy
 
     from scalelab.config import TrainConfig
+    from scalelab.model import ScalarModel
     from scalelab.train.loop import make_optimizer
-    from scalelab.train.reward import ScalarModel
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,
                       d_model=32)

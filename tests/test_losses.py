@@ -79,10 +79,9 @@ def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
     import copy
 
     from scalelab.config import ModelConfig, PPOConfig, TrainConfig
-    from scalelab.model import Transformer
+    from scalelab.model import ScalarModel, Transformer
     from scalelab.train.loop import make_optimizer
     from scalelab.train.ppo import make_rollout, ppo_step, response_logprobs
-    from scalelab.train.reward import ScalarModel
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1, n_head=2,

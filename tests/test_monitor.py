@@ -192,7 +192,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    ck.save_checkpoint(tmp_path, 10, model, opt, {"loader": {"epoch": 0, "index": 3}}, 2)
+    ckpts = ck.Checkpointer(tmp_path, keep=2)
+    ckpts.save(10, model, opt, {"loader": {"epoch": 0, "index": 3}})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -207,10 +208,10 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 
     monkeypatch.setattr(ck, "save_file", full_disk)
     with pytest.raises(RunFailed, match="No space left on device.*step_10 is intact"):
-        ck.save_checkpoint(tmp_path, 20, model, opt, {"loader": {}}, 2)
+        ckpts.save(20, model, opt, {"loader": {}})
     monkeypatch.setattr(ck, "save_file", real)
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_10"]
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no partial folder left
-    meta = ck.load_checkpoint(tmp_path / "checkpoints/step_10", model, opt)
+    meta = ckpts.load(model, opt)
     assert meta["step"] == 10 and meta["loader"] == {"epoch": 0, "index": 3}
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sets
+from conftest import tiny_sets, train_sets
 
 from scalelab.cli import main
 
@@ -78,7 +78,7 @@ def base(home) -> tuple[Path, str, str]:
 @pytest.fixture(scope="module")
 def sft_run(home, base) -> Path:
     rc, _, err = cli("sft", "--base", str(base[0] / "model"), "--data", str(home / "sft.jsonl"),
-                     "--out", str(home / "sft"), "--max-steps", "12", *tiny_sets(),
+                     "--out", str(home / "sft"), "--max-steps", "12", *train_sets(),
                      "--set", "train.lr=3e-3")
     assert rc == 0, err
     return home / "sft"
@@ -248,8 +248,8 @@ def test_chat_streams_multi_turn_answers_from_piped_stdin(sft_run):
 @pytest.fixture(scope="module")
 def reward_dir(home, base) -> Path:
     """A reward-model folder (random head: only its kind matters here)."""
+    from scalelab.model import ScalarModel
     from scalelab.train.checkpoint import load_model, save_model
-    from scalelab.train.reward import ScalarModel
     model, tok = load_model(base[0] / "model")
     out = home / "rm" / "model"
     save_model(ScalarModel(model), tok, out, extra_json={"reward.json": {"mean": 0, "std": 1}})
@@ -336,7 +336,7 @@ def test_ppo_on_own_prompts_shows_progress_without_a_terminal(home, sft_run, rew
 def test_dpo_logs_real_tokens_and_registry_adds_its_base(home, base, sft_run, tmp_path):
     rc, _, err = cli("dpo", "--policy", str(sft_run / "model"), "--data",
                      str(home / "prefs.jsonl"), "--out", str(home / "dpo"), "--max-steps", "4",
-                     *tiny_sets(), "--set", "train.batch_size=4")
+                     *train_sets(), "--set", "train.batch_size=4")
     assert rc == 0, err
     rows = [json.loads(r) for r in (home / "dpo" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]

@@ -6,6 +6,7 @@ import torch
 from conftest import run_cli, tiny_sets, toy_ppo
 
 from scalelab.config import ModelConfig, PPOConfig
+from scalelab.data.batches import split_heldout
 from scalelab.model import Transformer
 from scalelab.train.ppo import ppo_step
 
@@ -49,7 +50,8 @@ def test_post_training_stages_end_to_end(tmp_path):
                 str(tmp_path / "rm/model"), "--prompts", "builtin:tasks",
                 "--out", str(tmp_path / "ppo"), "--max-steps", "4",
                 "--set", "ppo.rollout_batch=8", "--set", "ppo.max_new_tokens=8",
-                "--set", "ppo.n_prompts=64", "--set", "train.checkpoint_every=2")
+                "--set", "ppo.n_prompts=64", "--set", "train.checkpoint_every=2",
+                "--set", "ppo.adaptive_kl=true", "--set", "ppo.kl_horizon=100")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text()
             .splitlines()]
@@ -114,7 +116,7 @@ def held_out_pair_accuracy(run) -> tuple[int, int]:
     model, tok, _ = load_reward_model(run / "model")
     rows = [json.loads(line) for line in (run / "preferences.jsonl").read_text().splitlines()]
     items = encode_rows(rows, tok, model.cfg.seq_len, cfg.reward.min_margin)
-    held = items[:max(1, int(len(items) * cfg.reward.heldout_fraction))]
+    held = split_heldout(items)[1]
     right = total = 0
     with torch.no_grad():
         for seqs, pairs in held:

@@ -60,3 +60,10 @@ class ExampleLoader:
 def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def split_heldout(items: list) -> tuple[list, list]:
+    """(train, held_out): the one held-out rule of every post-training stage. The first
+    10% of the items (at least 1, at most 256) measure val_* metrics, never trained on."""
+    n = max(1, min(256, len(items) // 10))
+    return items[n:], items[:n]

@@ -92,3 +92,13 @@ def read_preferences(path: str | Path) -> list[tuple[str, str, str]]:
 
 def read_prompts(path: str | Path) -> list[str]:
     return [_text(row, "prompt", f"{path}:{n}") for n, row in read_jsonl(path)]
+
+
+def is_builtin_tasks(spec: str, flag: str) -> bool:
+    """True for `builtin:tasks` (data made from the task suite), False for a file path; any
+    other `builtin:NAME` is bad input naming the flag."""
+    if spec == "builtin:tasks":
+        return True
+    if spec.startswith("builtin:"):
+        raise UserError(f"{flag}: unknown built-in data {spec!r} (known: builtin:tasks)")
+    return False

@@ -10,9 +10,7 @@ so a resumed run gets the exact next batch.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 from scalelab.config import DataConfig, UserError
 from scalelab.data.batches import EpochSampler
 from scalelab.data.formats import read_jsonl
+from scalelab.io import fresh_tmp, replace_dir
 from scalelab.tokenizer import Tokenizer
 
 
@@ -111,9 +110,7 @@ def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -
     to a temporary folder first and renames it into place, so an interrupted run never
     leaves half a data folder. `out` belongs to the run (see train.rundir)."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out)
     meta: dict = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size}
     for split, texts in splits.items():
         framed = ([tok.bos_id, *seq, tok.eos_id] for seq in tok.encode_batch(texts))
@@ -122,8 +119,7 @@ def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -
         meta[split] = {"docs": len(texts), "tokens": int(ids.size),
                        "bytes": sum(len(t.encode("utf-8")) for t in texts)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return meta
 
 

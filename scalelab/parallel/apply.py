@@ -17,17 +17,19 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
 from scalelab.config import UserError
+from scalelab.hardware import compute_dtype
 from scalelab.parallel.mesh import Parallel
 from scalelab.parallel.rules import fsdp_dim, tp_style
 
 
-def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
+def parallelize(model: nn.Module, par: Parallel, dtype: str = "auto") -> nn.Module:
+    """dtype: train.dtype (FSDP gathers weights in the dtype the matmuls run in)."""
     if par.single:
         return model
     if par.sizes["tp"] > 1:
         apply_tp(model, par)
     if par.sizes["fsdp"] > 1:
-        apply_fsdp(model, par)
+        apply_fsdp(model, par, dtype)
     return model
 
 
@@ -46,8 +48,17 @@ def apply_tp(model: nn.Module, par: Parallel) -> None:
     parallelize_module(model, par.mesh["tp"], plan)
 
 
-def apply_fsdp(model: nn.Module, par: Parallel) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def mixed_precision(device: torch.device, dtype: str):
+    """FSDP's policy for train.dtype: weights gathered in the compute dtype (bf16 under bf16
+    autocast, as the planner assumes; else left fp32), gradients always reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    bf16 = compute_dtype(device, dtype) == torch.bfloat16
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, par: Parallel, dtype: str = "auto") -> None:
+    from torch.distributed.fsdp import fully_shard
 
     names = {id(p): n for n, p in model.named_parameters()}
     for n in names.values():
@@ -59,11 +70,7 @@ def apply_fsdp(model: nn.Module, par: Parallel) -> None:
         return Shard(fsdp_dim(names[id(p)], par.rules))
 
     mesh = par.mesh["dp", "fsdp"] if par.sizes["dp"] > 1 else par.mesh["fsdp"]
-    # On GPUs under bf16 autocast, gather bf16 weights and reduce bf16 grads (the planner's
-    # assumption); on CPU everything stays fp32 so results match one process exactly.
-    bf16 = par.device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
-        if bf16 else MixedPrecisionPolicy()
+    mp = mixed_precision(par.device, dtype)  # on CPU by default all fp32: matches one process
     for block in model.blocks:  # reshard after forward: gather again in backward
         fully_shard(block, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
                     reshard_after_forward=True)

@@ -39,8 +39,12 @@ class ScalelabLM:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens)  # right padding: causal attention never sees the pads
+    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]): (B, T-1). Right padding: causal
+        attention never sees the pads."""
+        from scalelab.train.losses import token_logprobs
+        h = self.model.hidden(tokens)[:, :-1]
+        return token_logprobs(h, self.model.lm_head.weight, tokens[:, 1:])
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         from scalelab.generate import generate
@@ -80,8 +84,9 @@ class HFLM:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, attention_mask=mask.long()).logits
+    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens, attention_mask=mask.long()).logits[:, :-1]
+        return F.log_softmax(logits.float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         P = max(len(p) for p in prompts)
@@ -130,8 +135,7 @@ def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list
         mask = torch.zeros((len(seqs), T), dtype=torch.bool)
         for i, s in enumerate(seqs):
             tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
-        logp = F.log_softmax(lm.logits(tokens.to(lm.device), mask.to(lm.device)).float(), -1)
-        picked = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(lm.device)).squeeze(-1).cpu()
+        picked = lm.next_logprobs(tokens.to(lm.device), mask.to(lm.device)).float().cpu()
         for i, (s, start) in enumerate(zip(seqs, starts)):
             out.append(picked[i, start - 1: len(s) - 1].tolist())
     return out

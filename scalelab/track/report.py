@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from scalelab.config import UserError
+from scalelab.io import atomic_write_text
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
     AXES,
@@ -272,7 +273,5 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                 f"</code> (want <code>{esc(s['target'])}</code>)</li>"
                 for s in big[1]["samples"][:3]) + "</ul>")
     parts.append("</body></html>")
-    tmp = out / ".report.html.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out / "report.html")
+    atomic_write_text(out / "report.html", "\n".join(parts))
     return out / "report.html"

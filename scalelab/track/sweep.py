@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from scalelab.config import Config, UserError, apply_dict, read_toml
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.track.ops import add_experiment, evaluate, register_model, seed_experiments
 from scalelab.track.registry import Registry
 
@@ -73,13 +74,12 @@ def write_corpus(path: Path, n_docs: int, seed: int, weights: dict[str, float]) 
     """The world corpus with chosen document-kind weights, as {"text": ...} rows."""
     from scalelab.data.world import DOC_KINDS, World
     world, kinds = World.create(seed), list(weights)
-    tmp = path.with_name("." + path.name + ".tmp")
-    with tmp.open("w") as f:
-        for i in range(n_docs):
-            rng = random.Random(seed * 2**32 + i)
-            kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
-            f.write(json.dumps({"text": DOC_KINDS[kind](world, rng)}) + "\n")
-    tmp.replace(path)
+    rows = []
+    for i in range(n_docs):
+        rng = random.Random(seed * 2**32 + i)
+        kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+        rows.append(json.dumps({"text": DOC_KINDS[kind](world, rng)}) + "\n")
+    atomic_write_text(path, "".join(rows))
 
 
 def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Config, dict]:
@@ -182,9 +182,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
                         [s["val_loss"] for s in sizes])
     summary = {"config": str(config), "sizes": sizes, "scaling_law": fit,
                "wall_seconds": time.perf_counter() - t_start}
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "sweep.json")
+    atomic_write_json(out / "sweep.json", summary)
     if fit:
         print(f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
               f"(N = params, a tied embedding counted once; rmse {fit['rmse']:.3f})")

@@ -1,19 +1,21 @@
 """Model folders and resumable checkpoints, always written atomically.
 
 DIR/model/                model.safetensors, config.json, tokenizer.json  (the latest model)
-DIR/checkpoints/step_N/   model.safetensors, state.safetensors (optimizer + RNG tensors),
-                          state.json (step, optimizer hyperparameters, data position, ...)
+DIR/checkpoints/step_N/   state.json (step, optimizer hyperparameters, data position, the
+                          stage's own state such as PPO's KL coefficient); rng/rank_R.
+                          safetensors (each rank's CPU, CUDA, MPS generators); and whole
+                          tensors (model.safetensors, state.safetensors: optimizer) from one
+                          process, or dcp/ shards from a mesh (see parallel.checkpoint)
 
-Everything is written into a hidden temporary folder and renamed into place, so a crash
-leaves either the old folder or the new one, never half of one. Nothing is unpickled.
+`Checkpointer` is the one place that writes, prunes, finds and restores them. Everything is
+built in a hidden temporary folder and renamed into place, so a crash leaves the old folder
+or the new one, never half of one. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,37 +23,23 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scalelab.config import ModelConfig, RunFailed, UserError
+from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
+from scalelab.train.rundir import list_checkpoints
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place (rename is atomic; the old one goes after)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that are another parameter under a second name (a tied lm_head)."""
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters that are another parameter under a second name (a tied lm_head):
+    {second name: first name}."""
     first: dict[int, str] = {}
-    tied = set()
+    tied = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in first:
-            tied.add(name)
+            tied[name] = first[id(p)]
         first.setdefault(id(p), name)
     return tied
 
@@ -61,12 +49,6 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     skip = tied_names(model)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
             if k not in skip}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
@@ -85,31 +67,20 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     replace_dir(tmp, final)
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
+def read_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """A model.safetensors as `model`'s state dict (a tied weight is stored once)."""
+    tensors = read_tensors(path)
+    for second, first in tied_names(model).items():
+        if first in tensors:
+            tensors[second] = tensors[first]
+    return tensors
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors = read_tensors(path)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in tied_names(model)]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict(read_weights(model, path))
+    except RuntimeError as e:  # missing, unexpected or differently shaped: another model
+        raise UserError(f"{path}: weights do not match the model ({str(e)[:300]})") from None
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
@@ -164,64 +135,141 @@ def disk_errors(final: Path, tmp: Path):
                         f"replaced: {kept}") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
-    """Model, optimizer, RNG and the caller's state (data position, ...) at `step`."""
-    final = run_dir / "checkpoints" / f"step_{step}"
-    tmp = fresh_tmp(final)
-    with disk_errors(final, tmp):
-        _write_checkpoint(tmp, model, optimizer, {"step": step, **state})
-    replace_dir(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      state: dict) -> None:
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every generator this process draws from (CUDA: its current device's)."""
+    found = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    scalars: dict[str, dict] = {}
-    for idx, pstate in opt["state"].items():
-        for name, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
+        found["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        found["mps"] = torch.mps.get_rng_state()
+    return found
+
+
+def set_rng(saved: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    if "mps" in saved and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(saved["mps"])
+
+
+class Checkpointer:
+    """Writes, prunes, finds and restores the checkpoints of the run in `run_dir`.
+    parallel: the mesh (scalelab.parallel.mesh.Parallel) when the model is spread over one:
+    every rank then calls save and load, and model and optimizer are saved as DCP shards;
+    None: one process, whole tensors in safetensors. Either kind loads under either."""
+
+    def __init__(self, run_dir: Path, keep: int = 0, parallel=None):
+        self.run_dir, self.keep, self.par = run_dir, keep, parallel
+        self.rank = 0 if parallel is None else parallel.rank
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.run_dir)
+        return found[-1] if found else None
+
+    def _barrier(self) -> None:
+        if self.par is not None:
+            self.par.barrier()
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict) -> Path:
+        """Model, optimizer, RNG and the stage's state (data position, ...) at `step`;
+        then only the newest `keep` checkpoints stay (keep 0: all)."""
+        final = self.run_dir / "checkpoints" / f"step_{step}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.rank == 0:
+            fresh_tmp(final)
+        self._barrier()
+        with disk_errors(final, tmp):
+            meta = {"step": step, **state}
+            if self.par is None:
+                meta.update(_write_whole(tmp, model, optimizer))
             else:
-                scalars.setdefault(str(idx), {})[name] = v
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"param_groups": opt["param_groups"], "opt_scalars": scalars, **state}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+                from scalelab.parallel.checkpoint import write_sharded
+                write_sharded(tmp, model, optimizer)
+                meta["mapping"] = self.par.sizes
+            (tmp / "rng").mkdir(exist_ok=True)
+            save_file(rng_tensors(), str(tmp / "rng" / f"rank_{self.rank}.safetensors"))
+            if self.rank == 0:
+                (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        self._barrier()
+        if self.rank == 0:
+            replace_dir(tmp, final)
+            for old in list_checkpoints(self.run_dir)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG in place from the newest checkpoint;
+        return its state.json (step, data position, the stage's own state). One that does
+        not fit the model is a UserError, raised before the run writes anything."""
+        ckpt = self.latest()
+        if ckpt is None:
+            raise UserError(f"{self.run_dir}: --resume given but no checkpoint in "
+                            f"{self.run_dir / 'checkpoints'}")
+        meta = read_json(ckpt / "state.json")
+        if (ckpt / "dcp").is_dir():
+            from scalelab.parallel.checkpoint import read_sharded
+            read_sharded(ckpt, model, optimizer)
+        else:
+            _read_whole(ckpt, model, optimizer, meta)
+        # This rank's generators; a rank the saving mapping did not have takes rank 0's.
+        mine, first = (ckpt / "rng" / f"rank_{r}.safetensors" for r in (self.rank, 0))
+        if mine.is_file() or first.is_file():
+            set_rng(read_tensors(mine if mine.is_file() else first))
+        elif (ckpt / "state.safetensors").is_file():  # written before rng/ existed
+            old = read_tensors(ckpt / "state.safetensors")
+            set_rng({k[4:]: v for k, v in old.items() if k.startswith("rng.")})
+        return meta
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
-    ck = run_dir / "checkpoints"
-    found = [p for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
-        if ck.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+def _write_whole(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """model.safetensors, and the optimizer's tensors keyed by parameter name (so they load
+    into any mapping); returns the rest of its state, for state.json."""
+    save_file(model_tensors(model), str(folder / "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for p, pstate in optimizer.state.items():
+        for key, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{names[id(p)]}.{key}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(names[id(p)], {})[key] = v
+    save_file(tensors, str(folder / "state.safetensors"))
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+    return {"param_groups": groups, "opt_scalars": scalars}
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG in place; return state.json (step, data position)."""
-    meta = read_json(ckpt / "state.json")
-    load_weights(model, ckpt / "model.safetensors")
-    tensors = read_tensors(ckpt / "state.safetensors")
-    opt_state: dict[int, dict] = {}
-    for key, v in tensors.items():
+def _read_whole(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                meta: dict) -> None:
+    """Whole tensors into the model as it is now: in one process, or sharded over a mesh
+    (every rank reads the files and keeps its slices). Checkpoints from before optimizer
+    state was keyed by name key it by position in the param groups: those load too."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    weights = read_weights(model, ckpt / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    name_of = lambda k: order[int(k)] if str(k).isdigit() else k  # noqa: E731
+    state: dict[str, dict] = {}
+    for key, v in read_tensors(ckpt / "state.safetensors").items():
         if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    for idx, extra in meta.get("opt_scalars", {}).items():
-        opt_state.setdefault(int(idx), {}).update(extra)
+            where, name = key[4:].rsplit(".", 1)
+            state.setdefault(name_of(where), {})[name] = v
+    for where, extra in meta.get("opt_scalars", {}).items():
+        state.setdefault(name_of(where), {}).update(extra)
+    full = StateDictOptions(full_state_dict=True)
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{ckpt}: optimizer state does not match this model ({e})") from None
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta
+        groups = [{**g, "params": [name_of(p) for p in g["params"]]}
+                  for g in meta["param_groups"]]
+        set_model_state_dict(model, weights, options=full)
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=full)
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        raise UserError(f"{ckpt}: weights do not match the model ({str(e)[:300]})") from None

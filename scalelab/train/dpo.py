@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right
-from scalelab.data.formats import read_jsonl, read_preferences
+from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.formats import is_builtin_tasks, read_jsonl, read_preferences
 from scalelab.train.checkpoint import save_model
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.losses import token_logprobs
@@ -25,8 +25,7 @@ from scalelab.train.sft import IGNORE, encode_conversations
 
 def sequence_logprob(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum of log p(target) over the positions where the target is not IGNORE: (B,)."""
-    picked = token_logprobs(model.hidden(x), model.lm_head.weight, y)  # chunked over tokens
-    return (picked * (y != IGNORE)).sum(-1)
+    return token_logprobs(model.hidden(x), model.lm_head.weight, y).sum(-1)  # IGNORE -> 0
 
 
 def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
@@ -41,7 +40,7 @@ def load_pairs(spec: str, min_margin: float) -> list[Pair]:
     """prompt/chosen/rejected rows from a JSONL file; a reward run's generated
     `preferences.jsonl` (ranked answers per prompt) also works: the best answer vs each one
     scored more than min_margin lower, each ending with EOS only if the model stopped."""
-    if spec.startswith("builtin:"):
+    if is_builtin_tasks(spec, "--data"):
         raise UserError(f"--data: {spec!r}: DPO reads a preference JSONL file, e.g. the "
                         "preferences.jsonl that `scalelab reward --data builtin:tasks` writes")
     rows = read_jsonl(spec)
@@ -60,7 +59,7 @@ def load_pairs(spec: str, min_margin: float) -> list[Pair]:
 def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
     run, device, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    pairs = load_pairs(data_spec, cfg.reward.min_margin)
+    pairs = load_pairs(data_spec, cfg.dpo.min_margin)
 
     def conv(prompt: str, answer: str) -> list[dict]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -82,8 +81,7 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     if len(items) < 2 * cfg.train.batch_size:
         raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least "
                         f"{2 * cfg.train.batch_size}")
-    n_val = max(1, len(items) // 10)
-    train_items, val_items = items[n_val:], items[:n_val]
+    train_items, val_items = split_heldout(items)
 
     def collate(batch):
         seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected

@@ -14,15 +14,11 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, pick_device
-from scalelab.train.checkpoint import (
-    atomic_write_text,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.rundir import claim
+from scalelab.train.rundir import check_out, claim
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -50,34 +46,28 @@ def loss_step(loss_fn: Callable, tc: TrainConfig) -> Callable:
     return torch.compile(loss_fn) if tc.compile else loss_fn
 
 
-def load_any_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        parallel=None) -> dict:
-    """A checkpoint saved by one process (safetensors) or under a mesh (sharded, DCP)."""
-    from scalelab.parallel.checkpoint import is_sharded, load_sharded, load_single_into_mesh
-    if is_sharded(ckpt):
-        return load_sharded(ckpt, model, optimizer)
-    if parallel is not None:
-        return load_single_into_mesh(ckpt, model, optimizer)
-    return load_checkpoint(ckpt, model, optimizer)
-
-
 class Run:
-    """A run directory: config.toml, metrics.jsonl, model/, checkpoints/."""
+    """A run directory: run.json, config.toml, lineage.json, metrics.jsonl, model/,
+    checkpoints/. Nothing of it is written before begin(), which fit() calls once the inputs
+    and, on --resume, the checkpoint have loaded: a run that fails before leaves its folder
+    (and the config of its next plain --resume) as it was."""
 
     def __init__(self, out: Path, cfg: Config, resume: bool, write: bool = True,
-                 stage: str = "pretrain"):
+                 stage: str = "pretrain", lineage: dict | None = None):
         # write=False: a non-zero rank of a parallel run, which writes nothing.
         self.out, self.metrics, self.write = out, out / "metrics.jsonl", write
-        if not write:
-            return
-        # New, empty, or this stage's own run (see rundir.check_out); else exit 2 untouched.
-        claim(out, stage, resume)
-        self.write_config(cfg)
+        self.cfg, self.resume, self.stage, self.lineage = cfg, resume, stage, lineage
+        if write:  # new, empty, or this stage's own run (rundir.check_out); else exit 2
+            check_out(out, stage, resume)
 
-    def write_config(self, cfg: Config) -> None:
+    def begin(self) -> None:
+        """Claim the folder, save the resolved config (and where the model came from)."""
         if not self.write:
             return
-        atomic_write_text(self.out / "config.toml", dump_toml(cfg))
+        claim(self.out, self.stage, self.resume)
+        atomic_write_text(self.out / "config.toml", dump_toml(self.cfg))
+        if self.lineage is not None:
+            atomic_write_json(self.out / "lineage.json", self.lineage, indent=None)
 
     def log(self, row: dict) -> None:
         if not self.write:
@@ -101,8 +91,9 @@ class Run:
 
 
 def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
-    """What every post-training stage does first: seed, claim the run folder, load the model
-    it starts from, save the resolved config and where the model came from (lineage.json).
+    """What every post-training stage does first: seed, check the run folder, load the model
+    it starts from, take its [model] as the run's (lineage.json will say where it came from;
+    Run.begin writes both once the stage's inputs are good).
     Returns (run, device, model, tokenizer)."""
     from scalelab.train.checkpoint import load_model
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,25 +101,42 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
         raise UserError(f"{stage} runs in one process (WORLD_SIZE is {world}): only pretrain "
                         "spreads over a device mesh so far; run this stage without torchrun")
     torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume, stage=stage)
+    record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
+    run = Run(out, cfg, resume, stage=stage, lineage=record)
     device = pick_device(cfg.train.device)
     model, tok = load_model(parent, device)
     from scalelab.hf import add_chat_tokens
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
-    cfg.model = model.cfg
-    run.write_config(cfg)
-    record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
-    atomic_write_text(out / "lineage.json", json.dumps(record))
+    cfg.model = model.cfg  # the parent's architecture, always (config.check_stage_overrides)
     return run, device, model, tok
 
 
-def rewind(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
-           mon: Monitor, parallel=None) -> int:
+def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, loader, mon: Monitor) -> dict:
+    """On --resume: model, optimizer, RNG, data position and monitor from the last
+    checkpoint; returns its state.json (the stage's own state too), {} on a fresh start.
+    Then, inputs and checkpoint known good, the run folder is written (Run.begin)."""
+    meta = ckpts.load(model, optimizer) if run.resume else {}
+    if meta:
+        loader.load_state_dict(meta["loader"])
+    run.begin()
+    if meta:
+        run.truncate_metrics(meta["step"])
+        mon.load_state_dict(meta.get("monitor"))
+        mon.step = meta["step"]
+        if mon.main:
+            tqdm.write(f"resumed from {ckpts.latest()} (step {meta['step']})")
+            mon.event({"event": "resumed", "step": meta["step"],
+                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+    return meta
+
+
+def rewind(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, loader, mon: Monitor) -> int:
     """Back to the last checkpoint, but with the data position of now: the batches that led
     to the anomaly are skipped. Returns the step to continue from."""
-    ckpt = list_checkpoints(run.out)[-1]
     data_now = loader.state_dict()
-    meta = load_any_checkpoint(ckpt, model, optimizer, parallel)
+    meta = ckpts.load(model, optimizer)
     loader.load_state_dict(data_now)
     run.truncate_metrics(meta["step"])
     mon.load_state_dict(meta.get("monitor"), rewinding=True)
@@ -164,23 +172,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     n_dev = 1 if parallel is None else parallel.world
     mon = Monitor(cfg.monitor, run.out, main, resume, flops_per_token=flops_per_token,
                   peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
-    start = 0
-    if resume:
-        ckpts = list_checkpoints(run.out)
-        if not ckpts:
-            raise UserError(f"{run.out}: --resume given but no checkpoint in "
-                            f"{run.out / 'checkpoints'}")
-        meta = load_any_checkpoint(ckpts[-1], model, optimizer, parallel)
-        loader.load_state_dict(meta["loader"])
-        start = meta["step"]
-        run.truncate_metrics(start)
-        mon.load_state_dict(meta.get("monitor"))
-        mon.step = start
-        if main:
-            tqdm.write(f"resumed from {ckpts[-1]} (step {start})")
-            mon.event({"event": "resumed", "step": start,
-                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
-    elif evaluate is not None:
+    ckpts = Checkpointer(run.out, tc.keep_checkpoints, parallel)
+    start = start_or_resume(run, ckpts, model, optimizer, loader, mon).get("step", 0)
+    if not resume and evaluate is not None:
         with mon.clock("eval"):
             run.log({"step": 0, **evaluate(0)})
 
@@ -219,9 +213,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mon.step_done(step + 1)
-        if seen is not None and mon.act(seen, bool(list_checkpoints(run.out))) == "rewind":
+        if seen is not None and mon.act(seen, ckpts.latest() is not None) == "rewind":
             with mon.clock("rewind"):
-                step = rewind(run, model, optimizer, loader, mon, parallel)
+                step = rewind(run, ckpts, model, optimizer, loader, mon)
             run.log(mon.rewound(seen, step))
             bar.goto(step)
             tokens_since = 0
@@ -273,14 +267,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             with mon.clock("checkpoint"):
                 if save_model is not None:
                     save_model()
-                state = {"loader": loader.state_dict(), "monitor": mon.state_dict()}
-                if parallel is None:
-                    save_checkpoint(run.out, done, model, optimizer, state,
-                                    tc.keep_checkpoints)
-                else:
-                    from scalelab.parallel.checkpoint import save_sharded
-                    save_sharded(run.out, done, model, optimizer, state,
-                                 tc.keep_checkpoints, parallel)
+                ckpts.save(done, model, optimizer,
+                           {"loader": loader.state_dict(), "monitor": mon.state_dict()})
         step = done
     bar.close()
     mon.finish()

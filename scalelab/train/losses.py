@@ -133,15 +133,15 @@ def cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = False,
                    chunk: int | None = None):
-    """log softmax(h @ weight.T / temperature)[target] per token, shaped like targets.
-    Targets equal to IGNORE read token 0 (mask them out yourself). With with_entropy, also
-    the entropy of each token's distribution (no gradient)."""
+    """log softmax(h @ weight.T / temperature)[target] per token, shaped like targets: the
+    one token log-prob function (PPO, DPO, the tracker's log-likelihoods). Targets equal to
+    IGNORE are masked: their log-prob is 0 (sum over a row for a sequence's). With
+    with_entropy, also the entropy of each token's distribution (no gradient)."""
     shape = targets.shape
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
                                          targets.reshape(-1).clamp(min=0),
                                          1.0 / max(temperature, 1e-6), chunk, with_entropy,
                                          need_grad)
-    if with_entropy:
-        return logp.view(shape), entropy.view(shape)
-    return logp.view(shape)
+    logp = logp.view(shape) * (targets != IGNORE)
+    return (logp, entropy.view(shape)) if with_entropy else logp

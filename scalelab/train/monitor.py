@@ -375,8 +375,8 @@ class Monitor:
         return out
 
     def _write_json(self, name: str, data: dict) -> None:
-        from scalelab.train.checkpoint import atomic_write_text
-        atomic_write_text(self.out / name, json.dumps(data, indent=1) + "\n")
+        from scalelab.io import atomic_write_json
+        atomic_write_json(self.out / name, data, indent=1)
 
     def mirror(self, row: dict) -> None:
         """monitor.tensorboard: numbers also go to DIR/tensorboard (JSONL stays the truth)."""

@@ -25,22 +25,17 @@ import torch
 
 from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
-from scalelab.data.formats import read_prompts
-from scalelab.generate import generate, padded_attention
+from scalelab.data.formats import is_builtin_tasks, read_prompts
+from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, pick_device
-from scalelab.model import Transformer
+from scalelab.model import ScalarModel, Transformer
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
-)
-from scalelab.train.loop import make_optimizer, start_stage
+from scalelab.train.checkpoint import Checkpointer, save_model
+from scalelab.train.loop import make_optimizer, start_or_resume, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.reward import ScalarModel, load_reward_model
+from scalelab.train.reward import load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
 
@@ -192,9 +187,8 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         ref_logp = response_logprobs(ref, ro, pc.temperature)
         old_values = response_values(value, ro)
         scores = reward_fn(prompt_idx, responses).to(device).float()
-        stopped = torch.tensor([bool(r) and r[-1] == tok.eos_id for r in responses],
-                               device=device)
-        scores_penalised = scores - pc.missing_eos_penalty * (~stopped).float()
+        ended = torch.tensor([stopped(r, tok.eos_id) for r in responses], device=device)
+        scores_penalised = scores - pc.missing_eos_penalty * (~ended).float()
         if pc.samples_per_prompt > 1:  # leave-one-out baseline within each prompt's group
             g = scores_penalised.view(-1, pc.samples_per_prompt)
             baseline = (g.sum(1, keepdim=True) - g) / (pc.samples_per_prompt - 1)
@@ -243,7 +237,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         .mean().item(),
         "objective/scores": scores.mean().item(),
         "objective/rlhf_reward": (scores - kl_coef * kl_seq).mean().item(),
-        "val/num_eos_tokens": int(stopped.sum()),
+        "val/num_eos_tokens": int(ended.sum()),
         "val/response_len": ro.resp_mask.sum(1).mean().item(),
         "kl_coef": kl_coef,
         "skipped_updates": int(skipped.item()),
@@ -265,12 +259,10 @@ def update_kl_coef(kl_coef: float, kl: float, pc: PPOConfig, n: int) -> float:
 def load_prompts(spec: str, n: int, seed: int) -> tuple[list[str], list | None]:
     """Prompt texts, and the task examples behind them when they come from the task suite
     (so the gold labeler can score responses beside the learned reward)."""
-    if spec == "builtin:tasks":
+    if is_builtin_tasks(spec, "--prompts"):
         from scalelab.tasks import TRAIN_TASKS, make_examples
         examples = make_examples(TRAIN_TASKS, n, seed + 11)
         return [e.prompt for e in examples], examples
-    if spec.startswith("builtin:"):
-        raise UserError(f"--prompts: unknown built-in data {spec!r} (known: builtin:tasks)")
     return read_prompts(spec), None
 
 
@@ -304,7 +296,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     label = get_labeler(cfg.reward.labeler) if examples is not None else None
 
     def gold_scores(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
-        return torch.tensor([label(examples[i], tok.decode(r), bool(r) and r[-1] == tok.eos_id)
+        return torch.tensor([label(examples[i], tok.decode(r), stopped(r, tok.eos_id))
                              for i, r in zip(idx, responses)])
 
     def reward_fn(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
@@ -319,18 +311,10 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
-    kl_coef, start = pc.kl_coef, 0
     mon = Monitor(cfg.monitor, out, resume=resume)
-    if resume:
-        ckpts = list_checkpoints(out)
-        if not ckpts:
-            raise UserError(f"{out}: --resume given but no checkpoint")
-        meta = load_checkpoint(ckpts[-1], both, optimizer)
-        sampler.load_state_dict(meta["loader"])
-        kl_coef, start = meta["kl_coef"], meta["step"]
-        run.truncate_metrics(start)
-        mon.load_state_dict(meta.get("monitor"))
-        mon.step = start
+    ckpts = Checkpointer(out, tc.keep_checkpoints)
+    meta = start_or_resume(run, ckpts, both, optimizer, sampler, mon)
+    kl_coef, start = meta.get("kl_coef", pc.kl_coef), meta.get("step", 0)  # PPO's own state
     gen = torch.Generator(device=device)
     bar = Progress(tc.max_steps, start, "ppo")  # plain lines when not on a terminal
     mon.start(tc.max_steps)
@@ -369,9 +353,8 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             with mon.clock("checkpoint"):
                 save_model(policy, tok, out / "model")
-                save_checkpoint(out, done, both, optimizer,
-                                {"loader": sampler.state_dict(), "kl_coef": kl_coef,
-                                 "monitor": mon.state_dict()}, tc.keep_checkpoints)
+                ckpts.save(done, both, optimizer, {"loader": sampler.state_dict(),
+                                                   "kl_coef": kl_coef, "monitor": mon.state_dict()})
     bar.close()
     mon.finish()
     return out / "model"

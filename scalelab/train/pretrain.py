@@ -43,9 +43,7 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
                    f"supports only {tok.vocab_size} tokens (BPE ran out of pairs to merge); "
                    f"the tokenizer has {tok.vocab_size}")
     meta = write_token_files({"train": train, "val": val}, tok, data_dir)
-    tmp = out / ".tokenizer.json.tmp"
-    tok.save(tmp)
-    tmp.replace(tok_path)
+    tok.save(tok_path)  # atomic (Tokenizer.save)
     tqdm.write(f"tokens: {meta['train']['tokens']:,} train, {meta['val']['tokens']:,} val")
     return tok, data_dir
 
@@ -95,15 +93,14 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         model = Transformer(cfg.model).to(device)
     except ValueError as e:
         raise UserError(f"[model] config: {e}") from None
-    cfg.model = model.cfg  # resolved: every 0 = auto is now explicit
-    run.write_config(cfg)
+    cfg.model = model.cfg  # resolved: every 0 = auto is now explicit (saved by run.begin)
     mc, tc = model.cfg, cfg.train
     say = tqdm.write if par.is_main else (lambda _: None)
     say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
         f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
     flops_per_token = model.flops_per_token()
     if not par.single:
-        parallelize(model, par)
+        parallelize(model, par, tc.dtype)
         say("mesh: " + " x ".join(f"{a}={n}" for a, n in par.sizes.items()) +
             f" ({par.world} processes, backend {torch.distributed.get_backend()})")
 

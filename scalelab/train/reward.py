@@ -10,47 +10,25 @@ labeler (`scalelab.train.labelers`), a programmatic stand-in for human raters.
 from __future__ import annotations
 
 import json
-import math
 from itertools import combinations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right
-from scalelab.data.formats import read_preferences
+from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.formats import is_builtin_tasks, read_preferences
 from scalelab.evaluate import respond_ids
-from scalelab.model import Transformer
+from scalelab.generate import stopped
+from scalelab.io import atomic_write_text, read_json
+from scalelab.model import ScalarModel, Transformer
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import (
-    atomic_write_text,
-    load_model,
-    read_json,
-    save_model,
-)
+from scalelab.train.checkpoint import load_model, save_model
 from scalelab.train.labelers import get_labeler
 from scalelab.train.loop import fit, start_stage
-
-
-class ScalarModel(nn.Module):
-    """Trunk + linear head giving one scalar per position (reward or value)."""
-
-    def __init__(self, trunk: Transformer, zero_head: bool = False):
-        super().__init__()
-        self.trunk, self.cfg = trunk, trunk.cfg
-        self.head = nn.Linear(trunk.cfg.d_model, 1)
-        with torch.no_grad():
-            self.head.bias.zero_()
-            if zero_head:  # a value head starts at 0 so early PPO steps aren't noise
-                self.head.weight.zero_()
-            else:
-                self.head.weight.normal_(0.0, 1 / math.sqrt(trunk.cfg.d_model + 1))
-
-    def forward(self, tokens, positions=None, mask=None) -> torch.Tensor:
-        return self.head(self.trunk.hidden(tokens, positions, mask)).squeeze(-1).float()
+from scalelab.train.rundir import claim
 
 
 def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
@@ -109,9 +87,9 @@ def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> li
         group = answers[k * rc.samples_per_prompt:(k + 1) * rc.samples_per_prompt]
         scored = {}  # (text, stopped) -> gold score; duplicates collapse
         for ids in group:
-            stopped = bool(ids) and ids[-1] == tok.eos_id
+            ended = stopped(ids, tok.eos_id)
             text = tok.decode(ids)
-            scored.setdefault((text, stopped), label(e, text, stopped))
+            scored.setdefault((text, ended), label(e, text, ended))
         ranked = sorted(scored.items(), key=lambda kv: -kv[1])
         if len({s for _, s in ranked}) > 1:  # all tied: nothing to learn from
             rows.append({"prompt": e.prompt, "responses": [t for (t, _), _ in ranked],
@@ -132,9 +110,9 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
     items = []
     for row in rows:
         prompt = tok.chat_prompt(row["prompt"])
-        stopped = row.get("stopped", [True] * len(row["responses"]))
+        ended = row.get("stopped", [True] * len(row["responses"]))
         seqs = [(prompt + tok.encode(r) + [tok.eos_id] * st)[:max_len]
-                for r, st in zip(row["responses"], stopped)]
+                for r, st in zip(row["responses"], ended)]
         s = row["scores"]
         pairs = [(i, j) if s[i] > s[j] else (j, i)
                  for i, j in combinations(range(len(seqs)), 2) if abs(s[i] - s[j]) > min_margin]
@@ -175,23 +153,21 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     run, device, policy, tok = start_stage(cfg, out, resume, "reward", base)
 
     pref_file = out / "preferences.jsonl"
-    if data_spec == "builtin:tasks":
+    if is_builtin_tasks(data_spec, "--data"):
         if not pref_file.exists():  # generated once; a resumed run reuses the same data
+            claim(out, "reward", resume)  # run.json first: a rerun may reuse this folder
             tqdm.write("sampling completions from the base model and ranking them")
             rows = generate_preferences(policy, tok, cfg)
             atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
         rows = [json.loads(line) for line in pref_file.read_text().splitlines()]
-    elif data_spec.startswith("builtin:"):
-        raise UserError(f"--data: unknown built-in data {data_spec!r} (known: builtin:tasks)")
     else:
         rows = rows_from_pairs(read_preferences(data_spec))
 
     items = encode_rows(rows, tok, policy.cfg.seq_len, cfg.reward.min_margin)
-    n_held = max(1, int(len(items) * cfg.reward.heldout_fraction))
-    if len(items) - n_held < cfg.train.batch_size:
+    train_items, held = split_heldout(items)
+    if len(train_items) < cfg.train.batch_size:
         raise UserError(f"only {len(items)} prompts with a preference; need more than "
-                        f"{n_held + cfg.train.batch_size} (raise reward.n_prompts)")
-    held, train_items = items[:n_held], items[n_held:]
+                        f"{len(held) + cfg.train.batch_size} (raise reward.n_prompts)")
     tqdm.write(f"reward data: {len(train_items)} prompts "
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 

@@ -14,16 +14,22 @@ import shutil
 from pathlib import Path
 
 from scalelab.config import UserError
+from scalelab.io import atomic_write_json
 
 MARKER = "run.json"
 
 
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders start with '.', never match)."""
+    found = [p for p in (run_dir / "checkpoints").glob("step_*")
+             if re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def last_step(out: Path) -> int | None:
     """Step of the newest finished checkpoint, or None."""
-    ck = out / "checkpoints"
-    steps = [int(p.name[5:]) for p in ck.glob("step_*") if re.fullmatch(r"step_\d+", p.name)] \
-        if ck.is_dir() else []
-    return max(steps) if steps else None
+    found = list_checkpoints(out)
+    return int(found[-1].name[5:]) if found else None
 
 
 def run_stage(out: Path) -> str | None:
@@ -87,11 +93,8 @@ def claim(out: Path, stage: str, resume: bool) -> None:
     """check_out, then create the folder and record the stage (idempotent)."""
     check_out(out, stage, resume)
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / MARKER
-    if not marker.exists():
-        tmp = out / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"stage": stage}) + "\n")
-        tmp.replace(marker)
+    if not (out / MARKER).exists():
+        atomic_write_json(out / MARKER, {"stage": stage}, indent=None)
 
 
 def check_folder(out: Path, own: str, command: str) -> None:

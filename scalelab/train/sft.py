@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right
-from scalelab.data.formats import read_conversations
+from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.formats import is_builtin_tasks, read_conversations
 from scalelab.hardware import autocast
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_model
@@ -38,10 +38,8 @@ def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
 
 def load_conversations(spec: str, n: int, seed: int, chatty_fraction: float
                        ) -> list[list[dict]]:
-    if spec == "builtin:tasks":
+    if is_builtin_tasks(spec, "--data"):
         return task_conversations(n, seed, chatty_fraction)[0]
-    if spec.startswith("builtin:"):
-        raise UserError(f"--data: unknown built-in data {spec!r} (known: builtin:tasks)")
     return read_conversations(spec)
 
 
@@ -74,15 +72,14 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     sc = cfg.sft
     encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
                                                       sc.chatty_fraction), tok, model.cfg.seq_len)
-    n_val = max(1, min(256, len(encoded) // 20))
-    train_items, val_items = encoded[n_val:], encoded[:n_val]
+    train_items, val_items = split_heldout(encoded)
 
     def collate(items):
         return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
                                                                          IGNORE)
     tc = cfg.train
     if len(train_items) < tc.batch_size:
-        raise UserError(f"{data_spec}: {len(encoded)} usable examples ({n_val} held out), "
+        raise UserError(f"{data_spec}: {len(encoded)} usable examples ({len(val_items)} held out), "
                         f"fewer than one batch of train.batch_size = {tc.batch_size} to train on")
     loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed)
     val_batches = [collate(val_items[i: i + tc.batch_size])
