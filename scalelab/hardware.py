@@ -60,6 +60,16 @@ def pick_device(name: str, key: str = "train.device") -> torch.device:
     return dev
 
 
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """train.compile resolved for a device: "auto" compiles on CUDA only (on CPU and MPS the
+    compile time is rarely paid back, and CPU runs stay exact and quick to start)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"train.compile: expected auto, true or false, got {setting!r}")
+
+
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast on GPUs by default; plain fp32 on CPU (exact and reproducible)."""
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
