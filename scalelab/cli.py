@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
     pl.add_argument("--config", required=True, help="TOML file or preset name")
     pl.add_argument("--world-size", type=int, required=True, help="number of devices")
-    pl.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100", "cpu"])
+    pl.add_argument("--hardware", default="h100",
+                    choices=["h100", "h200", "h100-500w", "a100", "cpu"])
     pl.add_argument("--explain", metavar="DP,FSDP,TP",
                     help="show one mapping: each weight's shard and each collective")
     pl.add_argument("--top", type=int, default=20, help="mappings to list")
