@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     path = resolve_config_path(args.config)
     cfg = load_config(path, args.set)
     rules = make_rules(cfg.parallel.rules)
-    hw = HARDWARE[args.hardware]
+    hw = plan.assume(HARDWARE[args.hardware], args.assume)
     if args.explain:
         sizes = plan.parse_mapping(args.explain, args.world_size)
         print(plan.explain(cfg, sizes, rules, hw))
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--explain", metavar="DP,FSDP,TP",
                     help="show one mapping: each weight's shard and each collective")
     pl.add_argument("--top", type=int, default=20, help="mappings to list")
+    pl.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a hardware-table figure, e.g. matmul_efficiency=0.7")
     pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.set_defaults(func=cmd_plan)
 

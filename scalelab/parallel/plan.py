@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from scalelab.config import Config, ModelConfig, UserError
 from scalelab.hardware import Hardware
@@ -82,10 +82,8 @@ def compute_times(w: Workload, hw: Hardware) -> dict[str, float]:
 # GPT-2 124M shape (12 x 768, SwiGLU 2048, vocab 50304, tied), batch 12 x 1024, bf16
 # autocast, one H200, torch 2.11, 2026-11-27, via bench/train_throughput.py.
 CALIBRATION = {
-    "compiled": (29.78e-3, "bench/results/gpu_check-h200-2026-11-27/train.json "
-                           "(412.7k tok/s, 35.7% MFU)"),
-    "eager": (52.9e-3, "the same session's peer table, eager step (232k tok/s, 20% MFU; "
-                       "recorded in the lab's anchor notes, not in bench/results)"),
+    "compiled": (29.78e-3, "29.78 ms, bench/results/gpu_check-h200-2026-11-27/train.json"),
+    "eager": (52.9e-3, "52.9 ms eager in the same session, from the lab's anchor notes"),
 }
 
 
@@ -243,11 +241,13 @@ def model_flops_per_token(mc: ModelConfig) -> float:
 
 
 def plan(cfg: Config, world: int, rules: Rules, hw: Hardware) -> list[Estimate]:
-    """Every mapping, best first: fitting ones by predicted step time, then by traffic."""
+    """Every mapping, best first: fitting ones by predicted step time (within 1% of the
+    fastest is a tie: the model is not that precise), then by traffic."""
     if world < 1:
         raise UserError(f"--world-size must be at least 1, got {world}")
     ests = [estimate(cfg, s, rules, hw) for s in factorizations(world)]
-    return sorted(ests, key=lambda e: (not e.fits, round(e.step_s, 6),
+    fastest = min((e.step_s for e in ests if e.fits), default=1.0)
+    return sorted(ests, key=lambda e: (not e.fits, 0 if e.step_s <= 1.01 * fastest else e.step_s,
                                        sum(e.comm_s.values()), e.sizes["tp"], e.sizes["fsdp"]))
 
 
@@ -304,14 +304,20 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
     compiled = plans_compiled(cfg, hw)
     kind = "compiled" if compiled else "eager"
     per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
-    text = (f"matmuls at {hw.matmul_efficiency:.1%} of peak (bf16 8192^3 measured on an H200); "
-            f"flash attention at {hw.attention_efficiency:.0%} of peak on its causal FLOPs "
-            "(FlashAttention-2 on H100, FlashAttention-3 paper); other work "
-            f"{per_d:,.0f} B/token/layer/d_model at {hw.hbm_efficiency:.0%} of HBM bandwidth, "
-            f"the {kind} step (train.compile={_word(cfg.train.compile)}) calibrated on "
-            f"scalelab's GPT-2 124M step on an H200 ({CALIBRATION[kind][1]}); activation "
-            f"checkpointing {ac_mode(cfg.train.activation_checkpointing)}; FSDP/DP traffic "
-            "overlapped with compute, TP all-reduces exposed")
+    default = Hardware("", 0, 0, 0, 0)
+
+    def source(key: str, text: str) -> str:
+        return text if getattr(hw, key) == getattr(default, key) else "set by --assume or row"
+    text = (f"matmuls at {hw.matmul_efficiency:.1%} of peak ("
+            f"{source('matmul_efficiency', 'bf16 8192^3 measured on an H200')}); "
+            f"flash attention at {hw.attention_efficiency:.0%} of peak on its causal FLOPs ("
+            f"{source('attention_efficiency', 'FlashAttention-2 on H100, FlashAttention-3 paper')}"
+            f"); other work {per_d:,.0f} B/token/layer/d_model at {hw.hbm_efficiency:.0%} of HBM "
+            f"bandwidth, the {kind} step (train.compile={_word(cfg.train.compile)}; "
+            + source(f"other_bytes_{kind}", f"calibrated on scalelab's GPT-2 124M step on an "
+                     f"H200, {CALIBRATION[kind][1]}") +
+            f"); activation checkpointing {ac_mode(cfg.train.activation_checkpointing)}; "
+            "FSDP/DP traffic overlapped with compute, TP all-reduces exposed")
     head = f"assumed ({hw.name} row of scalelab/hardware.py{'; ' + hw.note if hw.note else ''}):"
     return [head, *textwrap.wrap(text, 94, initial_indent="  ", subsequent_indent="  ")]
 
@@ -376,6 +382,27 @@ def shape_names(name: str) -> tuple[str, ...]:
 
 def _mb(x: float) -> str:
     return f"{x / 1e6:.2f} MB" if x >= 1e4 else f"{x:.0f} B"
+
+
+def assume(hw: Hardware, items: list[str]) -> Hardware:
+    """The hardware row with `--assume KEY=VALUE` overrides (numbers > 0), e.g.
+    matmul_efficiency=0.7 or hbm_bandwidth=2.4e12."""
+    numeric = {f.name for f in fields(Hardware) if f.type in ("float", "int")}
+    changes: dict[str, float] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in numeric:
+            raise UserError(f"--assume {item!r}: expected KEY=VALUE with KEY one of "
+                            f"{', '.join(sorted(numeric))}")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--assume {key}: expected a number > 0, got {raw!r}")
+        changes[key] = int(value) if key == "node_size" else value
+    return replace(hw, name=hw.name + (" (--assume)" if changes else ""), **changes)
 
 
 def parse_mapping(text: str, world: int) -> dict[str, int]:
