@@ -46,36 +46,27 @@ OPTIMIZER_BYTES = 32  # fused AdamW per local parameter: read p, g, m, v; write 
 LOGIT_BYTES = 16  # per logit per token: bf16 logits, the fp32 loss copy, its gradient
 
 
-@dataclass
-class Workload:
-    """What one device does in one optimizer step, for the time model."""
-    tokens: float  # tokens this device processes (its data rank's share)
-    matmul_flops: float  # including recomputed forwards
-    attention_flops: float  # causal flash-attention FLOPs (half of 12*L*H*Q*T per token)
-    other_bytes: float  # HBM traffic of the non-matmul work (norms, activations, logits)
-    optimizer_bytes: float
-
-
-def workload(mc: ModelConfig, tokens: float, tp: int, params_local: float, compiled: bool,
-             recompute: float, hw: Hardware) -> Workload:
-    """recompute: the fraction of blocks whose forward runs again in backward."""
-    hd = mc.d_model // mc.n_head
-    head = mc.vocab_size * mc.d_model
-    body = count_params(mc) - head * (1 if mc.tie_embeddings else 2)  # blocks + final norm
+def compute_times(mc: ModelConfig, tokens: float, tp: int, params_local: float,
+                  compiled: bool, recompute: float, hw: Hardware) -> dict[str, float]:
+    """Seconds of each kind of work one device does in a step (no communication) for
+    `tokens` tokens; recompute: the fraction of blocks whose forward runs again."""
+    body, head = body_and_head(mc)
     matmul = tokens * (6 * body / tp + 6 * head + recompute * 2 * body / tp)
-    attention = tokens * 6 * mc.n_layer * mc.n_head * hd * mc.seq_len / tp * (1 + recompute / 3)
+    # flash attention does the causal half of PaLM's 12*L*H*Q*T
+    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp * (1 + recompute / 3)
     per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
     other = tokens * (mc.n_layer * per_d * mc.d_model * (1 + recompute / 3)
                       + LOGIT_BYTES * mc.vocab_size)
-    return Workload(tokens, matmul, attention, other, OPTIMIZER_BYTES * params_local)
-
-
-def compute_times(w: Workload, hw: Hardware) -> dict[str, float]:
-    """Seconds of each kind of work on one device (no communication)."""
     bandwidth = hw.hbm_bandwidth * hw.hbm_efficiency
-    return {"matmul": w.matmul_flops / (hw.peak_flops * hw.matmul_efficiency),
-            "attention": w.attention_flops / (hw.peak_flops * hw.attention_efficiency),
-            "other": w.other_bytes / bandwidth, "optimizer": w.optimizer_bytes / bandwidth}
+    return {"matmul": matmul / (hw.peak_flops * hw.matmul_efficiency),
+            "attention": attention / (hw.peak_flops * hw.attention_efficiency),
+            "other": other / bandwidth, "optimizer": OPTIMIZER_BYTES * params_local / bandwidth}
+
+
+def body_and_head(mc: ModelConfig) -> tuple[int, int]:
+    """Parameters of the blocks (+ final norm) and of the lm_head (a matmul even when tied)."""
+    head = mc.vocab_size * mc.d_model
+    return count_params(mc) - head * (1 if mc.tie_embeddings else 2), head
 
 
 # The measured steps the "other work" figures of the hardware table are solved from: scalelab's
@@ -92,9 +83,8 @@ def calibrate_other_bytes(mc: ModelConfig, tokens: int, step_s: float, compiled:
     """The bytes per token per layer per d_model of non-matmul work that make the time model
     give `step_s` for one device running `tokens` per step (no communication, no AC)."""
     zero = replace(hw, other_bytes_compiled=0.0, other_bytes_eager=0.0)
-    w = workload(mc, tokens, 1, count_params(mc), compiled, 0.0, zero)
-    t = compute_times(w, zero)
-    left = step_s - sum(t.values())
+    left = step_s - sum(compute_times(mc, tokens, 1, count_params(mc), compiled, 0.0,
+                                      zero).values())
     return left * hw.hbm_bandwidth * hw.hbm_efficiency / (tokens * mc.n_layer * mc.d_model)
 
 
@@ -212,8 +202,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
     tokens = seqs * mc.seq_len
     recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
-    times = compute_times(workload(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute,
-                                   hw), hw)
+    times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
     comm = step_collectives(mc, sizes, rules, tokens_micro, accum, 2, 2, 2)
@@ -235,8 +224,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
 def model_flops_per_token(mc: ModelConfig) -> float:
     """6N + 12*L*H*Q*T, N counting the lm_head but not the input table (as
     Transformer.flops_per_token does, without building the model)."""
-    head = mc.vocab_size * mc.d_model
-    body = count_params(mc) - head * (1 if mc.tie_embeddings else 2)
+    body, head = body_and_head(mc)
     return 6 * (body + head) + 12 * mc.n_layer * mc.d_model * mc.seq_len
 
 
