@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, pick_device, use_compile
+from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.train.checkpoint import (
     atomic_write_text,
     list_checkpoints,
@@ -154,8 +155,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
     """
     tc = cfg.train
-    from scalelab.parallel.ac import apply_activation_checkpointing
-    apply_activation_checkpointing(model, tc.activation_checkpointing)  # model is unchanged
+    apply_activation_checkpointing(model, tc.activation_checkpointing)  # names, class unchanged
     optimizer = make_optimizer(model, tc, device)
     main = parallel is None or parallel.is_main
     if main and tc.max_steps < tc.warmup_steps:
