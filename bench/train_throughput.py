@@ -16,7 +16,6 @@ ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import platform
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from scalelab.cli import resolve_config_path
 from scalelab.config import Config, ModelConfig, load_config
-from scalelab.hardware import autocast, detect, pick_device
+from scalelab.hardware import autocast, detect, pick_device, use_compile
 from scalelab.model import Transformer
 from scalelab.train.loop import loss_step, make_optimizer
 from scalelab.train.pretrain import next_token_loss
@@ -64,9 +63,7 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
             logits = fwd(input_ids=batch[0], use_cache=False).logits
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
     else:  # exactly what `scalelab pretrain` runs per micro-batch
-        tc = copy.copy(cfg.train)
-        tc.compile = compile
-        loss_fn = loss_step(next_token_loss, tc)
+        loss_fn = loss_step(next_token_loss, cfg.train, device)
 
     def step() -> None:
         with ctx:
@@ -100,7 +97,8 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile both systems (default: on for CUDA, off on CPU)")
+                   help="torch.compile both systems (default: the config's train.compile, "
+                   "auto = on for CUDA, off on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per system")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per system")
     p.add_argument("--smoke", action="store_true",
@@ -113,11 +111,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if args.compile is None:
-        args.compile = device.type == "cuda" and not args.smoke
     name = args.config or ("gpt2-124m" if device.type == "cuda" and not args.smoke else "tiny")
     cfg = load_config(resolve_config_path(name), args.set)
     mc, tc = cfg.model, cfg.train
+    if args.compile is not None:  # else the config's train.compile (default auto: CUDA only)
+        tc.compile = args.compile
+    elif args.smoke:
+        tc.compile = False
+    args.compile = use_compile(tc.compile, device)  # what loss_step decides, for the HF peer
     if args.smoke:  # a handful of seconds on 2 CPU cores
         mc.n_layer, mc.d_model, mc.n_head, mc.d_mlp = 2, 64, 2, 0
         args.seq_len, args.batch_size = args.seq_len or 32, args.batch_size or 4

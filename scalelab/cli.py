@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     path = resolve_config_path(args.config)
     cfg = load_config(path, args.set)
     rules = make_rules(cfg.parallel.rules)
-    hw = HARDWARE[args.hardware]
+    hw = plan.assume(HARDWARE[args.hardware], args.assume)
     if args.explain:
         sizes = plan.parse_mapping(args.explain, args.world_size)
         print(plan.explain(cfg, sizes, rules, hw))
@@ -303,10 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="cost of every dp x fsdp x tp mapping on N devices")
     pl.add_argument("--config", required=True, help="TOML file or preset name")
     pl.add_argument("--world-size", type=int, required=True, help="number of devices")
-    pl.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100", "cpu"])
+    pl.add_argument("--hardware", default="h100",
+                    choices=["h100", "h200", "h100-500w", "a100", "cpu"])
     pl.add_argument("--explain", metavar="DP,FSDP,TP",
                     help="show one mapping: each weight's shard and each collective")
     pl.add_argument("--top", type=int, default=20, help="mappings to list")
+    pl.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a hardware-table figure, e.g. matmul_efficiency=0.7")
     pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.set_defaults(func=cmd_plan)
 

@@ -86,7 +86,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "float32", "bfloat16"
-    compile: bool = False
+    compile: bool | str = "auto"  # "auto" = on for CUDA, off on CPU/MPS; or true / false
+    activation_checkpointing: bool | str = "none"  # "none", "full", "selective" (every
+    # second block), or true (= full) / false: recompute activations in backward to save memory
 
 
 @dataclass
@@ -234,16 +236,22 @@ CHOICES = {("model", "mlp"): ("swiglu", "relu2"), ("train", "dtype"): ("auto", "
                                                                           "float32"),
            ("ppo", "kl_estimator"): ("k1", "k3"), ("monitor", "policy"): ("stop", "skip",
                                                                           "rewind"),
-           ("data", "txt_split"): TXT_SPLITS}
+           ("data", "txt_split"): TXT_SPLITS, ("train", "compile"): ("auto", True, False),
+           ("train", "activation_checkpointing"): ("none", "full", "selective", True, False)}
 INJECT = re.compile(r"\s*((nan|spike|stall)@\d+\s*(,\s*|$))*")
+
+
+def is_choice(section: str, key: str, v: Any) -> bool:
+    """v is one of the allowed values (True is not taken for 1, nor 1 for True)."""
+    return any(v == c and type(v) is type(c) for c in CHOICES.get((section, key), ()))
 
 
 def check_range(section: str, key: str, v: Any, where: str) -> None:
     """A value out of range is bad input (exit 2), not a crash deep inside training."""
     name = f"{section}.{key}"
-    if (section, key) in CHOICES and v not in CHOICES[section, key]:
-        raise UserError(f"{where}: '{name}' must be one of "
-                        f"{', '.join(CHOICES[section, key])}, got {v!r}")
+    if (section, key) in CHOICES and not is_choice(section, key, v):
+        words = (_toml_value(c) if isinstance(c, bool) else c for c in CHOICES[section, key])
+        raise UserError(f"{where}: '{name}' must be one of {', '.join(words)}, got {v!r}")
     if (section, key) == ("monitor", "inject") and not INJECT.fullmatch(v):
         raise UserError(f"{where}: '{name}' must look like 'nan@12,spike@20,stall@30', "
                         f"got {v!r}")
@@ -283,7 +291,9 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     want = type(getattr(sub, key))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+    if (section, key) in CHOICES:  # check_range names the allowed values
+        pass
+    elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise UserError(f"{where}: '{section}.{key}' must be {want.__name__}, "
                         f"got {type(value).__name__} {value!r}")
     check_range(section, key, value, where)

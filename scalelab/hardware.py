@@ -10,6 +10,23 @@ import torch
 
 from scalelab.config import UserError
 
+# What a training step achieves, beside the datasheet: the planner's time model
+# (scalelab/parallel/plan.py) and where each default comes from. Edit a row, or pass
+# `scalelab plan --assume KEY=VALUE`, to plan with other figures.
+MATMUL_EFFICIENCY = 808 / 989  # bf16 8192^3 matmul, 808 TFLOP/s measured on one H200
+#   (docs/ANCHORS figure, 2026-11-26); the H100 SXM has the same tensor cores and clocks
+ATTENTION_EFFICIENCY = 0.35  # flash attention, fraction of peak on its causal FLOPs:
+#   FlashAttention-2 on H100 (the FlashAttention-3 paper, Shah et al. 2024, gives ~35%)
+HBM_EFFICIENCY = 0.9  # elementwise kernels: 4.3 of 4.8 TB/s device-to-device on one H200
+# Everything that is neither a matmul nor attention (norms, rotary, SwiGLU, residual adds,
+# casts, kernel launches), as bytes of HBM traffic per token per layer per unit of d_model.
+# Calibrated, not counted: the one unknown solved from scalelab's own GPT-2 124M step on one
+# H200 (bench/results/gpu_check-h200-2026-11-27/train.json: compiled 29.78 ms; eager 52.9 ms
+# in the same session's peer table) with the three figures above held fixed;
+# tests/test_parallel.py re-derives both from those measurements.
+OTHER_BYTES_EAGER = 1389.0
+OTHER_BYTES_COMPILED = 507.0
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -20,15 +37,32 @@ class Hardware:
     link_bandwidth: float  # bytes/s per device, one direction, inside a node
     node_size: int = 8  # devices joined by the fast links
     inter_node_bandwidth: float = 50e9  # bytes/s per device between nodes (400 Gb/s NIC each)
+    matmul_efficiency: float = MATMUL_EFFICIENCY
+    attention_efficiency: float = ATTENTION_EFFICIENCY
+    hbm_efficiency: float = HBM_EFFICIENCY
+    other_bytes_eager: float = OTHER_BYTES_EAGER
+    other_bytes_compiled: float = OTHER_BYTES_COMPILED
+    note: str = ""
 
 
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware("h100", 989e12, 80e9, 3.35e12, 450e9, 8, 50e9),
     "h200": Hardware("h200", 989e12, 141e9, 4.8e12, 450e9, 8, 50e9),
-    "a100": Hardware("a100", 312e12, 80e9, 2.0e12, 300e9, 8, 25e9),
+    # torchtitan's benchmark machine (Meta Grand Teton): H100 SXM with 96 GB of HBM2e at
+    # 2.4 TB/s, run at a 500 W power limit. Its real peak lies between SXM and NVL and is not
+    # published; torchtitan quotes MFU against the SXM figure, and so do we.
+    "h100-500w": Hardware("h100-500w", 989e12, 95 * 2**30, 2.4e12, 450e9, 8, 50e9,
+                          note="peak unknown (power-capped); SXM figure used"),
+    # A100: matmul and attention fractions are the H100 defaults, not measured here.
+    "a100": Hardware("a100", 312e12, 80e9, 2.0e12, 300e9, 8, 25e9,
+                     note="efficiencies are the H100/H200 defaults, not measured on A100"),
     # One process on one core of a small CPU box, gloo over shared memory: rough numbers
-    # (about 100 GFLOP/s of model FLOPs on 2 cores) for planning CPU test runs.
-    "cpu": Hardware("cpu", 50e9, 16e9, 20e9, 2e9, 2, 0.5e9),
+    # (about 100 GFLOP/s of model FLOPs on 2 cores, everything included) for planning CPU
+    # test runs: the peak is already an achieved rate (attention at 0.5 of it on its causal
+    # half = all of PaLM's attention FLOPs at the rate), so nothing else is charged.
+    "cpu": Hardware("cpu", 50e9, 16e9, 20e9, 2e9, 2, 0.5e9, matmul_efficiency=1.0,
+                    attention_efficiency=0.5, other_bytes_eager=0.0, other_bytes_compiled=0.0,
+                    note="peak = measured model FLOP/s per core, all work included"),
 }
 
 
@@ -65,6 +99,16 @@ def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
     reproducible)."""
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """train.compile resolved for a device: "auto" compiles on CUDA only (on CPU and MPS the
+    compile time is rarely paid back, and CPU runs stay exact and quick to start)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"train.compile: expected auto, true or false, got {setting!r}")
 
 
 def autocast(device: torch.device, dtype: str):

@@ -10,7 +10,13 @@ checks against measured bytes). Assumptions, stated once:
   - bf16 compute and bf16 collectives (FSDP gathers bf16 weights and reduces bf16 grads);
   - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
     flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
-  - compute at the measured bf16 matmul ceiling (808 of 989 TFLOP/s, 8192^3, on an H100);
+    a checkpointed block (train.activation_checkpointing) keeps only its fp32 input, and one
+    block's activations are rebuilt at a time in backward;
+  - compute time = matmuls at a measured fraction of peak + causal flash attention at a
+    published fraction of peak + everything else as HBM traffic (bytes per token per layer
+    per d_model, calibrated on scalelab's own GPT-2 step, eager or compiled per
+    train.compile) + the AdamW update; recomputed forwards add their share. The figures and
+    their sources live in the hardware table (scalelab/hardware.py);
   - FSDP/DP traffic overlaps compute (forward gathers with forward, the rest with backward);
     tensor-parallel all-reduces sit on the critical path; bandwidth only, no latency term;
   - a ring that leaves a node (node_size devices) runs at the inter-node bandwidth.
@@ -19,11 +25,13 @@ checks against measured bytes). Assumptions, stated once:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, fields, replace
 
 from scalelab.config import Config, ModelConfig, UserError
 from scalelab.hardware import Hardware
 from scalelab.model import resolve
+from scalelab.parallel.ac import MODES, ac_mode, checkpointed_blocks
 from scalelab.parallel.comm import Collective, step_collectives
 from scalelab.parallel.rules import (
     MESH_AXES,
@@ -34,7 +42,66 @@ from scalelab.parallel.rules import (
     weight_spec,
 )
 
-MATMUL_EFFICIENCY = 808 / 989  # measured bf16 8192^3 matmul / datasheet peak
+OPTIMIZER_BYTES = 32  # fused AdamW per local parameter: read p, g, m, v; write p, m, v; clip
+LOGIT_BYTES = 16  # per logit per token: bf16 logits, the fp32 loss copy, its gradient
+
+
+def compute_times(mc: ModelConfig, tokens: float, tp: int, params_local: float,
+                  compiled: bool, recompute: float, hw: Hardware) -> dict[str, float]:
+    """Seconds of each kind of work one device does in a step (no communication) for
+    `tokens` tokens; recompute: the fraction of blocks whose forward runs again."""
+    body, head = body_and_head(mc)
+    matmul = tokens * (6 * body / tp + 6 * head + recompute * 2 * body / tp)
+    # flash attention does the causal half of PaLM's 12*L*H*Q*T
+    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp * (1 + recompute / 3)
+    per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
+    other = tokens * (mc.n_layer * per_d * mc.d_model * (1 + recompute / 3)
+                      + LOGIT_BYTES * mc.vocab_size)
+    bandwidth = hw.hbm_bandwidth * hw.hbm_efficiency
+    return {"matmul": matmul / (hw.peak_flops * hw.matmul_efficiency),
+            "attention": attention / (hw.peak_flops * hw.attention_efficiency),
+            "other": other / bandwidth, "optimizer": OPTIMIZER_BYTES * params_local / bandwidth}
+
+
+def body_and_head(mc: ModelConfig) -> tuple[int, int]:
+    """Parameters of the blocks (+ final norm) and of the lm_head (a matmul even when tied)."""
+    head = mc.vocab_size * mc.d_model
+    return count_params(mc) - head * (1 if mc.tie_embeddings else 2), head
+
+
+# The measured steps the "other work" figures of the hardware table are solved from: scalelab's
+# GPT-2 124M shape (12 x 768, SwiGLU 2048, vocab 50304, tied), batch 12 x 1024, bf16
+# autocast, one H200, torch 2.11, 2026-11-27, via bench/train_throughput.py.
+CALIBRATION = {
+    "compiled": (29.78e-3, "29.78 ms, bench/results/gpu_check-h200-2026-11-27/train.json"),
+    "eager": (52.9e-3, "52.9 ms eager in the same session, from the lab's anchor notes"),
+}
+
+
+def calibrate_other_bytes(mc: ModelConfig, tokens: int, step_s: float, compiled: bool,
+                          hw: Hardware) -> float:
+    """The bytes per token per layer per d_model of non-matmul work that make the time model
+    give `step_s` for one device running `tokens` per step (no communication, no AC)."""
+    zero = replace(hw, other_bytes_compiled=0.0, other_bytes_eager=0.0)
+    left = step_s - sum(compute_times(mc, tokens, 1, count_params(mc), compiled, 0.0,
+                                      zero).values())
+    return left * hw.hbm_bandwidth * hw.hbm_efficiency / (tokens * mc.n_layer * mc.d_model)
+
+
+def plans_compiled(cfg: Config, hw: Hardware) -> bool:
+    """train.compile as the planned devices would resolve it ("auto": on for GPUs)."""
+    setting = cfg.train.compile
+    return setting is True or (setting == "auto" and hw.name != "cpu")
+
+
+def activation_bytes(mc: ModelConfig, tokens_micro: int, tp: int, ac: bool | str) -> float:
+    """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring)."""
+    per_block = tokens_micro * mc.d_model * (10 + 24 / tp)
+    n_ckpt = len(checkpointed_blocks(mc.n_layer, ac))
+    kept = (mc.n_layer - n_ckpt + (1 if n_ckpt else 0)) * per_block  # + one being rebuilt
+    inputs = n_ckpt * tokens_micro * mc.d_model * 4  # fp32 residual stream at block entry
+    logits = tokens_micro * mc.vocab_size * 10  # bf16 logits + fp32 copy + fp32 grad
+    return kept + inputs + logits
 
 
 def model_for_plan(cfg: Config) -> ModelConfig:
@@ -78,10 +145,12 @@ class Estimate:
     grad_accum: int
     memory: dict[str, float]  # bytes per device: params, grads, optimizer, gathered, activations
     compute_s: float
+    times: dict[str, float]  # compute_s split: matmul, attention, other, optimizer
     comm: list[Collective]
     comm_s: dict[str, float]  # fwd / bwd (overlappable) and tp (exposed)
     step_s: float
     mfu: float
+    tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
 
@@ -118,11 +187,9 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
         gathered = 2 * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
 
     def memory_for(micro: int) -> dict[str, float]:
-        tokens_micro = micro * mc.seq_len
-        act = mc.n_layer * tokens_micro * mc.d_model * (10 + 24 / tp)  # bytes (Korthikanti)
-        logits = tokens_micro * mc.vocab_size * 10  # bf16 logits + fp32 copy + fp32 grad
+        act = activation_bytes(mc, micro * mc.seq_len, tp, tc.activation_checkpointing)
         return {"params": 4 * p_local, "grads": 4 * p_local, "optimizer": 8 * p_local,
-                "gathered": gathered, "activations": act + logits}
+                "gathered": gathered, "activations": act}
 
     # The largest micro-batch (a divisor of this rank's sequences) whose activations fit.
     n_seqs = max(1, int(seqs))
@@ -133,14 +200,10 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     tokens_micro = micro * mc.seq_len
 
     # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
-    hd = mc.d_model // mc.n_head
-    head = mc.vocab_size * mc.d_model
-    body = count_params(mc) - head * (1 if mc.tie_embeddings else 2)  # blocks + final norm
-    attn = 12 * mc.n_layer * mc.n_head * hd * mc.seq_len
-    flops_per_token = 6 * (body + head) + attn  # = Transformer.flops_per_token()
     tokens = seqs * mc.seq_len
-    device_flops = tokens * (6 * body / tp + attn / tp + 6 * head)
-    compute_s = device_flops / (hw.peak_flops * MATMUL_EFFICIENCY)
+    recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
+    times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
+    compute_s = times["matmul"] + times["attention"] + times["other"]
 
     comm = step_collectives(mc, sizes, rules, tokens_micro, accum, 2, 2, 2)
     comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
@@ -148,21 +211,31 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
         t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
         comm_s["tp" if c.axis == "tp" else "fwd" if c.phase == "fwd" else "bwd"] += t
     step_s = (max(compute_s / 3, comm_s["fwd"]) + max(2 * compute_s / 3, comm_s["bwd"])
-              + comm_s["tp"])
-    mfu = flops_per_token * global_seqs * mc.seq_len / (step_s * world * hw.peak_flops)
+              + comm_s["tp"] + times["optimizer"])
+    global_tokens = global_seqs * mc.seq_len
+    mfu = model_flops_per_token(mc) * global_tokens / (step_s * world * hw.peak_flops)
     total = sum(memory.values())
     if not why and total > hw.memory_bytes:
         why = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB"
-    return Estimate(sizes, tokens, micro, accum, memory, compute_s, comm, comm_s, step_s, mfu,
-                    not why, why)
+    return Estimate(sizes, tokens, micro, accum, memory, compute_s, times, comm, comm_s, step_s,
+                    mfu, global_tokens / step_s / world, not why, why)
+
+
+def model_flops_per_token(mc: ModelConfig) -> float:
+    """6N + 12*L*H*Q*T, N counting the lm_head but not the input table (as
+    Transformer.flops_per_token does, without building the model)."""
+    body, head = body_and_head(mc)
+    return 6 * (body + head) + 12 * mc.n_layer * mc.d_model * mc.seq_len
 
 
 def plan(cfg: Config, world: int, rules: Rules, hw: Hardware) -> list[Estimate]:
-    """Every mapping, best first: fitting ones by predicted step time, then by traffic."""
+    """Every mapping, best first: fitting ones by predicted step time (within 1% of the
+    fastest is a tie: the model is not that precise), then by traffic."""
     if world < 1:
         raise UserError(f"--world-size must be at least 1, got {world}")
     ests = [estimate(cfg, s, rules, hw) for s in factorizations(world)]
-    return sorted(ests, key=lambda e: (not e.fits, round(e.step_s, 6),
+    fastest = min((e.step_s for e in ests if e.fits), default=1.0)
+    return sorted(ests, key=lambda e: (not e.fits, 0 if e.step_s <= 1.01 * fastest else e.step_s,
                                        sum(e.comm_s.values()), e.sizes["tp"], e.sizes["fsdp"]))
 
 
@@ -181,16 +254,19 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
              f"hardware: {world} x {hw.name} ({hw.peak_flops / 1e12:.3g} TFLOP/s, "
              f"{hw.memory_bytes / 1e9:.3g} GB, {hw.link_bandwidth / 1e9:.3g} GB/s in a node of "
              f"{hw.node_size}, {hw.inter_node_bandwidth / 1e9:.3g} GB/s between nodes)",
+             *assumptions(cfg, hw),
              "",
              f"{'mapping':<24} {'tok/rank':>8} {'mem GB':>7} {'(p+g+o':>7} {'act)':>6} "
-             f"{'compute':>8} {'comm f/b':>13} {'tp comm':>8} {'step s':>8} {'MFU':>6}  fits"]
+             f"{'compute':>8} {'comm f/b':>13} {'tp comm':>8} {'step s':>8} {'tok/s/dev':>9} "
+             f"{'MFU':>6}  fits"]
     for e in ests[:limit]:
         pgo = e.memory["params"] + e.memory["grads"] + e.memory["optimizer"]
         lines.append(
             f"{e.name:<24} {e.tokens_per_device:>8,.0f} {_gb(e.total_memory):>7} {_gb(pgo):>7} "
             f"{_gb(e.memory['activations']):>6} {e.compute_s:>8.3f} "
             f"{e.comm_s['fwd']:>6.3f}/{e.comm_s['bwd']:<6.3f} {e.comm_s['tp']:>8.3f} "
-            f"{e.step_s:>8.3f} {e.mfu:>6.1%}  {'yes' if e.fits else 'NO: ' + e.why}")
+            f"{e.step_s:>8.3f} {e.tokens_per_s:>9,.0f} {e.mfu:>6.1%}  "
+            f"{'yes' if e.fits else 'NO: ' + e.why}")
     if len(ests) > limit:
         lines.append(f"... {len(ests) - limit} more mappings (worse or not fitting)")
     best = ests[0] if ests and ests[0].fits else None
@@ -199,14 +275,51 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
         lines.append("recommended: none fits; use more devices or a smaller batch_size")
     else:
         bound = "compute" if best.compute_s >= 1.5 * best.comm_s["bwd"] else "communication"
-        lines.append(f"recommended: {best.name}  (predicted {best.step_s:.3f} s/step, MFU "
-                     f"{best.mfu:.1%} upper bound, {_gb(best.total_memory)} GB/device, "
-                     f"{best.tokens_per_device:,.0f} tokens per data rank per step, {bound}-bound)")
+        lines.append(f"recommended: {best.name}  (predicted {best.step_s:.3f} s/step, "
+                     f"{best.tokens_per_s:,.0f} tokens/s per device, MFU {best.mfu:.1%}, "
+                     f"{_gb(best.total_memory)} GB/device, {best.tokens_per_device:,.0f} tokens "
+                     f"per data rank per step, {bound}-bound)")
         lines.append(f"  torchrun ... -m scalelab pretrain --config ... --set parallel.dp="
                      f"{best.sizes['dp']} --set parallel.fsdp={best.sizes['fsdp']} "
                      f"--set parallel.tp={best.sizes['tp']} --set train.batch_size="
                      f"{best.micro_batch} --set train.grad_accum={best.grad_accum}")
+        lines.append(ac_line(mc, best))
     return "\n".join(lines)
+
+
+def assumptions(cfg: Config, hw: Hardware) -> list[str]:
+    """The efficiency figures the times rest on, with their sources (hardware table)."""
+    compiled = plans_compiled(cfg, hw)
+    kind = "compiled" if compiled else "eager"
+    per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
+    default = Hardware("", 0, 0, 0, 0)
+
+    def source(key: str, text: str) -> str:
+        return text if getattr(hw, key) == getattr(default, key) else "set by --assume or row"
+    text = (f"matmuls at {hw.matmul_efficiency:.1%} of peak ("
+            f"{source('matmul_efficiency', 'bf16 8192^3 measured on an H200')}); "
+            f"flash attention at {hw.attention_efficiency:.0%} of peak on its causal FLOPs ("
+            f"{source('attention_efficiency', 'FlashAttention-2 on H100, FlashAttention-3 paper')}"
+            f"); other work {per_d:,.0f} B/token/layer/d_model at {hw.hbm_efficiency:.0%} of HBM "
+            f"bandwidth, the {kind} step (train.compile={_word(cfg.train.compile)}; "
+            + source(f"other_bytes_{kind}", f"calibrated on scalelab's GPT-2 124M step on an "
+                     f"H200, {CALIBRATION[kind][1]}") +
+            f"); activation checkpointing {ac_mode(cfg.train.activation_checkpointing)}; "
+            "FSDP/DP traffic overlapped with compute, TP all-reduces exposed")
+    head = f"assumed ({hw.name} row of scalelab/hardware.py{'; ' + hw.note if hw.note else ''}):"
+    return [head, *textwrap.wrap(text, 94, initial_indent="  ", subsequent_indent="  ")]
+
+
+def _word(v: bool | str) -> str:
+    return {True: "true", False: "false"}.get(v, v) if isinstance(v, bool) else v
+
+
+def ac_line(mc: ModelConfig, e: Estimate) -> str:
+    """Activation memory of one micro-batch of this mapping under each checkpointing mode."""
+    tokens = e.micro_batch * mc.seq_len
+    gb = {m: _gb(activation_bytes(mc, tokens, e.sizes["tp"], m)) for m in MODES}
+    return (f"  activations per device (micro-batch {e.micro_batch} x {mc.seq_len}): "
+            + ", ".join(f"{gb[m]} GB with activation_checkpointing={m}" for m in MODES))
 
 
 def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> str:
@@ -239,9 +352,13 @@ def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> s
                      f"{_mb(c.ring_bytes):>12} {t:>8.4f}  {c.phase}: {c.what}")
     lines += ["", "memory/device: " + ", ".join(f"{k} {_gb(v)} GB" for k, v in e.memory.items())
               + f" = {_gb(e.total_memory)} GB" + ("" if e.fits else f"  (NO: {e.why})"),
-              f"step: compute {e.compute_s:.3f} s, comm fwd {e.comm_s['fwd']:.3f} s / bwd "
-              f"{e.comm_s['bwd']:.3f} s (overlapped), tp {e.comm_s['tp']:.3f} s (exposed) -> "
-              f"{e.step_s:.3f} s, MFU {e.mfu:.1%}"]
+              ac_line(mc, e),
+              f"step: compute {e.compute_s:.3f} s (" + ", ".join(
+                  f"{k} {v:.3f}" for k, v in e.times.items() if k != "optimizer") +
+              f"), comm fwd {e.comm_s['fwd']:.3f} s / bwd {e.comm_s['bwd']:.3f} s (overlapped), "
+              f"tp {e.comm_s['tp']:.3f} s (exposed), optimizer {e.times['optimizer']:.3f} s -> "
+              f"{e.step_s:.3f} s, {e.tokens_per_s:,.0f} tokens/s per device, MFU {e.mfu:.1%}",
+              *assumptions(cfg, hw)]
     return "\n".join(lines)
 
 
@@ -253,6 +370,27 @@ def shape_names(name: str) -> tuple[str, ...]:
 
 def _mb(x: float) -> str:
     return f"{x / 1e6:.2f} MB" if x >= 1e4 else f"{x:.0f} B"
+
+
+def assume(hw: Hardware, items: list[str]) -> Hardware:
+    """The hardware row with `--assume KEY=VALUE` overrides (numbers > 0), e.g.
+    matmul_efficiency=0.7 or hbm_bandwidth=2.4e12."""
+    numeric = {f.name for f in fields(Hardware) if f.type in ("float", "int")}
+    changes: dict[str, float] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in numeric:
+            raise UserError(f"--assume {item!r}: expected KEY=VALUE with KEY one of "
+                            f"{', '.join(sorted(numeric))}")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--assume {key}: expected a number > 0, got {raw!r}")
+        changes[key] = int(value) if key == "node_size" else value
+    return replace(hw, name=hw.name + (" (--assume)" if changes else ""), **changes)
 
 
 def parse_mapping(text: str, world: int) -> dict[str, int]:

@@ -13,8 +13,9 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
-from scalelab.hardware import autocast, detect, pick_device
+from scalelab.hardware import autocast, detect, pick_device, use_compile
 from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
@@ -40,10 +41,11 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
                              fused=device.type == "cuda")
 
 
-def loss_step(loss_fn: Callable, tc: TrainConfig) -> Callable:
+def loss_step(loss_fn: Callable, tc: TrainConfig, device: torch.device) -> Callable:
     """What fit() runs per micro-batch: loss_fn(model, batch), compiled whole (model and loss
-    in one graph) when train.compile is on. bench/train_throughput.py times this same path."""
-    return torch.compile(loss_fn) if tc.compile else loss_fn
+    in one graph) when train.compile resolves to on for this device (auto: CUDA only).
+    bench/train_throughput.py times this same path."""
+    return torch.compile(loss_fn) if use_compile(tc.compile, device) else loss_fn
 
 
 class Run:
@@ -161,6 +163,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
     """
     tc = cfg.train
+    apply_activation_checkpointing(model, tc.activation_checkpointing)  # names, class unchanged
     optimizer = make_optimizer(model, tc, device)
     main = parallel is None or parallel.is_main
     if main and tc.max_steps < tc.warmup_steps:
@@ -179,7 +182,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             run.log({"step": 0, **evaluate(0)})
 
     ctx = autocast(device, tc.dtype)
-    step_fn = loss_step(loss_fn, tc)
+    step_fn = loss_step(loss_fn, tc, device)
     bar = Progress(tc.max_steps, start, "train", enabled=main)
     tokens_since = 0
     model.train()

@@ -27,7 +27,7 @@ from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
 from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
-from scalelab.hardware import autocast, pick_device
+from scalelab.hardware import autocast, pick_device, use_compile
 from scalelab.model import ScalarModel, Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import Checkpointer, save_model
@@ -306,7 +306,8 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         return reward_scores(reward_model, tok, stats, [texts[i] for i in idx], responses)
 
     ctx = autocast(device, tc.dtype)
-    loss_fn = torch.compile(minibatch_loss) if tc.compile else minibatch_loss
+    compiled = use_compile(tc.compile, device)
+    loss_fn = torch.compile(minibatch_loss) if compiled else minibatch_loss
 
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
@@ -326,7 +327,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
                            tok, pc, kl_coef, gen, ctx=ctx, grad_clip=tc.grad_clip,
-                           loss_fn=loss_fn, fixed_shape=tc.compile,
+                           loss_fn=loss_fn, fixed_shape=compiled,
                            corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss))
         mon.step_done(step + 1)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
