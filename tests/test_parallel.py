@@ -155,7 +155,10 @@ def test_recommendations():
 def test_plan_cli(tmp):
     r = run_cli("plan", "--config", "configs/gpt2-124m.toml", "--world-size", "8")
     assert r.returncode == 0, r.stderr
-    assert "recommended: dp=8 x fsdp=1 x tp=1" in r.stdout
+    # 124M fits whole on each GPU: no tensor parallelism. dp=8 and fsdp=8 move the same bytes
+    # (fp32 all-reduce = bf16 gathers + fp32 reduce-scatter), so either may come first.
+    rec = r.stdout.split("recommended: ")[1].split()[:5]
+    assert rec in (["dp=8", "x", "fsdp=1", "x", "tp=1"], ["dp=1", "x", "fsdp=8", "x", "tp=1"])
     r = run_cli("plan", "--config", "gpt2-124m", "--world-size", "8", "--explain", "2,2,2")
     assert r.returncode == 0 and "blocks.0.attn.wq.weight" in r.stdout
     assert "(384, 384)" in r.stdout  # 768 x 768 cut by tp=2 (heads) and fsdp=2 (embed)

@@ -7,7 +7,8 @@ checks against measured bytes). Assumptions, stated once:
     recipe), split over dp x fsdp; each device takes the largest micro-batch that fits and
     accumulates the rest (FSDP gathers and reduces again every micro-step);
   - AdamW with fp32 master weights: 4 (param) + 4 (grad) + 8 (moments) bytes per parameter;
-  - bf16 compute and bf16 collectives (FSDP gathers bf16 weights and reduces bf16 grads);
+  - bf16 compute; FSDP gathers bf16 weights and reduces fp32 gradients (parallel.apply's
+    mixed-precision policy), activations move in bf16;
   - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
     flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
     a checkpointed block (train.activation_checkpointing) keeps only its fp32 input, and one
@@ -205,7 +206,8 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
-    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, 2, 2, 2)
+    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=2, grad_bytes=4,
+                            act_bytes=2)
     comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
     for c in comm:
         t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
