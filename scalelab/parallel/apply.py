@@ -47,16 +47,20 @@ def apply_tp(model: nn.Module, par: Parallel) -> None:
 
 
 def apply_fsdp(model: nn.Module, par: Parallel) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     names = {id(p): n for n, p in model.named_parameters()}
-    for n in names.values():
-        if fsdp_dim(n, par.rules) is None:
+    for n, p in model.named_parameters():
+        if fsdp_dim(n, par.rules) is None and p.numel() > 1:  # a head's one bias: dim 0
             raise UserError(f"parallel.fsdp={par.sizes['fsdp']}: the rules give {n} no "
                             "dimension on the fsdp axis (keep parallel.rules.embed = \"fsdp\")")
 
     def placement(p: nn.Parameter) -> Shard:
-        return Shard(fsdp_dim(names[id(p)], par.rules))
+        return Shard(fsdp_dim(names[id(p)], par.rules) or 0)
 
     mesh = par.mesh["dp", "fsdp"] if par.sizes["dp"] > 1 else par.mesh["fsdp"]
     # On GPUs under bf16 autocast, gather bf16 weights and reduce bf16 grads (the planner's
@@ -64,13 +68,16 @@ def apply_fsdp(model: nn.Module, par: Parallel) -> None:
     bf16 = par.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
         if bf16 else MixedPrecisionPolicy()
-    for block in model.blocks:  # reshard after forward: gather again in backward
+    trunk = getattr(model, "trunk", model)  # a reward/value model: its Transformer's blocks
+    for block in trunk.blocks:  # reshard after forward: gather again in backward
         fully_shard(block, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
                     reshard_after_forward=True)
     # The root (embedding = tied lm_head, final norm) is needed again at the start of
     # backward, so it stays gathered: one all-gather and one reduce-scatter per step.
     fully_shard(model, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
                 reshard_after_forward=False)
+    if trunk is model:  # the losses read hidden() and lm_head.weight: gather for hidden() too
+        register_fsdp_forward_method(model, "hidden")
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ from scalelab.train.checkpoint import (
     read_json,
     read_tensors,
     replace_dir,
+    save_model,
+    tied_names,
 )
 
 
@@ -88,8 +90,8 @@ def load_single_into_mesh(ckpt: Path, model: torch.nn.Module,
     position) loaded into a sharded model: every rank reads the file and keeps its slices."""
     meta = read_json(ckpt / "state.json")
     weights = read_tensors(ckpt / "model.safetensors")
-    if model.cfg.tie_embeddings and "embed.weight" in weights:
-        weights["lm_head.weight"] = weights["embed.weight"]
+    for name in tied_names(model):  # lm_head.weight (or trunk.lm_head.weight) is embed's
+        weights.setdefault(name, weights.get(name.replace("lm_head", "embed")))
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=full)
     # Position i in the saved optimizer state = i-th parameter of the param groups, in order.
@@ -113,6 +115,18 @@ def full_model_tensors(model: torch.nn.Module, par: Parallel) -> dict[str, torch
     """The whole model as plain CPU tensors on rank 0 (collective: every rank must call)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=opts)
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    for name in tied_names(model):
+        sd.pop(name, None)
     return {k: v.contiguous() for k, v in sd.items()} if par.is_main else {}
+
+
+def save_full_model(model: torch.nn.Module, tok, final: Path, par: Parallel,
+                    extra_json: dict[str, dict] | None = None) -> None:
+    """DIR/model as one safetensors file, from one process or a mesh (collective: every rank
+    calls; rank 0 writes)."""
+    if par.single:
+        return save_model(model, tok, final, extra_json=extra_json)
+    tensors = full_model_tensors(model, par)
+    if par.is_main:
+        save_model(model, tok, final, tensors, extra_json=extra_json)
+    par.barrier()

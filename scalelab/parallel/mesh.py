@@ -86,6 +86,14 @@ class Parallel:
         dist.all_reduce(x)  # over the whole world: each data rank's value appears tp times
         return x / self.world
 
+    def sum_over_data(self, n: int) -> int:
+        """Sum a per-rank count (tokens, pairs) over data ranks."""
+        if self.single:
+            return n
+        t = torch.tensor(n, dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return int(t) // self.sizes["tp"]
+
 
 def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     """Read the torchrun environment, check the mesh shape, start the process group."""

@@ -13,7 +13,9 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
-from scalelab.hardware import autocast, detect, pick_device
+from scalelab.hardware import autocast, detect
+from scalelab.parallel import mesh
+from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import (
     atomic_write_text,
     list_checkpoints,
@@ -101,25 +103,28 @@ class Run:
 
 
 def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
-    """What every post-training stage does first: seed, claim the run folder, load the model
-    it starts from, save the resolved config and where the model came from (lineage.json).
-    Returns (run, device, model, tokenizer)."""
+    """What every post-training stage does first: start the mesh (one process without
+    torchrun), seed, load the model it starts from (whole, on every rank: the stage shards it
+    with parallelize() once it has made its copies), claim the run folder (rank 0), save the
+    resolved config and where the model came from (lineage.json).
+    Returns (run, par, model, tokenizer)."""
     from scalelab.train.checkpoint import load_model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # N processes would each train a copy into the same folder
-        raise UserError(f"{stage} runs in one process (WORLD_SIZE is {world}): only pretrain "
-                        "spreads over a device mesh so far; run this stage without torchrun")
-    torch.manual_seed(cfg.train.seed)
-    run = Run(out, cfg, resume, stage=stage)
-    device = pick_device(cfg.train.device)
-    model, tok = load_model(parent, device)
+    par = mesh.setup(cfg.parallel, cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: copies and heads agree
+    model, tok = load_model(parent, par.device)
     from scalelab.hf import add_chat_tokens
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
+    if not par.single:  # before anything is written
+        check_divisible(model.cfg, par.rules, par.sizes)
+    run = Run(out, cfg, resume, write=par.is_main, stage=stage)
     cfg.model = model.cfg
     run.write_config(cfg)
-    record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
-    atomic_write_text(out / "lineage.json", json.dumps(record))
-    return run, device, model, tok
+    if par.is_main:
+        record = {"stage": stage, "parent": str(parent),
+                  **{k: str(v) for k, v in lineage.items()}}
+        atomic_write_text(out / "lineage.json", json.dumps(record))
+    par.barrier()  # the folder is claimed before any rank goes on
+    return run, par, model, tok
 
 
 def rewind(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
@@ -141,7 +146,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         save_model: Callable[[], None] | None = None,
         tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
         resume: bool = False, parallel=None,
-        count_tokens: Callable[[tuple], int] | None = None) -> None:
+        count_tokens: Callable[[tuple], int] | None = None,
+        loss_units: Callable[[tuple], int] | None = None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
 
     loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
@@ -151,6 +157,11 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     rank runs this loop; gradients are synced and clipped over the mesh, rank 0 logs).
     count_tokens(batch): the real (unpadded) tokens of a micro-batch, for stages whose
     batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
+    loss_units(batch): what the loss averages over in a micro-batch (assistant tokens,
+    pairs); then loss_fn returns the SUM over them, and the step's loss is that sum over all
+    micro-batches and data ranks divided by their global count, so the weighting of each
+    token does not depend on grad_accum or the mapping. Without it, loss_fn's mean is
+    averaged over micro-batches (right when every micro-batch holds as many units).
     """
     tc = cfg.train
     optimizer = make_optimizer(model, tc, device)
@@ -195,15 +206,22 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         lr = lr_at(step, tc) * mon.lr_scale(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, step_tokens = torch.zeros((), device=device), 0
-        for _ in range(tc.grad_accum):
-            with mon.clock("data"):
+        loss_sum, step_tokens, batches = torch.zeros((), device=device), 0, []
+        with mon.clock("data"):
+            for _ in range(tc.grad_accum):
                 mon.stall(step + 1)
-                batch = loader.next_batch()
+                batches.append(loader.next_batch())
+        scale = 1 / tc.grad_accum
+        if loss_units is not None:  # sum / global count (see the docstring)
+            units = sum(loss_units(b) for b in batches)
+            if parallel is not None:
+                units = parallel.sum_over_data(units)
+            scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
+        for batch in batches:
             step_tokens += count_tokens(batch) if count_tokens else tokens_per_micro_batch
             batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
             with ctx:
-                loss = mon.corrupt(step + 1, step_fn(model, batch) / tc.grad_accum)
+                loss = mon.corrupt(step + 1, step_fn(model, batch) * scale)
             loss.backward()
             loss_sum += loss.detach()
         if parallel is None:
