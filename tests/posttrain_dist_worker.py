@@ -13,6 +13,7 @@ resumes under fsdp=2 x tp=2 (BASE/sft_from_one).
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -42,7 +43,10 @@ def run_stage(stage: str, ref: Path, out: Path, sizes, base: Path, data: str,
     cfg.parallel.dp, cfg.parallel.fsdp, cfg.parallel.tp = sizes
     cfg.train.batch_size, cfg.train.grad_accum = 2, 2  # x 2 data ranks = the one-process 8
     train = {"sft": sft, "reward": train_reward, "dpo": dpo}[stage]
+    t0 = time.perf_counter()
     train(cfg, base, data, out, resume=resume)
+    if dist.get_rank() == 0:
+        print(f"{out.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def main() -> None:

@@ -110,7 +110,8 @@ def test_stage_on_a_mesh_matches_one_process(mesh_runs, stage, mapping):
     a, b = read_tensors(refs / stage / "model/model.safetensors"), \
         read_tensors(run / "model/model.safetensors")
     assert set(a) == set(b)
-    for k in a:
+    for k in set(a) - {"head.bias"}:  # Bradley-Terry sees only differences of scores, so
+        # the bias gets a zero gradient up to rounding, which Adam scales to full steps
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
     if stage == "reward":  # rank 0 sampled the same preference data
         assert (run / "preferences.jsonl").read_text() == \
