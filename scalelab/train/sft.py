@@ -98,8 +98,9 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     step_rows = tc.batch_size * par.data_world * tc.grad_accum
     if len(train_items) < step_rows:
         raise UserError(f"{data_spec}: {len(encoded)} usable examples ({n_val} held out), "
-                        f"fewer than one step of train.batch_size = {tc.batch_size} x "
-                        f"{par.data_world} data ranks x train.grad_accum = {tc.grad_accum}")
+                        f"fewer than one batch of {step_rows} (train.batch_size "
+                        f"{tc.batch_size} x {par.data_world} data ranks x train.grad_accum "
+                        f"{tc.grad_accum}) to train on")
     loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed,
                            rank=par.data_rank, world=par.data_world,
                            accum=cfg.train.grad_accum)
