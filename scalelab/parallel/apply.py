@@ -21,13 +21,19 @@ from scalelab.parallel.mesh import Parallel
 from scalelab.parallel.rules import fsdp_dim, tp_style
 
 
-def parallelize(model: nn.Module, par: Parallel) -> nn.Module:
+def parallelize(model: nn.Module, par: Parallel, entry: str = "forward") -> nn.Module:
+    """entry: the method the training code calls. "hidden" for losses that read
+    model.hidden() and lm_head.weight themselves (FSDP gathers the root's weights on entry;
+    calling both would gather them twice)."""
     if par.single:
         return model
     if par.sizes["tp"] > 1:
         apply_tp(model, par)
     if par.sizes["fsdp"] > 1:
         apply_fsdp(model, par)
+        if entry != "forward":
+            from torch.distributed.fsdp import register_fsdp_forward_method
+            register_fsdp_forward_method(model, entry)
     return model
 
 
@@ -47,11 +53,7 @@ def apply_tp(model: nn.Module, par: Parallel) -> None:
 
 
 def apply_fsdp(model: nn.Module, par: Parallel) -> None:
-    from torch.distributed.fsdp import (
-        MixedPrecisionPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     names = {id(p): n for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -76,8 +78,6 @@ def apply_fsdp(model: nn.Module, par: Parallel) -> None:
     # backward, so it stays gathered: one all-gather and one reduce-scatter per step.
     fully_shard(model, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
                 reshard_after_forward=False)
-    if trunk is model:  # the losses read hidden() and lm_head.weight: gather for hidden() too
-        register_fsdp_forward_method(model, "hidden")
 
 
 @torch.no_grad()

@@ -62,8 +62,8 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     run, par, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
     device = par.device
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    parallelize(model, par)  # both by the same rules
-    parallelize(ref, par)
+    parallelize(model, par, entry="hidden")  # both by the same rules; the loss reads
+    parallelize(ref, par, entry="hidden")  # hidden() and lm_head.weight
     pairs = load_pairs(data_spec, cfg.reward.min_margin)
 
     def conv(prompt: str, answer: str) -> list[dict]:

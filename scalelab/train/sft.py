@@ -83,7 +83,7 @@ def assistant_tokens(batch: tuple[torch.Tensor, ...]) -> int:
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
     run, par, model, tok = start_stage(cfg, out, resume, "sft", base)
     device = par.device
-    parallelize(model, par)
+    parallelize(model, par, entry="hidden")  # masked_loss reads hidden() and lm_head
 
     sc = cfg.sft
     encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
