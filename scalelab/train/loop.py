@@ -155,8 +155,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     (val_loss, ...); save_model() writes DIR/model. Logged "step" = optimizer steps done.
     parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
     rank runs this loop; gradients are synced and clipped over the mesh, rank 0 logs).
-    count_tokens(batch): the real (unpadded) tokens of a micro-batch, for stages whose
-    batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
+    count_tokens(batch): the real (unpadded) tokens of a micro-batch (summed over data ranks
+    under a mesh), for stages whose batches vary in length; without it or
+    tokens_per_micro_batch, no tokens_per_s is logged.
     loss_units(batch): what the loss averages over in a micro-batch (assistant tokens,
     pairs); then loss_fn returns the SUM over them, and the step's loss is that sum over all
     micro-batches and data ranks divided by their global count, so the weighting of each
@@ -206,19 +207,23 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         lr = lr_at(step, tc) * mon.lr_scale(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, step_tokens, batches = torch.zeros((), device=device), 0, []
+        loss_sum, batches = torch.zeros((), device=device), []
         with mon.clock("data"):
             for _ in range(tc.grad_accum):
                 mon.stall(step + 1)
                 batches.append(loader.next_batch())
+        # Counts summed over data ranks in one all-reduce: the loss's units (sum / global
+        # count, see the docstring) and, for stages whose rows vary, the step's tokens.
+        units = sum(loss_units(b) for b in batches) if loss_units else 0
+        step_tokens = sum(count_tokens(b) for b in batches) if count_tokens else \
+            tokens_per_micro_batch * tc.grad_accum  # pretraining's is global already
+        if parallel is not None and (loss_units or count_tokens):
+            units, summed = parallel.sum_over_data(units, step_tokens)
+            step_tokens = summed if count_tokens else step_tokens
         scale = 1 / tc.grad_accum
-        if loss_units is not None:  # sum / global count (see the docstring)
-            units = sum(loss_units(b) for b in batches)
-            if parallel is not None:
-                units = parallel.sum_over_data(units)
+        if loss_units is not None:
             scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
         for batch in batches:
-            step_tokens += count_tokens(batch) if count_tokens else tokens_per_micro_batch
             batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
             with ctx:
                 loss = mon.corrupt(step + 1, step_fn(model, batch) * scale)

@@ -233,6 +233,6 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
 
     fit(run, cfg, model, loader, device, pair_loss_sum, evaluate, save_model=save,
         resume=resume, parallel=None if par.single else par,
-        count_tokens=lambda batch: int(batch[1].sum()) * par.data_world,  # estimate, as SFT
-        loss_units=lambda batch: len(batch[2]))  # batch[1]: lengths, [2]: better of each pair
+        count_tokens=lambda batch: int(batch[1].sum()),  # batch[1]: sequence lengths
+        loss_units=lambda batch: len(batch[2]))  # batch[2]: the better of each pair
     return out / "model"

@@ -127,8 +127,7 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     mean_len = sum(len(i) for i, _ in train_items) / len(train_items)
     fit(run, cfg, model, loader, device, masked_loss_sum, evaluate,
         save_model=lambda: save_full_model(model, tok, out / "model", par),
-        # tokens/s under a mesh: rank 0's tokens x data ranks (an estimate; rows differ)
-        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()) * par.data_world,
+        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
         flops_per_token=model.flops_per_token(int(mean_len)), resume=resume,
         parallel=None if par.single else par, loss_units=assistant_tokens)
     return out / "model"
