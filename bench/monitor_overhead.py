@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scalelab.config import load_config, resolve_config_path  # noqa: E402
+from scalelab.hardware import pick_device  # noqa: E402
 from scalelab.model import Transformer  # noqa: E402
-from scalelab.train.loop import Run, fit, pick_device  # noqa: E402
+from scalelab.train.loop import Run, fit  # noqa: E402
 
 
 class RandomTokens:

@@ -317,4 +317,5 @@ class ScalarModel(nn.Module):
                 self.head.weight.normal_(0.0, 1 / math.sqrt(trunk.cfg.d_model + 1))
 
     def forward(self, tokens, positions=None, mask=None) -> torch.Tensor:
-        return self.head(self.trunk.hidden(tokens, positions, mask)).squeeze(-1).float()
+        # sum over the one output: a fresh fp32 tensor, not a view (FSDP warns about views)
+        return self.head(self.trunk.hidden(tokens, positions, mask)).sum(-1, dtype=torch.float32)

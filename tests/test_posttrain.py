@@ -172,9 +172,10 @@ def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):
     assert len(load_pairs(str(f), 0.0)) == 2
 
 
-def test_post_training_refuses_to_run_as_many_copies(tmp_path, tokenizer):
-    """Under torchrun every process would train its own copy into one folder: refuse, exit 2,
-    write nothing."""
+def test_ppo_refuses_to_run_as_many_copies(tmp_path, tokenizer):
+    """SFT, reward and DPO spread over a mesh (test_posttrain_mesh.py); PPO does not yet:
+    under torchrun every process would train its own copy into one folder, so it refuses,
+    exit 2, and writes nothing."""
     import os
     import subprocess
     import sys
@@ -183,9 +184,10 @@ def test_post_training_refuses_to_run_as_many_copies(tmp_path, tokenizer):
     model_dir = tmp_path / "m"
     save_model(Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
                                        n_head=2, d_model=16)), tokenizer, model_dir)
-    out = tmp_path / "sft"
-    r = subprocess.run([sys.executable, "-m", "scalelab", "sft", "--base", str(model_dir),
-                        "--data", "builtin:tasks", "--out", str(out)], capture_output=True,
+    out = tmp_path / "ppo"
+    r = subprocess.run([sys.executable, "-m", "scalelab", "ppo", "--policy", str(model_dir),
+                        "--reward", "builtin:gold", "--prompts", "builtin:tasks",
+                        "--out", str(out)], capture_output=True,
                        text=True, env={**os.environ, "WORLD_SIZE": "2"}, timeout=120)
     assert r.returncode == 2 and "WORLD_SIZE" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()

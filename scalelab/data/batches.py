@@ -2,7 +2,9 @@
 
 `EpochSampler` visits N items in a fresh seeded permutation each epoch; its position
 (epoch, index) goes into checkpoints, so a resumed run draws exactly the next batch. With
-world > 1 each rank takes its own slice of every global batch.
+world > 1 each rank takes its own slice of every global batch. With accum > 1 (micro-batches
+per optimizer step) the ragged end of an epoch is dropped per whole step, so 2 x 4 rows draw
+the same rows as 1 x 8 on every step.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import torch
 
 
 class EpochSampler:
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 accum: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.accum = accum
         self.epoch, self.index = 0, 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def next_indices(self) -> list[int]:
         step = self.batch_size * self.world
-        if self.index + step > self.n:  # drop the ragged end, start a new epoch
+        whole = step * self.accum  # rows of one optimizer step
+        if self.index % whole == 0 and self.index + whole > self.n:  # drop the ragged end
             self.epoch, self.index = self.epoch + 1, 0
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -38,14 +43,17 @@ class EpochSampler:
 
 
 class ExampleLoader:
-    """Batches of whole examples: `collate` turns a list of items into tensors."""
+    """Batches of whole examples: `collate` turns a list of items into tensors. With
+    world > 1, batch_size is per rank and rank takes its own rows of each global batch;
+    accum: micro-batches per optimizer step (see EpochSampler)."""
 
     def __init__(self, items: Sequence[Any], batch_size: int, collate: Callable[[list], tuple],
-                 seed: int = 0):
-        if len(items) < batch_size:
-            raise ValueError(f"{len(items)} examples is fewer than one batch of {batch_size}")
+                 seed: int = 0, rank: int = 0, world: int = 1, accum: int = 1):
+        if len(items) < batch_size * world * accum:
+            raise ValueError(f"{len(items)} examples is fewer than one step of "
+                             f"{batch_size * world * accum}")
         self.items, self.collate = items, collate
-        self.sampler = EpochSampler(len(items), batch_size, seed)
+        self.sampler = EpochSampler(len(items), batch_size, seed, rank, world, accum)
 
     def next_batch(self) -> tuple:
         return self.collate([self.items[i] for i in self.sampler.next_indices()])

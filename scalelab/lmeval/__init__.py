@@ -30,8 +30,8 @@ except ImportError as e:  # pragma: no cover - only without the extra
                       f"(lm_eval is missing: {e})") from None
 
 from scalelab.generate import generate
+from scalelab.hardware import pick_device
 from scalelab.train.checkpoint import load_model
-from scalelab.train.loop import pick_device
 
 
 @register_model("scalelab")

@@ -22,14 +22,21 @@ from scalelab.parallel.mesh import Parallel
 from scalelab.parallel.rules import fsdp_dim, tp_style
 
 
-def parallelize(model: nn.Module, par: Parallel, dtype: str = "auto") -> nn.Module:
-    """dtype: train.dtype (FSDP gathers weights in the dtype the matmuls run in)."""
+def parallelize(model: nn.Module, par: Parallel, dtype: str = "auto",
+                entry: str = "forward") -> nn.Module:
+    """dtype: train.dtype (FSDP gathers weights in the dtype the matmuls run in).
+    entry: the method the training code calls. "hidden" for losses that read
+    model.hidden() and lm_head.weight themselves (FSDP gathers the root's weights on entry;
+    calling both would gather them twice)."""
     if par.single:
         return model
     if par.sizes["tp"] > 1:
         apply_tp(model, par)
     if par.sizes["fsdp"] > 1:
         apply_fsdp(model, par, dtype)
+        if entry != "forward":
+            from torch.distributed.fsdp import register_fsdp_forward_method
+            register_fsdp_forward_method(model, entry)
     return model
 
 
@@ -61,17 +68,18 @@ def apply_fsdp(model: nn.Module, par: Parallel, dtype: str = "auto") -> None:
     from torch.distributed.fsdp import fully_shard
 
     names = {id(p): n for n, p in model.named_parameters()}
-    for n in names.values():
-        if fsdp_dim(n, par.rules) is None:
+    for n, p in model.named_parameters():
+        if fsdp_dim(n, par.rules) is None and p.numel() > 1:  # a head's one bias: dim 0
             raise UserError(f"parallel.fsdp={par.sizes['fsdp']}: the rules give {n} no "
                             "dimension on the fsdp axis (keep parallel.rules.embed = \"fsdp\")")
 
     def placement(p: nn.Parameter) -> Shard:
-        return Shard(fsdp_dim(names[id(p)], par.rules))
+        return Shard(fsdp_dim(names[id(p)], par.rules) or 0)
 
     mesh = par.mesh["dp", "fsdp"] if par.sizes["dp"] > 1 else par.mesh["fsdp"]
     mp = mixed_precision(par.device, dtype)  # on CPU by default all fp32: matches one process
-    for block in model.blocks:  # reshard after forward: gather again in backward
+    trunk = getattr(model, "trunk", model)  # a reward/value model: its Transformer's blocks
+    for block in trunk.blocks:  # reshard after forward: gather again in backward
         fully_shard(block, mesh=mesh, shard_placement_fn=placement, mp_policy=mp,
                     reshard_after_forward=True)
     # The root (embedding = tied lm_head, final norm) is needed again at the start of
@@ -89,12 +97,7 @@ def sync_grads(model: nn.Module, par: Parallel) -> None:
     for p in model.parameters():
         if p.grad is not None:
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            if par.device.type == "cuda":  # bf16 on the wire, as FSDP above and the planner
-                buf = g.to(torch.bfloat16)
-                dist.all_reduce(buf, group=group)
-                g.copy_(buf)
-            else:
-                dist.all_reduce(g, group=group)
+            dist.all_reduce(g, group=group)  # fp32, as FSDP's reduce above and the planner
             g.div_(n)
 
 

@@ -8,6 +8,7 @@ always one consolidated model.safetensors (full_model_tensors): later stages see
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Restore model and optimizer in place under the current mapping (or in one process)."""
     state = _state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+        with warnings.catch_warnings():  # one plain process reading shards is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
     except Exception as e:  # DCP raises a CheckpointException wrapping per-rank errors
         raise UserError(f"{ckpt / 'dcp'}: cannot load this checkpoint ({e})") from None
     set_model_state_dict(model, state["model"])
@@ -47,9 +50,8 @@ def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def full_model_tensors(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
-    """The whole model as plain CPU tensors on rank 0 (collective: every rank must call)."""
+    """The whole model as plain CPU tensors on rank 0, a tied weight under both its names
+    (collective: every rank must call)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=opts)
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
     return {k: v.contiguous() for k, v in sd.items()} if par.is_main else {}

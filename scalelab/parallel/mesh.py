@@ -86,6 +86,14 @@ class Parallel:
         dist.all_reduce(x)  # over the whole world: each data rank's value appears tp times
         return x / self.world
 
+    def sum_over_data(self, *counts: int) -> list[int]:
+        """Sum per-rank counts (tokens, pairs) over data ranks, in one all-reduce."""
+        if self.single:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        dist.all_reduce(t)  # over the world: each data rank's counts appear tp times
+        return [int(n) // self.sizes["tp"] for n in t.tolist()]
+
 
 def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     """Read the torchrun environment, check the mesh shape, start the process group."""

@@ -65,15 +65,23 @@ def make_rules(overrides: dict[str, str] | None = None) -> Rules:
     return rules
 
 
+# A reward or value model (train/reward.ScalarModel) is a trunk plus a head with one output:
+# the trunk's weights keep their names under "trunk.", the head is cut only along embed.
+SCALAR_HEAD_AXES = {"head.weight": ("scalar", "embed"), "head.bias": ("scalar",)}
+
+
 def param_key(name: str) -> str:
-    """'blocks.3.attn.wq.weight' -> 'blocks.attn.wq.weight' (the LOGICAL_AXES key)."""
-    parts = name.split(".")
-    return ".".join(parts[:1] + parts[2:]) if parts[0] == "blocks" else name
+    """'blocks.3.attn.wq.weight' -> 'blocks.attn.wq.weight' (the LOGICAL_AXES key);
+    'trunk.blocks.3...' of a scalar model likewise."""
+    parts = name.removeprefix("trunk.").split(".")
+    return ".".join(parts[:1] + parts[2:]) if parts[0] == "blocks" else ".".join(parts)
 
 
 def weight_spec(name: str, rules: Rules) -> tuple[tuple[str, ...], ...]:
-    """Mesh axes per dimension of a weight, e.g. wq -> (("tp",), ("fsdp",))."""
-    return tuple(rules[axis] for axis in LOGICAL_AXES[param_key(name)])
+    """Mesh axes per dimension of a weight, e.g. wq -> (("tp",), ("fsdp",)). A name the
+    table does not know ("scalar": a head's single output) stays whole."""
+    axes = SCALAR_HEAD_AXES.get(name) or LOGICAL_AXES[param_key(name)]
+    return tuple(rules.get(axis, ()) for axis in axes)
 
 
 def tp_style(name: str, rules: Rules) -> str | None:

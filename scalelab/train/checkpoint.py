@@ -67,6 +67,21 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     replace_dir(tmp, final)
 
 
+def save_full_model(model: torch.nn.Module, tok: Tokenizer, final: Path, par,
+                    extra_json: dict[str, dict] | None = None) -> None:
+    """DIR/model as one safetensors file, from one process or from a mesh (par: a
+    parallel.mesh.Parallel; collective: every rank calls, rank 0 gathers and writes)."""
+    if par.single:
+        return save_model(model, tok, final, extra_json=extra_json)
+    from scalelab.parallel.checkpoint import full_model_tensors
+    tensors = full_model_tensors(model, par)
+    if par.is_main:
+        for name in tied_names(model):
+            tensors.pop(name, None)
+        save_model(model, tok, final, tensors, extra_json=extra_json)
+    par.barrier()
+
+
 def read_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """A model.safetensors as `model`'s state dict (a tied weight is stored once)."""
     tensors = read_tensors(path)

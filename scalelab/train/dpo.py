@@ -17,7 +17,8 @@ from tqdm import tqdm
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_jsonl, read_preferences
-from scalelab.train.checkpoint import save_model
+from scalelab.parallel.apply import parallelize
+from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.sft import IGNORE, encode_conversations
@@ -57,8 +58,11 @@ def load_pairs(spec: str, min_margin: float) -> list[Pair]:
 
 
 def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    run, device, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
+    run, par, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
+    device = par.device
     ref = copy.deepcopy(model).eval().requires_grad_(False)
+    parallelize(model, par, cfg.train.dtype, entry="hidden")  # both by the same rules; the
+    parallelize(ref, par, cfg.train.dtype, entry="hidden")  # loss reads hidden(), lm_head
     pairs = load_pairs(data_spec, cfg.dpo.min_margin)
 
     def conv(prompt: str, answer: str) -> list[dict]:
@@ -78,9 +82,9 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
         tqdm.write(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
                    f"context ({model.cfg.seq_len} tokens)")
     items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
-    if len(items) < 2 * cfg.train.batch_size:
-        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least "
-                        f"{2 * cfg.train.batch_size}")
+    need = 2 * cfg.train.batch_size * par.data_world * cfg.train.grad_accum
+    if len(items) < need:
+        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least {need}")
     train_items, val_items = split_heldout(items)
 
     def collate(batch):
@@ -111,8 +115,17 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
             loss += loss_fn(model, (x, y)).item()
         return {"val_loss": loss / len(val_batches), "val_pair_accuracy": right / total}
 
-    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed)
-    fit(run, cfg, model, loader, device, loss_fn, evaluate,
-        save_model=lambda: save_model(model, tok, out / "model"), resume=resume,
-        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()))
+    def loss_sum(m, batch):  # summed over pairs: fit() divides by the step's global count
+        return loss_fn(m, batch) * pairs_in(batch)
+
+    def pairs_in(batch) -> int:
+        return batch[0].size(0) // 2
+
+    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed,
+                           rank=par.data_rank, world=par.data_world,
+                           accum=cfg.train.grad_accum)
+    fit(run, cfg, model, loader, device, loss_sum, evaluate,
+        save_model=lambda: save_full_model(model, tok, out / "model", par), resume=resume,
+        count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
+        parallel=None if par.single else par, loss_units=pairs_in)
     return out / "model"

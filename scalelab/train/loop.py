@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, TrainConfig, UserError, dump_toml
-from scalelab.hardware import autocast, detect, pick_device, use_compile
+from scalelab.config import Config, TrainConfig, dump_toml
+from scalelab.hardware import autocast, detect, use_compile
 from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
+from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
@@ -93,24 +95,24 @@ class Run:
 
 
 def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
-    """What every post-training stage does first: seed, check the run folder, load the model
-    it starts from, take its [model] as the run's (lineage.json will say where it came from;
-    Run.begin writes both once the stage's inputs are good).
-    Returns (run, device, model, tokenizer)."""
+    """What every post-training stage does first: start the mesh (one process without
+    torchrun), seed, check the run folder, load the model it starts from (whole, on every
+    rank: the stage shards it with parallelize() once it has made its copies) and take its
+    [model] as the run's. Nothing is written yet: Run.begin writes config.toml and
+    lineage.json once the stage's inputs (and checkpoint) are good.
+    Returns (run, par, model, tokenizer)."""
     from scalelab.train.checkpoint import load_model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # N processes would each train a copy into the same folder
-        raise UserError(f"{stage} runs in one process (WORLD_SIZE is {world}): only pretrain "
-                        "spreads over a device mesh so far; run this stage without torchrun")
-    torch.manual_seed(cfg.train.seed)
+    par = mesh.setup(cfg.parallel, cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: copies and heads agree
     record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
-    run = Run(out, cfg, resume, stage=stage, lineage=record)
-    device = pick_device(cfg.train.device)
-    model, tok = load_model(parent, device)
+    run = Run(out, cfg, resume, write=par.is_main, stage=stage, lineage=record)
+    model, tok = load_model(parent, par.device)
     from scalelab.hf import add_chat_tokens
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
+    if not par.single:
+        check_divisible(model.cfg, par.rules, par.sizes)
     cfg.model = model.cfg  # the parent's architecture, always (config.check_stage_overrides)
-    return run, device, model, tok
+    return run, par, model, tok
 
 
 def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
@@ -151,7 +153,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         save_model: Callable[[], None] | None = None,
         tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
         resume: bool = False, parallel=None,
-        count_tokens: Callable[[tuple], int] | None = None) -> None:
+        count_tokens: Callable[[tuple], int] | None = None,
+        loss_units: Callable[[tuple], int] | None = None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
 
     loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
@@ -159,8 +162,14 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     (val_loss, ...); save_model() writes DIR/model. Logged "step" = optimizer steps done.
     parallel: a scalelab.parallel.mesh.Parallel when the model is spread over a mesh (every
     rank runs this loop; gradients are synced and clipped over the mesh, rank 0 logs).
-    count_tokens(batch): the real (unpadded) tokens of a micro-batch, for stages whose
-    batches vary in length; without it or tokens_per_micro_batch, no tokens_per_s is logged.
+    count_tokens(batch): the real (unpadded) tokens of a micro-batch (summed over data ranks
+    under a mesh), for stages whose batches vary in length; without it or
+    tokens_per_micro_batch, no tokens_per_s is logged.
+    loss_units(batch): what the loss averages over in a micro-batch (assistant tokens,
+    pairs); then loss_fn returns the SUM over them, and the step's loss is that sum over all
+    micro-batches and data ranks divided by their global count, so the weighting of each
+    token does not depend on grad_accum or the mapping. Without it, loss_fn's mean is
+    averaged over micro-batches (right when every micro-batch holds as many units).
     """
     tc = cfg.train
     apply_activation_checkpointing(model, tc.activation_checkpointing)  # names, class unchanged
@@ -192,15 +201,26 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         lr = lr_at(step, tc) * mon.lr_scale(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, step_tokens = torch.zeros((), device=device), 0
-        for _ in range(tc.grad_accum):
-            with mon.clock("data"):
+        loss_sum, batches = torch.zeros((), device=device), []
+        with mon.clock("data"):
+            for _ in range(tc.grad_accum):
                 mon.stall(step + 1)
-                batch = loader.next_batch()
-            step_tokens += count_tokens(batch) if count_tokens else tokens_per_micro_batch
+                batches.append(loader.next_batch())
+        # Counts summed over data ranks in one all-reduce: the loss's units (sum / global
+        # count, see the docstring) and, for stages whose rows vary, the step's tokens.
+        units = sum(loss_units(b) for b in batches) if loss_units else 0
+        step_tokens = sum(count_tokens(b) for b in batches) if count_tokens else \
+            tokens_per_micro_batch * tc.grad_accum  # pretraining's is global already
+        if parallel is not None and (loss_units or count_tokens):
+            units, summed = parallel.sum_over_data(units, step_tokens)
+            step_tokens = summed if count_tokens else step_tokens
+        scale = 1 / tc.grad_accum
+        if loss_units is not None:
+            scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
+        for batch in batches:
             batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
             with ctx:
-                loss = mon.corrupt(step + 1, step_fn(model, batch) / tc.grad_accum)
+                loss = mon.corrupt(step + 1, step_fn(model, batch) * scale)
             loss.backward()
             loss_sum += loss.detach()
         if parallel is None:

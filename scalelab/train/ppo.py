@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -272,6 +273,10 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     the gold labeler itself when reward_dir is "builtin:gold"."""
     from scalelab.train.labelers import get_labeler
     pc, tc = cfg.ppo, cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # N processes would each train a copy into the same folder
+        raise UserError(f"ppo runs in one process (WORLD_SIZE is {world}): sft, reward and dpo "
+                        "spread over a device mesh, ppo not yet; run it without torchrun")
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
     if oracle and examples is None:
@@ -279,8 +284,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     if not oracle:
         reward_model, _, stats = load_reward_model(reward_dir, pick_device(tc.device))
         reward_model.requires_grad_(False)
-    run, device, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
-                                           reward=reward_dir)
+    run, par, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
+                                        reward=reward_dir)
+    device = par.device
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     trunk = policy if oracle else reward_model.trunk
     value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)

@@ -24,7 +24,7 @@ from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import save_model
+from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import Run, fit
 from scalelab.train.losses import cross_entropy
 
@@ -133,14 +133,8 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
             row["sample"] = tc.sample_prompt + tok.decode(new)
         return row
 
-    def save() -> None:
-        if par.single:
-            return save_model(model, tok, out / "model")
-        from scalelab.parallel.checkpoint import full_model_tensors
-        tensors = full_model_tensors(model, par)  # collective: every rank takes part
-        if par.is_main:
-            save_model(model, tok, out / "model", tensors)
-        par.barrier()
+    def save() -> None:  # collective under a mesh: every rank takes part, rank 0 writes
+        save_full_model(model, tok, out / "model", par)
 
     fit(run, cfg, model, loader, device, next_token_loss, evaluate, save_model=save,
         tokens_per_micro_batch=tc.batch_size * mc.seq_len * par.data_world,

@@ -24,8 +24,9 @@ from scalelab.evaluate import respond_ids
 from scalelab.generate import stopped
 from scalelab.io import atomic_write_text, read_json
 from scalelab.model import ScalarModel, Transformer
+from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import load_model, save_model
+from scalelab.train.checkpoint import load_model, save_full_model
 from scalelab.train.labelers import get_labeler
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.rundir import claim
@@ -132,10 +133,12 @@ def collate_groups(items: list[tuple], pad_id: int):
     return pad_right(seqs, pad_id), lengths, torch.tensor(better), torch.tensor(worse)
 
 
-def pair_loss(model: ScalarModel, batch) -> torch.Tensor:
+def pair_loss_sum(model: ScalarModel, batch) -> torch.Tensor:
+    """Bradley-Terry loss summed over the batch's pairs: fit() divides by the step's global
+    count of pairs (prompts differ in how many pairs they give)."""
     seqs, lengths, better, worse = batch
     r = score_last(model, seqs, lengths)
-    return bradley_terry_loss(r[better], r[worse])
+    return bradley_terry_loss(r[better], r[worse]) * len(better)
 
 
 @torch.no_grad()
@@ -150,30 +153,39 @@ def pair_accuracy(model: ScalarModel, batches: list) -> float:
 
 def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  resume: bool = False) -> Path:
-    run, device, policy, tok = start_stage(cfg, out, resume, "reward", base)
+    run, par, policy, tok = start_stage(cfg, out, resume, "reward", base)
+    device = par.device
 
     pref_file = out / "preferences.jsonl"
     if is_builtin_tasks(data_spec, "--data"):
-        if not pref_file.exists():  # generated once; a resumed run reuses the same data
+        # Generated once (a resumed run reuses the same data), by rank 0 with the whole model
+        # (sampling with a KV cache needs whole heads); its own RNG, so every rank's global
+        # RNG stays in step for the head below.
+        if par.is_main and not pref_file.exists():
             claim(out, "reward", resume)  # run.json first: a rerun may reuse this folder
             tqdm.write("sampling completions from the base model and ranking them")
-            rows = generate_preferences(policy, tok, cfg)
+            with torch.random.fork_rng(devices=[]):
+                rows = generate_preferences(policy, tok, cfg)
             atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
+        par.barrier()
         rows = [json.loads(line) for line in pref_file.read_text().splitlines()]
     else:
         rows = rows_from_pairs(read_preferences(data_spec))
 
     items = encode_rows(rows, tok, policy.cfg.seq_len, cfg.reward.min_margin)
     train_items, held = split_heldout(items)
-    if len(train_items) < cfg.train.batch_size:
+    step_rows = cfg.train.batch_size * par.data_world * cfg.train.grad_accum
+    if len(train_items) < step_rows:
         raise UserError(f"only {len(items)} prompts with a preference; need more than "
-                        f"{len(held) + cfg.train.batch_size} (raise reward.n_prompts)")
+                        f"{len(held) + step_rows} (raise reward.n_prompts)")
     tqdm.write(f"reward data: {len(train_items)} prompts "
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 
-    model = ScalarModel(policy).to(device)
+    model = parallelize(ScalarModel(policy).to(device), par, cfg.train.dtype)  # head whole over tp
     collate = lambda b: collate_groups(b, tok.pad_id)  # noqa: E731
-    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed)
+    loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed,
+                           rank=par.data_rank, world=par.data_world,
+                           accum=cfg.train.grad_accum)
     held_batches = [tuple(t.to(device) for t in collate(held[i:i + 32]))
                     for i in range(0, len(held), 32)]
     train_probe = [tuple(t.to(device) for t in collate(train_items[:64]))]
@@ -192,8 +204,10 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         raw = torch.cat(raw)
         stats = {"mean": raw.mean().item(), "std": raw.std().clamp(min=1e-6).item(),
                  "val_accuracy": pair_accuracy(model, held_batches)}
-        save_model(model, tok, out / "model", extra_json={"reward.json": stats})
+        save_full_model(model, tok, out / "model", par, extra_json={"reward.json": stats})
 
-    fit(run, cfg, model, loader, device, pair_loss, evaluate, save_model=save, resume=resume,
-        count_tokens=lambda batch: int(batch[1].sum()))  # batch[1]: sequence lengths
+    fit(run, cfg, model, loader, device, pair_loss_sum, evaluate, save_model=save,
+        resume=resume, parallel=None if par.single else par,
+        count_tokens=lambda batch: int(batch[1].sum()),  # batch[1]: sequence lengths
+        loss_units=lambda batch: len(batch[2]))  # batch[2]: the better of each pair
     return out / "model"

@@ -17,8 +17,9 @@ from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_conversations
 from scalelab.hardware import autocast
+from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import save_model
+from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
 
@@ -62,12 +63,25 @@ def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
 
 
 def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean loss over the assistant tokens of a batch."""
     x, y = batch
     return cross_entropy(model.hidden(x), model.lm_head.weight, y)  # skips IGNORE targets
 
 
+def masked_loss_sum(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Summed over the assistant tokens: fit() divides by their count over the whole step
+    (every micro-batch, every data rank), so each token weighs the same."""
+    return masked_loss(model, batch) * (batch[1] != IGNORE).sum()
+
+
+def assistant_tokens(batch: tuple[torch.Tensor, ...]) -> int:
+    return int((batch[1] != IGNORE).sum())
+
+
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    run, device, model, tok = start_stage(cfg, out, resume, "sft", base)
+    run, par, model, tok = start_stage(cfg, out, resume, "sft", base)
+    device = par.device
+    parallelize(model, par, cfg.train.dtype, entry="hidden")  # the loss reads hidden(), lm_head
 
     sc = cfg.sft
     encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
@@ -78,15 +92,21 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
         return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
                                                                          IGNORE)
     tc = cfg.train
-    if len(train_items) < tc.batch_size:
+    step_rows = tc.batch_size * par.data_world * tc.grad_accum
+    if len(train_items) < step_rows:
         raise UserError(f"{data_spec}: {len(encoded)} usable examples ({len(val_items)} held out), "
-                        f"fewer than one batch of train.batch_size = {tc.batch_size} to train on")
-    loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed)
+                        f"fewer than one batch of {step_rows} (train.batch_size "
+                        f"{tc.batch_size} x {par.data_world} data ranks x train.grad_accum "
+                        f"{tc.grad_accum}) to train on")
+    loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed,
+                           rank=par.data_rank, world=par.data_world,
+                           accum=cfg.train.grad_accum)
     val_batches = [collate(val_items[i: i + tc.batch_size])
                    for i in range(0, len(val_items), tc.batch_size)]
     ctx = autocast(device, tc.dtype)
     eval_examples = None
-    if data_spec == "builtin:tasks":  # also measure task accuracy on fresh examples
+    if data_spec == "builtin:tasks" and par.single:  # task accuracy on fresh examples (it
+        # samples with a KV cache, which needs whole heads: one process only)
         eval_examples = task_conversations(200, cfg.sft.seed + 1)[1]
 
     @torch.no_grad()
@@ -102,8 +122,9 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
         return row
 
     mean_len = sum(len(i) for i, _ in train_items) / len(train_items)
-    fit(run, cfg, model, loader, device, masked_loss, evaluate,
-        save_model=lambda: save_model(model, tok, out / "model"),
+    fit(run, cfg, model, loader, device, masked_loss_sum, evaluate,
+        save_model=lambda: save_full_model(model, tok, out / "model", par),
         count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
-        flops_per_token=model.flops_per_token(int(mean_len)), resume=resume)
+        flops_per_token=model.flops_per_token(int(mean_len)), resume=resume,
+        parallel=None if par.single else par, loss_units=assistant_tokens)
     return out / "model"
