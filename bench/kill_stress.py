@@ -192,14 +192,31 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     prepare(root / "prep")
-    rng = random.Random(args.seed)
+    # Resumable: each finished stage is kept in OUT/results.json; a rerun with the same --out
+    # skips the stages already stressed with at least --kills kills.
+    done_file = root / "results.json"
+    done = {r["stage"]: r for r in json.loads(done_file.read_text())} \
+        if done_file.exists() else {}
     results = []
     for stage in args.stages.split(","):
-        r = stress(stage, root / "prep", root, args.kills, rng)
+        if done.get(stage, {}).get("kills", -1) >= args.kills:
+            r = done[stage]
+            print(f"{stage}: kept from {done_file}")
+        else:
+            load0 = os.getloadavg()[0]
+            rng = random.Random(f"{args.seed}-{stage}")  # a stage's kills don't depend on order
+            r = stress(stage, root / "prep", root, args.kills, rng)
+            r["load_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+            r["cpus"] = os.cpu_count()
+            done[stage] = r
+            tmp = done_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(list(done.values()), indent=2))
+            tmp.replace(done_file)
         results.append(r)
         print(f"{stage:9s} kills {r['kills']:3d}  during a write {r['during_write']:3d}  "
               f"corrupt {r['corrupt']}  mismatched values {r['mismatches']}  "
-              f"fresh starts {r['fresh_starts']}  (reference run {r['reference_s']:.1f} s)",
+              f"fresh starts {r['fresh_starts']}  (reference run {r['reference_s']:.1f} s, "
+              f"load {r.get('load_1min')} on {r.get('cpus')} cpus)",
               flush=True)
         for p in r["problems"]:
             print(f"    {p}")
