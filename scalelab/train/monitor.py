@@ -15,7 +15,7 @@ Events go to DIR/events.jsonl (one JSON object per line) and metrics.jsonl (rows
 "event"); `monitor.on_event` runs a shell command with each event's JSON on stdin.
 `monitor.inject` is for tests only: "nan@N" makes step N's loss NaN, "spike@N" poisons step
 N's batch with random tokens, "stall@N" makes the loader sleep at step N. Injections fire
-once, and never in a resumed process.
+once, and never in a resumed or restarted process.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class Monitor:
         self.mc, self.out, self.main = mc, out, main
         self.enabled = mc.enabled
         self.health = Health(mc)
-        self.inject = {} if resume else parse_inject(mc.inject)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        self.inject = {} if resume or restarted else parse_inject(mc.inject)
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
