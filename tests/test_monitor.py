@@ -247,3 +247,15 @@ def test_torchrun_restart_before_the_first_checkpoint_starts_over(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 8
     assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, 9))  # one clean run
+
+
+def test_kill_stress_script_few_kills(tmp_path):
+    """bench/kill_stress.py at a small scale (the 20-kill runs are in bench/results)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kill_stress.py")
+    r = subprocess.run([sys.executable, script, "--kills", "2", "--stages", "pretrain",
+                        "--out", str(tmp_path), "--seed", "1"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    got = json.loads((tmp_path / "results.json").read_text())[0]
+    assert got["kills"] == 2 and got["corrupt"] == 0 and got["mismatches"] == 0
+    assert not got["problems"]
