@@ -259,3 +259,39 @@ def test_kill_stress_script_few_kills(tmp_path):
     got = json.loads((tmp_path / "results.json").read_text())[0]
     assert got["kills"] == 2 and got["corrupt"] == 0 and got["mismatches"] == 0
     assert not got["problems"]
+
+
+def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
+    """wandb is not installed in CI (a heavy package): a stand-in module records the calls."""
+    import importlib.machinery
+    import types
+
+    from scalelab.cli import main
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "6", *tiny_sets(),
+            "--set", "data.n_docs=600", "--set", "train.eval_every=3"]
+    assert main([*args, "--set", "monitor.wandb=true"]) == 0
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "scalelab"
+    assert calls[0][1]["id"] == (out / "wandb-id.txt").read_text().strip()
+    assert calls[-1] == ("finish",)
+    want = [(r["step"], {k: v for k, v in r.items() if k != "step" and not isinstance(v, str)})
+            for r in rows(out)]  # the numbers of every row, eval rows too (not the samples)
+    assert [c[1:] for c in calls if c[0] == "log"] == want
+    assert any("val_loss" in c[2] for c in calls if c[0] == "log")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: one line, exit 2
+    assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
+                 "monitor.wandb=true"]) == 2
+    assert not (tmp_path / "none").exists()

@@ -182,7 +182,10 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
     elif evaluate is not None:
         with mon.clock("eval"):
-            run.log({"step": 0, **evaluate(0)})
+            first = {"step": 0, **evaluate(0)}
+            run.log(first)
+        if main:
+            mon.mirror(first)
 
     ctx = autocast(device, tc.dtype)
     step_fn = loss_step(loss_fn, tc)
@@ -266,6 +269,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                 model.train()
             run.log({"step": done, **row})
             if main:
+                mon.mirror({"step": done, **row})
                 bar.write(f"step {done}: " + "  ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}"
                     for k, v in row.items()))

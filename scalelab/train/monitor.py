@@ -160,7 +160,7 @@ class Monitor:
         self.mark = now
         self.watchdog: Watchdog | None = None
         self.max_steps, self.started = 0, False
-        self.tb = None
+        self.tb = self.wb = None
 
     # ---- time ---------------------------------------------------------------------------
 
@@ -380,15 +380,20 @@ class Monitor:
         atomic_write_text(self.out / name, json.dumps(data, indent=1) + "\n")
 
     def mirror(self, row: dict) -> None:
-        """monitor.tensorboard: numbers also go to DIR/tensorboard (JSONL stays the truth)."""
-        if not self.mc.tensorboard:
-            return
-        if self.tb is None:  # config.py made sure that tensorboard is installed
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        """monitor.tensorboard / monitor.wandb: the numbers also go to DIR/tensorboard and to
+        a W&B run (JSONL stays the truth). config.py made sure the packages are installed."""
+        numbers = {k: v for k, v in row.items() if k != "step"
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.mc.tensorboard:
+            if self.tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            for k, v in numbers.items():
                 self.tb.add_scalar(k, v, row["step"])
+        if self.mc.wandb:
+            if self.wb is None:
+                self.wb = start_wandb(self.out, self.mc.wandb_project)
+            self.wb.log(numbers, step=row["step"])
 
     # ---- the whole run ------------------------------------------------------------------
 
@@ -428,6 +433,24 @@ class Monitor:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None
+
+
+def start_wandb(out: Path, project: str):
+    """A W&B run named after the run folder; a resumed run continues the same W&B run (its
+    id is kept in DIR/wandb-id.txt). W&B drops rows whose step it has already seen."""
+    import wandb
+
+    from scalelab.train.checkpoint import atomic_write_text
+    id_file = out / "wandb-id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not run_id:
+        run_id = f"{out.resolve().name}-{os.urandom(4).hex()}"
+        atomic_write_text(id_file, run_id + "\n")
+    return wandb.init(project=project, name=out.resolve().name, id=run_id, resume="allow",
+                      dir=str(out))
 
 
 def read_events(run_dir: Path) -> list[dict]:
