@@ -26,7 +26,7 @@ SECTIONS = ("model", "data", "train", "monitor")
 KEYS = [(s, f.name, type(getattr(getattr(Config(), s), f.name)))
         for s in SECTIONS for f in dataclasses.fields(getattr(Config(), s))
         if (s, f.name) not in {("train", "device"), ("data", "source"), ("monitor", "on_event"),
-                               ("monitor", "inject"), ("monitor", "tensorboard"),
+                               ("monitor", "inject"), ("monitor", "tensorboard"), ("monitor", "wandb"),
                                ("train", "compile")}]
 WORDS = ["", "auto", "cpu", "nan", "-1", "0", "relu2", "swiglu", "bfloat16", "float32", "k3",
          "stop", "rewind", "x" * 40, "é", "[1, 2]", "{a = 1}", "1e999", "true"]

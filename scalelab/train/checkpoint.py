@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scalelab.config import ModelConfig, RunFailed, UserError
+from scalelab.config import RunFailed, UserError
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 
@@ -103,8 +103,14 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: corrupt JSON ({e})") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors = read_tensors(path)
+def load_weights(model: torch.nn.Module, path: Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = read_tensors(path) if tensors is None else tensors
+    want = model.state_dict()
+    for k, t in tensors.items():
+        if k in want and tuple(t.shape) != tuple(want[k].shape):
+            raise UserError(f"{path}: tensor {k} has shape {tuple(t.shape)} but the folder's "
+                            f"config.json makes it {tuple(want[k].shape)}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in tied_names(model)]
     if missing or unexpected:
@@ -134,14 +140,16 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
         return model.to(device).eval(), tok
+    from scalelab.train.model_folder import checked_model_config
     cfg_dict = read_json(d / "config.json")
-    try:
-        cfg = ModelConfig(**cfg_dict)
-    except TypeError as e:
-        raise UserError(f"{d / 'config.json'}: not a scalelab model config ({e})") from None
+    tensors = read_tensors(d / "model.safetensors")
+    cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})
     tok = hf.load_tokenizer(d)
-    model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
-    load_weights(model, d / "model.safetensors")
+    try:
+        model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
+    except ValueError as e:
+        raise UserError(f"{d / 'config.json'}: {e}") from None
+    load_weights(model, d / "model.safetensors", tensors)
     return model.to(device).eval(), tok
 
 
