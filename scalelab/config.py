@@ -243,7 +243,8 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
         raise UserError(f"{where}: '{name}' must be between 0 and 1, got {v}")
-    if (section, key) == ("data", "val_fraction") and v >= 1:
+    if (section, key) in {("data", "val_fraction"), ("train", "beta1"), ("train", "beta2")} \
+            and v >= 1:  # (Adam's betas must be below 1 too)
         raise UserError(f"{where}: {name} = {v} must be in [0, 1)")
 
 
