@@ -119,7 +119,10 @@ def damage(folder: Path, file: str, how: str, value) -> None:
     elif how == "garbage":
         path.write_bytes(bytes(value))
     elif how == "set" and file.endswith(".json"):  # a key of the JSON set to another value
-        obj = json.loads(path.read_text())
+        try:
+            obj = json.loads(path.read_text())
+        except ValueError:  # an earlier injury already broke it
+            return
         key, v = value
         if isinstance(obj, dict):
             obj[key] = v
