@@ -59,6 +59,7 @@ def overrides(draw):
 @example(["model.seq_len=1"])  # the sample prompt does not fit: no sample, no crash
 @example(["model.rope_theta=0"])  # NaN logits in sampling
 @example(["model.n_layer=-3"])
+@example(["model.vocab_size=1"])  # fewer embedding rows than the tokenizer has tokens
 @example(["train.beta1=1.0"])  # torch's Adam refuses it deep inside the run
 def test_any_set_value_exits_0_or_2_never_a_traceback(sets):
     with tempfile.TemporaryDirectory() as tmp:
