@@ -172,6 +172,8 @@ class MonitorConfig:
     stall_min_s: float = 120.0  # ... and at least this many seconds
     on_event: str = ""  # shell command run with each event's JSON on stdin
     tensorboard: bool = False  # mirror metrics to DIR/tensorboard (needs tensorboard)
+    wandb: bool = False  # mirror metrics to W&B (needs wandb; WANDB_MODE=offline works)
+    wandb_project: str = "scalelab"
     inject: str = ""  # TESTING ONLY: faults to inject, e.g. "nan@12,spike@20,stall@30"
 
 
@@ -255,11 +257,11 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     if (section, key) == ("monitor", "inject") and not INJECT.fullmatch(v):
         raise UserError(f"{where}: '{name}' must look like 'nan@12,spike@20,stall@30', "
                         f"got {v!r}")
-    if (section, key) == ("monitor", "tensorboard") and v:
+    if section == "monitor" and key in ("tensorboard", "wandb") and v:
         import importlib.util
-        if importlib.util.find_spec("tensorboard") is None:
-            raise UserError(f"{where}: 'monitor.tensorboard' needs the tensorboard package "
-                            "(pip install tensorboard)")
+        if importlib.util.find_spec(key) is None:
+            raise UserError(f"{where}: 'monitor.{key}' needs the {key} package "
+                            f"(pip install {key})")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if v != v or v in (float("inf"), float("-inf")):
@@ -271,7 +273,8 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
         raise UserError(f"{where}: '{name}' must be between 0 and 1, got {v}")
-    if (section, key) == ("data", "val_fraction") and v >= 1:
+    if (section, key) in {("data", "val_fraction"), ("train", "beta1"), ("train", "beta2")} \
+            and v >= 1:  # (Adam's betas must be below 1 too)
         raise UserError(f"{where}: {name} = {v} must be in [0, 1)")
 
 

@@ -215,3 +215,91 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     meta = ckpts.load(model, opt)
     assert meta["step"] == 10 and meta["loader"] == {"epoch": 0, "index": 3}
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchrun_restart_of_its_own_job_may_take_back_a_folder_without_checkpoint(
+        tmp_path, monkeypatch):
+    from scalelab.config import UserError
+    from scalelab.train.rundir import check_out, claim
+    out = tmp_path / "run"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    claim(out, "pretrain", False)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # died before a checkpoint
+    with pytest.raises(UserError, match="already holds a run"):  # a second start of the job
+        check_out(out, "pretrain", False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    claim(out, "pretrain", False)  # the job's restart: starts over
+    assert not (out / "metrics.jsonl").exists()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job2")  # another job, even restarted: refused
+    with pytest.raises(UserError, match="already holds a run"):
+        check_out(out, "pretrain", False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # and so is a plain command
+    with pytest.raises(UserError, match="already holds a run"):
+        check_out(out, "pretrain", False)
+
+
+def test_torchrun_restart_before_the_first_checkpoint_starts_over(tmp_path):
+    out = tmp_path / "early"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cmd = [torchrun, "--nproc-per-node", "1", "--max-restarts", "1", "-m", "scalelab",
+           "pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "8",
+           *tiny_sets(), "--set", "data.n_docs=600", "--set", 'monitor.inject="stall@6"',
+           "--set", "monitor.stall_min_s=1", "--set", "train.checkpoint_every=100"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already holds a run" not in r.stderr
+    assert [e["event"] for e in read_events(out)] == ["stall"]  # kept; no resume happened
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 8
+    assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, 9))  # one clean run
+
+
+def test_kill_stress_script_few_kills(tmp_path):
+    """bench/kill_stress.py at a small scale (the 20-kill runs are in bench/results)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kill_stress.py")
+    r = subprocess.run([sys.executable, script, "--kills", "2", "--stages", "pretrain",
+                        "--out", str(tmp_path), "--seed", "1"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    got = json.loads((tmp_path / "results.json").read_text())[0]
+    assert got["kills"] == 2 and got["corrupt"] == 0 and got["mismatches"] == 0
+    assert not got["problems"]
+
+
+def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
+    """wandb is not installed in CI (a heavy package): a stand-in module records the calls."""
+    import importlib.machinery
+    import types
+
+    from scalelab.cli import main
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "6", *tiny_sets(),
+            "--set", "data.n_docs=600", "--set", "train.eval_every=3"]
+    assert main([*args, "--set", "monitor.wandb=true"]) == 0
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "scalelab"
+    assert calls[0][1]["id"] == (out / "wandb-id.txt").read_text().strip()
+    assert calls[-1] == ("finish",)
+    want = [(r["step"], {k: v for k, v in r.items() if k != "step" and not isinstance(v, str)})
+            for r in rows(out)]  # the numbers of every row, eval rows too (not the samples)
+    assert [c[1:] for c in calls if c[0] == "log"] == want
+    assert any("val_loss" in c[2] for c in calls if c[0] == "log")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: one line, exit 2
+    assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
+                 "monitor.wandb=true"]) == 2
+    assert not (tmp_path / "none").exists()

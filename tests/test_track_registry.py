@@ -240,3 +240,40 @@ def test_lineage_from_post_training_record(tmp_path, models):
     assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
     m = Registry(reg).model("sft-run")
     assert (m["lineage"], m["parent"]) == ("sft", "m16")
+
+
+def test_model_add_killed_mid_evaluation_is_finished_by_running_it_again(tmp_path, models,
+                                                                           monkeypatch):
+    from scalelab.track import evaluate as ev
+    whole, cut = tmp_path / "whole.db", tmp_path / "cut.db"
+    for reg in (whole, cut):
+        for name, task in (("a", "builtin:addition?digits=1&n=4"), ("o", "builtin:older?n=4"),
+                           ("s", "builtin:story?steps=1&n=4")):
+            assert track(reg, "experiment", "add", "--name", name, "--task", task,
+                         "--threshold", "1").returncode == 0
+    assert track(whole, "model", "add", str(models[0]), "--name", "m").returncode == 0
+    real, calls = ev.run_experiment, []
+
+    def dies_on_the_second(lm, e):  # the process is killed while evaluating experiment 2
+        calls.append(e["name"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(lm, e)
+
+    monkeypatch.setattr(ev, "run_experiment", dies_on_the_second)
+    assert track(cut, "model", "add", str(models[0]), "--name", "m").returncode == 130
+    assert len(Registry(cut).results()) == 1  # the model and one result were committed
+    monkeypatch.setattr(ev, "run_experiment", real)
+    r = track(cut, "model", "add", str(models[0]), "--name", "m")  # once refused: exit 2
+    assert r.returncode == 0, r.stderr
+    assert "already registered from this folder" in r.stdout
+    got, want = Registry(cut).results(), Registry(whole).results()
+    assert [x["experiment"] for x in got] == ["a", "o", "s"]  # nothing evaluated twice
+    assert [(x["experiment"], x["metrics"]) for x in got] == \
+        [(x["experiment"], x["metrics"]) for x in want]
+    other = tmp_path / "other" / "model"  # the name still refuses another folder
+    other.parent.mkdir()
+    import shutil
+    shutil.copytree(models[1], other)
+    r = track(cut, "model", "add", str(other), "--name", "m")
+    assert r.returncode == 2 and "already registered" in r.stderr

@@ -108,8 +108,15 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     if parent is not None:
         reg.model(parent)  # must exist
     info.update(name=name, lineage=lineage, parent=parent)
-    reg.add_model(info)
-    m = reg.model(name)
+    same = next((m for m in reg.models() if m["name"] == name), None)
+    if same is not None and same["path"] == info["path"]:
+        # the same folder under the same name: an earlier `model add` (perhaps killed before
+        # its evaluations finished); go on with what it lacks instead of refusing
+        log(f"model {name} is already registered from this folder: running what it lacks")
+        m = same
+    else:
+        reg.add_model(info)  # refuses a name that another folder holds
+        m = reg.model(name)
     log(f"registered model {name}: {human(m['params'])} params "
         f"(N = {human(m['non_embedding_params'])}), "
         f"{human(m['tokens'])} tokens, {human(m['flops'])} FLOPs")
@@ -118,7 +125,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             "parameter axis only")
     if run:
         passed = reg.passed_experiment_ids()
-        todo = [e for e in reg.experiments() if e["id"] not in passed]
+        mine = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
+        todo = [e for e in reg.experiments() if e["id"] not in passed | mine]
         if not reg.experiments():
             log("no experiments registered yet, so there was nothing to run: add the "
                 "built-in starter set with `scalelab track experiment seed` (or your own with "

@@ -111,7 +111,41 @@ class Registry:
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise UserError(f"{self.path}: registry schema version {row and row[0]} is not "
                             f"the supported {SCHEMA_VERSION}")
+        self._check_contents()
         self.db.execute("PRAGMA journal_mode = WAL")
+
+    def _check_contents(self) -> None:
+        """Every table and column of SCHEMA is there and every value has its declared type
+        (SQLite itself would store 'high' as a threshold) and JSON columns parse: a registry
+        edited by hand or by another program is refused on opening, naming the table and row,
+        instead of failing halfway through a command."""
+        want = sqlite3.connect(":memory:")
+        want.executescript(SCHEMA)
+        kinds = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
+        for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            cols = want.execute(f"PRAGMA table_info({table})").fetchall()
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            missing = [c[1] for c in cols if c[1] not in have]
+            if missing:
+                raise UserError(f"{self.path}: not a scalelab registry of schema "
+                                f"{SCHEMA_VERSION} (table {table} lacks "
+                                f"{', '.join(missing)})")
+            for _, col, decl, notnull, _, _ in cols:
+                ok = kinds[decl] + (() if notnull else ("null",))
+                bad = self.db.execute(
+                    f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
+                    f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
+                if bad is None and col in ("metrics", "samples", "detail"):
+                    bad = self.db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
+                                          f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
+                if bad is not None:
+                    raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
+                                    f"holds {bad[1]}, expected {decl.lower()}")
+        want.close()
+        for row in self.db.execute("SELECT id, name, metric FROM experiments"):
+            if row[2] not in HIGHER_IS_BETTER:
+                raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
+                                f"unknown metric {row[2]!r}")
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

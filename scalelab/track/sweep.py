@@ -124,6 +124,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
     from scalelab.train.pretrain import prepare_data, pretrain
+    from scalelab.train.rundir import last_step
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +151,9 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         name = f"{opts['name']}-{info['label']}"
         t0 = time.perf_counter()
         if not (run / "checkpoints" / f"step_{info['steps']}").is_dir():
-            resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+            # a finished checkpoint, not just the folder: a kill during the first
+            # checkpoint's write leaves only its hidden .step_N.tmp there
+            resume = last_step(run) is not None
             if not resume:  # a fresh start (or one killed before its first checkpoint)
                 shutil.rmtree(run, ignore_errors=True)
             print(f"--- training {name}: lr {info['lr']:.2e}, {info['tokens']:,} tokens",

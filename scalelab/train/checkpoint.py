@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from scalelab.config import ModelConfig, RunFailed, UserError
+from scalelab.config import RunFailed, UserError
 from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
@@ -82,19 +82,29 @@ def save_full_model(model: torch.nn.Module, tok: Tokenizer, final: Path, par,
     par.barrier()
 
 
-def read_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """A model.safetensors as `model`'s state dict (a tied weight is stored once)."""
-    tensors = read_tensors(path)
+def read_weights(model: torch.nn.Module, path: Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A model.safetensors (or its contents, already read) as `model`'s state dict (a tied
+    weight is stored once)."""
+    tensors = read_tensors(path) if tensors is None else tensors
     for second, first in tied_names(model).items():
         if first in tensors:
             tensors[second] = tensors[first]
     return tensors
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path,
+                  tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """tensors: the file's contents when the caller has read them already."""
+    tensors = read_weights(model, path, tensors)
+    want = model.state_dict()
+    for k, t in tensors.items():
+        if k in want and tuple(t.shape) != tuple(want[k].shape):
+            raise UserError(f"{path}: tensor {k} has shape {tuple(t.shape)} but the folder's "
+                            f"config.json makes it {tuple(want[k].shape)}")
     try:
-        model.load_state_dict(read_weights(model, path))
-    except RuntimeError as e:  # missing, unexpected or differently shaped: another model
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # missing or unexpected: another model
         raise UserError(f"{path}: weights do not match the model ({str(e)[:300]})") from None
 
 
@@ -120,14 +130,16 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
         return model.to(device).eval(), tok
+    from scalelab.train.model_folder import checked_model_config
     cfg_dict = read_json(d / "config.json")
-    try:
-        cfg = ModelConfig(**cfg_dict)
-    except TypeError as e:
-        raise UserError(f"{d / 'config.json'}: not a scalelab model config ({e})") from None
+    tensors = read_tensors(d / "model.safetensors")
+    cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})
     tok = hf.load_tokenizer(d)
-    model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
-    load_weights(model, d / "model.safetensors")
+    try:
+        model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
+    except ValueError as e:
+        raise UserError(f"{d / 'config.json'}: {e}") from None
+    load_weights(model, d / "model.safetensors", tensors)
     return model.to(device).eval(), tok
 
 

@@ -188,7 +188,10 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     start = start_or_resume(run, ckpts, model, optimizer, loader, mon).get("step", 0)
     if not resume and evaluate is not None:
         with mon.clock("eval"):
-            run.log({"step": 0, **evaluate(0)})
+            first = {"step": 0, **evaluate(0)}
+            run.log(first)
+        if main:
+            mon.mirror(first)
 
     ctx = autocast(device, tc.dtype)
     step_fn = loss_step(loss_fn, tc, device)
@@ -283,6 +286,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                 model.train()
             run.log({"step": done, **row})
             if main:
+                mon.mirror({"step": done, **row})
                 bar.write(f"step {done}: " + "  ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v!r}"
                     for k, v in row.items()))

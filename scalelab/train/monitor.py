@@ -15,7 +15,7 @@ Events go to DIR/events.jsonl (one JSON object per line) and metrics.jsonl (rows
 "event"); `monitor.on_event` runs a shell command with each event's JSON on stdin.
 `monitor.inject` is for tests only: "nan@N" makes step N's loss NaN, "spike@N" poisons step
 N's batch with random tokens, "stall@N" makes the loader sleep at step N. Injections fire
-once, and never in a resumed process.
+once, and never in a resumed or restarted process.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class Monitor:
         self.mc, self.out, self.main = mc, out, main
         self.enabled = mc.enabled
         self.health = Health(mc)
-        self.inject = {} if resume else parse_inject(mc.inject)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        self.inject = {} if resume or restarted else parse_inject(mc.inject)
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
@@ -159,7 +160,7 @@ class Monitor:
         self.mark = now
         self.watchdog: Watchdog | None = None
         self.max_steps, self.started = 0, False
-        self.tb = None
+        self.tb = self.wb = None
 
     # ---- time ---------------------------------------------------------------------------
 
@@ -379,15 +380,20 @@ class Monitor:
         atomic_write_json(self.out / name, data, indent=1)
 
     def mirror(self, row: dict) -> None:
-        """monitor.tensorboard: numbers also go to DIR/tensorboard (JSONL stays the truth)."""
-        if not self.mc.tensorboard:
-            return
-        if self.tb is None:  # config.py made sure that tensorboard is installed
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        """monitor.tensorboard / monitor.wandb: the numbers also go to DIR/tensorboard and to
+        a W&B run (JSONL stays the truth). config.py made sure the packages are installed."""
+        numbers = {k: v for k, v in row.items() if k != "step"
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.mc.tensorboard:
+            if self.tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            for k, v in numbers.items():
                 self.tb.add_scalar(k, v, row["step"])
+        if self.mc.wandb:
+            if self.wb is None:
+                self.wb = start_wandb(self.out, self.mc.wandb_project)
+            self.wb.log(numbers, step=row["step"])
 
     # ---- the whole run ------------------------------------------------------------------
 
@@ -427,6 +433,24 @@ class Monitor:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None
+
+
+def start_wandb(out: Path, project: str):
+    """A W&B run named after the run folder; a resumed run continues the same W&B run (its
+    id is kept in DIR/wandb-id.txt). W&B drops rows whose step it has already seen."""
+    import wandb
+
+    from scalelab.io import atomic_write_text
+    id_file = out / "wandb-id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not run_id:
+        run_id = f"{out.resolve().name}-{os.urandom(4).hex()}"
+        atomic_write_text(id_file, run_id + "\n")
+    return wandb.init(project=project, name=out.resolve().name, id=run_id, resume="allow",
+                      dir=str(out))
 
 
 def read_events(run_dir: Path) -> list[dict]:

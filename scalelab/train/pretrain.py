@@ -89,6 +89,10 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         tok, data_dir = prepare_data(cfg, out, reuse=True)  # rank 0 made it: just load
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = 64 * math.ceil(tok.vocab_size / 64)  # friendlier matmul shapes
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise UserError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
+                        f"tokenizer's {tok.vocab_size} tokens; leave it 0 to take the "
+                        "tokenizer's")
     try:
         model = Transformer(cfg.model).to(device)
     except ValueError as e:

@@ -4,13 +4,18 @@ files can never be overwritten or deleted by `--out .` or `--out my_project`.
 
 Each run folder records its stage in DIR/run.json ({"stage": "pretrain"}); folders from
 before that file existed are recognised by what they hold (lineage.json, data/meta.json).
+Under torchrun it also records the job ({"job": ...}, see torchrun_job): a worker that
+`torchrun --max-restarts` starts again before the run's first checkpoint may take its own
+job's folder back and start over; any other command still finds the folder taken.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -47,6 +52,28 @@ def run_stage(out: Path) -> str | None:
     return None
 
 
+def torchrun_job() -> str | None:
+    """Names this torchrun job, the same in every attempt of it: the rendezvous run id, the
+    host and the torchrun agent's pid (the workers' parent; the run id alone is "none"
+    unless --rdzv-id or --standalone is given). None outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    return f"{run_id}@{socket.gethostname()}:{os.getppid()}"
+
+
+def restarted_own_job(out: Path) -> bool:
+    """This process is a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of the job that
+    claimed `out`."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return False
+    try:
+        job = json.loads((out / MARKER).read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return job is not None and job == torchrun_job()
+
+
 def _started(out: Path) -> bool:
     return (out / "metrics.jsonl").exists() or last_step(out) is not None
 
@@ -72,7 +99,7 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
                             f"{out / 'checkpoints'} (the run stopped before its first one); "
                             "start again without --resume")
         return
-    if owner is not None and _started(out):
+    if owner is not None and _started(out) and not restarted_own_job(out):
         raise UserError(f"--out {out}: already holds a run; pass --resume to continue it "
                         "or choose a new --out")
     if entries and owner is None:
@@ -90,11 +117,18 @@ def finished_step(out: Path, max_steps: int) -> int | None:
 
 
 def claim(out: Path, stage: str, resume: bool) -> None:
-    """check_out, then create the folder and record the stage (idempotent)."""
+    """check_out, then create the folder and record the stage (and torchrun job); idempotent."""
     check_out(out, stage, resume)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume and _started(out) and restarted_own_job(out):
+        # our own job's attempt that died before its first checkpoint: start over (its
+        # events.jsonl, with the stall or crash, is kept)
+        for name in ("metrics.jsonl", "progress.json", "summary.json"):
+            (out / name).unlink(missing_ok=True)
     if not (out / MARKER).exists():
-        atomic_write_json(out / MARKER, {"stage": stage}, indent=None)
+        job = torchrun_job()
+        atomic_write_json(out / MARKER, {"stage": stage, **({"job": job} if job else {})},
+                          indent=None)
 
 
 def check_folder(out: Path, own: str, command: str) -> None:
