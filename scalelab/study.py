@@ -73,8 +73,9 @@ def load_study(path: Path) -> tuple[Config, dict]:
             value = float(value)
         if not isinstance(value, want) or isinstance(value, bool):
             raise UserError(f"{path}: 'study.{key}' has the wrong type ({type(value).__name__})")
-        if want in (int, float) and value < (0 if key in ("order_seed", "lr_width") else 1):
-            raise UserError(f"{path}: 'study.{key}' must be positive")
+        low = 0 if key in ("order_seed", "lr_width") else 1
+        if (want is int and value < low) or (want is float and not value > 0):
+            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}")
         opts[key] = value
     if not opts["sizes"]:
         raise UserError(f"{path}: 'study.sizes' must list at least one model size")

@@ -27,6 +27,7 @@ lr_width = 32
 n_tasks = [1, 3]
 sft_steps = 4
 sft_examples = 120
+sft_lr = 2e-3
 eval_n = 2
 """
 
@@ -96,4 +97,6 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "unknown key 'study.eval_nn'" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("n_tasks = [1, 3]", "n_tasks = [3, 1]"))
     assert main(args) == 2 and "study.n_tasks" in capsys.readouterr().err
+    cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
+    assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
     assert not out.exists()
