@@ -18,6 +18,7 @@ import math
 
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
+    ITEM_SCORES,
     data_group,
     fmt,
     pooled_calibration,
@@ -71,9 +72,14 @@ def backtest(reg) -> list[dict]:
                 ids = {m["id"] for m, _ in sub}
                 pooled = {x: pooled_calibration(
                     [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()], x)
-                    for x in ("token_logprob", "margin")}
+                    for x in ITEM_SCORES}
                 out = prediction_for(exp, sub, "non_embedding_params", pooled)
                 p = out[1] if out else None
+                # the calibration on mean token log-likelihood it replaced (generation only)
+                ll = prediction_for(exp, sub, "non_embedding_params", pooled,
+                                    "token_logprob") if out and out[0] == "greedy_margin" \
+                    else out
+                ll = ll[1]["predicted"] if ll and ll[1] else None
                 actual = sizes[first_pass] if first_pass is not None else None
                 rows.append({
                     "group": group, "experiment": exp["name"], "k": k, "largest": sizes[k - 1],
@@ -81,6 +87,7 @@ def backtest(reg) -> list[dict]:
                     "high": p and p["high"], "calibrated_on":
                         p and p["detail"].get("calibrated_on"),
                     "naive": naive_prediction(exp, sub), "actual": actual,
+                    "loglik": ll, "loglik_verdict": judge(ll, actual, sizes[-1]),
                     "top": sizes[-1], "verdict": "no prediction" if p is None else
                     judge(p["predicted"], actual, sizes[-1]),
                     "naive_verdict": judge(naive_prediction(exp, sub), actual, sizes[-1]),
@@ -99,9 +106,9 @@ def markdown(rows: list[dict]) -> str:
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
-                "first pass | verdict | between last fail and first pass | old mapping | "
-                "its verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "first pass | verdict | between last fail and first pass | "
+                "log-likelihood calibration | its verdict | old mapping | its verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["group"] == group):
             first = n(r["actual"]) if r["actual"] else f"none up to {r['top']:.3g}"
             band = "" if r["in_band"] is None else \
@@ -110,14 +117,17 @@ def markdown(rows: list[dict]) -> str:
                        f"{n(r['predicted'])} | {n(r['low'])} .. {n(r['high'])} | {first} | "
                        f"{r['verdict']}{band} | "
                        f"{'-' if r['in_bracket'] is None else 'yes' if r['in_bracket'] else 'no'}"
-                       f" | {n(r['naive'])} | {r['naive_verdict']} |")
+                       f" | {n(r['loglik'])} | {r['loglik_verdict']} "
+                       f"| {n(r['naive'])} | {r['naive_verdict']} |")
         out.append("")
     scored = [r for r in rows if r["verdict"] != "no prediction"]
-    hits = sum(r["verdict"].startswith("hit") for r in scored)
-    naive = sum(r["naive_verdict"].startswith("hit") for r in scored)
     with_pass = [r for r in scored if r["actual"] is not None]
-    out.append(f"Calibrated: {hits} of {len(scored)} predictions hit (within 2x of the first "
-               f"passing size, or 'no pass' where none came); of the {len(with_pass)} made for "
-               f"experiments that did pass later, {sum(r['verdict'] == 'hit' for r in with_pass)}"
-               f" within 2x. Old mapping on the same rows: {naive} of {len(scored)}.")
+    for label, key in (("Calibrated", "verdict"), ("Log-likelihood calibration",
+                                                   "loglik_verdict"), ("Old mapping",
+                                                                       "naive_verdict")):
+        out.append(f"{label}: {sum(r[key].startswith('hit') for r in scored)} of {len(scored)} "
+                   "predictions hit (within 2x of the first passing size, or 'no pass' where "
+                   f"none came); of the {len(with_pass)} rows of experiments that did pass "
+                   f"later, {sum(r[key] == 'hit' for r in with_pass)} within 2x.")
+        out.append("")
     return "\n".join(out) + "\n"

@@ -116,8 +116,11 @@ def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM 
 
 
 @torch.no_grad()
-def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
-    """Log-probability of every target token given its context, one forward per batch."""
+def loglik(lm, contexts: list[list[int]], targets: list[list[int]], margins: list | None = None
+           ) -> list[list[float]]:
+    """Log-probability of every target token given its context, one forward per batch. With
+    `margins` (a list), also appends each target's per-token margins: log p(target token)
+    minus the largest log p of any other token (> 0 where greedy decoding picks it)."""
     out: list[list[float]] = []
     for b in range(0, len(contexts), BATCH):
         seqs, starts = [], []
@@ -131,9 +134,14 @@ def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list
         for i, s in enumerate(seqs):
             tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
         logp = F.log_softmax(lm.logits(tokens.to(lm.device), mask.to(lm.device)).float(), -1)
-        picked = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(lm.device)).squeeze(-1).cpu()
+        nxt = tokens[:, 1:, None].to(lm.device)
+        picked = logp[:, :-1].gather(-1, nxt).squeeze(-1).cpu()
+        if margins is not None:
+            rivals = logp[:, :-1].scatter(-1, nxt, -torch.inf).amax(-1).cpu()
         for i, (s, start) in enumerate(zip(seqs, starts)):
             out.append(picked[i, start - 1: len(s) - 1].tolist())
+            if margins is not None:
+                margins.append((picked[i] - rivals[i])[start - 1: len(s) - 1].tolist())
     return out
 
 
@@ -192,7 +200,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
                            "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
         return agg, samples
     tgts = [lm.encode(it.target) for it in items]
-    lps = loglik(lm, ctxs, tgts)
+    margins: list[list[float]] = []
+    lps = loglik(lm, ctxs, tgts, margins)
     outs = greedy_answers(lm, ctxs, [len(t) for t in tgts])
     rows, samples = [], []
     for it, tgt, lp, out in zip(items, tgts, lps, outs):
@@ -204,8 +213,11 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
             samples.append({"prompt": it.prompt, "target": it.target, "output": text})
     agg = {k: M.mean([r[k] for r in rows]) for k in M.GENERATION_METRICS}
     agg["target_tokens"] = M.mean([len(t) for t in tgts])
-    agg["per_item"] = {"x": [r["token_logprob"] for r in rows],
-                       "ok": [r["exact_match"] for r in rows], "x_is": "token_logprob"}
+    # the greedy margin of an item is its weakest target token's margin: > 0 exactly when
+    # greedy decoding reproduces every target token (exact match, up to where it stops)
+    agg["per_item"] = {"x": [min(m) if m else 0.0 for m in margins],
+                       "ok": [r["exact_match"] for r in rows], "x_is": "greedy_margin",
+                       "token_logprob": [r["token_logprob"] for r in rows]}
     return agg, samples
 
 
