@@ -173,8 +173,9 @@ def is_right(it: Item, text: str) -> float:
 
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
-    item's right/wrong and its continuous score (mean target-token log-likelihood; for
-    multiple choice the answer's log-likelihood margin over the best other choice), from
+    item's right/wrong and its continuous score (the greedy margin, with the mean target-token
+    log-likelihood beside it; for multiple choice the answer's log-likelihood margin over the
+    best other choice), from
     which predictions calibrate pass/fail (track/predict.py)."""
     ctxs = contexts(lm, items)
     if items[0].is_choice:
