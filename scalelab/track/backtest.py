@@ -24,6 +24,7 @@ from scalelab.track.predict import (
     pooled_calibration,
     predict,
     prediction_for,
+    quantile_prediction,
     series,
 )
 
@@ -80,6 +81,8 @@ def backtest(reg) -> list[dict]:
                                     "token_logprob") if out and out[0] == "greedy_margin" \
                     else out
                 ll = ll[1]["predicted"] if ll and ll[1] else None
+                q = quantile_prediction(exp, sub, "non_embedding_params")
+                q = q and q["predicted"]
                 actual = sizes[first_pass] if first_pass is not None else None
                 rows.append({
                     "group": group, "experiment": exp["name"], "k": k, "largest": sizes[k - 1],
@@ -88,6 +91,7 @@ def backtest(reg) -> list[dict]:
                         p and p["detail"].get("calibrated_on"),
                     "naive": naive_prediction(exp, sub), "actual": actual,
                     "loglik": ll, "loglik_verdict": judge(ll, actual, sizes[-1]),
+                    "quantile": q, "quantile_verdict": judge(q, actual, sizes[-1]),
                     "top": sizes[-1], "verdict": "no prediction" if p is None else
                     judge(p["predicted"], actual, sizes[-1]),
                     "naive_verdict": judge(naive_prediction(exp, sub), actual, sizes[-1]),
@@ -107,8 +111,9 @@ def markdown(rows: list[dict]) -> str:
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
                 "first pass | verdict | between last fail and first pass | "
-                "log-likelihood calibration | its verdict | old mapping | its verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "margin quantile | its verdict | log-likelihood calibration | its verdict | "
+                "old mapping | its verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["group"] == group):
             first = n(r["actual"]) if r["actual"] else f"none up to {r['top']:.3g}"
             band = "" if r["in_band"] is None else \
@@ -117,14 +122,15 @@ def markdown(rows: list[dict]) -> str:
                        f"{n(r['predicted'])} | {n(r['low'])} .. {n(r['high'])} | {first} | "
                        f"{r['verdict']}{band} | "
                        f"{'-' if r['in_bracket'] is None else 'yes' if r['in_bracket'] else 'no'}"
-                       f" | {n(r['loglik'])} | {r['loglik_verdict']} "
+                       f" | {n(r['quantile'])} | {r['quantile_verdict']} "
+                       f"| {n(r['loglik'])} | {r['loglik_verdict']} "
                        f"| {n(r['naive'])} | {r['naive_verdict']} |")
         out.append("")
     scored = [r for r in rows if r["verdict"] != "no prediction"]
     with_pass = [r for r in scored if r["actual"] is not None]
-    for label, key in (("Calibrated", "verdict"), ("Log-likelihood calibration",
-                                                   "loglik_verdict"), ("Old mapping",
-                                                                       "naive_verdict")):
+    for label, key in (("Calibrated", "verdict"), ("Margin quantile", "quantile_verdict"),
+                       ("Log-likelihood calibration", "loglik_verdict"),
+                       ("Old mapping", "naive_verdict")):
         out.append(f"{label}: {sum(r[key].startswith('hit') for r in scored)} of {len(scored)} "
                    "predictions hit (within 2x of the first passing size, or 'no pass' where "
                    f"none came); of the {len(with_pass)} rows of experiments that did pass "

@@ -270,6 +270,23 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
     return metric, p
 
 
+def quantile_prediction(exp, ser: list[tuple[dict, dict]], col: str) -> dict | None:
+    """Pass at threshold t means at least a fraction t of the items have a margin above 0,
+    i.e. the (1 - t) quantile of the item margins is above 0 (exactly so for greedy and
+    multiple-choice margins, which are > 0 where the item is right). So fit that quantile
+    itself against log10(scale) and find where it reaches 0: no calibration curve, and no
+    assumption that hard items move as fast as the mean."""
+    pts = []
+    for m, r in ser:
+        d = per_item(r)
+        if d is not None and item_score_kind(r) in ("greedy_margin", "margin"):
+            pts.append((m[col], float(np.quantile(d[0], 1 - exp["threshold"]))))
+    p = predict(pts, 0.0, True)
+    if p is not None:
+        p["detail"]["method"] = "margin quantile"
+    return p
+
+
 def record_predictions(reg) -> list[dict]:
     """A new prediction row for each still-failing experiment and data group whose evidence
     changed."""
