@@ -4,12 +4,14 @@ of a data group only, then look at what the bigger ones did.
     scalelab track backtest --registry runs/sweep/registry.db --out docs/backtest.md
 
 For each all-or-nothing experiment and each k >= 3 at which it still failed on all k models:
-the calibrated prediction (predict.py) and, beside it, the mapping it replaced (exact match X
-<-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X), both from the
-same k models. A row is a hit when the first passing model lies within 2x of the predicted
-size (parameters N); a prediction of "never" is a hit when no bigger model passes. Since the
-true crossing lies anywhere between the last failing and the first passing size, each row
-also says whether the prediction falls in that bracket.
+the calibrated prediction (predict.py) and, beside it, from the same k models: the same
+calibration on each item's greedy margin instead of its log-likelihood, the margin-quantile
+fit (predict.quantile_prediction), and the mapping the calibration replaced (exact match X
+<-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X). A row is a
+hit when the first passing model lies within 2x of the predicted size (parameters N); a
+prediction of "never" is a hit when no bigger model passes. Since the true crossing lies
+anywhere between the last failing and the first passing size, each row also says whether
+the prediction falls in that bracket.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def backtest(reg) -> list[dict]:
                     for x in ITEM_SCORES}
                 out = prediction_for(exp, sub, "non_embedding_params", pooled)
                 p = out[1] if out else None
-                # the calibration on mean token log-likelihood it replaced (generation only)
-                ll = prediction_for(exp, sub, "non_embedding_params", pooled,
-                                    "token_logprob") if out and out[0] == "greedy_margin" \
+                # the same calibration on the greedy margin (generation only)
+                gm = prediction_for(exp, sub, "non_embedding_params", pooled,
+                                    "greedy_margin") if out and out[0] == "token_logprob" \
                     else out
-                ll = ll[1]["predicted"] if ll and ll[1] else None
+                gm = gm[1]["predicted"] if gm and gm[1] else None
                 q = quantile_prediction(exp, sub, "non_embedding_params")
                 q = q and q["predicted"]
                 actual = sizes[first_pass] if first_pass is not None else None
@@ -90,7 +92,7 @@ def backtest(reg) -> list[dict]:
                     "high": p and p["high"], "calibrated_on":
                         p and p["detail"].get("calibrated_on"),
                     "naive": naive_prediction(exp, sub), "actual": actual,
-                    "loglik": ll, "loglik_verdict": judge(ll, actual, sizes[-1]),
+                    "margin": gm, "margin_verdict": judge(gm, actual, sizes[-1]),
                     "quantile": q, "quantile_verdict": judge(q, actual, sizes[-1]),
                     "top": sizes[-1], "verdict": "no prediction" if p is None else
                     judge(p["predicted"], actual, sizes[-1]),
@@ -111,7 +113,7 @@ def markdown(rows: list[dict]) -> str:
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
                 "first pass | verdict | between last fail and first pass | "
-                "margin quantile | its verdict | log-likelihood calibration | its verdict | "
+                "greedy-margin calibration | its verdict | margin quantile | its verdict | "
                 "old mapping | its verdict |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["group"] == group):
@@ -122,15 +124,15 @@ def markdown(rows: list[dict]) -> str:
                        f"{n(r['predicted'])} | {n(r['low'])} .. {n(r['high'])} | {first} | "
                        f"{r['verdict']}{band} | "
                        f"{'-' if r['in_bracket'] is None else 'yes' if r['in_bracket'] else 'no'}"
-                       f" | {n(r['quantile'])} | {r['quantile_verdict']} "
-                       f"| {n(r['loglik'])} | {r['loglik_verdict']} "
+                       f" | {n(r['margin'])} | {r['margin_verdict']} "
+                       f"| {n(r['quantile'])} | {r['quantile_verdict']} "
                        f"| {n(r['naive'])} | {r['naive_verdict']} |")
         out.append("")
     scored = [r for r in rows if r["verdict"] != "no prediction"]
     with_pass = [r for r in scored if r["actual"] is not None]
-    for label, key in (("Calibrated", "verdict"), ("Margin quantile", "quantile_verdict"),
-                       ("Log-likelihood calibration", "loglik_verdict"),
-                       ("Old mapping", "naive_verdict")):
+    for label, key in (("Calibrated (log-likelihood)", "verdict"),
+                       ("Greedy-margin calibration", "margin_verdict"),
+                       ("Margin quantile", "quantile_verdict"), ("Old mapping", "naive_verdict")):
         out.append(f"{label}: {sum(r[key].startswith('hit') for r in scored)} of {len(scored)} "
                    "predictions hit (within 2x of the first passing size, or 'no pass' where "
                    f"none came); of the {len(with_pass)} rows of experiments that did pass "

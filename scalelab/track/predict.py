@@ -41,6 +41,10 @@ BOOTSTRAP = 200
 HORIZON = 3.0  # decades of scale searched beyond the largest model
 AXES = {"params": "non_embedding_params", "flops": "flops"}
 ITEM_SCORES = ("greedy_margin", "token_logprob", "margin")  # what per_item["x"] can be
+# Generation items store their greedy margin, which predicts right/wrong almost perfectly
+# but extrapolates worse than the answer's mean log-likelihood (backtested on the CPU sweep,
+# docs/emergence.md): predictions calibrate on the log-likelihood.
+CALIBRATE_ON = {"greedy_margin": "token_logprob"}
 
 
 # ---- which models may share a fit ---------------------------------------------------------
@@ -247,14 +251,15 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
     """(metric, prediction) from the (model, result) series of one data group. The
     calibration uses this experiment's own items; if they are all wrong (or all right), the
     pooled pairs of every experiment with the same kind of item score (pooled[x_is]). The
-    item score is the one the newest result stores first (greedy margin for generation,
-    log-likelihood margin for multiple choice) unless x_is names another."""
+    item score: mean token log-likelihood for generation, the log-likelihood margin for
+    multiple choice, unless x_is names another one the results store (greedy_margin)."""
     if exp["metric"] in M.CONTINUOUS:
         pts = [(m[col], r["metrics"][exp["metric"]]) for m, r in ser
                if r["metrics"].get(exp["metric"]) is not None]
         return exp["metric"], predict(pts, exp["threshold"], M.HIGHER_IS_BETTER[exp["metric"]])
-    metric = x_is or next((item_score_kind(r) for _, r in reversed(ser)
-                           if r["metrics"].get("per_item")), None)
+    stored = next((item_score_kind(r) for _, r in reversed(ser)
+                   if r["metrics"].get("per_item")), None)
+    metric = x_is or CALIBRATE_ON.get(stored, stored)
     data = [(m[col], per_item(r, metric)) for m, r in ser]
     data = [(s, d) for s, d in data if d is not None]
     if not data:
