@@ -2,11 +2,9 @@
 
 Prediction. The all-or-nothing metric jumps, so it is useless to extrapolate; a continuous one
 moves smoothly with log(scale). What links them is measured, not assumed: every evaluation
-keeps each item's right/wrong next to its continuous score: for generation the greedy
-margin (the weakest answer token's log-probability lead over its best rival, > 0 exactly where
-greedy decoding writes that token; exact match is greedy, so this is the score it
-thresholds), for multiple choice the answer's log-likelihood margin over the best other
-choice.
+keeps each item's right/wrong next to its continuous score: for generation the answer's mean
+token log-likelihood (the greedy margin is stored beside it, see CALIBRATE_ON), for multiple
+choice the answer's log-likelihood margin over the best other choice.
 From the registered models of the group a logistic fit gives P(item right | score). Then
 
   1. the mean item score is fitted against log10(scale) on the largest FIT_POINTS models;
