@@ -100,3 +100,11 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
     assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
     assert not out.exists()
+    mine = tmp_path / "project"  # a folder the study did not write: refused, left alone
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    cfg.write_text(STUDY)
+    args[args.index(str(out))] = str(mine)
+    assert main(args) == 2 and "was not written by `scalelab study instruct`" in \
+        capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
