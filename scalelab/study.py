@@ -12,7 +12,7 @@ per size.
 
     [model] [data] [train]     the pretraining config shared by every size
     [study]
-    name = "instruct-cpu"      # model names: instruct-cpu-L2-d64, instruct-cpu-L2-d64-t3
+    name = "instruct-cpu"      # models: instruct-cpu-L2-d64, instruct-cpu-L2-d64-t3 (tuned on 3)
     sizes = [{n_layer = 2, d_model = 64, n_head = 2}, ...]   # or "registry:NAME" (reuse)
     pretrain_steps = 600       # the same token budget for every size
     lr_width = 128             # train.lr is the lr at this d_model; lr ~ 1/d_model
@@ -222,10 +222,12 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     exps = ensure_experiments(reg, opts)
 
     # one tokenizer for every size trained here (BPE training is deterministic)
-    shared = out / "shared"
-    shared.mkdir(exist_ok=True)
-    tok, _ = prepare_data(base_cfg, shared, reuse=True)
-    vocab = 64 * -(-tok.vocab_size // 64)
+    vocab = 0
+    if any(isinstance(size, dict) for size in opts["sizes"]):
+        shared = out / "shared"
+        shared.mkdir(exist_ok=True)
+        tok, _ = prepare_data(base_cfg, shared, reuse=True)
+        vocab = 64 * -(-tok.vocab_size // 64)
     sft_cfg = load_config(resolve_config_path("sft"))  # the preset: batch size, warmup
     sft_cfg.train.max_steps, sft_cfg.train.lr = opts["sft_steps"], opts["sft_lr"]
     sft_cfg.train.checkpoint_every = sft_cfg.train.eval_every = opts["sft_steps"]
@@ -263,7 +265,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
             if resume is not None:
                 print(f"--- {label}: instruction tuning on {k} task families", flush=True)
                 sft(copy.deepcopy(sft_cfg), base_path, str(data), run, resume=resume)
-            m = ensure_model(reg, run / "model", f"{base['name']}-t{k}", lineage="sft",
+            m = ensure_model(reg, run / "model", f"{opts['name']}-{label}-t{k}", lineage="sft",
                              parent=base["name"])
             scores = evaluate_model(reg, m, exps)
             rows.append({"size": label, "params": base["non_embedding_params"], "n_tasks": k,

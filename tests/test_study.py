@@ -88,6 +88,20 @@ def test_study_trains_each_size_and_subset_registers_and_reports(tmp_path, capsy
     cfg.write_text(STUDY.replace("sft_steps = 4", "sft_steps = 5"))
     assert main(args) == 2 and "another config" in capsys.readouterr().err
 
+    # a base model from the registry is tuned as it is (no pretraining)
+    cfg.write_text(STUDY.replace('name = "toy"', 'name = "toy2"').replace(
+        "sizes = [", 'sizes = ["registry:toy-L1-d32"]\nold_sizes = [').replace(
+        "n_tasks = [1, 3]", "n_tasks = [1]"))
+    text = cfg.read_text()
+    cfg.write_text(text[:text.index("old_sizes")] + text[text.index("pretrain_steps"):])
+    out2 = tmp_path / "st2"
+    assert main(["study", "instruct", "--config", str(cfg), "--out", str(out2),
+                 "--registry", str(reg_path)]) == 0
+    assert not (out2 / "base").exists() and not (out2 / "shared").exists()
+    lineage = json.loads((out2 / "sft" / "toy-L1-d32-t1" / "lineage.json").read_text())
+    assert lineage["parent"] == models["toy-L1-d32"]["path"]
+    assert reg.model("toy2-toy-L1-d32-t1")["parent"] == "toy-L1-d32"
+
 
 def test_bad_study_config_exits_2(tmp_path, capsys):
     cfg = tmp_path / "s.toml"
