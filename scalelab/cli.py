@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from scalelab.track.commands import register
     register(sub)  # `track ...` and `sweep`
+    from scalelab import study
+    study.register(sub)  # `study instruct`
     from scalelab import runs
     runs.register(sub)  # `runs list|show|watch`
     return p

@@ -207,3 +207,24 @@ def test_verdict_never_is_a_miss_when_a_bigger_model_passes(tmp_path):
                        ({"predicted": 5e3, "low": 3e3, "high": 9e3}, "earlier than predicted")]:
         reg.add_prediction({**base, **pred})
         assert want in verdict(reg, reg.experiment("toy"), reg.predictions(exp)[-1])
+
+
+def test_margin_quantile_prediction_on_a_linear_ladder():
+    """Item margins spread over [-2 + w, 2 + w] with w = 0.5 log10(N): at threshold 0.8 the
+    20th-percentile margin is -1.2 + w, which reaches 0 at log10(N) = 2.4; the items are
+    right exactly where their margin is > 0. Stored x_is picks which per-item score is read."""
+    from scalelab.track.predict import per_item, quantile_prediction
+    spread = np.linspace(-2, 2, 101)
+    ser = []
+    for n in (10.0, 20.0, 40.0, 80.0):
+        x = spread + 0.5 * math.log10(n)
+        ser.append(({"non_embedding_params": n}, {"metrics": {"per_item": {
+            "x": x.tolist(), "ok": (x > 0).astype(float).tolist(), "x_is": "greedy_margin",
+            "token_logprob": (x - 5).tolist()}}}))
+    p = quantile_prediction({"threshold": 0.8}, ser, "non_embedding_params")
+    assert p["predicted"] == pytest.approx(10 ** 2.4, rel=1e-6)
+    assert p["low"] == pytest.approx(p["predicted"]) and p["high"] == pytest.approx(p["predicted"])
+    x, ok = per_item(ser[0][1])
+    assert x[0] == pytest.approx(-2 + 0.5) and per_item(ser[0][1], "token_logprob")[0][0] == \
+        pytest.approx(-6.5)
+    assert per_item(ser[0][1], "margin") is None  # not stored for this result

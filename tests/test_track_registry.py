@@ -216,14 +216,20 @@ def test_task_suite_spec_for_chat_models(tmp_path, models):
     # the mean target log-likelihood again, one unpadded chat sequence at a time
     from scalelab.train.checkpoint import load_model
     model, tok = load_model(models[0])
-    per_item = []
+    per_item, margins = [], []
     with torch.no_grad():
         for it in load_items("tasks:addition?difficulty=1&n=4"):
             ctx, tgt = tok.chat_prompt(it.prompt), tok.encode(it.target)
             logp = torch.log_softmax(model(torch.tensor([ctx + tgt]))[0].double(), -1)
-            per_item.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(tgt))
-                            / len(tgt))
+            rows = [logp[len(ctx) - 1 + i] for i in range(len(tgt))]
+            per_item.append(sum(r[t].item() for r, t in zip(rows, tgt)) / len(tgt))
+            # greedy margin: the weakest target token's lead over its best rival
+            margins.append(min(r[t].item() - torch.cat([r[:t], r[t + 1:]]).max().item()
+                               for r, t in zip(rows, tgt)))
     assert res["metrics"]["token_logprob"] == pytest.approx(sum(per_item) / 4, abs=1e-4)
+    pi = res["metrics"]["per_item"]
+    assert pi["x_is"] == "greedy_margin" and pi["x"] == pytest.approx(margins, abs=1e-4)
+    assert pi["token_logprob"] == pytest.approx(per_item, abs=1e-4)
     assert res["metrics"]["exact_match"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     r = track(reg, "experiment", "add", "--name", "x", "--task", "tasks:algebra",
               "--threshold", "0.5")

@@ -4,12 +4,14 @@ of a data group only, then look at what the bigger ones did.
     scalelab track backtest --registry runs/sweep/registry.db --out docs/backtest.md
 
 For each all-or-nothing experiment and each k >= 3 at which it still failed on all k models:
-the calibrated prediction (predict.py) and, beside it, the mapping it replaced (exact match X
-<-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X), both from the
-same k models. A row is a hit when the first passing model lies within 2x of the predicted
-size (parameters N); a prediction of "never" is a hit when no bigger model passes. Since the
-true crossing lies anywhere between the last failing and the first passing size, each row
-also says whether the prediction falls in that bracket.
+the calibrated prediction (predict.py) and, beside it, from the same k models: the same
+calibration on each item's greedy margin instead of its log-likelihood, the margin-quantile
+fit (predict.quantile_prediction), and the mapping the calibration replaced (exact match X
+<-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X). A row is a
+hit when the first passing model lies within 2x of the predicted size (parameters N); a
+prediction of "never" is a hit when no bigger model passes. Since the true crossing lies
+anywhere between the last failing and the first passing size, each row also says whether
+the prediction falls in that bracket.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import math
 
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
+    ITEM_SCORES,
     data_group,
     fmt,
     pooled_calibration,
     predict,
     prediction_for,
+    quantile_prediction,
     series,
 )
 
@@ -71,9 +75,16 @@ def backtest(reg) -> list[dict]:
                 ids = {m["id"] for m, _ in sub}
                 pooled = {x: pooled_calibration(
                     [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()], x)
-                    for x in ("token_logprob", "margin")}
+                    for x in ITEM_SCORES}
                 out = prediction_for(exp, sub, "non_embedding_params", pooled)
                 p = out[1] if out else None
+                # the same calibration on the greedy margin (generation only)
+                gm = prediction_for(exp, sub, "non_embedding_params", pooled,
+                                    "greedy_margin") if out and out[0] == "token_logprob" \
+                    else out
+                gm = gm[1]["predicted"] if gm and gm[1] else None
+                q = quantile_prediction(exp, sub, "non_embedding_params")
+                q = q and q["predicted"]
                 actual = sizes[first_pass] if first_pass is not None else None
                 rows.append({
                     "group": group, "experiment": exp["name"], "k": k, "largest": sizes[k - 1],
@@ -81,6 +92,8 @@ def backtest(reg) -> list[dict]:
                     "high": p and p["high"], "calibrated_on":
                         p and p["detail"].get("calibrated_on"),
                     "naive": naive_prediction(exp, sub), "actual": actual,
+                    "margin": gm, "margin_verdict": judge(gm, actual, sizes[-1]),
+                    "quantile": q, "quantile_verdict": judge(q, actual, sizes[-1]),
                     "top": sizes[-1], "verdict": "no prediction" if p is None else
                     judge(p["predicted"], actual, sizes[-1]),
                     "naive_verdict": judge(naive_prediction(exp, sub), actual, sizes[-1]),
@@ -99,9 +112,10 @@ def markdown(rows: list[dict]) -> str:
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
-                "first pass | verdict | between last fail and first pass | old mapping | "
-                "its verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "first pass | verdict | between last fail and first pass | "
+                "greedy-margin calibration | its verdict | margin quantile | its verdict | "
+                "old mapping | its verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in rows if r["group"] == group):
             first = n(r["actual"]) if r["actual"] else f"none up to {r['top']:.3g}"
             band = "" if r["in_band"] is None else \
@@ -110,14 +124,18 @@ def markdown(rows: list[dict]) -> str:
                        f"{n(r['predicted'])} | {n(r['low'])} .. {n(r['high'])} | {first} | "
                        f"{r['verdict']}{band} | "
                        f"{'-' if r['in_bracket'] is None else 'yes' if r['in_bracket'] else 'no'}"
-                       f" | {n(r['naive'])} | {r['naive_verdict']} |")
+                       f" | {n(r['margin'])} | {r['margin_verdict']} "
+                       f"| {n(r['quantile'])} | {r['quantile_verdict']} "
+                       f"| {n(r['naive'])} | {r['naive_verdict']} |")
         out.append("")
     scored = [r for r in rows if r["verdict"] != "no prediction"]
-    hits = sum(r["verdict"].startswith("hit") for r in scored)
-    naive = sum(r["naive_verdict"].startswith("hit") for r in scored)
     with_pass = [r for r in scored if r["actual"] is not None]
-    out.append(f"Calibrated: {hits} of {len(scored)} predictions hit (within 2x of the first "
-               f"passing size, or 'no pass' where none came); of the {len(with_pass)} made for "
-               f"experiments that did pass later, {sum(r['verdict'] == 'hit' for r in with_pass)}"
-               f" within 2x. Old mapping on the same rows: {naive} of {len(scored)}.")
+    for label, key in (("Calibrated (log-likelihood)", "verdict"),
+                       ("Greedy-margin calibration", "margin_verdict"),
+                       ("Margin quantile", "quantile_verdict"), ("Old mapping", "naive_verdict")):
+        out.append(f"{label}: {sum(r[key].startswith('hit') for r in scored)} of {len(scored)} "
+                   "predictions hit (within 2x of the first passing size, or 'no pass' where "
+                   f"none came); of the {len(with_pass)} rows of experiments that did pass "
+                   f"later, {sum(r[key] == 'hit' for r in with_pass)} within 2x.")
+        out.append("")
     return "\n".join(out) + "\n"

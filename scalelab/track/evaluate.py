@@ -22,6 +22,15 @@ BATCH = 64
 N_SAMPLES = 5  # sample outputs kept per result
 
 
+def picked_and_rival(logits: torch.Tensor, tokens: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From next-token logits (B, T-1, V): log p of each next token and the largest log p of
+    any other token (their difference is > 0 where greedy decoding picks the token)."""
+    logp = F.log_softmax(logits.float(), -1)
+    nxt = tokens[:, 1:, None]
+    return logp.gather(-1, nxt).squeeze(-1), logp.scatter(-1, nxt, -torch.inf).amax(-1)
+
+
 class ScalelabLM:
     kind = "scalelab"
 
@@ -39,9 +48,11 @@ class ScalelabLM:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, rivals: bool = False):
         """log p(tokens[:, t+1] | tokens[:, :t+1]): (B, T-1). Right padding: causal
-        attention never sees the pads."""
+        attention never sees the pads. rivals: also the best log p of any other token."""
+        if rivals:
+            return picked_and_rival(self.model(tokens)[:, :-1], tokens)
         from scalelab.train.losses import token_logprobs
         h = self.model.hidden(tokens)[:, :-1]
         return token_logprobs(h, self.model.lm_head.weight, tokens[:, 1:])
@@ -84,8 +95,10 @@ class HFLM:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def next_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, rivals: bool = False):
         logits = self.model(input_ids=tokens, attention_mask=mask.long()).logits[:, :-1]
+        if rivals:
+            return picked_and_rival(logits, tokens)
         return F.log_softmax(logits.float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
@@ -121,8 +134,11 @@ def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM 
 
 
 @torch.no_grad()
-def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
-    """Log-probability of every target token given its context, one forward per batch."""
+def loglik(lm, contexts: list[list[int]], targets: list[list[int]], margins: list | None = None
+           ) -> list[list[float]]:
+    """Log-probability of every target token given its context, one forward per batch. With
+    `margins` (a list), also appends each target's per-token margins: log p(target token)
+    minus the largest log p of any other token (> 0 where greedy decoding picks it)."""
     out: list[list[float]] = []
     for b in range(0, len(contexts), BATCH):
         seqs, starts = [], []
@@ -135,9 +151,15 @@ def loglik(lm, contexts: list[list[int]], targets: list[list[int]]) -> list[list
         mask = torch.zeros((len(seqs), T), dtype=torch.bool)
         for i, s in enumerate(seqs):
             tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
-        picked = lm.next_logprobs(tokens.to(lm.device), mask.to(lm.device)).float().cpu()
+        got = lm.next_logprobs(tokens.to(lm.device), mask.to(lm.device),
+                               rivals=margins is not None)
+        picked, rivals = got if margins is not None else (got, None)
+        picked = picked.float().cpu()
         for i, (s, start) in enumerate(zip(seqs, starts)):
             out.append(picked[i, start - 1: len(s) - 1].tolist())
+            if rivals is not None:
+                margins.append((picked[i] - rivals[i].float().cpu())[start - 1: len(s) - 1]
+                               .tolist())
     return out
 
 
@@ -169,8 +191,9 @@ def is_right(it: Item, text: str) -> float:
 
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
-    item's right/wrong and its continuous score (mean target-token log-likelihood; for
-    multiple choice the answer's log-likelihood margin over the best other choice), from
+    item's right/wrong and its continuous score (the greedy margin, with the mean target-token
+    log-likelihood beside it; for multiple choice the answer's log-likelihood margin over the
+    best other choice), from
     which predictions calibrate pass/fail (track/predict.py)."""
     ctxs = contexts(lm, items)
     if items[0].is_choice:
@@ -196,7 +219,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
                            "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
         return agg, samples
     tgts = [lm.encode(it.target) for it in items]
-    lps = loglik(lm, ctxs, tgts)
+    margins: list[list[float]] = []
+    lps = loglik(lm, ctxs, tgts, margins)
     outs = greedy_answers(lm, ctxs, [len(t) for t in tgts])
     rows, samples = [], []
     for it, tgt, lp, out in zip(items, tgts, lps, outs):
@@ -208,8 +232,11 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
             samples.append({"prompt": it.prompt, "target": it.target, "output": text})
     agg = {k: M.mean([r[k] for r in rows]) for k in M.GENERATION_METRICS}
     agg["target_tokens"] = M.mean([len(t) for t in tgts])
-    agg["per_item"] = {"x": [r["token_logprob"] for r in rows],
-                       "ok": [r["exact_match"] for r in rows], "x_is": "token_logprob"}
+    # the greedy margin of an item is its weakest target token's margin: > 0 exactly when
+    # greedy decoding reproduces every target token (exact match, up to where it stops)
+    agg["per_item"] = {"x": [min(m) if m else 0.0 for m in margins],
+                       "ok": [r["exact_match"] for r in rows], "x_is": "greedy_margin",
+                       "token_logprob": [r["token_logprob"] for r in rows]}
     return agg, samples
 
 

@@ -2,8 +2,9 @@
 
 Prediction. The all-or-nothing metric jumps, so it is useless to extrapolate; a continuous one
 moves smoothly with log(scale). What links them is measured, not assumed: every evaluation
-keeps each item's right/wrong next to its continuous score (the answer's mean token
-log-likelihood, or for multiple choice its log-likelihood margin over the best other choice).
+keeps each item's right/wrong next to its continuous score: for generation the answer's mean
+token log-likelihood (the greedy margin is stored beside it, see CALIBRATE_ON), for multiple
+choice the answer's log-likelihood margin over the best other choice.
 From the registered models of the group a logistic fit gives P(item right | score). Then
 
   1. the mean item score is fitted against log10(scale) on the largest FIT_POINTS models;
@@ -37,6 +38,11 @@ FIT_POINTS = 4
 BOOTSTRAP = 200
 HORIZON = 3.0  # decades of scale searched beyond the largest model
 AXES = {"params": "non_embedding_params", "flops": "flops"}
+ITEM_SCORES = ("greedy_margin", "token_logprob", "margin")  # what per_item["x"] can be
+# Generation items store their greedy margin, which predicts right/wrong almost perfectly
+# but extrapolates worse than the answer's mean log-likelihood (backtested on the CPU sweep,
+# docs/emergence.md): predictions calibrate on the log-likelihood.
+CALIBRATE_ON = {"greedy_margin": "token_logprob"}
 
 
 # ---- which models may share a fit ---------------------------------------------------------
@@ -113,11 +119,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[flo
     return (float(w[0]), float(w[1])) if w[1] > 0 else None
 
 
-def per_item(result: dict) -> tuple[np.ndarray, np.ndarray] | None:
+def per_item(result: dict, x_is: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(item scores, right/wrong) of a result; x_is picks another stored item score (a
+    generation result keeps token_logprob beside its greedy margin)."""
     pi = result["metrics"].get("per_item")
     if not pi:
         return None
-    return np.asarray(pi["x"], dtype=float), np.asarray(pi["ok"], dtype=float)
+    x = pi["x"] if x_is in (None, pi.get("x_is", "token_logprob")) else pi.get(x_is)
+    if x is None:
+        return None
+    return np.asarray(x, dtype=float), np.asarray(pi["ok"], dtype=float)
+
+
+def item_score_kind(result: dict) -> str:
+    return result["metrics"]["per_item"].get("x_is", "token_logprob")
 
 
 def pass_rate(items: np.ndarray, shift: float, a: float, b: float) -> float:
@@ -221,31 +236,34 @@ def pooled_calibration(serieses: list[list[tuple[dict, dict]]], x_is: str
     xs, ys = [np.zeros(0)], [np.zeros(0)]
     for ser in serieses:
         for _, r in ser:
-            d = per_item(r)
-            if d is not None and r["metrics"]["per_item"].get("x_is") == x_is:
+            d = per_item(r, x_is)
+            if d is not None:
                 xs.append(d[0])
                 ys.append(d[1])
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
-                   pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
-                   ) -> tuple[str, dict] | None:
+                   pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   x_is: str | None = None) -> tuple[str, dict] | None:
     """(metric, prediction) from the (model, result) series of one data group. The
     calibration uses this experiment's own items; if they are all wrong (or all right), the
-    pooled pairs of every experiment with the same kind of item score (pooled[x_is])."""
+    pooled pairs of every experiment with the same kind of item score (pooled[x_is]). The
+    item score: mean token log-likelihood for generation, the log-likelihood margin for
+    multiple choice, unless x_is names another one the results store (greedy_margin)."""
     if exp["metric"] in M.CONTINUOUS:
         pts = [(m[col], r["metrics"][exp["metric"]]) for m, r in ser
                if r["metrics"].get(exp["metric"]) is not None]
         return exp["metric"], predict(pts, exp["threshold"], M.HIGHER_IS_BETTER[exp["metric"]])
-    data = [(m[col], per_item(r)) for m, r in ser]
+    stored = next((item_score_kind(r) for _, r in reversed(ser)
+                   if r["metrics"].get("per_item")), None)
+    metric = x_is or CALIBRATE_ON.get(stored, stored)
+    data = [(m[col], per_item(r, metric)) for m, r in ser]
     data = [(s, d) for s, d in data if d is not None]
     if not data:
         return None
     x = np.concatenate([d[0] for _, d in data])
     y = np.concatenate([d[1] for _, d in data])
-    metric = next(r["metrics"]["per_item"].get("x_is", "token_logprob")
-                  for _, r in reversed(ser) if r["metrics"].get("per_item"))
     source = "this experiment"
     if y.min() == y.max() and pooled and metric in pooled:
         (x, y), source = pooled[metric], "pooled over experiments"
@@ -253,6 +271,23 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
     if p is not None:
         p["detail"]["calibrated_on"] = source
     return metric, p
+
+
+def quantile_prediction(exp, ser: list[tuple[dict, dict]], col: str) -> dict | None:
+    """Pass at threshold t means at least a fraction t of the items have a margin above 0,
+    i.e. the (1 - t) quantile of the item margins is above 0 (exactly so for greedy and
+    multiple-choice margins, which are > 0 where the item is right). So fit that quantile
+    itself against log10(scale) and find where it reaches 0: no calibration curve, and no
+    assumption that hard items move as fast as the mean."""
+    pts = []
+    for m, r in ser:
+        d = per_item(r)
+        if d is not None and item_score_kind(r) in ("greedy_margin", "margin"):
+            pts.append((m[col], float(np.quantile(d[0], 1 - exp["threshold"]))))
+    p = predict(pts, 0.0, True)
+    if p is not None:
+        p["detail"]["method"] = "margin quantile"
+    return p
 
 
 def record_predictions(reg) -> list[dict]:
@@ -263,7 +298,7 @@ def record_predictions(reg) -> list[dict]:
     pooled = {}
     for group in groups:
         every = [series(reg, e, "params", group) for e in reg.experiments()]
-        pooled[group] = {k: pooled_calibration(every, k) for k in ("token_logprob", "margin")}
+        pooled[group] = {k: pooled_calibration(every, k) for k in ITEM_SCORES}
     for exp in reg.experiments():
         if exp["id"] in passed:
             continue

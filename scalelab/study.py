@@ -1,0 +1,360 @@
+"""`scalelab study instruct`: the instruction-tuning scaling study (FLAN, Chung et al. 2022).
+
+Base models of several sizes are pretrained on one corpus (one tokenizer), then each is
+instruction-tuned on nested subsets of the training task families (the first k of one
+seeded order, so the 3-task set contains the 1-task set), with the same number of SFT steps
+and examples whatever k is: only the variety of instructions changes. Every model (the base
+as "0 tasks" too) is scored on the held-out families (never trained: scalelab/tasks) and on
+every training family, through the tracker: each family is a registry experiment, each model
+a registry row (SFT models with their base as parent), each score a result row. The report
+(DIR/report.md, DIR/study.png) shows held-out score against the number of tasks, one line
+per size.
+
+    [model] [data] [train]     the pretraining config shared by every size
+    [study]
+    name = "instruct-cpu"      # models: instruct-cpu-L2-d64, instruct-cpu-L2-d64-t3 (tuned on 3)
+    sizes = [{n_layer = 2, d_model = 64, n_head = 2}, ...]   # or "registry:NAME" (reuse)
+    pretrain_steps = 600       # the same token budget for every size
+    lr_width = 128             # train.lr is the lr at this d_model; lr ~ 1/d_model
+    n_tasks = [1, 3, 8, 26]    # nested subsets; at most len(TRAIN_TASKS)
+    order_seed = 0             # the seeded order the subsets are prefixes of
+    sft_steps = 300
+    sft_lr = 1e-3
+    sft_examples = 8000
+    eval_n = 32                # items per family
+    eval_difficulty = 1        # clipped to each family's maximum
+
+Rerunning with the same --out reuses every finished model and result; a different config
+is refused (its models would not be the ones the folder holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from scalelab.config import (
+    Config,
+    UserError,
+    apply_dict,
+    load_config,
+    read_toml,
+    resolve_config_path,
+)
+from scalelab.track.registry import Registry
+
+STUDY_KEYS = {"name": str, "sizes": list, "pretrain_steps": int, "lr_width": int,
+              "n_tasks": list, "order_seed": int, "sft_steps": int, "sft_lr": float,
+              "sft_examples": int, "eval_n": int, "eval_difficulty": int}
+MARKER = "study.json"
+
+
+def load_study(path: Path) -> tuple[Config, dict]:
+    from scalelab.tasks import TRAIN_TASKS
+    data = read_toml(path, "study config")
+    st = data.pop("study", None)
+    if not isinstance(st, dict):
+        raise UserError(f"{path}: needs a [study] table (name, sizes, n_tasks, ...)")
+    cfg = apply_dict(Config(), data, str(path))
+    opts = {"name": path.stem, "sizes": [], "pretrain_steps": 600, "lr_width": 0,
+            "n_tasks": [1, 3, 8, len(TRAIN_TASKS)], "order_seed": 0, "sft_steps": 300,
+            "sft_lr": 1e-3, "sft_examples": 8000, "eval_n": 32, "eval_difficulty": 1}
+    for key, value in st.items():
+        want = STUDY_KEYS.get(key)
+        if want is None:
+            raise UserError(f"{path}: unknown key 'study.{key}' (known: {', '.join(STUDY_KEYS)})")
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise UserError(f"{path}: 'study.{key}' has the wrong type ({type(value).__name__})")
+        low = 0 if key in ("order_seed", "lr_width") else 1
+        if (want is int and value < low) or (want is float and not value > 0):
+            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}")
+        opts[key] = value
+    if not opts["sizes"]:
+        raise UserError(f"{path}: 'study.sizes' must list at least one model size")
+    for i, size in enumerate(opts["sizes"]):
+        if isinstance(size, str) and size.startswith("registry:"):
+            continue
+        if not isinstance(size, dict):
+            raise UserError(f"{path}: study.sizes[{i}] must be a table like "
+                            '{n_layer = 2, d_model = 64, n_head = 2} or "registry:NAME"')
+        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: study.sizes[{i}]")
+    ks = opts["n_tasks"]
+    if not ks or not all(isinstance(k, int) and 1 <= k <= len(TRAIN_TASKS) for k in ks) \
+            or ks != sorted(set(ks)):
+        raise UserError(f"{path}: 'study.n_tasks' must be increasing integers in "
+                        f"1..{len(TRAIN_TASKS)} (the training families)")
+    return cfg, opts
+
+
+def task_order(seed: int) -> list[str]:
+    """The training families in a seeded order; the k-task subset is its first k."""
+    from scalelab.tasks import TRAIN_TASKS
+    order = list(TRAIN_TASKS)
+    random.Random(f"study-order:{seed}").shuffle(order)
+    return order
+
+
+def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
+    """n conversations round-robin over `families`, as {"messages": ...} rows."""
+    from scalelab.tasks import make_examples
+    if path.exists():
+        return
+    tmp = path.with_name("." + path.name + ".tmp")
+    with tmp.open("w") as f:
+        for e in make_examples(families, n, seed):
+            f.write(json.dumps({"messages": [{"role": "user", "content": e.prompt},
+                                             {"role": "assistant", "content": e.answer}]})
+                    + "\n")
+    tmp.replace(path)
+
+
+def finished(run: Path, steps: int) -> bool:
+    return (run / "checkpoints" / f"step_{steps}").is_dir() and (run / "model").is_dir()
+
+
+def resume_state(run: Path, steps: int) -> bool | None:
+    """None if the run reached `steps` (nothing to do); else whether to resume it. A run
+    killed before its first checkpoint is removed and starts over."""
+    if finished(run, steps):
+        return None
+    if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
+        return True
+    shutil.rmtree(run, ignore_errors=True)
+    return False
+
+
+def ensure_model(reg: Registry, path: Path, name: str, **kw) -> dict:
+    from scalelab.track.ops import register_model
+    known = {m["name"]: m for m in reg.models()}
+    if name in known:
+        if Path(known[name]["path"]) != path.resolve():
+            raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
+                            "change study.name")
+        return dict(known[name])
+    return register_model(reg, path, name, run=False, **kw)
+
+
+def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
+    """One registry experiment per task family, named STUDY:FAMILY."""
+    from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS
+    from scalelab.track.ops import add_experiment
+    have = {e["name"]: e for e in reg.experiments()}
+    out = {}
+    for fam in HELDOUT_TASKS + TRAIN_TASKS:
+        d = min(opts["eval_difficulty"], TASKS[fam].max_difficulty)
+        name, task = f"{opts['name']}:{fam}", f"tasks:{fam}?difficulty={d}&n={opts['eval_n']}"
+        if name in have and have[name]["task"] != task:
+            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
+                            f"{have[name]['task']!r}; change study.name")
+        if name not in have:
+            add_experiment(reg, name, task, 0.8, "exact_match",
+                           f"instruction study {opts['name']}: family {fam}")
+        out[fam] = dict(reg.experiment(name))
+    return out
+
+
+def evaluate_model(reg: Registry, model: dict, exps: dict[str, dict]) -> dict[str, dict]:
+    """Each family's exact match and answer log-likelihood (per token) for one model; results
+    already in the registry are reused, missing ones are run and added."""
+    from scalelab.track.evaluate import load_lm, run_experiment
+    from scalelab.track.registry import code_version
+    latest = reg.latest()
+    lm, out = None, {}
+    for fam, e in exps.items():
+        row = latest.get((e["id"], model["id"]))
+        if row is None:
+            lm = lm or load_lm(model["path"])
+            agg, ok, samples, n, secs = run_experiment(lm, e)
+            reg.add_result(e["id"], model["id"], agg, ok, samples, n, secs, code_version())
+            metrics = agg
+        else:
+            metrics = row["metrics"]
+        out[fam] = {"exact_match": metrics["exact_match"],
+                    "token_logprob": metrics["token_logprob"]}
+    return out
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def summarise(scores: dict[str, dict], tuned: list[str]) -> dict:
+    from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS
+    row = {"held_out": mean(scores[f]["exact_match"] for f in HELDOUT_TASKS),
+           "held_out_logprob": mean(scores[f]["token_logprob"] for f in HELDOUT_TASKS),
+           "held_in_all": mean(scores[f]["exact_match"] for f in TRAIN_TASKS),
+           "held_in_tuned": mean(scores[f]["exact_match"] for f in tuned) if tuned else None}
+    row["held_out_families"] = {f: scores[f]["exact_match"] for f in HELDOUT_TASKS}
+    return row
+
+
+def plan_hash(cfg: Config, opts: dict) -> str:
+    return hashlib.sha256(json.dumps([cfg.to_dict(), opts], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
+def run_study(config: Path, out: Path, reg: Registry) -> dict:
+    from scalelab.track.sweep import size_config
+    from scalelab.train.pretrain import prepare_data, pretrain
+    from scalelab.train.sft import sft
+    base_cfg, opts = load_study(config)
+    t_start = time.perf_counter()
+    order = task_order(opts["order_seed"])
+    subsets = {k: order[:k] for k in opts["n_tasks"]}
+    digest = plan_hash(base_cfg, opts)
+    marker = out / MARKER
+    if marker.exists() and json.loads(marker.read_text()).get("plan") != digest:
+        raise UserError(f"--out {out}: holds a study made with another config; choose a new "
+                        "--out (its models would not be the ones this config asks for)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"plan": digest, "config": str(config),
+                                      "task_order": order, "status": "started"}, indent=2))
+    exps = ensure_experiments(reg, opts)
+
+    # one tokenizer for every size trained here (BPE training is deterministic)
+    vocab = 0
+    if any(isinstance(size, dict) for size in opts["sizes"]):
+        shared = out / "shared"
+        shared.mkdir(exist_ok=True)
+        tok, _ = prepare_data(base_cfg, shared, reuse=True)
+        vocab = 64 * -(-tok.vocab_size // 64)
+    sft_cfg = load_config(resolve_config_path("sft"))  # the preset: batch size, warmup
+    sft_cfg.train.max_steps, sft_cfg.train.lr = opts["sft_steps"], opts["sft_lr"]
+    sft_cfg.train.checkpoint_every = sft_cfg.train.eval_every = opts["sft_steps"]
+    sft_cfg.train.warmup_steps = min(sft_cfg.train.warmup_steps, opts["sft_steps"] // 5)
+    data_dir = out / "sft-data"
+    data_dir.mkdir(exist_ok=True)
+
+    rows = []
+    for size in opts["sizes"]:
+        t0 = time.perf_counter()
+        if isinstance(size, str):  # a base model already in the registry
+            base = dict(reg.model(size.removeprefix("registry:")))
+            label, base_path = base["name"], Path(base["path"])
+        else:
+            cfg, info = size_config(base_cfg, size, {"flops": 0.0, "tokens_per_param": 0.0,
+                                                     "min_steps": opts["pretrain_steps"],
+                                                     "lr_width": opts["lr_width"]}, vocab)
+            label = info["label"]
+            run = out / "base" / label
+            resume = resume_state(run, info["steps"])
+            if resume is not None:
+                print(f"--- {label}: {info['params'] / 1e3:.0f}k params, pretraining "
+                      f"{info['steps']} steps", flush=True)
+                pretrain(cfg, run, resume=resume)
+            base = ensure_model(reg, run / "model", f"{opts['name']}-{label}")
+            base_path = run / "model"
+        scores = evaluate_model(reg, base, exps)
+        rows.append({"size": label, "params": base["non_embedding_params"], "n_tasks": 0,
+                     "model": base["name"], "tasks": [], **summarise(scores, [])})
+        for k, fams in subsets.items():
+            data = data_dir / f"tasks-{k}.jsonl"
+            sft_data(data, fams, opts["sft_examples"], seed=opts["order_seed"])
+            run = out / "sft" / f"{label}-t{k}"
+            resume = resume_state(run, opts["sft_steps"])
+            if resume is not None:
+                print(f"--- {label}: instruction tuning on {k} task families", flush=True)
+                sft(copy.deepcopy(sft_cfg), base_path, str(data), run, resume=resume)
+            m = ensure_model(reg, run / "model", f"{opts['name']}-{label}-t{k}", lineage="sft",
+                             parent=base["name"])
+            scores = evaluate_model(reg, m, exps)
+            rows.append({"size": label, "params": base["non_embedding_params"], "n_tasks": k,
+                         "model": m["name"], "tasks": fams, **summarise(scores, fams)})
+            r = rows[-1]
+            print(f"    held-out {r['held_out']:.3f}  held-in (tuned) {r['held_in_tuned']:.3f}"
+                  f"  held-in (all) {r['held_in_all']:.3f}", flush=True)
+        print(f"    {label} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    summary = {"plan": digest, "config": str(config), "task_order": order,
+               "subsets": {str(k): v for k, v in subsets.items()}, "rows": rows,
+               "wall_seconds": time.perf_counter() - t_start, "status": "done"}
+    tmp = out / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(marker)
+    plot(rows, out / "study.png")
+    command = f"scalelab study instruct --config {config} --out {out}"
+    (out / "report.md").write_text(report(summary, command, "study.png"))
+    print(f"study done in {summary['wall_seconds'] / 60:.1f} min (this invocation); report: "
+          f"{out / 'report.md'}")
+    return summary
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("held_out", "held-out families: exact match"),
+              ("held_out_logprob", "held-out: answer log-likelihood / token"),
+              ("held_in_all", "all training families: exact match"))
+    for ax, (key, title) in zip(axes, panels):
+        for size in dict.fromkeys(r["size"] for r in rows):
+            pts = [(r["n_tasks"], r[key]) for r in rows if r["size"] == size]
+            params = next(r["params"] for r in rows if r["size"] == size)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                    label=f"{size} ({params / 1e3:.0f}k)")
+        ks = sorted({r["n_tasks"] for r in rows})
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set(title=title, xlabel="training task families (0 = base model)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="model size (N)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(summary: dict, command: str, image: str) -> str:
+    from scalelab.tasks import HELDOUT_TASKS
+    rows = summary["rows"]
+    md = ["# Instruction tuning: number of tasks x model size", "",
+          f"Produced by `{command}` ({summary['wall_seconds'] / 60:.1f} min for this "
+          "invocation; finished models from an earlier one are reused).", "",
+          "Exact match with each family's lenient scorer, greedy answers, "
+          "difficulty as configured. Held out: " + ", ".join(HELDOUT_TASKS) + " (never "
+          "trained). Held-in (tuned): the families that model was tuned on; (all): every "
+          "training family. Log-likelihood: mean per answer token on the held-out items "
+          "(teacher forced), the continuous view of the same answers.", "",
+          f"![held-out score vs number of tasks]({image})", "",
+          "| size | N | tasks | held-out | held-out logprob/token | held-in (tuned) "
+          "| held-in (all) | " + " | ".join(HELDOUT_TASKS) + " |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(HELDOUT_TASKS)]
+    for r in rows:
+        tuned = "-" if r["held_in_tuned"] is None else f"{r['held_in_tuned']:.3f}"
+        md.append(f"| {r['size']} | {r['params'] / 1e3:.0f}k | {r['n_tasks']} | "
+                  f"{r['held_out']:.3f} | {r['held_out_logprob']:.2f} | {tuned} | "
+                  f"{r['held_in_all']:.3f} | " + " | ".join(
+                      f"{r['held_out_families'][f]:.2f}" for f in HELDOUT_TASKS) + " |")
+    md += ["", "Nested subsets (the first k of one seeded order of the training families):", ""]
+    md += [f"- {k}: {', '.join(v)}" for k, v in summary["subsets"].items()]
+    return "\n".join(md) + "\n"
+
+
+def cmd_instruct(args: argparse.Namespace) -> None:
+    from scalelab.track.registry import registry_path
+    from scalelab.train.rundir import check_folder
+    out = Path(args.out)
+    check_folder(out, MARKER, "study instruct")
+    load_study(Path(args.config))  # bad config: refused before anything is written
+    run_study(Path(args.config), out, Registry(registry_path(args.registry)))
+
+
+def register(sub) -> None:
+    s = sub.add_parser("study", help="scaling studies (instruct: tasks x size, FLAN-style)")
+    ss = s.add_subparsers(dest="study", required=True)
+    i = ss.add_parser("instruct", help="base models x nested task subsets: held-out score")
+    i.add_argument("--config", required=True, help="study TOML (e.g. configs/study-cpu.toml)")
+    i.add_argument("--out", required=True, help="new or empty folder, or an earlier study's")
+    i.add_argument("--registry", help="SQLite registry file (default: $SCALELAB_REGISTRY or "
+                   "./scalelab-registry.db)")
+    i.set_defaults(func=cmd_instruct)
