@@ -42,9 +42,7 @@ from pathlib import Path
 from scalelab.config import (
     Config,
     UserError,
-    apply_dict,
     load_config,
-    read_toml,
     resolve_config_path,
 )
 from scalelab.track.registry import Registry
@@ -57,35 +55,15 @@ MARKER = "study.json"
 
 def load_study(path: Path) -> tuple[Config, dict]:
     from scalelab.tasks import TRAIN_TASKS
-    data = read_toml(path, "study config")
-    st = data.pop("study", None)
-    if not isinstance(st, dict):
-        raise UserError(f"{path}: needs a [study] table (name, sizes, n_tasks, ...)")
-    cfg = apply_dict(Config(), data, str(path))
-    opts = {"name": path.stem, "sizes": [], "pretrain_steps": 600, "lr_width": 0,
-            "n_tasks": [1, 3, 8, len(TRAIN_TASKS)], "order_seed": 0, "sft_steps": 300,
-            "sft_lr": 1e-3, "sft_examples": 8000, "eval_n": 32, "eval_difficulty": 1}
-    for key, value in st.items():
-        want = STUDY_KEYS.get(key)
-        if want is None:
-            raise UserError(f"{path}: unknown key 'study.{key}' (known: {', '.join(STUDY_KEYS)})")
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise UserError(f"{path}: 'study.{key}' has the wrong type ({type(value).__name__})")
+    from scalelab.track.sweep import load_table
+    cfg, opts = load_table(path, "study", STUDY_KEYS, {
+        "sizes": [], "pretrain_steps": 600, "lr_width": 0,
+        "n_tasks": [1, 3, 8, len(TRAIN_TASKS)], "order_seed": 0, "sft_steps": 300,
+        "sft_lr": 1e-3, "sft_examples": 8000, "eval_n": 32, "eval_difficulty": 1})
+    for key, want in STUDY_KEYS.items():
         low = 0 if key in ("order_seed", "lr_width") else 1
-        if (want is int and value < low) or (want is float and not value > 0):
+        if (want is int and opts[key] < low) or (want is float and not opts[key] > 0):
             raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}")
-        opts[key] = value
-    if not opts["sizes"]:
-        raise UserError(f"{path}: 'study.sizes' must list at least one model size")
-    for i, size in enumerate(opts["sizes"]):
-        if isinstance(size, str) and size.startswith("registry:"):
-            continue
-        if not isinstance(size, dict):
-            raise UserError(f"{path}: study.sizes[{i}] must be a table like "
-                            '{n_layer = 2, d_model = 64, n_head = 2} or "registry:NAME"')
-        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: study.sizes[{i}]")
     ks = opts["n_tasks"]
     if not ks or not all(isinstance(k, int) and 1 <= k <= len(TRAIN_TASKS) for k in ks) \
             or ks != sorted(set(ks)):

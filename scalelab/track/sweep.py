@@ -38,30 +38,42 @@ SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width"
               "min_steps": int, "sizes": list, "experiments": (str, list), "corpus": dict}
 
 
-def load_sweep(path: Path) -> tuple[Config, dict]:
-    data = read_toml(path, "sweep config")
-    sw = data.pop("sweep", None)
-    if not isinstance(sw, dict):
-        raise UserError(f"{path}: needs a [sweep] table (name, sizes, ...)")
+def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Config, dict]:
+    """A sweep- or study-style TOML: the usual config sections plus one [table] of typed
+    keys (an int is taken where a float is wanted), whose `sizes` lists model tables."""
+    data = read_toml(path, f"{table} config")
+    tab = data.pop(table, None)
+    if not isinstance(tab, dict):
+        raise UserError(f"{path}: needs a [{table}] table (name, sizes, ...)")
     cfg = apply_dict(Config(), data, str(path))
-    opts = {"name": path.stem, "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0,
-            "min_steps": 50, "sizes": [], "experiments": "starter", "corpus": {}}
-    for key, value in sw.items():
-        if key not in SWEEP_KEYS:
-            raise UserError(f"{path}: unknown key 'sweep.{key}' (known: {', '.join(SWEEP_KEYS)})")
-        want = SWEEP_KEYS[key]
+    opts = {"name": path.stem, **defaults}
+    for key, value in tab.items():
+        want = keys.get(key)
+        if want is None:
+            raise UserError(f"{path}: unknown key '{table}.{key}' (known: {', '.join(keys)})")
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or isinstance(value, bool):
-            raise UserError(f"{path}: 'sweep.{key}' has the wrong type ({type(value).__name__})")
+            raise UserError(f"{path}: '{table}.{key}' has the wrong type "
+                            f"({type(value).__name__})")
         opts[key] = value
     if not opts["sizes"]:
-        raise UserError(f"{path}: 'sweep.sizes' must list at least one model size")
+        raise UserError(f"{path}: '{table}.sizes' must list at least one model size")
     for i, size in enumerate(opts["sizes"]):
+        if table == "study" and isinstance(size, str) and size.startswith("registry:"):
+            continue  # a study may start from a registered base model
         if not isinstance(size, dict):
-            raise UserError(f"{path}: sweep.sizes[{i}] must be a table like "
-                            "{n_layer = 2, d_model = 64, n_head = 2}")
-        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: sweep.sizes[{i}]")
+            raise UserError(f"{path}: {table}.sizes[{i}] must be a table like "
+                            "{n_layer = 2, d_model = 64, n_head = 2}"
+                            + (' or "registry:NAME"' if table == "study" else ""))
+        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: {table}.sizes[{i}]")
+    return cfg, opts
+
+
+def load_sweep(path: Path) -> tuple[Config, dict]:
+    cfg, opts = load_table(path, "sweep", SWEEP_KEYS, {
+        "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0, "min_steps": 50, "sizes": [],
+        "experiments": "starter", "corpus": {}})
     from scalelab.data.world import DOC_KINDS
     for kind, w in opts["corpus"].items():
         if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
