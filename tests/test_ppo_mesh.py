@@ -92,7 +92,7 @@ def test_ppo_on_a_mesh_matches_one_process(ppo_runs, mapping):
     assert len({r["loss"] for r in want.values()}) > 5  # it trained
     assert len({r["kl_coef"] for r in want.values()}) > 5  # PPO's own state moves
     for key in KEYS:
-        assert rel_diff(want, got, key) < 1e-4, key
+        assert rel_diff(want, got, key) < 1e-4, key  # objective/kl: 5e-5 (float32 cancels)
     for s, r in got.items():  # the gold labeler's mean, summed over the data ranks
         assert r["gold_reward"] == pytest.approx(want[s]["gold_reward"], abs=1e-6)
     # the same tokens, chunk by chunk; the two tp ranks of a data group hold identical ones

@@ -507,9 +507,12 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     return out / "model"
 
 
+@torch.no_grad()
 def refresh_sampler(sampler: Transformer, policy: Transformer) -> None:
-    """Copy the sharded policy's weights, gathered whole on every rank, into the sampling
-    copy in place (collective). Costs one all-gather of the policy per PPO step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    sampler.load_state_dict(full)
+    """Copy the sharded policy's weights into the whole sampling copy, in place (collective:
+    every rank gathers every weight). One weight at a time, so the only whole copy held is
+    the sampler's own; in all one all-gather of the policy per PPO step."""
+    from torch.distributed.tensor import DTensor
+    mine = dict(sampler.named_parameters())
+    for name, p in policy.named_parameters():  # FSDP and TP keep the names
+        mine[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
