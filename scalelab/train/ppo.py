@@ -405,13 +405,15 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
     if oracle and examples is None:
         raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
+    if not oracle:  # before start_stage seeds: building it draws from the global RNG
+        reward_model, _, stats = load_reward_model(reward_dir)  # on the CPU until the mesh
+        reward_model.requires_grad_(False)
     run, par, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
                                         reward=reward_dir)
     device = par.device
     total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
     if not oracle:
-        reward_model, _, stats = load_reward_model(reward_dir, device)
-        reward_model.requires_grad_(False)
+        reward_model.to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     trunk = policy if oracle else reward_model.trunk
     value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
