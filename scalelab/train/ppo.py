@@ -465,6 +465,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         for group in optimizer.param_groups:  # anneal linearly to zero
             group["lr"] = tc.lr * (1 - step / tc.max_steps)
         t0 = time.perf_counter()
+        mon.stall(step + 1)  # the monitor's test-only stall@N
         if sampler is not None:
             refresh_sampler(sampler, policy)
         idx = [keep[i] for i in sampler_state.next_indices() for _ in range(pc.samples_per_prompt)]
