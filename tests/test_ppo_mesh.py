@@ -25,8 +25,11 @@ ONE_PROCESS = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", "train.lr
                "ppo.samples_per_prompt=2", "ppo.max_new_tokens=6", "ppo.minibatches=2",
                "ppo.ppo_epochs=2", "ppo.temperature=1.0", "ppo.adaptive_kl=true",
                "ppo.kl_horizon=40", "ppo.target_kl=0.01", "ppo.rollout_shards=2"]
-KEYS = ["loss", "loss/policy", "loss/value", "objective/kl", "objective/scores", "kl_coef",
+KEYS = ["loss", "loss/value", "objective/scores", "objective/entropy", "kl_coef",
         "val/response_len"]
+# Small means of terms of both signs (the clipped surrogate; KL, a sum of differences of two
+# log-probs): float32 rounding is larger relative to them (measured 3.5e-5 and 1.8e-5).
+LOOSER = ["loss/policy", "objective/kl"]
 
 
 def rel_diff(want: dict[int, dict], got: dict[int, dict], key: str) -> float:
@@ -92,7 +95,9 @@ def test_ppo_on_a_mesh_matches_one_process(ppo_runs, mapping):
     assert len({r["loss"] for r in want.values()}) > 5  # it trained
     assert len({r["kl_coef"] for r in want.values()}) > 5  # PPO's own state moves
     for key in KEYS:
-        assert rel_diff(want, got, key) < 1e-4, key  # objective/kl: 5e-5 (float32 cancels)
+        assert rel_diff(want, got, key) < 1e-4, key
+    for key in LOOSER:
+        assert rel_diff(want, got, key) < 1e-3, key
     for s, r in got.items():  # the gold labeler's mean, summed over the data ranks
         assert r["gold_reward"] == pytest.approx(want[s]["gold_reward"], abs=1e-6)
     # the same tokens, chunk by chunk; the two tp ranks of a data group hold identical ones

@@ -265,7 +265,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              generator: torch.Generator | None = None, ctx=None, grad_clip: float = 1.0,
              loss_fn: Callable | None = None, fixed_shape: bool = False,
              corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             chunks: Chunks | None = None, par=None, sampler: Transformer | None = None
+             chunks: Chunks | None = None, par=None, sampling_copy: Transformer | None = None
              ) -> tuple[dict, Rollout]:
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
@@ -276,7 +276,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     read the flag on the host. corrupt(loss) is the run monitor's test-only fault
     injection.
     On a mesh (par): prompts are this data rank's part of the batch (chunks), policy, ref
-    and value are sharded, sampler is a whole copy of the policy to generate with;
+    and value are sharded, sampling_copy is a whole copy of the policy to generate with;
     advantages are whitened over the global batch, each minibatch's loss is its mean over
     the global count of its tokens, and the logged stats are the global batch's."""
     device = next(policy.parameters()).device
@@ -287,7 +287,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         generator = torch.Generator(device=device)
     policy.eval()
     with ctx:
-        responses = sample_responses(sampler or policy, prompts, tok, pc, chunks, generator,
+        responses = sample_responses(sampling_copy or policy, prompts, tok, pc, chunks, generator,
                                      ranks)
     ro = make_rollout(prompts, responses, tok.pad_id, device,
                       pc.max_new_tokens if fixed_shape else 1)
@@ -421,7 +421,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     # Sampling with a KV cache needs whole attention heads: under tp or fsdp, generate from
     # a whole copy of the policy, refreshed from the shards before each step's rollouts.
     sharded = par.sizes["tp"] > 1 or par.sizes["fsdp"] > 1
-    sampler = copy.deepcopy(policy).eval().requires_grad_(False) if sharded else None
+    sampling_copy = copy.deepcopy(policy).eval().requires_grad_(False) if sharded else None
     for m, entry in ((policy, "hidden"), (ref, "hidden"), (value, "forward")):
         parallelize(m, par, tc.dtype, entry=entry)  # losses read hidden() and lm_head
     if not oracle:
@@ -450,10 +450,10 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
 
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
-    sampler_state = EpochSampler(len(keep), n_prompts, seed=pc.seed)
+    sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
     mon = Monitor(cfg.monitor, out, par.is_main, resume=resume)
     ckpts = Checkpointer(out, tc.keep_checkpoints, None if par.single else par)
-    meta = start_or_resume(run, ckpts, both, optimizer, sampler_state, mon)
+    meta = start_or_resume(run, ckpts, both, optimizer, sampler, mon)
     kl_coef, start = meta.get("kl_coef", pc.kl_coef), meta.get("step", 0)  # PPO's own state
     gen = torch.Generator(device=device)
     ranks = DataRanks(par)
@@ -466,9 +466,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
             group["lr"] = tc.lr * (1 - step / tc.max_steps)
         t0 = time.perf_counter()
         mon.stall(step + 1)  # the monitor's test-only stall@N
-        if sampler is not None:
-            refresh_sampler(sampler, policy)
-        idx = [keep[i] for i in sampler_state.next_indices() for _ in range(pc.samples_per_prompt)]
+        if sampling_copy is not None:
+            refresh_sampling_copy(sampling_copy, policy)
+        idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         chunks = Chunks([chunk_seed(pc.seed, step, c)  # resumable sampling: seeds per step
                          for c in range(first_chunk, first_chunk + my_chunks)],
                         first_chunk, total_chunks)
@@ -476,7 +476,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                            [ids[i] for i in idx[mine]], tok, pc, kl_coef, gen, ctx=ctx,
                            grad_clip=tc.grad_clip, loss_fn=loss_fn, fixed_shape=compiled,
                            corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss),
-                           chunks=chunks, par=par, sampler=sampler)
+                           chunks=chunks, par=par, sampling_copy=sampling_copy)
         mon.step_done(step + 1)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
         done = step + 1
@@ -503,7 +503,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             with mon.clock("checkpoint"):
                 save_full_model(policy, tok, out / "model", par)
-                ckpts.save(done, both, optimizer, {"loader": sampler_state.state_dict(),
+                ckpts.save(done, both, optimizer, {"loader": sampler.state_dict(),
                                                    "kl_coef": kl_coef, "monitor": mon.state_dict()})
     bar.close()
     mon.finish()
@@ -511,11 +511,11 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
 
 
 @torch.no_grad()
-def refresh_sampler(sampler: Transformer, policy: Transformer) -> None:
+def refresh_sampling_copy(copy_: Transformer, policy: Transformer) -> None:
     """Copy the sharded policy's weights into the whole sampling copy, in place (collective:
     every rank gathers every weight). One weight at a time, so the only whole copy held is
-    the sampler's own; in all one all-gather of the policy per PPO step."""
+    the copy's own; in all one all-gather of the policy per PPO step."""
     from torch.distributed.tensor import DTensor
-    mine = dict(sampler.named_parameters())
+    mine = dict(copy_.named_parameters())
     for name, p in policy.named_parameters():  # FSDP and TP keep the names
         mine[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
