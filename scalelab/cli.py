@@ -65,17 +65,22 @@ def register_output(args: argparse.Namespace, out: Path, lineage: str,
         register_output(args, out, lineage, parent)
 
 
+def main_rank_only(out: Path) -> Path | None:
+    """Under torchrun only rank 0 reports (prints, registers); then all leave together."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return out
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from scalelab.train.pretrain import pretrain
     cfg = stage_config(args)
     if nothing_to_do(args, cfg):
         return
-    model_dir = pretrain(cfg, Path(args.out), resume=args.resume)
-    import torch.distributed as dist
-    if dist.is_initialized():  # under torchrun: only rank 0 reports, then all leave together
-        if dist.get_rank() != 0:
-            model_dir = None
-        dist.destroy_process_group()
+    model_dir = main_rank_only(pretrain(cfg, Path(args.out), resume=args.resume))
     if model_dir is not None:
         print(f"model written to {model_dir}")
         register_output(args, model_dir, "base")
@@ -86,9 +91,10 @@ def cmd_sft(args: argparse.Namespace) -> None:
     cfg = stage_config(args, "sft")
     if nothing_to_do(args, cfg):
         return
-    out = sft(cfg, Path(args.base), args.data, Path(args.out), args.resume)
-    print(f"model written to {out}")
-    register_output(args, out, "sft", args.base)
+    out = main_rank_only(sft(cfg, Path(args.base), args.data, Path(args.out), args.resume))
+    if out is not None:
+        print(f"model written to {out}")
+        register_output(args, out, "sft", args.base)
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
@@ -99,8 +105,10 @@ def cmd_reward(args: argparse.Namespace) -> None:
     cfg = stage_config(args, "reward")
     if nothing_to_do(args, cfg):
         return
-    out = train_reward(cfg, Path(args.base), args.data, Path(args.out), args.resume)
-    print(f"reward model written to {out}")
+    out = main_rank_only(train_reward(cfg, Path(args.base), args.data, Path(args.out),
+                                      args.resume))
+    if out is not None:
+        print(f"reward model written to {out}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
@@ -108,10 +116,11 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     cfg = stage_config(args, "ppo")
     if nothing_to_do(args, cfg):
         return
-    out = ppo(cfg, Path(args.policy), Path(args.reward), args.prompts, Path(args.out),
-              args.resume)
-    print(f"policy written to {out}")
-    register_output(args, out, "rlhf", args.policy)
+    out = main_rank_only(ppo(cfg, Path(args.policy), Path(args.reward), args.prompts,
+                             Path(args.out), args.resume))
+    if out is not None:
+        print(f"policy written to {out}")
+        register_output(args, out, "rlhf", args.policy)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
@@ -119,9 +128,10 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     cfg = stage_config(args, "dpo")
     if nothing_to_do(args, cfg):
         return
-    out = dpo(cfg, Path(args.policy), args.data, Path(args.out), args.resume)
-    print(f"policy written to {out}")
-    register_output(args, out, "rlhf", args.policy)
+    out = main_rank_only(dpo(cfg, Path(args.policy), args.data, Path(args.out), args.resume))
+    if out is not None:
+        print(f"policy written to {out}")
+        register_output(args, out, "rlhf", args.policy)
 
 
 def check_sampling(args: argparse.Namespace) -> None:

@@ -133,6 +133,10 @@ class PPOConfig:
     lam: float = 0.95
     missing_eos_penalty: float = 1.0
     seed: int = 0
+    rollout_shards: int = 0  # the rollout batch is drawn in this many equal chunks, chunk i
+    # sampled from its own seed (seed, step, i); under torchrun each data rank draws its own
+    # chunks. 0 = one per data rank (1 in one process: as before). A one-process run with
+    # rollout_shards = N samples exactly what N data ranks sample.
 
 
 @dataclass

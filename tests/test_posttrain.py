@@ -7,7 +7,6 @@ from conftest import run_cli, tiny_sets, toy_ppo
 
 from scalelab.config import ModelConfig, PPOConfig
 from scalelab.data.batches import split_heldout
-from scalelab.model import Transformer
 from scalelab.train.ppo import ppo_step
 
 
@@ -170,24 +169,3 @@ def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):
     # "c" is within the tie margin of the best answer: no pair; "b" never stopped.
     assert load_pairs(str(f), 0.3) == [("p", "a", "b", True, False)]
     assert len(load_pairs(str(f), 0.0)) == 2
-
-
-def test_ppo_refuses_to_run_as_many_copies(tmp_path, tokenizer):
-    """SFT, reward and DPO spread over a mesh (test_posttrain_mesh.py); PPO does not yet:
-    under torchrun every process would train its own copy into one folder, so it refuses,
-    exit 2, and writes nothing."""
-    import os
-    import subprocess
-    import sys
-
-    from scalelab.train.checkpoint import save_model
-    model_dir = tmp_path / "m"
-    save_model(Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
-                                       n_head=2, d_model=16)), tokenizer, model_dir)
-    out = tmp_path / "ppo"
-    r = subprocess.run([sys.executable, "-m", "scalelab", "ppo", "--policy", str(model_dir),
-                        "--reward", "builtin:gold", "--prompts", "builtin:tasks",
-                        "--out", str(out)], capture_output=True,
-                       text=True, env={**os.environ, "WORLD_SIZE": "2"}, timeout=120)
-    assert r.returncode == 2 and "WORLD_SIZE" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
 from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
-from scalelab.hardware import autocast, pick_device, use_compile
+from scalelab.hardware import autocast, use_compile
 from scalelab.model import ScalarModel, Transformer
+from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import Checkpointer, save_model
+from scalelab.train.checkpoint import Checkpointer, save_full_model
 from scalelab.train.loop import make_optimizer, start_or_resume, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.monitor import Monitor
@@ -41,14 +41,24 @@ from scalelab.train.reward import load_reward_model
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
+    """Mean over the valid entries; count: divide by that instead (the valid entries of the
+    whole minibatch over every data rank, so that the ranks' shares add up to its mean)."""
+    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the valid entries (population std, as in lm-human-preferences)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           total: Callable[[torch.Tensor], torch.Tensor] = _local) -> torch.Tensor:
+    """(x - mean) / std over the valid entries (population std, as in lm-human-preferences).
+    total(t): t summed over the data ranks, so mean and std are the global batch's."""
+    sums = total(torch.stack([(x * mask).sum(), mask.sum()]))
+    count = sums[1].clamp(min=1)
+    mean = sums[0] / count
+    var = total(((x - mean) ** 2 * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -80,22 +90,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate: mean over tokens of max(-A*r, -A*clip(r, 1-e, 1+e))."""
+                mask: torch.Tensor, clip: float, count=None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate: mean over tokens of max(-A*r, -A*clip(r, 1-e, 1+e)).
+    count: the minibatch's tokens over every data rank (see masked_mean)."""
     ratio = torch.exp(logp - old_logp)
     losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     with torch.no_grad():  # tensors, not floats: reading them would wait for the GPU
-        stats = {"policy/approxkl": 0.5 * masked_mean((logp - old_logp) ** 2, mask),
-                 "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask),
-                 "val/ratio": masked_mean(ratio, mask)}
-    return masked_mean(losses, mask), stats
+        stats = {"policy/approxkl": 0.5 * masked_mean((logp - old_logp) ** 2, mask, count),
+                 "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask,
+                                                count),
+                 "val/ratio": masked_mean(ratio, mask, count)}
+    return masked_mean(losses, mask, count), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip: float) -> torch.Tensor:
+               mask: torch.Tensor, clip: float, count=None) -> torch.Tensor:
     """0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within old_v +- clip."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask,
+                             count)
 
 
 # ---- rollouts --------------------------------------------------------------------------------
@@ -145,18 +158,105 @@ def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
 
 
 def minibatch_loss(policy: Transformer, value: ScalarModel, sub: Rollout, old_logp, old_values,
-                   adv, returns, pc: PPOConfig) -> tuple[torch.Tensor, dict]:
-    """The clipped policy + value loss of one minibatch, and its stats as tensors."""
+                   adv, returns, pc: PPOConfig, count=None) -> tuple[torch.Tensor, dict]:
+    """The clipped policy + value loss of one minibatch, and its stats as tensors.
+    count: the minibatch's response tokens over every data rank (None: this one's), so on a
+    mesh each rank returns its share of the global token mean."""
     m = sub.resp_mask
     logp, entropy = response_logprobs(policy, sub, pc.temperature, with_entropy=True)
-    pg, stats = policy_loss(logp, old_logp, adv, m, pc.clip)
-    vf = value_loss(response_values(value, sub), old_values, returns, m, pc.value_clip)
+    pg, stats = policy_loss(logp, old_logp, adv, m, pc.clip, count)
+    vf = value_loss(response_values(value, sub), old_values, returns, m, pc.value_clip, count)
     stats.update({"loss/policy": pg.detach(), "loss/value": vf.detach(),
-                  "objective/entropy": masked_mean(entropy, m)})
+                  "objective/entropy": masked_mean(entropy, m, count)})
     return pg + pc.vf_coef * vf, stats
 
 
 RewardFn = Callable[[list[int], list[list[int]]], torch.Tensor]
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """The sampling seed of chunk `chunk` of step `step`'s rollout batch (chunk 0: the seed
+    of the whole batch before there were chunks)."""
+    return seed * 100_003 + step + chunk * 1_000_000_007
+
+
+@dataclass
+class Chunks:
+    """This process's part of a step's rollout batch (ppo.rollout_shards): chunks first ..
+    first + len(seeds) - 1 of `total` equal chunks, each sampled from its own seed (None:
+    from the generator as given), each shuffled into minibatches on its own."""
+    seeds: list[int | None]
+    first: int = 0
+    total: int = 1
+
+
+class DataRanks:
+    """The data-parallel side of a PPO step on a mesh (parallel.mesh.Parallel); with None,
+    one process, every method is the identity."""
+
+    def __init__(self, par=None):
+        self.par = None if par is None or par.single else par
+        self.world = 1 if self.par is None else self.par.data_world
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the data ranks (tp ranks hold equal copies)."""
+        if self.par is None:
+            return x
+        return self.par.mean_over_data(x) * self.world
+
+    def generates(self) -> bool:
+        """Whether this rank samples: the first tp rank of each data group (the others get
+        its tokens, so the tp ranks of a group hold identical rollouts by construction)."""
+        return self.par is None or self.par.mesh.get_local_rank("tp") == 0
+
+    def share_over_tp(self, responses: list[list[int]], rows: int, width: int
+                      ) -> list[list[int]]:
+        if self.par is None or self.par.sizes["tp"] == 1:
+            return responses
+        import torch.distributed as dist
+        group = self.par.group("tp")
+        ids = torch.full((rows, width), -1, dtype=torch.long)
+        for i, r in enumerate(responses):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        ids = ids.to(self.par.device)
+        dist.broadcast(ids, src=dist.get_global_rank(group, 0), group=group)
+        return [[t for t in row if t >= 0] for row in ids.tolist()]
+
+    def step_grads(self, model: torch.nn.Module, params: list, grad_clip: float):
+        """Average gradients over data ranks and clip by the global norm; returns the norm."""
+        if self.par is None:
+            return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        from scalelab.parallel.apply import clip_grad_norm_, sync_grads
+        sync_grads(model, self.par)
+        return clip_grad_norm_(model, grad_clip, self.par)
+
+
+def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenizer,
+                     pc: PPOConfig, chunks: Chunks, generator: torch.Generator | None,
+                     ranks: DataRanks) -> list[list[int]]:
+    """Generate chunk by chunk, each from its own seed (see Chunks)."""
+    size = len(prompts) // len(chunks.seeds)
+    responses: list[list[int]] = []
+    if ranks.generates():
+        for k, seed in enumerate(chunks.seeds):
+            if seed is not None:
+                generator.manual_seed(seed)
+            responses += generate(model, prompts[k * size:(k + 1) * size], pc.max_new_tokens,
+                                  tok.pad_id, tok.eos_id, temperature=pc.temperature,
+                                  generator=generator)
+    return ranks.share_over_tp(responses, len(prompts), pc.max_new_tokens)
+
+
+def minibatch_rows(chunks: Chunks, rows: int, minibatches: int) -> list[torch.Tensor]:
+    """Each chunk shuffled on its own (global CPU RNG: saved in checkpoints, and the same on
+    every rank, which draws every chunk's order) and cut into `minibatches`; minibatch j holds
+    the j-th piece of each local chunk. One chunk: randperm(rows).chunk(minibatches)."""
+    size = rows // len(chunks.seeds)
+    orders = [torch.randperm(size) for _ in range(chunks.total)]
+    pieces = [order.chunk(minibatches) for order in orders[chunks.first:
+                                                         chunks.first + len(chunks.seeds)]]
+    return [torch.cat([p[j] + k * size for k, p in enumerate(pieces)])
+            for j in range(len(pieces[0]))]
 
 
 def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
@@ -164,7 +264,8 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
              generator: torch.Generator | None = None, ctx=None, grad_clip: float = 1.0,
              loss_fn: Callable | None = None, fixed_shape: bool = False,
-             corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None
+             corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             chunks: Chunks | None = None, par=None, sampling_copy: Transformer | None = None
              ) -> tuple[dict, Rollout]:
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
@@ -173,14 +274,21 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     norm is not finite is not applied (counted in row["skipped_updates"]): a fused optimizer
     (AdamW on CUDA) skips it on the device, so the loop never waits for the GPU; others
     read the flag on the host. corrupt(loss) is the run monitor's test-only fault
-    injection."""
+    injection.
+    On a mesh (par): prompts are this data rank's part of the batch (chunks), policy, ref
+    and value are sharded, sampling_copy is a whole copy of the policy to generate with;
+    advantages are whitened over the global batch, each minibatch's loss is its mean over
+    the global count of its tokens, and the logged stats are the global batch's."""
     device = next(policy.parameters()).device
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
+    ranks, chunks = DataRanks(par), chunks or Chunks([None])
+    if generator is None and chunks.seeds[0] is not None:
+        generator = torch.Generator(device=device)
     policy.eval()
     with ctx:
-        responses = generate(policy, prompts, pc.max_new_tokens, tok.pad_id, tok.eos_id,
-                             temperature=pc.temperature, generator=generator)
+        responses = sample_responses(sampling_copy or policy, prompts, tok, pc, chunks, generator,
+                                     ranks)
     ro = make_rollout(prompts, responses, tok.pad_id, device,
                       pc.max_new_tokens if fixed_shape else 1)
     with torch.no_grad(), ctx:
@@ -199,27 +307,31 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         last = (ro.resp_mask.sum(1).long() - 1).clamp(min=0)
         rewards[torch.arange(len(responses), device=device), last] += scores_penalised
         adv, returns = gae(rewards, old_values, ro.resp_mask, pc.gamma, pc.lam)
-        adv = whiten(adv, ro.resp_mask)
+        adv = whiten(adv, ro.resp_mask, total=ranks.total)
 
     policy.train()
     value.train()
     B, sums, n, skipped = len(responses), {}, 0, torch.zeros((), device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
     for _ in range(pc.ppo_epochs):
-        # global CPU RNG: saved in checkpoints, so resume is exact; one copy to the device
-        order = torch.randperm(B).to(device)
-        for mb in order.chunk(pc.minibatches):
+        for mb in minibatch_rows(chunks, B, pc.minibatches):
+            mb = mb.to(device)
             sub = Rollout(ro.tokens[mb], ro.positions[mb], ro.mask[mb], ro.resp_mask[mb],
                           ro.prompt_len, [])
+            count = None if ranks.par is None else ranks.total(sub.resp_mask.sum())
             with ctx:
                 loss, s = loss_fn(policy, value, sub, old_logp[mb], old_values[mb], adv[mb],
-                                  returns[mb], pc)
+                                  returns[mb], pc, count)
             if corrupt is not None:
                 loss = corrupt(loss)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            # x data ranks: the gradient reduction averages over them, the loss is a share
+            (loss * ranks.world if ranks.world > 1 else loss).backward()
+            norm = ranks.step_grads(both, params, grad_clip)
             bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+            if ranks.par is not None:  # one rank's bad loss skips the update everywhere
+                bad = (ranks.total(bad) > 0).float()
             skipped += bad
             if getattr(optimizer, "_step_supports_amp_scaling", False):
                 optimizer.found_inf = bad  # what GradScaler hands a fused step: skip if 1
@@ -229,20 +341,20 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
                 optimizer.step()
             sums = {k: sums.get(k, 0.0) + v.detach() for k, v in s.items()}
             n += 1
-    keys = list(sums)  # one host sync for all the stats of the step
-    row = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / n).tolist()))
     kl_seq = kl.sum(1)
-    row.update({
-        "objective/kl": kl_seq.mean().item(),
-        "objective/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * ro.resp_mask).sum(1)
-        .mean().item(),
-        "objective/scores": scores.mean().item(),
-        "objective/rlhf_reward": (scores - kl_coef * kl_seq).mean().item(),
-        "val/num_eos_tokens": int(ended.sum()),
-        "val/response_len": ro.resp_mask.sum(1).mean().item(),
-        "kl_coef": kl_coef,
-        "skipped_updates": int(skipped.item()),
-    })
+    k3_seq = (kl_penalty(old_logp, ref_logp, "k3") * ro.resp_mask).sum(1)
+    per_row = {"objective/kl": kl_seq, "objective/kl_k3": k3_seq, "objective/scores": scores,
+               "objective/rlhf_reward": scores - kl_coef * kl_seq,
+               "val/num_eos_tokens": ended.float(), "val/response_len": ro.resp_mask.sum(1)}
+    # One all-reduce (on a mesh) and one host sync for all the stats of the step.
+    keys, rows = list(sums), list(per_row)
+    local = torch.stack([sums[k] / n for k in keys] + [per_row[k].sum() for k in rows] +
+                        [torch.tensor(float(B), device=device)])
+    values = ranks.total(local).tolist()
+    row = dict(zip(keys, values))
+    row.update({k: v / values[-1] for k, v in zip(rows, values[len(keys):])})
+    row.update({"val/num_eos_tokens": round(row["val/num_eos_tokens"] * values[-1]),
+                "kl_coef": kl_coef, "skipped_updates": int(skipped.item())})
     return row, ro
 
 
@@ -267,34 +379,55 @@ def load_prompts(spec: str, n: int, seed: int) -> tuple[list[str], list | None]:
     return read_prompts(spec), None
 
 
+def rollout_chunks(pc: PPOConfig, par) -> tuple[int, int, int]:
+    """(chunks in all, this data rank's first chunk, chunks per data rank) for
+    ppo.rollout_shards on this mesh; bad combinations are a UserError naming the keys."""
+    total = pc.rollout_shards or par.data_world
+    if total % par.data_world:
+        raise UserError(f"ppo.rollout_shards={total} must be a multiple of the data ranks "
+                        f"(dp x fsdp = {par.data_world}); 0 = one per data rank")
+    if pc.rollout_batch % (total * pc.samples_per_prompt):
+        raise UserError(f"ppo.rollout_batch={pc.rollout_batch} must be a multiple of "
+                        f"ppo.samples_per_prompt ({pc.samples_per_prompt}) x the rollout "
+                        f"chunks ({total}: ppo.rollout_shards, or the data ranks)")
+    mine = total // par.data_world
+    return total, par.data_rank * mine, mine
+
+
 def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str, out: Path,
         resume: bool = False) -> Path:
     """PPO from the policy in policy_dir against the reward model in reward_dir, or against
-    the gold labeler itself when reward_dir is "builtin:gold"."""
+    the gold labeler itself when reward_dir is "builtin:gold". Under torchrun the four
+    models are sharded by [parallel] and each data rank rolls out its own chunks."""
     from scalelab.train.labelers import get_labeler
     pc, tc = cfg.ppo, cfg.train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # N processes would each train a copy into the same folder
-        raise UserError(f"ppo runs in one process (WORLD_SIZE is {world}): sft, reward and dpo "
-                        "spread over a device mesh, ppo not yet; run it without torchrun")
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
     if oracle and examples is None:
         raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
-    if not oracle:
-        reward_model, _, stats = load_reward_model(reward_dir, pick_device(tc.device))
+    if not oracle:  # before start_stage seeds: building it draws from the global RNG
+        reward_model, _, stats = load_reward_model(reward_dir)  # on the CPU until the mesh
         reward_model.requires_grad_(False)
     run, par, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
                                         reward=reward_dir)
     device = par.device
+    total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
+    if not oracle:
+        reward_model.to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     trunk = policy if oracle else reward_model.trunk
     value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
     value.requires_grad_(True)
+    # Sampling with a KV cache needs whole attention heads: under tp or fsdp, generate from
+    # a whole copy of the policy, refreshed from the shards before each step's rollouts.
+    sharded = par.sizes["tp"] > 1 or par.sizes["fsdp"] > 1
+    sampling_copy = copy.deepcopy(policy).eval().requires_grad_(False) if sharded else None
+    for m, entry in ((policy, "hidden"), (ref, "hidden"), (value, "forward")):
+        parallelize(m, par, tc.dtype, entry=entry)  # losses read hidden() and lm_head
+    if not oracle:
+        parallelize(reward_model, par, tc.dtype)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
-    if pc.rollout_batch % pc.samples_per_prompt:
-        raise UserError("ppo.rollout_batch must be a multiple of ppo.samples_per_prompt")
     n_prompts = pc.rollout_batch // pc.samples_per_prompt
     if len(keep) < n_prompts:
         raise UserError(f"{prompts_spec}: only {len(keep)} prompts fit the context with "
@@ -318,23 +451,32 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     both = torch.nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
-    mon = Monitor(cfg.monitor, out, resume=resume)
-    ckpts = Checkpointer(out, tc.keep_checkpoints)
+    mon = Monitor(cfg.monitor, out, par.is_main, resume=resume)
+    ckpts = Checkpointer(out, tc.keep_checkpoints, None if par.single else par)
     meta = start_or_resume(run, ckpts, both, optimizer, sampler, mon)
     kl_coef, start = meta.get("kl_coef", pc.kl_coef), meta.get("step", 0)  # PPO's own state
     gen = torch.Generator(device=device)
-    bar = Progress(tc.max_steps, start, "ppo")  # plain lines when not on a terminal
+    ranks = DataRanks(par)
+    per_chunk = pc.rollout_batch // total_chunks
+    mine = slice(first_chunk * per_chunk, (first_chunk + my_chunks) * per_chunk)
+    bar = Progress(tc.max_steps, start, "ppo", enabled=par.is_main)  # plain lines off a tty
     mon.start(tc.max_steps)
     for step in range(start, tc.max_steps):
-        gen.manual_seed(pc.seed * 100_003 + step)  # resumable sampling: seed per step
         for group in optimizer.param_groups:  # anneal linearly to zero
             group["lr"] = tc.lr * (1 - step / tc.max_steps)
         t0 = time.perf_counter()
+        mon.stall(step + 1)  # the monitor's test-only stall@N
+        if sampling_copy is not None:
+            refresh_sampling_copy(sampling_copy, policy)
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
-        row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx, [ids[i] for i in idx],
-                           tok, pc, kl_coef, gen, ctx=ctx, grad_clip=tc.grad_clip,
-                           loss_fn=loss_fn, fixed_shape=compiled,
-                           corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss))
+        chunks = Chunks([chunk_seed(pc.seed, step, c)  # resumable sampling: seeds per step
+                         for c in range(first_chunk, first_chunk + my_chunks)],
+                        first_chunk, total_chunks)
+        row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx[mine],
+                           [ids[i] for i in idx[mine]], tok, pc, kl_coef, gen, ctx=ctx,
+                           grad_clip=tc.grad_clip, loss_fn=loss_fn, fixed_shape=compiled,
+                           corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss),
+                           chunks=chunks, par=par, sampling_copy=sampling_copy)
         mon.step_done(step + 1)
         kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
         done = step + 1
@@ -342,7 +484,8 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                "lr": optimizer.param_groups[0]["lr"], **row,
                "episodes_per_s": len(idx) / (time.perf_counter() - t0)}
         if label is not None:
-            row["gold_reward"] = gold_scores(idx, ro.responses).mean().item()
+            gold = ranks.total(gold_scores(idx[mine], ro.responses).sum().float().to(device))
+            row["gold_reward"] = gold.item() / len(idx)
         run.log(row)
         bar.update(1)
         bar.set_postfix({"score": f"{row['objective/scores']:.2f}",
@@ -359,9 +502,20 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
             run.log(mon.skipped(seen))
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             with mon.clock("checkpoint"):
-                save_model(policy, tok, out / "model")
+                save_full_model(policy, tok, out / "model", par)
                 ckpts.save(done, both, optimizer, {"loader": sampler.state_dict(),
                                                    "kl_coef": kl_coef, "monitor": mon.state_dict()})
     bar.close()
     mon.finish()
     return out / "model"
+
+
+@torch.no_grad()
+def refresh_sampling_copy(copy_: Transformer, policy: Transformer) -> None:
+    """Copy the sharded policy's weights into the whole sampling copy, in place (collective:
+    every rank gathers every weight). One weight at a time, so the only whole copy held is
+    the copy's own; in all one all-gather of the policy per PPO step."""
+    from torch.distributed.tensor import DTensor
+    mine = dict(copy_.named_parameters())
+    for name, p in policy.named_parameters():  # FSDP and TP keep the names
+        mine[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
