@@ -3,7 +3,9 @@
 Same shape for both (GPT-2 124M: 12 x 768, 12 heads, vocab 50304, as a LlamaForCausalLM with
 scalelab's SwiGLU width), random weights, batch 64 x 64-token prompts, 128 sampled tokens at
 temperature 1 with no top-k/top-p, bf16 weights on CUDA (fp32 on CPU). No EOS, so every system
-produces all 128 tokens. Systems take turns after warm-up; the median new tokens/s is reported.
+produces all 128 tokens. On CUDA, "scalelab" is the compiled decode step replayed as a CUDA
+graph (what PPO uses); the uncompiled graph and the plain eager loop are timed beside it.
+Systems take turns after warm-up; the median new tokens/s is reported.
 
     python bench/generate_throughput.py [--device cuda|cpu] [--smoke] [--json OUT.json]
 """
@@ -59,8 +61,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--smoke", action="store_true", help="tiny shape: seconds on a CPU")
-    p.add_argument("--fuse", action="store_true",
-                   help="also time generate(fuse=True): compiled layer math (experimental)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time generate(compile=True), the compiled decode step (default: on "
+                        "CUDA, as PPO does with train.compile = auto)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -83,18 +86,20 @@ def main() -> None:
     prompt_lists = prompts.tolist()
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def scalelab_run(graphs: bool, fuse: bool = False) -> Callable[[], int]:
+    def scalelab_run(graphs: bool, compile: bool = False) -> Callable[[], int]:
         def run() -> int:
             out = generate(ours, prompt_lists, N, pad_id=0, eos_id=None, temperature=1.0,
-                           generator=gen, graphs=graphs, fuse=fuse)
+                           generator=gen, graphs=graphs, compile=compile)
             return sum(len(o) for o in out)
         return run
 
-    systems: dict[str, Callable[[], int]] = {"scalelab": scalelab_run(True)}
+    # "scalelab" is what PPO runs: on CUDA the compiled step replayed as a CUDA graph.
+    compile = cuda if args.compile is None else args.compile
+    systems: dict[str, Callable[[], int]] = {"scalelab": scalelab_run(True, compile)}
     if cuda:
+        if compile:
+            systems["scalelab_uncompiled"] = scalelab_run(True)
         systems["scalelab_no_graphs"] = scalelab_run(False)
-        if args.fuse:
-            systems["scalelab_fused"] = scalelab_run(True, fuse=True)
     unavailable: dict[str, str] = {}
     try:
         peer = hf_model(mc, dtype, device)
@@ -153,8 +158,9 @@ def main() -> None:
                          "unit": "new tok/s", "peer": "hf generate, static cache",
                          "peer_value": hf, "ratio": tok_s[n] / hf if hf else None})
             print(f"{n} / hf_static: " + (f"{tok_s[n] / hf:.2f}x" if hf else "n/a"))
-    for on, off, what in (("scalelab", "scalelab_no_graphs", "CUDA graphs"),
-                          ("scalelab_fused", "scalelab", "compiled layer math")):
+    graphed = "scalelab_uncompiled" if "scalelab_uncompiled" in tok_s else "scalelab"
+    for on, off, what in ((graphed, "scalelab_no_graphs", "CUDA graphs"),
+                          ("scalelab", "scalelab_uncompiled", "compiled decode step")):
         if on in tok_s and off in tok_s:
             ratio = tok_s[on] / tok_s[off]
             rows.append({"name": f"rollouts new tok/s: {what} on vs off", "value": tok_s[on],
@@ -168,7 +174,8 @@ def main() -> None:
                "device": device_name(device), "torch": torch.__version__,
                "command": " ".join(["python", *sys.argv]),
                "config": {"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
-                          "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats},
+                          "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
+                          "compile": compile},
                "rows": rows, "tokens_per_s": tok_s, "warmup_s": warm_s,
                "seconds": times, "peer_unavailable": unavailable}
         try:

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from scalelab.config import ModelConfig, PPOConfig, TrainConfig
-from scalelab.hardware import autocast, pick_device
+from scalelab.hardware import autocast, pick_device, use_compile
 from scalelab.model import ScalarModel, Transformer
 from scalelab.train.loop import make_optimizer
-from scalelab.train.ppo import make_rollout, minibatch_loss, ppo_step
+from scalelab.train.ppo import make_rollout, make_sampling_copy, minibatch_loss, ppo_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import device_name, hf_peer  # noqa: E402
@@ -64,7 +64,7 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
     pc = PPOConfig(max_new_tokens=response_len, ppo_epochs=epochs, minibatches=1,
                    samples_per_prompt=1, temperature=1.0)
     tok = types.SimpleNamespace(pad_id=PAD, eos_id=None)  # no stop token, as for TRL
-    ctx = autocast(device, "auto")
+    ctx = autocast(device, tc.dtype)
 
     def reward_fn(idx, responses):  # the reward model's scalar at each last token
         ro = make_rollout(prompts, responses, PAD, device)
@@ -73,6 +73,7 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
                    ro.prompt_len + ro.resp_mask.sum(1).long() - 1]
 
     loss_fn = torch.compile(minibatch_loss) if compile else minibatch_loss
+    sampling_copy = make_sampling_copy(policy, None, device, tc.dtype)  # as `scalelab ppo`
     gen = torch.Generator(device=device)
     times = []
     for step in range(n_steps):
@@ -80,7 +81,8 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
         sync(device)
         t0 = time.perf_counter()
         ppo_step(policy, ref, value, optimizer, reward_fn, list(range(len(prompts))), prompts,
-                 tok, pc, 0.05, gen, ctx=ctx, loss_fn=loss_fn, fixed_shape=compile)
+                 tok, pc, 0.05, gen, ctx=ctx, loss_fn=loss_fn, compiled=compile,
+                 sampling_copy=sampling_copy)
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
@@ -157,8 +159,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks that it all runs")
     p.add_argument("--steps", type=int, help="timed steps per system (default 5; smoke 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per system")
-    p.add_argument("--compile", action="store_true",
-                   help="scalelab: torch.compile the minibatch loss (train.compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="scalelab: compile the minibatch loss and the decode step (default: "
+                        "train.compile = auto, as `scalelab ppo`: on for CUDA)")
     p.add_argument("--peers", default="scalelab,trl", help="comma list of: scalelab, trl")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -166,6 +169,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    args.compile = use_compile("auto" if args.compile is None else args.compile, device)
     peers = [s.strip() for s in args.peers.split(",") if s.strip()]
     if unknown := set(peers) - {"scalelab", "trl"}:
         p.error(f"--peers: unknown {sorted(unknown)} (choose from scalelab, trl)")

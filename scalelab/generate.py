@@ -8,7 +8,9 @@ KV cache is preallocated, the step reads the token ids (B, 1), positions (B,), t
 position as a tensor and a full-length key mask updated in place, writes the cache by index,
 and samples inside the step. The host only replays steps and looks at `done` every
 `check_every` tokens. On CUDA the step is recorded once as a CUDA graph per batch/length
-bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eagerly.
+bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eagerly. With
+`compile=True` the whole step goes through torch.compile before it is recorded, so the graph
+replays a few fused kernels per layer instead of ~30 small ones.
 
 Sampling is Gumbel-max: argmax(logits / T + Gumbel noise), with the uniform noise drawn from
 `generator` before each step. It draws from the same distribution as the multinomial sampler
@@ -22,9 +24,8 @@ import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 
-from scalelab.model import KVCache, Transformer, apply_rope
+from scalelab.model import KVCache, Transformer
 
 CHECK_EVERY = 16  # decode steps between host checks of "has every row stopped?"
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
@@ -69,39 +70,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return (logits + gumbel).argmax(dim=-1)
 
 
-# The decode step's layer math as functions of plain tensors (the same arithmetic as
-# model.Block), so that on CUDA torch.compile can fuse the small elementwise kernels around
-# the matmuls once for every layer; the cache write and attention stay outside.
-def attn_in(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-            wv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-            head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, _ = x.shape
-    h = F.rms_norm(x, (x.size(-1),), norm_w, eps)
-    q = apply_rope(F.linear(h, wq).view(B, T, -1, head_dim), cos, sin).transpose(1, 2)
-    k = apply_rope(F.linear(h, wk).view(B, T, -1, head_dim), cos, sin).transpose(1, 2)
-    return q, k, F.linear(h, wv).view(B, T, -1, head_dim).transpose(1, 2)
-
-
-def attn_out_mlp(x: torch.Tensor, y: torch.Tensor, wo: torch.Tensor, norm_w: torch.Tensor,
-                 w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    B, T, _ = x.shape
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), wo)
-    h = F.rms_norm(x, (x.size(-1),), norm_w, eps)
-    if w_gate is None:  # relu^2
-        return x + F.linear(F.relu(F.linear(h, w_up)).square(), w_down)
-    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled(fn):
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
-
-
 def _autocast_without_cache(device_type: str):
     """The caller's autocast, but with its weight-cast cache off: a graph must not keep
     pointers to cached bf16 weights that die when the caller's autocast block ends."""
@@ -129,7 +97,6 @@ class Rollout:
         self.noise = torch.zeros(rows, model.cfg.vocab_size, device=device)
         self.graph = None
         self.live_rows = rows
-        self.layer_fns = None  # (attn_in, attn_out_mlp), compiled: see capture
 
     def draw(self, generator: torch.Generator | None) -> None:
         # Noise for the live rows only: a bucket's filler rows take no random numbers, so
@@ -166,8 +133,7 @@ class Rollout:
     def step(self, model: Transformer) -> None:
         """One decode step; every input is a fixed buffer, so it can be graph-captured."""
         self.key_ok.index_fill_(3, self.write_at, True)
-        h = self.decode_hidden(model) if self.layer_fns else \
-            model.hidden(self.cur, self.pos[:, None], self.key_ok, self.cache)
+        h = model.hidden(self.cur, self.pos[:, None], self.key_ok, self.cache)
         nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise)
         nxt = nxt.masked_fill(self.done, self.pad_id)
         if self.eos_id is not None:
@@ -177,46 +143,33 @@ class Rollout:
         self.pos.add_(1)
         self.write_at.add_(1)
 
-    def decode_hidden(self, model: Transformer) -> torch.Tensor:
-        """model.hidden for the one-token step (same arithmetic, see attn_in)."""
-        cfg, (layer_in, layer_out) = model.cfg, self.layer_fns
-        x = model.embed(self.cur)
-        cos = model.rope_cos[self.pos[:, None]].unsqueeze(2)
-        sin = model.rope_sin[self.pos[:, None]].unsqueeze(2)
-        for i, block in enumerate(model.blocks):
-            a, m = block.attn, block.mlp
-            q, k, v = layer_in(x, block.attn_norm.weight, a.wq.weight, a.wk.weight,
-                               a.wv.weight, cos, sin, cfg.norm_eps, a.head_dim)
-            k, v = self.cache.update(i, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_ok,
-                                               enable_gqa=q.size(1) != k.size(1))
-            gate = m.w_gate.weight if m.kind == "swiglu" else None
-            x = layer_out(x, y, a.wo.weight, block.mlp_norm.weight, gate, m.w_up.weight,
-                          m.w_down.weight, cfg.norm_eps)
-        return model.final_norm(x)
+    def compiled_step(self, model: Transformer):
+        """`step` under torch.compile, compiled by running it once (a step of the warm-up),
+        so the small kernels around the matmuls fuse (rms_norm, rotary embedding and cache
+        write, residual adds, SwiGLU, sampling). If compiling fails: warn, return `step`."""
+        try:
+            step = torch.compile(self.step, fullgraph=True, dynamic=False)
+            step(model)
+            return step
+        except Exception as e:  # a compiler problem must not stop the rollouts
+            warnings.warn(f"generate: torch.compile of the decode step failed ({e!r:.200}); "
+                          "running it uncompiled", stacklevel=3)
+            return self.step
 
-    def capture(self, model: Transformer, fuse: bool) -> None:
-        """Record `step` as a CUDA graph (CUDA only; the state must have been prefilled, and
-        it is left dirty: prefill again before use). fuse: torch.compile the layer math
-        first (compiled during the warm-up; if that fails, warn and stay eager)."""
+    def capture(self, model: Transformer, compile: bool) -> None:
+        """Record `step` (compiled first if `compile`) as a CUDA graph. CUDA only; the state
+        must have been prefilled, and it is left dirty: prefill again before use."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), _autocast_without_cache("cuda"):
-            if fuse:  # compiles here, outside the recording
-                self.layer_fns = (_compiled(attn_in), _compiled(attn_out_mlp))
-                try:
-                    self.step(model)
-                except Exception as e:  # a compiler problem must not stop the rollouts
-                    warnings.warn(f"generate: torch.compile of the decode step failed "
-                                  f"({e!r:.200}); running it uncompiled", stacklevel=2)
-                    self.layer_fns = None
+            step = self.compiled_step(model) if compile else self.step
             for _ in range(2):  # warm-up: cuBLAS workspaces, allocator pools
-                self.step(model)
+                step(model)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), _autocast_without_cache("cuda"):
-            self.step(model)
+            step(model)
         self.graph = graph
 
     def decode(self, model: Transformer, steps: int, generator: torch.Generator | None,
@@ -242,7 +195,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _engine(model: Transformer, rows: int, length: int, use_graph: bool, fuse: bool,
+def _engine(model: Transformer, rows: int, length: int, use_graph: bool, compile: bool,
             *args) -> Rollout:
     """A Rollout for this shape: new each call without graphs; cached per model with them."""
     if not use_graph:
@@ -250,7 +203,7 @@ def _engine(model: Transformer, rows: int, length: int, use_graph: bool, fuse: b
     device_type = next(model.parameters()).device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
     p = next(model.parameters())
-    key = (rows, length, args, autocast, p.dtype, p.data_ptr(), fuse)
+    key = (rows, length, args, autocast, p.dtype, p.data_ptr(), compile)
     engines = _ENGINES.setdefault(model, {})
     if key not in engines:
         while len(engines) >= _MAX_ENGINES:
@@ -263,14 +216,15 @@ def _engine(model: Transformer, rows: int, length: int, use_graph: bool, fuse: b
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
              pad_id: int, eos_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
-             use_cache: bool = True, graphs: bool = True, fuse: bool = False,
+             use_cache: bool = True, graphs: bool = True, compile: bool = False,
              check_every: int = CHECK_EVERY) -> list[list[int]]:
     """New tokens for each prompt (ending at and including EOS if one was sampled).
 
     use_cache=False recomputes the whole sequence every token: slow, the reference.
     graphs: on CUDA, replay the decode step as a CUDA graph (no effect elsewhere).
-    fuse: with graphs, torch.compile the step's layer math before recording it
-    (experimental: not yet run on a GPU)."""
+    compile: with graphs, torch.compile the whole decode step before recording it (the
+    first call per batch/length bucket then takes tens of seconds: worth it for PPO and
+    benchmarks, not for one short generation)."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
@@ -291,14 +245,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     tokens, valid = tokens.to(device), valid.to(device)
     live = torch.arange(rows, device=device) < B
 
-    engine = _engine(model, rows, length, use_graph, fuse, pad_id, eos_id, temperature, top_k,
+    engine = _engine(model, rows, length, use_graph, compile, pad_id, eos_id, temperature, top_k,
                      top_p)
     if use_graph and engine.graph is None:
         # A one-token dummy prompt makes the cache; warm-up and capture then write only
         # columns 0..3, in range for any length (rounded up to 64).
         engine.prefill(model, torch.full_like(tokens, pad_id), torch.ones_like(valid), 1, live,
                        generator, draw=False)
-        engine.capture(model, fuse)
+        engine.capture(model, compile)
     engine.prefill(model, tokens, valid, P, live, generator)
     steps = engine.decode(model, total - P - 1, generator, max(1, check_every))
     rows_out = engine.out[:B, P: P + 1 + steps].tolist()

@@ -55,7 +55,9 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer.
+    """Preallocated keys and values, one (batch, kv_heads, max_len, head_dim) buffer per layer
+    (separate buffers, not views of one: a compiled decode step then writes straight into
+    its inputs instead of copying a whole layer's cache).
 
     Two ways to write: by default `pos` counts the filled positions and each call appends
     (attention then sees positions [0, pos + T)). With `write_at` set to a (T,) long tensor,
@@ -66,54 +68,57 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=None):
-        self.shape = [cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head]
-        self.k = self.v = None
+        self.n_layer = cfg.n_layer
+        self.shape = [batch, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head]
+        self.k: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
         if dtype is not None:
-            self.k = torch.zeros(self.shape, device=device, dtype=dtype)
-            self.v = torch.zeros(self.shape, device=device, dtype=dtype)
+            self._allocate(device, dtype)
         self.pos = 0
         self.write_at: torch.Tensor | None = None
 
+    def _allocate(self, device, dtype) -> None:
+        # zeros, not empty: masked-out garbage must still be finite
+        self.k = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(self.n_layer)]
+        self.v = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(self.n_layer)]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.k is None:  # zeros, not empty: masked-out garbage must still be finite
-            self.shape[2] = k.size(1)
-            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
-            self.v = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.k is None:
+            self.shape[1] = k.size(1)
+            self._allocate(k.device, k.dtype)
+        ck, cv = self.k[layer], self.v[layer]
+        k, v = k.to(ck.dtype), v.to(cv.dtype)
         if self.write_at is not None:
-            self.k[layer].index_copy_(2, self.write_at, k)
-            self.v[layer].index_copy_(2, self.write_at, v)
-            return self.k[layer], self.v[layer]
+            ck.index_copy_(2, self.write_at, k)
+            cv.index_copy_(2, self.write_at, v)
+            return ck, cv
         end = self.pos + k.size(2)
-        if end > self.k.size(3):
-            raise ValueError(f"KV cache full: {end} > {self.k.size(3)} positions")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > ck.size(2):
+            raise ValueError(f"KV cache full: {end} > {ck.size(2)} positions")
+        ck[:, :, self.pos:end] = k
+        cv[:, :, self.pos:end] = v
+        return ck[:, :, :end], cv[:, :, :end]
 
     # For a server whose batch changes while it runs (scalelab.serve.engine); buffers exist.
 
     def add_rows(self, n: int) -> None:
         """Append n zeroed rows to the batch."""
-        self.shape[1] += n
-        for name in ("k", "v"):
-            buf = getattr(self, name)
-            zeros = buf.new_zeros((buf.size(0), n) + buf.shape[2:])
-            setattr(self, name, torch.cat([buf, zeros], 1))
+        self.shape[0] += n
+        for bufs in (self.k, self.v):
+            bufs[:] = [torch.cat([b, b.new_zeros((n,) + b.shape[1:])]) for b in bufs]
 
     def write_rows(self, rows: torch.Tensor, start: int, src: KVCache) -> None:
         """Copy all of src's positions into `rows` of this cache, from position `start` on."""
-        end = start + src.k.size(3)
-        self.k[:, rows, :, start:end] = src.k
-        self.v[:, rows, :, start:end] = src.v
+        for mine, theirs in zip(self.k + self.v, src.k + src.v):
+            mine[rows, :, start:start + theirs.size(2)] = theirs
 
     def drop_front(self, n: int) -> None:
         """Move every position left by n, forgetting the first n; the last n keep stale
         (finite) values that the caller's mask must hide."""
         if n <= 0:
             return
-        for buf in (self.k, self.v):
-            buf[:, :, :, :-n] = buf[:, :, :, n:].clone()
+        for buf in self.k + self.v:
+            buf[:, :, :-n] = buf[:, :, n:].clone()
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, float] | None = None
@@ -278,7 +283,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and cache.write_at is None:  # writes by index leave pos alone
             cache.pos += T
         return self.final_norm(x)
 

@@ -1,5 +1,7 @@
 """The rollout engine against the full-recompute reference, and its sampler's statistics."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,25 +58,26 @@ def test_greedy_equals_full_recompute_and_prompt_alone():
 class EagerGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: replay runs the step eagerly."""
 
-    def __init__(self, engine, model):
-        self.engine, self.model = engine, model
+    def __init__(self, step, model):
+        self.step, self.model = step, model
 
     def replay(self):
-        self.engine.step(self.model)
+        self.step(self.model)
 
 
 def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     # Everything the CUDA path does except the recording: rows/length rounded up to a bucket,
     # a dummy prefill + warm-up steps that dirty the state, then the real prefill; the engine is
-    # cached and reused by later calls with other prompt lengths.
+    # cached and reused by later calls with other prompt lengths. compile=True compiles the
+    # whole step for real (inductor's CPU backend; on CUDA the same graph becomes Triton).
     calls = []
 
-    def fake_capture(self, model, fuse):
+    def fake_capture(self, model, compile):
+        step = self.compiled_step(model) if compile else self.step
         for _ in range(2):
-            self.step(model)
+            step(model)
         calls.append(self)
-        self.layer_fns = (gen.attn_in, gen.attn_out_mlp) if fuse else None  # uncompiled
-        self.graph = EagerGraph(self, model)
+        self.graph = EagerGraph(step, model)
 
     model = small_model()
     kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
@@ -88,12 +91,14 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     assert len(calls) == 2  # one recording per sampling setting; the second call reused it
     assert calls[0].out.shape == (8, 64)  # 4 rows -> 8, 9 + 30 tokens -> 64
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
-    # fuse=True: the step's layer math as plain-tensor functions (compiled on CUDA)
-    assert run(model, PROMPTS, fuse=True, **kw) == want[0] and len(calls) == 3
-    relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
-                                    d_model=32, mlp="relu2")).eval()
-    greedy = dict(temperature=0.0, max_new_tokens=30)
-    assert run(relu2, fuse=True, **greedy) == run(relu2, use_cache=False, **greedy)
+    with warnings.catch_warnings():
+        # a failed compile warns and falls back to the eager step: make that a failure here
+        warnings.filterwarnings("error", message="generate: torch.compile")
+        assert run(model, PROMPTS, compile=True, **kw) == want[0] and len(calls) == 3
+        relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
+                                        d_model=32, mlp="relu2")).eval()
+        greedy = dict(temperature=0.0, max_new_tokens=30)
+        assert run(relu2, compile=True, **greedy) == run(relu2, use_cache=False, **greedy)
 
 
 def test_cache_follows_the_dtype_attention_produces():
@@ -105,7 +110,7 @@ def test_cache_follows_the_dtype_attention_produces():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         engine.prefill(model, tokens, valid, 4, live, None)
         engine.step(model)
-    assert engine.cache.k.dtype == torch.bfloat16 and engine.cache.k.shape[2] == 2
+    assert engine.cache.k[0].dtype == torch.bfloat16 and engine.cache.k[1].shape[1] == 2
     assert engine.write_at.item() == 5
     assert engine.key_ok[0, 0, 0].tolist() == [True] * 5 + [False] * 11
     bf16 = small_model().to(torch.bfloat16)

@@ -107,7 +107,7 @@ def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
                        list(range(6)), prompts, tokenizer, pc, 0.05,
                        torch.Generator().manual_seed(0),
                        ctx=torch.autocast("cpu", dtype=torch.bfloat16), grad_clip=0.5,
-                       fixed_shape=True)
+                       compiled=True)
     assert ro.resp_mask.size(1) == 6  # padded to max_new_tokens: one shape per step
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, both.parameters()))

@@ -108,18 +108,21 @@ def test_kv_cache_row_methods_match_plain_tensor_edits():
     done by hand on plain tensors."""
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=16, vocab_size=32, seq_len=8)
     cache = KVCache(cfg, 2, 8, "cpu", torch.float32)
-    cache.k.normal_(), cache.v.normal_()
-    k, v = cache.k.clone(), cache.v.clone()
+    for buf in cache.k + cache.v:
+        buf.normal_()
+    k, v = torch.stack(cache.k), torch.stack(cache.v)  # (layer, batch, kv_head, pos, dim)
     cache.add_rows(3)
     zeros = torch.zeros(2, 3, 2, 8, 4)
     k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
     src = KVCache(cfg, 2, 3, "cpu", torch.float32)
-    src.k.normal_(), src.v.normal_()
+    for buf in src.k + src.v:
+        buf.normal_()
     rows = torch.tensor([4, 1])
     cache.write_rows(rows, 2, src)
-    k[:, 4, :, 2:5], k[:, 1, :, 2:5] = src.k[:, 0], src.k[:, 1]
-    v[:, 4, :, 2:5], v[:, 1, :, 2:5] = src.v[:, 0], src.v[:, 1]
+    src_k, src_v = torch.stack(src.k), torch.stack(src.v)
+    k[:, 4, :, 2:5], k[:, 1, :, 2:5] = src_k[:, 0], src_k[:, 1]
+    v[:, 4, :, 2:5], v[:, 1, :, 2:5] = src_v[:, 0], src_v[:, 1]
     cache.drop_front(3)
-    for got, want in ((cache.k, k), (cache.v, v)):
+    for got, want in ((torch.stack(cache.k), k), (torch.stack(cache.v), v)):
         assert torch.equal(got[:, :, :, :5], want[:, :, :, 3:])
-    assert cache.k.shape == (2, 5, 2, 8, 4) and cache.shape[1] == 5
+    assert cache.k[1].shape == (5, 2, 8, 4) and cache.shape[0] == 5

@@ -27,7 +27,7 @@ from scalelab.config import Config, PPOConfig, UserError
 from scalelab.data.batches import EpochSampler
 from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
-from scalelab.hardware import autocast, use_compile
+from scalelab.hardware import autocast, compute_dtype, use_compile
 from scalelab.model import ScalarModel, Transformer
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
@@ -233,8 +233,9 @@ class DataRanks:
 
 def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenizer,
                      pc: PPOConfig, chunks: Chunks, generator: torch.Generator | None,
-                     ranks: DataRanks) -> list[list[int]]:
-    """Generate chunk by chunk, each from its own seed (see Chunks)."""
+                     ranks: DataRanks, compile: bool = False) -> list[list[int]]:
+    """Generate chunk by chunk, each from its own seed (see Chunks). compile: compile the
+    decode step (generate's `compile`: on CUDA, a compiled step replayed as a CUDA graph)."""
     size = len(prompts) // len(chunks.seeds)
     responses: list[list[int]] = []
     if ranks.generates():
@@ -243,7 +244,7 @@ def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenize
                 generator.manual_seed(seed)
             responses += generate(model, prompts[k * size:(k + 1) * size], pc.max_new_tokens,
                                   tok.pad_id, tok.eos_id, temperature=pc.temperature,
-                                  generator=generator)
+                                  generator=generator, compile=compile)
     return ranks.share_over_tp(responses, len(prompts), pc.max_new_tokens)
 
 
@@ -263,22 +264,25 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
              optimizer: torch.optim.Optimizer, reward_fn: RewardFn, prompt_idx: list[int],
              prompts: list[list[int]], tok: Tokenizer, pc: PPOConfig, kl_coef: float,
              generator: torch.Generator | None = None, ctx=None, grad_clip: float = 1.0,
-             loss_fn: Callable | None = None, fixed_shape: bool = False,
+             loss_fn: Callable | None = None, compiled: bool = False,
              corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None,
              chunks: Chunks | None = None, par=None, sampling_copy: Transformer | None = None
              ) -> tuple[dict, Rollout]:
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
-    or a compiled copy of it (then fixed_shape pads every rollout to max_new_tokens).
+    or a compiled copy of it (then `compiled` is set: every rollout is padded to
+    max_new_tokens, one shape for the compiled loss, and the decode step is compiled too).
+    sampling_copy: a whole copy of the policy to generate with (see `sampling_copy`),
+    refreshed from the policy here before the rollouts.
     The stats stay tensors until the end of the step. A minibatch whose loss or gradient
     norm is not finite is not applied (counted in row["skipped_updates"]): a fused optimizer
     (AdamW on CUDA) skips it on the device, so the loop never waits for the GPU; others
     read the flag on the host. corrupt(loss) is the run monitor's test-only fault
     injection.
     On a mesh (par): prompts are this data rank's part of the batch (chunks), policy, ref
-    and value are sharded, sampling_copy is a whole copy of the policy to generate with;
-    advantages are whitened over the global batch, each minibatch's loss is its mean over
-    the global count of its tokens, and the logged stats are the global batch's."""
+    and value are sharded; advantages are whitened over the global batch, each minibatch's
+    loss is its mean over the global count of its tokens, and the logged stats are the
+    global batch's."""
     device = next(policy.parameters()).device
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
@@ -286,11 +290,13 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     if generator is None and chunks.seeds[0] is not None:
         generator = torch.Generator(device=device)
     policy.eval()
+    if sampling_copy is not None:
+        refresh_sampling_copy(sampling_copy, policy)
     with ctx:
         responses = sample_responses(sampling_copy or policy, prompts, tok, pc, chunks, generator,
-                                     ranks)
+                                     ranks, compile=compiled)
     ro = make_rollout(prompts, responses, tok.pad_id, device,
-                      pc.max_new_tokens if fixed_shape else 1)
+                      pc.max_new_tokens if compiled else 1)
     with torch.no_grad(), ctx:
         old_logp = response_logprobs(policy, ro, pc.temperature)
         ref_logp = response_logprobs(ref, ro, pc.temperature)
@@ -418,10 +424,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     trunk = policy if oracle else reward_model.trunk
     value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
     value.requires_grad_(True)
-    # Sampling with a KV cache needs whole attention heads: under tp or fsdp, generate from
-    # a whole copy of the policy, refreshed from the shards before each step's rollouts.
-    sharded = par.sizes["tp"] > 1 or par.sizes["fsdp"] > 1
-    sampling_copy = copy.deepcopy(policy).eval().requires_grad_(False) if sharded else None
+    sampling_copy = make_sampling_copy(policy, par, device, tc.dtype)
     for m, entry in ((policy, "hidden"), (ref, "hidden"), (value, "forward")):
         parallelize(m, par, tc.dtype, entry=entry)  # losses read hidden() and lm_head
     if not oracle:
@@ -466,15 +469,13 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
             group["lr"] = tc.lr * (1 - step / tc.max_steps)
         t0 = time.perf_counter()
         mon.stall(step + 1)  # the monitor's test-only stall@N
-        if sampling_copy is not None:
-            refresh_sampling_copy(sampling_copy, policy)
         idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
         chunks = Chunks([chunk_seed(pc.seed, step, c)  # resumable sampling: seeds per step
                          for c in range(first_chunk, first_chunk + my_chunks)],
                         first_chunk, total_chunks)
         row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx[mine],
                            [ids[i] for i in idx[mine]], tok, pc, kl_coef, gen, ctx=ctx,
-                           grad_clip=tc.grad_clip, loss_fn=loss_fn, fixed_shape=compiled,
+                           grad_clip=tc.grad_clip, loss_fn=loss_fn, compiled=compiled,
                            corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss),
                            chunks=chunks, par=par, sampling_copy=sampling_copy)
         mon.step_done(step + 1)
@@ -508,6 +509,20 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     bar.close()
     mon.finish()
     return out / "model"
+
+
+def make_sampling_copy(policy: Transformer, par, device: torch.device, dtype: str
+                       ) -> Transformer | None:
+    """A whole copy of the policy to sample from, or None to sample from the policy itself.
+    Sampling with a KV cache needs whole attention heads, so under tp or fsdp the copy is
+    needed. On a GPU computing in bf16 it is also worth it alone: a bf16 copy, refreshed
+    once per step, spares every decode step casting all fp32 weights to bf16 again."""
+    sharded = par is not None and (par.sizes["tp"] > 1 or par.sizes["fsdp"] > 1)
+    bf16 = device.type == "cuda" and compute_dtype(device, dtype) == torch.bfloat16
+    if not (sharded or bf16):
+        return None
+    copy_ = copy.deepcopy(policy).eval().requires_grad_(False)
+    return copy_.to(torch.bfloat16) if bf16 else copy_
 
 
 @torch.no_grad()
