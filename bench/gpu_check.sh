@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
+#   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
 # checkout, so nothing needs installing. Peers (transformers, trl) are optional: a missing one
@@ -20,10 +21,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/peer-site"
 fi
-if [ "$mode" = "--cpu" ]; then
-  args=(--device cpu --smoke); limit=300
+if [ "$mode" = "--cpu" ]; then  # compiled too, as on a GPU: the compile paths get exercised
+  args=(--device cpu --smoke --compile); scale=3
 else
-  args=(--device cuda); limit=${BENCH_LIMIT:-170}
+  args=(--device cuda); scale=1
 fi
 
 $py - "$out/env.json" <<'PY'
@@ -41,14 +42,28 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info))
 PY
 
+# name, script, seconds allowed (times $scale on CPU), extra arguments. The first three are
+# the issue's benchmarks, each with its peer; the train_* runs are scalelab-only experiments
+# (a bigger micro-batch, the cross-entropy in one chunk, the plain full-logits loss).
+runs=(
+  "generate generate 110"
+  "ppo ppo 170"
+  "train train 110"
+  "train_batch24 train 55 --peers scalelab --batch-size 24 --steps 10 --warmup 3"
+  "train_onechunk train 55 --peers scalelab --ce-chunk-tokens 0 --steps 10 --warmup 3"
+  "train_plainloss train 55 --peers scalelab --loss plain --steps 10 --warmup 3"
+)
 status=0
-for bench in ${BENCHES:-ppo train generate}; do
-  echo "== $bench ($(date +%T))"
-  timeout "$limit" $py "bench/${bench}_throughput.py" "${args[@]}" --json "$out/$bench.json" \
-    > "$out/$bench.log" 2>&1
+for line in "${runs[@]}"; do
+  read -r name bench limit extra <<<"$line"
+  [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]] && continue
+  echo "== $name ($(date +%T))"
+  # shellcheck disable=SC2086  # $extra is a list of arguments
+  timeout $((limit * scale)) $py "bench/${bench}_throughput.py" "${args[@]}" $extra \
+    --json "$out/$name.json" > "$out/$name.log" 2>&1
   rc=$?
-  tail -n 15 "$out/$bench.log"
-  [ $rc -ne 0 ] && { echo "!! $bench exited $rc"; status=1; }
+  tail -n 8 "$out/$name.log"
+  [ $rc -ne 0 ] && { echo "!! $name exited $rc"; status=1; }
 done
 
 # One summary table from the JSON files (each bench writes {"rows": [{name, value, unit,
@@ -61,8 +76,12 @@ for f in sorted(out.glob("*.json")):
     if f.name == "env.json":
         continue
     data = json.loads(f.read_text())
-    if "rows" not in data:  # a bench without the row format: show its JSON as it is
-        print(f.stem, json.dumps(data)[:1500])
+    if "rows" not in data:  # the train and PPO benches: their results per system
+        for name, r in data.get("results", {}).items():
+            unit = "tok/s" if "tokens_per_s" in r else "episodes/s"
+            val = r.get("tokens_per_s", r.get("episodes_per_s"))
+            mfu = f"MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+            print(f"{f.stem + ': ' + name:<46} {val:>12.4g} {'':>12} {'':>7}  {unit}  {mfu}")
     for r in data.get("rows", []):
         val, peer, ratio = (r.get(k) for k in ("value", "peer_value", "ratio"))
         num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731

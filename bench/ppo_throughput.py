@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import scalelab.train.ppo as ppo_module
 from scalelab.config import ModelConfig, PPOConfig, TrainConfig
 from scalelab.hardware import autocast, pick_device, use_compile
 from scalelab.model import ScalarModel, Transformer
@@ -51,8 +52,10 @@ PAD = 0
 
 
 def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int, epochs: int,
-                   device: torch.device, n_steps: int, compile: bool) -> list[float]:
-    """Seconds per `ppo_step`, for n_steps steps (the caller drops the warm-up ones)."""
+                   device: torch.device, n_steps: int, compile: bool
+                   ) -> tuple[list[float], list[float]]:
+    """Seconds per `ppo_step`, and of it in sampling the responses, for n_steps steps (the
+    caller drops the warm-up ones)."""
     torch.manual_seed(0)
     policy = Transformer(mc).to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -75,7 +78,17 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
     loss_fn = torch.compile(minibatch_loss) if compile else minibatch_loss
     sampling_copy = make_sampling_copy(policy, None, device, tc.dtype)  # as `scalelab ppo`
     gen = torch.Generator(device=device)
-    times = []
+    times, sampling = [], []
+    plain = ppo_module.sample_responses
+
+    def timed_sampling(*args, **kw):  # synchronises at its ends only: the step's own order
+        sync(device)
+        t0 = time.perf_counter()
+        out = plain(*args, **kw)
+        sync(device)
+        sampling.append(time.perf_counter() - t0)
+        return out
+    ppo_module.sample_responses = timed_sampling
     for step in range(n_steps):
         gen.manual_seed(step)
         sync(device)
@@ -85,7 +98,8 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
                  sampling_copy=sampling_copy)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+    ppo_module.sample_responses = plain
+    return times, sampling
 
 
 def trl_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int, epochs: int,
@@ -192,8 +206,8 @@ def main() -> None:
     for name in peers:
         try:
             if name == "scalelab":
-                times = scalelab_steps(mc, prompts, response_len, epochs, device,
-                                       args.warmup + steps, args.compile)
+                times, sampling = scalelab_steps(mc, prompts, response_len, epochs, device,
+                                                 args.warmup + steps, args.compile)
             else:
                 import trl
                 times = trl_steps(mc, prompts, response_len, epochs, device,
@@ -217,6 +231,10 @@ def main() -> None:
             results[name]["version"] = trl.__version__
         print(f"{name:<10} {sec:8.3f} s/step ({min(timed):.3f}..{max(timed):.3f})  "
               f"{n_prompts / sec:8.2f} episodes/s")
+        if name == "scalelab":
+            results[name]["sampling_s"] = statistics.median(sampling[args.warmup:])
+            print(f"{'':<10} of which sampling the responses: "
+                  f"{results[name]['sampling_s']:.3f} s")
     ratio = None
     if "scalelab" in results and "trl" in results:
         ratio = results["scalelab"]["episodes_per_s"] / results["trl"]["episodes_per_s"]

@@ -51,7 +51,8 @@ def hf_peer(mc: ModelConfig) -> torch.nn.Module:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torch.Tensor,
-              y: torch.Tensor, hf: bool, compile: bool) -> Callable[[], None]:
+              y: torch.Tensor, hf: bool, compile: bool, loss: str = "chunked"
+              ) -> Callable[[], None]:
     """A closure doing one full training step on the fixed batch (x, y)."""
     model.to(device).train()
     opt = make_optimizer(model, cfg.train, device)
@@ -62,6 +63,11 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
         def loss_fn(_, batch):
             logits = fwd(input_ids=batch[0], use_cache=False).logits
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
+    elif loss == "plain":  # experiment: full logits and F.cross_entropy, as nanoGPT does
+        def plain(m, batch):
+            logits = m(batch[0])
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
+        loss_fn = loss_step(plain, cfg.train, device)
     else:  # exactly what `scalelab pretrain` runs per micro-batch
         loss_fn = loss_step(next_token_loss, cfg.train, device)
 
@@ -106,6 +112,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--loss", default="chunked", choices=["chunked", "plain"],
+                   help="scalelab's loss (experiments): chunked = what pretrain runs; plain = "
+                        "full logits and F.cross_entropy")
+    p.add_argument("--ce-chunk-tokens", type=int,
+                   help="experiment: tokens per chunk of the chunked cross-entropy (default: "
+                        "losses.CHUNK_ELEMENTS / vocab); 0 = the whole batch in one chunk")
     args = p.parse_args()
 
     if args.threads:
@@ -125,6 +137,9 @@ def main() -> None:
         args.vocab = args.vocab or 512
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     mc.vocab_size = args.vocab or mc.vocab_size or 4096
+    if args.ce_chunk_tokens is not None:
+        import scalelab.train.losses as losses
+        losses.CHUNK_ELEMENTS = (args.ce_chunk_tokens or 1 << 40) * mc.vocab_size
     mc.seq_len = args.seq_len or mc.seq_len
     tc.batch_size = args.batch_size or tc.batch_size
     tc.dtype = args.dtype
@@ -149,7 +164,8 @@ def main() -> None:
     x, y = data[:, :-1].to(device), data[:, 1:].to(device)
     models = {"scalelab": ours, "hf": hf_peer(mc) if "hf" in peers else None}
     params = {n: sum(q.numel() for q in models[n].parameters()) for n in peers}
-    steps = {n: make_step(models[n], cfg, device, x, y, n == "hf", args.compile) for n in peers}
+    steps = {n: make_step(models[n], cfg, device, x, y, n == "hf", args.compile, args.loss)
+             for n in peers}
     fpt = ours.flops_per_token(T)  # same FLOP count for both: 6N + 12LHQT, N = ours
     hw = detect(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -204,7 +220,8 @@ def main() -> None:
                "device": device_name(device), "torch": torch.__version__,
                "command": " ".join(["python", *sys.argv]),
                "config": {"model": vars(mc), "batch_size": B, "seq_len": T,
-                          "dtype": args.dtype, "compile": args.compile,
+                          "dtype": args.dtype, "compile": args.compile, "loss": args.loss,
+                          "ce_chunk_tokens": args.ce_chunk_tokens,
                           "threads": torch.get_num_threads(), "steps": args.steps,
                           "warmup": args.warmup},
                "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio,

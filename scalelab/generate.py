@@ -95,7 +95,8 @@ class Rollout:
         self.out = torch.zeros(rows, length, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.noise = torch.zeros(rows, model.cfg.vocab_size, device=device)
-        self.graph = None
+        self.graph = None  # the recorded step (CUDA), or
+        self.run_step = None  # the step to call each token: self.step or its compiled form
         self.live_rows = rows
 
     def draw(self, generator: torch.Generator | None) -> None:
@@ -156,9 +157,12 @@ class Rollout:
                           "running it uncompiled", stacklevel=3)
             return self.step
 
-    def capture(self, model: Transformer, compile: bool) -> None:
-        """Record `step` (compiled first if `compile`) as a CUDA graph. CUDA only; the state
+    def prepare(self, model: Transformer, use_graph: bool, compile: bool) -> None:
+        """Compile (if `compile`) and record (if `use_graph`: CUDA only) the step. The state
         must have been prefilled, and it is left dirty: prefill again before use."""
+        if not use_graph:
+            self.run_step = self.compiled_step(model) if compile else self.step
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), _autocast_without_cache("cuda"):
@@ -181,7 +185,7 @@ class Rollout:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.step(model)
+                (self.run_step or self.step)(model)
             if self.eos_id is not None and (i + 1) % check_every == 0 and self.done.all():
                 return i + 1
         return steps
@@ -195,10 +199,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _engine(model: Transformer, rows: int, length: int, use_graph: bool, compile: bool,
+def _engine(model: Transformer, rows: int, length: int, keep: bool, compile: bool,
             *args) -> Rollout:
-    """A Rollout for this shape: new each call without graphs; cached per model with them."""
-    if not use_graph:
+    """A Rollout for this shape: new each call, or (keep: with graphs or compiled) cached
+    per model, so the recording and the compiled step are made once."""
+    if not keep:
         return Rollout(model, rows, length, *args)
     device_type = next(model.parameters()).device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
@@ -222,9 +227,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
 
     use_cache=False recomputes the whole sequence every token: slow, the reference.
     graphs: on CUDA, replay the decode step as a CUDA graph (no effect elsewhere).
-    compile: with graphs, torch.compile the whole decode step before recording it (the
+    compile: torch.compile the whole decode step (before recording it, with graphs). The
     first call per batch/length bucket then takes tens of seconds: worth it for PPO and
-    benchmarks, not for one short generation)."""
+    benchmarks, not for one short generation."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
@@ -234,8 +239,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
         return _generate_no_cache(model, prompts, total, pad_id, eos_id, temperature, top_k,
                                   top_p, generator)
     use_graph = _use_graph(device, graphs)
-    # With graphs, round the batch and length up so later calls can reuse the recording.
-    rows, length = (_round_up(B, 8), _round_up(total, 64)) if use_graph else (B, total)
+    keep = use_graph or compile
+    # A kept engine has its batch and length rounded up, so later calls can reuse it.
+    rows, length = (_round_up(B, 8), _round_up(total, 64)) if keep else (B, total)
     tokens = torch.full((rows, length), pad_id, dtype=torch.long)
     valid = torch.zeros((rows, length), dtype=torch.bool)
     valid[B:, P - 1:] = True  # filler rows: one pad token as the prompt, marked done
@@ -245,14 +251,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     tokens, valid = tokens.to(device), valid.to(device)
     live = torch.arange(rows, device=device) < B
 
-    engine = _engine(model, rows, length, use_graph, compile, pad_id, eos_id, temperature, top_k,
+    engine = _engine(model, rows, length, keep, compile, pad_id, eos_id, temperature, top_k,
                      top_p)
-    if use_graph and engine.graph is None:
-        # A one-token dummy prompt makes the cache; warm-up and capture then write only
-        # columns 0..3, in range for any length (rounded up to 64).
+    if keep and engine.graph is None and engine.run_step is None:
+        # A one-token dummy prompt makes the cache; compiling, warm-up and capture then
+        # write only columns 0..4, in range for any length (rounded up to 64).
         engine.prefill(model, torch.full_like(tokens, pad_id), torch.ones_like(valid), 1, live,
                        generator, draw=False)
-        engine.capture(model, compile)
+        engine.prepare(model, use_graph, compile)
     engine.prefill(model, tokens, valid, P, live, generator)
     steps = engine.decode(model, total - P - 1, generator, max(1, check_every))
     rows_out = engine.out[:B, P: P + 1 + steps].tolist()

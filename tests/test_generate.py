@@ -58,47 +58,56 @@ def test_greedy_equals_full_recompute_and_prompt_alone():
 class EagerGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: replay runs the step eagerly."""
 
-    def __init__(self, step, model):
-        self.step, self.model = step, model
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
 
     def replay(self):
-        self.step(self.model)
+        self.engine.step(self.model)
 
 
 def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     # Everything the CUDA path does except the recording: rows/length rounded up to a bucket,
     # a dummy prefill + warm-up steps that dirty the state, then the real prefill; the engine is
-    # cached and reused by later calls with other prompt lengths. compile=True compiles the
-    # whole step for real (inductor's CPU backend; on CUDA the same graph becomes Triton).
+    # cached and reused by later calls with other prompt lengths.
     calls = []
 
-    def fake_capture(self, model, compile):
-        step = self.compiled_step(model) if compile else self.step
+    def fake_prepare(self, model, use_graph, compile):
+        assert use_graph and not compile
         for _ in range(2):
-            step(model)
+            self.step(model)
         calls.append(self)
-        self.graph = EagerGraph(step, model)
+        self.graph = EagerGraph(self, model)
 
     model = small_model()
     kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
     want = [run(model, PROMPTS, **kw), run(model, PROMPTS[1:2], **kw),
             run(model, PROMPTS[:3], temperature=0.0, max_new_tokens=20)]
     monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
-    monkeypatch.setattr(Rollout, "capture", fake_capture)
+    monkeypatch.setattr(Rollout, "prepare", fake_prepare)
     got = [run(model, PROMPTS, **kw), run(model, PROMPTS[1:2], **kw),
            run(model, PROMPTS[:3], temperature=0.0, max_new_tokens=20)]
     assert got == want
     assert len(calls) == 2  # one recording per sampling setting; the second call reused it
     assert calls[0].out.shape == (8, 64)  # 4 rows -> 8, 9 + 30 tokens -> 64
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
+
+
+def test_compiled_step_gives_the_same_tokens():
+    # compile=True compiles the whole decode step for real (inductor's CPU backend; on CUDA
+    # the same graph becomes Triton kernels and is then recorded), once per bucket.
+    model = small_model()
+    kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
+    relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
+                                    d_model=32, mlp="relu2")).eval()
+    greedy = dict(temperature=0.0, max_new_tokens=30)
     with warnings.catch_warnings():
         # a failed compile warns and falls back to the eager step: make that a failure here
         warnings.filterwarnings("error", message="generate: torch.compile")
-        assert run(model, PROMPTS, compile=True, **kw) == want[0] and len(calls) == 3
-        relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
-                                        d_model=32, mlp="relu2")).eval()
-        greedy = dict(temperature=0.0, max_new_tokens=30)
+        assert run(model, compile=True, **kw) == run(model, **kw)
+        assert run(model, PROMPTS[1:2], compile=True, **kw) == run(model, PROMPTS[1:2], **kw)
         assert run(relu2, compile=True, **greedy) == run(relu2, use_cache=False, **greedy)
+    engines = list(gen._ENGINES[model].values())
+    assert len(engines) == 1 and engines[0].run_step is not engines[0].step  # reused
 
 
 def test_cache_follows_the_dtype_attention_produces():
