@@ -64,12 +64,17 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time generate(compile=True), the compiled decode step (default: on "
                         "CUDA, as PPO does with train.compile = auto)")
+    p.add_argument("--compile-mode", help="experiment: torch.compile mode of the decode step "
+                   "(e.g. max-autotune-no-cudagraphs; the CUDA graph is scalelab's own)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.threads or args.smoke:  # tiny shapes: one thread wastes no time in barriers
         torch.set_num_threads(args.threads or 1)
+    if args.compile_mode:
+        import scalelab.generate
+        scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -175,7 +180,7 @@ def main() -> None:
                "command": " ".join(["python", *sys.argv]),
                "config": {"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
                           "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
-                          "compile": compile},
+                          "compile": compile, "compile_mode": args.compile_mode},
                "rows": rows, "tokens_per_s": tok_s, "warmup_s": warm_s,
                "seconds": times, "peer_unavailable": unavailable}
         try:

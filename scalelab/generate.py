@@ -28,6 +28,7 @@ import torch
 from scalelab.model import KVCache, Transformer
 
 CHECK_EVERY = 16  # decode steps between host checks of "has every row stopped?"
+COMPILE_OPTIONS: dict = {}  # extra torch.compile arguments for the decode step (experiments)
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
 _MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
 
@@ -149,7 +150,7 @@ class Rollout:
         so the small kernels around the matmuls fuse (rms_norm, rotary embedding and cache
         write, residual adds, SwiGLU, sampling). If compiling fails: warn, return `step`."""
         try:
-            step = torch.compile(self.step, fullgraph=True, dynamic=False)
+            step = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
             step(model)
             return step
         except Exception as e:  # a compiler problem must not stop the rollouts

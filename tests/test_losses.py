@@ -111,3 +111,25 @@ def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
     assert ro.resp_mask.size(1) == 6  # padded to max_new_tokens: one shape per step
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, both.parameters()))
+
+
+def test_compiled_pretraining_loss_and_grads_match_eager():
+    # Under torch.compile next_token_loss takes the plain F.cross_entropy path (inductor fuses
+    # it); eagerly it is the chunked one. Both must give the same loss and gradients.
+    from scalelab.config import ModelConfig
+    from scalelab.model import Transformer
+    from scalelab.train.pretrain import next_token_loss
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    data = torch.randint(64, (3, 17))
+    batch = (data[:, :-1], data[:, 1:])
+    results = []
+    for fn in (next_token_loss, torch.compile(next_token_loss)):
+        model.zero_grad()
+        loss = fn(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
