@@ -33,6 +33,7 @@ from scalelab.config import Config, ModelConfig, load_config
 from scalelab.hardware import autocast, detect, pick_device, use_compile
 from scalelab.model import Transformer
 from scalelab.train.loop import loss_step, make_optimizer
+from scalelab.train.losses import cross_entropy
 from scalelab.train.pretrain import next_token_loss
 
 
@@ -50,8 +51,20 @@ def hf_peer(mc: ModelConfig) -> torch.nn.Module:
     return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
 
 
+def _chunked(model, batch):  # the chunked cross-entropy, compiled or not
+    return cross_entropy(model.hidden(batch[0]), model.lm_head.weight, batch[1])
+
+
+def _plain(model, batch):  # full logits and F.cross_entropy, as nanoGPT does
+    logits = model(batch[0])
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
+
+
+EXPERIMENTS = {"chunked": _chunked, "plain": _plain}  # --loss: other than pretrain's own
+
+
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torch.Tensor,
-              y: torch.Tensor, hf: bool, compile: bool, loss: str = "chunked"
+              y: torch.Tensor, hf: bool, compile: bool, loss: str = "auto"
               ) -> Callable[[], None]:
     """A closure doing one full training step on the fixed batch (x, y)."""
     model.to(device).train()
@@ -63,13 +76,8 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
         def loss_fn(_, batch):
             logits = fwd(input_ids=batch[0], use_cache=False).logits
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
-    elif loss == "plain":  # experiment: full logits and F.cross_entropy, as nanoGPT does
-        def plain(m, batch):
-            logits = m(batch[0])
-            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
-        loss_fn = loss_step(plain, cfg.train, device)
-    else:  # exactly what `scalelab pretrain` runs per micro-batch
-        loss_fn = loss_step(next_token_loss, cfg.train, device)
+    else:  # "auto": exactly what `scalelab pretrain` runs per micro-batch
+        loss_fn = loss_step(EXPERIMENTS.get(loss, next_token_loss), cfg.train, device)
 
     def step() -> None:
         with ctx:
@@ -112,12 +120,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--loss", default="chunked", choices=["chunked", "plain"],
-                   help="scalelab's loss (experiments): chunked = what pretrain runs; plain = "
-                        "full logits and F.cross_entropy")
-    p.add_argument("--ce-chunk-tokens", type=int,
-                   help="experiment: tokens per chunk of the chunked cross-entropy (default: "
-                        "losses.CHUNK_ELEMENTS / vocab); 0 = the whole batch in one chunk")
+    p.add_argument("--loss", default="auto", choices=["auto", *EXPERIMENTS],
+                   help="scalelab's loss: auto = what pretrain runs (chunked eagerly, plain "
+                        "under compile); chunked or plain = that one always (experiments)")
     args = p.parse_args()
 
     if args.threads:
@@ -137,9 +142,6 @@ def main() -> None:
         args.vocab = args.vocab or 512
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     mc.vocab_size = args.vocab or mc.vocab_size or 4096
-    if args.ce_chunk_tokens is not None:
-        import scalelab.train.losses as losses
-        losses.CHUNK_ELEMENTS = (args.ce_chunk_tokens or 1 << 40) * mc.vocab_size
     mc.seq_len = args.seq_len or mc.seq_len
     tc.batch_size = args.batch_size or tc.batch_size
     tc.dtype = args.dtype
@@ -221,7 +223,6 @@ def main() -> None:
                "command": " ".join(["python", *sys.argv]),
                "config": {"model": vars(mc), "batch_size": B, "seq_len": T,
                           "dtype": args.dtype, "compile": args.compile, "loss": args.loss,
-                          "ce_chunk_tokens": args.ce_chunk_tokens,
                           "threads": torch.get_num_threads(), "steps": args.steps,
                           "warmup": args.warmup},
                "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio,
