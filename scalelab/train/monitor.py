@@ -153,6 +153,7 @@ class Monitor:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
+        self.interval_tokens = 0  # ... of them since the last logged row (or rewind)
         now = time.monotonic()
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - STAGE_ORIGIN[0]
@@ -194,13 +195,17 @@ class Monitor:
         self._train_until_now()
         wall = max(1e-9, sum(self.interval.values()))
         row = {f"time/{k}": v / wall for k, v in self.interval.items() if v > 0}
-        self.interval = dict.fromkeys(BUCKETS, 0.0)
+        self.interval, self.interval_tokens = dict.fromkeys(BUCKETS, 0.0), 0
         return row
 
     def busy_seconds(self) -> float:
         """Train + data time of the current interval so far (what tokens/s is measured on)."""
         self._train_until_now()
         return self.interval["train"] + self.interval["data"]
+
+    def count_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.interval_tokens += n
 
     def state_dict(self) -> dict:
         """Saved in each checkpoint: totals at that point, for goodput across restarts."""
@@ -281,7 +286,7 @@ class Monitor:
         """Log the rewind; returns the metrics.jsonl row (at the step the run goes on from)."""
         if self.mc.rewind_lr_steps and self.mc.rewind_lr_factor != 1.0:
             self.lr_until = to_step + self.mc.rewind_lr_steps
-        self.step = to_step
+        self.step, self.interval_tokens = to_step, 0
         self.event({**seen, "action": "rewind", "to_step": to_step,
                     "lr_factor": self.mc.rewind_lr_factor if self.lr_until > to_step else 1.0})
         return {"step": to_step, "event": seen["event"], "seen_step": seen["step"],
