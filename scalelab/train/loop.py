@@ -149,24 +149,18 @@ def rewind(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
 
 class Step:
     """One optimizer step of a stage, as fit() runs it; the runtime does the rest (schedule,
-    monitor verdicts, logging, evals, checkpoints, resume). SupervisedStep serves pretrain, SFT,
-    reward and DPO; ppo.py supplies PPO's (rollouts, then clipped updates)."""
+    monitor verdicts, logging, evals, checkpoints, resume). SupervisedStep serves pretrain,
+    SFT, reward and DPO; ppo.py supplies PPO's (rollouts, then clipped updates). A step has:
+      lr_at(step) -> the learning rate before the monitor's scale;
+      update(step, optimizer, mon) -> optimizer step `step` + 1 with the lr set: the anomaly
+        seen (a dict for mon.act), or None when healthy;
+      row(done, lr, mon) -> the metrics row after step `done`, or None on steps not logged
+        (every rank calls it: it may be collective under a mesh)."""
     desc = "train"  # the progress bar's label
     can_rewind = True  # on an anomaly the monitor may go back to the last checkpoint
 
     def __init__(self, state: dict | None = None):
         self.state = state or {}  # the stage's own state: in checkpoints, back on resume
-
-    def lr_at(self, step: int) -> float:
-        raise NotImplementedError
-
-    def update(self, step: int, optimizer: torch.optim.Optimizer, mon: Monitor) -> dict | None:
-        """Optimizer step `step` + 1 with the lr set; returns the anomaly seen, None if healthy."""
-        raise NotImplementedError
-
-    def row(self, done: int, lr: float, mon: Monitor) -> dict | None:
-        """The metrics row after step `done` (collective under a mesh), None when not logged."""
-        raise NotImplementedError
 
 
 class SupervisedStep(Step):
