@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
+from scalelab.io import read_rows
 from scalelab.train.rundir import list_checkpoints
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
@@ -51,7 +52,7 @@ def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_rows(run_dir / "metrics.jsonl")
 
 
 @torch.no_grad()

@@ -55,6 +55,22 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file that a run appends to (metrics, events): a missing
+    file is empty, a torn last line (a kill mid-write) is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

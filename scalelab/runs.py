@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from scalelab.config import UserError, read_toml
+from scalelab.io import read_rows
 from scalelab.train.monitor import describe, read_events
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -24,22 +25,6 @@ def read_json(path: Path) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a torn last line from a killed run
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def is_run(path: Path) -> bool:
@@ -74,7 +59,7 @@ def pid_alive(pid: int) -> bool:
 
 def state(run_dir: Path) -> dict:
     """Everything `runs show` prints, as one dict."""
-    rows = read_rows(run_dir)
+    rows = read_rows(run_dir / "metrics.jsonl")
     summary, progress = read_json(run_dir / "summary.json"), read_json(run_dir / "progress.json")
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in rows if "val_loss" in r]

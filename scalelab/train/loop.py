@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
-from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.io import atomic_write_json, atomic_write_text, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.parallel.rules import check_divisible
@@ -83,15 +83,8 @@ class Run:
         """Drop rows logged after the checkpoint we resume from (and any torn last line)."""
         if not self.write or not self.metrics.exists():
             return
-        keep = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+        keep = [row for row in read_rows(self.metrics) if row.get("step", 0) <= step]
+        atomic_write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
