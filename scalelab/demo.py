@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
 from scalelab.io import read_rows
-from scalelab.train.rundir import list_checkpoints
+from scalelab.train.rundir import resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -42,12 +42,12 @@ def preset_config(preset: str, steps: int, sets: list[str] | None = None) -> Con
 
 def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
     """Run fn(cfg, *args, run_dir, resume) unless its final checkpoint already exists."""
-    ckpts = list_checkpoints(run_dir)
-    if ckpts and ckpts[-1].name == f"step_{cfg.train.max_steps}":
+    resume = resume_or_restart(run_dir, cfg.train.max_steps)
+    if resume is None:
         tqdm.write(f"{run_dir.name}: already done, skipping")
     else:
         tqdm.write(f"== {run_dir.name} ==")
-        fn(cfg, *args, run_dir, resume=bool(ckpts))
+        fn(cfg, *args, run_dir, resume=resume)
     return run_dir / "model"
 
 

@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from scalelab.config import (
     resolve_config_path,
 )
 from scalelab.track.registry import Registry
+from scalelab.train.rundir import resume_or_restart
 
 STUDY_KEYS = {"name": str, "sizes": list, "pretrain_steps": int, "lr_width": int,
               "n_tasks": list, "order_seed": int, "sft_steps": int, "sft_lr": float,
@@ -92,21 +92,6 @@ def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
                                              {"role": "assistant", "content": e.answer}]})
                     + "\n")
     tmp.replace(path)
-
-
-def finished(run: Path, steps: int) -> bool:
-    return (run / "checkpoints" / f"step_{steps}").is_dir() and (run / "model").is_dir()
-
-
-def resume_state(run: Path, steps: int) -> bool | None:
-    """None if the run reached `steps` (nothing to do); else whether to resume it. A run
-    killed before its first checkpoint is removed and starts over."""
-    if finished(run, steps):
-        return None
-    if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
-        return True
-    shutil.rmtree(run, ignore_errors=True)
-    return False
 
 
 def ensure_model(reg: Registry, path: Path, name: str, **kw) -> dict:
@@ -225,7 +210,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
                                                      "lr_width": opts["lr_width"]}, vocab)
             label = info["label"]
             run = out / "base" / label
-            resume = resume_state(run, info["steps"])
+            resume = resume_or_restart(run, info["steps"])
             if resume is not None:
                 print(f"--- {label}: {info['params'] / 1e3:.0f}k params, pretraining "
                       f"{info['steps']} steps", flush=True)
@@ -239,7 +224,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
             data = data_dir / f"tasks-{k}.jsonl"
             sft_data(data, fams, opts["sft_examples"], seed=opts["order_seed"])
             run = out / "sft" / f"{label}-t{k}"
-            resume = resume_state(run, opts["sft_steps"])
+            resume = resume_or_restart(run, opts["sft_steps"])
             if resume is not None:
                 print(f"--- {label}: instruction tuning on {k} task families", flush=True)
                 sft(copy.deepcopy(sft_cfg), base_path, str(data), run, resume=resume)

@@ -110,6 +110,18 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
     # else: new, empty, or our own run that stopped before training (bad data, say): reuse
 
 
+def resume_or_restart(run: Path, steps: int) -> bool | None:
+    """For the commands that run stages themselves (demo, sweep, study): None when the run
+    has its checkpoint at `steps` (done); else whether to resume it. A run killed before its
+    first checkpoint is removed, to start over."""
+    if (run / "checkpoints" / f"step_{steps}").is_dir():  # not the hidden .step_N.tmp
+        return None
+    if last_step(run) is not None:
+        return True
+    shutil.rmtree(run, ignore_errors=True)
+    return False
+
+
 def finished_step(out: Path, max_steps: int) -> int | None:
     """On --resume: the checkpoint step if the run already reached max_steps (nothing to do)."""
     step = last_step(out)
