@@ -17,6 +17,7 @@ from scalelab.hardware import autocast, detect, use_compile
 from scalelab.io import atomic_write_json, atomic_write_text, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
+from scalelab.parallel.apply import sync_and_clip
 from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
@@ -204,12 +205,7 @@ class SupervisedStep(Step):
                 loss = mon.corrupt(step + 1, self.step_fn(self.model, batch) * scale)
             loss.backward()
             loss_sum += loss.detach()
-        if parallel is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        else:
-            from scalelab.parallel.apply import clip_grad_norm_, sync_grads
-            sync_grads(self.model, parallel)  # dp all-reduce (FSDP reduced in backward already)
-            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, parallel)
+        grad_norm = sync_and_clip(self.model, tc.grad_clip, parallel)
         if parallel is not None and mon.enabled:  # every rank must judge the same numbers
             loss_sum = parallel.mean_over_data(loss_sum)
         seen = mon.check(step + 1, loss_sum, grad_norm)  # None: healthy

@@ -29,7 +29,7 @@ from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, use_compile
 from scalelab.model import ScalarModel, Transformer
-from scalelab.parallel.apply import parallelize
+from scalelab.parallel.apply import parallelize, sync_and_clip
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import Step, fit, start_stage
@@ -220,14 +220,6 @@ class DataRanks:
         dist.broadcast(ids, src=dist.get_global_rank(group, 0), group=group)
         return [[t for t in row if t >= 0] for row in ids.tolist()]
 
-    def step_grads(self, model: torch.nn.Module, params: list, grad_clip: float):
-        """Average gradients over data ranks and clip by the global norm; returns the norm."""
-        if self.par is None:
-            return torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        from scalelab.parallel.apply import clip_grad_norm_, sync_grads
-        sync_grads(model, self.par)
-        return clip_grad_norm_(model, grad_clip, self.par)
-
 
 def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenizer,
                      pc: PPOConfig, chunks: Chunks, generator: torch.Generator | None,
@@ -326,7 +318,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             optimizer.zero_grad(set_to_none=True)
             # x data ranks: the gradient reduction averages over them, the loss is a share
             (loss * ranks.world if ranks.world > 1 else loss).backward()
-            norm = ranks.step_grads(both, params, grad_clip)
+            norm = sync_and_clip(both, grad_clip, ranks.par, params)
             bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
             if ranks.par is not None:  # one rank's bad loss skips the update everywhere
                 bad = (ranks.total(bad) > 0).float()
