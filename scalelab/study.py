@@ -44,6 +44,7 @@ from scalelab.config import (
     load_config,
     resolve_config_path,
 )
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.track.registry import Registry
 from scalelab.train.rundir import resume_or_restart
 
@@ -85,13 +86,10 @@ def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
     from scalelab.tasks import make_examples
     if path.exists():
         return
-    tmp = path.with_name("." + path.name + ".tmp")
-    with tmp.open("w") as f:
-        for e in make_examples(families, n, seed):
-            f.write(json.dumps({"messages": [{"role": "user", "content": e.prompt},
-                                             {"role": "assistant", "content": e.answer}]})
-                    + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(
+        json.dumps({"messages": [{"role": "user", "content": e.prompt},
+                                 {"role": "assistant", "content": e.answer}]}) + "\n"
+        for e in make_examples(families, n, seed)))
 
 
 def ensure_model(reg: Registry, path: Path, name: str, **kw) -> dict:
@@ -241,9 +239,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     summary = {"plan": digest, "config": str(config), "task_order": order,
                "subsets": {str(k): v for k, v in subsets.items()}, "rows": rows,
                "wall_seconds": time.perf_counter() - t_start, "status": "done"}
-    tmp = out / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(marker)
+    atomic_write_json(marker, summary)
     plot(rows, out / "study.png")
     command = f"scalelab study instruct --config {config} --out {out}"
     (out / "report.md").write_text(report(summary, command, "study.png"))
