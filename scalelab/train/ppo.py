@@ -438,7 +438,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     compiled = use_compile(tc.compile, device)
     loss_fn = torch.compile(minibatch_loss) if compiled else minibatch_loss
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
-    ranks = DataRanks(par)
+    gen, ranks = torch.Generator(device=device), DataRanks(par)
     per_chunk = pc.rollout_batch // total_chunks
     mine = slice(first_chunk * per_chunk, (first_chunk + my_chunks) * per_chunk)
 
@@ -485,7 +485,6 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                 row["gold_reward"] = ranks.total(gold.to(device)).item() / len(self.idx)
             return row
 
-    gen = torch.Generator(device=device)
     fit(run, cfg, torch.nn.ModuleDict({"policy": policy, "value": value}), sampler, device,
         save_model=lambda: save_full_model(policy, tok, out / "model", par), resume=resume,
         parallel=None if par.single else par, step=PPOStep({"kl_coef": pc.kl_coef}))
