@@ -95,9 +95,8 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
 
 def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
          ) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scalelab.track.report import pyplot
+    plt = pyplot()
 
     def series(rows, key):
         pts = [(r["step"], r[key]) for r in rows if key in r]

@@ -249,9 +249,8 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scalelab.track.report import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("held_out", "held-out families: exact match"),
               ("held_out_logprob", "held-out: answer log-likelihood / token"),
