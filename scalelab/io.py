@@ -71,6 +71,16 @@ def read_rows(path: Path) -> list[dict]:
     return [row for row in rows if isinstance(row, dict)]
 
 
+def read_json_if_any(path: Path) -> dict:
+    """A JSON object that may be missing or torn (a run's own records, read while it runs):
+    {} then."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -44,7 +44,7 @@ from scalelab.config import (
     load_config,
     resolve_config_path,
 )
-from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any
 from scalelab.track.registry import Registry
 from scalelab.train.rundir import resume_or_restart
 
@@ -173,7 +173,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     subsets = {k: order[:k] for k in opts["n_tasks"]}
     digest = plan_hash(base_cfg, opts)
     marker = out / MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("plan") != digest:
+    if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "
                         "--out (its models would not be the ones this config asks for)")
     out.mkdir(parents=True, exist_ok=True)
