@@ -58,13 +58,6 @@ def nothing_to_do(args: argparse.Namespace, cfg: Config) -> bool:
     return step is not None
 
 
-def register_output(args: argparse.Namespace, out: Path, lineage: str,
-                    parent: str | None = None) -> None:
-    if args.register:  # --register: add the stage's model to the experiment registry
-        from scalelab.track.commands import register_output
-        register_output(args, out, lineage, parent)
-
-
 def main_rank_only(out: Path) -> Path | None:
     """Under torchrun only rank 0 reports (prints, registers); then all leave together."""
     import torch.distributed as dist
@@ -75,26 +68,31 @@ def main_rank_only(out: Path) -> Path | None:
     return out if rank == 0 else None
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from scalelab.train.pretrain import pretrain
-    cfg = stage_config(args)
+def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "model",
+              lineage: str | None = None, parent: str | None = None) -> None:
+    """A training command: its config, then train(cfg) -> the model folder, which rank 0
+    reports (and with --register adds to the experiment registry as `lineage`)."""
+    cfg = stage_config(args, preset)
     if nothing_to_do(args, cfg):
         return
-    model_dir = main_rank_only(pretrain(cfg, Path(args.out), resume=args.resume))
-    if model_dir is not None:
-        print(f"model written to {model_dir}")
-        register_output(args, model_dir, "base")
+    out = main_rank_only(train(cfg))
+    if out is not None:
+        print(f"{what} written to {out}")
+        if args.register and lineage:
+            from scalelab.track.commands import register_output
+            register_output(args, out, lineage, parent)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from scalelab.train.pretrain import pretrain
+    run_stage(args, lambda cfg: pretrain(cfg, Path(args.out), resume=args.resume), None,
+              lineage="base")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from scalelab.train.sft import sft
-    cfg = stage_config(args, "sft")
-    if nothing_to_do(args, cfg):
-        return
-    out = main_rank_only(sft(cfg, Path(args.base), args.data, Path(args.out), args.resume))
-    if out is not None:
-        print(f"model written to {out}")
-        register_output(args, out, "sft", args.base)
+    run_stage(args, lambda cfg: sft(cfg, Path(args.base), args.data, Path(args.out),
+                                    args.resume), "sft", lineage="sft", parent=args.base)
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
@@ -102,36 +100,21 @@ def cmd_reward(args: argparse.Namespace) -> None:
     if args.register:
         raise UserError("--register: a reward model is not a language model to run "
                         "experiments on; register the policy (sft/ppo/dpo) instead")
-    cfg = stage_config(args, "reward")
-    if nothing_to_do(args, cfg):
-        return
-    out = main_rank_only(train_reward(cfg, Path(args.base), args.data, Path(args.out),
-                                      args.resume))
-    if out is not None:
-        print(f"reward model written to {out}")
+    run_stage(args, lambda cfg: train_reward(cfg, Path(args.base), args.data, Path(args.out),
+                                             args.resume), "reward", "reward model")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
     from scalelab.train.ppo import ppo
-    cfg = stage_config(args, "ppo")
-    if nothing_to_do(args, cfg):
-        return
-    out = main_rank_only(ppo(cfg, Path(args.policy), Path(args.reward), args.prompts,
-                             Path(args.out), args.resume))
-    if out is not None:
-        print(f"policy written to {out}")
-        register_output(args, out, "rlhf", args.policy)
+    run_stage(args, lambda cfg: ppo(cfg, Path(args.policy), Path(args.reward), args.prompts,
+                                    Path(args.out), args.resume), "ppo", "policy", "rlhf",
+              args.policy)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
     from scalelab.train.dpo import dpo
-    cfg = stage_config(args, "dpo")
-    if nothing_to_do(args, cfg):
-        return
-    out = main_rank_only(dpo(cfg, Path(args.policy), args.data, Path(args.out), args.resume))
-    if out is not None:
-        print(f"policy written to {out}")
-        register_output(args, out, "rlhf", args.policy)
+    run_stage(args, lambda cfg: dpo(cfg, Path(args.policy), args.data, Path(args.out),
+                                    args.resume), "dpo", "policy", "rlhf", args.policy)
 
 
 def check_sampling(args: argparse.Namespace) -> None:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.train.rundir import list_checkpoints
+from scalelab.io import read_rows
+from scalelab.train.rundir import resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -41,17 +42,17 @@ def preset_config(preset: str, steps: int, sets: list[str] | None = None) -> Con
 
 def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
     """Run fn(cfg, *args, run_dir, resume) unless its final checkpoint already exists."""
-    ckpts = list_checkpoints(run_dir)
-    if ckpts and ckpts[-1].name == f"step_{cfg.train.max_steps}":
+    resume = resume_or_restart(run_dir, cfg.train.max_steps)
+    if resume is None:
         tqdm.write(f"{run_dir.name}: already done, skipping")
     else:
         tqdm.write(f"== {run_dir.name} ==")
-        fn(cfg, *args, run_dir, resume=bool(ckpts))
+        fn(cfg, *args, run_dir, resume=resume)
     return run_dir / "model"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_rows(run_dir / "metrics.jsonl")
 
 
 @torch.no_grad()
@@ -94,9 +95,8 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
 
 def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
          ) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scalelab.track.report import pyplot
+    plt = pyplot()
 
     def series(rows, key):
         pts = [(r["step"], r[key]) for r in rows if key in r]

@@ -55,6 +55,32 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file that a run appends to (metrics, events): a missing
+    file is empty, a torn last line (a kill mid-write) is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def read_json_if_any(path: Path) -> dict:
+    """A JSON object that may be missing or torn (a run's own records, read while it runs):
+    {} then."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -7,39 +7,15 @@ DIR/metrics.jsonl and DIR/events.jsonl; nothing here writes anything.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from scalelab.config import UserError, read_toml
+from scalelab.io import read_json_if_any, read_rows
 from scalelab.train.monitor import describe, read_events
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a torn last line from a killed run
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def is_run(path: Path) -> bool:
@@ -74,8 +50,9 @@ def pid_alive(pid: int) -> bool:
 
 def state(run_dir: Path) -> dict:
     """Everything `runs show` prints, as one dict."""
-    rows = read_rows(run_dir)
-    summary, progress = read_json(run_dir / "summary.json"), read_json(run_dir / "progress.json")
+    rows = read_rows(run_dir / "metrics.jsonl")
+    summary, progress = (read_json_if_any(run_dir / f"{name}.json")
+                         for name in ("summary", "progress"))
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in rows if "val_loss" in r]
     cfg = {}
@@ -84,7 +61,7 @@ def state(run_dir: Path) -> dict:
     except UserError:
         pass
     max_steps = cfg.get("train", {}).get("max_steps")
-    lineage = read_json(run_dir / "lineage.json")
+    lineage = read_json_if_any(run_dir / "lineage.json")
     last_at = max((float(x.get("time_unix", 0)) for x in (summary, progress)), default=0.0)
     if not last_at and (run_dir / "metrics.jsonl").exists():
         last_at = (run_dir / "metrics.jsonl").stat().st_mtime

@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +44,9 @@ from scalelab.config import (
     load_config,
     resolve_config_path,
 )
+from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any
 from scalelab.track.registry import Registry
+from scalelab.train.rundir import resume_or_restart
 
 STUDY_KEYS = {"name": str, "sizes": list, "pretrain_steps": int, "lr_width": int,
               "n_tasks": list, "order_seed": int, "sft_steps": int, "sft_lr": float,
@@ -85,28 +86,10 @@ def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
     from scalelab.tasks import make_examples
     if path.exists():
         return
-    tmp = path.with_name("." + path.name + ".tmp")
-    with tmp.open("w") as f:
-        for e in make_examples(families, n, seed):
-            f.write(json.dumps({"messages": [{"role": "user", "content": e.prompt},
-                                             {"role": "assistant", "content": e.answer}]})
-                    + "\n")
-    tmp.replace(path)
-
-
-def finished(run: Path, steps: int) -> bool:
-    return (run / "checkpoints" / f"step_{steps}").is_dir() and (run / "model").is_dir()
-
-
-def resume_state(run: Path, steps: int) -> bool | None:
-    """None if the run reached `steps` (nothing to do); else whether to resume it. A run
-    killed before its first checkpoint is removed and starts over."""
-    if finished(run, steps):
-        return None
-    if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
-        return True
-    shutil.rmtree(run, ignore_errors=True)
-    return False
+    atomic_write_text(path, "".join(
+        json.dumps({"messages": [{"role": "user", "content": e.prompt},
+                                 {"role": "assistant", "content": e.answer}]}) + "\n"
+        for e in make_examples(families, n, seed)))
 
 
 def ensure_model(reg: Registry, path: Path, name: str, **kw) -> dict:
@@ -190,7 +173,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     subsets = {k: order[:k] for k in opts["n_tasks"]}
     digest = plan_hash(base_cfg, opts)
     marker = out / MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("plan") != digest:
+    if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "
                         "--out (its models would not be the ones this config asks for)")
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +208,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
                                                      "lr_width": opts["lr_width"]}, vocab)
             label = info["label"]
             run = out / "base" / label
-            resume = resume_state(run, info["steps"])
+            resume = resume_or_restart(run, info["steps"])
             if resume is not None:
                 print(f"--- {label}: {info['params'] / 1e3:.0f}k params, pretraining "
                       f"{info['steps']} steps", flush=True)
@@ -239,7 +222,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
             data = data_dir / f"tasks-{k}.jsonl"
             sft_data(data, fams, opts["sft_examples"], seed=opts["order_seed"])
             run = out / "sft" / f"{label}-t{k}"
-            resume = resume_state(run, opts["sft_steps"])
+            resume = resume_or_restart(run, opts["sft_steps"])
             if resume is not None:
                 print(f"--- {label}: instruction tuning on {k} task families", flush=True)
                 sft(copy.deepcopy(sft_cfg), base_path, str(data), run, resume=resume)
@@ -256,9 +239,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     summary = {"plan": digest, "config": str(config), "task_order": order,
                "subsets": {str(k): v for k, v in subsets.items()}, "rows": rows,
                "wall_seconds": time.perf_counter() - t_start, "status": "done"}
-    tmp = out / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(marker)
+    atomic_write_json(marker, summary)
     plot(rows, out / "study.png")
     command = f"scalelab study instruct --config {config} --out {out}"
     (out / "report.md").write_text(report(summary, command, "study.png"))
@@ -268,9 +249,8 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scalelab.track.report import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("held_out", "held-out families: exact match"),
               ("held_out_logprob", "held-out: answer log-likelihood / token"),

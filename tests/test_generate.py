@@ -94,18 +94,16 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
 
 def test_compiled_step_gives_the_same_tokens():
     # compile=True compiles the whole decode step for real (inductor's CPU backend; on CUDA
-    # the same graph becomes Triton kernels and is then recorded), once per bucket.
+    # the same graph becomes Triton kernels and is then recorded), once per bucket: the
+    # second call (other prompts, same bucket) reuses it. The eager engine it is compared
+    # with equals the full-recompute reference (tests above).
     model = small_model()
     kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
-    relu2 = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
-                                    d_model=32, mlp="relu2")).eval()
-    greedy = dict(temperature=0.0, max_new_tokens=30)
     with warnings.catch_warnings():
         # a failed compile warns and falls back to the eager step: make that a failure here
         warnings.filterwarnings("error", message="generate: torch.compile")
         assert run(model, compile=True, **kw) == run(model, **kw)
         assert run(model, PROMPTS[1:2], compile=True, **kw) == run(model, PROMPTS[1:2], **kw)
-        assert run(relu2, compile=True, **greedy) == run(relu2, use_cache=False, **greedy)
     engines = list(gen._ENGINES[model].values())
     assert len(engines) == 1 and engines[0].run_step is not engines[0].step  # reused
 

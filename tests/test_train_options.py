@@ -120,3 +120,31 @@ def test_fit_applies_activation_checkpointing(tmp):
         losses[m] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses["full"]) == 4
     assert losses["full"] == pytest.approx(losses["none"], rel=1e-6)
+
+
+def test_ppo_gets_activation_checkpointing_from_fit(tmp, tokenizer, monkeypatch):
+    """PPO runs in fit() too: its policy's and value model's blocks recompute in backward,
+    and every logged number stays the same."""
+    import scalelab.parallel.ac as ac
+    from scalelab.model import ScalarModel
+    from scalelab.train.checkpoint import save_model
+    from scalelab.train.ppo import ppo
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=128, n_layer=2, n_head=2,
+                     d_model=32)
+    save_model(Transformer(mc), tokenizer, tmp / "base")
+    save_model(ScalarModel(Transformer(mc)), tokenizer, tmp / "rm",
+               extra_json={"reward.json": {"mean": 0.0, "std": 1.0}})
+    calls, plain = [], ac.checkpoint
+    monkeypatch.setattr(ac, "checkpoint", lambda *a, **kw: calls.append(1) or plain(*a, **kw))
+    rows = {}
+    for m in ("none", "full"):
+        cfg = load_config(None, ["train.max_steps=2", "train.device=cpu", "ppo.n_prompts=16",
+                                 "ppo.rollout_batch=4", "ppo.samples_per_prompt=2",
+                                 "ppo.max_new_tokens=4", "ppo.ppo_epochs=1",
+                                 f"train.activation_checkpointing=\"{m}\""])
+        ppo(cfg, tmp / "base", tmp / "rm", "builtin:tasks", tmp / m)
+        rows[m] = [{k: v for k, v in json.loads(line).items() if k != "episodes_per_s"}
+                   for line in (tmp / m / "metrics.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 * 2 * 2 * 2  # steps x minibatches x (policy, value) x blocks
+    assert len(rows["full"]) == 2 and rows["full"] == rows["none"]

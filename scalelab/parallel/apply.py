@@ -126,3 +126,15 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
     for g in grads:
         (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
     return norm
+
+
+def sync_and_clip(model: nn.Module, max_norm: float, par: Parallel | None,
+                  params: list | None = None) -> torch.Tensor:
+    """After backward: gradients averaged over the data replicas and clipped by the global
+    norm, which is returned. One process (par None or single): torch's clip over `params`
+    (default: the model's)."""
+    if par is None or par.single:
+        return nn.utils.clip_grad_norm_(model.parameters() if params is None else params,
+                                        max_norm)
+    sync_grads(model, par)  # dp all-reduce (FSDP reduced in backward already)
+    return clip_grad_norm_(model, max_norm, par)

@@ -172,7 +172,7 @@ def measure_step(mc: ModelConfig, par, batch_size: int) -> list[Collective]:
     import torch.nn.functional as F
 
     from scalelab.model import Transformer
-    from scalelab.parallel.apply import clip_grad_norm_, parallelize, sync_grads
+    from scalelab.parallel.apply import parallelize, sync_and_clip
     torch.manual_seed(0)
     model = parallelize(Transformer(mc).to(par.device), par)
     g = torch.Generator().manual_seed(par.data_rank)
@@ -182,6 +182,5 @@ def measure_step(mc: ModelConfig, par, batch_size: int) -> list[Collective]:
         logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        sync_grads(model, par)
-        clip_grad_norm_(model, 1.0, par)
+        sync_and_clip(model, 1.0, par)
     return cc.records

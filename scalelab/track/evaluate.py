@@ -296,11 +296,8 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
     from scalelab.config import load_config
     cfg = load_config(run / "config.toml")
     step, val, counted = 0, None, None
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    from scalelab.io import read_rows
+    for row in read_rows(run / "metrics.jsonl"):
         if "loss" in row:
             step = max(step, row["step"])
             counted = row.get("tokens", counted)  # real tokens, logged by the training loop

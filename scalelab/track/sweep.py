@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -136,7 +135,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
     from scalelab.train.pretrain import prepare_data, pretrain
-    from scalelab.train.rundir import last_step
+    from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -162,12 +161,8 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         run = out / "runs" / info["label"]
         name = f"{opts['name']}-{info['label']}"
         t0 = time.perf_counter()
-        if not (run / "checkpoints" / f"step_{info['steps']}").is_dir():
-            # a finished checkpoint, not just the folder: a kill during the first
-            # checkpoint's write leaves only its hidden .step_N.tmp there
-            resume = last_step(run) is not None
-            if not resume:  # a fresh start (or one killed before its first checkpoint)
-                shutil.rmtree(run, ignore_errors=True)
+        resume = resume_or_restart(run, info["steps"])
+        if resume is not None:
             print(f"--- training {name}: lr {info['lr']:.2e}, {info['tokens']:,} tokens",
                   flush=True)
             pretrain(cfg, run, resume=resume)

@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
-from scalelab.io import atomic_write_json, atomic_write_text
+from scalelab.io import atomic_write_json, atomic_write_text, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
+from scalelab.parallel.apply import sync_and_clip
 from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
@@ -83,15 +84,8 @@ class Run:
         """Drop rows logged after the checkpoint we resume from (and any torn last line)."""
         if not self.write or not self.metrics.exists():
             return
-        keep = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+        keep = [row for row in read_rows(self.metrics) if row.get("step", 0) <= step]
+        atomic_write_text(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, **lineage):
@@ -147,14 +141,116 @@ def rewind(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
     return meta["step"]
 
 
+class Step:
+    """One optimizer step of a stage, as fit() runs it; the runtime does the rest (schedule,
+    monitor verdicts, logging, evals, checkpoints, resume). SupervisedStep serves pretrain,
+    SFT, reward and DPO; ppo.py supplies PPO's (rollouts, then clipped updates). A step has:
+      lr_at(step) -> the learning rate before the monitor's scale;
+      update(step, optimizer, mon) -> optimizer step `step` + 1 with the lr set: the anomaly
+        seen (a dict for mon.act), or None when healthy;
+      row(done, lr, mon) -> the metrics row after step `done`, or None on steps not logged
+        (every rank calls it: it may be collective under a mesh)."""
+    desc = "train"  # the progress bar's label
+    can_rewind = True  # on an anomaly the monitor may go back to the last checkpoint
+
+    def __init__(self, state: dict | None = None):
+        self.state = state or {}  # the stage's own state: in checkpoints, back on resume
+
+
+class SupervisedStep(Step):
+    """grad_accum micro-batches of loss_fn(model, batch), gradients synced and clipped over the
+    mesh, the monitor's verdict, the update; a row every train.log_every steps. See fit()."""
+
+    def __init__(self, model: torch.nn.Module, loader, loss_fn: Callable, tc: TrainConfig,
+                 device: torch.device, parallel, tokens_per_micro_batch: int,
+                 flops_per_token: float, count_tokens: Callable | None,
+                 loss_units: Callable | None):
+        super().__init__()
+        self.model, self.loader, self.tc, self.device, self.parallel = \
+            model, loader, tc, device, parallel
+        self.step_fn, self.ctx = loss_step(loss_fn, tc, device), autocast(device, tc.dtype)
+        self.tokens_per_micro_batch, self.flops_per_token = tokens_per_micro_batch, \
+            flops_per_token
+        self.count_tokens, self.loss_units = count_tokens, loss_units
+        if (parallel is None or parallel.is_main) and tc.max_steps < tc.warmup_steps:
+            tqdm.write(f"note: train.max_steps ({tc.max_steps}) is shorter than "
+                       f"train.warmup_steps ({tc.warmup_steps}): the learning rate only climbs "
+                       f"to {lr_at(tc.max_steps - 1, tc):.3g} (train.lr is {tc.lr:g}) and "
+                       "never decays; lower train.warmup_steps for a full schedule")
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.tc)
+
+    def update(self, step: int, optimizer: torch.optim.Optimizer, mon: Monitor) -> dict | None:
+        tc, parallel, device = self.tc, self.parallel, self.device
+        loss_sum, batches = torch.zeros((), device=device), []
+        with mon.clock("data"):
+            for _ in range(tc.grad_accum):
+                mon.stall(step + 1)
+                batches.append(self.loader.next_batch())
+        # Counts summed over data ranks in one all-reduce: the loss's units (sum / global
+        # count, see fit) and, for stages whose rows vary, the step's tokens.
+        units = sum(self.loss_units(b) for b in batches) if self.loss_units else 0
+        step_tokens = sum(self.count_tokens(b) for b in batches) if self.count_tokens else \
+            self.tokens_per_micro_batch * tc.grad_accum  # pretraining's is global already
+        if parallel is not None and (self.loss_units or self.count_tokens):
+            units, summed = parallel.sum_over_data(units, step_tokens)
+            step_tokens = summed if self.count_tokens else step_tokens
+        scale = 1 / tc.grad_accum
+        if self.loss_units is not None:
+            scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
+        for batch in batches:
+            batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
+            with self.ctx:
+                loss = mon.corrupt(step + 1, self.step_fn(self.model, batch) * scale)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = sync_and_clip(self.model, tc.grad_clip, parallel)
+        if parallel is not None and mon.enabled:  # every rank must judge the same numbers
+            loss_sum = parallel.mean_over_data(loss_sum)
+        seen = mon.check(step + 1, loss_sum, grad_norm)  # None: healthy
+        if seen is None:
+            optimizer.step()
+            mon.count_tokens(step_tokens)  # of updates that stand (a rewind restores them)
+        optimizer.zero_grad(set_to_none=True)
+        self.loss_sum, self.grad_norm = loss_sum, grad_norm
+        return seen
+
+    def row(self, done: int, lr: float, mon: Monitor) -> dict | None:
+        tc, loss_sum = self.tc, self.loss_sum
+        if done % tc.log_every and done != tc.max_steps:
+            return None
+        if self.parallel is not None and not mon.enabled:  # data ranks saw different rows
+            loss_sum = self.parallel.mean_over_data(loss_sum)
+        loss_val = loss_sum.item()  # the only host sync of a step without the monitor
+        if not math.isfinite(loss_val) and not mon.enabled:
+            raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
+        dt = max(1e-9, mon.busy_seconds())  # train + data: not eval, checkpoints
+        row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(self.grad_norm)}
+        if mon.tokens:  # 0 = this stage does not count its tokens: say nothing
+            row.update(tokens=mon.tokens, tokens_per_s=mon.interval_tokens / dt)
+        if self.flops_per_token and mon.tokens:
+            row["model_tflops"] = self.flops_per_token * mon.interval_tokens / dt / 1e12
+            if mon.peak_flops:
+                row["mfu"] = row["model_tflops"] * 1e12 / mon.peak_flops
+        row.update(mon.interval_row())
+        return row
+
+
+# What the progress bar shows of a logged row, where the row has it.
+SHOWN = (("loss", "loss", ".3f"), ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%"),
+         ("objective/scores", "score", ".2f"), ("objective/kl", "kl", ".2f"),
+         ("gold_reward", "gold", ".2f"))
+
+
 def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.device,
-        loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor],
+        loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None,
         evaluate: Callable[[int], dict] | None = None,
         save_model: Callable[[], None] | None = None,
         tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
         resume: bool = False, parallel=None,
         count_tokens: Callable[[tuple], int] | None = None,
-        loss_units: Callable[[tuple], int] | None = None) -> None:
+        loss_units: Callable[[tuple], int] | None = None, step: Step | None = None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
 
     loader.next_batch() gives a micro-batch (tensors, moved to `device` here);
@@ -170,22 +266,23 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     micro-batches and data ranks divided by their global count, so the weighting of each
     token does not depend on grad_accum or the mapping. Without it, loss_fn's mean is
     averaged over micro-batches (right when every micro-batch holds as many units).
+    step: a stage's own optimizer step (PPO's) instead of the SupervisedStep of loss_fn;
+    `loader` then only needs state_dict/load_state_dict (its place is checkpointed).
     """
     tc = cfg.train
     apply_activation_checkpointing(model, tc.activation_checkpointing)  # names, class unchanged
     optimizer = make_optimizer(model, tc, device)
     main = parallel is None or parallel.is_main
-    if main and tc.max_steps < tc.warmup_steps:
-        tqdm.write(f"note: train.max_steps ({tc.max_steps}) is shorter than train.warmup_steps "
-                   f"({tc.warmup_steps}): the learning rate only climbs to "
-                   f"{lr_at(tc.max_steps - 1, tc):.3g} (train.lr is {tc.lr:g}) and never "
-                   "decays; lower train.warmup_steps for a full schedule")
+    stage = step or SupervisedStep(model, loader, loss_fn, tc, device, parallel,
+                                   tokens_per_micro_batch, flops_per_token, count_tokens,
+                                   loss_units)
     hw = detect(device)
     n_dev = 1 if parallel is None else parallel.world
     mon = Monitor(cfg.monitor, run.out, main, resume, flops_per_token=flops_per_token,
                   peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
     ckpts = Checkpointer(run.out, tc.keep_checkpoints, parallel)
-    start = start_or_resume(run, ckpts, model, optimizer, loader, mon).get("step", 0)
+    meta = start_or_resume(run, ckpts, model, optimizer, loader, mon)
+    stage.state.update({k: meta[k] for k in stage.state if k in meta})
     if not resume and evaluate is not None:
         with mon.clock("eval"):
             first = {"step": 0, **evaluate(0)}
@@ -193,91 +290,32 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         if main:
             mon.mirror(first)
 
-    ctx = autocast(device, tc.dtype)
-    step_fn = loss_step(loss_fn, tc, device)
-    bar = Progress(tc.max_steps, start, "train", enabled=main)
-    tokens_since = 0
+    bar = Progress(tc.max_steps, meta.get("step", 0), stage.desc, enabled=main)
     model.train()
-    step = start
+    at = meta.get("step", 0)  # optimizer steps done
     mon.start(tc.max_steps)
-    while step < tc.max_steps:
-        lr = lr_at(step, tc) * mon.lr_scale(step)
+    while at < tc.max_steps:
+        lr = stage.lr_at(at) * mon.lr_scale(at)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, batches = torch.zeros((), device=device), []
-        with mon.clock("data"):
-            for _ in range(tc.grad_accum):
-                mon.stall(step + 1)
-                batches.append(loader.next_batch())
-        # Counts summed over data ranks in one all-reduce: the loss's units (sum / global
-        # count, see the docstring) and, for stages whose rows vary, the step's tokens.
-        units = sum(loss_units(b) for b in batches) if loss_units else 0
-        step_tokens = sum(count_tokens(b) for b in batches) if count_tokens else \
-            tokens_per_micro_batch * tc.grad_accum  # pretraining's is global already
-        if parallel is not None and (loss_units or count_tokens):
-            units, summed = parallel.sum_over_data(units, step_tokens)
-            step_tokens = summed if count_tokens else step_tokens
-        scale = 1 / tc.grad_accum
-        if loss_units is not None:
-            scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
-        for batch in batches:
-            batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
-            with ctx:
-                loss = mon.corrupt(step + 1, step_fn(model, batch) * scale)
-            loss.backward()
-            loss_sum += loss.detach()
-        if parallel is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        else:
-            from scalelab.parallel.apply import clip_grad_norm_, sync_grads
-            sync_grads(model, parallel)  # dp all-reduce (FSDP reduced in backward already)
-            grad_norm = clip_grad_norm_(model, tc.grad_clip, parallel)
-        if parallel is not None and mon.enabled:  # every rank must judge the same numbers
-            loss_sum = parallel.mean_over_data(loss_sum)
-        seen = mon.check(step + 1, loss_sum, grad_norm)  # None: healthy
-        if seen is None:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mon.step_done(step + 1)
-        if seen is not None and mon.act(seen, ckpts.latest() is not None) == "rewind":
+        seen = stage.update(at, optimizer, mon)
+        mon.step_done(at + 1)
+        if seen is not None and mon.act(seen, stage.can_rewind and
+                                        ckpts.latest() is not None) == "rewind":
             with mon.clock("rewind"):
-                step = rewind(run, ckpts, model, optimizer, loader, mon)
-            run.log(mon.rewound(seen, step))
-            bar.goto(step)
-            tokens_since = 0
+                at = rewind(run, ckpts, model, optimizer, loader, mon)
+            run.log(mon.rewound(seen, at))
+            bar.goto(at)
             continue
         if seen is not None:
             run.log(mon.skipped(seen))
-        done = step + 1
-        if seen is None:  # tokens of updates that stand (a rewind restores the count)
-            tokens_since += step_tokens
-            mon.tokens += step_tokens
+        done = at + 1
         bar.update(1)
-
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            if parallel is not None and not mon.enabled:  # data ranks saw different rows
-                loss_sum = parallel.mean_over_data(loss_sum)
-            loss_val = loss_sum.item()  # the only host sync of a step without the monitor
-            if not math.isfinite(loss_val) and not mon.enabled:
-                raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
-            dt = max(1e-9, mon.busy_seconds())  # train + data: not eval, checkpoints
-            row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm)}
-            if mon.tokens:  # 0 = this stage does not count its tokens: say nothing
-                row.update(tokens=mon.tokens, tokens_per_s=tokens_since / dt)
-            if flops_per_token and mon.tokens:
-                row["model_tflops"] = flops_per_token * tokens_since / dt / 1e12
-                if mon.peak_flops:
-                    row["mfu"] = row["model_tflops"] * 1e12 / mon.peak_flops
-            row.update(mon.interval_row())
+        row = stage.row(done, lr, mon)
+        if row is not None:
             run.log(row)
             mon.logged(row)
-            post = {"loss": f"{loss_val:.3f}"}
-            if "tokens_per_s" in row:
-                post["tok/s"] = f"{row['tokens_per_s']:,.0f}"
-            if "mfu" in row:
-                post["mfu"] = f"{row['mfu']:.1%}"
-            bar.set_postfix(post)
-            tokens_since = 0
+            bar.set_postfix({name: format(row[k], spec) for k, name, spec in SHOWN if k in row})
 
         if evaluate is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
             with mon.clock("eval"):
@@ -294,8 +332,8 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             with mon.clock("checkpoint"):
                 if save_model is not None:
                     save_model()
-                ckpts.save(done, model, optimizer,
-                           {"loader": loader.state_dict(), "monitor": mon.state_dict()})
-        step = done
+                ckpts.save(done, model, optimizer, {"loader": loader.state_dict(),
+                                                    "monitor": mon.state_dict(), **stage.state})
+        at = done
     bar.close()
     mon.finish()

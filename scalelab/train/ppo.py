@@ -29,13 +29,11 @@ from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, compute_dtype, use_compile
 from scalelab.model import ScalarModel, Transformer
-from scalelab.parallel.apply import parallelize
+from scalelab.parallel.apply import parallelize, sync_and_clip
 from scalelab.tokenizer import Tokenizer
-from scalelab.train.checkpoint import Checkpointer, save_full_model
-from scalelab.train.loop import make_optimizer, start_or_resume, start_stage
+from scalelab.train.checkpoint import save_full_model
+from scalelab.train.loop import Step, fit, start_stage
 from scalelab.train.losses import token_logprobs
-from scalelab.train.monitor import Monitor
-from scalelab.train.progress import Progress
 from scalelab.train.reward import load_reward_model
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
@@ -222,14 +220,6 @@ class DataRanks:
         dist.broadcast(ids, src=dist.get_global_rank(group, 0), group=group)
         return [[t for t in row if t >= 0] for row in ids.tolist()]
 
-    def step_grads(self, model: torch.nn.Module, params: list, grad_clip: float):
-        """Average gradients over data ranks and clip by the global norm; returns the norm."""
-        if self.par is None:
-            return torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        from scalelab.parallel.apply import clip_grad_norm_, sync_grads
-        sync_grads(model, self.par)
-        return clip_grad_norm_(model, grad_clip, self.par)
-
 
 def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenizer,
                      pc: PPOConfig, chunks: Chunks, generator: torch.Generator | None,
@@ -272,7 +262,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
     or a compiled copy of it (then `compiled` is set: every rollout is padded to
     max_new_tokens, one shape for the compiled loss, and the decode step is compiled too).
-    sampling_copy: a whole copy of the policy to generate with (see `sampling_copy`),
+    sampling_copy: a whole copy of the policy to generate with (see `make_sampling_copy`),
     refreshed from the policy here before the rollouts.
     The stats stay tensors until the end of the step. A minibatch whose loss or gradient
     norm is not finite is not applied (counted in row["skipped_updates"]): a fused optimizer
@@ -334,7 +324,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             optimizer.zero_grad(set_to_none=True)
             # x data ranks: the gradient reduction averages over them, the loss is a share
             (loss * ranks.world if ranks.world > 1 else loss).backward()
-            norm = ranks.step_grads(both, params, grad_clip)
+            norm = sync_and_clip(both, grad_clip, ranks.par, params)
             bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
             if ranks.par is not None:  # one rank's bad loss skips the update everywhere
                 bad = (ranks.total(bad) > 0).float()
@@ -450,64 +440,55 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     ctx = autocast(device, tc.dtype)
     compiled = use_compile(tc.compile, device)
     loss_fn = torch.compile(minibatch_loss) if compiled else minibatch_loss
-
-    both = torch.nn.ModuleDict({"policy": policy, "value": value})
-    optimizer = make_optimizer(both, tc, device)
     sampler = EpochSampler(len(keep), n_prompts, seed=pc.seed)
-    mon = Monitor(cfg.monitor, out, par.is_main, resume=resume)
-    ckpts = Checkpointer(out, tc.keep_checkpoints, None if par.single else par)
-    meta = start_or_resume(run, ckpts, both, optimizer, sampler, mon)
-    kl_coef, start = meta.get("kl_coef", pc.kl_coef), meta.get("step", 0)  # PPO's own state
-    gen = torch.Generator(device=device)
-    ranks = DataRanks(par)
+    gen, ranks = torch.Generator(device=device), DataRanks(par)
     per_chunk = pc.rollout_batch // total_chunks
     mine = slice(first_chunk * per_chunk, (first_chunk + my_chunks) * per_chunk)
-    bar = Progress(tc.max_steps, start, "ppo", enabled=par.is_main)  # plain lines off a tty
-    mon.start(tc.max_steps)
-    for step in range(start, tc.max_steps):
-        for group in optimizer.param_groups:  # anneal linearly to zero
-            group["lr"] = tc.lr * (1 - step / tc.max_steps)
-        t0 = time.perf_counter()
-        mon.stall(step + 1)  # the monitor's test-only stall@N
-        idx = [keep[i] for i in sampler.next_indices() for _ in range(pc.samples_per_prompt)]
-        chunks = Chunks([chunk_seed(pc.seed, step, c)  # resumable sampling: seeds per step
-                         for c in range(first_chunk, first_chunk + my_chunks)],
-                        first_chunk, total_chunks)
-        row, ro = ppo_step(policy, ref, value, optimizer, reward_fn, idx[mine],
-                           [ids[i] for i in idx[mine]], tok, pc, kl_coef, gen, ctx=ctx,
-                           grad_clip=tc.grad_clip, loss_fn=loss_fn, compiled=compiled,
-                           corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss),
-                           chunks=chunks, par=par, sampling_copy=sampling_copy)
-        mon.step_done(step + 1)
-        kl_coef = update_kl_coef(kl_coef, row["objective/kl"], pc, len(idx))
-        done = step + 1
-        row = {"step": done, "loss": row["loss/policy"] + pc.vf_coef * row["loss/value"],
-               "lr": optimizer.param_groups[0]["lr"], **row,
-               "episodes_per_s": len(idx) / (time.perf_counter() - t0)}
-        if label is not None:
-            gold = ranks.total(gold_scores(idx[mine], ro.responses).sum().float().to(device))
-            row["gold_reward"] = gold.item() / len(idx)
-        run.log(row)
-        bar.update(1)
-        bar.set_postfix({"score": f"{row['objective/scores']:.2f}",
-                         "kl": f"{row['objective/kl']:.2f}",
-                         **({"gold": f"{row['gold_reward']:.2f}"} if label else {})})
-        mon.logged(row)
-        if row["skipped_updates"] or not math.isfinite(row["loss"]):
-            # The bad minibatch updates were not applied; PPO neither rewinds nor judges
-            # spikes (its loss is not a descent curve). Policy "stop" stops here.
-            seen = {"step": done, "event": "nonfinite", "loss": row["loss"],
-                    "grad_norm": float("nan"), "skipped_updates": row["skipped_updates"],
-                    "note": "PPO drops non-finite minibatch updates"}
-            mon.act(seen, can_rewind=False)  # raises RunFailed under policy "stop"
-            run.log(mon.skipped(seen))
-        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            with mon.clock("checkpoint"):
-                save_full_model(policy, tok, out / "model", par)
-                ckpts.save(done, both, optimizer, {"loader": sampler.state_dict(),
-                                                   "kl_coef": kl_coef, "monitor": mon.state_dict()})
-    bar.close()
-    mon.finish()
+
+    class PPOStep(Step):
+        """What fit() runs each step: roll out, score, update (ppo_step). PPO neither rewinds
+        nor judges spikes (its loss is not a descent curve); a step that dropped non-finite
+        minibatch updates is reported to the monitor (policy "stop" stops there)."""
+        desc, can_rewind = "ppo", False
+
+        def lr_at(self, step: int) -> float:
+            return tc.lr * (1 - step / tc.max_steps)  # anneal linearly to zero
+
+        def update(self, step: int, optimizer, mon) -> dict | None:
+            self.t0 = time.perf_counter()
+            mon.stall(step + 1)  # the monitor's test-only stall@N
+            self.idx = [keep[i] for i in sampler.next_indices()
+                        for _ in range(pc.samples_per_prompt)]
+            chunks = Chunks([chunk_seed(pc.seed, step, c)  # resumable sampling: seeds per step
+                             for c in range(first_chunk, first_chunk + my_chunks)],
+                            first_chunk, total_chunks)
+            kl_coef = self.state["kl_coef"]
+            self.stats, self.ro = ppo_step(
+                policy, ref, value, optimizer, reward_fn, self.idx[mine],
+                [ids[i] for i in self.idx[mine]], tok, pc, kl_coef, gen, ctx=ctx,
+                grad_clip=tc.grad_clip, loss_fn=loss_fn, compiled=compiled,
+                corrupt=lambda loss, at=step + 1: mon.corrupt(at, loss), chunks=chunks,
+                par=par, sampling_copy=sampling_copy)
+            self.state["kl_coef"] = update_kl_coef(kl_coef, self.stats["objective/kl"], pc,
+                                                   len(self.idx))
+            self.loss = self.stats["loss/policy"] + pc.vf_coef * self.stats["loss/value"]
+            if self.stats["skipped_updates"] or not math.isfinite(self.loss):
+                return {"step": step + 1, "event": "nonfinite", "loss": self.loss,
+                        "grad_norm": float("nan"), "skipped_updates": self.stats[
+                            "skipped_updates"], "note": "PPO drops non-finite minibatch updates"}
+            return None
+
+        def row(self, done: int, lr: float, mon) -> dict:
+            row = {"step": done, "loss": self.loss, "lr": lr, **self.stats,
+                   "episodes_per_s": len(self.idx) / (time.perf_counter() - self.t0)}
+            if label is not None:
+                gold = gold_scores(self.idx[mine], self.ro.responses).sum().float()
+                row["gold_reward"] = ranks.total(gold.to(device)).item() / len(self.idx)
+            return row
+
+    fit(run, cfg, torch.nn.ModuleDict({"policy": policy, "value": value}), sampler, device,
+        save_model=lambda: save_full_model(policy, tok, out / "model", par), resume=resume,
+        parallel=None if par.single else par, step=PPOStep({"kl_coef": pc.kl_coef}))
     return out / "model"
 
 

@@ -11,7 +11,6 @@ job's folder back and start over; any other command still finds the folder taken
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ import socket
 from pathlib import Path
 
 from scalelab.config import UserError
-from scalelab.io import atomic_write_json
+from scalelab.io import atomic_write_json, read_json_if_any
 
 MARKER = "run.json"
 
@@ -39,11 +38,8 @@ def last_step(out: Path) -> int | None:
 
 def run_stage(out: Path) -> str | None:
     """The stage that made the run in `out`, or None if it is not a scalelab run folder."""
-    for name, key in ((MARKER, "stage"), ("lineage.json", "stage")):
-        try:
-            stage = json.loads((out / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
+    for name in (MARKER, "lineage.json"):
+        stage = read_json_if_any(out / name).get("stage")
         if isinstance(stage, str):
             return stage
     if (out / "data" / "meta.json").is_file() and \
@@ -67,10 +63,7 @@ def restarted_own_job(out: Path) -> bool:
     claimed `out`."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
         return False
-    try:
-        job = json.loads((out / MARKER).read_text()).get("job")
-    except (OSError, ValueError, AttributeError):
-        return False
+    job = read_json_if_any(out / MARKER).get("job")
     return job is not None and job == torchrun_job()
 
 
@@ -108,6 +101,18 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
                         "run; a run is written only into a new or empty folder, so that no "
                         "file of yours is touched: choose a new --out")
     # else: new, empty, or our own run that stopped before training (bad data, say): reuse
+
+
+def resume_or_restart(run: Path, steps: int) -> bool | None:
+    """For the commands that run stages themselves (demo, sweep, study): None when the run
+    has its checkpoint at `steps` (done); else whether to resume it. A run killed before its
+    first checkpoint is removed, to start over."""
+    if (run / "checkpoints" / f"step_{steps}").is_dir():  # not the hidden .step_N.tmp
+        return None
+    if last_step(run) is not None:
+        return True
+    shutil.rmtree(run, ignore_errors=True)
+    return False
 
 
 def finished_step(out: Path, max_steps: int) -> int | None:
