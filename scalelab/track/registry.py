@@ -90,9 +90,11 @@ class Registry:
             raise UserError(f"{self.path}: folder {self.path.parent} does not exist")
         self._refuse_emptied()
         try:
+            checked = self.path.exists() and self.path.stat().st_size > 0 and \
+                self._checked_read_only()
             self.db = sqlite3.connect(self.path, timeout=QUIET_WAIT_S, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self._check_or_create()
+            self._check_or_create(checked)
         except sqlite3.OperationalError as e:
             if not is_locked(e):
                 raise UserError(f"{self.path}: not a scalelab registry ({e})") from None
@@ -119,33 +121,55 @@ class Registry:
                 f"Nothing was changed. Restore {self.path.name} from a backup, or to start a "
                 f"new registry here rename {wal.name} and {self.path.name}-shm aside")
 
-    def _check_or_create(self) -> None:
-        tables = {r[0] for r in self.db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    def _checked_read_only(self) -> bool:
+        """Check an existing file through a read-only connection first: closing a writable
+        one on a damaged file would checkpoint the -wal into it and delete the -wal. False
+        where read-only cannot tell (a hot journal left by a crash needs a writer)."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=QUIET_WAIT_S)) as db:
+            try:
+                self._check(db)
+            except sqlite3.OperationalError as e:
+                if is_locked(e):
+                    raise
+                return False
+        return True
+
+    def _check_or_create(self, checked: bool) -> None:
+        if self._tables(self.db):
+            if not checked:
+                self._check(self.db)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            return
+        self.db.execute("PRAGMA journal_mode = WAL")  # waits QUIET_WAIT_S at most
+        with self.write():
+            if not self._tables(self.db):  # another process may have created it meanwhile
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT INTO scalelab_registry VALUES ('version', ?)",
+                                (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _tables(db: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _check(self, db: sqlite3.Connection) -> None:
+        """A registry of our schema version whose contents pass _check_contents (or no
+        tables at all: a new registry)."""
+        tables = self._tables(db)
         if not tables:
-            self.db.execute("PRAGMA journal_mode = WAL")  # waits QUIET_WAIT_S at most
-            with self.write():
-                again = {r[0] for r in self.db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not again:  # another process may have created it while we waited
-                    for stmt in SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    self.db.execute("INSERT INTO scalelab_registry VALUES ('version', ?)",
-                                    (str(SCHEMA_VERSION),))
             return
         if "scalelab_registry" not in tables:
             raise UserError(f"{self.path}: an SQLite database but not a scalelab registry "
                             f"(tables: {', '.join(sorted(tables)[:5])})")
-        row = self.db.execute(
-            "SELECT value FROM scalelab_registry WHERE key = 'version'").fetchone()
+        row = db.execute("SELECT value FROM scalelab_registry WHERE key = 'version'").fetchone()
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise UserError(f"{self.path}: registry schema version {row and row[0]} is not "
                             f"the supported {SCHEMA_VERSION}")
-        self._check_contents()
-        self.db.execute("PRAGMA journal_mode = WAL")
+        self._check_contents(db)
 
-    def _check_contents(self) -> None:
+    def _check_contents(self, db: sqlite3.Connection) -> None:
         """Every table and column of SCHEMA is there and every value has its declared type
         (SQLite itself would store 'high' as a threshold) and JSON columns parse: a registry
         edited by hand or by another program is refused on opening, naming the table and row,
@@ -155,7 +179,7 @@ class Registry:
         kinds = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
         for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
             cols = want.execute(f"PRAGMA table_info({table})").fetchall()
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             missing = [c[1] for c in cols if c[1] not in have]
             if missing:
                 raise UserError(f"{self.path}: not a scalelab registry of schema "
@@ -163,17 +187,17 @@ class Registry:
                                 f"{', '.join(missing)})")
             for _, col, decl, notnull, _, _ in cols:
                 ok = kinds[decl] + (() if notnull else ("null",))
-                bad = self.db.execute(
+                bad = db.execute(
                     f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
                     f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
                 if bad is None and col in ("metrics", "samples", "detail"):
-                    bad = self.db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
-                                          f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
+                    bad = db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
+                                     f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
                                     f"holds {bad[1]}, expected {decl.lower()}")
         want.close()
-        for row in self.db.execute("SELECT id, name, metric FROM experiments"):
+        for row in db.execute("SELECT id, name, metric FROM experiments"):
             if row[2] not in HIGHER_IS_BETTER:
                 raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
                                 f"unknown metric {row[2]!r}")
