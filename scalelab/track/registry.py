@@ -2,7 +2,8 @@
 
 Nothing is ever overwritten: a rerun adds a result row, a new prediction adds a prediction
 row. WAL mode + a busy timeout + one IMMEDIATE transaction per write let two processes
-register and evaluate at the same time without losing anything.
+register and evaluate at the same time without losing anything. A wait for another process's
+lock is never silent: after QUIET_WAIT_S it is said on stderr, after LOCK_WAIT_S it is an error.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +22,8 @@ from scalelab.config import UserError
 from scalelab.track.metrics import HIGHER_IS_BETTER
 
 DEFAULT_PATH = "scalelab-registry.db"
+QUIET_WAIT_S = 5  # writers hold the lock for milliseconds; longer means one is stuck
+LOCK_WAIT_S = 60
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE scalelab_registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +73,10 @@ def code_version() -> str:
         return "unknown"
 
 
+def is_locked(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e)  # SQLITE_BUSY's message (error codes need Python 3.11)
+
+
 def registry_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("SCALELAB_REGISTRY") or DEFAULT_PATH)
 
@@ -80,41 +88,88 @@ class Registry:
             raise UserError(f"{self.path}: registry path is a folder, expected a file")
         if not self.path.parent.exists():
             raise UserError(f"{self.path}: folder {self.path.parent} does not exist")
+        self._refuse_emptied()
         try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            checked = self.path.exists() and self.path.stat().st_size > 0 and \
+                self._checked_read_only()
+            self.db = sqlite3.connect(self.path, timeout=QUIET_WAIT_S, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            self._check_or_create()
+            self._check_or_create(checked)
+        except sqlite3.OperationalError as e:
+            if not is_locked(e):
+                raise UserError(f"{self.path}: not a scalelab registry ({e})") from None
+            raise UserError(
+                f"{self.path}: another process held a lock on it for {QUIET_WAIT_S} s while it "
+                "was opened. If the file was cut short or replaced while in use, restore it "
+                "from a backup; else end that process (an SQLite tool with a transaction "
+                "open?) and run this again") from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path}: not a scalelab registry ({e})") from None
 
-    def _check_or_create(self) -> None:
-        tables = {r[0] for r in self.db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
+    def _refuse_emptied(self) -> None:
+        """An empty registry beside a non-empty -wal was cut short (or replaced) while in use.
+        SQLite would take it for a new database and delete the -wal, which holds the latest
+        writes, or, while another process still has it open, first wait out the busy timeout.
+        The -wal is measured first: in normal use it has frames only once the main file has
+        its header, so this cannot misfire on a registry another process is creating."""
+        wal = Path(f"{self.path}-wal")
+        wal_bytes = wal.stat().st_size if wal.exists() else 0
+        if wal_bytes and self.path.exists() and self.path.stat().st_size == 0:
+            raise UserError(
+                f"{self.path}: the registry file is empty but {wal.name} ({wal_bytes} bytes) "
+                "beside it holds its latest writes: it was cut short or replaced while in use. "
+                f"Nothing was changed. Restore {self.path.name} from a backup, or to start a "
+                f"new registry here rename {wal.name} and {self.path.name}-shm aside")
+
+    def _checked_read_only(self) -> bool:
+        """Check an existing file through a read-only connection first: closing a writable
+        one on a damaged file would checkpoint the -wal into it and delete the -wal. False
+        where read-only cannot tell (a hot journal left by a crash needs a writer)."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=QUIET_WAIT_S)) as db:
+            try:
+                self._check(db)
+            except sqlite3.OperationalError as e:
+                if is_locked(e):
+                    raise
+                return False
+        return True
+
+    def _check_or_create(self, checked: bool) -> None:
+        if self._tables(self.db):
+            if not checked:
+                self._check(self.db)
             self.db.execute("PRAGMA journal_mode = WAL")
-            with self.write():
-                again = {r[0] for r in self.db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not again:  # another process may have created it while we waited
-                    for stmt in SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    self.db.execute("INSERT INTO scalelab_registry VALUES ('version', ?)",
-                                    (str(SCHEMA_VERSION),))
+            return
+        self.db.execute("PRAGMA journal_mode = WAL")  # waits QUIET_WAIT_S at most
+        with self.write():
+            if not self._tables(self.db):  # another process may have created it meanwhile
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT INTO scalelab_registry VALUES ('version', ?)",
+                                (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _tables(db: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _check(self, db: sqlite3.Connection) -> None:
+        """A registry of our schema version whose contents pass _check_contents (or no
+        tables at all: a new registry)."""
+        tables = self._tables(db)
+        if not tables:
             return
         if "scalelab_registry" not in tables:
             raise UserError(f"{self.path}: an SQLite database but not a scalelab registry "
                             f"(tables: {', '.join(sorted(tables)[:5])})")
-        row = self.db.execute(
-            "SELECT value FROM scalelab_registry WHERE key = 'version'").fetchone()
+        row = db.execute("SELECT value FROM scalelab_registry WHERE key = 'version'").fetchone()
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise UserError(f"{self.path}: registry schema version {row and row[0]} is not "
                             f"the supported {SCHEMA_VERSION}")
-        self._check_contents()
-        self.db.execute("PRAGMA journal_mode = WAL")
+        self._check_contents(db)
 
-    def _check_contents(self) -> None:
+    def _check_contents(self, db: sqlite3.Connection) -> None:
         """Every table and column of SCHEMA is there and every value has its declared type
         (SQLite itself would store 'high' as a threshold) and JSON columns parse: a registry
         edited by hand or by another program is refused on opening, naming the table and row,
@@ -124,7 +179,7 @@ class Registry:
         kinds = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
         for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
             cols = want.execute(f"PRAGMA table_info({table})").fetchall()
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             missing = [c[1] for c in cols if c[1] not in have]
             if missing:
                 raise UserError(f"{self.path}: not a scalelab registry of schema "
@@ -132,17 +187,17 @@ class Registry:
                                 f"{', '.join(missing)})")
             for _, col, decl, notnull, _, _ in cols:
                 ok = kinds[decl] + (() if notnull else ("null",))
-                bad = self.db.execute(
+                bad = db.execute(
                     f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
                     f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
                 if bad is None and col in ("metrics", "samples", "detail"):
-                    bad = self.db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
-                                          f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
+                    bad = db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
+                                     f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
                                     f"holds {bad[1]}, expected {decl.lower()}")
         want.close()
-        for row in self.db.execute("SELECT id, name, metric FROM experiments"):
+        for row in db.execute("SELECT id, name, metric FROM experiments"):
             if row[2] not in HIGHER_IS_BETTER:
                 raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
                                 f"unknown metric {row[2]!r}")
@@ -150,13 +205,36 @@ class Registry:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One transaction; IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin_immediate()
         try:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def _begin_immediate(self) -> None:
+        """Wait QUIET_WAIT_S for the write lock, then say so and wait up to LOCK_WAIT_S."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if not is_locked(e):
+                raise
+        print(f"scalelab: {self.path} is locked by another process; waiting up to "
+              f"{LOCK_WAIT_S} s", file=sys.stderr, flush=True)
+        self.db.execute(f"PRAGMA busy_timeout = {(LOCK_WAIT_S - QUIET_WAIT_S) * 1000}")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if not is_locked(e):
+                raise
+            raise UserError(f"{self.path}: still locked by another process after "
+                            f"{LOCK_WAIT_S} s; a scalelab command stopped (Ctrl-Z) or stuck "
+                            "while writing? Let it finish or end it, then run this again"
+                            ) from None
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {QUIET_WAIT_S * 1000}")
 
     def close(self) -> None:
         self.db.close()
