@@ -169,7 +169,7 @@ class MonitorConfig:
     spike_window: int = 20  # recent healthy steps in the running median
     min_history: int = 10  # steps seen before spikes and explosions are judged
     grad_factor: float = 20.0  # an explosion: grad norm > grad_factor x its median (0 = off)
-    max_rewinds: int = 3  # rewinds in one process before the run gives up
+    max_rewinds: int = 3  # rewinds in a row (no new checkpoint between) before giving up
     rewind_lr_factor: float = 1.0  # after a rewind, lr x this ...
     rewind_lr_steps: int = 0  # ... for this many steps
     stall_factor: float = 2.5  # stall: no step for this x the median step time (0 = off) ...

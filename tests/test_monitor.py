@@ -67,8 +67,11 @@ def test_watchdog_reports_a_stall_within_3x_the_median_step():
 def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
     clean, hurt = tmp_path / "clean", tmp_path / "hurt"
     assert pretrain(clean, 60, "train.eval_every=20").returncode == 0
+    # max_rewinds=1: the two rewinds have a checkpoint (step 40) between them, so the run
+    # is not stuck and goes on (it gave up at the second when the count never reset).
     r = pretrain(hurt, 60, "train.eval_every=20", 'monitor.inject="nan@25,spike@45"',
-                 "monitor.rewind_lr_factor=0.5", "monitor.rewind_lr_steps=3")
+                 "monitor.rewind_lr_factor=0.5", "monitor.rewind_lr_steps=3",
+                 "monitor.max_rewinds=1")
     assert r.returncode == 0, r.stderr
     lr = lambda run, step: next(r["lr"] for r in rows(run) if r["step"] == step and "lr" in r)
     for step in (21, 22, 23, 41, 42, 43):  # lr halved for 3 steps after each rewind

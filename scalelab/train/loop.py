@@ -334,6 +334,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                     save_model()
                 ckpts.save(done, model, optimizer, {"loader": loader.state_dict(),
                                                     "monitor": mon.state_dict(), **stage.state})
+            mon.checkpointed()
         at = done
     bar.close()
     mon.finish()

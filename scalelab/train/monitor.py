@@ -248,16 +248,22 @@ class Monitor:
             if self.rewinds > self.mc.max_rewinds:
                 self.event({**seen, "action": "give_up"})
                 self.finish("stopped", f"{describe(seen)}; too many rewinds")
-                raise RunFailed(f"{describe(seen)} again after "
-                                f"{self.mc.max_rewinds} rewinds (monitor.max_rewinds); giving "
-                                "up. Lower train.lr, raise train.warmup_steps or look at the "
-                                "data around this step")
+                raise RunFailed(f"{describe(seen)} again after {self.mc.max_rewinds} rewinds "
+                                "with no new checkpoint between them (monitor.max_rewinds); "
+                                "giving up. Lower train.lr, raise train.warmup_steps or look "
+                                "at the data around this step")
         if policy == "stop":
             self.event({**seen, "action": "stop"})
             self.finish("stopped", describe(seen))
             raise RunFailed(f"{describe(seen)} (monitor.policy = stop); "
                             "lower train.lr or set monitor.policy = \"rewind\"")
         return policy
+
+    def checkpointed(self) -> None:
+        """A new checkpoint was written: the run got past its last rewind, so rewinds count
+        from zero again (max_rewinds gives up on a run stuck in a loop, not a long run
+        with a few spikes far apart)."""
+        self.rewinds = 0
 
     def rewound(self, seen: dict, to_step: int) -> dict:
         """Log the rewind; returns the metrics.jsonl row (at the step the run goes on from)."""
