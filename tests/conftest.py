@@ -65,6 +65,19 @@ def toy_ppo(tokenizer: Tokenizer, **train) -> tuple:
     return policy, ref, value, opt, both
 
 
+def save_policy_and_reward_model(tokenizer: Tokenizer, folder: Path, reward_std: float) -> None:
+    """folder/base (a 2 x 32 policy) and folder/rm (a reward model of that shape, its score
+    normalised with mean 0 and std reward_std): what a PPO run starts from."""
+    from scalelab.model import ScalarModel
+    from scalelab.train.checkpoint import save_model
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=128, n_layer=2, n_head=2,
+                     d_model=32)
+    save_model(Transformer(mc), tokenizer, folder / "base")
+    save_model(ScalarModel(Transformer(mc)), tokenizer, folder / "rm",
+               extra_json={"reward.json": {"mean": 0.0, "std": reward_std}})
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

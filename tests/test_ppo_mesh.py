@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_policy_and_reward_model
 from test_parallel_dist import max_rel_diff, torchrun
 
 import scalelab.train.ppo as ppo_module
-from scalelab.config import ModelConfig, PPOConfig, UserError, load_config
-from scalelab.model import ScalarModel, Transformer
-from scalelab.train.checkpoint import read_tensors, save_model
+from scalelab.config import PPOConfig, UserError, load_config
+from scalelab.train.checkpoint import read_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -72,12 +72,7 @@ def mesh_responses(run: Path) -> list[dict[int, list]]:
 @pytest.fixture(scope="module")
 def ppo_runs(tmp_path_factory, tokenizer):
     refs, base = tmp_path_factory.mktemp("ppo_refs"), tmp_path_factory.mktemp("ppo_mesh")
-    torch.manual_seed(0)
-    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=128, n_layer=2, n_head=2,
-                     d_model=32)
-    save_model(Transformer(mc), tokenizer, refs / "base")
-    save_model(ScalarModel(Transformer(mc)), tokenizer, refs / "rm",
-               extra_json={"reward.json": {"mean": 0.0, "std": 0.1}})
+    save_policy_and_reward_model(tokenizer, refs, reward_std=0.1)
     mp = pytest.MonkeyPatch()
     seen = run_recording(mp, load_config(overrides=ONE_PROCESS), refs / "base", refs / "rm",
                          "builtin:tasks", refs / "ppo")

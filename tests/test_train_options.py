@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import save_policy_and_reward_model
 
 from scalelab.config import ModelConfig, UserError, load_config
 from scalelab.hardware import use_compile
@@ -126,15 +127,8 @@ def test_ppo_gets_activation_checkpointing_from_fit(tmp, tokenizer, monkeypatch)
     """PPO runs in fit() too: its policy's and value model's blocks recompute in backward,
     and every logged number stays the same."""
     import scalelab.parallel.ac as ac
-    from scalelab.model import ScalarModel
-    from scalelab.train.checkpoint import save_model
     from scalelab.train.ppo import ppo
-    torch.manual_seed(0)
-    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=128, n_layer=2, n_head=2,
-                     d_model=32)
-    save_model(Transformer(mc), tokenizer, tmp / "base")
-    save_model(ScalarModel(Transformer(mc)), tokenizer, tmp / "rm",
-               extra_json={"reward.json": {"mean": 0.0, "std": 1.0}})
+    save_policy_and_reward_model(tokenizer, tmp, reward_std=1.0)
     calls, plain = [], ac.checkpoint
     monkeypatch.setattr(ac, "checkpoint", lambda *a, **kw: calls.append(1) or plain(*a, **kw))
     rows = {}
