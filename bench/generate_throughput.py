@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,33 +27,13 @@ from scalelab.config import ModelConfig
 from scalelab.generate import generate
 from scalelab.model import Transformer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, hf_peer, kernel_profile, print_profile, set_inductor  # noqa: E402
+
 FULL = dict(model=dict(n_layer=12, d_model=768, n_head=12, vocab_size=50304, seq_len=256),
             batch=64, prompt=64, new=128)
 SMOKE = dict(model=dict(n_layer=2, d_model=64, n_head=4, vocab_size=512, seq_len=64),
              batch=8, prompt=16, new=32)
-
-
-def hf_model(mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """LlamaForCausalLM of scalelab's resolved shape (layers, heads, MLP, vocab, tied)."""
-    import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta}}
-            if int(transformers.__version__.split(".")[0]) >= 5 else {"rope_theta": mc.rope_theta})
-    hc = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model,
-                     intermediate_size=mc.d_mlp, num_hidden_layers=mc.n_layer,
-                     num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
-                     max_position_embeddings=mc.seq_len, rms_norm_eps=mc.norm_eps,
-                     tie_word_embeddings=mc.tie_embeddings, attention_bias=False,
-                     mlp_bias=False, hidden_act="silu", **rope)
-    model = LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -66,6 +45,10 @@ def main() -> None:
                         "CUDA, as PPO does with train.compile = auto)")
     p.add_argument("--compile-mode", help="experiment: torch.compile mode of the decode step "
                    "(e.g. max-autotune-no-cudagraphs; the CUDA graph is scalelab's own)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="experiment: a torch._inductor.config setting for the compiled step")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one call of scalelab's rollouts: the kernels per step")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -75,6 +58,7 @@ def main() -> None:
     if args.compile_mode:
         import scalelab.generate
         scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
+    inductor = set_inductor(args.inductor)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -107,7 +91,7 @@ def main() -> None:
         systems["scalelab_no_graphs"] = scalelab_run(False)
     unavailable: dict[str, str] = {}
     try:
-        peer = hf_model(mc, dtype, device)
+        peer = hf_peer(mc).to(device=device, dtype=dtype).eval()
         ids, attn = prompts.to(device), torch.ones_like(prompts).to(device)
 
         def hf_run() -> int:
@@ -155,6 +139,10 @@ def main() -> None:
               f"{warm_s[n]:>11.1f}")
     for n, why in unavailable.items():
         print(f"{n:<20} peer unavailable: {why}")
+    prof = None
+    if args.profile:  # decode steps dominate: count and time the kernels per new token
+        prof = kernel_profile(systems["scalelab"], device, per=N)
+        print_profile(prof, "new token")
     hf = tok_s.get("hf_static")
     rows = []
     for n in systems:
@@ -180,9 +168,10 @@ def main() -> None:
                "command": " ".join(["python", *sys.argv]),
                "config": {"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
                           "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
-                          "compile": compile, "compile_mode": args.compile_mode},
+                          "compile": compile, "compile_mode": args.compile_mode,
+                          "inductor": inductor},
                "rows": rows, "tokens_per_s": tok_s, "warmup_s": warm_s,
-               "seconds": times, "peer_unavailable": unavailable}
+               "seconds": times, "peer_unavailable": unavailable, "profile": prof}
         try:
             import transformers
             out["transformers"] = transformers.__version__

@@ -4,14 +4,23 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
+#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (about 5 min)
 #   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
 # checkout, so nothing needs installing. Peers (transformers, trl) are optional: a missing one
 # is recorded in the JSON as unavailable, with the reason.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu]}
-mode=${2:-}
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu] [--experiments]}
+shift
+mode= experiments=
+for flag in "$@"; do
+  case $flag in
+    --cpu) mode=--cpu ;;
+    --experiments) experiments=1 ;;
+    *) echo "unknown flag $flag (expected --cpu or --experiments)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -42,20 +51,32 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info))
 PY
 
-# name, script, seconds allowed (times $scale on CPU), extra arguments. The first three are
-# the issue's benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
-# the train_* runs are scalelab-only: batch 12 (nanoGPT's bench.py shape) and the chunked
-# cross-entropy under compile (the plain one is the default there).
-runs=(
-  "generate generate 110"
+# name, script, seconds allowed (times $scale on CPU), extra arguments. The checks are the
+# issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
+# the generate run also profiles the kernels of one call. The experiments are candidate
+# speed-ups not adopted yet, each to compare with its check of the same run or an earlier
+# one: inductor's coordinate-descent tuning and freezing (weights as constants: it lets
+# inductor concatenate the q/k/v and gate/up matmuls, which PPO could only have by fusing
+# those weights in the model) for the decode step; cuDNN attention, coordinate-descent
+# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining.
+checks=(
+  "generate generate 110 --profile"
   "ppo ppo 170"
   "train train 120"
+)
+extras=(
+  "generate_cdt generate 150 --inductor coordinate_descent_tuning=True"
+  "generate_freezing generate 110 --inductor freezing=True"
+  "train_cudnn train 60 --peers scalelab --sdpa cudnn --steps 10 --warmup 3"
+  "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
   "train_batch12 train 60 --peers scalelab --batch-size 12 --steps 10 --warmup 3"
   "train_chunked train 60 --peers scalelab --loss chunked --steps 10 --warmup 3"
 )
+if [ -n "$experiments" ]; then runs=("${extras[@]}"); else runs=("${checks[@]}"); fi
 status=0
 for line in "${runs[@]}"; do
   read -r name bench limit extra <<<"$line"
+  [ "$mode" = --cpu ] && extra=${extra/--sdpa cudnn/--sdpa math}  # cuDNN: GPUs only
   [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]] && continue
   echo "== $name ($(date +%T))"
   # shellcheck disable=SC2086  # $extra is a list of arguments
@@ -63,6 +84,7 @@ for line in "${runs[@]}"; do
     --json "$out/$name.json" > "$out/$name.log" 2>&1
   rc=$?
   tail -n 8 "$out/$name.log"
+  echo "   ($name: exit $rc at $(date +%T))"
   [ $rc -ne 0 ] && { echo "!! $name exited $rc"; status=1; }
 done
 

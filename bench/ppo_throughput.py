@@ -40,7 +40,7 @@ from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import make_rollout, make_sampling_copy, minibatch_loss, ppo_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import device_name, hf_peer  # noqa: E402
+from common import device_name, hf_peer  # noqa: E402
 
 SHAPES = {  # model, prompts, prompt tokens, response tokens, ppo epochs
     "cuda": (dict(n_layer=12, n_head=12, d_model=768, d_mlp=2048, vocab_size=50304), 64, 64,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,26 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from scalelab.cli import resolve_config_path
-from scalelab.config import Config, ModelConfig, load_config
+from scalelab.config import Config, load_config
 from scalelab.hardware import autocast, detect, pick_device, use_compile
 from scalelab.model import Transformer
 from scalelab.train.loop import loss_step, make_optimizer
 from scalelab.train.losses import cross_entropy
 from scalelab.train.pretrain import next_token_loss
 
-
-def hf_peer(mc: ModelConfig) -> torch.nn.Module:
-    """LlamaForCausalLM with scalelab's (resolved) shape: same layers, heads, MLP, vocab, ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hc = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model,
-                     intermediate_size=mc.d_mlp, num_hidden_layers=mc.n_layer,
-                     num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
-                     max_position_embeddings=mc.seq_len, rms_norm_eps=mc.norm_eps,
-                     rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta},
-                     tie_word_embeddings=mc.tie_embeddings, attention_bias=False,
-                     mlp_bias=False, use_cache=False, hidden_act="silu")
-    return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, hf_peer, sdpa_backend, set_inductor  # noqa: E402
 
 
 def _chunked(model, batch):  # the chunked cross-entropy, compiled or not
@@ -64,8 +52,8 @@ EXPERIMENTS = {"chunked": _chunked, "plain": _plain}  # --loss: other than pretr
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torch.Tensor,
-              y: torch.Tensor, hf: bool, compile: bool, loss: str = "auto"
-              ) -> Callable[[], None]:
+              y: torch.Tensor, hf: bool, compile: bool, loss: str = "auto",
+              sdpa: str | None = None) -> Callable[[], None]:
     """A closure doing one full training step on the fixed batch (x, y)."""
     model.to(device).train()
     opt = make_optimizer(model, cfg.train, device)
@@ -80,24 +68,12 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
         loss_fn = loss_step(EXPERIMENTS.get(loss, next_token_loss), cfg.train, device)
 
     def step() -> None:
-        with ctx:
+        with ctx, sdpa_backend(sdpa):
             loss = loss_fn(model, (x, y))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -123,7 +99,13 @@ def main() -> None:
     p.add_argument("--loss", default="auto", choices=["auto", *EXPERIMENTS],
                    help="scalelab's loss: auto = what pretrain runs (chunked eagerly, plain "
                         "under compile); chunked or plain = that one always (experiments)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="experiment: a torch._inductor.config setting (e.g. "
+                        "coordinate_descent_tuning=True)")
+    p.add_argument("--sdpa", choices=["cudnn", "flash", "efficient", "math"],
+                   help="experiment: the only attention backend both systems may use")
     args = p.parse_args()
+    inductor = set_inductor(args.inductor)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,10 +146,10 @@ def main() -> None:
     B, T = tc.batch_size, mc.seq_len
     data = torch.randint(mc.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = data[:, :-1].to(device), data[:, 1:].to(device)
-    models = {"scalelab": ours, "hf": hf_peer(mc) if "hf" in peers else None}
+    models = {"scalelab": ours, "hf": hf_peer(mc, use_cache=False) if "hf" in peers else None}
     params = {n: sum(q.numel() for q in models[n].parameters()) for n in peers}
-    steps = {n: make_step(models[n], cfg, device, x, y, n == "hf", args.compile, args.loss)
-             for n in peers}
+    steps = {n: make_step(models[n], cfg, device, x, y, n == "hf", args.compile, args.loss,
+                          args.sdpa) for n in peers}
     fpt = ours.flops_per_token(T)  # same FLOP count for both: 6N + 12LHQT, N = ours
     hw = detect(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -224,7 +206,7 @@ def main() -> None:
                "config": {"model": vars(mc), "batch_size": B, "seq_len": T,
                           "dtype": args.dtype, "compile": args.compile, "loss": args.loss,
                           "threads": torch.get_num_threads(), "steps": args.steps,
-                          "warmup": args.warmup},
+                          "warmup": args.warmup, "inductor": inductor, "sdpa": args.sdpa},
                "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio,
                "unavailable": unavailable}
         if "hf" in peers:

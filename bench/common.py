@@ -1,0 +1,116 @@
+"""What the throughput benches share: the device's name, the HF peer model, and the knobs for
+GPU experiments (inductor settings, the attention backend, a kernel profile)."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from scalelab.config import ModelConfig
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def hf_peer(mc: ModelConfig, **extra) -> torch.nn.Module:
+    """LlamaForCausalLM with scalelab's (resolved) shape: same layers, heads, MLP, vocab, ties."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta}}
+            if int(transformers.__version__.split(".")[0]) >= 5 else {"rope_theta": mc.rope_theta})
+    hc = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model,
+                     intermediate_size=mc.d_mlp, num_hidden_layers=mc.n_layer,
+                     num_attention_heads=mc.n_head, num_key_value_heads=mc.n_kv_head,
+                     max_position_embeddings=mc.seq_len, rms_norm_eps=mc.norm_eps,
+                     tie_word_embeddings=mc.tie_embeddings, attention_bias=False,
+                     mlp_bias=False, hidden_act="silu", **rope, **extra)
+    return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
+
+
+def set_inductor(settings: list[str]) -> dict:
+    """Experiments: "KEY=VALUE" pairs set on torch._inductor.config (dotted keys reach its
+    sub-configs, e.g. triton.cudagraphs=False); VALUE is a Python literal. Returns them."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    done = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE")
+        *path, last = key.strip().split(".")
+        target = inductor
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, last):
+            raise SystemExit(f"--inductor {key}: torch._inductor.config has no such setting")
+        value = ast.literal_eval(text.strip())
+        setattr(target, last, value)
+        done[key.strip()] = value
+    return done
+
+
+def sdpa_backend(name: str | None):
+    """A context that limits F.scaled_dot_product_attention to one backend (None: torch's
+    choice), e.g. "cudnn" for cuDNN's attention on Hopper GPUs."""
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([backends[name]])
+
+
+def kernel_profile(fn: Callable[[], object], device: torch.device, per: int,
+                   top: int = 15) -> dict:
+    """Run fn once under torch.profiler; the kernels (CUDA) or operators (CPU) that took the
+    most time, and how many ran and how long they took in all per unit of work (per: e.g.
+    decode steps in the call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:  # device kernels: events that ran on the GPU, one per launch
+        events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        timed = [(e.name, e.device_time_total) for e in events]
+    else:  # operators at the top of the stack only, so nothing is counted twice
+        events = [e for e in prof.events() if e.cpu_parent is None]
+        timed = [(e.name, e.cpu_time_total) for e in events]
+    totals: dict[str, list[float]] = {}
+    for name, us in timed:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    busy_us = sum(us for _, us in timed)
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"what": "cuda kernels" if cuda else "cpu operators", "per": per,
+            "count_per_unit": len(timed) / per, "busy_us_per_unit": busy_us / per,
+            "top": [{"name": n[:120], "count": c, "us_total": round(us, 1),
+                     "share": us / busy_us if busy_us else None} for n, (c, us) in rows]}
+
+
+def print_profile(prof: dict, unit: str) -> None:
+    print(f"\nprofile ({prof['what']}): {prof['count_per_unit']:.1f} per {unit}, "
+          f"{prof['busy_us_per_unit']:.1f} us busy per {unit}")
+    for r in prof["top"]:
+        print(f"  {r['share'] or 0:6.1%} {r['count']:6d} x  {r['name'][:90]}")
