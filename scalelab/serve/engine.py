@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scalelab.generate import padded_attention
 from scalelab.model import KVCache, Transformer
 from scalelab.tokenizer import Tokenizer
 
@@ -87,10 +88,8 @@ def padded_batch(prompts: list[list[int]], total: int, pad_id: int, device
     for i, p in enumerate(prompts):
         tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
         valid[i, P - len(p):] = True
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool)
-    return tokens.to(device), positions.to(device), mask.unsqueeze(1).to(device)
+    positions, mask = padded_attention(valid)
+    return tokens.to(device), positions.to(device), mask.to(device)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
