@@ -301,11 +301,11 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
     return out
 
 
-def legacy_logprobs(entries: list[dict], start: int = 0) -> dict:
+def legacy_logprobs(entries: list[dict]) -> dict:
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [e["top"] for e in entries],
-            "text_offset": [start + e["offset"] for e in entries]}
+            "text_offset": [e["offset"] for e in entries]}
 
 
 @router.post("/v1/completions")
@@ -355,20 +355,15 @@ async def completions(request: Request):
     for p, done in enumerate(results):
         prompt_text = engine.tok.decode(prompts[p][1:]) if echo else ""
         for ev in done:
-            lp = None
-            if k is not None:
-                entries = ev["logprobs"]
-                if echo:
-                    scored = ev["prompt_logprobs"][1:]  # without BOS
-                    ids = prompts[p][1:]
-                    for j, e in enumerate(scored):
-                        e["offset"] = len(engine.tok.decode(ids[:j]))
-                    lp = legacy_logprobs(scored)
-                    more = legacy_logprobs(entries, len(prompt_text))
-                    lp = {key: lp[key] + more[key] for key in lp}
-                else:
-                    lp = legacy_logprobs(entries)
+            entries = ev["logprobs"]
+            if echo and k is not None:  # the prompt's tokens first, then the answer's
+                scored = ev["prompt_logprobs"][1:]  # without BOS
+                for j, e in enumerate(scored):
+                    e["offset"] = len(engine.tok.decode(prompts[p][1: j + 1]))
+                entries = scored + [{**e, "offset": len(prompt_text) + e["offset"]}
+                                    for e in entries]
             choices.append({"index": p * n + ev["index"], "text": prompt_text + ev["text"],
-                            "logprobs": lp, "finish_reason": ev["finish_reason"]})
+                            "logprobs": None if k is None else legacy_logprobs(entries),
+                            "finish_reason": ev["finish_reason"]})
     return {**head, "choices": choices,
             "usage": usage(sum(len(x) for x in prompts), [e for d in results for e in d])}

@@ -158,20 +158,17 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            window = 0.0
             if not self._live():
                 self._reset()
                 if not self.waiting:
                     self.waiting.append(self.queue.get())
-                deadline = time.monotonic() + self.window_s
-                while True:  # a burst of requests is prefilled together
-                    try:
-                        self.waiting.append(self.queue.get(
-                            timeout=max(0.0, deadline - time.monotonic())))
-                    except queue.Empty:
-                        break
-            while True:
+                window = self.window_s  # a burst of requests is prefilled together
+            deadline = time.monotonic() + window
+            while True:  # take what has arrived (timeout 0 does not block)
                 try:
-                    self.waiting.append(self.queue.get_nowait())
+                    self.waiting.append(self.queue.get(
+                        timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             try:
@@ -325,10 +322,8 @@ class Engine:
         """Logprob of each prompt token given the ones before it (None for the first)."""
         k = job.sampling.logprobs or 0
         logp = logits.log_softmax(-1)
-        out: list[dict | None] = [None]
-        for pos in range(P - n + 1, P):
-            out.append(self._entry(int(tokens[pos]), logp[pos - 1], k))
-        return out
+        return [None] + [self._entry(int(tokens[pos]), logp[pos - 1], k)
+                         for pos in range(P - n + 1, P)]
 
     def _step(self, r: Row, token: int, logp: torch.Tensor | None, last: bool) -> None:
         s = r.job.sampling
