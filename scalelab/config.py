@@ -319,10 +319,6 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
     return cfg
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.toml"))
-
-
 def resolve_config_path(name: str | None) -> Path | None:
     """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
     if name is None:
@@ -332,8 +328,8 @@ def resolve_config_path(name: str | None) -> Path | None:
         return PRESETS / f"{name}.toml"
     if not path.is_file():
         what = "is a folder, not a config file" if path.is_dir() else "config file not found"
-        raise UserError(f"{name}: {what}, and not a preset name "
-                        f"(presets: {', '.join(preset_names())})")
+        presets = sorted(p.stem for p in PRESETS.glob("*.toml"))
+        raise UserError(f"{name}: {what}, and not a preset name (presets: {', '.join(presets)})")
     return path
 
 

@@ -9,6 +9,7 @@ so a resumed run gets the exact next batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -56,16 +57,11 @@ def split_text(text: str, how: str) -> list[str]:
     'lines' (one per line) or 'file' (the whole file)."""
     if how == "file":
         return [text]
+    lines = text.splitlines()
     if how == "lines":
-        return [line for line in text.splitlines() if line.strip()]
-    docs, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            docs.append("\n".join(cur))
-            cur = []
-    return docs + (["\n".join(cur)] if cur else [])
+        return [line for line in lines if line.strip()]
+    runs = itertools.groupby(lines, key=lambda line: bool(line.strip()))
+    return ["\n".join(run) for not_blank, run in runs if not_blank]
 
 
 def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:

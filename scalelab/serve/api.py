@@ -197,7 +197,15 @@ def sse(obj: dict | str) -> str:
 
 
 def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
+    """Server-sent events: the chunks, an error event if the engine failed, then [DONE]."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as e:
+            yield sse(error_body(e.message, e.type, e.param, e.code))
+        yield sse("[DONE]")
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -242,23 +250,19 @@ async def chat_completions(request: Request):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None} for i in range(n)])
             done = []
-            try:
-                async for batch in event_batches(job, events):
-                    out = []
-                    for ev in batch:
-                        if ev["type"] == "delta":
-                            delta, reason = {"content": ev["text"]}, None
-                        else:
-                            done.append(ev)
-                            delta, reason = {}, ev["finish_reason"]
-                        out.append(chunk([{"index": ev["index"], "delta": delta,
-                                           "logprobs": None, "finish_reason": reason}]))
-                    yield "".join(out)
-                if want_usage:
-                    yield chunk([], usage=usage(len(prompt), done))
-            except APIError as e:
-                yield sse(error_body(e.message, e.type, e.param, e.code))
-            yield sse("[DONE]")
+            async for batch in event_batches(job, events):
+                out = []
+                for ev in batch:
+                    if ev["type"] == "delta":
+                        delta, reason = {"content": ev["text"]}, None
+                    else:
+                        done.append(ev)
+                        delta, reason = {}, ev["finish_reason"]
+                    out.append(chunk([{"index": ev["index"], "delta": delta,
+                                       "logprobs": None, "finish_reason": reason}]))
+                yield "".join(out)
+            if want_usage:
+                yield chunk([], usage=usage(len(prompt), done))
         return stream(chunks())
 
     (done,) = await collect([(job, events)])
@@ -334,20 +338,16 @@ async def completions(request: Request):
 
     if body.get("stream"):
         async def chunks() -> AsyncIterator[str]:
-            try:
-                for p, (job, events) in enumerate(started):
-                    async for batch in event_batches(job, events):
-                        out = []
-                        for ev in batch:
-                            text, reason = (ev["text"], None) if ev["type"] == "delta" else \
-                                ("", ev["finish_reason"])
-                            out.append(sse({**head, "choices": [{
-                                "index": p * n + ev["index"], "text": text, "logprobs": None,
-                                "finish_reason": reason}]}))
-                        yield "".join(out)
-            except APIError as e:
-                yield sse(error_body(e.message, e.type, e.param, e.code))
-            yield sse("[DONE]")
+            for p, (job, events) in enumerate(started):
+                async for batch in event_batches(job, events):
+                    out = []
+                    for ev in batch:
+                        text, reason = (ev["text"], None) if ev["type"] == "delta" else \
+                            ("", ev["finish_reason"])
+                        out.append(sse({**head, "choices": [{
+                            "index": p * n + ev["index"], "text": text, "logprobs": None,
+                            "finish_reason": reason}]}))
+                    yield "".join(out)
         return stream(chunks())
 
     results = await collect(started)
