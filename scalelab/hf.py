@@ -10,7 +10,6 @@ only pickle checkpoints (.bin, .pt) is refused, never unpickled.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors import safe_open
 
 from scalelab.config import ModelConfig, UserError
 from scalelab.hf_tokenizer import HFStyleTokenizer
-from scalelab.io import read_json, reading_safetensors
+from scalelab.io import read_json, read_json_if_any, reading_safetensors
 from scalelab.model import Transformer, rope_tables
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -64,11 +63,8 @@ def scalelab_name(name: str) -> str | None:
 
 def is_hf_folder(d: Path) -> bool:
     """A config.json written by Hugging Face (scalelab's own has d_model instead)."""
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+    cfg = read_json_if_any(d / "config.json")
+    return "model_type" in cfg or "architectures" in cfg
 
 
 # ---- config ---------------------------------------------------------------------------------
