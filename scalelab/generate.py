@@ -146,9 +146,8 @@ class Rollout:
         self.write_at.add_(1)
 
     def compiled_step(self, model: Transformer):
-        """`step` under torch.compile, compiled by running it once (a step of the warm-up),
-        so the small kernels around the matmuls fuse (rms_norm, rotary embedding and cache
-        write, residual adds, SwiGLU, sampling). If compiling fails: warn, return `step`."""
+        """`step` under torch.compile (fusing the small kernels around the matmuls), compiled by
+        running it once (a step of the warm-up). If compiling fails: warn, return `step`."""
         try:
             step = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
             step(model)

@@ -124,10 +124,8 @@ def load_meta(data_dir: Path) -> dict:
 
 
 class TokenLoader:
-    """Batches of (inputs, targets), each (batch_size, seq_len), from one split.
-
-    Windows of seq_len+1 tokens at stride seq_len, in EpochSampler order.
-    """
+    """Batches of (inputs, targets), each (batch_size, seq_len), from one split: windows of
+    seq_len+1 tokens at stride seq_len, in EpochSampler order."""
 
     def __init__(self, data_dir: Path, split: str, batch_size: int, seq_len: int,
                  seed: int = 0, rank: int = 0, world: int = 1):

@@ -209,6 +209,18 @@ def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """The chat API's logprobs: each token, its bytes, and its top alternatives alike."""
+    if entries is None:
+        return None
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**token(e["token"], e["logprob"]),
+                         "top_logprobs": [token(t, v) for t, v in e["top"].items()]}
+                        for e in entries]}
+
+
 def usage(prompt_tokens: int, done: list[dict]) -> dict:
     completion = sum(ev["tokens"] for ev in done)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -266,19 +278,9 @@ async def chat_completions(request: Request):
         return stream(chunks())
 
     (done,) = await collect([(job, events)])
-    choices = []
-    for ev in done:
-        lp = None
-        if ev["logprobs"] is not None:
-            lp = {"content": [{"token": e["token"], "logprob": e["logprob"],
-                               "bytes": list(e["token"].encode()),
-                               "top_logprobs": [{"token": t, "logprob": v, "bytes":
-                                                 list(t.encode())}
-                                                for t, v in e["top"].items()]}
-                              for e in ev["logprobs"]]}
-        choices.append({"index": ev["index"], "finish_reason": ev["finish_reason"],
-                        "message": {"role": "assistant", "content": ev["text"]},
-                        "logprobs": lp})
+    choices = [{"index": ev["index"], "finish_reason": ev["finish_reason"],
+                "message": {"role": "assistant", "content": ev["text"]},
+                "logprobs": chat_logprobs(ev["logprobs"])} for ev in done]
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": usage(len(prompt), done)}
 
