@@ -296,12 +296,11 @@ class Engine:
         """One decode step: every row feeds its newest token at column t."""
         t = self.t
         self.valid[:, t] = True
-        cols = t + 1
         self.cache.pos = t
         # free rows step along unused; their positions must stay inside the RoPE table
         positions = self.positions.clamp(max=self.seq_len - 1)
         logits = self.model(self.last[:, None], positions[:, None],
-                            self.valid[:, None, None, :cols], self.cache)[:, -1].float()
+                            self.valid[:, None, None, :t + 1], self.cache)[:, -1].float()
         self.positions += 1
         self.t = t + 1
         live = self._live()
