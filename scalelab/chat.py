@@ -29,8 +29,11 @@ def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int
     total = min(len(prompt) + max_new_tokens, model.cfg.seq_len)
     cache = KVCache(model.cfg, 1, total, param.device, param.dtype)
     x = torch.tensor([prompt], dtype=torch.long, device=param.device)
+    noise = torch.zeros(1, model.cfg.vocab_size, device=param.device)  # drawn as generate does
     for _ in range(total - len(prompt)):
-        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, generator)
+        if temperature > 0:
+            noise.uniform_(generator=generator)
+        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, noise)
         tok = int(nxt.item())
         yield tok
         if tok == eos_id:

@@ -148,10 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature 0 is greedy: all {args.num_samples} samples would be "
                         "the same; use --temperature > 0 or --num-samples 1")
     model, tok, g = load_for_sampling(args)
-    if args.chat:
-        prompt = tok.chat_prompt(args.prompt)
-    else:
-        prompt = tok.encode(args.prompt, bos=True)
+    prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, bos=True)
     room = model.cfg.seq_len - len(prompt)
     if room < 1:
         raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
@@ -197,8 +194,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from scalelab.parallel import plan
     from scalelab.parallel.rules import make_rules
 
-    path = resolve_config_path(args.config)
-    cfg = load_config(path, args.set)
+    cfg = load_config(resolve_config_path(args.config), args.set)
     rules = make_rules(cfg.parallel.rules)
     hw = plan.assume(HARDWARE[args.hardware], args.assume)
     if args.explain:
@@ -343,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     stage_out = Path(args.out) if args.command in STAGES else None
     fresh = stage_out is not None and is_fresh(stage_out)
     existed = stage_out is not None and stage_out.exists()
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike
     try:
         try:
             args.func(args)
         except UserError:  # bad input before training: leave no half-made run behind
-            if fresh and os.environ.get("RANK", "0") == "0":
+            if fresh and rank0:
                 forget_unstarted(stage_out, existed)
             raise
         sys.stdout.flush()  # a closed pipe shows here, inside the try
@@ -356,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
         return 0
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
+        if rank0:
             print(f"scalelab: error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:  # the run monitor stopped it (policy "stop", too many rewinds)
-        if os.environ.get("RANK", "0") == "0":
+        if rank0:
             print(f"scalelab: run stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

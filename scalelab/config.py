@@ -7,6 +7,7 @@ the dataclass default. Unknown sections or keys are errors (a typo must not be i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -228,7 +229,6 @@ AT_LEAST_ONE = {
     "sft": {"n_examples"}, "reward": {"n_prompts", "samples_per_prompt", "max_new_tokens"},
     "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
             "max_new_tokens", "kl_horizon"},
-    "parallel": set(),
 }
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
@@ -268,7 +268,7 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
                             f"(pip install {key})")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
-    if v != v or v in (float("inf"), float("-inf")):
+    if not math.isfinite(v):
         raise UserError(f"{where}: '{name}' must be a finite number, got {v}")
     low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
     if v < low:
@@ -298,9 +298,8 @@ def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> Non
     want = type(getattr(sub, key))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if (section, key) in CHOICES:  # check_range names the allowed values
-        pass
-    elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+    wrong_type = not isinstance(value, want) or (want is int and isinstance(value, bool))
+    if wrong_type and (section, key) not in CHOICES:  # check_range names the allowed choices
         raise UserError(f"{where}: '{section}.{key}' must be {want.__name__}, "
                         f"got {type(value).__name__} {value!r}")
     check_range(section, key, value, where)
@@ -320,10 +319,6 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
     return cfg
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.toml"))
-
-
 def resolve_config_path(name: str | None) -> Path | None:
     """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
     if name is None:
@@ -333,8 +328,8 @@ def resolve_config_path(name: str | None) -> Path | None:
         return PRESETS / f"{name}.toml"
     if not path.is_file():
         what = "is a folder, not a config file" if path.is_dir() else "config file not found"
-        raise UserError(f"{name}: {what}, and not a preset name "
-                        f"(presets: {', '.join(preset_names())})")
+        presets = sorted(p.stem for p in PRESETS.glob("*.toml"))
+        raise UserError(f"{name}: {what}, and not a preset name (presets: {', '.join(presets)})")
     return path
 
 
@@ -359,14 +354,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise UserError(f"--set {item!r}: expected section.key=value")
+        where, key = f"--set {name.strip()}", key.strip()
         if stage is not None and hasattr(cfg, section.strip()):
-            check_stage_override(stage, section.strip(), key.strip().partition(".")[0],
-                                 f"--set {name.strip()}")
+            check_stage_override(stage, section.strip(), key.partition(".")[0], where)
         try:  # TOML syntax for the value (numbers, true/false, "strings"); bare words are strings
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        _set_key(cfg, section, key.strip(), value, f"--set {name.strip()}")
+        _set_key(cfg, section, key, value, where)
     return cfg
 
 

@@ -25,17 +25,11 @@ def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
     return out
 
 
-def respond(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 24,
-            **sampling) -> list[str]:
-    return [tok.decode(ids) for ids in respond_ids(model, tok, prompts, max_new_tokens,
-                                                   **sampling)]
-
-
 def task_accuracy(model: Transformer, tok: Tokenizer, examples: list) -> dict[str, float]:
     """Mean score per task family, plus "mean" over families."""
     was_training = model.training
     model.eval()
-    answers = respond(model, tok, [e.prompt for e in examples])
+    answers = [tok.decode(ids) for ids in respond_ids(model, tok, [e.prompt for e in examples])]
     model.train(was_training)
     from scalelab.tasks import TASKS
     scores: dict[str, list[float]] = defaultdict(list)

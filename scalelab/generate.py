@@ -13,9 +13,8 @@ bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eager
 replays fewer, fused kernels per layer (rms_norm, rotary embedding, cache write, residual
 adds and SwiGLU around the matmuls; sampling) instead of ~30 small ones.
 
-Sampling is Gumbel-max: argmax(logits / T + Gumbel noise), with the uniform noise drawn from
-`generator` before each step. It draws from the same distribution as the multinomial sampler
-used before, but from different random numbers, so a given seed gives other tokens than it did.
+Sampling is Gumbel-max (see `sample_next`), with the uniform noise drawn from `generator`
+before each step.
 """
 
 from __future__ import annotations
@@ -147,9 +146,8 @@ class Rollout:
         self.write_at.add_(1)
 
     def compiled_step(self, model: Transformer):
-        """`step` under torch.compile, compiled by running it once (a step of the warm-up),
-        so the small kernels around the matmuls fuse (rms_norm, rotary embedding and cache
-        write, residual adds, SwiGLU, sampling). If compiling fails: warn, return `step`."""
+        """`step` under torch.compile (fusing the small kernels around the matmuls), compiled by
+        running it once (a step of the warm-up). If compiling fails: warn, return `step`."""
         try:
             step = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
             step(model)

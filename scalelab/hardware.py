@@ -76,9 +76,7 @@ def detect(device: torch.device) -> Hardware | None:
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -10,16 +10,15 @@ only pickle checkpoints (.bin, .pt) is refused, never unpickled.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from scalelab.config import ModelConfig, UserError
 from scalelab.hf_tokenizer import HFStyleTokenizer
-from scalelab.io import read_json
+from scalelab.io import read_json, read_json_if_any, reading_safetensors
 from scalelab.model import Transformer, rope_tables
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -64,11 +63,8 @@ def scalelab_name(name: str) -> str | None:
 
 def is_hf_folder(d: Path) -> bool:
     """A config.json written by Hugging Face (scalelab's own has d_model instead)."""
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+    cfg = read_json_if_any(d / "config.json")
+    return "model_type" in cfg or "architectures" in cfg
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -162,22 +158,13 @@ def weight_files(d: Path) -> dict[str, Path]:
             raise UserError(f"{index}: no weight_map")
         return {name: d / str(file) for name, file in wmap.items()}
     if single.is_file():
-        return {name: single for name in tensor_names(single)}
+        with reading_safetensors(single), safe_open(str(single), "pt") as f:
+            return {name: single for name in f.keys()}
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if pickles:
         raise UserError(f"{d / pickles[0]}: pickle checkpoints are never loaded (unpickling "
                         "can run code); convert the folder to safetensors first")
     raise UserError(f"{single}: file not found (nor model.safetensors.index.json)")
-
-
-def tensor_names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
 
 
 def read_hf_weights(d: Path, model: Transformer) -> None:
@@ -190,24 +177,20 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     for path, names in by_file.items():
-        tensor_names(path)  # a clear error for a missing or corrupt shard
-        try:
-            with safe_open(str(path), "pt") as f:
-                for name in names:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints store the RoPE table; it is recomputed
-                    ours = scalelab_name(name)
-                    if ours is None or ours not in params:
-                        raise UserError(f"{path}: unexpected tensor {name!r} for this config")
-                    t, p = f.get_tensor(name), params[ours]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, config.json "
-                                        f"implies {tuple(p.shape)}")
-                    with torch.no_grad():
-                        p.copy_(t.to(p.dtype))
-                    seen.add(ours)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+        with reading_safetensors(path), safe_open(str(path), "pt") as f:
+            for name in names:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # old checkpoints store the RoPE table; it is recomputed
+                ours = scalelab_name(name)
+                if ours is None or ours not in params:
+                    raise UserError(f"{path}: unexpected tensor {name!r} for this config")
+                t, p = f.get_tensor(name), params[ours]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, config.json "
+                                    f"implies {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t.to(p.dtype))
+                seen.add(ours)
     tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
     missing = sorted(set(params) - seen - tied)
     if missing:
@@ -252,21 +235,18 @@ def add_chat_tokens(model: Transformer, tok, log=print) -> None:
     tok.add_role_tokens()
     new = max(old, tok.vocab_size)
     new_ids = sorted(tok.special_ids.values())
+    tied = model.cfg.tie_embeddings
     with torch.no_grad():
-        for head in ("embed", "lm_head"):
-            layer = getattr(model, head)
-            if head == "lm_head" and model.cfg.tie_embeddings:
-                break
+        for layer in [model.embed] if tied else [model.embed, model.lm_head]:
             w = layer.weight
             grown = torch.cat([w, w.new_zeros(new - old, w.size(1))])
             grown[new_ids] = w.mean(0)
             layer.weight = torch.nn.Parameter(grown)
-            if head == "embed":
-                layer.num_embeddings = new
-            else:
-                layer.out_features = new
-        if model.cfg.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
+    model.embed.num_embeddings = new
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    else:
+        model.lm_head.out_features = new
     model.cfg.vocab_size = new
     log(f"no chat template in the tokenizer: added scalelab's role tokens "
         f"{', '.join(tok.special_ids)} (vocabulary {old} -> {new})")

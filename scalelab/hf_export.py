@@ -28,11 +28,6 @@ SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja ch
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def doc_eos(tok) -> int:
-    """The end-of-document token (an imported chat tokenizer's eos_id is its end of turn)."""
-    return getattr(tok, "doc_eos_id", tok.eos_id)
-
-
 def hf_config(cfg: ModelConfig, tok, dtype: str) -> dict:
     """config.json for transformers: LlamaForCausalLM, or Qwen2ForCausalLM when the model
     has q/k/v biases (Llama's attention_bias would add an o_proj bias as well)."""
@@ -45,7 +40,7 @@ def hf_config(cfg: ModelConfig, tok, dtype: str) -> dict:
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
            "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling
            else None, "tie_word_embeddings": cfg.tie_embeddings,
-           "bos_token_id": tok.bos_id, "eos_token_id": doc_eos(tok), "pad_token_id": tok.pad_id,
+           "bos_token_id": tok.bos_id, "eos_token_id": tok.doc_eos_id, "pad_token_id": tok.pad_id,
            "torch_dtype": dtype, "use_cache": True}
     if kind == "llama":
         out |= {"attention_bias": False, "mlp_bias": False}
@@ -60,22 +55,18 @@ def export_tensors(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Te
             for k, v in model.state_dict().items() if k not in skip}
 
 
-def tokenizer_files(tok, seq_len: int) -> tuple[dict, str]:
-    """tokenizer_config.json contents and the chat template for an exported folder."""
-    from scalelab.tokenizer import BOS, EOS, PAD
+def tokenizer_config(tok, seq_len: int) -> dict:
+    """tokenizer_config.json for an exported folder: special tokens and the chat template."""
+    template = SCALELAB_TEMPLATE
     if isinstance(tok, HFStyleTokenizer):
         template = tok.chat_template or (SCALELAB_TEMPLATE if tok.has_chat_format else None)
-        name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
-        specials = {"bos_token": name(tok.bos_id), "eos_token": name(tok.doc_eos_id),
-                    "pad_token": name(tok.pad_id)}
-    else:
-        template, specials = SCALELAB_TEMPLATE, {"bos_token": BOS, "eos_token": EOS,
-                                                 "pad_token": PAD}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+    name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
+              "eos_token": name(tok.doc_eos_id), "pad_token": name(tok.pad_id),
               "model_max_length": seq_len, "clean_up_tokenization_spaces": False}
     if template:
         config["chat_template"] = template
-    return config, template
+    return config
 
 
 def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Path:
@@ -94,15 +85,15 @@ def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Pa
     tmp = fresh_tmp(out)
     save_file(export_tensors(model, DTYPES[dtype]), str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tok, dtype), indent=2))
+    config = hf_config(cfg, tok, dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tok.hf.save(str(tmp / "tokenizer.json"))
-    tok_config, _ = tokenizer_files(tok, cfg.seq_len)
+    tok_config = tokenizer_config(tok, cfg.seq_len)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    stops = list(dict.fromkeys([tok.eos_id, doc_eos(tok)]))  # generation stops at either
+    stops = list(dict.fromkeys([tok.eos_id, tok.doc_eos_id]))  # generation stops at either
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
            "pad_token_id": tok.pad_id}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     replace_dir(tmp, out)
-    log(f"exported {model_dir} to {out} ({hf_config(cfg, tok, dtype)['architectures'][0]}, "
-        f"{dtype})")
+    log(f"exported {model_dir} to {out} ({config['architectures'][0]}, {dtype})")
     return out

@@ -168,11 +168,8 @@ class HFStyleTokenizer(Tokenizer):
             raise UserError(f"{self.where}: the chat template drops, repeats or rewrites "
                             "message text, so the assistant's tokens cannot be located")
         parts = MARK_RE.split(rendered)  # text, index, text, index, ..., text
-        out: list[tuple[str, int | None]] = []
-        for k, part in enumerate(parts):
-            out.append((part, None) if k % 2 == 0 else (messages[int(part)]["content"],
-                                                        int(part)))
-        return out
+        return [(part, None) if k % 2 == 0 else (messages[int(part)]["content"], int(part))
+                for k, part in enumerate(parts)]
 
     def _turn_end_id(self) -> int:
         """The first special token the template writes after an assistant's text."""

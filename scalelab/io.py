@@ -4,9 +4,11 @@ a missing or corrupt file into one UserError naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +83,19 @@ def read_json_if_any(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def reading_safetensors(path: Path) -> Iterator[None]:
+    """Around reads of one safetensors file: missing, corrupt or unreadable is a UserError."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        yield
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    with reading_safetensors(path):
+        return load_file(str(path))

@@ -36,14 +36,6 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def logical_axes(param_name: str) -> tuple[str, ...]:
-    """Logical axes of a parameter, e.g. 'blocks.3.attn.wq.weight' -> ('heads', 'embed')."""
-    parts = param_name.split(".")
-    if parts[0] == "blocks":
-        parts = parts[:1] + parts[2:]
-    return LOGICAL_AXES[".".join(parts)]
-
-
 def resolve(cfg: ModelConfig) -> ModelConfig:
     """Fill the derived defaults (0 = auto) so the saved config is explicit."""
     c = ModelConfig(**asdict(cfg))

@@ -36,6 +36,7 @@ class Tokenizer:
         # user data cannot inject control tokens; code adds special ids explicitly.
         hf.encode_special_tokens = True
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.doc_eos_id = self.eos_id  # ends a document (an HF chat tokenizer's eos_id ends a turn)
         self.special_ids = ids
 
     @classmethod

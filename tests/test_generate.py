@@ -173,3 +173,15 @@ def test_rope_is_a_rotation_of_each_half_pair():
     turn = torch.polar(torch.ones(B, T, 1, D // 2), positions[..., None, None] * freq)
     want = torch.complex(x[..., : D // 2], x[..., D // 2:]) * turn
     torch.testing.assert_close(got, torch.cat([want.real, want.imag], -1), atol=1e-5, rtol=1e-5)
+
+
+def test_chat_samples_what_generate_samples_for_the_same_seed():
+    """`scalelab chat` at a temperature above 0 (its default is 0.8) draws the same tokens as
+    generate for the same seed; it used to pass the generator where the noise belongs."""
+    from scalelab.chat import stream_tokens
+    model = small_model()
+    for temperature, top_k in ((0.8, 50), (0.0, 0)):
+        want = run(model, [[5, 6, 7]], temperature=temperature, top_k=top_k, max_new_tokens=20)
+        got = stream_tokens(model, [5, 6, 7], 20, -1, temperature, top_k, 1.0,
+                            torch.Generator().manual_seed(0))
+        assert list(got) == want[0] and len(want[0]) == 20

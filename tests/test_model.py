@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from scalelab.config import ModelConfig
 from scalelab.generate import generate
-from scalelab.model import LOGICAL_AXES, KVCache, Transformer, logical_axes
+from scalelab.model import LOGICAL_AXES, KVCache, Transformer
+from scalelab.parallel.rules import param_key
 
 
 def test_future_tokens_never_change_past_logits(tiny_model):
@@ -59,8 +60,8 @@ def test_every_weight_has_logical_axes_matching_its_shape(tiny_model):
     def table_keys(model: Transformer) -> set[str]:
         seen = set()
         for name, p in model.named_parameters():
-            assert len(logical_axes(name)) == p.dim(), name
-            seen.add("blocks." + name.split(".", 2)[-1] if name.startswith("blocks.") else name)
+            assert len(LOGICAL_AXES[param_key(name)]) == p.dim(), name
+            seen.add(param_key(name))
         return seen
     # every table row names a parameter and every parameter a row, root level included;
     # a tied lm_head is the embedding (named_parameters lists a shared tensor once)

@@ -83,11 +83,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
 
 def read_preferences(path: str | Path) -> list[tuple[str, str, str]]:
     """Preference data: (prompt, chosen, rejected)."""
-    out = []
-    for n, row in read_jsonl(path):
-        where = f"{path}:{n}"
-        out.append(tuple(_text(row, k, where) for k in ("prompt", "chosen", "rejected")))
-    return out
+    return [tuple(_text(row, k, f"{path}:{n}") for k in ("prompt", "chosen", "rejected"))
+            for n, row in read_jsonl(path)]
 
 
 def read_prompts(path: str | Path) -> list[str]:

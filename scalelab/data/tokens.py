@@ -9,6 +9,7 @@ so a resumed run gets the exact next batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -56,16 +57,11 @@ def split_text(text: str, how: str) -> list[str]:
     'lines' (one per line) or 'file' (the whole file)."""
     if how == "file":
         return [text]
+    lines = text.splitlines()
     if how == "lines":
-        return [line for line in text.splitlines() if line.strip()]
-    docs, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            docs.append("\n".join(cur))
-            cur = []
-    return docs + (["\n".join(cur)] if cur else [])
+        return [line for line in lines if line.strip()]
+    runs = itertools.groupby(lines, key=lambda line: bool(line.strip()))
+    return ["\n".join(run) for not_blank, run in runs if not_blank]
 
 
 def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
@@ -128,10 +124,8 @@ def load_meta(data_dir: Path) -> dict:
 
 
 class TokenLoader:
-    """Batches of (inputs, targets), each (batch_size, seq_len), from one split.
-
-    Windows of seq_len+1 tokens at stride seq_len, in EpochSampler order.
-    """
+    """Batches of (inputs, targets), each (batch_size, seq_len), from one split: windows of
+    seq_len+1 tokens at stride seq_len, in EpochSampler order."""
 
     def __init__(self, data_dir: Path, split: str, batch_size: int, seq_len: int,
                  seed: int = 0, rank: int = 0, world: int = 1):
@@ -145,23 +139,20 @@ class TokenLoader:
                             "smaller batch_size / seq_len")
         self.sampler = EpochSampler(self.n_windows, batch_size, seed, rank, world)
 
-    def _window(self, i: int) -> torch.Tensor:
-        s = i * self.seq_len
-        return torch.from_numpy(self.tokens[s: s + self.seq_len + 1].astype(np.int64))
+    def _batch(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.seq_len
+        rows = torch.stack([torch.from_numpy(self.tokens[i * L: (i + 1) * L + 1].astype(np.int64))
+                            for i in windows])
+        return rows[:, :-1], rows[:, 1:]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.stack([self._window(i) for i in self.sampler.next_indices()])
-        return rows[:, :-1], rows[:, 1:]
+        return self._batch(self.sampler.next_indices())
 
     def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """n batches spread evenly over the split, the same every call (for validation)."""
-        want = min(n * self.batch_size, self.n_windows)
+        want, B = min(n * self.batch_size, self.n_windows), self.batch_size
         idx = torch.linspace(0, self.n_windows - 1, want).long().tolist()
-        out = []
-        for b in range(0, want - self.batch_size + 1, self.batch_size):
-            rows = torch.stack([self._window(i) for i in idx[b: b + self.batch_size]])
-            out.append((rows[:, :-1], rows[:, 1:]))
-        return out
+        return [self._batch(idx[b: b + B]) for b in range(0, want - B + 1, B)]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -197,8 +197,28 @@ def sse(obj: dict | str) -> str:
 
 
 def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
+    """Server-sent events: the chunks, an error event if the engine failed, then [DONE]."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as e:
+            yield sse(error_body(e.message, e.type, e.param, e.code))
+        yield sse("[DONE]")
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """The chat API's logprobs: each token, its bytes, and its top alternatives alike."""
+    if entries is None:
+        return None
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**token(e["token"], e["logprob"]),
+                         "top_logprobs": [token(t, v) for t, v in e["top"].items()]}
+                        for e in entries]}
 
 
 def usage(prompt_tokens: int, done: list[dict]) -> dict:
@@ -242,39 +262,25 @@ async def chat_completions(request: Request):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None} for i in range(n)])
             done = []
-            try:
-                async for batch in event_batches(job, events):
-                    out = []
-                    for ev in batch:
-                        if ev["type"] == "delta":
-                            delta, reason = {"content": ev["text"]}, None
-                        else:
-                            done.append(ev)
-                            delta, reason = {}, ev["finish_reason"]
-                        out.append(chunk([{"index": ev["index"], "delta": delta,
-                                           "logprobs": None, "finish_reason": reason}]))
-                    yield "".join(out)
-                if want_usage:
-                    yield chunk([], usage=usage(len(prompt), done))
-            except APIError as e:
-                yield sse(error_body(e.message, e.type, e.param, e.code))
-            yield sse("[DONE]")
+            async for batch in event_batches(job, events):
+                out = []
+                for ev in batch:
+                    if ev["type"] == "delta":
+                        delta, reason = {"content": ev["text"]}, None
+                    else:
+                        done.append(ev)
+                        delta, reason = {}, ev["finish_reason"]
+                    out.append(chunk([{"index": ev["index"], "delta": delta,
+                                       "logprobs": None, "finish_reason": reason}]))
+                yield "".join(out)
+            if want_usage:
+                yield chunk([], usage=usage(len(prompt), done))
         return stream(chunks())
 
     (done,) = await collect([(job, events)])
-    choices = []
-    for ev in done:
-        lp = None
-        if ev["logprobs"] is not None:
-            lp = {"content": [{"token": e["token"], "logprob": e["logprob"],
-                               "bytes": list(e["token"].encode()),
-                               "top_logprobs": [{"token": t, "logprob": v, "bytes":
-                                                 list(t.encode())}
-                                                for t, v in e["top"].items()]}
-                              for e in ev["logprobs"]]}
-        choices.append({"index": ev["index"], "finish_reason": ev["finish_reason"],
-                        "message": {"role": "assistant", "content": ev["text"]},
-                        "logprobs": lp})
+    choices = [{"index": ev["index"], "finish_reason": ev["finish_reason"],
+                "message": {"role": "assistant", "content": ev["text"]},
+                "logprobs": chat_logprobs(ev["logprobs"])} for ev in done]
     return {**head, "object": "chat.completion", "choices": choices,
             "usage": usage(len(prompt), done)}
 
@@ -301,11 +307,11 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
     return out
 
 
-def legacy_logprobs(entries: list[dict], start: int = 0) -> dict:
+def legacy_logprobs(entries: list[dict]) -> dict:
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [e["top"] for e in entries],
-            "text_offset": [start + e["offset"] for e in entries]}
+            "text_offset": [e["offset"] for e in entries]}
 
 
 @router.post("/v1/completions")
@@ -334,20 +340,16 @@ async def completions(request: Request):
 
     if body.get("stream"):
         async def chunks() -> AsyncIterator[str]:
-            try:
-                for p, (job, events) in enumerate(started):
-                    async for batch in event_batches(job, events):
-                        out = []
-                        for ev in batch:
-                            text, reason = (ev["text"], None) if ev["type"] == "delta" else \
-                                ("", ev["finish_reason"])
-                            out.append(sse({**head, "choices": [{
-                                "index": p * n + ev["index"], "text": text, "logprobs": None,
-                                "finish_reason": reason}]}))
-                        yield "".join(out)
-            except APIError as e:
-                yield sse(error_body(e.message, e.type, e.param, e.code))
-            yield sse("[DONE]")
+            for p, (job, events) in enumerate(started):
+                async for batch in event_batches(job, events):
+                    out = []
+                    for ev in batch:
+                        text, reason = (ev["text"], None) if ev["type"] == "delta" else \
+                            ("", ev["finish_reason"])
+                        out.append(sse({**head, "choices": [{
+                            "index": p * n + ev["index"], "text": text, "logprobs": None,
+                            "finish_reason": reason}]}))
+                    yield "".join(out)
         return stream(chunks())
 
     results = await collect(started)
@@ -355,20 +357,15 @@ async def completions(request: Request):
     for p, done in enumerate(results):
         prompt_text = engine.tok.decode(prompts[p][1:]) if echo else ""
         for ev in done:
-            lp = None
-            if k is not None:
-                entries = ev["logprobs"]
-                if echo:
-                    scored = ev["prompt_logprobs"][1:]  # without BOS
-                    ids = prompts[p][1:]
-                    for j, e in enumerate(scored):
-                        e["offset"] = len(engine.tok.decode(ids[:j]))
-                    lp = legacy_logprobs(scored)
-                    more = legacy_logprobs(entries, len(prompt_text))
-                    lp = {key: lp[key] + more[key] for key in lp}
-                else:
-                    lp = legacy_logprobs(entries)
+            entries = ev["logprobs"]
+            if echo and k is not None:  # the prompt's tokens first, then the answer's
+                scored = ev["prompt_logprobs"][1:]  # without BOS
+                for j, e in enumerate(scored):
+                    e["offset"] = len(engine.tok.decode(prompts[p][1: j + 1]))
+                entries = scored + [{**e, "offset": len(prompt_text) + e["offset"]}
+                                    for e in entries]
             choices.append({"index": p * n + ev["index"], "text": prompt_text + ev["text"],
-                            "logprobs": lp, "finish_reason": ev["finish_reason"]})
+                            "logprobs": None if k is None else legacy_logprobs(entries),
+                            "finish_reason": ev["finish_reason"]})
     return {**head, "choices": choices,
             "usage": usage(sum(len(x) for x in prompts), [e for d in results for e in d])}

@@ -107,19 +107,18 @@ class Guard:
             return await self.reply(send, 421, "requests must be addressed to localhost "
                                     "(Host header)", "misdirected_request")
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await self.reply(send, 413, f"request body over {self.max_body} bytes",
-                                    "body_too_large")
+        too_large = length is not None and (not length.isdigit() or int(length) > self.max_body)
         body, more = b"", True
-        while more:  # read it all now (it is small): a chunked body is capped the same way
+        while more and not too_large:  # read it all now: a chunked body is capped the same way
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
-            if len(body) > self.max_body:
-                return await self.reply(send, 413, f"request body over {self.max_body} bytes",
-                                        "body_too_large")
+            too_large = len(body) > self.max_body
+        if too_large:
+            return await self.reply(send, 413, f"request body over {self.max_body} bytes",
+                                    "body_too_large")
         if self.api_key:
             if path == "/login":
                 return await self.login(scope, body, send)

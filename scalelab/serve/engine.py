@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scalelab.generate import padded_attention
 from scalelab.model import KVCache, Transformer
 from scalelab.tokenizer import Tokenizer
 
@@ -87,10 +88,8 @@ def padded_batch(prompts: list[list[int]], total: int, pad_id: int, device
     for i, p in enumerate(prompts):
         tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
         valid[i, P - len(p):] = True
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool)
-    return tokens.to(device), positions.to(device), mask.unsqueeze(1).to(device)
+    positions, mask = padded_attention(valid)
+    return tokens.to(device), positions.to(device), mask.to(device)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -159,20 +158,17 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            window = 0.0
             if not self._live():
                 self._reset()
                 if not self.waiting:
                     self.waiting.append(self.queue.get())
-                deadline = time.monotonic() + self.window_s
-                while True:  # a burst of requests is prefilled together
-                    try:
-                        self.waiting.append(self.queue.get(
-                            timeout=max(0.0, deadline - time.monotonic())))
-                    except queue.Empty:
-                        break
-            while True:
+                window = self.window_s  # a burst of requests is prefilled together
+            deadline = time.monotonic() + window
+            while True:  # take what has arrived (timeout 0 does not block)
                 try:
-                    self.waiting.append(self.queue.get_nowait())
+                    self.waiting.append(self.queue.get(
+                        timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             try:
@@ -300,12 +296,11 @@ class Engine:
         """One decode step: every row feeds its newest token at column t."""
         t = self.t
         self.valid[:, t] = True
-        cols = t + 1
         self.cache.pos = t
         # free rows step along unused; their positions must stay inside the RoPE table
         positions = self.positions.clamp(max=self.seq_len - 1)
         logits = self.model(self.last[:, None], positions[:, None],
-                            self.valid[:, None, None, :cols], self.cache)[:, -1].float()
+                            self.valid[:, None, None, :t + 1], self.cache)[:, -1].float()
         self.positions += 1
         self.t = t + 1
         live = self._live()
@@ -326,10 +321,8 @@ class Engine:
         """Logprob of each prompt token given the ones before it (None for the first)."""
         k = job.sampling.logprobs or 0
         logp = logits.log_softmax(-1)
-        out: list[dict | None] = [None]
-        for pos in range(P - n + 1, P):
-            out.append(self._entry(int(tokens[pos]), logp[pos - 1], k))
-        return out
+        return [None] + [self._entry(int(tokens[pos]), logp[pos - 1], k)
+                         for pos in range(P - n + 1, P)]
 
     def _step(self, r: Row, token: int, logp: torch.Tensor | None, last: bool) -> None:
         s = r.job.sampling

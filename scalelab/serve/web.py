@@ -17,6 +17,7 @@ import random
 import tempfile
 import threading
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -211,11 +212,8 @@ def open_registry(request: Request):
 @router.get("/api/tracker")
 async def tracker(request: Request) -> dict:
     from scalelab.track.commands import status
-    reg = open_registry(request)
-    try:
+    with closing(open_registry(request)) as reg:
         return {"registry": str(reg.path), **status(reg)}
-    finally:
-        reg.close()
 
 
 @router.post("/api/tracker/report")
@@ -227,11 +225,8 @@ async def tracker_report(request: Request) -> dict:
         state.report_dir = Path(tempfile.mkdtemp(prefix="scalelab-serve-report-"))
 
     def draw() -> list[str]:
-        reg = open_registry(request)
-        try:
+        with closing(open_registry(request)) as reg:
             write_report(reg, state.report_dir)
-        finally:
-            reg.close()
         return sorted(p.name for p in state.report_dir.glob("*.png"))
     try:
         return {"plots": await asyncio.to_thread(draw)}
