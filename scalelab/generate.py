@@ -33,6 +33,20 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {k
 _MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
 
 
+def left_pad(prompts: list[list[int]], length: int, pad_id: int, rows: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (rows, length) with each prompt ending at column P (the longest prompt's
+    length), and `valid`, True from a prompt's first token to the end (the positions to be
+    generated are valid too). Rows past the prompts stay padding. On the CPU."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((rows or len(prompts), length), pad_id, dtype=torch.long)
+    valid = torch.zeros((rows or len(prompts), length), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p):] = True
+    return tokens, valid
+
+
 def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids (B, T) and a causal attention mask (B, 1, T, T) for rows with padding
     (valid False). Each query sees valid keys up to itself; a padded query sees only itself,
@@ -242,12 +256,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     keep = use_graph or compile
     # A kept engine has its batch and length rounded up, so later calls can reuse it.
     rows, length = (_round_up(B, 8), _round_up(total, 64)) if keep else (B, total)
-    tokens = torch.full((rows, length), pad_id, dtype=torch.long)
-    valid = torch.zeros((rows, length), dtype=torch.bool)
+    tokens, valid = left_pad(prompts, length, pad_id, rows)
     valid[B:, P - 1:] = True  # filler rows: one pad token as the prompt, marked done
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True  # generated positions are always valid
     tokens, valid = tokens.to(device), valid.to(device)
     live = torch.arange(rows, device=device) < B
 
@@ -283,11 +293,7 @@ def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int,
     with the same noise draws as the engine (so equal logits give equal tokens)."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((B, total), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True
+    tokens, valid = (t.to(device) for t in left_pad(prompts, total, pad_id))
     positions, mask = padded_attention(valid)
     noise = torch.zeros(B, model.cfg.vocab_size, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scalelab.generate import padded_attention
+from scalelab.generate import left_pad, padded_attention
 from scalelab.model import KVCache, Transformer
 from scalelab.tokenizer import Tokenizer
 
@@ -82,12 +82,7 @@ def padded_batch(prompts: list[list[int]], total: int, pad_id: int, device
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded tokens (B, total), position ids counting valid tokens only, and the
     causal mask (B, 1, total, total) that hides padding (a pad query sees itself)."""
-    B, P = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, total), pad_id, dtype=torch.long)
-    valid = torch.zeros((B, total), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        valid[i, P - len(p):] = True
+    tokens, valid = left_pad(prompts, total, pad_id)
     positions, mask = padded_attention(valid)
     return tokens.to(device), positions.to(device), mask.to(device)
 
