@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.rundir import check_out, claim
+from scalelab.train.rundir import check_out, claim, restart_count
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -125,7 +124,7 @@ def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
         if mon.main:
             tqdm.write(f"resumed from {ckpts.latest()} (step {meta['step']})")
             mon.event({"event": "resumed", "step": meta["step"],
-                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+                       "restart": restart_count()})
     return meta
 
 
