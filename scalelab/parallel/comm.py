@@ -97,12 +97,9 @@ class CommCounter(TorchDispatchMode):
         axis = self.group_axes.get(ranks, f"group{pg.size()}")
         return Collective(kind, axis, pg.size(), size, phase, 1, op)
 
-    def summary(self) -> dict[tuple[str, str], float]:
-        """{(kind, axis): ring bytes per device} summed over the step."""
-        return summarize(self.records)
-
 
 def summarize(rows: list[Collective]) -> dict[tuple[str, str], float]:
+    """{(kind, axis): ring bytes per device} summed over the rows."""
     out: dict[tuple[str, str], float] = defaultdict(float)
     for r in rows:
         out[(r.kind, r.axis)] += r.ring_bytes
