@@ -25,10 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from scalelab import hf
 from scalelab.config import RunFailed, UserError
 from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
+from scalelab.train.model_folder import checked_model_config
 from scalelab.train.rundir import list_checkpoints
 
 
@@ -114,7 +116,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     """A model folder written by save_model (DIR/model or a checkpoint's step folder), or a
     Hugging Face folder of a supported architecture (scalelab.hf).
     wrap builds what the weights belong to around the Transformer (a reward model's head)."""
-    from scalelab import hf
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
@@ -130,7 +131,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
         return model.to(device).eval(), tok
-    from scalelab.train.model_folder import checked_model_config
     cfg_dict = read_json(d / "config.json")
     tensors = read_tensors(d / "model.safetensors")
     cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})

@@ -108,9 +108,9 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     cfg.model = model.cfg  # resolved: every 0 = auto is now explicit (saved by run.begin)
     mc, tc = model.cfg, cfg.train
     say = tqdm.write if par.is_main else (lambda _: None)
-    say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
-        f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
     flops_per_token = model.flops_per_token()
+    say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
+        f"{flops_per_token:.3g} FLOPs/token, device {device}")
     if not par.single:
         parallelize(model, par, tc.dtype)
         say("mesh: " + " x ".join(f"{a}={n}" for a, n in par.sizes.items()) +
@@ -145,11 +145,8 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
             row["sample"] = tc.sample_prompt + tok.decode(new)
         return row
 
-    def save() -> None:  # collective under a mesh: every rank takes part, rank 0 writes
-        save_full_model(model, tok, out / "model", par)
-
-    fit(run, cfg, model, loader, device, next_token_loss, evaluate, save_model=save,
+    fit(run, cfg, model, loader, device, next_token_loss, evaluate,
+        save_model=lambda: save_full_model(model, tok, out / "model", par),  # collective
         tokens_per_micro_batch=tc.batch_size * mc.seq_len * par.data_world,
-        flops_per_token=flops_per_token, resume=resume,
-        parallel=None if par.single else par)
+        flops_per_token=flops_per_token, parallel=None if par.single else par)
     return out / "model"

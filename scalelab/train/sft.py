@@ -125,6 +125,6 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     fit(run, cfg, model, loader, device, masked_loss_sum, evaluate,
         save_model=lambda: save_full_model(model, tok, out / "model", par),
         count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
-        flops_per_token=model.flops_per_token(int(mean_len)), resume=resume,
+        flops_per_token=model.flops_per_token(int(mean_len)),
         parallel=None if par.single else par, loss_units=assistant_tokens)
     return out / "model"
