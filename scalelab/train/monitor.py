@@ -146,8 +146,7 @@ class Monitor:
 
     def _train_until_now(self) -> None:
         now = time.monotonic()  # before start(): loading, compiling, ... count as startup
-        self._bill("train" if self.watchdog is not None or self.started else "startup",
-                   now - self.mark)
+        self._bill("train" if self.started else "startup", now - self.mark)
         self.mark = now
 
     @contextlib.contextmanager

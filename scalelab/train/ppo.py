@@ -278,8 +278,6 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
     ranks, chunks = DataRanks(par), chunks or Chunks([None])
-    if generator is None and chunks.seeds[0] is not None:
-        generator = torch.Generator(device=device)
     policy.eval()
     if sampling_copy is not None:
         refresh_sampling_copy(sampling_copy, policy)

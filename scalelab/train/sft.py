@@ -37,13 +37,6 @@ def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
             for e in examples], examples
 
 
-def load_conversations(spec: str, n: int, seed: int, chatty_fraction: float
-                       ) -> list[list[dict]]:
-    if is_builtin_tasks(spec, "--data"):
-        return task_conversations(n, seed, chatty_fraction)[0]
-    return read_conversations(spec)
-
-
 def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
                          ) -> list[tuple[list[int], list[int]]]:
     """(inputs, targets) per conversation; targets are IGNORE except on assistant tokens."""
@@ -84,8 +77,11 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     parallelize(model, par, cfg.train.dtype, entry="hidden")  # the loss reads hidden(), lm_head
 
     sc = cfg.sft
-    encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
-                                                      sc.chatty_fraction), tok, model.cfg.seq_len)
+    if is_builtin_tasks(data_spec, "--data"):
+        convs = task_conversations(sc.n_examples, sc.seed, sc.chatty_fraction)[0]
+    else:
+        convs = read_conversations(data_spec)
+    encoded = encode_conversations(convs, tok, model.cfg.seq_len)
     train_items, val_items = split_heldout(encoded)
 
     def collate(items):
