@@ -406,17 +406,14 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                                         reward=reward_dir)
     device = par.device
     total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
-    if not oracle:
-        reward_model.to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     trunk = policy if oracle else reward_model.trunk
-    value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
-    value.requires_grad_(True)
+    value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device).requires_grad_(True)
     sampling_copy = make_sampling_copy(policy, par, device, tc.dtype)
     for m, entry in ((policy, "hidden"), (ref, "hidden"), (value, "forward")):
         parallelize(m, par, tc.dtype, entry=entry)  # losses read hidden() and lm_head
     if not oracle:
-        parallelize(reward_model, par, tc.dtype)
+        parallelize(reward_model.to(device), par, tc.dtype)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
     n_prompts = pc.rollout_batch // pc.samples_per_prompt
