@@ -51,6 +51,17 @@ def loss_step(loss_fn: Callable, tc: TrainConfig, device: torch.device) -> Calla
     return torch.compile(loss_fn) if use_compile(tc.compile, device) else loss_fn
 
 
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, loss_fn: Callable, batches: list, device: torch.device,
+              dtype: str) -> float:
+    """loss_fn(model, batch) averaged over held-out batches, under train.dtype's autocast."""
+    total = 0.0
+    for x, y in batches:
+        with autocast(device, dtype):
+            total += loss_fn(model, (x.to(device), y.to(device))).item()
+    return total / len(batches)
+
+
 class Run:
     """A run directory: run.json, config.toml, lineage.json, metrics.jsonl, model/,
     checkpoints/. Nothing of it is written before begin(), which fit() calls once the inputs

@@ -18,14 +18,13 @@ from scalelab.data.tokens import (
     write_token_files,
 )
 from scalelab.generate import generate
-from scalelab.hardware import autocast
 from scalelab.model import Transformer
 from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import Run, fit
+from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
 
 
@@ -70,15 +69,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
         return False
     from torch.distributed.tensor import DTensor
     return isinstance(model.lm_head.weight, DTensor)
-
-
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: list, device: torch.device, ctx) -> float:
-    total = 0.0
-    for x, y in batches:
-        with ctx:
-            total += next_token_loss(model, (x.to(device), y.to(device))).item()
-    return total / len(batches)
 
 
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
@@ -129,12 +119,11 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
                       mc.seq_len).fixed_batches(tc.eval_batches)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
-    ctx = autocast(device, tc.dtype)
     prompt = tok.encode(tc.sample_prompt, bos=True)
     sample_every = tc.sample_every or tc.eval_every
 
     def evaluate(step: int) -> dict:
-        loss = eval_loss(model, val, device, ctx)
+        loss = mean_loss(model, next_token_loss, val, device, tc.dtype)
         row = {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
         # Sampling with a KV cache needs whole heads: only in one process.
         if par.single and len(prompt) < mc.seq_len and (step % sample_every == 0 or

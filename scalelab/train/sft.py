@@ -16,11 +16,10 @@ from tqdm import tqdm
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_conversations
-from scalelab.hardware import autocast
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import fit, start_stage
+from scalelab.train.loop import fit, mean_loss, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
 
 
@@ -99,7 +98,6 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
                            accum=cfg.train.grad_accum)
     val_batches = [collate(val_items[i: i + tc.batch_size])
                    for i in range(0, len(val_items), tc.batch_size)]
-    ctx = autocast(device, tc.dtype)
     eval_examples = None
     if data_spec == "builtin:tasks" and par.single:  # task accuracy on fresh examples (it
         # samples with a KV cache, which needs whole heads: one process only)
@@ -107,11 +105,7 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
 
     @torch.no_grad()
     def evaluate(step: int) -> dict:
-        total = 0.0
-        for x, y in val_batches:
-            with ctx:
-                total += masked_loss(model, (x.to(device), y.to(device))).item()
-        row = {"val_loss": total / len(val_batches)}
+        row = {"val_loss": mean_loss(model, masked_loss, val_batches, device, tc.dtype)}
         if eval_examples is not None:
             from scalelab.evaluate import task_accuracy
             row["task_accuracy"] = task_accuracy(model, tok, eval_examples)["mean"]
