@@ -39,11 +39,10 @@ from scalelab.config import MonitorConfig, RunFailed
 from scalelab.io import atomic_write_json, atomic_write_text, read_rows
 from scalelab.train.rundir import restart_count
 
-PROCESS_START = time.monotonic()  # imported when a stage starts: the rest is "startup"
-PROCESS_START_UNIX = time.time()
+PROCESS_START_UNIX = time.time()  # imported when a stage starts: the rest is "startup"
 # Where the next stage's "startup" begins: the process start, then the end of the previous
 # stage run in the same process (the demo and the sweep run several).
-STAGE_ORIGIN = [PROCESS_START]
+STAGE_ORIGIN = [time.monotonic()]
 BUCKETS = ("train", "data", "eval", "checkpoint", "rewind", "restart", "startup")
 
 
