@@ -32,12 +32,8 @@ def ac_mode(setting: bool | str) -> str:
 
 def checkpointed_blocks(n_layer: int, setting: bool | str) -> list[int]:
     """Which block indices recompute their activations in backward."""
-    mode = ac_mode(setting)
-    if mode == "full":
-        return list(range(n_layer))
-    if mode == "selective":
-        return list(range(0, n_layer, 2))
-    return []
+    every = {"none": 0, "full": 1, "selective": 2}[ac_mode(setting)]
+    return list(range(0, n_layer, every)) if every else []
 
 
 def apply_activation_checkpointing(model: nn.Module, setting: bool | str) -> int:

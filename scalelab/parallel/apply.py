@@ -93,7 +93,7 @@ def sync_grads(model: nn.Module, par: Parallel) -> None:
     """Average gradients over dp replicas (FSDP/HSDP already reduced theirs in backward)."""
     if par.single or par.sizes["dp"] == 1 or par.sizes["fsdp"] > 1:
         return
-    group, n = par.group("dp"), par.sizes["dp"]
+    group, n = par.mesh.get_group("dp"), par.sizes["dp"]
     for p in model.parameters():
         if p.grad is not None:
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad

@@ -50,8 +50,8 @@ def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def full_model_tensors(model: torch.nn.Module, par: Parallel) -> dict[str, torch.Tensor]:
-    """The whole model as plain CPU tensors on rank 0, a tied weight under both its names
+    """The whole model as CPU tensors on rank 0, a tied weight under both its names
     (collective: every rank must call)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=opts)
-    return {k: v.contiguous() for k, v in sd.items()} if par.is_main else {}
+    return sd if par.is_main else {}

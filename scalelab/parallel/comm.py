@@ -97,12 +97,9 @@ class CommCounter(TorchDispatchMode):
         axis = self.group_axes.get(ranks, f"group{pg.size()}")
         return Collective(kind, axis, pg.size(), size, phase, 1, op)
 
-    def summary(self) -> dict[tuple[str, str], float]:
-        """{(kind, axis): ring bytes per device} summed over the step."""
-        return summarize(self.records)
-
 
 def summarize(rows: list[Collective]) -> dict[tuple[str, str], float]:
+    """{(kind, axis): ring bytes per device} summed over the rows."""
     out: dict[tuple[str, str], float] = defaultdict(float)
     for r in rows:
         out[(r.kind, r.axis)] += r.ring_bytes
@@ -121,10 +118,8 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
     # Elements of each weight one tp rank holds, grouped as FSDP groups them (block / root).
     block_numel: dict[int, int] = defaultdict(int)
     root_numel = 0
-    n_tensors = 0
     for name, shape in shapes.items():
         numel = math.prod(shape) // (tp if tp_style(name, rules) else 1)
-        n_tensors += 1
         if name.startswith("blocks."):
             block_numel[int(name.split(".")[1])] += numel
         else:
@@ -158,7 +153,7 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
                                    "bwd", grad_accum, "root grad shards over replicas"))
     elif dp > 1:  # plain data parallel: every gradient once per step
         rows.append(Collective("all_reduce", "dp", dp, local_numel * grad_bytes, "step",
-                               1, f"all {n_tensors} gradients"))
+                               1, f"all {len(shapes)} gradients"))
     if dp * fsdp * tp > 1:  # over the world group (named after the axis if one spans it)
         world = dp * fsdp * tp
         axis = next((a for a, n in sizes.items() if n == world), "world")

@@ -71,9 +71,6 @@ class Parallel:
         c = self.mesh.get_coordinate()
         return c[0] * self.sizes["fsdp"] + c[1]
 
-    def group(self, axis: str):
-        return self.mesh.get_group(axis)
-
     def barrier(self) -> None:
         if not self.single:
             dist.barrier()

@@ -31,13 +31,14 @@ from dataclasses import dataclass, fields, replace
 
 from scalelab.config import Config, ModelConfig, UserError
 from scalelab.hardware import Hardware
-from scalelab.model import resolve
+from scalelab.model import LOGICAL_AXES, resolve
 from scalelab.parallel.ac import MODES, ac_mode, checkpointed_blocks
 from scalelab.parallel.comm import Collective, step_collectives
 from scalelab.parallel.rules import (
     MESH_AXES,
     Rules,
     local_shape,
+    param_key,
     tp_style,
     weight_shapes,
     weight_spec,
@@ -120,14 +121,9 @@ def count_params(mc: ModelConfig) -> int:
 
 def factorizations(n: int) -> list[dict[str, int]]:
     """Every (dp, fsdp, tp) with dp * fsdp * tp = n."""
-    out = []
-    for tp in range(1, n + 1):
-        if n % tp:
-            continue
-        for fsdp in range(1, n // tp + 1):
-            if (n // tp) % fsdp == 0:
-                out.append({"dp": n // tp // fsdp, "fsdp": fsdp, "tp": tp})
-    return out
+    return [{"dp": n // tp // fsdp, "fsdp": fsdp, "tp": tp}
+            for tp in range(1, n + 1) if n % tp == 0
+            for fsdp in range(1, n // tp + 1) if (n // tp) % fsdp == 0]
 
 
 def axis_bandwidth(axis: str, sizes: dict[str, int], hw: Hardware) -> float:
@@ -303,17 +299,13 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
             f"flash attention at {hw.attention_efficiency:.0%} of peak on its causal FLOPs ("
             f"{source('attention_efficiency', 'FlashAttention-2 on H100, FlashAttention-3 paper')}"
             f"); other work {per_d:,.0f} B/token/layer/d_model at {hw.hbm_efficiency:.0%} of HBM "
-            f"bandwidth, the {kind} step (train.compile={_word(cfg.train.compile)}; "
+            f"bandwidth, the {kind} step (train.compile={str(cfg.train.compile).lower()}; "
             + source(f"other_bytes_{kind}", f"calibrated on scalelab's GPT-2 124M step on an "
                      f"H200, {CALIBRATION[kind][1]}") +
             f"); activation checkpointing {ac_mode(cfg.train.activation_checkpointing)}; "
             "FSDP/DP traffic overlapped with compute, TP all-reduces exposed")
     head = f"assumed ({hw.name} row of scalelab/hardware.py{'; ' + hw.note if hw.note else ''}):"
     return [head, *textwrap.wrap(text, 94, initial_indent="  ", subsequent_indent="  ")]
-
-
-def _word(v: bool | str) -> str:
-    return {True: "true", False: "false"}.get(v, v) if isinstance(v, bool) else v
 
 
 def ac_line(mc: ModelConfig, e: Estimate) -> str:
@@ -339,7 +331,7 @@ def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> s
         if n.startswith("blocks.") and not n.startswith("blocks.0."):
             continue
         spec = weight_spec(n, rules)
-        names = ",".join(shape_names(n))
+        names = ",".join(LOGICAL_AXES[param_key(n)])
         axes = ",".join("+".join(a) or "-" for a in spec)
         loc = local_shape(n, shape, rules, sizes)
         lines.append(f"  {n:<26} {names:<18} {axes:<14} {str(tuple(shape)):>13} "
@@ -362,12 +354,6 @@ def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> s
               f"{e.step_s:.3f} s, {e.tokens_per_s:,.0f} tokens/s per device, MFU {e.mfu:.1%}",
               *assumptions(cfg, hw)]
     return "\n".join(lines)
-
-
-def shape_names(name: str) -> tuple[str, ...]:
-    from scalelab.model import LOGICAL_AXES
-    from scalelab.parallel.rules import param_key
-    return LOGICAL_AXES[param_key(name)]
 
 
 def _mb(x: float) -> str:

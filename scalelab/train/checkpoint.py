@@ -25,10 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from scalelab import hf
 from scalelab.config import RunFailed, UserError
 from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
+from scalelab.train.model_folder import checked_model_config
 from scalelab.train.rundir import list_checkpoints
 
 
@@ -44,11 +46,13 @@ def tied_names(model: torch.nn.Module) -> dict[str, str]:
     return tied
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage, and a tied weight is stored once anyway.
+def model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The model's state dict (or `tensors`, gathered from a mesh) as whole CPU tensors.
+    safetensors refuses shared storage, and a tied weight is stored once anyway."""
     skip = tied_names(model)
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-            if k not in skip}
+    tensors = model.state_dict() if tensors is None else tensors
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items() if k not in skip}
 
 
 def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
@@ -58,8 +62,7 @@ def save_model(model: torch.nn.Module, tok: Tokenizer, final: Path,
     extra_json: more files for the folder, e.g. {"reward.json": stats} for a reward model."""
     tmp = fresh_tmp(final)
     with disk_errors(final, tmp):
-        save_file(model_tensors(model) if tensors is None else tensors,
-                  str(tmp / "model.safetensors"))
+        save_file(model_tensors(model, tensors), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(asdict(model.cfg), indent=2))
         for name, data in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2))
@@ -76,27 +79,22 @@ def save_full_model(model: torch.nn.Module, tok: Tokenizer, final: Path, par,
     from scalelab.parallel.checkpoint import full_model_tensors
     tensors = full_model_tensors(model, par)
     if par.is_main:
-        for name in tied_names(model):
-            tensors.pop(name, None)
         save_model(model, tok, final, tensors, extra_json=extra_json)
     par.barrier()
 
 
-def read_weights(model: torch.nn.Module, path: Path,
-                 tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """A model.safetensors (or its contents, already read) as `model`'s state dict (a tied
-    weight is stored once)."""
-    tensors = read_tensors(path) if tensors is None else tensors
+def with_tied(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+    """A model.safetensors' tensors as `model`'s state dict (a tied weight is stored once)."""
     for second, first in tied_names(model).items():
         if first in tensors:
             tensors[second] = tensors[first]
     return tensors
 
 
-def load_weights(model: torch.nn.Module, path: Path,
-                  tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """tensors: the file's contents when the caller has read them already."""
-    tensors = read_weights(model, path, tensors)
+def load_weights(model: torch.nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """tensors: the contents of `path` (the file named in errors)."""
+    tensors = with_tied(model, tensors)
     want = model.state_dict()
     for k, t in tensors.items():
         if k in want and tuple(t.shape) != tuple(want[k].shape):
@@ -114,7 +112,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     """A model folder written by save_model (DIR/model or a checkpoint's step folder), or a
     Hugging Face folder of a supported architecture (scalelab.hf).
     wrap builds what the weights belong to around the Transformer (a reward model's head)."""
-    from scalelab import hf
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
@@ -130,7 +127,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
         return model.to(device).eval(), tok
-    from scalelab.train.model_folder import checked_model_config
     cfg_dict = read_json(d / "config.json")
     tensors = read_tensors(d / "model.safetensors")
     cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})
@@ -280,7 +276,7 @@ def _read_whole(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    weights = read_weights(model, ckpt / "model.safetensors")
+    weights = with_tied(model, read_tensors(ckpt / "model.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     name_of = lambda k: order[int(k)] if str(k).isdigit() else k  # noqa: E731

@@ -125,7 +125,7 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
                            rank=par.data_rank, world=par.data_world,
                            accum=cfg.train.grad_accum)
     fit(run, cfg, model, loader, device, loss_sum, evaluate,
-        save_model=lambda: save_full_model(model, tok, out / "model", par), resume=resume,
+        save_model=lambda: save_full_model(model, tok, out / "model", par),
         count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
         parallel=None if par.single else par, loss_units=pairs_in)
     return out / "model"

@@ -44,7 +44,6 @@ def get_labeler(spec: str) -> Labeler:
     if not sep:
         raise UserError(f"reward.labeler: expected builtin:gold or module:function, got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise UserError(f"reward.labeler: cannot load {spec!r} ({e})") from None
-    return fn

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,15 +13,16 @@ from tqdm import tqdm
 
 from scalelab.config import Config, TrainConfig, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
+from scalelab.hf import add_chat_tokens
 from scalelab.io import atomic_write_json, atomic_write_text, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.parallel.apply import sync_and_clip
 from scalelab.parallel.rules import check_divisible
-from scalelab.train.checkpoint import Checkpointer
+from scalelab.train.checkpoint import Checkpointer, load_model
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.rundir import check_out, claim
+from scalelab.train.rundir import check_out, claim, restart_count
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -49,6 +49,17 @@ def loss_step(loss_fn: Callable, tc: TrainConfig, device: torch.device) -> Calla
     in one graph) when train.compile resolves to on for this device (auto: CUDA only).
     bench/train_throughput.py times this same path."""
     return torch.compile(loss_fn) if use_compile(tc.compile, device) else loss_fn
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, loss_fn: Callable, batches: list, device: torch.device,
+              dtype: str) -> float:
+    """loss_fn(model, batch) averaged over held-out batches, under train.dtype's autocast."""
+    total = 0.0
+    for x, y in batches:
+        with autocast(device, dtype):
+            total += loss_fn(model, (x.to(device), y.to(device))).item()
+    return total / len(batches)
 
 
 class Run:
@@ -95,13 +106,11 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     [model] as the run's. Nothing is written yet: Run.begin writes config.toml and
     lineage.json once the stage's inputs (and checkpoint) are good.
     Returns (run, par, model, tokenizer)."""
-    from scalelab.train.checkpoint import load_model
     par = mesh.setup(cfg.parallel, cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the same on every rank: copies and heads agree
     record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
     run = Run(out, cfg, resume, write=par.is_main, stage=stage, lineage=record)
     model, tok = load_model(parent, par.device)
-    from scalelab.hf import add_chat_tokens
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
     if not par.single:
         check_divisible(model.cfg, par.rules, par.sizes)
@@ -125,7 +134,7 @@ def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
         if mon.main:
             tqdm.write(f"resumed from {ckpts.latest()} (step {meta['step']})")
             mon.event({"event": "resumed", "step": meta["step"],
-                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+                       "restart": restart_count()})
     return meta
 
 
@@ -247,8 +256,7 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None,
         evaluate: Callable[[int], dict] | None = None,
         save_model: Callable[[], None] | None = None,
-        tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0,
-        resume: bool = False, parallel=None,
+        tokens_per_micro_batch: int = 0, flops_per_token: float = 0.0, parallel=None,
         count_tokens: Callable[[tuple], int] | None = None,
         loss_units: Callable[[tuple], int] | None = None, step: Step | None = None) -> None:
     """Train `model` for cfg.train.max_steps optimizer steps.
@@ -278,12 +286,12 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                                    loss_units)
     hw = detect(device)
     n_dev = 1 if parallel is None else parallel.world
-    mon = Monitor(cfg.monitor, run.out, main, resume, flops_per_token=flops_per_token,
+    mon = Monitor(cfg.monitor, run.out, main, run.resume, flops_per_token=flops_per_token,
                   peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
     ckpts = Checkpointer(run.out, tc.keep_checkpoints, parallel)
     meta = start_or_resume(run, ckpts, model, optimizer, loader, mon)
     stage.state.update({k: meta[k] for k in stage.state if k in meta})
-    if not resume and evaluate is not None:
+    if not run.resume and evaluate is not None:
         with mon.clock("eval"):
             first = {"step": 0, **evaluate(0)}
             run.log(first)

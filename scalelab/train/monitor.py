@@ -30,18 +30,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
 
 from scalelab.config import MonitorConfig, RunFailed
+from scalelab.io import atomic_write_json, atomic_write_text, read_rows
+from scalelab.train.rundir import restart_count
 
-PROCESS_START = time.monotonic()  # imported when a stage starts: the rest is "startup"
-PROCESS_START_UNIX = time.time()
+PROCESS_START_UNIX = time.time()  # imported when a stage starts: the rest is "startup"
 # Where the next stage's "startup" begins: the process start, then the end of the previous
 # stage run in the same process (the demo and the sweep run several).
-STAGE_ORIGIN = [PROCESS_START]
+STAGE_ORIGIN = [time.monotonic()]
 BUCKETS = ("train", "data", "eval", "checkpoint", "rewind", "restart", "startup")
 
 
@@ -97,9 +98,6 @@ class Watchdog(threading.Thread):
             self.steps.append(now - self.last)
         self.last, self.armed = now, True
 
-    def pause(self) -> None:
-        self.armed = False
-
     def limit(self) -> float | None:
         if len(self.steps) < 3:  # the first steps (compile, warm caches) are not typical
             return None
@@ -125,8 +123,7 @@ class Monitor:
         self.mc, self.out, self.main = mc, out, main
         self.enabled = mc.enabled
         self.health = Health(mc)
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-        self.inject = {} if resume or restarted else parse_inject(mc.inject)
+        self.inject = {} if resume or restart_count() else parse_inject(mc.inject)
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
@@ -148,8 +145,7 @@ class Monitor:
 
     def _train_until_now(self) -> None:
         now = time.monotonic()  # before start(): loading, compiling, ... count as startup
-        self._bill("train" if self.watchdog is not None or self.started else "startup",
-                   now - self.mark)
+        self._bill("train" if self.started else "startup", now - self.mark)
         self.mark = now
 
     @contextlib.contextmanager
@@ -157,7 +153,7 @@ class Monitor:
         """Bill the time inside to `bucket`; everything else in the loop is "train"."""
         self._train_until_now()
         if self.watchdog is not None and bucket != "data":
-            self.watchdog.pause()
+            self.watchdog.armed = False
         try:
             yield
         finally:
@@ -203,7 +199,7 @@ class Monitor:
         else:  # a new process: the old one's time up to the checkpoint, then what it lost
             wall, at = self.previous_wall()
             lost = max(0.0, wall - sum(then.values()))
-            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+            if restart_count():
                 lost += max(0.0, PROCESS_START_UNIX - at)  # torchrun's restart latency
             # (a manual --resume: the hours nobody ran it are not the run's time)
             mine = self.total["startup"]
@@ -302,7 +298,7 @@ class Monitor:
             del self.inject[step]
             time.sleep(3600)
 
-    def step_done(self, step: int, rewound: bool = False) -> None:
+    def step_done(self, step: int) -> None:
         """After each optimizer step's verdict: injections fire once; the watchdog beats."""
         if self.inject.get(step) in ("nan", "spike"):
             del self.inject[step]
@@ -337,7 +333,7 @@ class Monitor:
         """A training row was logged: keep the numbers runs show reads (progress.json)."""
         self.loss = row.get("loss", self.loss)
         if self.main:
-            self._write_json("progress.json", self.progress(row))
+            atomic_write_json(self.out / "progress.json", self.progress(row), indent=1)
             self.mirror(row)
 
     def progress(self, row: dict | None = None) -> dict:
@@ -362,10 +358,6 @@ class Monitor:
         if message:
             out["message"] = message
         return out
-
-    def _write_json(self, name: str, data: dict) -> None:
-        from scalelab.io import atomic_write_json
-        atomic_write_json(self.out / name, data, indent=1)
 
     def mirror(self, row: dict) -> None:
         """monitor.tensorboard / monitor.wandb: the numbers also go to DIR/tensorboard and to
@@ -395,7 +387,8 @@ class Monitor:
         self.event({"event": "stall", "step": self.step, "waited_s": waited,
                     "median_step_s": median, "stacks": str(stacks), "action": "exit"})
         with contextlib.suppress(Exception):
-            self._write_json("summary.json", self.summary("stalled", "no progress"))
+            atomic_write_json(self.out / "summary.json", self.summary("stalled", "no progress"),
+                              indent=1)
         sys.stderr.flush()
         os._exit(1)  # the main thread may be stuck in C code: leave without waiting for it
 
@@ -416,7 +409,7 @@ class Monitor:
         STAGE_ORIGIN[0] = time.monotonic()
         if self.main:
             summary = self.summary(status, message)
-            self._write_json("summary.json", summary)
+            atomic_write_json(self.out / "summary.json", summary, indent=1)
             self.notify({"event": status, "step": self.step, **summary})
         if self.tb is not None:
             self.tb.close()
@@ -430,8 +423,6 @@ def start_wandb(out: Path, project: str):
     """A W&B run named after the run folder; a resumed run continues the same W&B run (its
     id is kept in DIR/wandb-id.txt). W&B drops rows whose step it has already seen."""
     import wandb
-
-    from scalelab.io import atomic_write_text
     id_file = out / "wandb-id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else ""
     if not run_id:
@@ -442,15 +433,11 @@ def start_wandb(out: Path, project: str):
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    from scalelab.io import read_rows
     return read_rows(run_dir / "events.jsonl")
 
 
 def count_events(run_dir: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ev in read_events(run_dir):
-        counts[ev.get("event", "?")] = counts.get(ev.get("event", "?"), 0) + 1
-    return counts
+    return dict(Counter(ev.get("event", "?") for ev in read_events(run_dir)))
 
 
 def describe(ev: dict) -> str:

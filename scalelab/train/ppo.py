@@ -32,9 +32,10 @@ from scalelab.model import ScalarModel, Transformer
 from scalelab.parallel.apply import parallelize, sync_and_clip
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
+from scalelab.train.labelers import get_labeler
 from scalelab.train.loop import Step, fit, start_stage
 from scalelab.train.losses import token_logprobs
-from scalelab.train.reward import load_reward_model
+from scalelab.train.reward import load_reward_model, reward_scores
 
 # ---- the math, as small pure functions (unit-tested against hand calculations) --------------
 
@@ -212,7 +213,7 @@ class DataRanks:
         if self.par is None or self.par.sizes["tp"] == 1:
             return responses
         import torch.distributed as dist
-        group = self.par.group("tp")
+        group = self.par.mesh.get_group("tp")
         ids = torch.full((rows, width), -1, dtype=torch.long)
         for i, r in enumerate(responses):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
@@ -277,8 +278,6 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     ctx = ctx if ctx is not None else contextlib.nullcontext()
     loss_fn = loss_fn or minibatch_loss
     ranks, chunks = DataRanks(par), chunks or Chunks([None])
-    if generator is None and chunks.seeds[0] is not None:
-        generator = torch.Generator(device=device)
     policy.eval()
     if sampling_copy is not None:
         refresh_sampling_copy(sampling_copy, policy)
@@ -395,7 +394,6 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     """PPO from the policy in policy_dir against the reward model in reward_dir, or against
     the gold labeler itself when reward_dir is "builtin:gold". Under torchrun the four
     models are sharded by [parallel] and each data rank rolls out its own chunks."""
-    from scalelab.train.labelers import get_labeler
     pc, tc = cfg.ppo, cfg.train
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
@@ -408,17 +406,14 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                                         reward=reward_dir)
     device = par.device
     total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
-    if not oracle:
-        reward_model.to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     trunk = policy if oracle else reward_model.trunk
-    value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device)
-    value.requires_grad_(True)
+    value = ScalarModel(copy.deepcopy(trunk), zero_head=True).to(device).requires_grad_(True)
     sampling_copy = make_sampling_copy(policy, par, device, tc.dtype)
     for m, entry in ((policy, "hidden"), (ref, "hidden"), (value, "forward")):
         parallelize(m, par, tc.dtype, entry=entry)  # losses read hidden() and lm_head
     if not oracle:
-        parallelize(reward_model, par, tc.dtype)
+        parallelize(reward_model.to(device), par, tc.dtype)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
     n_prompts = pc.rollout_batch // pc.samples_per_prompt
@@ -434,7 +429,6 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     def reward_fn(idx: list[int], responses: list[list[int]]) -> torch.Tensor:
         if oracle:
             return gold_scores(idx, responses)
-        from scalelab.train.reward import reward_scores
         return reward_scores(reward_model, tok, stats, [texts[i] for i in idx], responses)
 
     ctx = autocast(device, tc.dtype)
@@ -487,7 +481,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
             return row
 
     fit(run, cfg, torch.nn.ModuleDict({"policy": policy, "value": value}), sampler, device,
-        save_model=lambda: save_full_model(policy, tok, out / "model", par), resume=resume,
+        save_model=lambda: save_full_model(policy, tok, out / "model", par),
         parallel=None if par.single else par, step=PPOStep({"kl_coef": pc.kl_coef}))
     return out / "model"
 

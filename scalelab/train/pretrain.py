@@ -18,14 +18,13 @@ from scalelab.data.tokens import (
     write_token_files,
 )
 from scalelab.generate import generate
-from scalelab.hardware import autocast
 from scalelab.model import Transformer
 from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import Run, fit
+from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
 
 
@@ -72,15 +71,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model.lm_head.weight, DTensor)
 
 
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: list, device: torch.device, ctx) -> float:
-    total = 0.0
-    for x, y in batches:
-        with ctx:
-            total += next_token_loss(model, (x.to(device), y.to(device))).item()
-    return total / len(batches)
-
-
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
     par = mesh.setup(cfg.parallel, cfg.train.device)  # one process: no process group at all
@@ -108,9 +98,9 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     cfg.model = model.cfg  # resolved: every 0 = auto is now explicit (saved by run.begin)
     mc, tc = model.cfg, cfg.train
     say = tqdm.write if par.is_main else (lambda _: None)
-    say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
-        f"{model.flops_per_token():.3g} FLOPs/token, device {device}")
     flops_per_token = model.flops_per_token()
+    say(f"model: {model.num_params():,} parameters N (a tied embedding counted once), "
+        f"{flops_per_token:.3g} FLOPs/token, device {device}")
     if not par.single:
         parallelize(model, par, tc.dtype)
         say("mesh: " + " x ".join(f"{a}={n}" for a, n in par.sizes.items()) +
@@ -129,12 +119,11 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
                       mc.seq_len).fixed_batches(tc.eval_batches)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
-    ctx = autocast(device, tc.dtype)
     prompt = tok.encode(tc.sample_prompt, bos=True)
     sample_every = tc.sample_every or tc.eval_every
 
     def evaluate(step: int) -> dict:
-        loss = eval_loss(model, val, device, ctx)
+        loss = mean_loss(model, next_token_loss, val, device, tc.dtype)
         row = {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
         # Sampling with a KV cache needs whole heads: only in one process.
         if par.single and len(prompt) < mc.seq_len and (step % sample_every == 0 or
@@ -145,11 +134,8 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
             row["sample"] = tc.sample_prompt + tok.decode(new)
         return row
 
-    def save() -> None:  # collective under a mesh: every rank takes part, rank 0 writes
-        save_full_model(model, tok, out / "model", par)
-
-    fit(run, cfg, model, loader, device, next_token_loss, evaluate, save_model=save,
+    fit(run, cfg, model, loader, device, next_token_loss, evaluate,
+        save_model=lambda: save_full_model(model, tok, out / "model", par),  # collective
         tokens_per_micro_batch=tc.batch_size * mc.seq_len * par.data_world,
-        flops_per_token=flops_per_token, resume=resume,
-        parallel=None if par.single else par)
+        flops_per_token=flops_per_token, parallel=None if par.single else par)
     return out / "model"

@@ -207,7 +207,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         save_full_model(model, tok, out / "model", par, extra_json={"reward.json": stats})
 
     fit(run, cfg, model, loader, device, pair_loss_sum, evaluate, save_model=save,
-        resume=resume, parallel=None if par.single else par,
+        parallel=None if par.single else par,
         count_tokens=lambda batch: int(batch[1].sum()),  # batch[1]: sequence lengths
         loss_units=lambda batch: len(batch[2]))  # batch[2]: the better of each pair
     return out / "model"

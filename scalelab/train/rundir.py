@@ -58,10 +58,14 @@ def torchrun_job() -> str | None:
     return f"{run_id}@{socket.gethostname()}:{os.getppid()}"
 
 
+def restart_count() -> int:
+    """How many times torchrun --max-restarts has started this worker again (0 outside)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def restarted_own_job(out: Path) -> bool:
-    """This process is a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of the job that
-    claimed `out`."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+    """This process is a torchrun restart of the job that claimed `out`."""
+    if not restart_count():
         return False
     job = read_json_if_any(out / MARKER).get("job")
     return job is not None and job == torchrun_job()

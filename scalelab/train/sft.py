@@ -16,11 +16,10 @@ from tqdm import tqdm
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_conversations
-from scalelab.hardware import autocast
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import fit, start_stage
+from scalelab.train.loop import fit, mean_loss, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
 
 
@@ -35,13 +34,6 @@ def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
     return [[{"role": "user", "content": e.prompt},
              {"role": "assistant", "content": demonstration(e, rng, chatty_fraction)}]
             for e in examples], examples
-
-
-def load_conversations(spec: str, n: int, seed: int, chatty_fraction: float
-                       ) -> list[list[dict]]:
-    if is_builtin_tasks(spec, "--data"):
-        return task_conversations(n, seed, chatty_fraction)[0]
-    return read_conversations(spec)
 
 
 def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
@@ -84,8 +76,11 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     parallelize(model, par, cfg.train.dtype, entry="hidden")  # the loss reads hidden(), lm_head
 
     sc = cfg.sft
-    encoded = encode_conversations(load_conversations(data_spec, sc.n_examples, sc.seed,
-                                                      sc.chatty_fraction), tok, model.cfg.seq_len)
+    if is_builtin_tasks(data_spec, "--data"):
+        convs = task_conversations(sc.n_examples, sc.seed, sc.chatty_fraction)[0]
+    else:
+        convs = read_conversations(data_spec)
+    encoded = encode_conversations(convs, tok, model.cfg.seq_len)
     train_items, val_items = split_heldout(encoded)
 
     def collate(items):
@@ -103,7 +98,6 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
                            accum=cfg.train.grad_accum)
     val_batches = [collate(val_items[i: i + tc.batch_size])
                    for i in range(0, len(val_items), tc.batch_size)]
-    ctx = autocast(device, tc.dtype)
     eval_examples = None
     if data_spec == "builtin:tasks" and par.single:  # task accuracy on fresh examples (it
         # samples with a KV cache, which needs whole heads: one process only)
@@ -111,11 +105,7 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
 
     @torch.no_grad()
     def evaluate(step: int) -> dict:
-        total = 0.0
-        for x, y in val_batches:
-            with ctx:
-                total += masked_loss(model, (x.to(device), y.to(device))).item()
-        row = {"val_loss": total / len(val_batches)}
+        row = {"val_loss": mean_loss(model, masked_loss, val_batches, device, tc.dtype)}
         if eval_examples is not None:
             from scalelab.evaluate import task_accuracy
             row["task_accuracy"] = task_accuracy(model, tok, eval_examples)["mean"]
@@ -125,6 +115,6 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     fit(run, cfg, model, loader, device, masked_loss_sum, evaluate,
         save_model=lambda: save_full_model(model, tok, out / "model", par),
         count_tokens=lambda batch: int((batch[0] != tok.pad_id).sum()),
-        flops_per_token=model.flops_per_token(int(mean_len)), resume=resume,
+        flops_per_token=model.flops_per_token(int(mean_len)),
         parallel=None if par.single else par, loss_units=assistant_tokens)
     return out / "model"
