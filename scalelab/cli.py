@@ -13,10 +13,10 @@ from scalelab.config import Config, RunFailed, UserError, load_config, resolve_c
 def resume_after_restart(args: argparse.Namespace) -> None:
     """A worker that `torchrun --max-restarts=N` started again (TORCHELASTIC_RESTART_COUNT
     > 0) goes on from its run's last checkpoint, as if --resume had been given."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    from scalelab.train.rundir import list_checkpoints, restart_count
+    restart = restart_count()
     if args.resume or restart == 0:
         return
-    from scalelab.train.rundir import list_checkpoints
     if list_checkpoints(Path(args.out)):
         args.resume = True
         if os.environ.get("RANK", "0") == "0":
