@@ -80,6 +80,11 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def comparison(metric: str) -> str:
+    """How a value of this metric meets its pass threshold: '>=' or '<='."""
+    return ">=" if HIGHER_IS_BETTER[metric] else "<="
+
+
 def passes(value: float, threshold: float, metric: str) -> bool:
     if value is None or math.isnan(value):
         return False

@@ -232,7 +232,7 @@ def write_report(reg, out: Path, models: list[str] | None = None,
         passed = any(latest.get((e["id"], m["id"]), {}).get("passed") for m in mods)
         parts.append(f"<h2 id='e{e['id']}'>{esc(e['name'])}</h2><p><code>{esc(e['task'])}"
                      f"</code>: pass if {esc(e['metric'])} "
-                     f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']:g}. "
+                     f"{M.comparison(e['metric'])} {e['threshold']:g}. "
                      f"{esc(e['note'])}</p>")
         if sers[e["id"]]["params"]:
             img = f"exp{e['id']}.png"
