@@ -122,7 +122,7 @@ def quiet():
 
 def bridge(lm):
     """An lm-eval model over the tracker's loaded model."""
-    if lm.kind == "scalelab" or hasattr(lm.model, "num_params"):  # scalelab's Transformer
+    if hasattr(lm.model, "num_params"):  # scalelab's Transformer (own or imported weights)
         from scalelab.lmeval import ScalelabEvalLM
         return ScalelabEvalLM.around(lm.model, lm.tok)
     from lm_eval.models.huggingface import HFLM as LMEvalHF
@@ -191,7 +191,6 @@ def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[d
             row = M.choice_scores(lls, gold)
             n = len(ev._encode_pair(*pairs[gold])[1])
             row["token_logprob"] = lls[gold] / max(1, n)
-            row["margin"] = lls[gold] - max(x for i, x in enumerate(lls) if i != gold)
             rows.append(row)
             best = max(range(len(lls)), key=lls.__getitem__)
             shown.append({"prompt": pairs[0][0], "target": pairs[gold][1],
