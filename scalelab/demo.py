@@ -34,8 +34,8 @@ SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia 
             "Write in digits: forty-two"]
 
 
-def preset_config(preset: str, steps: int, sets: list[str] | None = None) -> Config:
-    cfg = load_config(resolve_config_path(preset), sets)
+def preset_config(preset: str, steps: int) -> Config:
+    cfg = load_config(resolve_config_path(preset))
     cfg.train.max_steps = steps
     return cfg
 

@@ -43,8 +43,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except OSError:  # e.g. PermissionError: another user's process, alive
+        pass
     return True
 
 
@@ -97,8 +97,6 @@ def state(run_dir: Path) -> dict:
 def fmt(x, spec: str = ".4g", none: str = "-") -> str:
     if x is None:
         return none
-    if isinstance(x, float) and spec.endswith("%"):
-        return format(x, spec)
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 

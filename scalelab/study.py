@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from scalelab.config import (
     resolve_config_path,
 )
 from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any
+from scalelab.track.metrics import mean
 from scalelab.track.ops import add_experiment, ensure_model
 from scalelab.track.registry import Registry, code_version, registry_path
 from scalelab.track.sweep import load_table, shared_vocab, size_config
@@ -134,11 +134,10 @@ def evaluate_model(reg: Registry, model: dict, exps: dict[str, dict]) -> dict[st
 
 def summarise(scores: dict[str, dict], tuned: list[str]) -> dict:
     from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS
-    mean = statistics.fmean
-    row = {"held_out": mean(scores[f]["exact_match"] for f in HELDOUT_TASKS),
-           "held_out_logprob": mean(scores[f]["token_logprob"] for f in HELDOUT_TASKS),
-           "held_in_all": mean(scores[f]["exact_match"] for f in TRAIN_TASKS),
-           "held_in_tuned": mean(scores[f]["exact_match"] for f in tuned) if tuned else None}
+    row = {"held_out": mean([scores[f]["exact_match"] for f in HELDOUT_TASKS]),
+           "held_out_logprob": mean([scores[f]["token_logprob"] for f in HELDOUT_TASKS]),
+           "held_in_all": mean([scores[f]["exact_match"] for f in TRAIN_TASKS]),
+           "held_in_tuned": mean([scores[f]["exact_match"] for f in tuned]) if tuned else None}
     row["held_out_families"] = {f: scores[f]["exact_match"] for f in HELDOUT_TASKS}
     return row
 

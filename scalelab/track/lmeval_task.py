@@ -201,8 +201,7 @@ def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[d
                            "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
     elif kind == "generate_until":
         from lm_eval.api.instance import Instance
-        golds = [s["target"] if isinstance(s["target"], str) else str(s["target"])
-                 for s in samples]  # what the generation is compared with, right after
+        golds = [str(s["target"]) for s in samples]  # what the generation is compared with
         reqs = [Instance("loglikelihood", s["doc"], (_args(s)[0][0], g), i)
                 for i, (s, g) in enumerate(zip(samples, golds))]
         lls = ev.loglikelihood(reqs) if reqs else []
