@@ -322,11 +322,9 @@ class Registry:
         args: tuple = ()
         if experiment_id is not None:
             sql, args = sql + " WHERE r.experiment_id = ?", (experiment_id,)
-        rows = []
-        for r in self.db.execute(sql + " ORDER BY r.id", args):
-            d = dict(r)
+        rows = [dict(r) for r in self.db.execute(sql + " ORDER BY r.id", args)]
+        for d in rows:
             d["metrics"], d["samples"] = json.loads(d["metrics"]), json.loads(d["samples"])
-            rows.append(d)
         return rows
 
     def latest(self) -> dict[tuple[int, int], dict]:

@@ -173,10 +173,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     caveat = scaling_caveat(base, fits[0][1] if fits else None)
     exps = reg.experiments()
     latest = reg.latest()
-    sers = {}
-    for e in exps:
-        sers[e["id"]] = {a: [(m, r) for m, r in series(reg, e, a)
-                             if keep is None or m["name"] in keep] for a in AXES}
+    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a) if keep is None or m["name"] in keep]
+                      for a in AXES} for e in exps}
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
              "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"

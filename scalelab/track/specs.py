@@ -176,11 +176,8 @@ def suite_items(spec: str) -> list[Item]:
         raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}, "
                         "n at least 1")
     rng = random.Random(f"tasks/{family}/{params['seed']}")
-    out = []
-    for _ in range(params["n"]):
-        ex = fam.make(rng, params["difficulty"])
-        out.append(Item(ex.prompt, ex.answer, example=ex))
-    return out
+    examples = [fam.make(rng, params["difficulty"]) for _ in range(params["n"])]
+    return [Item(ex.prompt, ex.answer, example=ex) for ex in examples]
 
 
 def load_items(spec: str) -> list[Item]:
