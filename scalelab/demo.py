@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.io import read_rows
+from scalelab.io import read_json, read_rows
 from scalelab.train.rundir import resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
@@ -245,7 +245,6 @@ def markdown_to_html(md: str) -> str:
 
 
 def run_demo(out: Path, quick: bool = False) -> None:
-    from scalelab.io import read_json
     from scalelab.train.ppo import ppo
     from scalelab.train.pretrain import pretrain
     from scalelab.train.reward import train_reward
