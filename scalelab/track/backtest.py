@@ -20,7 +20,6 @@ import math
 
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
-    ITEM_SCORES,
     data_group,
     fmt,
     pooled_calibration,
@@ -73,9 +72,8 @@ def backtest(reg) -> list[dict]:
                     break  # already passing within the k models: nothing left to predict
                 sub = ser[:k]
                 ids = {m["id"] for m, _ in sub}
-                pooled = {x: pooled_calibration(
-                    [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()], x)
-                    for x in ITEM_SCORES}
+                pooled = pooled_calibration(
+                    [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()])
                 out = prediction_for(exp, sub, "non_embedding_params", pooled)
                 p = out[1] if out else None
                 # the same calibration on the greedy margin (generation only)
