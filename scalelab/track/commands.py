@@ -138,9 +138,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, m in enumerate(s["models"], 1):
         print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
-    head = f"{'experiment':<18}{'metric':<13}{'pass at':>8} " + \
-        "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing"
-    print(head)
+    print(f"{'experiment':<18}{'metric':<13}{'pass at':>8} "
+          + "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing")
     for e in s["experiments"]:
         cells = ""
         for n in names:
