@@ -283,11 +283,11 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
     if not ((run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()):
         return {}
     cfg = load_config(run / "config.toml")
-    step, val, counted = 0, None, None
+    step, val, tokens = 0, None, None
     for row in read_rows(run / "metrics.jsonl"):
         if "loss" in row:
             step = max(step, row["step"])
-            counted = row.get("tokens", counted)  # real tokens, logged by the training loop
+            tokens = row.get("tokens", tokens)  # real tokens, logged by the training loop
         if "val_loss" in row:
             val = row["val_loss"]
     try:
@@ -295,7 +295,6 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
         stage, parent = record["stage"], Path(record["parent"])
     except (OSError, ValueError, KeyError, TypeError):
         stage, parent = "pretrain", None
-    tokens = counted
     if tokens is None and stage != "ppo":  # older runs: full windows of batch x seq_len
         tc = cfg.train
         ranks = cfg.parallel.dp * cfg.parallel.fsdp  # batch_size is per data rank
@@ -304,9 +303,7 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
     out = {"tokens": tokens or 0, "flops": 6.0 * n * (tokens or 0),
            "val_loss": val if stage == "pretrain" else None}
     if parent is not None and depth < 8:
-        if not parent.is_absolute():
-            parent = (Path.cwd() / parent).resolve()
-        up = run_totals(parent, n, depth + 1)
+        up = run_totals(parent.resolve(), n, depth + 1)  # a relative parent: from the cwd
         out["tokens"] += up.get("tokens") or 0
         out["flops"] += up.get("flops") or 0.0
     if tokens is None and stage == "pretrain":
