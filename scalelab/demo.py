@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.io import read_rows
+from scalelab.io import read_json, read_rows
 from scalelab.train.rundir import resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
@@ -34,8 +34,8 @@ SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia 
             "Write in digits: forty-two"]
 
 
-def preset_config(preset: str, steps: int, sets: list[str] | None = None) -> Config:
-    cfg = load_config(resolve_config_path(preset), sets)
+def preset_config(preset: str, steps: int) -> Config:
+    cfg = load_config(resolve_config_path(preset))
     cfg.train.max_steps = steps
     return cfg
 
@@ -245,7 +245,6 @@ def markdown_to_html(md: str) -> str:
 
 
 def run_demo(out: Path, quick: bool = False) -> None:
-    from scalelab.io import read_json
     from scalelab.train.ppo import ppo
     from scalelab.train.pretrain import pretrain
     from scalelab.train.reward import train_reward

@@ -29,14 +29,11 @@ class _RegisterAfter:
     def __init__(self, loader) -> None:
         self._loader = loader
 
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
         register()
 
-    def __getattr__(self, name: str):  # get_code, is_package, resource readers, ...
+    def __getattr__(self, name: str):  # create_module, get_code, is_package, readers, ...
         return getattr(self._loader, name)
 
 

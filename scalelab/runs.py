@@ -7,6 +7,7 @@ DIR/metrics.jsonl and DIR/events.jsonl; nothing here writes anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -43,8 +44,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except OSError:  # e.g. PermissionError: another user's process, alive
+        pass
     return True
 
 
@@ -56,13 +57,11 @@ def state(run_dir: Path) -> dict:
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in rows if "val_loss" in r]
     cfg = {}
-    try:
+    with contextlib.suppress(UserError):  # no config (yet), or not one we can read
         cfg = read_toml(run_dir / "config.toml")
-    except UserError:
-        pass
     max_steps = cfg.get("train", {}).get("max_steps")
     lineage = read_json_if_any(run_dir / "lineage.json")
-    last_at = max((float(x.get("time_unix", 0)) for x in (summary, progress)), default=0.0)
+    last_at = max(float(x.get("time_unix", 0)) for x in (summary, progress))
     if not last_at and (run_dir / "metrics.jsonl").exists():
         last_at = (run_dir / "metrics.jsonl").stat().st_mtime
     step = train[-1]["step"] if train else 0
@@ -80,7 +79,7 @@ def state(run_dir: Path) -> dict:
     last = train[-1] if train else {}
     src = summary or progress
     total = src.get("time") or {}
-    wall = sum(total.values()) if total else 0.0
+    wall = sum(total.values())
     return {
         "dir": str(run_dir), "stage": lineage.get("stage", "pretrain" if cfg else "?"),
         "status": status, "step": step, "max_steps": max_steps,
@@ -94,11 +93,9 @@ def state(run_dir: Path) -> dict:
     }
 
 
-def fmt(x, spec: str = ".4g", none: str = "-") -> str:
+def fmt(x, spec: str = ".4g") -> str:
     if x is None:
-        return none
-    if isinstance(x, float) and spec.endswith("%"):
-        return format(x, spec)
+        return "-"
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 

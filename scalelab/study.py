@@ -45,8 +45,11 @@ from scalelab.config import (
     resolve_config_path,
 )
 from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any
-from scalelab.track.registry import Registry
-from scalelab.train.rundir import resume_or_restart
+from scalelab.track.metrics import mean
+from scalelab.track.ops import add_experiment, ensure_model
+from scalelab.track.registry import Registry, code_version, registry_path
+from scalelab.track.sweep import load_table, shared_vocab, size_config
+from scalelab.train.rundir import check_folder, resume_or_restart
 
 STUDY_KEYS = {"name": str, "sizes": list, "pretrain_steps": int, "lr_width": int,
               "n_tasks": list, "order_seed": int, "sft_steps": int, "sft_lr": float,
@@ -56,7 +59,6 @@ MARKER = "study.json"
 
 def load_study(path: Path) -> tuple[Config, dict]:
     from scalelab.tasks import TRAIN_TASKS
-    from scalelab.track.sweep import load_table
     cfg, opts = load_table(path, "study", STUDY_KEYS, {
         "sizes": [], "pretrain_steps": 600, "lr_width": 0,
         "n_tasks": [1, 3, 8, len(TRAIN_TASKS)], "order_seed": 0, "sft_steps": 300,
@@ -92,21 +94,9 @@ def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
         for e in make_examples(families, n, seed)))
 
 
-def ensure_model(reg: Registry, path: Path, name: str, **kw) -> dict:
-    from scalelab.track.ops import register_model
-    known = {m["name"]: m for m in reg.models()}
-    if name in known:
-        if Path(known[name]["path"]) != path.resolve():
-            raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
-                            "change study.name")
-        return dict(known[name])
-    return register_model(reg, path, name, run=False, **kw)
-
-
 def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
     """One registry experiment per task family, named STUDY:FAMILY."""
     from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS
-    from scalelab.track.ops import add_experiment
     have = {e["name"]: e for e in reg.experiments()}
     out = {}
     for fam in HELDOUT_TASKS + TRAIN_TASKS:
@@ -126,7 +116,6 @@ def evaluate_model(reg: Registry, model: dict, exps: dict[str, dict]) -> dict[st
     """Each family's exact match and answer log-likelihood (per token) for one model; results
     already in the registry are reused, missing ones are run and added."""
     from scalelab.track.evaluate import load_lm, run_experiment
-    from scalelab.track.registry import code_version
     latest = reg.latest()
     lm, out = None, {}
     for fam, e in exps.items():
@@ -143,17 +132,12 @@ def evaluate_model(reg: Registry, model: dict, exps: dict[str, dict]) -> dict[st
     return out
 
 
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
-
-
 def summarise(scores: dict[str, dict], tuned: list[str]) -> dict:
     from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS
-    row = {"held_out": mean(scores[f]["exact_match"] for f in HELDOUT_TASKS),
-           "held_out_logprob": mean(scores[f]["token_logprob"] for f in HELDOUT_TASKS),
-           "held_in_all": mean(scores[f]["exact_match"] for f in TRAIN_TASKS),
-           "held_in_tuned": mean(scores[f]["exact_match"] for f in tuned) if tuned else None}
+    row = {"held_out": mean([scores[f]["exact_match"] for f in HELDOUT_TASKS]),
+           "held_out_logprob": mean([scores[f]["token_logprob"] for f in HELDOUT_TASKS]),
+           "held_in_all": mean([scores[f]["exact_match"] for f in TRAIN_TASKS]),
+           "held_in_tuned": mean([scores[f]["exact_match"] for f in tuned]) if tuned else None}
     row["held_out_families"] = {f: scores[f]["exact_match"] for f in HELDOUT_TASKS}
     return row
 
@@ -164,8 +148,7 @@ def plan_hash(cfg: Config, opts: dict) -> str:
 
 
 def run_study(config: Path, out: Path, reg: Registry) -> dict:
-    from scalelab.track.sweep import size_config
-    from scalelab.train.pretrain import prepare_data, pretrain
+    from scalelab.train.pretrain import pretrain
     from scalelab.train.sft import sft
     base_cfg, opts = load_study(config)
     t_start = time.perf_counter()
@@ -185,10 +168,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     # one tokenizer for every size trained here (BPE training is deterministic)
     vocab = 0
     if any(isinstance(size, dict) for size in opts["sizes"]):
-        shared = out / "shared"
-        shared.mkdir(exist_ok=True)
-        tok, _ = prepare_data(base_cfg, shared, reuse=True)
-        vocab = 64 * -(-tok.vocab_size // 64)
+        vocab = shared_vocab(base_cfg, out / "shared")
     sft_cfg = load_config(resolve_config_path("sft"))  # the preset: batch size, warmup
     sft_cfg.train.max_steps, sft_cfg.train.lr = opts["sft_steps"], opts["sft_lr"]
     sft_cfg.train.checkpoint_every = sft_cfg.train.eval_every = opts["sft_steps"]
@@ -213,7 +193,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
                 print(f"--- {label}: {info['params'] / 1e3:.0f}k params, pretraining "
                       f"{info['steps']} steps", flush=True)
                 pretrain(cfg, run, resume=resume)
-            base = ensure_model(reg, run / "model", f"{opts['name']}-{label}")
+            base = ensure_model(reg, run / "model", f"{opts['name']}-{label}", "study.name")
             base_path = run / "model"
         scores = evaluate_model(reg, base, exps)
         rows.append({"size": label, "params": base["non_embedding_params"], "n_tasks": 0,
@@ -226,8 +206,8 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
             if resume is not None:
                 print(f"--- {label}: instruction tuning on {k} task families", flush=True)
                 sft(copy.deepcopy(sft_cfg), base_path, str(data), run, resume=resume)
-            m = ensure_model(reg, run / "model", f"{opts['name']}-{label}-t{k}", lineage="sft",
-                             parent=base["name"])
+            m = ensure_model(reg, run / "model", f"{opts['name']}-{label}-t{k}", "study.name",
+                             lineage="sft", parent=base["name"])
             scores = evaluate_model(reg, m, exps)
             rows.append({"size": label, "params": base["non_embedding_params"], "n_tasks": k,
                          "model": m["name"], "tasks": fams, **summarise(scores, fams)})
@@ -299,8 +279,6 @@ def report(summary: dict, command: str, image: str) -> str:
 
 
 def cmd_instruct(args: argparse.Namespace) -> None:
-    from scalelab.track.registry import registry_path
-    from scalelab.train.rundir import check_folder
     out = Path(args.out)
     check_folder(out, MARKER, "study instruct")
     load_study(Path(args.config))  # bad config: refused before anything is written

@@ -38,25 +38,25 @@ from scalelab.train.checkpoint import load_model
 class ScalelabEvalLM(TemplateLM):
     def __init__(self, path: str, device: str = "auto", batch_size: int | str = 16,
                  max_gen_toks: int = 256, **_ignored) -> None:
-        super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "auto"  # lm-eval's command line asks for cuda by default
-        self.device_ = pick_device(device)
-        self.model, self.tok = load_model(path, self.device_)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # no "auto"
-        self.max_gen_toks = int(max_gen_toks)
-        self.max_length = self.model.cfg.seq_len
+        model, tok = load_model(path, pick_device(device))
+        batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # no "auto"
+        self._setup(model, tok, batch_size, int(max_gen_toks))
 
     @classmethod
     def around(cls, model, tok, batch_size: int = 16, max_gen_toks: int = 256
                ) -> ScalelabEvalLM:
         """The bridge over a model already loaded (the tracker's)."""
         self = cls.__new__(cls)
+        self._setup(model, tok, batch_size, max_gen_toks)
+        return self
+
+    def _setup(self, model, tok, batch_size: int, max_gen_toks: int) -> None:
         TemplateLM.__init__(self)
         self.model, self.tok, self.device_ = model, tok, next(model.parameters()).device
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
         self.max_length = model.cfg.seq_len
-        return self
 
     # ---- tokens ---------------------------------------------------------------------------
 

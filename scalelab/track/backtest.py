@@ -20,7 +20,6 @@ import math
 
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
-    ITEM_SCORES,
     data_group,
     fmt,
     pooled_calibration,
@@ -73,9 +72,8 @@ def backtest(reg) -> list[dict]:
                     break  # already passing within the k models: nothing left to predict
                 sub = ser[:k]
                 ids = {m["id"] for m, _ in sub}
-                pooled = {x: pooled_calibration(
-                    [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()], x)
-                    for x in ITEM_SCORES}
+                pooled = pooled_calibration(
+                    [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()])
                 out = prediction_for(exp, sub, "non_embedding_params", pooled)
                 p = out[1] if out else None
                 # the same calibration on the greedy margin (generation only)
@@ -85,18 +83,19 @@ def backtest(reg) -> list[dict]:
                 gm = gm[1]["predicted"] if gm and gm[1] else None
                 q = quantile_prediction(exp, sub, "non_embedding_params")
                 q = q and q["predicted"]
+                naive = naive_prediction(exp, sub)
                 actual = sizes[first_pass] if first_pass is not None else None
                 rows.append({
                     "group": group, "experiment": exp["name"], "k": k, "largest": sizes[k - 1],
                     "predicted": p and p["predicted"], "low": p and p["low"],
                     "high": p and p["high"], "calibrated_on":
                         p and p["detail"].get("calibrated_on"),
-                    "naive": naive_prediction(exp, sub), "actual": actual,
+                    "naive": naive, "actual": actual,
                     "margin": gm, "margin_verdict": judge(gm, actual, sizes[-1]),
                     "quantile": q, "quantile_verdict": judge(q, actual, sizes[-1]),
                     "top": sizes[-1], "verdict": "no prediction" if p is None else
                     judge(p["predicted"], actual, sizes[-1]),
-                    "naive_verdict": judge(naive_prediction(exp, sub), actual, sizes[-1]),
+                    "naive_verdict": judge(naive, actual, sizes[-1]),
                     "in_band": None if p is None or actual is None else
                     bool((p["low"] or math.inf) <= actual <= (p["high"] or math.inf)),
                     "in_bracket": None if p is None or actual is None else

@@ -34,7 +34,7 @@ def cmd_experiment_add(args: argparse.Namespace) -> None:
     add_experiment(reg, args.name, task, args.threshold, args.metric, args.note)
     e = reg.experiment(args.name)
     print(f"added experiment {e['name']}: {e['task']}, pass if {e['metric']} "
-          f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']}")
+          f"{M.comparison(e['metric'])} {e['threshold']}")
 
 
 def cmd_experiment_seed(args: argparse.Namespace) -> None:
@@ -47,8 +47,7 @@ def cmd_experiment_list(args: argparse.Namespace) -> None:
     passed = reg.passed_experiment_ids()
     for e in reg.experiments():
         print(f"{e['name']:<18} {'passed' if e['id'] in passed else 'not yet':<8} "
-              f"{e['metric']} {'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} "
-              f"{e['threshold']:<5} {e['task']}")
+              f"{e['metric']} {M.comparison(e['metric'])} {e['threshold']:<5} {e['task']}")
 
 
 def cmd_experiment_show(args: argparse.Namespace) -> None:
@@ -56,7 +55,7 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
     reg = open_registry(args)
     e = reg.experiment(args.name)
     print(f"{e['name']}: {e['task']}\n  pass if {e['metric']} "
-          f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']}"
+          f"{M.comparison(e['metric'])} {e['threshold']}"
           f"\n  note: {e['note'] or '-'}\n  created {e['created']}\nhistory:")
     for h in reg.history(e["id"]):
         print(f"  {h['time']}  {h['event']}")
@@ -75,8 +74,6 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
 
 
 # ---- models and runs ----------------------------------------------------------------------
-
-
 
 def register_output(args: argparse.Namespace, out: Path, lineage: str,
                     parent: str | None = None) -> None:
@@ -141,9 +138,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, m in enumerate(s["models"], 1):
         print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
-    head = f"{'experiment':<18}{'metric':<13}{'pass at':>8} " + \
-        "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing"
-    print(head)
+    print(f"{'experiment':<18}{'metric':<13}{'pass at':>8} "
+          + "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing")
     for e in s["experiments"]:
         cells = ""
         for n in names:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scalelab.config import UserError
+from scalelab.config import UserError, load_config
+from scalelab.io import read_rows
 from scalelab.track import metrics as M
 from scalelab.track.specs import Item, load_items
 
@@ -32,13 +33,12 @@ def picked_and_rival(logits: torch.Tensor, tokens: torch.Tensor
 
 
 class ScalelabLM:
-    kind = "scalelab"
-
     def __init__(self, path: Path, device: torch.device, kind: str = "scalelab"):
         from scalelab.train.checkpoint import load_model
         self.kind = kind  # "hf": a Hugging Face folder imported by scalelab.hf
         self.model, self.tok = load_model(path, device)
         self.device, self.max_len = device, self.model.cfg.seq_len
+        self.pad_id = self.tok.pad_id
         bos = self.tok.bos_id  # documents start with BOS in pretraining (where there is one)
         self.prefix = [bos] if bos is not None else []
 
@@ -59,12 +59,8 @@ class ScalelabLM:
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         from scalelab.generate import generate
-        return generate(self.model, prompts, max_new, self.tok.pad_id, self.tok.eos_id,
+        return generate(self.model, prompts, max_new, self.pad_id, self.tok.eos_id,
                         temperature=0)
-
-    @property
-    def pad_id(self) -> int:
-        return self.tok.pad_id
 
 
 class HFLM:
@@ -111,10 +107,8 @@ class HFLM:
                                   attention_mask=mask.to(self.device), max_new_tokens=max_new,
                                   do_sample=False, pad_token_id=self.pad_id)
         eos = self.tok.eos_token_id
-        res = []
-        for row in out[:, P:].tolist():
-            res.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
-        return res
+        return [row[: row.index(eos) + 1] if eos is not None and eos in row else row
+                for row in out[:, P:].tolist()]
 
 
 def load_lm(path: str | Path, device: torch.device | None = None) -> ScalelabLM | HFLM:
@@ -193,8 +187,7 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
     item's right/wrong and its continuous score (the greedy margin, with the mean target-token
     log-likelihood beside it; for multiple choice the answer's log-likelihood margin over the
-    best other choice), from
-    which predictions calibrate pass/fail (track/predict.py)."""
+    best other choice), from which predictions calibrate pass/fail (track/predict.py)."""
     ctxs = contexts(lm, items)
     if items[0].is_choice:
         flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
@@ -206,11 +199,9 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
             totals = [sum(lp) for lp in per]
             s = M.choice_scores(totals, it.answer)
             s["token_logprob"] = M.token_logprob(per[it.answer])
-            s["margin"] = totals[it.answer] - max(t for i, t in enumerate(totals)
-                                                  if i != it.answer)
             rows.append(s)
             if len(samples) < N_SAMPLES:
-                best = max(range(len(per)), key=lambda i: sum(per[i]))
+                best = max(range(len(totals)), key=totals.__getitem__)
                 samples.append({"prompt": it.prompt, "target": it.choices[it.answer],
                                 "output": it.choices[best]})
         agg = {k: M.mean([r[k] for r in rows]) for k in M.CHOICE_METRICS}
@@ -272,16 +263,14 @@ def model_info(path: str | Path, lm) -> dict:
     path = Path(path).resolve()
     model = lm.model
     params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
     if hasattr(model, "num_params"):  # scalelab's Transformer (own or imported weights)
         n = model.num_params()
     else:  # a transformers model: the same rule, by asking whether the head is the table
-        head = model.get_output_embeddings()
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         n = params if head is not None and head.weight is emb.weight else \
             params - emb.weight.numel()
     info = {"path": str(path), "kind": lm.kind, "params": params,
-            "non_embedding_params": n, "tokens": None,
-            "flops": None, "val_loss": None}
+            "non_embedding_params": n, "tokens": None, "flops": None, "val_loss": None}
     if lm.kind == "scalelab":
         info.update(run_totals(path, n))
     return info
@@ -293,14 +282,12 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
     run = model_dir.parent
     if not ((run / "config.toml").is_file() and (run / "metrics.jsonl").is_file()):
         return {}
-    from scalelab.config import load_config
     cfg = load_config(run / "config.toml")
-    step, val, counted = 0, None, None
-    from scalelab.io import read_rows
+    step, val, tokens = 0, None, None
     for row in read_rows(run / "metrics.jsonl"):
         if "loss" in row:
             step = max(step, row["step"])
-            counted = row.get("tokens", counted)  # real tokens, logged by the training loop
+            tokens = row.get("tokens", tokens)  # real tokens, logged by the training loop
         if "val_loss" in row:
             val = row["val_loss"]
     try:
@@ -308,18 +295,15 @@ def run_totals(model_dir: Path, n: int, depth: int = 0) -> dict:
         stage, parent = record["stage"], Path(record["parent"])
     except (OSError, ValueError, KeyError, TypeError):
         stage, parent = "pretrain", None
-    tokens = counted
     if tokens is None and stage != "ppo":  # older runs: full windows of batch x seq_len
-        tc, par = cfg.train, getattr(cfg, "parallel", None)
-        ranks = par.dp * par.fsdp if par is not None else 1  # batch_size is per data rank
+        tc = cfg.train
+        ranks = cfg.parallel.dp * cfg.parallel.fsdp  # batch_size is per data rank
         if ranks > 0:  # a -1 (inferred from the world size) is not recorded: tokens unknown
             tokens = step * tc.batch_size * tc.grad_accum * cfg.model.seq_len * ranks
     out = {"tokens": tokens or 0, "flops": 6.0 * n * (tokens or 0),
            "val_loss": val if stage == "pretrain" else None}
     if parent is not None and depth < 8:
-        if not parent.is_absolute():
-            parent = (Path.cwd() / parent).resolve()
-        up = run_totals(parent, n, depth + 1)
+        up = run_totals(parent.resolve(), n, depth + 1)  # a relative parent: from the cwd
         out["tokens"] += up.get("tokens") or 0
         out["flops"] += up.get("flops") or 0.0
     if tokens is None and stage == "pretrain":

@@ -122,7 +122,7 @@ def quiet():
 
 def bridge(lm):
     """An lm-eval model over the tracker's loaded model."""
-    if lm.kind == "scalelab" or hasattr(lm.model, "num_params"):  # scalelab's Transformer
+    if hasattr(lm.model, "num_params"):  # scalelab's Transformer (own or imported weights)
         from scalelab.lmeval import ScalelabEvalLM
         return ScalelabEvalLM.around(lm.model, lm.tok)
     from lm_eval.models.huggingface import HFLM as LMEvalHF
@@ -191,7 +191,6 @@ def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[d
             row = M.choice_scores(lls, gold)
             n = len(ev._encode_pair(*pairs[gold])[1])
             row["token_logprob"] = lls[gold] / max(1, n)
-            row["margin"] = lls[gold] - max(x for i, x in enumerate(lls) if i != gold)
             rows.append(row)
             best = max(range(len(lls)), key=lls.__getitem__)
             shown.append({"prompt": pairs[0][0], "target": pairs[gold][1],
@@ -202,8 +201,7 @@ def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[d
                            "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
     elif kind == "generate_until":
         from lm_eval.api.instance import Instance
-        golds = [s["target"] if isinstance(s["target"], str) else str(s["target"])
-                 for s in samples]  # what the generation is compared with, right after
+        golds = [str(s["target"]) for s in samples]  # what the generation is compared with
         reqs = [Instance("loglikelihood", s["doc"], (_args(s)[0][0], g), i)
                 for i, (s, g) in enumerate(zip(samples, golds))]
         lls = ev.loglikelihood(reqs) if reqs else []

@@ -61,13 +61,16 @@ def token_logprob(logprobs: list[float]) -> float:
 
 def choice_scores(choice_logprobs: list[float], answer: int) -> dict[str, float]:
     """Multiple choice from each choice's total log-likelihood: accuracy of the argmax, Brier
-    score of the choice distribution (softmax over choices) and the answer's per-item logprob."""
+    score of the choice distribution (softmax over choices) and the margin of the answer over
+    the best other choice (the item's continuous score, > 0 where it is right)."""
     top = max(choice_logprobs)
     weights = [math.exp(x - top) for x in choice_logprobs]
     probs = [w / sum(weights) for w in weights]
     best = max(range(len(probs)), key=lambda i: (choice_logprobs[i], -i))  # ties: first
     brier = sum((p - (i == answer)) ** 2 for i, p in enumerate(probs))
-    return {"mc_accuracy": float(best == answer), "brier": brier}
+    rival = max(x for i, x in enumerate(choice_logprobs) if i != answer)
+    return {"mc_accuracy": float(best == answer), "brier": brier,
+            "margin": choice_logprobs[answer] - rival}
 
 
 def brier_pass_level(accuracy: float, n_choices: int) -> float:
@@ -78,6 +81,11 @@ def brier_pass_level(accuracy: float, n_choices: int) -> float:
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def comparison(metric: str) -> str:
+    """How a value of this metric meets its pass threshold: '>=' or '<='."""
+    return ">=" if HIGHER_IS_BETTER[metric] else "<="
 
 
 def passes(value: float, threshold: float, metric: str) -> bool:

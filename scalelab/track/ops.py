@@ -123,16 +123,28 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     if m["flops"] is None:
         log("  no training tokens or FLOPs known for this folder: reports place it on the "
             "parameter axis only")
-    if run:
+    if run and not reg.experiments():
+        log("no experiments registered yet, so there was nothing to run: add the "
+            "built-in starter set with `scalelab track experiment seed` (or your own with "
+            "`scalelab track experiment add`), then `scalelab track run`")
+    elif run:
         passed = reg.passed_experiment_ids()
         mine = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
         todo = [e for e in reg.experiments() if e["id"] not in passed | mine]
-        if not reg.experiments():
-            log("no experiments registered yet, so there was nothing to run: add the "
-                "built-in starter set with `scalelab track experiment seed` (or your own with "
-                "`scalelab track experiment add`), then `scalelab track run`")
-            return dict(m)
         log(f"running the {len(todo)} experiments no model has passed yet "
             f"({len(passed)} already passed, skipped)")
         evaluate(reg, [m], todo, log)
     return dict(m)
+
+
+def ensure_model(reg: Registry, path: Path, name: str, owner: str, **kw) -> dict:
+    """The model registered as `name` from this folder, registered now (without evaluations)
+    if new. A name that another folder holds is refused: `owner` is the config key that
+    chose the name (sweep.name, study.name)."""
+    known = {m["name"]: m for m in reg.models()}
+    if name not in known:
+        return register_model(reg, path, name, run=False, **kw)
+    if Path(known[name]["path"]) != path.resolve():
+        raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
+                        f"change {owner}")
+    return dict(known[name])

@@ -230,17 +230,20 @@ def predict(points: list[tuple[float, float]], level: float, higher: bool,
             "detail": detail}
 
 
-def pooled_calibration(serieses: list[list[tuple[dict, dict]]], x_is: str
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibration pairs of every experiment (of one kind of item score) in these series."""
-    xs, ys = [np.zeros(0)], [np.zeros(0)]
-    for ser in serieses:
-        for _, r in ser:
-            d = per_item(r, x_is)
-            if d is not None:
-                xs.append(d[0])
-                ys.append(d[1])
-    return np.concatenate(xs), np.concatenate(ys)
+def pooled_calibration(serieses: list[list[tuple[dict, dict]]]
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Calibration pairs of every experiment in these series, per kind of item score."""
+    pooled = {}
+    for x_is in ITEM_SCORES:
+        xs, ys = [np.zeros(0)], [np.zeros(0)]
+        for ser in serieses:
+            for _, r in ser:
+                d = per_item(r, x_is)
+                if d is not None:
+                    xs.append(d[0])
+                    ys.append(d[1])
+        pooled[x_is] = np.concatenate(xs), np.concatenate(ys)
+    return pooled
 
 
 def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
@@ -295,10 +298,8 @@ def record_predictions(reg) -> list[dict]:
     changed."""
     passed, made = reg.passed_experiment_ids(), []
     groups = sorted({data_group(m) for m in reg.models() if m["lineage"] == "base"})
-    pooled = {}
-    for group in groups:
-        every = [series(reg, e, "params", group) for e in reg.experiments()]
-        pooled[group] = {k: pooled_calibration(every, k) for k in ITEM_SCORES}
+    pooled = {g: pooled_calibration([series(reg, e, "params", g) for e in reg.experiments()])
+              for g in groups}
     for exp in reg.experiments():
         if exp["id"] in passed:
             continue

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scalelab.config import UserError
-from scalelab.track.metrics import HIGHER_IS_BETTER
+from scalelab.track.metrics import HIGHER_IS_BETTER, comparison
 
 DEFAULT_PATH = "scalelab-registry.db"
 QUIET_WAIT_S = 5  # writers hold the lock for milliseconds; longer means one is stuck
@@ -71,6 +71,13 @@ def code_version() -> str:
         return "scalelab " + version("scalelab")
     except PackageNotFoundError:
         return "unknown"
+
+
+def insert(db: sqlite3.Connection, table: str, row: dict) -> int:
+    """INSERT one row given as {column: value}; returns its id."""
+    cur = db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
+                     f"({', '.join('?' * len(row))})", list(row.values()))
+    return cur.lastrowid
 
 
 def is_locked(e: sqlite3.OperationalError) -> bool:
@@ -247,18 +254,15 @@ class Registry:
             if db.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone():
                 raise UserError(f"experiment {name!r} already exists (names are permanent; "
                                 "choose another)")
-            cur = db.execute("INSERT INTO experiments (name, task, metric, threshold, note, "
-                             "created) VALUES (?, ?, ?, ?, ?, ?)",
-                             (name, task, metric, threshold, note, now()))
-            db.execute("INSERT INTO history (experiment_id, time, event) VALUES (?, ?, ?)",
-                       (cur.lastrowid, now(), f"created: {task}, pass if {metric} "
-                        f"{'>=' if HIGHER_IS_BETTER[metric] else '<='} {threshold}"))
-            return cur.lastrowid
+            eid = insert(db, "experiments", dict(name=name, task=task, metric=metric,
+                                                 threshold=threshold, note=note, created=now()))
+            insert(db, "history", dict(experiment_id=eid, time=now(), event=f"created: {task}, "
+                                       f"pass if {metric} {comparison(metric)} {threshold}"))
+            return eid
 
     def add_history(self, experiment_id: int, event: str) -> None:
         with self.write() as db:
-            db.execute("INSERT INTO history (experiment_id, time, event) VALUES (?, ?, ?)",
-                       (experiment_id, now(), event))
+            insert(db, "history", dict(experiment_id=experiment_id, time=now(), event=event))
 
     def experiments(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM experiments ORDER BY id").fetchall()
@@ -282,12 +286,10 @@ class Registry:
                 raise UserError(f"model {info['name']!r} is already registered "
                                 "(pass --name to register it under another name)")
             keys = ["name", "path", "kind", "params", "non_embedding_params", "tokens",
-                    "flops", "val_loss", "lineage", "parent"]
-            cur = db.execute(f"INSERT INTO models ({', '.join(keys)}, created) VALUES "
-                             f"({', '.join('?' * len(keys))}, ?)",
-                             [info.get(k) for k in keys[:-2]]
-                             + [info.get("lineage") or "base", info.get("parent"), now()])
-            return cur.lastrowid
+                    "flops", "val_loss", "parent"]
+            return insert(db, "models", {**{k: info.get(k) for k in keys},
+                                         "lineage": info.get("lineage") or "base",
+                                         "created": now()})
 
     def models(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM models ORDER BY id").fetchall()
@@ -309,12 +311,10 @@ class Registry:
     def add_result(self, experiment_id: int, model_id: int, metrics: dict, passed: bool,
                    samples: list, n_items: int, seconds: float, version: str) -> int:
         with self.write() as db:
-            cur = db.execute(
-                "INSERT INTO results (experiment_id, model_id, metrics, passed, samples, "
-                "n_items, seconds, code_version, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, model_id, json.dumps(metrics), int(passed),
-                 json.dumps(samples), n_items, seconds, version, now()))
-            return cur.lastrowid
+            return insert(db, "results", dict(
+                experiment_id=experiment_id, model_id=model_id, metrics=json.dumps(metrics),
+                passed=int(passed), samples=json.dumps(samples), n_items=n_items,
+                seconds=seconds, code_version=version, time=now()))
 
     def results(self, experiment_id: int | None = None) -> list[dict]:
         sql = ("SELECT r.*, e.name AS experiment, m.name AS model FROM results r "
@@ -322,11 +322,9 @@ class Registry:
         args: tuple = ()
         if experiment_id is not None:
             sql, args = sql + " WHERE r.experiment_id = ?", (experiment_id,)
-        rows = []
-        for r in self.db.execute(sql + " ORDER BY r.id", args):
-            d = dict(r)
+        rows = [dict(r) for r in self.db.execute(sql + " ORDER BY r.id", args)]
+        for d in rows:
             d["metrics"], d["samples"] = json.loads(d["metrics"]), json.loads(d["samples"])
-            rows.append(d)
         return rows
 
     def latest(self) -> dict[tuple[int, int], dict]:
@@ -343,10 +341,7 @@ class Registry:
         keys = ["experiment_id", "axis", "n_models", "last_model_id", "largest", "metric",
                 "level", "predicted", "low", "high", "detail"]
         with self.write() as db:
-            cur = db.execute(f"INSERT INTO predictions ({', '.join(keys)}, time) VALUES "
-                             f"({', '.join('?' * len(keys))}, ?)",
-                             [p[k] for k in keys] + [now()])
-            return cur.lastrowid
+            return insert(db, "predictions", {**{k: p[k] for k in keys}, "time": now()})
 
     def predictions(self, experiment_id: int | None = None) -> list[sqlite3.Row]:
         if experiment_id is None:

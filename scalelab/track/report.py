@@ -24,6 +24,7 @@ from scalelab.track.predict import (
     fit_power_law,
     fmt,
     record_predictions,
+    series,
     verdict,
 )
 
@@ -151,7 +152,6 @@ def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
 def write_report(reg, out: Path, models: list[str] | None = None,
                  scaling: dict | None = None) -> Path:
     """out/report.html plus PNGs beside it. `models` limits the page to those names."""
-    from scalelab.track.predict import series
     plt = pyplot()
     record_predictions(reg)  # make sure the newest evidence has a prediction on file
     out.mkdir(parents=True, exist_ok=True)
@@ -173,10 +173,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     caveat = scaling_caveat(base, fits[0][1] if fits else None)
     exps = reg.experiments()
     latest = reg.latest()
-    sers = {}
-    for e in exps:
-        sers[e["id"]] = {a: [(m, r) for m, r in series(reg, e, a)
-                             if keep is None or m["name"] in keep] for a in AXES}
+    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a) if keep is None or m["name"] in keep]
+                      for a in AXES} for e in exps}
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
              "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -199,21 +197,22 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
                  "".join(f"<th>{esc(m['name'])}<br>{m['non_embedding_params']:.3g}</th>"
                          for m in mods) + "<th class=l>first passing model</th></tr>")
+    first = {}  # experiment id -> the smallest passing model's name
     for e in exps:
-        first, cells = None, ""
+        cells = ""
         for m in mods:
             r = latest.get((e["id"], m["id"]))
             if r is None:
                 cells += "<td></td>"
                 continue
-            if r["passed"] and first is None:
-                first = m["name"]
+            if r["passed"]:
+                first.setdefault(e["id"], m["name"])
             cells += (f"<td class='{'p' if r['passed'] else ''}'>"
                       f"{r['metrics'][e['metric']]:.2f}</td>")
-        op = ">=" if M.HIGHER_IS_BETTER[e["metric"]] else "<="
         parts.append(f"<tr><td class=l><a href='#e{e['id']}'>{esc(e['name'])}</a></td>"
-                     f"<td>{esc(e['metric'])} {op} {e['threshold']:g}</td>{cells}"
-                     f"<td class=l>{esc(first or 'not yet')}</td></tr>")
+                     f"<td>{esc(e['metric'])} {M.comparison(e['metric'])} "
+                     f"{e['threshold']:g}</td>{cells}"
+                     f"<td class=l>{esc(first.get(e['id'], 'not yet'))}</td></tr>")
     parts.append("</table><p>Green: passes (newest evaluation). Columns: models, with "
                  "parameter counts N, smallest first.</p>")
     untrained = [m["name"] for m in mods if m["flops"] is None]
@@ -226,23 +225,18 @@ def write_report(reg, out: Path, models: list[str] | None = None,
 
     for e in exps:
         preds = reg.predictions(e["id"])
-        newest = {}
-        for p in preds:
-            newest[p["axis"]] = p
-        passed = any(latest.get((e["id"], m["id"]), {}).get("passed") for m in mods)
+        newest = {p["axis"]: p for p in preds}
         parts.append(f"<h2 id='e{e['id']}'>{esc(e['name'])}</h2><p><code>{esc(e['task'])}"
                      f"</code>: pass if {esc(e['metric'])} "
-                     f"{'>=' if M.HIGHER_IS_BETTER[e['metric']] else '<='} {e['threshold']:g}. "
+                     f"{M.comparison(e['metric'])} {e['threshold']:g}. "
                      f"{esc(e['note'])}</p>")
         if sers[e["id"]]["params"]:
             img = f"exp{e['id']}.png"
             experiment_plot(plt, e, sers[e["id"]], newest, out / img)  # for a passed one: the
             # last prediction before it passed, drawn beside what happened
             parts.append(f"<img src='{img}'>")
-        winners = [m["name"] for m in mods if latest.get((e["id"], m["id"]), {}).get("passed")]
-        parts.append(f"<p><b>First passing model:</b> {esc(winners[0] if winners else 'none yet')}"
-                     "</p>")
-        if not passed:
+        parts.append(f"<p><b>First passing model:</b> {esc(first.get(e['id'], 'none yet'))}</p>")
+        if e["id"] not in first:
             for axis, p in newest.items():
                 group = json.loads(p["detail"]).get("group", "")
                 parts.append(f"<p><b>Prediction ({AXIS_LABEL[axis]}; {esc(group)}):</b> "

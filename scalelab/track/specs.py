@@ -83,7 +83,7 @@ def older_item(world: World, rng: random.Random) -> Item:
                 answer=0 if a.age > b.age else 1)
 
 
-# family -> (allowed parameters with defaults, item maker)
+# family -> its parameters with their defaults (every family also takes n, seed and world)
 BUILTINS = {
     "addition": {"digits": 3, "seen": 0},
     "subtraction": {"digits": 3, "seen": 0},
@@ -116,13 +116,11 @@ def builtin_items(spec: str) -> list[Item]:
     family, p = parse_builtin(spec)
     world = World.create(p["world"])
     rng = random.Random(f"{family}/{p['seed']}")  # str seeds are stable across runs
+    arithmetic = {"addition": addition_problem, "subtraction": subtraction_problem}
     items = []
     for _ in range(p["n"]):
-        if family == "addition":
-            q, a = addition_problem(rng, p["digits"], half=HALVES[1 - p["seen"]])
-            items.append(Item(q, " " + a))
-        elif family == "subtraction":
-            q, a = subtraction_problem(rng, p["digits"], half=HALVES[1 - p["seen"]])
+        if family in arithmetic:
+            q, a = arithmetic[family](rng, p["digits"], half=HALVES[1 - p["seen"]])
             items.append(Item(q, " " + a))
         elif family == "story":
             items.append(story_item(world, rng, p["steps"]))
@@ -178,11 +176,8 @@ def suite_items(spec: str) -> list[Item]:
         raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}, "
                         "n at least 1")
     rng = random.Random(f"tasks/{family}/{params['seed']}")
-    out = []
-    for _ in range(params["n"]):
-        ex = fam.make(rng, params["difficulty"])
-        out.append(Item(ex.prompt, ex.answer, example=ex))
-    return out
+    examples = [fam.make(rng, params["difficulty"]) for _ in range(params["n"])]
+    return [Item(ex.prompt, ex.answer, example=ex) for ex in examples]
 
 
 def load_items(spec: str) -> list[Item]:

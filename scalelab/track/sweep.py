@@ -30,7 +30,7 @@ from pathlib import Path
 
 from scalelab.config import Config, UserError, apply_dict, read_toml
 from scalelab.io import atomic_write_json, atomic_write_text
-from scalelab.track.ops import add_experiment, evaluate, register_model, seed_experiments
+from scalelab.track.ops import add_experiment, ensure_model, evaluate, seed_experiments
 from scalelab.track.registry import Registry
 
 SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,
@@ -116,6 +116,15 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
                  "tokens": tc.max_steps * per_step}
 
 
+def shared_vocab(cfg: Config, shared: Path) -> int:
+    """Train (or reuse) in `shared` the one tokenizer of every size, so that their losses
+    compare (BPE training is deterministic); its vocab size rounded up to a multiple of 64."""
+    from scalelab.train.pretrain import prepare_data
+    shared.mkdir(exist_ok=True)
+    tok, _ = prepare_data(cfg, shared, reuse=True)
+    return 64 * math.ceil(tok.vocab_size / 64)
+
+
 def ensure_experiments(reg: Registry, opts: dict, where: Path) -> None:
     if opts["experiments"] == "starter":
         seed_experiments(reg)
@@ -134,7 +143,7 @@ def ensure_experiments(reg: Registry, opts: dict, where: Path) -> None:
 def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
-    from scalelab.train.pretrain import prepare_data, pretrain
+    from scalelab.train.pretrain import pretrain
     from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
@@ -149,14 +158,13 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         if not corpus.exists():
             write_corpus(corpus, base.data.n_docs, base.data.seed, opts["corpus"])
         base.data.source = str(corpus)
-    tok, _ = prepare_data(base, shared, reuse=True)
-    vocab = 64 * math.ceil(tok.vocab_size / 64)
+    vocab = shared_vocab(base, shared)
 
     plan = [size_config(base, s, opts, vocab) for s in opts["sizes"]]
     plan.sort(key=lambda p: p[1]["params"])  # small to large: predictions come before answers
     print(f"sweep {opts['name']}: {len(plan)} sizes, " + ", ".join(
         f"{p['label']} ({p['params'] / 1e3:.0f}k params, {p['steps']} steps)" for _, p in plan))
-    sizes, names = [], []
+    sizes = []
     for cfg, info in plan:
         run = out / "runs" / info["label"]
         name = f"{opts['name']}-{info['label']}"
@@ -172,20 +180,13 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
                 print(f"warning: {run / 'tokenizer.json'} differs from the sweep's shared "
                       "tokenizer; validation losses are not comparable across sizes")
         info["train_seconds"] = time.perf_counter() - t0
-        known = {m["name"]: m for m in reg.models()}
-        if name in known and Path(known[name]["path"]) != (run / "model").resolve():
-            raise UserError(f"{reg.path}: a different model is already registered as {name!r}; "
-                            "change sweep.name")
-        m = known.get(name) or register_model(reg, run / "model", name, run=False)
+        m = ensure_model(reg, run / "model", name, "sweep.name")
         done = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
-        todo = [e for e in reg.experiments() if e["id"] not in done]
-        evaluate(reg, [m], todo)
-        m = reg.model(name)
+        evaluate(reg, [m], [e for e in reg.experiments() if e["id"] not in done])
         info.update(name=name, non_embedding_params=m["non_embedding_params"],
                     flops=m["flops"], val_loss=m["val_loss"],
                     seconds=time.perf_counter() - t0)
         sizes.append(info)
-        names.append(name)
         sys.stdout.flush()
 
     fit = fit_power_law([s["non_embedding_params"] for s in sizes],
@@ -196,6 +197,6 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     if fit:
         print(f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
               f"(N = params, a tied embedding counted once; rmse {fit['rmse']:.3f})")
-    report = write_report(reg, out / "report", models=names, scaling=fit)
+    report = write_report(reg, out / "report", models=[s["name"] for s in sizes], scaling=fit)
     print(f"sweep done in {summary['wall_seconds'] / 60:.1f} min; report: {report}")
     return summary
