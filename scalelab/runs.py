@@ -40,6 +40,8 @@ def find_runs(dirs: list[str]) -> list[Path]:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # no pid recorded (os.kill(0, 0) would signal our own process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

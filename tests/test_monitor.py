@@ -306,3 +306,13 @@ def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
     assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
                  "monitor.wandb=true"]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_progress_without_a_pid_is_not_a_running_run(tmp_path):
+    """A progress.json that names no process (pid missing or 0) says nothing about a live run:
+    os.kill(0, 0) would signal our own process group and call it alive."""
+    from scalelab.runs import state
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    for progress in ({"step": 1, "time_unix": 1.0}, {"step": 1, "time_unix": 1.0, "pid": 0}):
+        (tmp_path / "progress.json").write_text(json.dumps(progress))
+        assert state(tmp_path)["status"].startswith("dead"), progress
