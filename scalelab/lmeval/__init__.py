@@ -62,7 +62,7 @@ class ScalelabEvalLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return getattr(self.tok, "doc_eos_id", self.tok.eos_id)
+        return self.tok.doc_eos_id
 
     @property
     def prefix_token_id(self) -> int:

@@ -109,10 +109,12 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
         for x, y in val_batches:
             x, y = x.to(device), y.to(device)
             half = x.size(0) // 2
-            margin = sequence_logprob(model, x, y) - sequence_logprob(ref, x, y)
+            logp, ref_logp = sequence_logprob(model, x, y), sequence_logprob(ref, x, y)
+            margin = logp - ref_logp
             right += float((margin[:half] > margin[half:]).sum())
             total += half
-            loss += loss_fn(model, (x, y)).item()
+            loss += dpo_loss(logp[:half], logp[half:], ref_logp[:half], ref_logp[half:],
+                             cfg.dpo.beta).item()
         return {"val_loss": loss / len(val_batches), "val_pair_accuracy": right / total}
 
     def loss_sum(m, batch):  # summed over pairs: fit() divides by the step's global count
