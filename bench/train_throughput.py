@@ -58,12 +58,11 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torc
     model.to(device).train()
     opt = make_optimizer(model, cfg.train, device)
     ctx = autocast(device, cfg.train.dtype)
-    if hf:
-        fwd = torch.compile(model) if compile else model
-
-        def loss_fn(_, batch):
-            logits = fwd(input_ids=batch[0], use_cache=False).logits
+    if hf:  # forward and loss compiled together, as scalelab's (and nanoGPT's) step is
+        def hf_loss(m, batch):
+            logits = m(input_ids=batch[0], use_cache=False).logits
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
+        loss_fn = torch.compile(hf_loss) if compile else hf_loss
     else:  # "auto": exactly what `scalelab pretrain` runs per micro-batch
         loss_fn = loss_step(EXPERIMENTS.get(loss, next_token_loss), cfg.train, device)
 
