@@ -296,6 +296,49 @@ def test_label_store_appends_undoes_and_refuses_blank_answers(tmp_path):
     assert len(read_preferences(f)) == 3
 
 
+@pytest.fixture(scope="module")
+def bosless(tokenizer, tmp_path_factory):
+    """An app over a random model whose tokenizer has no BOS (as Qwen2.5's has none)."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.config import ModelConfig
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    from scalelab.serve.engine import Engine
+    tok = HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
+                           {"eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    assert tok.bos_id is None
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=1,
+                                    n_head=2, d_model=32)).eval()
+    opts = ServeOptions(models={}, labels=str(tmp_path_factory.mktemp("bosless") / "l.jsonl"))
+    app = create_app({"nobos": Engine(model, tok, window_s=0.0)}, opts)
+    return TestClient(app, base_url="http://localhost"), model, tok
+
+
+def test_completions_without_a_bos_token(bosless):
+    c, model, tok = bosless
+    url = "/v1/completions"
+    r = c.post(url, json={"model": "nobos", "prompt": "", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    prompt = "Alice lives in"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).float().log_softmax(-1)[0]
+    for sent in (prompt, ids):  # a string, or token ids as lm-eval sends them
+        r = c.post(url, json={"model": "nobos", "prompt": sent, "max_tokens": 0, "echo": True,
+                              "logprobs": 1})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx(
+            [want[i, ids[i + 1]].item() for i in range(len(ids) - 1)], abs=1e-4)
+    r = c.post(url, json={"model": "nobos", "prompt": ids, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

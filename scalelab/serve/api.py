@@ -286,7 +286,8 @@ async def chat_completions(request: Request):
 
 
 def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[int]]:
-    """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    """prompt: a string, a list of strings, a list of token ids, or a list of such lists.
+    Each gets BOS in front where the tokenizer has one (some, like Qwen2.5's, have none)."""
     p = body.get("prompt")
     vocab = engine.model.cfg.vocab_size
     if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
@@ -296,15 +297,23 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
                   f"{limits.max_n} of those")
     if sum(len(x) for x in p if isinstance(x, str)) > limits.max_chars:
         raise bad("prompt", f"more than {limits.max_chars} characters")
-    out = []
+    out, head = [], bos_head(engine)
     for x in p:
         if isinstance(x, str):
-            out.append(engine.tok.encode(x, bos=True))
+            ids = engine.tok.encode(x)
         elif isinstance(x, list) and all(isinstance(t, int) and 0 <= t < vocab for t in x):
-            out.append([engine.tok.bos_id, *x])
+            ids = list(x)
         else:
             raise bad("prompt", f"token ids must be integers in [0, {vocab})")
+        if not head + ids:
+            raise bad("prompt", "empty, and this model's tokenizer has no BOS token to start "
+                      "from")
+        out.append(head + ids)
     return out
+
+
+def bos_head(engine: Engine) -> list[int]:
+    return [] if engine.tok.bos_id is None else [engine.tok.bos_id]
 
 
 def legacy_logprobs(entries: list[dict]) -> dict:
@@ -353,15 +362,18 @@ async def completions(request: Request):
         return stream(chunks())
 
     results = await collect(started)
-    choices = []
+    choices, skip = [], len(bos_head(engine))
     for p, done in enumerate(results):
-        prompt_text = engine.tok.decode(prompts[p][1:]) if echo else ""
+        prompt_text = engine.tok.decode(prompts[p][skip:]) if echo else ""
         for ev in done:
             entries = ev["logprobs"]
             if echo and k is not None:  # the prompt's tokens first, then the answer's
-                scored = ev["prompt_logprobs"][1:]  # without BOS
+                scored = ev["prompt_logprobs"][skip:]  # without BOS
+                if not skip:  # the first token, with nothing before it, has no logprob
+                    first = engine.tok.decode(prompts[p][:1], skip_special=False)
+                    scored[0] = {"token": first, "logprob": None, "top": None}
                 for j, e in enumerate(scored):
-                    e["offset"] = len(engine.tok.decode(prompts[p][1: j + 1]))
+                    e["offset"] = len(engine.tok.decode(prompts[p][skip: skip + j]))
                 entries = scored + [{**e, "offset": len(prompt_text) + e["offset"]}
                                     for e in entries]
             choices.append({"index": p * n + ev["index"], "text": prompt_text + ev["text"],
