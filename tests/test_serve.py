@@ -339,6 +339,16 @@ def test_completions_without_a_bos_token(bosless):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
+def test_chat_ignores_echo_so_a_long_prompt_is_still_refused(bosless):
+    c = bosless[0]
+    r = c.post("/v1/chat/completions", json={"model": "nobos", "echo": True, "messages": [
+        {"role": "user", "content": "Alice " * 40}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = c.post("/v1/chat/completions", json={"model": "nobos", "echo": True, "max_tokens": 0,
+                                             "messages": MSGS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

@@ -110,14 +110,16 @@ def engine_for(request: Request, body: dict) -> tuple[str, Engine]:
 
 
 def sampling(body: dict, engine: Engine, prompt_len: int, limits: Limits,
-             default_max: int | None) -> Sampling:
+             default_max: int | None, echo: bool = False) -> Sampling:
+    """echo (completions only; chat has no such parameter): the prompt may fill the context
+    and max_tokens may be 0, since the answer is the prompt's own log-probabilities."""
     room = engine.seq_len - prompt_len
-    if room < 1 and not body.get("echo"):
+    if room < 1 and not echo:
         raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is "
                        f"{engine.seq_len}", "messages", "context_length_exceeded")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    lo = 0 if body.get("echo") else 1
+    lo = 0 if echo else 1
     asked = integer(body, key, default_max, lo, limits.max_tokens)
     return Sampling(
         max_tokens=min(room if asked is None else asked, room, limits.max_tokens),
@@ -340,7 +342,7 @@ async def completions(request: Request):
         if len(ids) > engine.seq_len or (not echo and len(ids) >= engine.seq_len):
             raise APIError(400, f"a prompt is {len(ids)} tokens; this model's context is "
                            f"{engine.seq_len}", "prompt", "context_length_exceeded")
-        s = sampling(body, engine, len(ids), limits, 16)
+        s = sampling(body, engine, len(ids), limits, 16, echo)
         s.logprobs, s.echo = k, echo
         jobs.append((ids, s))
     started = [start(engine, ids, s, n) for ids, s in jobs]
