@@ -349,6 +349,16 @@ def test_chat_ignores_echo_so_a_long_prompt_is_still_refused(bosless):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_bad_stream_options_are_refused_before_any_work(bosless):
+    c = bosless[0]
+    engine = c.app.state.engines["nobos"]
+    before = engine.rows_served
+    r = c.post("/v1/chat/completions", json={"model": "nobos", "messages": MSGS,
+                                             "stream": True, "stream_options": "usage"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    assert engine.rows_served == before and engine.queue.empty()
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

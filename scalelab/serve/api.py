@@ -250,12 +250,15 @@ async def chat_completions(request: Request):
     n = integer(body, "n", 1, 1, limits.max_n)
     if body.get("logprobs"):
         s.logprobs = integer(body, "top_logprobs", 0, 0, limits.max_logprobs)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options", 'must be an object, e.g. {"include_usage": true}')
     job, events = start(engine, prompt, s, n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": name}
 
     if body.get("stream"):
-        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        want_usage = bool(options.get("include_usage"))
 
         async def chunks() -> AsyncIterator[str]:
             def chunk(choices: list, **extra) -> str:
