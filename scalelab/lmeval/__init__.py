@@ -133,10 +133,10 @@ class ScalelabEvalLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            room = self.max_length - max_new
-            if room < 1:
-                raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in "
-                                 f"the model's context of {self.max_length}")
+            # Room for the prompt: the context less max_gen_toks, but at least half of it (the
+            # default 256 is more than a tiny model's whole context); the answer then ends
+            # at the context's end, as a server clamps max_tokens.
+            room = self.max_length - min(max_new, self.max_length // 2)
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b: b + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id]
