@@ -237,6 +237,20 @@ def test_cli_refuses_public_host_without_key(setup):
     assert r.returncode == 2 and "API key" in r.stderr
 
 
+def test_cli_refuses_a_bad_or_busy_port_before_loading(tmp_path, capsys):
+    from scalelab.cli import main
+    missing = str(tmp_path / "not-loaded")  # the port is checked first: this is never read
+    assert main(["serve", "--model", missing, "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", missing, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "Traceback" not in err
+
+
 def test_concurrent_requests_share_batches(setup):
     eng = setup["engines"]["untrained"]
     c = openai.OpenAI(base_url=setup["url"] + "/v1", api_key="x", max_retries=0)
