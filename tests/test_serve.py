@@ -281,6 +281,8 @@ def test_label_store_refuses_a_torn_file(tmp_path):
     f.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(UserError, match="rejected"):
         LabelStore(f)
+    with pytest.raises(UserError, match="--labels .*not a file"):  # a folder, not a file
+        LabelStore(tmp_path)
 
 
 def test_label_store_appends_undoes_and_refuses_blank_answers(tmp_path):

@@ -38,6 +38,8 @@ class LabelStore:
         self.path = path
         if not path.parent.is_dir():
             raise UserError(f"--labels {path}: folder {path.parent} does not exist")
+        if path.exists() and not path.is_file():
+            raise UserError(f"--labels {path}: not a file (a folder?); name a .jsonl file")
         self.existing = 0
         if path.is_file() and path.stat().st_size:
             if not path.read_bytes().endswith(b"\n"):
