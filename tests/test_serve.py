@@ -232,6 +232,17 @@ def test_api_key(setup):
     check_host("::1", None)
 
 
+def test_login_page_gets_its_stylesheet(tmp_path):
+    from fastapi.testclient import TestClient
+    opts = ServeOptions(models={}, api_key=KEY, labels=str(tmp_path / "l.jsonl"))
+    c = TestClient(create_app({}, opts), base_url="http://localhost")
+    page = c.get("/")
+    assert page.status_code == 401 and 'href="/static/style.css"' in page.text
+    css = c.get("/static/style.css")  # asked for by the login page itself, before any key
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    assert c.get("/static/app.js").status_code == 401 and c.get("/api/info").status_code == 401
+
+
 def test_cli_refuses_public_host_without_key(setup):
     r = run_cli("serve", "--model", str(setup["tiny"]), "--host", "0.0.0.0", timeout=60)
     assert r.returncode == 2 and "API key" in r.stderr

@@ -139,7 +139,7 @@ class Guard:
         if self.api_key:
             if path == "/login":
                 return await self.login(scope, body, send)
-            if not self.authorised(headers):
+            if not self.authorised(headers) and path != "/static/style.css":  # the login page's
                 if path.startswith(("/v1/", "/api/", "/health")):
                     return await self.reply(send, 401, "missing or wrong API key "
                                             "(Authorization: Bearer KEY)", "invalid_api_key",
