@@ -70,6 +70,15 @@ def test_seeded_rows_do_not_depend_on_batch_mates(engine):
     assert [alone[i]["text"] for i in (0, 1)] == [results[1][i]["text"] for i in (0, 1)]
 
 
+def test_unseeded_requests_differ_between_server_starts(engine):
+    """Without a seed, a restarted server (a new Engine) must not replay the same samples:
+    the Label view would offer the same pair again and the labels file repeat a line."""
+    starts = [Engine(engine.model, engine.tok) for _ in range(2)]
+    p, s = engine.tok.chat_prompt("Where does Alice live?"), Sampling(max_tokens=16)
+    answers = [submit_all(e, [(p, s, 1)])[0][0][0]["text"] for e in starts]
+    assert answers[0] != answers[1]
+
+
 def test_rows_joining_mid_batch_and_a_full_cache_shift_change_nothing(tokenizer):
     """A chain of seeded jobs, each submitted when the previous one has streamed 4 pieces of
     text, so they join a running batch at later and later columns until the cache is full and

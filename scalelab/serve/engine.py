@@ -125,7 +125,8 @@ class Engine:
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: queue.Queue[Job] = queue.Queue(max_queue)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted
-        self.shared_gen = torch.Generator(device=self.device).manual_seed(0)
+        self.shared_gen = torch.Generator(device=self.device)  # unseeded requests' noise:
+        self.shared_gen.seed()  # from the OS, so a restarted server does not replay its samples
         # counters for /health: admissions (prefill batches), decode steps, rows x steps
         self.batches = self.rows_served = self.steps = self.row_steps = self.shifts = 0
         self._reset()
