@@ -386,6 +386,25 @@ def test_bad_stream_options_are_refused_before_any_work(bosless):
     assert engine.rows_served == before and engine.queue.empty()
 
 
+def test_chat_logprobs_give_each_tokens_bytes_and_every_alternative(bosless):
+    """Byte-level tokens that are pieces of one character: their `bytes` join into the
+    answer's UTF-8, and top_logprobs keeps alternatives whose text looks alike ("\ufffd")."""
+    from scalelab.tokenizer import SPECIAL_TOKENS
+    c = bosless[0]
+    pieces = 0
+    for seed in range(4):
+        r = c.post("/v1/chat/completions", json={
+            "model": "nobos", "messages": [{"role": "user", "content": "日本"}], "seed": seed,
+            "temperature": 1.5, "max_tokens": 8, "logprobs": True, "top_logprobs": 5}).json()
+        answer = r["choices"][0]["message"]["content"]
+        entries = r["choices"][0]["logprobs"]["content"]
+        assert all(len(e["top_logprobs"]) == 5 for e in entries)
+        raw = b"".join(bytes(e["bytes"]) for e in entries if e["token"] not in SPECIAL_TOKENS)
+        assert raw.decode("utf-8", "replace") == answer
+        pieces += any(e["token"] == "\ufffd" for e in entries)
+    assert pieces  # the check above met tokens that are parts of a character
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

@@ -216,10 +216,10 @@ def chat_logprobs(entries: list[dict] | None) -> dict | None:
     if entries is None:
         return None
 
-    def token(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-    return {"content": [{**token(e["token"], e["logprob"]),
-                         "top_logprobs": [token(t, v) for t, v in e["top"].items()]}
+    def token(text: str, logprob: float, raw: bytes) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+    return {"content": [{**token(e["token"], e["logprob"], e["bytes"]),
+                         "top_logprobs": [token(*alt) for alt in e["top"]]}
                         for e in entries]}
 
 
@@ -322,9 +322,16 @@ def bos_head(engine: Engine) -> list[int]:
 
 
 def legacy_logprobs(entries: list[dict]) -> dict:
+    def top(alts: list | None) -> dict | None:  # a dict by text: alike texts keep the best
+        if alts is None:
+            return None
+        best: dict = {}
+        for text, logprob, _ in alts:
+            best.setdefault(text, logprob)
+        return best
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [e["top"] for e in entries],
+            "top_logprobs": [top(e["top"]) for e in entries],
             "text_offset": [e["offset"] for e in entries]}
 
 

@@ -305,12 +305,15 @@ class Engine:
         self._sample(logits[live], [self.rows[i] for i in live], live)
 
     def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
+        """The token's text, logprob and bytes, and its k most likely alternatives as a list
+        of (text, logprob, bytes), best first (several may have the text "\ufffd")."""
         top = logp.topk(k) if k > 0 else None
-        return {"token": self.tok.decode([token], skip_special=False),
-                "logprob": float(logp[token]),
-                "top": {} if top is None else
-                {self.tok.decode([int(i)], skip_special=False): float(v)
-                 for v, i in zip(top.values.tolist(), top.indices.tolist())}}
+        text = lambda i: self.tok.decode([i], skip_special=False)  # noqa: E731
+        return {"token": text(token), "logprob": float(logp[token]),
+                "bytes": self.tok.token_bytes(token),
+                "top": [] if top is None else
+                [(text(i), v, self.tok.token_bytes(i))
+                 for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 
     def _prompt_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, P: int, n: int,
                          job: Job) -> list[dict | None]:
