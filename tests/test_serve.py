@@ -405,6 +405,41 @@ def test_chat_logprobs_give_each_tokens_bytes_and_every_alternative(bosless):
     assert pieces  # the check above met tokens that are parts of a character
 
 
+def test_chat_a_model_cannot_take_is_a_400(tokenizer, tmp_path):
+    """A template that refuses a conversation (as Mistral's refuses a system message), or a
+    base model with no chat format at all: an OpenAI-shaped 400, not a bare 500."""
+    from fastapi.testclient import TestClient
+    from hf_folders import tokenizer_json
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.config import ModelConfig
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    from scalelab.serve.engine import Engine
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('no system messages') }}{% endif %}"
+              "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    toks = {"strict": HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
+                                       {"eos_token": "<|eos|>", "chat_template": strict}),
+            "base": HFStyleTokenizer(HFTokenizer.from_str(tokenizer_json()),
+                                     {"eos_token": "</s>"})}
+    torch.manual_seed(0)
+    engines = {name: Engine(Transformer(ModelConfig(
+        vocab_size=tok.vocab_size, seq_len=32, n_layer=1, n_head=2, d_model=32)).eval(), tok)
+        for name, tok in toks.items()}
+    c = TestClient(create_app(engines, ServeOptions(models={}, labels=str(tmp_path / "l.jsonl"))),
+                   base_url="http://localhost")
+    system = [{"role": "system", "content": "Be brief."}, *MSGS]
+    for name, messages, says in [("strict", system, "no system messages"),
+                                 ("base", MSGS, "no chat template")]:
+        r = c.post("/v1/chat/completions", json={"model": name, "messages": messages})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    assert c.post("/v1/chat/completions", json={"model": "strict", "messages": MSGS,
+                                                "max_tokens": 2}).status_code == 200
+    r = c.post("/api/label/pair", json={"model": "base", "source": "typed", "prompt": "hi"})
+    assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
 def test_load_32_streaming_clients(setup):
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "bench" / "serve_load.py")

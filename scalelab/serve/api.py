@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from scalelab.config import UserError
 from scalelab.serve.engine import Engine, Job, Sampling
 
 router = APIRouter()
@@ -154,6 +155,16 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
     return out
 
 
+def chat_ids(engine: Engine, messages: list[dict], param: str = "messages") -> list[int]:
+    """The conversation in the model's chat format, the assistant's turn left open. One the
+    template refuses (Mistral's refuses a system message), or a model with no chat format
+    at all, is a 400."""
+    try:
+        return engine.tok.encode_chat(messages, generation_prompt=True)[0]
+    except UserError as e:
+        raise bad(param, f"this model cannot take them: {e}") from None
+
+
 # ---- running jobs ------------------------------------------------------------------------
 
 def start(engine: Engine, prompt: list[int], s: Sampling, n: int
@@ -245,7 +256,7 @@ async def chat_completions(request: Request):
     body = await read_body(request)
     name, engine = engine_for(request, body)
     messages = chat_messages(body, limits)
-    prompt = engine.tok.encode_chat(messages, generation_prompt=True)[0]
+    prompt = chat_ids(engine, messages)
     s = sampling(body, engine, len(prompt), limits, None)
     n = integer(body, "n", 1, 1, limits.max_n)
     if body.get("logprobs"):

@@ -24,7 +24,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from scalelab.config import UserError
-from scalelab.serve.api import APIError, bad, collect, engine_for, integer, number, read_body, start
+from scalelab.serve.api import (
+    APIError,
+    bad,
+    chat_ids,
+    collect,
+    engine_for,
+    integer,
+    number,
+    read_body,
+    start,
+)
 from scalelab.serve.engine import Sampling
 
 router = APIRouter()
@@ -157,7 +167,7 @@ async def label_pair(request: Request) -> dict:
             raise bad("prompt", "too long")
     else:
         raise bad("source", "one of tasks, file (with --label-prompts), typed")
-    ids = engine.tok.chat_prompt(prompt)
+    ids = chat_ids(engine, [{"role": "user", "content": prompt}], "model")
     if len(ids) >= engine.seq_len:
         raise bad("prompt", f"{len(ids)} tokens; the model's context is {engine.seq_len}")
     s = Sampling(max_tokens=min(integer(body, "max_tokens", 48, 1, 1024),
