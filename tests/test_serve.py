@@ -243,6 +243,17 @@ def test_login_page_gets_its_stylesheet(tmp_path):
     assert c.get("/static/app.js").status_code == 401 and c.get("/api/info").status_code == 401
 
 
+def test_tracker_view_of_a_damaged_registry_is_a_400(tmp_path):
+    from fastapi.testclient import TestClient
+    damaged = tmp_path / "registry.db"
+    damaged.write_text("not a database\n")
+    opts = ServeOptions(models={}, labels=str(tmp_path / "l.jsonl"), registry=str(damaged))
+    c = TestClient(create_app({}, opts), base_url="http://localhost")
+    r = c.get("/api/tracker")
+    assert r.status_code == 400 and str(damaged) in r.json()["error"]["message"]
+    assert damaged.read_text() == "not a database\n"
+
+
 def test_cli_refuses_public_host_without_key(setup):
     r = run_cli("serve", "--model", str(setup["tiny"]), "--host", "0.0.0.0", timeout=60)
     assert r.returncode == 2 and "API key" in r.stderr

@@ -218,7 +218,10 @@ def open_registry(request: Request):
         raise APIError(404, f"no registry at {path}: register models with --register or "
                        "`scalelab track model add`, or start serve with --registry FILE",
                        code="no_registry")
-    return Registry(path)
+    try:
+        return Registry(path)
+    except UserError as e:  # damaged, or not a registry
+        raise APIError(400, str(e)) from None
 
 
 @router.get("/api/tracker")
