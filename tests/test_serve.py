@@ -243,6 +243,23 @@ def test_login_page_gets_its_stylesheet(tmp_path):
     assert c.get("/static/app.js").status_code == 401 and c.get("/api/info").status_code == 401
 
 
+def test_cors_preflight_passes_without_the_key(tmp_path):
+    """Browsers send the CORS preflight without credentials: with --api-key and
+    --cors-origin it must still be answered, while the request itself needs the key."""
+    from fastapi.testclient import TestClient
+    origin = "http://app.example"
+    opts = ServeOptions(models={}, labels=str(tmp_path / "l.jsonl"), api_key=KEY,
+                        cors_origins=[origin])
+    c = TestClient(create_app({}, opts), base_url="http://localhost")
+    pre = c.options("/v1/models", headers={"Origin": origin,
+                                           "Access-Control-Request-Method": "GET",
+                                           "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+    assert c.get("/v1/models", headers={"Origin": origin}).status_code == 401
+    ok = c.get("/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+
+
 def test_tracker_view_of_a_damaged_registry_is_a_400(tmp_path):
     from fastapi.testclient import TestClient
     damaged = tmp_path / "registry.db"

@@ -139,7 +139,11 @@ class Guard:
         if self.api_key:
             if path == "/login":
                 return await self.login(scope, body, send)
-            if not self.authorised(headers) and path != "/static/style.css":  # the login page's
+            # Open to all: a browser's CORS check (sent without credentials) and the login
+            # page's own stylesheet.
+            preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in \
+                headers
+            if not (self.authorised(headers) or preflight or path == "/static/style.css"):
                 if path.startswith(("/v1/", "/api/", "/health")):
                     return await self.reply(send, 401, "missing or wrong API key "
                                             "(Authorization: Bearer KEY)", "invalid_api_key",
