@@ -138,3 +138,28 @@ def test_held_back_keeps_partial_stop_strings():
     assert held_back("hello", ["world"]) == 0
     assert held_back("abc\ufffd", []) == 1  # half a UTF-8 character
     assert held_back("say ##", ["###", "#!"]) == 2
+
+
+def test_the_document_end_also_ends_a_row(tokenizer):
+    """An imported base model with a chat template (SmolLM2, Qwen2.5 base): its end of turn
+    (eos_id, where a chat answer stops) is not its end of document (doc_eos_id, as
+    <|endoftext|>). A completion that samples the end of document has ended too."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tok = HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
+                           {"eos_token": "<|eos|>", "chat_template": template})
+    assert tok.eos_id != tok.doc_eos_id
+
+    class EndsAtOnce(Transformer):
+        def forward(self, *args, **kw):
+            logits = super().forward(*args, **kw)
+            logits[..., tok.doc_eos_id] = 1e4
+            return logits
+    torch.manual_seed(0)
+    model = EndsAtOnce(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                                   d_model=32)).eval()
+    (done,), _, _ = submit_all(Engine(model, tok), [(tok.encode("Alice lives"), Sampling(8), 1)])
+    assert (done[0]["finish_reason"], done[0]["tokens"], done[0]["text"]) == ("stop", 1, "")

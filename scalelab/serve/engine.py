@@ -119,6 +119,9 @@ class Engine:
     def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = 32,
                  window_s: float = 0.005, max_queue: int = 256):
         self.model, self.tok = model, tok
+        # a row ends at the end of a turn or of a document (they differ for an imported base
+        # model with a chat template: <|im_end|> and <|endoftext|>)
+        self.stop_ids = {tok.eos_id, tok.doc_eos_id}
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seq_len = model.cfg.seq_len
@@ -325,7 +328,7 @@ class Engine:
 
     def _step(self, r: Row, token: int, logp: torch.Tensor | None, last: bool) -> None:
         s = r.job.sampling
-        if token == self.tok.eos_id:
+        if token in self.stop_ids:
             r.eos = True
             self._finish(r, "stop")
             return
