@@ -141,8 +141,10 @@ class ScalelabEvalLM(TemplateLM):
                 batch = idx[b: b + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id]
                            for i in batch]
-                new = generate(self.model, prompts, max_new, self.tok.pad_id, self.tok.eos_id,
-                               temperature=temperature)
+                # stop at the tokenizer's eos_token (the end of document), as lm-eval's `hf`
+                # model does; tok.eos_id is the chat template's end of turn
+                new = generate(self.model, prompts, max_new, self.tok.pad_id,
+                               self.eot_token_id, temperature=temperature)
                 for i, ids in zip(batch, new):
                     text = self.tok.decode(ids)
                     for stop in until:
