@@ -141,7 +141,7 @@ def test_held_back_keeps_partial_stop_strings():
 
 
 def test_the_document_end_also_ends_a_row(tokenizer):
-    """An imported base model with a chat template (SmolLM2, Qwen2.5 base): its end of turn
+    """An imported base model with a chat template (as Qwen2.5 base models have): its end of turn
     (eos_id, where a chat answer stops) is not its end of document (doc_eos_id, as
     <|endoftext|>). A completion that samples the end of document has ended too."""
     from tokenizers import Tokenizer as HFTokenizer
