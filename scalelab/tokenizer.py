@@ -11,6 +11,7 @@ EOS; only assistant text and its EOS carry loss in fine-tuning.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -78,6 +79,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes: for a byte-level token that is part of a character, that
+        part (its decoded text is only "\ufffd"). Other tokens: their text's UTF-8."""
+        piece = self.hf.id_to_token(token_id)
+        table = byte_level_chars()
+        if isinstance(self.hf.decoder, decoders.ByteLevel) and piece is not None \
+                and token_id not in self.hf.get_added_tokens_decoder() \
+                and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.decode([token_id], skip_special=False).encode()
+
     def encode_chat(self, messages: list[dict], generation_prompt: bool = False
                     ) -> tuple[list[int], list[bool]]:
         """Token ids and a loss mask (True on assistant text and its closing EOS).
@@ -100,3 +112,12 @@ class Tokenizer:
     def chat_prompt(self, user_text: str) -> list[int]:
         """A one-turn conversation ready for the assistant's answer."""
         return self.encode_chat([{"role": "user", "content": user_text}], True)[0]
+
+
+@functools.cache
+def byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is a printable character, itself for
+    the printable Latin-1 bytes and 256 + k for the k-th of the others."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}

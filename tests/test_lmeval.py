@@ -181,3 +181,59 @@ def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monk
     assert main(["track", "report", "--registry", reg, "--out", str(tmp_path / "rep")]) == 0
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "lm_eval:toy_choice" in html and "lm_eval:toy_generate" in html
+
+
+def test_generation_without_max_gen_toks_fits_a_short_context(tokenizer):
+    """A generate_until task that sets no max_gen_toks gets the default 256, more than a
+    tiny model's whole context: the prompt keeps (at least) half the context and the answer
+    runs to the context's end, rather than the run failing."""
+    from types import SimpleNamespace
+
+    from scalelab.generate import generate
+    from scalelab.lmeval import ScalelabEvalLM
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=24, n_layer=1,
+                                    n_head=2, d_model=32)).eval()
+    lm = ScalelabEvalLM.around(model, tokenizer)
+    question = "Mia has 3 apples and Tom has 4 apples. Who has more apples?"
+    (text,) = lm.generate_until([SimpleNamespace(args=(question, {"until": ["\n\n"]}))])
+    ids = tokenizer.hf.encode(question).ids[-12:]
+    assert len(tokenizer.hf.encode(question).ids) > 12  # the prompt was cut to its end
+    new = generate(model, [ids], 24 - len(ids), tokenizer.pad_id, tokenizer.eos_id,
+                   temperature=0)[0]
+    assert text == tokenizer.decode(new).split("\n\n")[0]
+
+
+def test_generation_stops_at_the_end_of_document(tokenizer):
+    """An imported base model with a chat template (end of turn <|end|> here, end of document
+    <|eos|>): generate_until stops at the tokenizer's eos_token, as lm-eval's `hf` model
+    does, instead of running past it and appending what follows."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    from scalelab.lmeval import ScalelabEvalLM
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tok = HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
+                           {"eos_token": "<|eos|>", "chat_template": template})
+    assert tok.eos_id != tok.doc_eos_id
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, seq_len=24, n_layer=1, n_head=2,
+                                    d_model=32)).eval()
+
+    class Scripted(torch.nn.Module):  # the end of document first, then "x" for ever
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.calls = head, 0
+
+        def forward(self, h):
+            logits = self.head(h).clone()
+            logits[..., tok.doc_eos_id if self.calls == 0 else tok.encode("x")[0]] = 1e4
+            self.calls += 1
+            return logits
+    model.lm_head = Scripted(model.lm_head)
+    lm = ScalelabEvalLM.around(model, tok)
+    assert lm.generate_until([SimpleNamespace(args=("Alice", {"until": ["\n"],
+                                                              "max_gen_toks": 6}))]) == [""]

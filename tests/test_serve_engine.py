@@ -70,6 +70,15 @@ def test_seeded_rows_do_not_depend_on_batch_mates(engine):
     assert [alone[i]["text"] for i in (0, 1)] == [results[1][i]["text"] for i in (0, 1)]
 
 
+def test_unseeded_requests_differ_between_server_starts(engine):
+    """Without a seed, a restarted server (a new Engine) must not replay the same samples:
+    the Label view would offer the same pair again and the labels file repeat a line."""
+    starts = [Engine(engine.model, engine.tok) for _ in range(2)]
+    p, s = engine.tok.chat_prompt("Where does Alice live?"), Sampling(max_tokens=16)
+    answers = [submit_all(e, [(p, s, 1)])[0][0][0]["text"] for e in starts]
+    assert answers[0] != answers[1]
+
+
 def test_rows_joining_mid_batch_and_a_full_cache_shift_change_nothing(tokenizer):
     """A chain of seeded jobs, each submitted when the previous one has streamed 4 pieces of
     text, so they join a running batch at later and later columns until the cache is full and
@@ -129,3 +138,28 @@ def test_held_back_keeps_partial_stop_strings():
     assert held_back("hello", ["world"]) == 0
     assert held_back("abc\ufffd", []) == 1  # half a UTF-8 character
     assert held_back("say ##", ["###", "#!"]) == 2
+
+
+def test_the_document_end_also_ends_a_row(tokenizer):
+    """An imported base model with a chat template (as Qwen2.5 base models have): its end of turn
+    (eos_id, where a chat answer stops) is not its end of document (doc_eos_id, as
+    <|endoftext|>). A completion that samples the end of document has ended too."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tok = HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
+                           {"eos_token": "<|eos|>", "chat_template": template})
+    assert tok.eos_id != tok.doc_eos_id
+
+    class EndsAtOnce(Transformer):
+        def forward(self, *args, **kw):
+            logits = super().forward(*args, **kw)
+            logits[..., tok.doc_eos_id] = 1e4
+            return logits
+    torch.manual_seed(0)
+    model = EndsAtOnce(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=1, n_head=2,
+                                   d_model=32)).eval()
+    (done,), _, _ = submit_all(Engine(model, tok), [(tok.encode("Alice lives"), Sampling(8), 1)])
+    assert (done[0]["finish_reason"], done[0]["tokens"], done[0]["text"]) == ("stop", 1, "")

@@ -133,16 +133,18 @@ class ScalelabEvalLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            room = self.max_length - max_new
-            if room < 1:
-                raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in "
-                                 f"the model's context of {self.max_length}")
+            # Room for the prompt: the context less max_gen_toks, but at least half of it (the
+            # default 256 is more than a tiny model's whole context); the answer then ends
+            # at the context's end, as a server clamps max_tokens.
+            room = self.max_length - min(max_new, self.max_length // 2)
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b: b + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id]
                            for i in batch]
-                new = generate(self.model, prompts, max_new, self.tok.pad_id, self.tok.eos_id,
-                               temperature=temperature)
+                # stop at the tokenizer's eos_token (the end of document), as lm-eval's `hf`
+                # model does; tok.eos_id is the chat template's end of turn
+                new = generate(self.model, prompts, max_new, self.tok.pad_id,
+                               self.eot_token_id, temperature=temperature)
                 for i, ids in zip(batch, new):
                     text = self.tok.decode(ids)
                     for stop in until:

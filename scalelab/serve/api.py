@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from scalelab.config import UserError
 from scalelab.serve.engine import Engine, Job, Sampling
 
 router = APIRouter()
@@ -110,14 +111,16 @@ def engine_for(request: Request, body: dict) -> tuple[str, Engine]:
 
 
 def sampling(body: dict, engine: Engine, prompt_len: int, limits: Limits,
-             default_max: int | None) -> Sampling:
+             default_max: int | None, echo: bool = False) -> Sampling:
+    """echo (completions only; chat has no such parameter): the prompt may fill the context
+    and max_tokens may be 0, since the answer is the prompt's own log-probabilities."""
     room = engine.seq_len - prompt_len
-    if room < 1 and not body.get("echo"):
+    if room < 1 and not echo:
         raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is "
                        f"{engine.seq_len}", "messages", "context_length_exceeded")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    lo = 0 if body.get("echo") else 1
+    lo = 0 if echo else 1
     asked = integer(body, key, default_max, lo, limits.max_tokens)
     return Sampling(
         max_tokens=min(room if asked is None else asked, room, limits.max_tokens),
@@ -150,6 +153,16 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
     if chars > limits.max_chars:
         raise bad("messages", f"{chars} characters; the limit is {limits.max_chars}")
     return out
+
+
+def chat_ids(engine: Engine, messages: list[dict], param: str = "messages") -> list[int]:
+    """The conversation in the model's chat format, the assistant's turn left open. One the
+    template refuses (Mistral's refuses a system message), or a model with no chat format
+    at all, is a 400."""
+    try:
+        return engine.tok.encode_chat(messages, generation_prompt=True)[0]
+    except UserError as e:
+        raise bad(param, f"this model cannot take them: {e}") from None
 
 
 # ---- running jobs ------------------------------------------------------------------------
@@ -214,10 +227,10 @@ def chat_logprobs(entries: list[dict] | None) -> dict | None:
     if entries is None:
         return None
 
-    def token(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-    return {"content": [{**token(e["token"], e["logprob"]),
-                         "top_logprobs": [token(t, v) for t, v in e["top"].items()]}
+    def token(text: str, logprob: float, raw: bytes) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+    return {"content": [{**token(e["token"], e["logprob"], e["bytes"]),
+                         "top_logprobs": [token(*alt) for alt in e["top"]]}
                         for e in entries]}
 
 
@@ -243,17 +256,20 @@ async def chat_completions(request: Request):
     body = await read_body(request)
     name, engine = engine_for(request, body)
     messages = chat_messages(body, limits)
-    prompt = engine.tok.encode_chat(messages, generation_prompt=True)[0]
+    prompt = chat_ids(engine, messages)
     s = sampling(body, engine, len(prompt), limits, None)
     n = integer(body, "n", 1, 1, limits.max_n)
     if body.get("logprobs"):
         s.logprobs = integer(body, "top_logprobs", 0, 0, limits.max_logprobs)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options", 'must be an object, e.g. {"include_usage": true}')
     job, events = start(engine, prompt, s, n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": name}
 
     if body.get("stream"):
-        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        want_usage = bool(options.get("include_usage"))
 
         async def chunks() -> AsyncIterator[str]:
             def chunk(choices: list, **extra) -> str:
@@ -286,7 +302,8 @@ async def chat_completions(request: Request):
 
 
 def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[int]]:
-    """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    """prompt: a string, a list of strings, a list of token ids, or a list of such lists.
+    Each gets BOS in front where the tokenizer has one (some, like Qwen2.5's, have none)."""
     p = body.get("prompt")
     vocab = engine.model.cfg.vocab_size
     if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
@@ -296,21 +313,36 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
                   f"{limits.max_n} of those")
     if sum(len(x) for x in p if isinstance(x, str)) > limits.max_chars:
         raise bad("prompt", f"more than {limits.max_chars} characters")
-    out = []
+    out, head = [], bos_head(engine)
     for x in p:
         if isinstance(x, str):
-            out.append(engine.tok.encode(x, bos=True))
+            ids = engine.tok.encode(x)
         elif isinstance(x, list) and all(isinstance(t, int) and 0 <= t < vocab for t in x):
-            out.append([engine.tok.bos_id, *x])
+            ids = list(x)
         else:
             raise bad("prompt", f"token ids must be integers in [0, {vocab})")
+        if not head + ids:
+            raise bad("prompt", "empty, and this model's tokenizer has no BOS token to start "
+                      "from")
+        out.append(head + ids)
     return out
 
 
+def bos_head(engine: Engine) -> list[int]:
+    return [] if engine.tok.bos_id is None else [engine.tok.bos_id]
+
+
 def legacy_logprobs(entries: list[dict]) -> dict:
+    def top(alts: list | None) -> dict | None:  # a dict by text: alike texts keep the best
+        if alts is None:
+            return None
+        best: dict = {}
+        for text, logprob, _ in alts:
+            best.setdefault(text, logprob)
+        return best
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [e["top"] for e in entries],
+            "top_logprobs": [top(e["top"]) for e in entries],
             "text_offset": [e["offset"] for e in entries]}
 
 
@@ -331,7 +363,7 @@ async def completions(request: Request):
         if len(ids) > engine.seq_len or (not echo and len(ids) >= engine.seq_len):
             raise APIError(400, f"a prompt is {len(ids)} tokens; this model's context is "
                            f"{engine.seq_len}", "prompt", "context_length_exceeded")
-        s = sampling(body, engine, len(ids), limits, 16)
+        s = sampling(body, engine, len(ids), limits, 16, echo)
         s.logprobs, s.echo = k, echo
         jobs.append((ids, s))
     started = [start(engine, ids, s, n) for ids, s in jobs]
@@ -353,15 +385,18 @@ async def completions(request: Request):
         return stream(chunks())
 
     results = await collect(started)
-    choices = []
+    choices, skip = [], len(bos_head(engine))
     for p, done in enumerate(results):
-        prompt_text = engine.tok.decode(prompts[p][1:]) if echo else ""
+        prompt_text = engine.tok.decode(prompts[p][skip:]) if echo else ""
         for ev in done:
             entries = ev["logprobs"]
             if echo and k is not None:  # the prompt's tokens first, then the answer's
-                scored = ev["prompt_logprobs"][1:]  # without BOS
+                scored = ev["prompt_logprobs"][skip:]  # without BOS
+                if not skip:  # the first token, with nothing before it, has no logprob
+                    first = engine.tok.decode(prompts[p][:1], skip_special=False)
+                    scored[0] = {"token": first, "logprob": None, "top": None}
                 for j, e in enumerate(scored):
-                    e["offset"] = len(engine.tok.decode(prompts[p][1: j + 1]))
+                    e["offset"] = len(engine.tok.decode(prompts[p][skip: skip + j]))
                 entries = scored + [{**e, "offset": len(prompt_text) + e["offset"]}
                                     for e in entries]
             choices.append({"index": p * n + ev["index"], "text": prompt_text + ev["text"],

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -60,6 +61,22 @@ def check_host(host: str, api_key: str | None) -> None:
     if not is_loopback(host) and not api_key:
         raise UserError(f"--host {host}: not a loopback address; serving beyond this machine "
                         "needs an API key (--api-key or SCALELAB_API_KEY)")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any model loads: a bad --port, or one in use, is
+    one clear error, not a traceback after the models have loaded."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: must be from 0 to 65535")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there "
+                        f"({e.strerror or e})") from None
+    return sock
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -122,7 +139,11 @@ class Guard:
         if self.api_key:
             if path == "/login":
                 return await self.login(scope, body, send)
-            if not self.authorised(headers):
+            # Open to all: a browser's CORS check (sent without credentials) and the login
+            # page's own stylesheet.
+            preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in \
+                headers
+            if not (self.authorised(headers) or preflight or path == "/static/style.css"):
                 if path.startswith(("/v1/", "/api/", "/health")):
                     return await self.reply(send, 401, "missing or wrong API key "
                                             "(Authorization: Bearer KEY)", "invalid_api_key",
@@ -241,9 +262,11 @@ def serve(opts: ServeOptions) -> None:
         raise UserError("scalelab serve needs its extra: pip install 'scalelab[serve]'") from None
     opts.api_key = opts.api_key or os.environ.get("SCALELAB_API_KEY") or None
     check_host(opts.host, opts.api_key)
+    sock = listen_socket(opts.host, opts.port)
     engines = load_engines(opts)
     app = create_app(engines, opts)
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host
-    print(f"scalelab serve: models {', '.join(engines)}; open http://{shown}:{opts.port}/ "
+    port = sock.getsockname()[1]  # the one the OS picked for --port 0
+    print(f"scalelab serve: models {', '.join(engines)}; open http://{shown}:{port}/ "
           f"(API at /v1{', key required' if opts.api_key else ''})", flush=True)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -119,13 +119,17 @@ class Engine:
     def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = 32,
                  window_s: float = 0.005, max_queue: int = 256):
         self.model, self.tok = model, tok
+        # a row ends at the end of a turn or of a document (they differ for an imported base
+        # model with a chat template: <|im_end|> and <|endoftext|>)
+        self.stop_ids = {tok.eos_id, tok.doc_eos_id}
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seq_len = model.cfg.seq_len
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: queue.Queue[Job] = queue.Queue(max_queue)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted
-        self.shared_gen = torch.Generator(device=self.device).manual_seed(0)
+        self.shared_gen = torch.Generator(device=self.device)  # unseeded requests' noise:
+        self.shared_gen.seed()  # from the OS, so a restarted server does not replay its samples
         # counters for /health: admissions (prefill batches), decode steps, rows x steps
         self.batches = self.rows_served = self.steps = self.row_steps = self.shifts = 0
         self._reset()
@@ -304,12 +308,15 @@ class Engine:
         self._sample(logits[live], [self.rows[i] for i in live], live)
 
     def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
+        """The token's text, logprob and bytes, and its k most likely alternatives as a list
+        of (text, logprob, bytes), best first (several may have the text "\ufffd")."""
         top = logp.topk(k) if k > 0 else None
-        return {"token": self.tok.decode([token], skip_special=False),
-                "logprob": float(logp[token]),
-                "top": {} if top is None else
-                {self.tok.decode([int(i)], skip_special=False): float(v)
-                 for v, i in zip(top.values.tolist(), top.indices.tolist())}}
+        text = lambda i: self.tok.decode([i], skip_special=False)  # noqa: E731
+        return {"token": text(token), "logprob": float(logp[token]),
+                "bytes": self.tok.token_bytes(token),
+                "top": [] if top is None else
+                [(text(i), v, self.tok.token_bytes(i))
+                 for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 
     def _prompt_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, P: int, n: int,
                          job: Job) -> list[dict | None]:
@@ -321,7 +328,7 @@ class Engine:
 
     def _step(self, r: Row, token: int, logp: torch.Tensor | None, last: bool) -> None:
         s = r.job.sampling
-        if token == self.tok.eos_id:
+        if token in self.stop_ids:
             r.eos = True
             self._finish(r, "stop")
             return

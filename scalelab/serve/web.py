@@ -24,7 +24,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from scalelab.config import UserError
-from scalelab.serve.api import APIError, bad, collect, engine_for, integer, number, read_body, start
+from scalelab.serve.api import (
+    APIError,
+    bad,
+    chat_ids,
+    collect,
+    engine_for,
+    integer,
+    number,
+    read_body,
+    start,
+)
 from scalelab.serve.engine import Sampling
 
 router = APIRouter()
@@ -38,6 +48,8 @@ class LabelStore:
         self.path = path
         if not path.parent.is_dir():
             raise UserError(f"--labels {path}: folder {path.parent} does not exist")
+        if path.exists() and not path.is_file():
+            raise UserError(f"--labels {path}: not a file (a folder?); name a .jsonl file")
         self.existing = 0
         if path.is_file() and path.stat().st_size:
             if not path.read_bytes().endswith(b"\n"):
@@ -155,7 +167,7 @@ async def label_pair(request: Request) -> dict:
             raise bad("prompt", "too long")
     else:
         raise bad("source", "one of tasks, file (with --label-prompts), typed")
-    ids = engine.tok.chat_prompt(prompt)
+    ids = chat_ids(engine, [{"role": "user", "content": prompt}], "model")
     if len(ids) >= engine.seq_len:
         raise bad("prompt", f"{len(ids)} tokens; the model's context is {engine.seq_len}")
     s = Sampling(max_tokens=min(integer(body, "max_tokens", 48, 1, 1024),
@@ -206,7 +218,10 @@ def open_registry(request: Request):
         raise APIError(404, f"no registry at {path}: register models with --register or "
                        "`scalelab track model add`, or start serve with --registry FILE",
                        code="no_registry")
-    return Registry(path)
+    try:
+        return Registry(path)
+    except UserError as e:  # damaged, or not a registry
+        raise APIError(400, str(e)) from None
 
 
 @router.get("/api/tracker")
