@@ -264,6 +264,7 @@ GENERATE_MISTAKES = [
     (["--top-k", "-5"], "--top-k -5"),
     (["--temperature", "-1"], "--temperature -1"),
     (["--temperature", "0", "--num-samples", "3"], "would be the same"),
+    (["--seed", str(2**64)], f"--seed {2**64}"),
 ]
 
 
