@@ -18,6 +18,7 @@ from scalelab.hf_tokenizer import HFStyleTokenizer
 from scalelab.io import fresh_tmp, replace_dir
 from scalelab.model import Transformer
 from scalelab.train.checkpoint import load_model
+from scalelab.train.rundir import check_writable
 
 SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja chat template
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -37,6 +38,7 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {str(out)!r}: name a new folder to write (not . or ..)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
+    check_writable(out)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names and (set(names) - set(FILES) or "generation_config.json" not in names):
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

@@ -150,7 +150,12 @@ def test_out_naming_a_file(tmp_path):
     for args in (["pretrain", "--config", "tiny"], ["demo"], ["track", "report"]):
         rc, _, err = cli(*args, "--out", str(f))
         assert rc == 2 and "is a file" in err, args
-    assert f.read_text() == "mine"
+        # a folder under that file cannot be made: the same, not a traceback after the work
+        rc, _, err = cli(*args, "--out", str(f / "run"))
+        assert rc == 2 and f"{f} is a file" in err, args
+    rc, _, err = cli("export", "--model", "unused", "--out", str(f / "hf"))
+    assert rc == 2 and f"{f} is a file" in err
+    assert f.read_text() == "mine" and sorted(tmp_path.iterdir()) == [f]
 
 
 # ---- 2. the user's corpus: documents, validation, EOS -----------------------------------
