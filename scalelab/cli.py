@@ -196,6 +196,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from scalelab.parallel import plan
     from scalelab.parallel.rules import make_rules
 
+    if args.top < 1:
+        raise UserError(f"--top {args.top}: must be at least 1 (mappings to list)")
     cfg = load_config(resolve_config_path(args.config), args.set)
     rules = make_rules(cfg.parallel.rules)
     hw = plan.assume(HARDWARE[args.hardware], args.assume)
