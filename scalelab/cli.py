@@ -198,7 +198,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     if args.top < 1:
         raise UserError(f"--top {args.top}: must be at least 1 (mappings to list)")
+    from scalelab.model import check_shape
     cfg = load_config(resolve_config_path(args.config), args.set)
+    try:  # costing a model that cannot be built would recommend a mapping for nothing
+        check_shape(cfg.model)
+    except ValueError as e:
+        raise UserError(f"[model] config: {e}") from None
     rules = make_rules(cfg.parallel.rules)
     hw = plan.assume(HARDWARE[args.hardware], args.assume)
     if args.explain:

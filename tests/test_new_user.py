@@ -308,10 +308,12 @@ def test_wrong_kind_of_folder_is_named(base, reward_dir, sft_run, tmp_path):
     (["--config", "."], "is a folder"),
     (["--config", "tiny", "--set", "model.n_layer=-3"], "model.n_layer = -3"),
     (["--config", "tiny", "--set", "train.batch_size=0"], "train.batch_size = 0"),
+    (["--config", "tiny", "--set", "model.n_head=7"], "n_head = 7"),  # before any data work
 ])
 def test_config_mistakes(tmp_path, args, message):
-    rc, _, err = cli("pretrain", "--out", str(tmp_path / "r"), *args)
+    rc, out, err = cli("pretrain", "--out", str(tmp_path / "r"), *args)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "corpus:" not in out  # refused before the corpus and tokenizer were built
     assert not (tmp_path / "r").exists()  # nothing claimed for a mistake in the command
     if message == "presets: ":
         assert "tiny" in err and "small" in err

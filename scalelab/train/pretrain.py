@@ -18,7 +18,7 @@ from scalelab.data.tokens import (
     write_token_files,
 )
 from scalelab.generate import generate
-from scalelab.model import Transformer
+from scalelab.model import Transformer, check_shape
 from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
@@ -73,6 +73,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
+    try:  # a shape that cannot work is refused before the corpus and tokenizer are built
+        check_shape(cfg.model)
+    except ValueError as e:
+        raise UserError(f"[model] config: {e}") from None
     par = mesh.setup(cfg.parallel, cfg.train.device)  # one process: no process group at all
     if not par.single:  # before anything is written, so a bad mesh leaves no half run
         check_divisible(cfg.model, par.rules, par.sizes)
