@@ -86,7 +86,10 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     cfg.write_text(SWEEP.replace("min_steps = 10", "min_stepz = 10"))
     assert main(args) == 2 and "unknown key 'sweep.min_stepz'" in capsys.readouterr().err
     cfg.write_text(SWEEP.replace("n_head = 2}]", "n_head = 5}]"))
-    assert main(args) == 2 and "sweep size" in capsys.readouterr().err
+    err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+    assert "sweep.sizes[2]" in err and "n_head = 5" in err, err
+    # refused before any work: no shared corpus or tokenizer, no registry, nothing in --out
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
 

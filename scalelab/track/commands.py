@@ -168,9 +168,10 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from scalelab.track.sweep import run_sweep
+    from scalelab.track.sweep import load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
+    load_sweep(Path(args.config))  # bad config: refused before the registry is opened
     run_sweep(Path(args.config), Path(args.out), open_registry(args))
 
 
