@@ -120,3 +120,19 @@ def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
         assert info["steps"] == max(10, -(-1e10 // (6 * info["params"] * per_step)))
         assert c.train.eval_every == c.train.max_steps == info["steps"]
     assert plans[0][1]["tokens"] > plans[2][1]["tokens"]  # iso-FLOP: small models read more
+
+
+def test_sweep_and_study_take_a_preset_name(tmp_path, monkeypatch):
+    """`--config sweep-cpu` / `study-cpu` (the presets `--config tny` lists) work from any
+    folder, not only from a checkout's root where configs/ is."""
+    from scalelab import study
+    from scalelab.config import PRESETS
+    from scalelab.track import sweep
+    got = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, out, reg: got.append(config))
+    monkeypatch.setattr(study, "run_study", lambda config, out, reg: got.append(config))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--config", "sweep-cpu", "--out", "s", "--registry", "r.db"]) == 0
+    assert main(["study", "instruct", "--config", "study-cpu", "--out", "t",
+                 "--registry", "r.db"]) == 0
+    assert got == [PRESETS / "sweep-cpu.toml", PRESETS / "study-cpu.toml"]

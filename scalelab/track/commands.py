@@ -168,11 +168,13 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from scalelab.config import resolve_config_path
     from scalelab.track.sweep import load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
-    load_sweep(Path(args.config))  # bad config: refused before the registry is opened
-    run_sweep(Path(args.config), Path(args.out), open_registry(args))
+    config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
+    load_sweep(config)  # bad config: refused before the registry is opened
+    run_sweep(config, Path(args.out), open_registry(args))
 
 
 # ---- the parser --------------------------------------------------------------------------
@@ -244,6 +246,7 @@ def register(sub) -> None:
 
     sw = sub.add_parser("sweep", help="train a ladder of sizes, register, evaluate, fit, report",
                         parents=[common])
-    sw.add_argument("--config", required=True, help="sweep TOML (e.g. configs/sweep-cpu.toml)")
+    sw.add_argument("--config", required=True,
+                    help="sweep TOML or preset name (sweep-cpu, sweep-gpu)")
     sw.add_argument("--out", required=True)
     sw.set_defaults(func=cmd_sweep)
