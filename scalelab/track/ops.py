@@ -117,7 +117,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             was, now = ((human(m["params"]), human(m["tokens"])) for m in (same, info))
             raise UserError(f"{path}: registered as {name!r} with {was[0]} params and {was[1]} "
                             f"tokens, but the folder now holds {now[0]} params and {now[1]} "
-                            "tokens (trained further since); register it under a new --name")
+                            "tokens (trained further since); register it under a new name: "
+                            f"scalelab track model add {path} --name NEW")
         log(f"model {name} is already registered from this folder: running what it lacks")
         m = same
     else:
