@@ -175,9 +175,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                         f"{model.cfg.seq_len} tokens and the conversation needs room too; "
                         "lower --max-new-tokens")
-    if not (Path(args.model).resolve().parent / "lineage.json").is_file():
-        print("note: this model was not instruction-tuned (no lineage.json beside it): it will "
-              "continue text rather than answer; chat with an sft, dpo or ppo model",
+    from scalelab.io import read_json_if_any
+    run = Path(args.model).resolve().parent  # RUN/model; other folders carry no stage record
+    if read_json_if_any(run / "run.json").get("stage") == "pretrain":
+        print("note: this model was not instruction-tuned (its run is a pretraining run): it "
+              "will continue text rather than answer; chat with an sft, dpo or ppo model",
               file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -248,6 +248,19 @@ def test_chat_streams_multi_turn_answers_from_piped_stdin(sft_run):
     assert rc == 0 and out == want[0] + "\n", err
 
 
+def test_chat_notes_a_pretrained_model_only(base, sft_run, tmp_path):
+    """The 'not instruction-tuned' note is for a pretraining run's model, not for an
+    instruction-tuned model outside a run folder (exported, or a Hugging Face -Instruct)."""
+    note = "was not instruction-tuned"
+    rc, _, err = cli("chat", "--model", str(base[0] / "model"), "--max-new-tokens", "2",
+                     stdin="")
+    assert rc == 0 and note in err, err
+    assert cli("export", "--model", str(sft_run / "model"), "--out", str(tmp_path / "hf"))[0] == 0
+    rc, _, err = cli("chat", "--model", str(tmp_path / "hf"), "--max-new-tokens", "2",
+                     stdin="")
+    assert rc == 0 and note not in err, err
+
+
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
 
 @pytest.fixture(scope="module")
