@@ -175,6 +175,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                         f"{model.cfg.seq_len} tokens and the conversation needs room too; "
                         "lower --max-new-tokens")
+    if args.system:  # with an empty user line it must leave room, or every line is refused
+        opening = tok.encode_chat([{"role": "system", "content": args.system},
+                                   {"role": "user", "content": ""}], generation_prompt=True)[0]
+        room = model.cfg.seq_len - args.max_new_tokens
+        if len(opening) > room:
+            raise UserError(f"--system is {len(opening)} tokens with the chat markers; the "
+                            f"model's context of {model.cfg.seq_len} tokens less "
+                            f"--max-new-tokens {args.max_new_tokens} leaves {room}: shorten "
+                            "--system or lower --max-new-tokens")
     from scalelab.io import read_json_if_any
     run = Path(args.model).resolve().parent  # RUN/model; other folders carry no stage record
     if read_json_if_any(run / "run.json").get("stage") == "pretrain":

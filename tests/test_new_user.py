@@ -261,6 +261,14 @@ def test_chat_notes_a_pretrained_model_only(base, sft_run, tmp_path):
     assert rc == 0 and note not in err, err
 
 
+def test_chat_system_message_too_long_for_the_context(sft_run):
+    """Else every user line would be refused as 'too long', whatever its length."""
+    rc, out, err = cli("chat", "--model", str(sft_run / "model"), "--max-new-tokens", "4",
+                       "--system", "river stone " * 40, stdin="hi\n")
+    assert rc == 2 and "--system" in err and len(err.strip().splitlines()) == 1, err
+    assert not out
+
+
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
 
 @pytest.fixture(scope="module")
