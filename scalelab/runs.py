@@ -205,6 +205,8 @@ def cmd_watch(args: argparse.Namespace) -> None:
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such folder")
+    if not args.interval > 0:
+        raise UserError(f"--interval {args.interval:g}: must be > 0 (seconds between refreshes)")
     console = Console()
     if args.once:
         console.print(watch_view(state(run_dir)))

@@ -306,3 +306,14 @@ def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
     assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
                  "monitor.wandb=true"]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_runs_watch_refuses_an_interval_it_cannot_sleep(tmp_path, capsys):
+    from scalelab.cli import main
+    run = tmp_path / "run"  # a run that is running: this process wrote its progress
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "progress.json").write_text(json.dumps({"pid": os.getpid(),
+                                                   "time_unix": time.time()}))
+    assert main(["runs", "watch", str(run), "--interval", "-1"]) == 2
+    assert "--interval -1" in capsys.readouterr().err
