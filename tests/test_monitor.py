@@ -317,3 +317,20 @@ def test_runs_watch_refuses_an_interval_it_cannot_sleep(tmp_path, capsys):
                                                    "time_unix": time.time()}))
     assert main(["runs", "watch", str(run), "--interval", "-1"]) == 2
     assert "--interval -1" in capsys.readouterr().err
+
+
+def test_runs_show_events_count(tmp_path, capsys):
+    from scalelab.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "events.jsonl").write_text("".join(
+        json.dumps({"event": "resumed", "step": s, "restart": 0, "time": 1.0}) + "\n"
+        for s in (10, 20, 30)))
+    shown = {}
+    for n in (0, 2, 5):
+        assert main(["runs", "show", str(run), "--events", str(n)]) == 0
+        out = capsys.readouterr().out
+        shown[n] = [s for s in (10, 20, 30) if f"at step {s}" in out]
+    assert shown == {0: [], 2: [20, 30], 5: [10, 20, 30]}  # the latest N; 0 = none
+    assert main(["runs", "show", str(run), "--events", "-1"]) == 2
