@@ -301,3 +301,12 @@ def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models
     assert Registry(reg).model("run")["tokens"] == 100
     r = track(reg, "model", "add", str(run / "model"), "--no-run", "--name", "run-200")
     assert r.returncode == 0 and Registry(reg).model("run-200")["tokens"] == 200
+
+
+def test_backtest_out_that_cannot_be_written(tmp_path):
+    reg = tmp_path / "reg.db"
+    for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder
+        r = track(reg, "backtest", "--out", str(out))
+        assert r.returncode == 2 and f"--out {out}" in r.stderr and not r.stdout, r
+    r = track(reg, "backtest", "--out", str(tmp_path / "b.md"))
+    assert r.returncode == 0 and (tmp_path / "b.md").read_text() + "\n" == r.stdout

@@ -161,10 +161,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_backtest(args: argparse.Namespace) -> None:
     from scalelab.track.backtest import backtest, markdown
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: " + ("is a folder; name a file" if out.is_dir() else
+                                            f"folder {out.parent} does not exist"))
     text = markdown(backtest(open_registry(args)))
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out is not None:
+        out.write_text(text)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
