@@ -149,6 +149,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.temperature == 0 and args.num_samples > 1:
         raise UserError(f"--temperature 0 is greedy: all {args.num_samples} samples would be "
                         "the same; use --temperature > 0 or --num-samples 1")
+    from scalelab.chat import is_utf8
+    if not is_utf8(args.prompt):
+        raise UserError("--prompt is not valid UTF-8 text (your terminal or file uses another "
+                        "encoding); convert it to UTF-8")
     model, tok, g = load_for_sampling(args)
     prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, bos=True)
     room = model.cfg.seq_len - len(prompt)

@@ -269,6 +269,17 @@ def test_chat_system_message_too_long_for_the_context(sft_run):
     assert not out
 
 
+def test_text_that_is_not_utf8(sft_run):
+    """Python hands undecodable bytes of argv and stdin (a Latin-1 file, say) on as lone
+    surrogates, which the tokenizer refuses with a TypeError."""
+    model = str(sft_run / "model")
+    rc, out, err = cli("generate", "--model", model, "--prompt", "caf\udce9")
+    assert rc == 2 and "--prompt" in err and "UTF-8" in err and not out, err
+    rc, out, err = cli("chat", "--model", model, "--max-new-tokens", "4",
+                       stdin="caf\udce9\nSay river.\n")  # that line is skipped, not the rest
+    assert rc == 0 and "UTF-8" in err and out.count("assistant> ") == 1, err
+
+
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
 
 @pytest.fixture(scope="module")
