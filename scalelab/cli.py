@@ -179,6 +179,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                         f"{model.cfg.seq_len} tokens and the conversation needs room too; "
                         "lower --max-new-tokens")
+    from scalelab.chat import is_utf8
+    if args.system and not is_utf8(args.system):
+        raise UserError("--system is not valid UTF-8 text (your terminal or file uses another "
+                        "encoding); convert it to UTF-8")
     if args.system:  # with an empty user line it must leave room, or every line is refused
         opening = tok.encode_chat([{"role": "system", "content": args.system},
                                    {"role": "user", "content": ""}], generation_prompt=True)[0]

@@ -278,6 +278,9 @@ def test_text_that_is_not_utf8(sft_run):
     rc, out, err = cli("chat", "--model", model, "--max-new-tokens", "4",
                        stdin="caf\udce9\nSay river.\n")  # that line is skipped, not the rest
     assert rc == 0 and "UTF-8" in err and out.count("assistant> ") == 1, err
+    rc, out, err = cli("chat", "--model", model, "--max-new-tokens", "4", "--system",
+                       "caf\udce9", stdin="hi\n")
+    assert rc == 2 and "--system" in err and "UTF-8" in err and not out, err
 
 
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
