@@ -144,6 +144,19 @@ def test_resume_on_a_finished_run_says_there_is_nothing_to_do(base):
     assert snapshot(run) == before
 
 
+def test_resume_refuses_a_changed_data_section(base, tmp_path):
+    """--resume reuses the run's token files: a new [data] value would be written into its
+    config.toml but never used."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(base[0], run)
+    before = snapshot(run)
+    rc, out, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", "21",
+                       "--set", "data.val_fraction=0.2")
+    assert rc == 2 and "data.val_fraction" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(run) == before
+
+
 def test_out_naming_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("mine")
