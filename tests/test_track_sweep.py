@@ -109,6 +109,15 @@ def test_pretrain_register(tmp_path):
     assert "add1" in r.stdout  # the new model was evaluated on the waiting experiment
 
 
+def test_register_to_a_registry_that_cannot_be_made_is_refused_before_training(tmp_path,
+                                                                               capsys):
+    bad = tmp_path / "missing" / "reg.db"
+    assert main(["pretrain", "--config", "tiny", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", *tiny_sets(), "--register", "--registry", str(bad)]) == 2
+    assert f"folder {bad.parent} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no training first
+
+
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
     from scalelab.track.sweep import load_sweep, size_config
     cfg = tmp_path / "iso.toml"
