@@ -41,6 +41,16 @@ def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int
         x = nxt.view(1, 1)
 
 
+def is_utf8(text: str) -> bool:
+    """False for text Python decoded from invalid UTF-8 (argv, stdin): it holds lone
+    surrogates, which the tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def stream_text(tok: Tokenizer, ids: Iterator[int], out: TextIO) -> list[int]:
     """Print the decoded text as it grows; hold back a character whose bytes are incomplete."""
     got, shown = [], ""
@@ -90,6 +100,10 @@ def chat_loop(model: torch.nn.Module, tok: Tokenizer, inp: TextIO, out: TextIO,
             continue
         if text.strip() == "/exit":
             break
+        if not is_utf8(text):
+            sys.stderr.write("scalelab: that line is not valid UTF-8 text (your terminal or "
+                             "file uses another encoding); it was not sent\n")
+            continue
         if text.strip() == "/reset":
             messages = messages[:1] if system else []
             out.write("(conversation forgotten)\n")

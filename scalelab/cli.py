@@ -72,6 +72,9 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
               lineage: str | None = None, parent: str | None = None) -> None:
     """A training command: its config, then train(cfg) -> the model folder, which rank 0
     reports (and with --register adds to the experiment registry as `lineage`)."""
+    if args.register and lineage:  # a bad registry path is said now, not after training
+        from scalelab.track.registry import check_path, registry_path
+        check_path(registry_path(args.registry))
     cfg = stage_config(args, preset)
     if nothing_to_do(args, cfg):
         return
@@ -127,6 +130,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
+    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"--seed {args.seed}: must fit in 64 bits (0 to {2**64 - 1})")
 
 
 def load_for_sampling(args: argparse.Namespace):
@@ -147,6 +152,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.temperature == 0 and args.num_samples > 1:
         raise UserError(f"--temperature 0 is greedy: all {args.num_samples} samples would be "
                         "the same; use --temperature > 0 or --num-samples 1")
+    from scalelab.chat import is_utf8
+    if not is_utf8(args.prompt):
+        raise UserError("--prompt is not valid UTF-8 text (your terminal or file uses another "
+                        "encoding); convert it to UTF-8")
     model, tok, g = load_for_sampling(args)
     prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, bos=True)
     room = model.cfg.seq_len - len(prompt)
@@ -173,9 +182,24 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                         f"{model.cfg.seq_len} tokens and the conversation needs room too; "
                         "lower --max-new-tokens")
-    if not (Path(args.model).resolve().parent / "lineage.json").is_file():
-        print("note: this model was not instruction-tuned (no lineage.json beside it): it will "
-              "continue text rather than answer; chat with an sft, dpo or ppo model",
+    from scalelab.chat import is_utf8
+    if args.system and not is_utf8(args.system):
+        raise UserError("--system is not valid UTF-8 text (your terminal or file uses another "
+                        "encoding); convert it to UTF-8")
+    if args.system:  # with an empty user line it must leave room, or every line is refused
+        opening = tok.encode_chat([{"role": "system", "content": args.system},
+                                   {"role": "user", "content": ""}], generation_prompt=True)[0]
+        room = model.cfg.seq_len - args.max_new_tokens
+        if len(opening) > room:
+            raise UserError(f"--system is {len(opening)} tokens with the chat markers; the "
+                            f"model's context of {model.cfg.seq_len} tokens less "
+                            f"--max-new-tokens {args.max_new_tokens} leaves {room}: shorten "
+                            "--system or lower --max-new-tokens")
+    from scalelab.io import read_json_if_any
+    run = Path(args.model).resolve().parent  # RUN/model; other folders carry no stage record
+    if read_json_if_any(run / "run.json").get("stage") == "pretrain":
+        print("note: this model was not instruction-tuned (its run is a pretraining run): it "
+              "will continue text rather than answer; chat with an sft, dpo or ppo model",
               file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -194,7 +218,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from scalelab.parallel import plan
     from scalelab.parallel.rules import make_rules
 
+    if args.top < 1:
+        raise UserError(f"--top {args.top}: must be at least 1 (mappings to list)")
+    from scalelab.model import check_shape
     cfg = load_config(resolve_config_path(args.config), args.set)
+    try:  # costing a model that cannot be built would recommend a mapping for nothing
+        check_shape(cfg.model)
+    except ValueError as e:
+        raise UserError(f"[model] config: {e}") from None
     rules = make_rules(cfg.parallel.rules)
     hw = plan.assume(HARDWARE[args.hardware], args.assume)
     if args.explain:
@@ -304,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline on built-in data and report")
     d.add_argument("--out", required=True)
-    d.add_argument("--quick", action="store_true", help="fewer steps (a couple of minutes)")
+    d.add_argument("--quick", action="store_true",
+                   help="fewer steps (~9 minutes on 2 CPU cores; docs/demo/report.md)")
     d.set_defaults(func=cmd_demo)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible API and a web app (chat, compare, "

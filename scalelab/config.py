@@ -320,11 +320,12 @@ def apply_dict(cfg: Config, data: dict[str, Any], where: str) -> Config:
 
 
 def resolve_config_path(name: str | None) -> Path | None:
-    """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml)."""
+    """A path, or a preset name such as 'tiny' (scalelab/configs/tiny.toml). A folder of
+    that name (a run made with `--out tiny`) is no config, so the preset is meant."""
     if name is None:
         return None
     path = Path(name)
-    if not path.exists() and (PRESETS / f"{name}.toml").is_file():
+    if not path.is_file() and (PRESETS / f"{name}.toml").is_file():
         return PRESETS / f"{name}.toml"
     if not path.is_file():
         what = "is a folder, not a config file" if path.is_dir() else "config file not found"

@@ -18,6 +18,7 @@ from scalelab.hf_tokenizer import HFStyleTokenizer
 from scalelab.io import fresh_tmp, replace_dir
 from scalelab.model import Transformer
 from scalelab.train.checkpoint import load_model
+from scalelab.train.rundir import check_writable
 
 SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja chat template
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -26,6 +27,24 @@ SCALELAB_TEMPLATE = (  # scalelab.tokenizer's conversation format, as a Jinja ch
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "generation_config.json")  # what an export writes, nothing else
+
+
+def check_out(out: Path) -> None:
+    """--out must be new, empty, or an earlier export (export's files only, its
+    generation_config.json among them), so that no other file or model folder is replaced."""
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {str(out)!r}: name a new folder to write (not . or ..)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
+    check_writable(out)
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names and (set(names) - set(FILES) or "generation_config.json" not in names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise UserError(f"--out {out}: folder is not empty ({shown}) and is not an earlier "
+                        "export; choose a new or empty --out so that no file of yours is "
+                        "touched")
 
 
 def hf_config(cfg: ModelConfig, tok, dtype: str) -> dict:
@@ -73,6 +92,9 @@ def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Pa
     """Write a Hugging Face folder (config, weights, tokenizer, generation config)."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if out.resolve() == Path(model_dir).resolve():
+        raise UserError(f"--out {out}: must differ from --model")
+    check_out(out)
     model, tok = load_model(model_dir)
     if not isinstance(model, Transformer):
         raise UserError(f"{model_dir}: only language models export (not a reward model)")
@@ -80,8 +102,6 @@ def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Pa
     if cfg.mlp != "swiglu":
         raise UserError(f"{model_dir / 'config.json'}: mlp={cfg.mlp!r} has no Hugging Face "
                         "Llama equivalent (only swiglu exports)")
-    if out.resolve() == Path(model_dir).resolve():
-        raise UserError(f"--out {out}: must differ from --model")
     tmp = fresh_tmp(out)
     save_file(export_tensors(model, DTYPES[dtype]), str(tmp / "model.safetensors"),
               metadata={"format": "pt"})

@@ -216,15 +216,23 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def check_shape(cfg: ModelConfig) -> ModelConfig:
+    """The resolved config, or a ValueError naming the sizes that cannot make a model (so
+    commands can refuse them before any work)."""
+    c = resolve(cfg)
+    if c.d_model % c.n_head or c.n_head % c.n_kv_head:
+        raise ValueError(f"d_model = {c.d_model} must divide by n_head = {c.n_head}, and "
+                         f"n_head by n_kv_head = {c.n_kv_head}")
+    if (c.d_model // c.n_head) % 2:
+        raise ValueError(f"d_model / n_head = {c.d_model // c.n_head} must be even "
+                         "(rotary embeddings rotate pairs of channels)")
+    return c
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg = resolve(cfg)
-        if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_kv_head:
-            raise ValueError("d_model must divide by n_head, and n_head by n_kv_head")
-        if (cfg.d_model // cfg.n_head) % 2:
-            raise ValueError(f"d_model / n_head = {cfg.d_model // cfg.n_head} must be even "
-                             "(rotary embeddings rotate pairs of channels)")
+        cfg = check_shape(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))

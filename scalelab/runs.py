@@ -144,7 +144,7 @@ def show_text(s: dict, n_events: int = 10) -> str:
         lines.append(f"  loss curve  {sparkline(s['losses'])}")
     events = s["events"]
     lines.append(f"  events      {len(events)}" + (":" if events else ""))
-    for ev in events[-n_events:]:
+    for ev in events[max(0, len(events) - n_events):]:  # the latest n ([-0:] would be all)
         lines.append(f"    {describe(ev)}" + (f" -> {ev['action']}" if "action" in ev else ""))
     return "\n".join(lines)
 
@@ -170,6 +170,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     if not is_run(Path(args.dir)):
         raise UserError(f"{args.dir}: not a run folder (no metrics.jsonl)")
+    if args.events < 0:
+        raise UserError(f"--events {args.events}: must be >= 0 (latest events to print)")
     print(show_text(state(Path(args.dir)), args.events))
 
 
@@ -207,6 +209,8 @@ def cmd_watch(args: argparse.Namespace) -> None:
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such folder")
+    if not args.interval > 0:
+        raise UserError(f"--interval {args.interval:g}: must be > 0 (seconds between refreshes)")
     console = Console()
     if args.once:
         console.print(watch_view(state(run_dir)))

@@ -281,15 +281,16 @@ def report(summary: dict, command: str, image: str) -> str:
 def cmd_instruct(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_folder(out, MARKER, "study instruct")
-    load_study(Path(args.config))  # bad config: refused before anything is written
-    run_study(Path(args.config), out, Registry(registry_path(args.registry)))
+    config = resolve_config_path(args.config)  # a file, or a preset name: study-cpu
+    load_study(config)  # bad config: refused before anything is written
+    run_study(config, out, Registry(registry_path(args.registry)))
 
 
 def register(sub) -> None:
     s = sub.add_parser("study", help="scaling studies (instruct: tasks x size, FLAN-style)")
     ss = s.add_subparsers(dest="study", required=True)
     i = ss.add_parser("instruct", help="base models x nested task subsets: held-out score")
-    i.add_argument("--config", required=True, help="study TOML (e.g. configs/study-cpu.toml)")
+    i.add_argument("--config", required=True, help="study TOML or preset name (study-cpu)")
     i.add_argument("--out", required=True, help="new or empty folder, or an earlier study's")
     i.add_argument("--registry", help="SQLite registry file (default: $SCALELAB_REGISTRY or "
                    "./scalelab-registry.db)")

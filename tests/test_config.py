@@ -38,3 +38,16 @@ def test_bad_files(tmp):
         load_config(tmp / "typo.toml")
     with pytest.raises(UserError, match="not found"):
         load_config(tmp / "missing.toml")
+
+
+def test_preset_name_wins_over_a_folder_of_that_name(tmp, monkeypatch):
+    """`scalelab sft --out sft` leaves a folder ./sft; the next `scalelab sft` (preset sft)
+    or `--config tiny` beside a run folder ./tiny must still find the preset."""
+    from scalelab.config import PRESETS, resolve_config_path
+    monkeypatch.chdir(tmp)
+    for name in ("sft", "tiny"):
+        (tmp / name).mkdir()
+        assert resolve_config_path(name) == PRESETS / f"{name}.toml"
+    (tmp / "mine").mkdir()
+    with pytest.raises(UserError, match="mine: is a folder, not a config file"):
+        resolve_config_path("mine")

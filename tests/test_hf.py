@@ -177,6 +177,35 @@ def test_relu2_model_does_not_export(tmp_path, tokenizer):
     assert r.returncode == 2 and "relu2" in r.stderr and not (tmp_path / "hf").exists()
 
 
+def test_export_out_touches_no_file_of_yours(tmp_path, tokenizer, monkeypatch):
+    """--out must be new, empty or an earlier export: a folder with other files, or a file,
+    is exit 2 with everything left as it was; an earlier export is rewritten."""
+    _, folder = scalelab_folder(tmp_path, tokenizer)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    (tmp_path / "config.toml").write_text("[train]\n")
+    for out in ("project", "config.toml"):
+        r = run_cli("export", "--model", str(folder), "--out", str(tmp_path / out))
+        assert r.returncode == 2 and f"--out {tmp_path / out}" in r.stderr, r.stderr
+    assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "config.toml").read_text() == "[train]\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "model", "project"]
+    for _ in range(2):  # an earlier export is rewritten
+        assert run_cli("export", "--model", str(folder), "--out", str(tmp_path / "hf")
+                       ).returncode == 0
+    other = tmp_path / "other"  # another model folder is not an export: kept
+    save_model(Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=8, n_layer=1,
+                                       n_head=1, d_model=8)), tokenizer, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    monkeypatch.chdir(tmp_path / "hf")
+    for out in (str(other), ".", ""):
+        r = run_cli("export", "--model", str(folder), "--out", out)
+        assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr, out
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "hf", "model", "other",
+                                                         "project"]
+
+
 def rewrite_json(path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)

@@ -316,3 +316,31 @@ def test_progress_without_a_pid_is_not_a_running_run(tmp_path):
     for progress in ({"step": 1, "time_unix": 1.0}, {"step": 1, "time_unix": 1.0, "pid": 0}):
         (tmp_path / "progress.json").write_text(json.dumps(progress))
         assert state(tmp_path)["status"].startswith("dead"), progress
+
+
+def test_runs_watch_refuses_an_interval_it_cannot_sleep(tmp_path, capsys):
+    from scalelab.cli import main
+    run = tmp_path / "run"  # a run that is running: this process wrote its progress
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "progress.json").write_text(json.dumps({"pid": os.getpid(),
+                                                   "time_unix": time.time()}))
+    assert main(["runs", "watch", str(run), "--interval", "-1"]) == 2
+    assert "--interval -1" in capsys.readouterr().err
+
+
+def test_runs_show_events_count(tmp_path, capsys):
+    from scalelab.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "events.jsonl").write_text("".join(
+        json.dumps({"event": "resumed", "step": s, "restart": 0, "time": 1.0}) + "\n"
+        for s in (10, 20, 30)))
+    shown = {}
+    for n in (0, 2, 5):
+        assert main(["runs", "show", str(run), "--events", str(n)]) == 0
+        out = capsys.readouterr().out
+        shown[n] = [s for s in (10, 20, 30) if f"at step {s}" in out]
+    assert shown == {0: [], 2: [20, 30], 5: [10, 20, 30]}  # the latest N; 0 = none
+    assert main(["runs", "show", str(run), "--events", "-1"]) == 2

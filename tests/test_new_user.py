@@ -144,13 +144,31 @@ def test_resume_on_a_finished_run_says_there_is_nothing_to_do(base):
     assert snapshot(run) == before
 
 
+def test_resume_refuses_a_changed_data_section(base, tmp_path):
+    """--resume reuses the run's token files: a new [data] value would be written into its
+    config.toml but never used."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(base[0], run)
+    before = snapshot(run)
+    rc, out, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", "21",
+                       "--set", "data.val_fraction=0.2")
+    assert rc == 2 and "data.val_fraction" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(run) == before
+
+
 def test_out_naming_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("mine")
     for args in (["pretrain", "--config", "tiny"], ["demo"], ["track", "report"]):
         rc, _, err = cli(*args, "--out", str(f))
         assert rc == 2 and "is a file" in err, args
-    assert f.read_text() == "mine"
+        # a folder under that file cannot be made: the same, not a traceback after the work
+        rc, _, err = cli(*args, "--out", str(f / "run"))
+        assert rc == 2 and f"{f} is a file" in err, args
+    rc, _, err = cli("export", "--model", "unused", "--out", str(f / "hf"))
+    assert rc == 2 and f"{f} is a file" in err
+    assert f.read_text() == "mine" and sorted(tmp_path.iterdir()) == [f]
 
 
 # ---- 2. the user's corpus: documents, validation, EOS -----------------------------------
@@ -243,6 +261,41 @@ def test_chat_streams_multi_turn_answers_from_piped_stdin(sft_run):
     assert rc == 0 and out == want[0] + "\n", err
 
 
+def test_chat_notes_a_pretrained_model_only(base, sft_run, tmp_path):
+    """The 'not instruction-tuned' note is for a pretraining run's model, not for an
+    instruction-tuned model outside a run folder (exported, or a Hugging Face -Instruct)."""
+    note = "was not instruction-tuned"
+    rc, _, err = cli("chat", "--model", str(base[0] / "model"), "--max-new-tokens", "2",
+                     stdin="")
+    assert rc == 0 and note in err, err
+    assert cli("export", "--model", str(sft_run / "model"), "--out", str(tmp_path / "hf"))[0] == 0
+    rc, _, err = cli("chat", "--model", str(tmp_path / "hf"), "--max-new-tokens", "2",
+                     stdin="")
+    assert rc == 0 and note not in err, err
+
+
+def test_chat_system_message_too_long_for_the_context(sft_run):
+    """Else every user line would be refused as 'too long', whatever its length."""
+    rc, out, err = cli("chat", "--model", str(sft_run / "model"), "--max-new-tokens", "4",
+                       "--system", "river stone " * 40, stdin="hi\n")
+    assert rc == 2 and "--system" in err and len(err.strip().splitlines()) == 1, err
+    assert not out
+
+
+def test_text_that_is_not_utf8(sft_run):
+    """Python hands undecodable bytes of argv and stdin (a Latin-1 file, say) on as lone
+    surrogates, which the tokenizer refuses with a TypeError."""
+    model = str(sft_run / "model")
+    rc, out, err = cli("generate", "--model", model, "--prompt", "caf\udce9")
+    assert rc == 2 and "--prompt" in err and "UTF-8" in err and not out, err
+    rc, out, err = cli("chat", "--model", model, "--max-new-tokens", "4",
+                       stdin="caf\udce9\nSay river.\n")  # that line is skipped, not the rest
+    assert rc == 0 and "UTF-8" in err and out.count("assistant> ") == 1, err
+    rc, out, err = cli("chat", "--model", model, "--max-new-tokens", "4", "--system",
+                       "caf\udce9", stdin="hi\n")
+    assert rc == 2 and "--system" in err and "UTF-8" in err and not out, err
+
+
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -264,6 +317,7 @@ GENERATE_MISTAKES = [
     (["--top-k", "-5"], "--top-k -5"),
     (["--temperature", "-1"], "--temperature -1"),
     (["--temperature", "0", "--num-samples", "3"], "would be the same"),
+    (["--seed", str(2**64)], f"--seed {2**64}"),
 ]
 
 
@@ -302,10 +356,12 @@ def test_wrong_kind_of_folder_is_named(base, reward_dir, sft_run, tmp_path):
     (["--config", "."], "is a folder"),
     (["--config", "tiny", "--set", "model.n_layer=-3"], "model.n_layer = -3"),
     (["--config", "tiny", "--set", "train.batch_size=0"], "train.batch_size = 0"),
+    (["--config", "tiny", "--set", "model.n_head=7"], "n_head = 7"),  # before any data work
 ])
 def test_config_mistakes(tmp_path, args, message):
-    rc, _, err = cli("pretrain", "--out", str(tmp_path / "r"), *args)
+    rc, out, err = cli("pretrain", "--out", str(tmp_path / "r"), *args)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "corpus:" not in out  # refused before the corpus and tokenizer were built
     assert not (tmp_path / "r").exists()  # nothing claimed for a mistake in the command
     if message == "presets: ":
         assert "tiny" in err and "small" in err

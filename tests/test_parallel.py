@@ -163,7 +163,9 @@ def test_plan_cli(tmp):
     assert r.returncode == 0 and "blocks.0.attn.wq.weight" in r.stdout
     assert "(384, 384)" in r.stdout  # 768 x 768 cut by tp=2 (heads) and fsdp=2 (embed)
     for args, msg in [(["--explain", "2,2"], "--explain"), (["--explain", "2,2,1"], "equal"),
-                      (["--set", "parallel.rules.vocab=tp"], "parallel.rules.vocab")]:
+                      (["--set", "parallel.rules.vocab=tp"], "parallel.rules.vocab"),
+                      (["--top", "0"], "--top 0"), (["--top", "-1"], "--top -1"),
+                      (["--set", "model.n_head=7"], "n_head = 7")]:  # cannot be built
         r = run_cli("plan", "--config", "gpt2-124m", "--world-size", "8", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 

@@ -283,3 +283,30 @@ def test_model_add_killed_mid_evaluation_is_finished_by_running_it_again(tmp_pat
     shutil.copytree(models[1], other)
     r = track(cut, "model", "add", str(other), "--name", "m")
     assert r.returncode == 2 and "already registered" in r.stderr
+
+
+def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models):
+    """`pretrain --resume --max-steps MORE` rewrites RUN/model in place: adding it again must
+    not keep the old tokens and FLOPs under the new weights."""
+    import shutil
+    reg, run = tmp_path / "reg.db", tmp_path / "run"
+    shutil.copytree(models[0], run / "model")
+    (run / "config.toml").write_text("")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens": 100}\n')
+    assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    with (run / "metrics.jsonl").open("a") as f:  # trained on: 100 more tokens
+        f.write('{"step": 2, "loss": 4.0, "tokens": 200}\n')
+    r = track(reg, "model", "add", str(run / "model"), "--no-run")
+    assert r.returncode == 2 and "--name" in r.stderr and "200" in r.stderr, r.stderr
+    assert Registry(reg).model("run")["tokens"] == 100
+    r = track(reg, "model", "add", str(run / "model"), "--no-run", "--name", "run-200")
+    assert r.returncode == 0 and Registry(reg).model("run-200")["tokens"] == 200
+
+
+def test_backtest_out_that_cannot_be_written(tmp_path):
+    reg = tmp_path / "reg.db"
+    for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder
+        r = track(reg, "backtest", "--out", str(out))
+        assert r.returncode == 2 and f"--out {out}" in r.stderr and not r.stdout, r
+    r = track(reg, "backtest", "--out", str(tmp_path / "b.md"))
+    assert r.returncode == 0 and (tmp_path / "b.md").read_text() + "\n" == r.stdout

@@ -86,7 +86,10 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     cfg.write_text(SWEEP.replace("min_steps = 10", "min_stepz = 10"))
     assert main(args) == 2 and "unknown key 'sweep.min_stepz'" in capsys.readouterr().err
     cfg.write_text(SWEEP.replace("n_head = 2}]", "n_head = 5}]"))
-    assert main(args) == 2 and "sweep size" in capsys.readouterr().err
+    err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+    assert "sweep.sizes[2]" in err and "n_head = 5" in err, err
+    # refused before any work: no shared corpus or tokenizer, no registry, nothing in --out
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
 
@@ -106,6 +109,15 @@ def test_pretrain_register(tmp_path):
     assert "add1" in r.stdout  # the new model was evaluated on the waiting experiment
 
 
+def test_register_to_a_registry_that_cannot_be_made_is_refused_before_training(tmp_path,
+                                                                               capsys):
+    bad = tmp_path / "missing" / "reg.db"
+    assert main(["pretrain", "--config", "tiny", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", *tiny_sets(), "--register", "--registry", str(bad)]) == 2
+    assert f"folder {bad.parent} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no training first
+
+
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
     from scalelab.track.sweep import load_sweep, size_config
     cfg = tmp_path / "iso.toml"
@@ -117,3 +129,19 @@ def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
         assert info["steps"] == max(10, -(-1e10 // (6 * info["params"] * per_step)))
         assert c.train.eval_every == c.train.max_steps == info["steps"]
     assert plans[0][1]["tokens"] > plans[2][1]["tokens"]  # iso-FLOP: small models read more
+
+
+def test_sweep_and_study_take_a_preset_name(tmp_path, monkeypatch):
+    """`--config sweep-cpu` / `study-cpu` (the presets `--config tny` lists) work from any
+    folder, not only from a checkout's root where configs/ is."""
+    from scalelab import study
+    from scalelab.config import PRESETS
+    from scalelab.track import sweep
+    got = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, out, reg: got.append(config))
+    monkeypatch.setattr(study, "run_study", lambda config, out, reg: got.append(config))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--config", "sweep-cpu", "--out", "s", "--registry", "r.db"]) == 0
+    assert main(["study", "instruct", "--config", "study-cpu", "--out", "t",
+                 "--registry", "r.db"]) == 0
+    assert got == [PRESETS / "sweep-cpu.toml", PRESETS / "study-cpu.toml"]

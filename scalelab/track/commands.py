@@ -161,17 +161,24 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_backtest(args: argparse.Namespace) -> None:
     from scalelab.track.backtest import backtest, markdown
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: " + ("is a folder; name a file" if out.is_dir() else
+                                            f"folder {out.parent} does not exist"))
     text = markdown(backtest(open_registry(args)))
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out is not None:
+        out.write_text(text)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from scalelab.track.sweep import run_sweep
+    from scalelab.config import resolve_config_path
+    from scalelab.track.sweep import load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
-    run_sweep(Path(args.config), Path(args.out), open_registry(args))
+    config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
+    load_sweep(config)  # bad config: refused before the registry is opened
+    run_sweep(config, Path(args.out), open_registry(args))
 
 
 # ---- the parser --------------------------------------------------------------------------
@@ -243,6 +250,7 @@ def register(sub) -> None:
 
     sw = sub.add_parser("sweep", help="train a ladder of sizes, register, evaluate, fit, report",
                         parents=[common])
-    sw.add_argument("--config", required=True, help="sweep TOML (e.g. configs/sweep-cpu.toml)")
+    sw.add_argument("--config", required=True,
+                    help="sweep TOML or preset name (sweep-cpu, sweep-gpu)")
     sw.add_argument("--out", required=True)
     sw.set_defaults(func=cmd_sweep)

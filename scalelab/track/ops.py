@@ -111,7 +111,14 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     same = next((m for m in reg.models() if m["name"] == name), None)
     if same is not None and same["path"] == info["path"]:
         # the same folder under the same name: an earlier `model add` (perhaps killed before
-        # its evaluations finished); go on with what it lacks instead of refusing
+        # its evaluations finished); go on with what it lacks instead of refusing, unless
+        # the folder was trained further since (a resumed run rewrites RUN/model in place)
+        if (same["params"], same["tokens"]) != (info["params"], info["tokens"]):
+            was, now = ((human(m["params"]), human(m["tokens"])) for m in (same, info))
+            raise UserError(f"{path}: registered as {name!r} with {was[0]} params and {was[1]} "
+                            f"tokens, but the folder now holds {now[0]} params and {now[1]} "
+                            "tokens (trained further since); register it under a new name: "
+                            f"scalelab track model add {path} --name NEW")
         log(f"model {name} is already registered from this folder: running what it lacks")
         m = same
     else:

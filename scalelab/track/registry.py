@@ -88,13 +88,18 @@ def registry_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("SCALELAB_REGISTRY") or DEFAULT_PATH)
 
 
+def check_path(path: Path) -> None:
+    """A registry can live (or be made) at `path`; checked without writing anything."""
+    if path.is_dir():
+        raise UserError(f"{path}: registry path is a folder, expected a file")
+    if not path.parent.exists():
+        raise UserError(f"{path}: folder {path.parent} does not exist")
+
+
 class Registry:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError(f"{self.path}: registry path is a folder, expected a file")
-        if not self.path.parent.exists():
-            raise UserError(f"{self.path}: folder {self.path.parent} does not exist")
+        check_path(self.path)
         self._refuse_emptied()
         try:
             checked = self.path.exists() and self.path.stat().st_size > 0 and \

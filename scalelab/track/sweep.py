@@ -65,7 +65,12 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
             raise UserError(f"{path}: {table}.sizes[{i}] must be a table like "
                             "{n_layer = 2, d_model = 64, n_head = 2}"
                             + (' or "registry:NAME"' if table == "study" else ""))
-        apply_dict(copy.deepcopy(cfg), {"model": size}, f"{path}: {table}.sizes[{i}]")
+        from scalelab.model import check_shape
+        where = f"{path}: {table}.sizes[{i}]"
+        try:  # a size that cannot be built is refused before any corpus or registry work
+            check_shape(apply_dict(copy.deepcopy(cfg), {"model": size}, where).model)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
     return cfg, opts
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from scalelab.config import Config, UserError
+from scalelab.config import Config, UserError, read_toml
 from scalelab.data.tokens import (
     TokenLoader,
     load_meta,
@@ -18,7 +19,7 @@ from scalelab.data.tokens import (
     write_token_files,
 )
 from scalelab.generate import generate
-from scalelab.model import Transformer
+from scalelab.model import Transformer, check_shape
 from scalelab.parallel import mesh
 from scalelab.parallel.apply import parallelize
 from scalelab.parallel.rules import check_divisible
@@ -28,10 +29,34 @@ from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
 
 
+def check_same_data(cfg: Config, saved: Path) -> None:
+    """A run's token files are made once: a [data] value changed on --resume would be
+    written into its config.toml but never used, so it is refused."""
+    if not saved.is_file():
+        return
+    def changed(key: str, was, now) -> bool:
+        if was == now:
+            return False
+        if key in ("source", "val_source") and was and now and ":" not in was + now:
+            # a path: the same file named from another folder (a sweep resumed elsewhere)
+            # is no change; one that cannot be found from here cannot be compared
+            a, b = Path(was), Path(now)
+            return a.exists() and b.exists() and a.resolve() != b.resolve()
+        return True
+
+    old = read_toml(saved).get("data", {})
+    for key, value in asdict(cfg.data).items():
+        if key in old and changed(key, old[key], value):
+            raise UserError(f"data.{key} = {value!r} differs from {old[key]!r} in {saved}: a "
+                            "resumed run keeps the token files it was started on; drop that "
+                            "change, or start a new run for new data")
+
+
 def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
     """Train the tokenizer and write token files once per run (reused on --resume)."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
     if reuse and tok_path.exists() and (data_dir / "meta.json").exists():
+        check_same_data(cfg, out / "config.toml")
         return Tokenizer.load(tok_path), data_dir
     train, val = split_documents(read_documents(cfg.data), cfg.data)
     tqdm.write(f"corpus: {len(train):,} training and {len(val):,} validation documents; "
@@ -73,6 +98,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
+    try:  # a shape that cannot work is refused before the corpus and tokenizer are built
+        check_shape(cfg.model)
+    except ValueError as e:
+        raise UserError(f"[model] config: {e}") from None
     par = mesh.setup(cfg.parallel, cfg.train.device)  # one process: no process group at all
     if not par.single:  # before anything is written, so a bad mesh leaves no half run
         check_divisible(cfg.model, par.rules, par.sizes)

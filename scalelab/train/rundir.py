@@ -75,10 +75,21 @@ def _started(out: Path) -> bool:
     return (out / "metrics.jsonl").exists() or last_step(out) is not None
 
 
+def check_writable(out: Path) -> None:
+    """--out, or the nearest folder above it that exists, must be a folder we can write in
+    (else the command would fail with a traceback after its work)."""
+    where = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not where.is_dir():
+        raise UserError(f"--out {out}: {where} is a file, so no folder can be made there")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {where} is not writable; choose another --out")
+
+
 def check_out(out: Path, stage: str, resume: bool) -> None:
     """Raise UserError unless `stage` may write its run into `out` (nothing is written)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder for the run (new or empty)")
+    check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     owner = run_stage(out) if entries else None
     if owner is not None and owner != stage:
@@ -145,6 +156,7 @@ def check_folder(out: Path, own: str, command: str) -> None:
     folder must be new, empty, or one this command wrote before (it holds `own`)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
+    check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not (out / own).exists():
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
