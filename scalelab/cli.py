@@ -158,6 +158,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "encoding); convert it to UTF-8")
     model, tok, g = load_for_sampling(args)
     prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, bos=True)
+    if not prompt:  # an empty prompt, and a tokenizer with no BOS to start from
+        raise UserError("--prompt is empty and this model's tokenizer has no BOS token to "
+                        "start from: give some text")
     room = model.cfg.seq_len - len(prompt)
     if room < 1:
         raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "

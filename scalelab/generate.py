@@ -245,6 +245,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     first call per batch/length bucket then takes tens of seconds: worth it for PPO and
     benchmarks, not for one short generation."""
     device = next(model.parameters()).device
+    if not prompts or not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
     if P >= total:

@@ -185,3 +185,10 @@ def test_chat_samples_what_generate_samples_for_the_same_seed():
         got = stream_tokens(model, [5, 6, 7], 20, -1, temperature, top_k, 1.0,
                             torch.Generator().manual_seed(0))
         assert list(got) == want[0] and len(want[0]) == 20
+
+
+def test_an_empty_prompt_is_refused_by_name():
+    """A prompt with no token (no BOS to start from) is a ValueError, not a reshape error."""
+    model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, seq_len=16))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[5, 6], []], 4, pad_id=0)

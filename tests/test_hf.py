@@ -354,3 +354,6 @@ def test_folder_without_bos_token(tmp_path):
     r = run_cli("generate", "--model", str(folder), "--prompt", "Mia has", "--max-new-tokens",
                 "4", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("Mia has"), r.stderr
+    # An empty prompt has no token to start from here: one clear line, exit 2.
+    r = run_cli("generate", "--model", str(folder), "--prompt", "", "--max-new-tokens", "4")
+    assert r.returncode == 2 and "no BOS" in r.stderr and "Traceback" not in r.stderr, r.stderr
