@@ -88,6 +88,9 @@ def test_rerun_on_new_model_runs_exactly_the_unpassed_experiments(tmp_path, mode
     assert s["not_yet"] == ["hard"]
     text = track(reg, "status").stdout
     assert "not yet passed: hard" in text
+    rules = {line.split()[0]: line.split()[2] for line in text.splitlines()
+             if line.split()[:1] in (["mine"], ["easy"], ["hard"])}
+    assert rules == {"mine": ">=1", "easy": "<=1", "hard": ">=1"}  # each pass rule's direction
 
     # reruns add rows, never replace them
     n = len(db.results())

@@ -146,7 +146,8 @@ def cmd_status(args: argparse.Namespace) -> None:
             c = e["results"].get(n)
             cells += f"{'':>8}" if c is None else \
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
-        print(f"{e['name']:<18}{e['metric']:<13}{e['threshold']:>8g} {cells}  "
+        rule = M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
+        print(f"{e['name']:<18}{e['metric']:<13}{rule:>8} {cells}  "
               f"{e['first_passing_model'] or 'not yet'}")
     print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
 
