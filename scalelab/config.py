@@ -338,7 +338,8 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return tomllib.loads(path.read_text())
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed TOML: {e}") from None
 

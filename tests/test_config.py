@@ -51,3 +51,12 @@ def test_preset_name_wins_over_a_folder_of_that_name(tmp, monkeypatch):
     (tmp / "mine").mkdir()
     with pytest.raises(UserError, match="mine: is a folder, not a config file"):
         resolve_config_path("mine")
+
+
+def test_config_file_with_a_byte_order_mark(tmp):
+    """Notepad and other Windows editors may start a hand-written config with a BOM; it read
+    as 'malformed TOML ... (at line 1, column 1)'. The data readers accept one already."""
+    (tmp / "bom.toml").write_bytes("\ufeff[train]\nlr = 1e-3\nsample_prompt = \"Mía\"\n"
+                                   .encode("utf-8"))
+    cfg = load_config(tmp / "bom.toml")
+    assert (cfg.train.lr, cfg.train.sample_prompt) == (1e-3, "Mía")
