@@ -230,6 +230,7 @@ AT_LEAST_ONE = {
     "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
             "max_new_tokens", "kl_horizon"},
 }
+MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
@@ -273,6 +274,9 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
     if v < low:
         raise UserError(f"{where}: {name} = {v} must be >= {low}")
+    if (section, key) == ("data", "tokenizer_vocab") and v < MIN_TOKENIZER_VOCAB:
+        raise UserError(f"{where}: {name} = {v} must be >= {MIN_TOKENIZER_VOCAB} (a byte-level "
+                        "BPE tokenizer holds the 256 bytes and 7 special tokens)")
     if (section, key) in POSITIVE and v <= 0:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
