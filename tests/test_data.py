@@ -59,6 +59,15 @@ def test_user_text_files(tmp):
     assert read_documents(DataConfig(source=str(tmp))) == ["first document", "second", "third"]
 
 
+def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
+    """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
+    Its files are read like any other subfolder's."""
+    (tmp / "a.txt").write_text("first")
+    (tmp / "notes.txt").mkdir()
+    (tmp / "notes.txt" / "b.txt").write_text("second")
+    assert read_documents(DataConfig(source=str(tmp))) == ["first", "second"]
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"text": "ok"}\n{"text": 5}\n', "b.jsonl:2"),
     ('{"text": "ok"}\nnot json\n', "b.jsonl:2: malformed JSON"),

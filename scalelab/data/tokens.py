@@ -38,7 +38,8 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     else:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            files = sorted(p for p in path.rglob("*")
+                           if p.suffix in (".txt", ".jsonl") and p.is_file())
             if not files:
                 raise UserError(f"{path}: no .txt or .jsonl files in this folder")
         elif path.is_file():
