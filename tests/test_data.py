@@ -59,6 +59,17 @@ def test_user_text_files(tmp):
     assert read_documents(DataConfig(source=str(tmp))) == ["first document", "second", "third"]
 
 
+def test_txt_split_keeps_unicode_line_separators_inside_documents(tmp):
+    """str.splitlines also breaks at U+2028, NEL (U+0085) and \\x1c-\\x1e: a document
+    holding one was cut in two ("lines") or had it rewritten to \\n ("blank_lines"). Only
+    newlines end a line (CRLF and CR already read as \\n)."""
+    text = "one\u2028still one\x85and\x1cmore\r\n\r\nnext\rlast"
+    (tmp / "u.txt").write_bytes(text.encode("utf-8"))
+    for how, want in [("blank_lines", ["one\u2028still one\x85and\x1cmore", "next\nlast"]),
+                      ("lines", ["one\u2028still one\x85and\x1cmore", "next", "last"])]:
+        assert read_documents(DataConfig(source=str(tmp / "u.txt"), txt_split=how)) == want
+
+
 def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
     """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
     Its files are read like any other subfolder's."""

@@ -58,7 +58,9 @@ def split_text(text: str, how: str) -> list[str]:
     'lines' (one per line) or 'file' (the whole file)."""
     if how == "file":
         return [text]
-    lines = text.splitlines()
+    # only \n ends a line (files are read with CRLF and CR as \n); str.splitlines would
+    # also cut at U+2028, NEL and \x1c-\x1e, characters that belong to the document
+    lines = text.split("\n")
     if how == "lines":
         return [line for line in lines if line.strip()]
     runs = itertools.groupby(lines, key=lambda line: bool(line.strip()))
