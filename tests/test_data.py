@@ -70,6 +70,16 @@ def test_txt_split_keeps_unicode_line_separators_inside_documents(tmp):
         assert read_documents(DataConfig(source=str(tmp / "u.txt"), txt_split=how)) == want
 
 
+def test_jsonl_text_with_unicode_line_separators(tmp):
+    """json.dumps(..., ensure_ascii=False) writes U+2028 and NEL unescaped; read_jsonl split
+    lines there too and called line 1 'malformed JSON'."""
+    import json
+    texts = ["para\u2028sep", "nel\x85here"]
+    (tmp / "u.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                         for t in texts), encoding="utf-8")
+    assert read_documents(DataConfig(source=str(tmp / "u.jsonl"))) == texts
+
+
 def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
     """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
     Its files are read like any other subfolder's."""
