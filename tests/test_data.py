@@ -80,6 +80,15 @@ def test_jsonl_text_with_unicode_line_separators(tmp):
     assert read_documents(DataConfig(source=str(tmp / "u.jsonl"))) == texts
 
 
+def test_empty_source_is_not_the_current_folder(tmp, monkeypatch):
+    """data.source = "" read Path("") = the current folder, recursively: every .txt/.jsonl
+    under the working directory became the corpus (or a confusing error about one of them)."""
+    (tmp / "stray.txt").write_text("not meant as a corpus")
+    monkeypatch.chdir(tmp)
+    with pytest.raises(UserError, match="data.source is empty"):
+        read_documents(DataConfig(source=""))
+
+
 def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
     """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
     Its files are read like any other subfolder's."""

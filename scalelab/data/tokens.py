@@ -29,6 +29,9 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     lines, at every line, or the whole file as one), a .jsonl file of {"text": ...} rows, or
     a folder of such files. `source` overrides cfg.source (used for data.val_source)."""
     source = cfg.source if source is None else source
+    if not source.strip():  # Path("") would be the current folder
+        raise UserError("data.source is empty: name a .txt/.jsonl file or folder, or "
+                        "builtin:world")
     if source == "builtin:world":
         from scalelab.data.world import generate_documents
         docs = generate_documents(cfg.n_docs, seed=cfg.seed)
