@@ -231,6 +231,8 @@ AT_LEAST_ONE = {
             "max_new_tokens", "kl_horizon"},
 }
 MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
+MAX_TOKENIZER_VOCAB = 1 << 20  # 4x the largest real ones (~256k); the BPE trainer allocates
+# a table of this size up front (1e9 aborted the process asking for 70 GB)
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
@@ -277,6 +279,8 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     if (section, key) == ("data", "tokenizer_vocab") and v < MIN_TOKENIZER_VOCAB:
         raise UserError(f"{where}: {name} = {v} must be >= {MIN_TOKENIZER_VOCAB} (a byte-level "
                         "BPE tokenizer holds the 256 bytes and 7 special tokens)")
+    if (section, key) == ("data", "tokenizer_vocab") and v > MAX_TOKENIZER_VOCAB:
+        raise UserError(f"{where}: {name} = {v} must be <= {MAX_TOKENIZER_VOCAB}")
     if (section, key) in POSITIVE and v <= 0:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
