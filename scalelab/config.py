@@ -269,6 +269,9 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         if importlib.util.find_spec(key) is None:
             raise UserError(f"{where}: 'monitor.{key}' needs the {key} package "
                             f"(pip install {key})")
+    if key == "seed" and isinstance(v, int) and not -2**32 < v < 2**32:  # torch.manual_seed
+        # takes 64 bits, and the samplers derive seed * 1_000_003 + epoch from it
+        raise UserError(f"{where}: {name} = {v} must be between -2^32 and 2^32 (exclusive)")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if not math.isfinite(v):

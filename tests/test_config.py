@@ -60,3 +60,15 @@ def test_config_file_with_a_byte_order_mark(tmp):
                                    .encode("utf-8"))
     cfg = load_config(tmp / "bom.toml")
     assert (cfg.train.lr, cfg.train.sample_prompt) == (1e-3, "Mía")
+
+
+def test_seed_too_large_is_bad_input():
+    """train.seed=99999999999999999999 (or 2^62) passed the config checks and then torch
+    raised 'Overflow when unpacking long long' (a traceback) after the corpus was built."""
+    from scalelab.data.batches import EpochSampler
+    for v in (2**32, -2**32, 2**62, 10**20):
+        with pytest.raises(UserError, match=f"train.seed = {v} must be between -2\\^32 and"):
+            load_config(overrides=[f"train.seed={v}"])
+    for v in (2**32 - 1, -2**32 + 1, -5):  # the extremes allowed still sample batches
+        seed = load_config(overrides=[f"train.seed={v}"]).train.seed
+        assert len(EpochSampler(10, 2, seed).next_indices()) == 2
