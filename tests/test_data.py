@@ -114,3 +114,21 @@ def test_empty_or_missing_corpus(tmp):
         read_documents(DataConfig(source=str(tmp / "empty.txt")))
     with pytest.raises(UserError, match="not found"):
         read_documents(DataConfig(source=str(tmp / "nope.txt")))
+
+
+@pytest.mark.parametrize("damage", ["meta", "empty", "odd", "missing"])
+def test_damaged_token_files_are_bad_input(data_dir, damage):
+    """A run folder whose data/ was damaged (half-copied, truncated) raised numpy/json
+    tracebacks on --resume; now one message names the folder and the way out."""
+    TokenLoader(data_dir, "train", 4, 16)  # intact: loads
+    if damage == "meta":
+        (data_dir / "meta.json").write_text('{"dtype": "uint16", "vocab')
+    elif damage == "empty":
+        (data_dir / "train.bin").write_bytes(b"")
+    elif damage == "odd":
+        with open(data_dir / "train.bin", "r+b") as f:
+            f.truncate(1001)
+    else:
+        (data_dir / "val.bin").unlink()
+    with pytest.raises(UserError, match=f"{data_dir}: the run's token files are damaged"):
+        TokenLoader(data_dir, "train", 4, 16)

@@ -126,7 +126,20 @@ def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -
 
 
 def load_meta(data_dir: Path) -> dict:
-    return json.loads((data_dir / "meta.json").read_text())
+    """meta.json, checked against the .bin files' sizes (a damaged or half-copied run folder
+    is bad input, not a numpy traceback)."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            size = (data_dir / f"{split}.bin").stat().st_size
+            if size != meta[split]["tokens"] * itemsize or size == 0:
+                raise ValueError(f"{split}.bin holds {size} bytes, meta.json says "
+                                 f"{meta[split]['tokens']} tokens of {meta['dtype']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{data_dir}: the run's token files are damaged ({e}); delete that "
+                        "folder and --resume rebuilds it from data.source") from None
+    return meta
 
 
 class TokenLoader:
