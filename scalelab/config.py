@@ -7,6 +7,7 @@ the dataclass default. Unknown sections or keys are errors (a typo must not be i
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -381,8 +382,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # JSON's escapes (\n, \t, \uXXXX for control characters) are
+        # TOML's too; TOML also forbids a raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, dict):  # an inline table (keys are plain names such as "mlp")
         return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)

@@ -18,6 +18,17 @@ def test_dump_round_trips(tmp):
     assert load_config(tmp / "c.toml") == cfg
 
 
+def test_dump_round_trips_control_characters(tmp):
+    """A sample_prompt with a newline (valid TOML: "Q: hi\\nA:") was written raw into the
+    run's config.toml, which then failed to parse: --resume said 'malformed TOML'."""
+    (tmp / "in.toml").write_text('[train]\nsample_prompt = "Q: hi\\n\\tA:\\u0007\\u007f '
+                                 '\\\\ \\" ü🙂"\n[data]\nsource = "a\\nb.txt"\n', encoding="utf-8")
+    cfg = load_config(tmp / "in.toml")
+    assert cfg.train.sample_prompt == 'Q: hi\n\tA:\x07\x7f \\ " ü🙂'
+    (tmp / "c.toml").write_text(dump_toml(cfg), encoding="utf-8")
+    assert load_config(tmp / "c.toml") == cfg
+
+
 @pytest.mark.parametrize("sets, match", [
     (["train.lrr=1"], "unknown config key 'train.lrr'"),
     (["trian.lr=1"], r"unknown config section \[trian\]"),
