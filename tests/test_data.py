@@ -89,6 +89,16 @@ def test_empty_source_is_not_the_current_folder(tmp, monkeypatch):
         read_documents(DataConfig(source=""))
 
 
+def test_upper_case_suffixes(tmp):
+    """B.TXT in a corpus folder was skipped without a word, and C.JSONL named alone was read
+    as plain text (its JSON syntax became the corpus)."""
+    (tmp / "a.txt").write_text("first")
+    (tmp / "B.TXT").write_text("second")
+    (tmp / "C.JSONL").write_text('{"text": "third"}\n')
+    assert read_documents(DataConfig(source=str(tmp))) == ["second", "third", "first"]
+    assert read_documents(DataConfig(source=str(tmp / "C.JSONL"))) == ["third"]
+
+
 def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
     """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
     Its files are read like any other subfolder's."""

@@ -42,7 +42,7 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
         path = Path(source)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*")
-                           if p.suffix in (".txt", ".jsonl") and p.is_file())
+                           if p.suffix.lower() in (".txt", ".jsonl") and p.is_file())
             if not files:
                 raise UserError(f"{path}: no .txt or .jsonl files in this folder")
         elif path.is_file():
@@ -71,7 +71,7 @@ def split_text(text: str, how: str) -> list[str]:
 
 
 def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":  # NOTES.JSONL too (Windows, old tools)
         rows = read_jsonl(path)
         for n, row in rows:
             if not isinstance(row.get("text"), str):
