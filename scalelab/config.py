@@ -7,6 +7,7 @@ the dataclass default. Unknown sections or keys are errors (a typo must not be i
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -230,6 +231,9 @@ AT_LEAST_ONE = {
     "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
             "max_new_tokens", "kl_horizon"},
 }
+MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
+MAX_TOKENIZER_VOCAB = 1 << 20  # 4x the largest real ones (~256k); the BPE trainer allocates
+# a table of this size up front (1e9 aborted the process asking for 70 GB)
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
@@ -266,6 +270,9 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         if importlib.util.find_spec(key) is None:
             raise UserError(f"{where}: 'monitor.{key}' needs the {key} package "
                             f"(pip install {key})")
+    if key == "seed" and isinstance(v, int) and not -2**32 < v < 2**32:  # torch.manual_seed
+        # takes 64 bits, and the samplers derive seed * 1_000_003 + epoch from it
+        raise UserError(f"{where}: {name} = {v} must be between -2^32 and 2^32 (exclusive)")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if not math.isfinite(v):
@@ -273,6 +280,11 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
     if v < low:
         raise UserError(f"{where}: {name} = {v} must be >= {low}")
+    if (section, key) == ("data", "tokenizer_vocab") and v < MIN_TOKENIZER_VOCAB:
+        raise UserError(f"{where}: {name} = {v} must be >= {MIN_TOKENIZER_VOCAB} (a byte-level "
+                        "BPE tokenizer holds the 256 bytes and 7 special tokens)")
+    if (section, key) == ("data", "tokenizer_vocab") and v > MAX_TOKENIZER_VOCAB:
+        raise UserError(f"{where}: {name} = {v} must be <= {MAX_TOKENIZER_VOCAB}")
     if (section, key) in POSITIVE and v <= 0:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
@@ -338,7 +350,8 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return tomllib.loads(path.read_text())
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed TOML: {e}") from None
 
@@ -369,8 +382,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # JSON's escapes (\n, \t, \uXXXX for control characters) are
+        # TOML's too; TOML also forbids a raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, dict):  # an inline table (keys are plain names such as "mlp")
         return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)

@@ -18,6 +18,17 @@ def test_dump_round_trips(tmp):
     assert load_config(tmp / "c.toml") == cfg
 
 
+def test_dump_round_trips_control_characters(tmp):
+    """A sample_prompt with a newline (valid TOML: "Q: hi\\nA:") was written raw into the
+    run's config.toml, which then failed to parse: --resume said 'malformed TOML'."""
+    (tmp / "in.toml").write_text('[train]\nsample_prompt = "Q: hi\\n\\tA:\\u0007\\u007f '
+                                 '\\\\ \\" ü🙂"\n[data]\nsource = "a\\nb.txt"\n', encoding="utf-8")
+    cfg = load_config(tmp / "in.toml")
+    assert cfg.train.sample_prompt == 'Q: hi\n\tA:\x07\x7f \\ " ü🙂'
+    (tmp / "c.toml").write_text(dump_toml(cfg), encoding="utf-8")
+    assert load_config(tmp / "c.toml") == cfg
+
+
 @pytest.mark.parametrize("sets, match", [
     (["train.lrr=1"], "unknown config key 'train.lrr'"),
     (["trian.lr=1"], r"unknown config section \[trian\]"),
@@ -51,3 +62,24 @@ def test_preset_name_wins_over_a_folder_of_that_name(tmp, monkeypatch):
     (tmp / "mine").mkdir()
     with pytest.raises(UserError, match="mine: is a folder, not a config file"):
         resolve_config_path("mine")
+
+
+def test_config_file_with_a_byte_order_mark(tmp):
+    """Notepad and other Windows editors may start a hand-written config with a BOM; it read
+    as 'malformed TOML ... (at line 1, column 1)'. The data readers accept one already."""
+    (tmp / "bom.toml").write_bytes("\ufeff[train]\nlr = 1e-3\nsample_prompt = \"Mía\"\n"
+                                   .encode("utf-8"))
+    cfg = load_config(tmp / "bom.toml")
+    assert (cfg.train.lr, cfg.train.sample_prompt) == (1e-3, "Mía")
+
+
+def test_seed_too_large_is_bad_input():
+    """train.seed=99999999999999999999 (or 2^62) passed the config checks and then torch
+    raised 'Overflow when unpacking long long' (a traceback) after the corpus was built."""
+    from scalelab.data.batches import EpochSampler
+    for v in (2**32, -2**32, 2**62, 10**20):
+        with pytest.raises(UserError, match=f"train.seed = {v} must be between -2\\^32 and"):
+            load_config(overrides=[f"train.seed={v}"])
+    for v in (2**32 - 1, -2**32 + 1, -5):  # the extremes allowed still sample batches
+        seed = load_config(overrides=[f"train.seed={v}"]).train.seed
+        assert len(EpochSampler(10, 2, seed).next_indices()) == 2

@@ -59,6 +59,55 @@ def test_user_text_files(tmp):
     assert read_documents(DataConfig(source=str(tmp))) == ["first document", "second", "third"]
 
 
+def test_txt_split_keeps_unicode_line_separators_inside_documents(tmp):
+    """str.splitlines also breaks at U+2028, NEL (U+0085) and \\x1c-\\x1e: a document
+    holding one was cut in two ("lines") or had it rewritten to \\n ("blank_lines"). Only
+    newlines end a line (CRLF and CR already read as \\n)."""
+    text = "one\u2028still one\x85and\x1cmore\r\n\r\nnext\rlast"
+    (tmp / "u.txt").write_bytes(text.encode("utf-8"))
+    for how, want in [("blank_lines", ["one\u2028still one\x85and\x1cmore", "next\nlast"]),
+                      ("lines", ["one\u2028still one\x85and\x1cmore", "next", "last"])]:
+        assert read_documents(DataConfig(source=str(tmp / "u.txt"), txt_split=how)) == want
+
+
+def test_jsonl_text_with_unicode_line_separators(tmp):
+    """json.dumps(..., ensure_ascii=False) writes U+2028 and NEL unescaped; read_jsonl split
+    lines there too and called line 1 'malformed JSON'."""
+    import json
+    texts = ["para\u2028sep", "nel\x85here"]
+    (tmp / "u.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                         for t in texts), encoding="utf-8")
+    assert read_documents(DataConfig(source=str(tmp / "u.jsonl"))) == texts
+
+
+def test_empty_source_is_not_the_current_folder(tmp, monkeypatch):
+    """data.source = "" read Path("") = the current folder, recursively: every .txt/.jsonl
+    under the working directory became the corpus (or a confusing error about one of them)."""
+    (tmp / "stray.txt").write_text("not meant as a corpus")
+    monkeypatch.chdir(tmp)
+    with pytest.raises(UserError, match="data.source is empty"):
+        read_documents(DataConfig(source=""))
+
+
+def test_upper_case_suffixes(tmp):
+    """B.TXT in a corpus folder was skipped without a word, and C.JSONL named alone was read
+    as plain text (its JSON syntax became the corpus)."""
+    (tmp / "a.txt").write_text("first")
+    (tmp / "B.TXT").write_text("second")
+    (tmp / "C.JSONL").write_text('{"text": "third"}\n')
+    assert read_documents(DataConfig(source=str(tmp))) == ["second", "third", "first"]
+    assert read_documents(DataConfig(source=str(tmp / "C.JSONL"))) == ["third"]
+
+
+def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
+    """A subfolder called `notes.txt/` was opened as a file: an IsADirectoryError traceback.
+    Its files are read like any other subfolder's."""
+    (tmp / "a.txt").write_text("first")
+    (tmp / "notes.txt").mkdir()
+    (tmp / "notes.txt" / "b.txt").write_text("second")
+    assert read_documents(DataConfig(source=str(tmp))) == ["first", "second"]
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"text": "ok"}\n{"text": 5}\n', "b.jsonl:2"),
     ('{"text": "ok"}\nnot json\n', "b.jsonl:2: malformed JSON"),
@@ -75,3 +124,21 @@ def test_empty_or_missing_corpus(tmp):
         read_documents(DataConfig(source=str(tmp / "empty.txt")))
     with pytest.raises(UserError, match="not found"):
         read_documents(DataConfig(source=str(tmp / "nope.txt")))
+
+
+@pytest.mark.parametrize("damage", ["meta", "empty", "odd", "missing"])
+def test_damaged_token_files_are_bad_input(data_dir, damage):
+    """A run folder whose data/ was damaged (half-copied, truncated) raised numpy/json
+    tracebacks on --resume; now one message names the folder and the way out."""
+    TokenLoader(data_dir, "train", 4, 16)  # intact: loads
+    if damage == "meta":
+        (data_dir / "meta.json").write_text('{"dtype": "uint16", "vocab')
+    elif damage == "empty":
+        (data_dir / "train.bin").write_bytes(b"")
+    elif damage == "odd":
+        with open(data_dir / "train.bin", "r+b") as f:
+            f.truncate(1001)
+    else:
+        (data_dir / "val.bin").unlink()
+    with pytest.raises(UserError, match=f"{data_dir}: the run's token files are damaged"):
+        TokenLoader(data_dir, "train", 4, 16)

@@ -45,3 +45,33 @@ def test_save_load(tokenizer, tmp):
     again = Tokenizer.load(tmp / "t.json")
     assert again.encode("Mia has 3 cats") == tokenizer.encode("Mia has 3 cats")
     assert again.pad_id == tokenizer.pad_id
+
+
+def test_tokenizer_vocab_below_the_byte_alphabet_is_refused():
+    """data.tokenizer_vocab=10 printed 'training a 10-token BPE tokenizer' and silently made
+    a 263-token one (256 bytes + the special tokens). Now it is bad input, and the floor is
+    the size BPE really makes when it may add no merge."""
+    import pytest
+
+    from scalelab.config import MIN_TOKENIZER_VOCAB, UserError, load_config
+    from scalelab.tokenizer import Tokenizer
+    assert Tokenizer.train(["ab ab ab"], 1).vocab_size == MIN_TOKENIZER_VOCAB
+    assert Tokenizer.train(["ab ab ab"], MIN_TOKENIZER_VOCAB).vocab_size == MIN_TOKENIZER_VOCAB
+    with pytest.raises(UserError, match=f"data.tokenizer_vocab = 10 must be >= "
+                                        f"{MIN_TOKENIZER_VOCAB}"):
+        load_config(overrides=["data.tokenizer_vocab=10"])
+    assert load_config(overrides=[f"data.tokenizer_vocab={MIN_TOKENIZER_VOCAB}"])
+
+
+def test_tokenizer_vocab_too_large_is_refused():
+    """data.tokenizer_vocab=1000000000 aborted the whole process in the BPE trainer (a Rust
+    'memory allocation of 70866960400 bytes failed' and a core dump); 1e20 was an
+    OverflowError traceback. Both are bad input now; a large real size still loads."""
+    import pytest
+
+    from scalelab.config import MAX_TOKENIZER_VOCAB, UserError, load_config
+    for v in (10**9, 10**20):
+        with pytest.raises(UserError, match=f"data.tokenizer_vocab = {v} must be <= "):
+            load_config(overrides=[f"data.tokenizer_vocab={v}"])
+    assert load_config(overrides=[f"data.tokenizer_vocab={MAX_TOKENIZER_VOCAB}"])
+    assert load_config(overrides=["data.tokenizer_vocab=262144"])

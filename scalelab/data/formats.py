@@ -26,7 +26,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         raise UserError(f"{path}: data file not found")
     try:
         # utf-8-sig: a byte-order mark (many Windows tools write one) is not part of line 1
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        # split at \n only (CRLF reads as \n): a JSON string may hold U+2028 or NEL unescaped,
+        # where str.splitlines would cut the line
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     rows = []

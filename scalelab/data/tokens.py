@@ -29,6 +29,9 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     lines, at every line, or the whole file as one), a .jsonl file of {"text": ...} rows, or
     a folder of such files. `source` overrides cfg.source (used for data.val_source)."""
     source = cfg.source if source is None else source
+    if not source.strip():  # Path("") would be the current folder
+        raise UserError("data.source is empty: name a .txt/.jsonl file or folder, or "
+                        "builtin:world")
     if source == "builtin:world":
         from scalelab.data.world import generate_documents
         docs = generate_documents(cfg.n_docs, seed=cfg.seed)
@@ -38,7 +41,8 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     else:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            files = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in (".txt", ".jsonl") and p.is_file())
             if not files:
                 raise UserError(f"{path}: no .txt or .jsonl files in this folder")
         elif path.is_file():
@@ -57,7 +61,9 @@ def split_text(text: str, how: str) -> list[str]:
     'lines' (one per line) or 'file' (the whole file)."""
     if how == "file":
         return [text]
-    lines = text.splitlines()
+    # only \n ends a line (files are read with CRLF and CR as \n); str.splitlines would
+    # also cut at U+2028, NEL and \x1c-\x1e, characters that belong to the document
+    lines = text.split("\n")
     if how == "lines":
         return [line for line in lines if line.strip()]
     runs = itertools.groupby(lines, key=lambda line: bool(line.strip()))
@@ -65,7 +71,7 @@ def split_text(text: str, how: str) -> list[str]:
 
 
 def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":  # NOTES.JSONL too (Windows, old tools)
         rows = read_jsonl(path)
         for n, row in rows:
             if not isinstance(row.get("text"), str):
@@ -120,7 +126,20 @@ def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -
 
 
 def load_meta(data_dir: Path) -> dict:
-    return json.loads((data_dir / "meta.json").read_text())
+    """meta.json, checked against the .bin files' sizes (a damaged or half-copied run folder
+    is bad input, not a numpy traceback)."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            size = (data_dir / f"{split}.bin").stat().st_size
+            if size != meta[split]["tokens"] * itemsize or size == 0:
+                raise ValueError(f"{split}.bin holds {size} bytes, meta.json says "
+                                 f"{meta[split]['tokens']} tokens of {meta['dtype']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{data_dir}: the run's token files are damaged ({e}); delete that "
+                        "folder and --resume rebuilds it from data.source") from None
+    return meta
 
 
 class TokenLoader:
