@@ -158,3 +158,16 @@ def test_reward_probe_credits_a_pair_to_a_property_only_when_it_alone_differs():
     assert probe.what_differs(base, {**base, "stopped": False}) == "stop"
     assert probe.what_differs(base, dict(base)) == "closeness"
     assert probe.what_differs(base, {**base, "correct": 0.0, "extra": True}) == "mixed"
+
+
+def test_a_labeler_module_in_the_working_folder_loads(tmp_path, monkeypatch):
+    """`--set reward.labeler=my_module:fn` with my_module.py where the user runs scalelab:
+    the `scalelab` console script does not put the working folder on sys.path."""
+    import sys
+
+    from scalelab.train.labelers import get_labeler
+    (tmp_path / "hp_labeler_cwd.py").write_text("def short(e, r, s):\n    return -len(r)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "hp_labeler_cwd", raising=False)
+    assert get_labeler("hp_labeler_cwd:short")(None, "abc", True) == -3

@@ -9,6 +9,7 @@ between two responses come from comparing scores. Bring your own with
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from difflib import SequenceMatcher
 
@@ -43,6 +44,8 @@ def get_labeler(spec: str) -> Labeler:
     module, sep, name = spec.partition(":")
     if not sep:
         raise UserError(f"reward.labeler: expected builtin:gold or module:function, got {spec!r}")
+    if "" not in sys.path and "." not in sys.path:  # the `scalelab` script leaves out the
+        sys.path.insert(0, "")                       # working folder, where a user's module is
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
