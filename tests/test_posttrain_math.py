@@ -171,3 +171,16 @@ def test_a_labeler_module_in_the_working_folder_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "hp_labeler_cwd", raising=False)
     assert get_labeler("hp_labeler_cwd:short")(None, "abc", True) == -3
+
+
+def test_a_labeler_that_returns_no_number_is_named(tmp_path, monkeypatch):
+    """A user's labeler returning None (or NaN) was a TypeError traceback deep in reward/ppo."""
+    from scalelab.config import UserError
+    from scalelab.train.labelers import get_labeler
+    (tmp_path / "hp_labeler_bad.py").write_text(
+        "def none(e, r, s):\n    return None\n\ndef nan(e, r, s):\n    return float('nan')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn in ("none", "nan"):
+        with pytest.raises(UserError, match=f"hp_labeler_bad:{fn}.*returned"):
+            get_labeler(f"hp_labeler_bad:{fn}")(None, "abc", True)
+    assert get_labeler("builtin:gold") is not None
