@@ -184,3 +184,18 @@ def test_a_labeler_that_returns_no_number_is_named(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=f"hp_labeler_bad:{fn}.*returned"):
             get_labeler(f"hp_labeler_bad:{fn}")(None, "abc", True)
     assert get_labeler("builtin:gold") is not None
+
+
+@pytest.mark.parametrize("new", [64, 5000])  # = and > the model's 64-token context
+def test_reward_max_new_tokens_beyond_the_context_is_named(tokenizer, new):
+    """reward.max_new_tokens >= seq_len left no room for the prompt: a ValueError traceback
+    from generate (at seq_len exactly, the prompt kept whole and overran the context)."""
+    from scalelab.config import Config, UserError
+    from scalelab.model import ModelConfig, Transformer
+    from scalelab.train.reward import generate_preferences
+    cfg = Config()
+    cfg.reward.n_prompts, cfg.reward.max_new_tokens = 2, new
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
+                                    n_head=2, d_model=16))
+    with pytest.raises(UserError, match="reward.max_new_tokens"):
+        generate_preferences(model, tokenizer, cfg)

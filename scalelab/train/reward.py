@@ -78,6 +78,9 @@ def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> li
     from scalelab.tasks import TRAIN_TASKS, make_examples
     rc = cfg.reward
     label = get_labeler(rc.labeler)
+    if rc.max_new_tokens >= policy.cfg.seq_len:
+        raise UserError(f"reward.max_new_tokens = {rc.max_new_tokens} leaves no room for a "
+                        f"prompt in the model's context of {policy.cfg.seq_len} tokens")
     examples = make_examples(TRAIN_TASKS, rc.n_prompts, rc.seed + 7)
     g = torch.Generator(device=next(policy.parameters()).device).manual_seed(rc.seed)
     prompts = [e.prompt for e in examples for _ in range(rc.samples_per_prompt)]
