@@ -199,3 +199,20 @@ def test_reward_max_new_tokens_beyond_the_context_is_named(tokenizer, new):
                                     n_head=2, d_model=16))
     with pytest.raises(UserError, match="reward.max_new_tokens"):
         generate_preferences(model, tokenizer, cfg)
+
+
+def test_reward_pairs_longer_than_the_context_are_left_out(tokenizer):
+    """A preference pair whose prompt filled the context was cut to the same prefix for both
+    answers: the reward model was asked to rank two identical sequences (and a held-out one
+    gave val_accuracy 0). Such answers are now left out, like DPO's too-long pairs."""
+    from scalelab.train.reward import encode_rows
+    long = "word " * 100
+    rows = [{"prompt": long, "responses": ["yes", "no"], "scores": [1.0, 0.0]},
+            {"prompt": "hi", "responses": ["yes", "no " * 100, "maybe"],
+             "scores": [1.0, 0.5, 0.0]}]
+    items = encode_rows(rows, tokenizer, 64)
+    assert len(items) == 1
+    seqs, pairs = items[0]
+    assert [tokenizer.decode(s[len(tokenizer.chat_prompt("hi")):]) for s in seqs] == \
+        ["yes", "maybe"]  # (each ends with EOS, which decode leaves out)
+    assert pairs == [(0, 1)] and all(len(s) <= 64 for s in seqs)

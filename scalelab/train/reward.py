@@ -110,18 +110,25 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
                 ) -> list[tuple]:
     """(sequences, pairs) per prompt; pairs index (better, worse) whose scores differ by more
     than min_margin (near-ties are no preference). A response ends with EOS unless the row
-    says it never stopped, exactly as PPO will present it."""
-    items = []
+    says it never stopped, exactly as PPO will present it. An answer longer than max_len is
+    left out (cut short, it is not what PPO presents; a long prompt cut both to one prefix)."""
+    items, skipped, total = [], 0, 0
     for row in rows:
         prompt = tok.chat_prompt(row["prompt"])
         ended = row.get("stopped", [True] * len(row["responses"]))
-        seqs = [(prompt + tok.encode(r) + [tok.eos_id] * st)[:max_len]
-                for r, st in zip(row["responses"], ended)]
-        s = row["scores"]
+        fits = [(prompt + tok.encode(r) + [tok.eos_id] * st, score)
+                for r, st, score in zip(row["responses"], ended, row["scores"])]
+        total += len(fits)
+        fits = [(seq, score) for seq, score in fits if len(seq) <= max_len]
+        skipped += len(row["responses"]) - len(fits)
+        seqs, s = [seq for seq, _ in fits], [score for _, score in fits]
         pairs = [(i, j) if s[i] > s[j] else (j, i)
                  for i, j in combinations(range(len(seqs)), 2) if abs(s[i] - s[j]) > min_margin]
         if pairs:
             items.append((seqs, pairs))
+    if skipped:
+        tqdm.write(f"skipped {skipped} of {total} answers longer than the context "
+                   f"({max_len} tokens)")
     return items
 
 
