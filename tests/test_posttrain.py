@@ -139,6 +139,12 @@ def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
     r = run_cli("reward", "--base", str(model_dir), "--data", str(bad), "--out",
                 str(tmp_path / "r"))
     assert r.returncode == 2 and "prefs.jsonl:2" in r.stderr
+    # too few pairs for a batch: the hint named reward.n_prompts, which a file does not read
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 3)
+    r = run_cli("reward", "--base", str(model_dir), "--data", str(bad), "--out",
+                str(tmp_path / "r"))
+    assert r.returncode == 2 and "n_prompts" not in r.stderr and "prefs.jsonl" in r.stderr \
+        and "train.batch_size" in r.stderr, r.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": 3}\n')
     r = run_cli("ppo", "--policy", str(model_dir), "--reward", str(model_dir), "--prompts",

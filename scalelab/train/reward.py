@@ -167,7 +167,8 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     device = par.device
 
     pref_file = out / "preferences.jsonl"
-    if is_builtin_tasks(data_spec, "--data"):
+    rows_are_generated = is_builtin_tasks(data_spec, "--data")
+    if rows_are_generated:
         # Generated once (a resumed run reuses the same data), by rank 0 with the whole model
         # (sampling with a KV cache needs whole heads); its own RNG, so every rank's global
         # RNG stays in step for the head below.
@@ -186,8 +187,10 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     train_items, held = split_heldout(items)
     step_rows = cfg.train.batch_size * par.data_world * cfg.train.grad_accum
     if len(train_items) < step_rows:
-        raise UserError(f"only {len(items)} prompts with a preference; need more than "
-                        f"{len(held) + step_rows} (raise reward.n_prompts)")
+        hint = ("raise reward.n_prompts" if rows_are_generated else
+                f"add pairs to {data_spec} or lower train.batch_size")
+        raise UserError(f"only {len(items)} prompts with a preference; need at least "
+                        f"{len(held) + step_rows} ({hint})")
     tqdm.write(f"reward data: {len(train_items)} prompts "
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 
