@@ -237,7 +237,7 @@ MAX_TOKENIZER_VOCAB = 1 << 20  # 4x the largest real ones (~256k); the BPE train
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
-POSITIVE = {("model", "rope_theta"), ("model", "norm_eps"), ("train", "lr")}
+POSITIVE = {("model", "rope_theta"), ("model", "norm_eps"), ("train", "lr"), ("ppo", "target_kl")}
 SIGNED = {("parallel", "dp"), ("parallel", "fsdp"), ("parallel", "tp"), ("ppo", "seed"),
           ("data", "seed"), ("train", "seed"), ("sft", "seed"), ("reward", "seed")}
 

@@ -34,6 +34,8 @@ def test_dump_round_trips_control_characters(tmp):
     (["trian.lr=1"], r"unknown config section \[trian\]"),
     (["train.max_steps=ten"], "must be int"),
     (["train.lr"], "expected section.key=value"),
+    # ppo with adaptive_kl divided by it: a ZeroDivisionError traceback after the first step
+    (["ppo.target_kl=0"], "'ppo.target_kl' must be > 0"),
 ])
 def test_bad_overrides(sets, match):
     with pytest.raises(UserError, match=match):

@@ -243,6 +243,21 @@ def test_torchrun_restart_of_its_own_job_may_take_back_a_folder_without_checkpoi
         check_out(out, "pretrain", False)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_has_a_way_out(tmp_path):
+    """Ctrl-C before the first checkpoint: without --resume the folder was refused with 'pass
+    --resume', and with --resume with 'start again without --resume', a loop."""
+    from scalelab.config import UserError
+    from scalelab.train.rundir import check_out, claim
+    out = tmp_path / "run"
+    claim(out, "ppo", False)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    for resume in (False, True):
+        with pytest.raises(UserError) as e:
+            check_out(out, "ppo", resume)
+        assert "--resume" not in str(e.value).split(";")[-1]  # the advice: not a loop
+        assert "delete" in str(e.value) and "new --out" in str(e.value)
+
+
 def test_torchrun_restart_before_the_first_checkpoint_starts_over(tmp_path):
     out = tmp_path / "early"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))

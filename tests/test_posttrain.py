@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import run_cli, tiny_sets, toy_ppo
 
@@ -139,6 +140,12 @@ def test_malformed_post_training_files_name_file_and_line(tmp_path, tokenizer):
     r = run_cli("reward", "--base", str(model_dir), "--data", str(bad), "--out",
                 str(tmp_path / "r"))
     assert r.returncode == 2 and "prefs.jsonl:2" in r.stderr
+    # too few pairs for a batch: the hint named reward.n_prompts, which a file does not read
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 3)
+    r = run_cli("reward", "--base", str(model_dir), "--data", str(bad), "--out",
+                str(tmp_path / "r"))
+    assert r.returncode == 2 and "n_prompts" not in r.stderr and "prefs.jsonl" in r.stderr \
+        and "train.batch_size" in r.stderr, r.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"prompt": 3}\n')
     r = run_cli("ppo", "--policy", str(model_dir), "--reward", str(model_dir), "--prompts",
@@ -169,3 +176,22 @@ def test_dpo_pairs_from_ranked_preferences_keep_ties_out_and_stops(tmp_path):
     # "c" is within the tie margin of the best answer: no pair; "b" never stopped.
     assert load_pairs(str(f), 0.3) == [("p", "a", "b", True, False)]
     assert len(load_pairs(str(f), 0.0)) == 2
+
+
+@pytest.mark.parametrize("row, key", [
+    ({"prompt": "x", "responses": ["a", "b"]}, "scores"),
+    ({"prompt": "x", "responses": ["a", "b"], "scores": [1.0]}, "scores"),
+    ({"prompt": "x", "responses": "ab", "scores": [1.0, 0.0]}, "responses"),
+    ({"responses": ["a", "b"], "scores": [1.0, 0.0]}, "prompt"),
+    ({"prompt": "x", "responses": ["a", "b"], "scores": [1, 0], "stopped": [True]}, "stopped"),
+])
+def test_a_malformed_ranked_preference_row_is_named(tmp_path, row, key):
+    """dpo --data on an edited reward-run preferences.jsonl: a row missing "scores" was a
+    KeyError traceback."""
+    from scalelab.config import UserError
+    from scalelab.train.dpo import load_pairs
+    good = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
+    f = tmp_path / "preferences.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=f'preferences.jsonl:2: .*"{key}"'):
+        load_pairs(str(f), 0.3)

@@ -158,3 +158,75 @@ def test_reward_probe_credits_a_pair_to_a_property_only_when_it_alone_differs():
     assert probe.what_differs(base, {**base, "stopped": False}) == "stop"
     assert probe.what_differs(base, dict(base)) == "closeness"
     assert probe.what_differs(base, {**base, "correct": 0.0, "extra": True}) == "mixed"
+
+
+def test_a_labeler_module_in_the_working_folder_loads(tmp_path, monkeypatch):
+    """`--set reward.labeler=my_module:fn` with my_module.py where the user runs scalelab:
+    the `scalelab` console script does not put the working folder on sys.path."""
+    import sys
+
+    from scalelab.train.labelers import get_labeler
+    (tmp_path / "hp_labeler_cwd.py").write_text("def short(e, r, s):\n    return -len(r)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "hp_labeler_cwd", raising=False)
+    assert get_labeler("hp_labeler_cwd:short")(None, "abc", True) == -3
+
+
+def test_a_labeler_that_returns_no_number_is_named(tmp_path, monkeypatch):
+    """A user's labeler returning None (or NaN) was a TypeError traceback deep in reward/ppo."""
+    from scalelab.config import UserError
+    from scalelab.train.labelers import get_labeler
+    (tmp_path / "hp_labeler_bad.py").write_text(
+        "def none(e, r, s):\n    return None\n\ndef nan(e, r, s):\n    return float('nan')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn in ("none", "nan"):
+        with pytest.raises(UserError, match=f"hp_labeler_bad:{fn}.*returned"):
+            get_labeler(f"hp_labeler_bad:{fn}")(None, "abc", True)
+    assert get_labeler("builtin:gold") is not None
+
+
+@pytest.mark.parametrize("new", [64, 5000])  # = and > the model's 64-token context
+def test_reward_max_new_tokens_beyond_the_context_is_named(tokenizer, new):
+    """reward.max_new_tokens >= seq_len left no room for the prompt: a ValueError traceback
+    from generate (at seq_len exactly, the prompt kept whole and overran the context)."""
+    from scalelab.config import Config, UserError
+    from scalelab.model import ModelConfig, Transformer
+    from scalelab.train.reward import generate_preferences
+    cfg = Config()
+    cfg.reward.n_prompts, cfg.reward.max_new_tokens = 2, new
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
+                                    n_head=2, d_model=16))
+    with pytest.raises(UserError, match="reward.max_new_tokens"):
+        generate_preferences(model, tokenizer, cfg)
+
+
+def test_reward_pairs_longer_than_the_context_are_left_out(tokenizer):
+    """A preference pair whose prompt filled the context was cut to the same prefix for both
+    answers: the reward model was asked to rank two identical sequences (and a held-out one
+    gave val_accuracy 0). Such answers are now left out, like DPO's too-long pairs."""
+    from scalelab.train.reward import encode_rows
+    long = "word " * 100
+    rows = [{"prompt": long, "responses": ["yes", "no"], "scores": [1.0, 0.0]},
+            {"prompt": "hi", "responses": ["yes", "no " * 100, "maybe"],
+             "scores": [1.0, 0.5, 0.0]}]
+    items = encode_rows(rows, tokenizer, 64)
+    assert len(items) == 1
+    seqs, pairs = items[0]
+    assert [tokenizer.decode(s[len(tokenizer.chat_prompt("hi")):]) for s in seqs] == \
+        ["yes", "maybe"]  # (each ends with EOS, which decode leaves out)
+    assert pairs == [(0, 1)] and all(len(s) <= 64 for s in seqs)
+
+
+def test_reward_with_one_sample_per_prompt_is_named(tokenizer):
+    """reward.samples_per_prompt=1 can never give a preference; the error said 'raise
+    reward.n_prompts', which cannot help."""
+    from scalelab.config import Config, UserError
+    from scalelab.model import ModelConfig, Transformer
+    from scalelab.train.reward import generate_preferences
+    cfg = Config()
+    cfg.reward.n_prompts, cfg.reward.samples_per_prompt = 2, 1
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
+                                    n_head=2, d_model=16))
+    with pytest.raises(UserError, match="reward.samples_per_prompt"):
+        generate_preferences(model, tokenizer, cfg)

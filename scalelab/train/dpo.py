@@ -37,6 +37,24 @@ def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
 Pair = tuple[str, str, str, bool, bool]  # prompt, chosen, rejected, and whether each stopped
 
 
+def check_ranked_row(row: dict, where: str) -> tuple[list, list, list]:
+    """(responses, scores, stopped) of a reward run's ranked row, or UserError naming where."""
+    answers = row.get("responses")
+    if not isinstance(row.get("prompt"), str):
+        raise UserError(f'{where}: "prompt" must be a string')
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise UserError(f'{where}: "responses" must be a list of strings, best first')
+    n = len(answers)
+    scores, stopped = row.get("scores"), row.get("stopped", [True] * n)
+    if not isinstance(scores, list) or len(scores) != n or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise UserError(f'{where}: "scores" must be a list of {n} numbers, one per response')
+    if not isinstance(stopped, list) or len(stopped) != n or not all(
+            isinstance(x, bool) for x in stopped):
+        raise UserError(f'{where}: "stopped" must be a list of {n} true/false, one per response')
+    return answers, scores, stopped
+
+
 def load_pairs(spec: str, min_margin: float) -> list[Pair]:
     """prompt/chosen/rejected rows from a JSONL file; a reward run's generated
     `preferences.jsonl` (ranked answers per prompt) also works: the best answer vs each one
@@ -48,9 +66,8 @@ def load_pairs(spec: str, min_margin: float) -> list[Pair]:
     if "responses" not in rows[0][1]:
         return [(p, c, r, True, True) for p, c, r in read_preferences(spec)]
     pairs = []
-    for _, row in rows:
-        answers, scores = row["responses"], row["scores"]
-        stopped = row.get("stopped", [True] * len(answers))
+    for n, row in rows:
+        answers, scores, stopped = check_ranked_row(row, f"{spec}:{n}")
         pairs += [(row["prompt"], answers[0], a, stopped[0], st)
                   for a, s, st in zip(answers[1:], scores[1:], stopped[1:])
                   if scores[0] - s > min_margin]

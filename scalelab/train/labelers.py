@@ -9,6 +9,8 @@ between two responses come from comparing scores. Bring your own with
 from __future__ import annotations
 
 import importlib
+import math
+import sys
 from collections.abc import Callable
 from difflib import SequenceMatcher
 
@@ -43,7 +45,21 @@ def get_labeler(spec: str) -> Labeler:
     module, sep, name = spec.partition(":")
     if not sep:
         raise UserError(f"reward.labeler: expected builtin:gold or module:function, got {spec!r}")
+    if "" not in sys.path and "." not in sys.path:  # the `scalelab` script leaves out the
+        sys.path.insert(0, "")                       # working folder, where a user's module is
     try:
-        return getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise UserError(f"reward.labeler: cannot load {spec!r} ({e})") from None
+
+    def checked(example, response: str, stopped: bool) -> float:
+        value = fn(example, response, stopped)
+        try:
+            score = math.nan if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            score = math.nan
+        if not math.isfinite(score):
+            raise UserError(f"reward.labeler: {spec} returned {value!r} for the response "
+                            f"{response[:60]!r}; it must return a finite number")
+        return score
+    return checked

@@ -78,6 +78,12 @@ def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> li
     from scalelab.tasks import TRAIN_TASKS, make_examples
     rc = cfg.reward
     label = get_labeler(rc.labeler)
+    if rc.samples_per_prompt < 2:
+        raise UserError(f"reward.samples_per_prompt = {rc.samples_per_prompt}: ranking needs "
+                        "at least 2 answers per prompt")
+    if rc.max_new_tokens >= policy.cfg.seq_len:
+        raise UserError(f"reward.max_new_tokens = {rc.max_new_tokens} leaves no room for a "
+                        f"prompt in the model's context of {policy.cfg.seq_len} tokens")
     examples = make_examples(TRAIN_TASKS, rc.n_prompts, rc.seed + 7)
     g = torch.Generator(device=next(policy.parameters()).device).manual_seed(rc.seed)
     prompts = [e.prompt for e in examples for _ in range(rc.samples_per_prompt)]
@@ -107,18 +113,25 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
                 ) -> list[tuple]:
     """(sequences, pairs) per prompt; pairs index (better, worse) whose scores differ by more
     than min_margin (near-ties are no preference). A response ends with EOS unless the row
-    says it never stopped, exactly as PPO will present it."""
-    items = []
+    says it never stopped, exactly as PPO will present it. An answer longer than max_len is
+    left out (cut short, it is not what PPO presents; a long prompt cut both to one prefix)."""
+    items, skipped, total = [], 0, 0
     for row in rows:
         prompt = tok.chat_prompt(row["prompt"])
         ended = row.get("stopped", [True] * len(row["responses"]))
-        seqs = [(prompt + tok.encode(r) + [tok.eos_id] * st)[:max_len]
-                for r, st in zip(row["responses"], ended)]
-        s = row["scores"]
+        fits = [(prompt + tok.encode(r) + [tok.eos_id] * st, score)
+                for r, st, score in zip(row["responses"], ended, row["scores"])]
+        total += len(fits)
+        fits = [(seq, score) for seq, score in fits if len(seq) <= max_len]
+        skipped += len(row["responses"]) - len(fits)
+        seqs, s = [seq for seq, _ in fits], [score for _, score in fits]
         pairs = [(i, j) if s[i] > s[j] else (j, i)
                  for i, j in combinations(range(len(seqs)), 2) if abs(s[i] - s[j]) > min_margin]
         if pairs:
             items.append((seqs, pairs))
+    if skipped:
+        tqdm.write(f"skipped {skipped} of {total} answers longer than the context "
+                   f"({max_len} tokens)")
     return items
 
 
@@ -157,7 +170,8 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     device = par.device
 
     pref_file = out / "preferences.jsonl"
-    if is_builtin_tasks(data_spec, "--data"):
+    rows_are_generated = is_builtin_tasks(data_spec, "--data")
+    if rows_are_generated:
         # Generated once (a resumed run reuses the same data), by rank 0 with the whole model
         # (sampling with a KV cache needs whole heads); its own RNG, so every rank's global
         # RNG stays in step for the head below.
@@ -176,8 +190,10 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     train_items, held = split_heldout(items)
     step_rows = cfg.train.batch_size * par.data_world * cfg.train.grad_accum
     if len(train_items) < step_rows:
-        raise UserError(f"only {len(items)} prompts with a preference; need more than "
-                        f"{len(held) + step_rows} (raise reward.n_prompts)")
+        hint = ("raise reward.n_prompts" if rows_are_generated else
+                f"add pairs to {data_spec} or lower train.batch_size")
+        raise UserError(f"only {len(items)} prompts with a preference; need at least "
+                        f"{len(held) + step_rows} ({hint})")
     tqdm.write(f"reward data: {len(train_items)} prompts "
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 

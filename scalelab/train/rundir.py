@@ -105,9 +105,12 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
         if last_step(out) is None:
             raise UserError(f"--out {out}: --resume given but no checkpoint in "
                             f"{out / 'checkpoints'} (the run stopped before its first one); "
-                            "start again without --resume")
+                            f"to start again, delete {out} or choose a new --out")
         return
     if owner is not None and _started(out) and not restarted_own_job(out):
+        if last_step(out) is None:  # nothing to resume from: say so, not "pass --resume"
+            raise UserError(f"--out {out}: already holds a run, stopped before its first "
+                            f"checkpoint; to start again, delete {out} or choose a new --out")
         raise UserError(f"--out {out}: already holds a run; pass --resume to continue it "
                         "or choose a new --out")
     if entries and owner is None:
