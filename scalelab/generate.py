@@ -59,14 +59,16 @@ def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, vocab) logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    """(B, vocab) logits with the tokens outside top-k / the top-p nucleus set to -inf.
+    top_p <= 0 keeps the single most likely token (as the server reads top_p = 0)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
+    if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        # keep the smallest set reaching top_p; the first token's mass before it is exactly 0
+        drop = probs.cumsum(-1) - probs > max(top_p, 0.0)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 

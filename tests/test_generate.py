@@ -192,3 +192,24 @@ def test_an_empty_prompt_is_refused_by_name():
     model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, seq_len=16))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[5, 6], []], 4, pad_id=0)
+
+
+def test_top_p_zero_keeps_the_most_likely_token_as_the_server_does():
+    """top_p = 0: the nucleus is the single most likely token, so sampling at any temperature
+    and seed gives the greedy answer (the server already read it so; the library used to
+    sample from the unfiltered distribution)."""
+    from scalelab.serve.engine import sample_rows
+    model = small_model()
+    greedy = run(model, temperature=0.0, max_new_tokens=20)
+    for seed in range(3):
+        assert run(model, seed=seed, temperature=1.5, top_p=0.0, max_new_tokens=20) == greedy
+        assert run(model, seed=seed, temperature=1.5, top_p=0.0, use_cache=False,
+                   max_new_tokens=20) == greedy
+    # the library's sampler and the server's agree draw for draw, top_p = 0 included
+    logits, noise = torch.randn(64, 100), torch.rand(64, 100)
+    for top_p in (0.0, 0.3, 0.9, 1.0):
+        lib = sample_next(logits, 1.2, 0, top_p, noise)
+        srv = sample_rows(logits, torch.full((64,), 1.2), torch.full((64,), top_p), noise)
+        assert lib.tolist() == srv.tolist(), top_p
+    assert filter_logits(PROBS.log()[None], 0, 0.0).isinf().tolist() == [[False, True, True,
+                                                                           True]]
