@@ -23,8 +23,10 @@ HELP = "(one message per line; /reset forgets the conversation, /exit or end of 
 @torch.no_grad()
 def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int,
                   temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None) -> Iterator[int]:
-    """Yield sampled token ids one at a time (EOS included, then stop)."""
+                  generator: torch.Generator | None, vocab_limit: int | None = None
+                  ) -> Iterator[int]:
+    """Yield sampled token ids one at a time (EOS included, then stop); vocab_limit: as
+    generate's (the tokenizer's vocabulary size)."""
     param = next(model.parameters())
     total = min(len(prompt) + max_new_tokens, model.cfg.seq_len)
     cache = KVCache(model.cfg, 1, total, param.device, param.dtype)
@@ -33,7 +35,8 @@ def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int
     for _ in range(total - len(prompt)):
         if temperature > 0:
             noise.uniform_(generator=generator)
-        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, noise)
+        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, noise,
+                          vocab_limit)
         tok = int(nxt.item())
         yield tok
         if tok == eos_id:
@@ -121,7 +124,8 @@ def chat_loop(model: torch.nn.Module, tok: Tokenizer, inp: TextIO, out: TextIO,
                              f"{model.cfg.seq_len} tokens: the model no longer sees them)\n")
         out.write("assistant> ")
         ids = stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.eos_id,
-                                             temperature, top_k, top_p, generator), out)
+                                             temperature, top_k, top_p, generator,
+                                             tok.vocab_size), out)
         out.write("\n")
         out.flush()
         messages.append({"role": "assistant", "content": tok.decode(ids)})

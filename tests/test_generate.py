@@ -213,3 +213,47 @@ def test_top_p_zero_keeps_the_most_likely_token_as_the_server_does():
         assert lib.tolist() == srv.tolist(), top_p
     assert filter_logits(PROBS.log()[None], 0, 0.0).isinf().tolist() == [[False, True, True,
                                                                            True]]
+
+
+class HotPadding(torch.nn.Module):
+    """An lm_head whose ids from `limit` on (a padded vocabulary's) get +30 on their logits:
+    unmasked, every sample and every greedy pick lands there."""
+
+    def __init__(self, head: torch.nn.Module, limit: int):
+        super().__init__()
+        self.head, self.limit = head, limit
+
+    def forward(self, h):
+        out = self.head(h)
+        return torch.cat([out[..., :self.limit], out[..., self.limit:] + 30.0], -1)
+
+
+def test_padded_vocabulary_ids_are_never_produced():
+    from scalelab.chat import stream_tokens
+    model = small_model()
+    model.lm_head = HotPadding(model.lm_head, 90)
+    assert all(t >= 90 for o in run(model, temperature=1.0, max_new_tokens=10) for t in o)
+    for kw in (dict(temperature=1.0), dict(temperature=2.0, top_k=5, top_p=0.9),
+               dict(temperature=0.0), dict(temperature=1.0, use_cache=False)):
+        for seed in range(2):
+            out = run(model, seed=seed, vocab_limit=90, max_new_tokens=30, **kw)
+            assert all(len(o) == 30 and max(o) < 90 for o in out), kw
+    # the limit changes nothing for a model whose vocabulary is all real
+    plain = small_model()
+    assert run(plain, vocab_limit=100) == run(plain) and run(plain, vocab_limit=150) == run(plain)
+    got = stream_tokens(model, [5, 6, 7], 30, -1, 1.0, 0, 1.0, torch.Generator().manual_seed(0),
+                        vocab_limit=90)
+    assert max(got) < 90
+
+
+def test_evaluation_and_reward_sampling_pass_the_tokenizers_vocabulary(tokenizer):
+    """respond_ids (task accuracy, reward-data sampling, the demo) limits sampling to the
+    tokenizer's vocabulary by itself."""
+    from scalelab.evaluate import respond_ids
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size + 64, seq_len=64,
+                                    n_layer=1, n_head=2, d_model=32)).eval()
+    model.lm_head = HotPadding(model.lm_head, tokenizer.vocab_size)
+    out = respond_ids(model, tokenizer, ["Hi", "Sort 3, 1, 2."], 10, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert all(o and max(o) < tokenizer.vocab_size for o in out)

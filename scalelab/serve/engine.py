@@ -122,6 +122,7 @@ class Engine:
         # a row ends at the end of a turn or of a document (they differ for an imported base
         # model with a chat template: <|im_end|> and <|endoftext|>)
         self.stop_ids = {tok.eos_id, tok.doc_eos_id}
+        self.vocab_limit = tok.vocab_size  # ids past it (a padded vocabulary's) are never sent
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seq_len = model.cfg.seq_len
@@ -278,12 +279,13 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[Row], slots: list[int]) -> None:
         """Sample each row's next token from its logits (B, V), report it, and keep it as
         the token the row feeds at column t."""
-        noise = torch.empty_like(logits)
+        real = logits[:, :self.vocab_limit]
+        noise = torch.empty_like(real)
         for i, r in enumerate(rows):
-            noise[i] = torch.rand(logits.size(-1), generator=r.generator, device=self.device)
+            noise[i] = torch.rand(real.size(-1), generator=r.generator, device=self.device)
         temps = torch.tensor([r.job.sampling.temperature for r in rows], device=self.device)
         top_ps = torch.tensor([r.job.sampling.top_p for r in rows], device=self.device)
-        nxt = sample_rows(logits, temps, top_ps, noise)
+        nxt = sample_rows(real, temps, top_ps, noise)
         logp = logits.log_softmax(-1) if any(r.job.sampling.logprobs is not None
                                              for r in rows) else None
         self.last[torch.tensor(slots, device=self.device)] = nxt
@@ -309,8 +311,9 @@ class Engine:
 
     def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
         """The token's text, logprob and bytes, and its k most likely alternatives as a list
-        of (text, logprob, bytes), best first (several may have the text "\ufffd")."""
-        top = logp.topk(k) if k > 0 else None
+        of (text, logprob, bytes), best first (several may have the text "\ufffd"). The
+        logprobs are the model's own; a padded vocabulary's ids are not alternatives."""
+        top = logp[:self.vocab_limit].topk(k) if k > 0 else None
         text = lambda i: self.tok.decode([i], skip_special=False)  # noqa: E731
         return {"token": text(token), "logprob": float(logp[token]),
                 "bytes": self.tok.token_bytes(token),
