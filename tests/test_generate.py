@@ -257,3 +257,57 @@ def test_evaluation_and_reward_sampling_pass_the_tokenizers_vocabulary(tokenizer
     out = respond_ids(model, tokenizer, ["Hi", "Sort 3, 1, 2."], 10, temperature=1.0,
                       generator=torch.Generator().manual_seed(0))
     assert all(o and max(o) < tokenizer.vocab_size for o in out)
+
+
+class Lines:
+    """stdin for chat_loop: one line per readline, then Ctrl-C (KeyboardInterrupt) at the
+    prompt, as a terminal gives it."""
+
+    def __init__(self, *lines: str):
+        self.lines = list(lines)
+
+    def readline(self) -> str:
+        if not self.lines:
+            raise KeyboardInterrupt
+        return self.lines.pop(0)
+
+
+def test_ctrl_c_while_answering_stops_that_answer_only(tokenizer, monkeypatch):
+    """Ctrl-C while an answer streams ends that answer (what was shown stays in the
+    conversation) and the chat goes on; Ctrl-C at the prompt still ends the session."""
+    import io
+
+    import scalelab.chat as chat
+    words = [tokenizer.encode(w) for w in (" one", " two", " three")]
+    prompts, stop_at = [], [2]
+
+    def fake_stream(model, prompt, *args):  # the first answer is interrupted at a word
+        prompts.append(prompt)
+        for k, ids in enumerate(words):
+            if len(prompts) == 1 and k == stop_at[0]:
+                raise KeyboardInterrupt
+            yield from ids
+        yield tokenizer.eos_id
+    monkeypatch.setattr(chat, "stream_tokens", fake_stream)
+    model = small_model()
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):  # at the third prompt: the session ends (exit 130)
+        chat.chat_loop(model, tokenizer, Lines("hello\n", "again\n"), out, 10, 1.0, 0, 1.0,
+                       None)
+    assert len(prompts) == 2 and out.getvalue().count("assistant>") == 2
+    shown = tokenizer.decode(words[0] + words[1])
+    assert shown + " [stopped]\n" in out.getvalue()
+    want = tokenizer.encode_chat([{"role": "user", "content": "hello"},
+                                  {"role": "assistant", "content": shown},
+                                  {"role": "user", "content": "again"}], True)[0]
+    assert prompts[1] == want
+    # stopped before its first word: the question is forgotten too
+    prompts.clear()
+    stop_at[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        chat.chat_loop(model, tokenizer, Lines("hello\n", "again\n"), io.StringIO(), 10, 1.0,
+                       0, 1.0, None)
+    assert prompts[1] == tokenizer.chat_prompt("again")
+    # Ctrl-D (end of input) ends it quietly, after the answers so far
+    assert chat.chat_loop(model, tokenizer, io.StringIO("hi\n"), io.StringIO(), 10, 1.0, 0, 1.0,
+                          None) == 1
