@@ -255,7 +255,11 @@ def test_cors_preflight_passes_without_the_key(tmp_path):
                                            "Access-Control-Request-Method": "GET",
                                            "Access-Control-Request-Headers": "authorization"})
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
-    assert c.get("/v1/models", headers={"Origin": origin}).status_code == 401
+    # the refusal carries CORS headers, or the browser hides it from the page as a CORS error
+    refused = c.get("/v1/models", headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    other = c.get("/v1/models", headers={"Origin": "http://evil.example"})
+    assert other.status_code == 401 and "access-control-allow-origin" not in other.headers
     ok = c.get("/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
 
