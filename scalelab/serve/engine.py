@@ -8,7 +8,8 @@ requests can share a batch, and a seeded request gives the same tokens alone or 
 How rows share one KV cache: see Engine.
 
 The engine knows nothing about HTTP: a Job carries a callback that receives plain dicts
-  {"type": "delta", "index": i, "text": str}                         new text of row i
+  {"type": "delta", "index": i, "text": str, "logprobs": [...]}       new text of row i (and,
+                                       with logprobs asked for, the entries of its tokens)
   {"type": "done", "index": i, "finish_reason": "stop"|"length", "text": str,
    "tokens": int, "logprobs": [...] | None, "prompt_logprobs": [...] | None}
   {"type": "error", "message": str}                                  the whole job failed
@@ -23,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 import torch
 
@@ -59,7 +61,9 @@ class Row:
     generator: torch.Generator
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
+    chars: int = 0  # characters of text decoded so far
     entries: list[dict] = field(default_factory=list)  # per-token logprob entries
+    sent_entries: int = 0  # how many of them were emitted
     done: bool = False
     eos: bool = False
 
@@ -336,33 +340,39 @@ class Engine:
             self._finish(r, "stop")
             return
         r.ids.append(token)
-        if logp is not None:
-            r.entries.append(self._entry(token, logp, s.logprobs or 0))
+        if logp is not None:  # offset: where the token's text starts
+            r.entries.append({**self._entry(token, logp, s.logprobs or 0), "offset": r.chars})
         text = self.tok.decode(r.ids)
+        r.chars = len(text)
         hits = [text.find(stop) for stop in s.stop if stop in text]
         if hits:
             self._finish(r, "stop", text[:min(hits)])
         elif len(r.ids) >= s.max_tokens or last:
             self._finish(r, "length", text)
         else:
-            safe = len(text) - held_back(text, s.stop)
-            if safe > r.sent:
-                r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:safe]})
-                r.sent = safe
+            self._emit(r, text, len(text) - held_back(text, s.stop))
+
+    def _emit(self, r: Row, text: str, upto: int) -> None:
+        """Send text[r.sent:upto] and, with logprobs on, the entries of the tokens whose text
+        starts before upto (so the entries streamed are those the final answer keeps)."""
+        new = []
+        if r.job.sampling.logprobs is not None:
+            new = list(takewhile(lambda e: e["offset"] < upto, r.entries[r.sent_entries:]))
+        if upto <= r.sent and not new:
+            return
+        ev = {"type": "delta", "index": r.index, "text": text[r.sent:upto]}
+        if r.job.sampling.logprobs is not None:
+            ev["logprobs"] = new
+            r.sent_entries += len(new)
+        r.job.emit(ev)
+        r.sent = max(r.sent, upto)
 
     def _finish(self, r: Row, reason: str, text: str | None = None) -> None:
         text = self.tok.decode(r.ids) if text is None else text
-        if len(text) > r.sent:
-            r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:]})
+        self._emit(r, text, len(text))
         entries = None
         if r.job.sampling.logprobs is not None:  # keep the tokens that made the final text
-            entries, offset = [], 0
-            for k, e in enumerate(r.entries):
-                if offset >= len(text):
-                    break
-                e["offset"] = offset
-                entries.append(e)
-                offset = len(self.tok.decode(r.ids[:k + 1]))
+            entries = list(takewhile(lambda e: e["offset"] < len(text), r.entries))
         r.done = True
         r.job.emit({"type": "done", "index": r.index, "finish_reason": reason, "text": text,
                     "tokens": len(r.ids) + r.eos, "logprobs": entries,
