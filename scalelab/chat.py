@@ -2,7 +2,9 @@
 
 Each turn is the whole conversation so far in the tokenizer's chat template, ending with an
 open assistant turn; the answer is printed token by token as it is sampled (one row, a KV
-cache) and ends at EOS. Works with stdin piped, one user message per line.
+cache) and ends at EOS. Works with stdin piped, one user message per line. Ctrl-C while an
+answer streams stops that answer (what was shown of it stays in the conversation); Ctrl-C at
+the prompt, or end of input, ends the chat.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ HELP = "(one message per line; /reset forgets the conversation, /exit or end of 
 @torch.no_grad()
 def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int,
                   temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None) -> Iterator[int]:
-    """Yield sampled token ids one at a time (EOS included, then stop)."""
+                  generator: torch.Generator | None, vocab_limit: int | None = None
+                  ) -> Iterator[int]:
+    """Yield sampled token ids one at a time (EOS included, then stop); vocab_limit: as
+    generate's (the tokenizer's vocabulary size)."""
     param = next(model.parameters())
     total = min(len(prompt) + max_new_tokens, model.cfg.seq_len)
     cache = KVCache(model.cfg, 1, total, param.device, param.dtype)
@@ -33,7 +37,8 @@ def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int
     for _ in range(total - len(prompt)):
         if temperature > 0:
             noise.uniform_(generator=generator)
-        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, noise)
+        nxt = sample_next(model(x, cache=cache)[:, -1], temperature, top_k, top_p, noise,
+                          vocab_limit)
         tok = int(nxt.item())
         yield tok
         if tok == eos_id:
@@ -51,9 +56,11 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def stream_text(tok: Tokenizer, ids: Iterator[int], out: TextIO) -> list[int]:
-    """Print the decoded text as it grows; hold back a character whose bytes are incomplete."""
-    got, shown = [], ""
+def stream_text(tok: Tokenizer, ids: Iterator[int], out: TextIO,
+                got: list[int] | None = None) -> list[int]:
+    """Print the decoded text as it grows; hold back a character whose bytes are incomplete.
+    The ids go into `got` as they arrive: a caller interrupted midway keeps them."""
+    got, shown = [] if got is None else got, ""
     for i in ids:
         got.append(i)
         text = tok.decode(got)
@@ -120,10 +127,21 @@ def chat_loop(model: torch.nn.Module, tok: Tokenizer, inp: TextIO, out: TextIO,
             sys.stderr.write(f"(the oldest {dropped} exchange(s) no longer fit the context of "
                              f"{model.cfg.seq_len} tokens: the model no longer sees them)\n")
         out.write("assistant> ")
-        ids = stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.eos_id,
-                                             temperature, top_k, top_p, generator), out)
+        ids: list[int] = []
+        try:
+            stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.eos_id,
+                                           temperature, top_k, top_p, generator,
+                                           tok.vocab_size), out, ids)
+            answer = tok.decode(ids)
+        except KeyboardInterrupt:  # Ctrl-C: stop this answer, keep the chat
+            answer = tok.decode(ids).rstrip("\ufffd")  # what was shown (no half character)
+            out.write(" [stopped]")
+            if not answer:  # stopped before a word: forget the question too
+                out.write("\n")
+                messages.pop()
+                continue
         out.write("\n")
         out.flush()
-        messages.append({"role": "assistant", "content": tok.decode(ids)})
+        messages.append({"role": "assistant", "content": answer})
         answers += 1
     return answers

@@ -128,8 +128,9 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
+    if not 0 <= args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in [0, 1] (1 = off, 0 = only the most "
+                        "likely token)")
     if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         raise UserError(f"--seed {args.seed}: must fit in 64 bits (0 to {2**64 - 1})")
 
@@ -170,7 +171,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         f"tokens and the model's context {model.cfg.seq_len}, so at most "
                         f"{room} new tokens fit; lower --max-new-tokens")
     outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens, tok.pad_id,
-                    tok.eos_id, args.temperature, args.top_k, args.top_p, generator=g)
+                    tok.eos_id, args.temperature, args.top_k, args.top_p, generator=g,
+                    vocab_limit=tok.vocab_size)
     for i, new in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--max-new-tokens", type=int, default=64)
         cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
-        cmd.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+        cmd.add_argument("--top-p", type=float, default=1.0, help="1 = off, 0 = the top token")
         cmd.add_argument("--seed", type=int, default=0)
         cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 

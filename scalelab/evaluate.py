@@ -17,6 +17,7 @@ def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
     """Answer ids (ending in EOS if the model stopped) to one-turn chat prompts; greedy unless
     sampling says otherwise."""
     sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("vocab_limit", tok.vocab_size)  # never a padded vocabulary's ids
     room = model.cfg.seq_len - max_new_tokens  # too-long prompts keep their last tokens
     out = []
     for i in range(0, len(prompts), batch_size):

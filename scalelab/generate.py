@@ -14,7 +14,9 @@ replays fewer, fused kernels per layer (rms_norm, rotary embedding, cache write,
 adds and SwiGLU around the matmuls; sampling) instead of ~30 small ones.
 
 Sampling is Gumbel-max (see `sample_next`), with the uniform noise drawn from `generator`
-before each step.
+before each step. `vocab_limit` (the tokenizer's real vocabulary size) keeps the ids of a
+padded vocabulary from ever being produced: the logits are cut to their first vocab_limit
+columns, a fixed slice, so it fits inside a recorded graph.
 """
 
 from __future__ import annotations
@@ -59,25 +61,30 @@ def padded_attention(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, vocab) logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    """(B, vocab) logits with the tokens outside top-k / the top-p nucleus set to -inf.
+    top_p <= 0 keeps the single most likely token (as the server reads top_p = 0)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
+    if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        # keep the smallest set reaching top_p; the first token's mass before it is exactly 0
+        drop = probs.cumsum(-1) - probs > max(top_p, 0.0)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                uniform: torch.Tensor | None) -> torch.Tensor:
+                uniform: torch.Tensor | None, vocab_limit: int | None = None) -> torch.Tensor:
     """One token id per row from (B, vocab) logits; temperature 0 means greedy.
 
     uniform: (B, vocab) noise in [0, 1) (unused when greedy). Gumbel-max: the argmax of
     logits / T - log(-log(u)) is a sample from softmax(logits / T), with no host sync and
-    no multinomial, so it can live inside a CUDA graph."""
+    no multinomial, so it can live inside a CUDA graph. vocab_limit: only ids below it."""
+    if vocab_limit is not None:  # ids from 0 on: the argmax of the slice is the token id
+        logits = logits[:, :vocab_limit]
+        uniform = None if uniform is None else uniform[:, :vocab_limit]
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -98,10 +105,12 @@ class Rollout:
     """Fixed-shape decoding state for `rows` sequences of up to `length` tokens."""
 
     def __init__(self, model: Transformer, rows: int, length: int, pad_id: int,
-                 eos_id: int | None, temperature: float, top_k: int, top_p: float):
+                 eos_id: int | None, temperature: float, top_k: int, top_p: float,
+                 vocab_limit: int | None = None):
         device = next(model.parameters()).device
         self.pad_id, self.eos_id = pad_id, eos_id
         self.sampling = (temperature, top_k, top_p)
+        self.vocab_limit = vocab_limit
         self.cache = KVCache(model.cfg, rows, length, device)  # dtype: what attention makes
         self.cur = torch.zeros(rows, 1, dtype=torch.long, device=device)  # token to feed
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # its position id
@@ -132,7 +141,7 @@ class Rollout:
         h = model.hidden(tokens[:, :P], positions[:, :P], mask[:, :, :P, :], self.cache)
         if draw:
             self.draw(generator)
-        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise)
+        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise, self.vocab_limit)
         nxt = nxt.masked_fill(~live, self.pad_id)
         self.out.copy_(tokens)
         self.out[:, P] = nxt
@@ -150,7 +159,7 @@ class Rollout:
         """One decode step; every input is a fixed buffer, so it can be graph-captured."""
         self.key_ok.index_fill_(3, self.write_at, True)
         h = model.hidden(self.cur, self.pos[:, None], self.key_ok, self.cache)
-        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise)
+        nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise, self.vocab_limit)
         nxt = nxt.masked_fill(self.done, self.pad_id)
         if self.eos_id is not None:
             self.done |= nxt == self.eos_id
@@ -236,9 +245,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
              pad_id: int, eos_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
              use_cache: bool = True, graphs: bool = True, compile: bool = False,
-             check_every: int = CHECK_EVERY) -> list[list[int]]:
+             check_every: int = CHECK_EVERY, vocab_limit: int | None = None
+             ) -> list[list[int]]:
     """New tokens for each prompt (ending at and including EOS if one was sampled).
 
+    vocab_limit: the tokenizer's vocabulary size, when the model's is padded past it; ids
+    from it on are never produced (they decode to nothing).
     use_cache=False recomputes the whole sequence every token: slow, the reference.
     graphs: on CUDA, replay the decode step as a CUDA graph (no effect elsewhere).
     compile: torch.compile the whole decode step (before recording it, with graphs). The
@@ -253,7 +265,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
         raise ValueError(f"prompt of {P} tokens leaves no room in seq_len {model.cfg.seq_len}")
     if not use_cache:
         return _generate_no_cache(model, prompts, total, pad_id, eos_id, temperature, top_k,
-                                  top_p, generator)
+                                  top_p, generator, vocab_limit)
     use_graph = _use_graph(device, graphs)
     keep = use_graph or compile
     # A kept engine has its batch and length rounded up, so later calls can reuse it.
@@ -264,7 +276,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     live = torch.arange(rows, device=device) < B
 
     engine = _engine(model, rows, length, keep, compile, pad_id, eos_id, temperature, top_k,
-                     top_p)
+                     top_p, vocab_limit)
     if keep and engine.graph is None and engine.run_step is None:
         # A one-token dummy prompt makes the cache; compiling, warm-up and capture then
         # write only columns 0..4, in range for any length (rounded up to 64).
@@ -290,7 +302,8 @@ def _cut_at_eos(new: list[int], eos_id: int | None) -> list[int]:
 
 def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int, pad_id: int,
                        eos_id: int | None, temperature: float, top_k: int, top_p: float,
-                       generator: torch.Generator | None) -> list[list[int]]:
+                       generator: torch.Generator | None, vocab_limit: int | None = None
+                       ) -> list[list[int]]:
     """The reference: a full forward pass over the sequence so far for every new token,
     with the same noise draws as the engine (so equal logits give equal tokens)."""
     device = next(model.parameters()).device
@@ -303,7 +316,7 @@ def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int,
         logits = model(tokens[:, :t], positions[:, :t], mask[:, :, :t, :t])
         if temperature > 0:
             noise.uniform_(generator=generator)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, noise)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, noise, vocab_limit)
         tokens[:, t] = torch.where(done, pad_id, nxt)
         if eos_id is not None:
             done |= nxt == eos_id

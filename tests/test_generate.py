@@ -192,3 +192,122 @@ def test_an_empty_prompt_is_refused_by_name():
     model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, seq_len=16))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[5, 6], []], 4, pad_id=0)
+
+
+def test_top_p_zero_keeps_the_most_likely_token_as_the_server_does():
+    """top_p = 0: the nucleus is the single most likely token, so sampling at any temperature
+    and seed gives the greedy answer (the server already read it so; the library used to
+    sample from the unfiltered distribution)."""
+    from scalelab.serve.engine import sample_rows
+    model = small_model()
+    greedy = run(model, temperature=0.0, max_new_tokens=20)
+    for seed in range(3):
+        assert run(model, seed=seed, temperature=1.5, top_p=0.0, max_new_tokens=20) == greedy
+        assert run(model, seed=seed, temperature=1.5, top_p=0.0, use_cache=False,
+                   max_new_tokens=20) == greedy
+    # the library's sampler and the server's agree draw for draw, top_p = 0 included
+    logits, noise = torch.randn(64, 100), torch.rand(64, 100)
+    for top_p in (0.0, 0.3, 0.9, 1.0):
+        lib = sample_next(logits, 1.2, 0, top_p, noise)
+        srv = sample_rows(logits, torch.full((64,), 1.2), torch.full((64,), top_p), noise)
+        assert lib.tolist() == srv.tolist(), top_p
+    assert filter_logits(PROBS.log()[None], 0, 0.0).isinf().tolist() == [[False, True, True,
+                                                                           True]]
+
+
+class HotPadding(torch.nn.Module):
+    """An lm_head whose ids from `limit` on (a padded vocabulary's) get +30 on their logits:
+    unmasked, every sample and every greedy pick lands there."""
+
+    def __init__(self, head: torch.nn.Module, limit: int):
+        super().__init__()
+        self.head, self.limit = head, limit
+
+    def forward(self, h):
+        out = self.head(h)
+        return torch.cat([out[..., :self.limit], out[..., self.limit:] + 30.0], -1)
+
+
+def test_padded_vocabulary_ids_are_never_produced():
+    from scalelab.chat import stream_tokens
+    model = small_model()
+    model.lm_head = HotPadding(model.lm_head, 90)
+    assert all(t >= 90 for o in run(model, temperature=1.0, max_new_tokens=10) for t in o)
+    for kw in (dict(temperature=1.0), dict(temperature=2.0, top_k=5, top_p=0.9),
+               dict(temperature=0.0), dict(temperature=1.0, use_cache=False)):
+        for seed in range(2):
+            out = run(model, seed=seed, vocab_limit=90, max_new_tokens=30, **kw)
+            assert all(len(o) == 30 and max(o) < 90 for o in out), kw
+    # the limit changes nothing for a model whose vocabulary is all real
+    plain = small_model()
+    assert run(plain, vocab_limit=100) == run(plain) and run(plain, vocab_limit=150) == run(plain)
+    got = stream_tokens(model, [5, 6, 7], 30, -1, 1.0, 0, 1.0, torch.Generator().manual_seed(0),
+                        vocab_limit=90)
+    assert max(got) < 90
+
+
+def test_evaluation_and_reward_sampling_pass_the_tokenizers_vocabulary(tokenizer):
+    """respond_ids (task accuracy, reward-data sampling, the demo) limits sampling to the
+    tokenizer's vocabulary by itself."""
+    from scalelab.evaluate import respond_ids
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size + 64, seq_len=64,
+                                    n_layer=1, n_head=2, d_model=32)).eval()
+    model.lm_head = HotPadding(model.lm_head, tokenizer.vocab_size)
+    out = respond_ids(model, tokenizer, ["Hi", "Sort 3, 1, 2."], 10, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert all(o and max(o) < tokenizer.vocab_size for o in out)
+
+
+class Lines:
+    """stdin for chat_loop: one line per readline, then Ctrl-C (KeyboardInterrupt) at the
+    prompt, as a terminal gives it."""
+
+    def __init__(self, *lines: str):
+        self.lines = list(lines)
+
+    def readline(self) -> str:
+        if not self.lines:
+            raise KeyboardInterrupt
+        return self.lines.pop(0)
+
+
+def test_ctrl_c_while_answering_stops_that_answer_only(tokenizer, monkeypatch):
+    """Ctrl-C while an answer streams ends that answer (what was shown stays in the
+    conversation) and the chat goes on; Ctrl-C at the prompt still ends the session."""
+    import io
+
+    import scalelab.chat as chat
+    words = [tokenizer.encode(w) for w in (" one", " two", " three")]
+    prompts, stop_at = [], [2]
+
+    def fake_stream(model, prompt, *args):  # the first answer is interrupted at a word
+        prompts.append(prompt)
+        for k, ids in enumerate(words):
+            if len(prompts) == 1 and k == stop_at[0]:
+                raise KeyboardInterrupt
+            yield from ids
+        yield tokenizer.eos_id
+    monkeypatch.setattr(chat, "stream_tokens", fake_stream)
+    model = small_model()
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):  # at the third prompt: the session ends (exit 130)
+        chat.chat_loop(model, tokenizer, Lines("hello\n", "again\n"), out, 10, 1.0, 0, 1.0,
+                       None)
+    assert len(prompts) == 2 and out.getvalue().count("assistant>") == 2
+    shown = tokenizer.decode(words[0] + words[1])
+    assert shown + " [stopped]\n" in out.getvalue()
+    want = tokenizer.encode_chat([{"role": "user", "content": "hello"},
+                                  {"role": "assistant", "content": shown},
+                                  {"role": "user", "content": "again"}], True)[0]
+    assert prompts[1] == want
+    # stopped before its first word: the question is forgotten too
+    prompts.clear()
+    stop_at[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        chat.chat_loop(model, tokenizer, Lines("hello\n", "again\n"), io.StringIO(), 10, 1.0,
+                       0, 1.0, None)
+    assert prompts[1] == tokenizer.chat_prompt("again")
+    # Ctrl-D (end of input) ends it quietly, after the answers so far
+    assert chat.chat_loop(model, tokenizer, io.StringIO("hi\n"), io.StringIO(), 10, 1.0, 0, 1.0,
+                          None) == 1

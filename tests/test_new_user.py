@@ -314,6 +314,7 @@ GENERATE_MISTAKES = [
     (["--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["--max-new-tokens", "5000"], "at most"),
     (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--top-p", "-0.1"], "--top-p -0.1"),
     (["--top-k", "-5"], "--top-k -5"),
     (["--temperature", "-1"], "--temperature -1"),
     (["--temperature", "0", "--num-samples", "3"], "would be the same"),

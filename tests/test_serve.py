@@ -255,7 +255,11 @@ def test_cors_preflight_passes_without_the_key(tmp_path):
                                            "Access-Control-Request-Method": "GET",
                                            "Access-Control-Request-Headers": "authorization"})
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
-    assert c.get("/v1/models", headers={"Origin": origin}).status_code == 401
+    # the refusal carries CORS headers, or the browser hides it from the page as a CORS error
+    refused = c.get("/v1/models", headers={"Origin": origin})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    other = c.get("/v1/models", headers={"Origin": "http://evil.example"})
+    assert other.status_code == 401 and "access-control-allow-origin" not in other.headers
     ok = c.get("/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
 
@@ -507,3 +511,68 @@ def test_browser_tracker_table(setup, browser):
     cells = [c.text for c in css(d, "#tracker-table tr")[1].find_elements("tag name", "td")]
     assert head == ["experiment", "pass at", "tiny", "first passing model"]
     assert cells == ["add-small (exact_match)", "0.5", "0.25", "not yet"]
+
+
+# ---- through the app's test client, on a small untrained model (no live server) -----------
+
+@pytest.fixture(scope="module")
+def small_app(tokenizer, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from scalelab.config import ModelConfig
+    from scalelab.serve.engine import Engine
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2,
+                      d_model=32)
+    engines = {"small": Engine(Transformer(cfg).eval(), tokenizer)}
+    opts = ServeOptions(models={}, labels=str(tmp_path_factory.mktemp("small") / "l.jsonl"))
+    return TestClient(create_app(engines, opts), base_url="http://localhost")
+
+
+def sse_events(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    import json
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streamed_chat_logprobs_equal_the_whole_answers(small_app):
+    """Streaming chunks carry the logprobs of their tokens when logprobs are asked for: put
+    together, the same entries as the answer in one piece (same seed), stop string or not."""
+    kw = {"model": "small", "messages": MSGS, "max_tokens": 12, "temperature": 1.0, "seed": 4,
+          "logprobs": True, "top_logprobs": 2}
+    whole = small_app.post("/v1/chat/completions", json=kw).json()["choices"][0]
+    text = whole["message"]["content"]
+    assert len(text) > 8, text
+    for extra in ({}, {"stop": text[6:8]}):
+        if extra:
+            whole = small_app.post("/v1/chat/completions", json={**kw, **extra}).json()
+            whole = whole["choices"][0]
+            assert whole["message"]["content"] == text[:text.index(extra["stop"])]
+        chunks = sse_events(small_app.post("/v1/chat/completions",
+                                           json={**kw, **extra, "stream": True}))
+        got = [e for c in chunks for ch in c["choices"] if ch["logprobs"]
+               for e in ch["logprobs"]["content"]]
+        assert got == whole["logprobs"]["content"] and got
+        assert "".join(ch["delta"].get("content") or "" for c in chunks
+                       for ch in c["choices"]) == whole["message"]["content"]
+
+
+def test_streamed_completions_logprobs_and_usage(small_app):
+    kw = {"model": "small", "prompt": ["Alice lives", "Bob"], "max_tokens": 10,
+          "temperature": 1.0, "seed": 6, "logprobs": 2, "n": 2}
+    whole = small_app.post("/v1/completions", json=kw).json()
+    chunks = sse_events(small_app.post("/v1/completions", json={
+        **kw, "stream": True, "stream_options": {"include_usage": True}}))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [ch for c in chunks for ch in c["choices"] if ch["index"] == choice["index"]]
+        assert "".join(ch["text"] for ch in mine) == choice["text"]
+        lp = [ch["logprobs"] for ch in mine if ch["logprobs"]]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [v for x in lp for v in x[key]] == choice["logprobs"][key], key
+    plain = sse_events(small_app.post("/v1/completions", json={**kw, "stream": True}))
+    assert all("usage" not in c for c in plain)
+    bad = small_app.post("/v1/completions", json={**kw, "stream": True, "stream_options": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream_options"

@@ -163,3 +163,32 @@ def test_the_document_end_also_ends_a_row(tokenizer):
                                    d_model=32)).eval()
     (done,), _, _ = submit_all(Engine(model, tok), [(tok.encode("Alice lives"), Sampling(8), 1)])
     assert (done[0]["finish_reason"], done[0]["tokens"], done[0]["text"]) == ("stop", 1, "")
+
+
+def test_padded_vocabulary_ids_are_never_served(tokenizer):
+    """A model whose vocabulary is padded past the tokenizer's: the padded ids' logits are
+    forced high (and the special tokens', which decode to nothing too, low), yet every
+    answer, sampled or greedy, is 12 tokens of text, and no padded id is a top alternative;
+    the logprobs stay the model's own."""
+    real, special = tokenizer.vocab_size, list(tokenizer.special_ids.values())
+
+    class HotPadding(Transformer):
+        def forward(self, *args, **kw):
+            logits = super().forward(*args, **kw)
+            logits[..., real:] += 30.0
+            logits[..., special] -= 30.0
+            return logits
+    torch.manual_seed(0)
+    model = HotPadding(ModelConfig(vocab_size=real + 64, seq_len=64, n_layer=1, n_head=2,
+                                   d_model=32)).eval()
+    eng = Engine(model, tokenizer, window_s=0.2)
+    jobs = [(tokenizer.chat_prompt("Hi"), Sampling(12, temperature=t, seed=s, logprobs=3), 2)
+            for t, s in ((1.0, 1), (0.0, None), (2.0, 2))]
+    results, _, _ = submit_all(eng, jobs)
+    for rows in results:
+        for done in rows.values():
+            # a padded id decodes to nothing: its entry would be empty, or cut off at the end
+            assert done["tokens"] == 12 and len(done["logprobs"]) == 12, done["text"]
+            for e in done["logprobs"]:
+                assert e["token"] and all(alt[0] for alt in e["top"]), e
+                assert e["logprob"] < -20  # the padded ids hold nearly all the mass

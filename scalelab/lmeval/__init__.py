@@ -144,7 +144,8 @@ class ScalelabEvalLM(TemplateLM):
                 # stop at the tokenizer's eos_token (the end of document), as lm-eval's `hf`
                 # model does; tok.eos_id is the chat template's end of turn
                 new = generate(self.model, prompts, max_new, self.tok.pad_id,
-                               self.eot_token_id, temperature=temperature)
+                               self.eot_token_id, temperature=temperature,
+                               vocab_limit=self.tok.vocab_size)
                 for i, ids in zip(batch, new):
                     text = self.tok.decode(ids)
                     for stop in until:

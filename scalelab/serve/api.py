@@ -222,6 +222,14 @@ def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def usage_wanted(body: dict) -> bool:
+    """stream_options.include_usage: a last chunk with no choices and the usage."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options", 'must be an object, e.g. {"include_usage": true}')
+    return bool(options.get("include_usage"))
+
+
 def chat_logprobs(entries: list[dict] | None) -> dict | None:
     """The chat API's logprobs: each token, its bytes, and its top alternatives alike."""
     if entries is None:
@@ -261,16 +269,12 @@ async def chat_completions(request: Request):
     n = integer(body, "n", 1, 1, limits.max_n)
     if body.get("logprobs"):
         s.logprobs = integer(body, "top_logprobs", 0, 0, limits.max_logprobs)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("stream_options", 'must be an object, e.g. {"include_usage": true}')
+    want_usage = usage_wanted(body)
     job, events = start(engine, prompt, s, n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": name}
 
     if body.get("stream"):
-        want_usage = bool(options.get("include_usage"))
-
         async def chunks() -> AsyncIterator[str]:
             def chunk(choices: list, **extra) -> str:
                 return sse({**head, "object": "chat.completion.chunk", "choices": choices,
@@ -281,13 +285,13 @@ async def chat_completions(request: Request):
             async for batch in event_batches(job, events):
                 out = []
                 for ev in batch:
-                    if ev["type"] == "delta":
-                        delta, reason = {"content": ev["text"]}, None
+                    if ev["type"] == "delta":  # logprobs: its tokens' (when asked for)
+                        delta, reason, lp = {"content": ev["text"]}, None, ev.get("logprobs")
                     else:
                         done.append(ev)
-                        delta, reason = {}, ev["finish_reason"]
+                        delta, reason, lp = {}, ev["finish_reason"], None
                     out.append(chunk([{"index": ev["index"], "delta": delta,
-                                       "logprobs": None, "finish_reason": reason}]))
+                                       "logprobs": chat_logprobs(lp), "finish_reason": reason}]))
                 yield "".join(out)
             if want_usage:
                 yield chunk([], usage=usage(len(prompt), done))
@@ -358,6 +362,7 @@ async def completions(request: Request):
     echo, k = bool(body.get("echo")), integer(body, "logprobs", None, 0, limits.max_logprobs)
     if echo and body.get("stream"):
         raise bad("echo", "echo is not supported with stream")
+    want_usage = usage_wanted(body)
     jobs = []
     for ids in prompts:
         if len(ids) > engine.seq_len or (not echo and len(ids) >= engine.seq_len):
@@ -372,16 +377,23 @@ async def completions(request: Request):
 
     if body.get("stream"):
         async def chunks() -> AsyncIterator[str]:
+            done = []
             for p, (job, events) in enumerate(started):
                 async for batch in event_batches(job, events):
                     out = []
                     for ev in batch:
-                        text, reason = (ev["text"], None) if ev["type"] == "delta" else \
-                            ("", ev["finish_reason"])
+                        delta = ev["type"] == "delta"
+                        if not delta:
+                            done.append(ev)
+                        lp = ev.get("logprobs") if delta else None
                         out.append(sse({**head, "choices": [{
-                            "index": p * n + ev["index"], "text": text, "logprobs": None,
-                            "finish_reason": reason}]}))
+                            "index": p * n + ev["index"], "text": ev["text"] if delta else "",
+                            "logprobs": None if lp is None else legacy_logprobs(lp),
+                            "finish_reason": None if delta else ev["finish_reason"]}]}))
                     yield "".join(out)
+            if want_usage:
+                yield sse({**head, "choices": [],
+                           "usage": usage(sum(len(x) for x in prompts), done)})
         return stream(chunks())
 
     results = await collect(started)

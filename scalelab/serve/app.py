@@ -139,11 +139,9 @@ class Guard:
         if self.api_key:
             if path == "/login":
                 return await self.login(scope, body, send)
-            # Open to all: a browser's CORS check (sent without credentials) and the login
-            # page's own stylesheet.
-            preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in \
-                headers
-            if not (self.authorised(headers) or preflight or path == "/static/style.css"):
+            # Open to all: the login page's own stylesheet. (A browser's CORS check, sent
+            # without credentials, is answered before this, by the CORS middleware outside.)
+            if not (self.authorised(headers) or path == "/static/style.css"):
                 if path.startswith(("/v1/", "/api/", "/health")):
                     return await self.reply(send, 401, "missing or wrong API key "
                                             "(Authorization: Bearer KEY)", "invalid_api_key",
@@ -233,12 +231,13 @@ def create_app(engines: dict, opts: ServeOptions, limits=None):
     app.include_router(api.router)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if opts.cors_origins:
+    app.add_middleware(Guard, api_key=opts.api_key, max_body=limits.max_body_bytes)
+    if opts.cors_origins:  # added last, so outside the Guard: its refusals (a 401 for a bad
+        # key) carry CORS headers too, and a browser shows them to the page
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=opts.cors_origins,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, api_key=opts.api_key, max_body=limits.max_body_bytes)
     return app
 
 

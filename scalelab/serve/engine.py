@@ -8,7 +8,8 @@ requests can share a batch, and a seeded request gives the same tokens alone or 
 How rows share one KV cache: see Engine.
 
 The engine knows nothing about HTTP: a Job carries a callback that receives plain dicts
-  {"type": "delta", "index": i, "text": str}                         new text of row i
+  {"type": "delta", "index": i, "text": str, "logprobs": [...]}       new text of row i (and,
+                                       with logprobs asked for, the entries of its tokens)
   {"type": "done", "index": i, "finish_reason": "stop"|"length", "text": str,
    "tokens": int, "logprobs": [...] | None, "prompt_logprobs": [...] | None}
   {"type": "error", "message": str}                                  the whole job failed
@@ -23,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 import torch
 
@@ -59,7 +61,9 @@ class Row:
     generator: torch.Generator
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
+    chars: int = 0  # characters of text decoded so far
     entries: list[dict] = field(default_factory=list)  # per-token logprob entries
+    sent_entries: int = 0  # how many of them were emitted
     done: bool = False
     eos: bool = False
 
@@ -122,6 +126,7 @@ class Engine:
         # a row ends at the end of a turn or of a document (they differ for an imported base
         # model with a chat template: <|im_end|> and <|endoftext|>)
         self.stop_ids = {tok.eos_id, tok.doc_eos_id}
+        self.vocab_limit = tok.vocab_size  # ids past it (a padded vocabulary's) are never sent
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seq_len = model.cfg.seq_len
@@ -278,12 +283,13 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[Row], slots: list[int]) -> None:
         """Sample each row's next token from its logits (B, V), report it, and keep it as
         the token the row feeds at column t."""
-        noise = torch.empty_like(logits)
+        real = logits[:, :self.vocab_limit]
+        noise = torch.empty_like(real)
         for i, r in enumerate(rows):
-            noise[i] = torch.rand(logits.size(-1), generator=r.generator, device=self.device)
+            noise[i] = torch.rand(real.size(-1), generator=r.generator, device=self.device)
         temps = torch.tensor([r.job.sampling.temperature for r in rows], device=self.device)
         top_ps = torch.tensor([r.job.sampling.top_p for r in rows], device=self.device)
-        nxt = sample_rows(logits, temps, top_ps, noise)
+        nxt = sample_rows(real, temps, top_ps, noise)
         logp = logits.log_softmax(-1) if any(r.job.sampling.logprobs is not None
                                              for r in rows) else None
         self.last[torch.tensor(slots, device=self.device)] = nxt
@@ -309,8 +315,9 @@ class Engine:
 
     def _entry(self, token: int, logp: torch.Tensor, k: int) -> dict:
         """The token's text, logprob and bytes, and its k most likely alternatives as a list
-        of (text, logprob, bytes), best first (several may have the text "\ufffd")."""
-        top = logp.topk(k) if k > 0 else None
+        of (text, logprob, bytes), best first (several may have the text "\ufffd"). The
+        logprobs are the model's own; a padded vocabulary's ids are not alternatives."""
+        top = logp[:self.vocab_limit].topk(k) if k > 0 else None
         text = lambda i: self.tok.decode([i], skip_special=False)  # noqa: E731
         return {"token": text(token), "logprob": float(logp[token]),
                 "bytes": self.tok.token_bytes(token),
@@ -333,33 +340,39 @@ class Engine:
             self._finish(r, "stop")
             return
         r.ids.append(token)
-        if logp is not None:
-            r.entries.append(self._entry(token, logp, s.logprobs or 0))
+        if logp is not None:  # offset: where the token's text starts
+            r.entries.append({**self._entry(token, logp, s.logprobs or 0), "offset": r.chars})
         text = self.tok.decode(r.ids)
+        r.chars = len(text)
         hits = [text.find(stop) for stop in s.stop if stop in text]
         if hits:
             self._finish(r, "stop", text[:min(hits)])
         elif len(r.ids) >= s.max_tokens or last:
             self._finish(r, "length", text)
         else:
-            safe = len(text) - held_back(text, s.stop)
-            if safe > r.sent:
-                r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:safe]})
-                r.sent = safe
+            self._emit(r, text, len(text) - held_back(text, s.stop))
+
+    def _emit(self, r: Row, text: str, upto: int) -> None:
+        """Send text[r.sent:upto] and, with logprobs on, the entries of the tokens whose text
+        starts before upto (so the entries streamed are those the final answer keeps)."""
+        new = []
+        if r.job.sampling.logprobs is not None:
+            new = list(takewhile(lambda e: e["offset"] < upto, r.entries[r.sent_entries:]))
+        if upto <= r.sent and not new:
+            return
+        ev = {"type": "delta", "index": r.index, "text": text[r.sent:upto]}
+        if r.job.sampling.logprobs is not None:
+            ev["logprobs"] = new
+            r.sent_entries += len(new)
+        r.job.emit(ev)
+        r.sent = max(r.sent, upto)
 
     def _finish(self, r: Row, reason: str, text: str | None = None) -> None:
         text = self.tok.decode(r.ids) if text is None else text
-        if len(text) > r.sent:
-            r.job.emit({"type": "delta", "index": r.index, "text": text[r.sent:]})
+        self._emit(r, text, len(text))
         entries = None
         if r.job.sampling.logprobs is not None:  # keep the tokens that made the final text
-            entries, offset = [], 0
-            for k, e in enumerate(r.entries):
-                if offset >= len(text):
-                    break
-                e["offset"] = offset
-                entries.append(e)
-                offset = len(self.tok.decode(r.ids[:k + 1]))
+            entries = list(takewhile(lambda e: e["offset"] < len(text), r.entries))
         r.done = True
         r.job.emit({"type": "done", "index": r.index, "finish_reason": reason, "text": text,
                     "tokens": len(r.ids) + r.eos, "logprobs": entries,

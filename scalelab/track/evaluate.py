@@ -60,7 +60,7 @@ class ScalelabLM:
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         from scalelab.generate import generate
         return generate(self.model, prompts, max_new, self.pad_id, self.tok.eos_id,
-                        temperature=0)
+                        temperature=0, vocab_limit=self.tok.vocab_size)
 
 
 class HFLM:

@@ -235,7 +235,8 @@ def sample_responses(model: Transformer, prompts: list[list[int]], tok: Tokenize
                 generator.manual_seed(seed)
             responses += generate(model, prompts[k * size:(k + 1) * size], pc.max_new_tokens,
                                   tok.pad_id, tok.eos_id, temperature=pc.temperature,
-                                  generator=generator, compile=compile)
+                                  generator=generator, compile=compile,
+                                  vocab_limit=tok.vocab_size)
     return ranks.share_over_tp(responses, len(prompts), pc.max_new_tokens)
 
 

@@ -159,7 +159,7 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
                                                         step == tc.max_steps):
             g = torch.Generator(device=device).manual_seed(tc.seed)
             new = generate(model, [prompt], 48, tok.pad_id, tok.eos_id, temperature=0.8,
-                           top_k=50, generator=g)[0]
+                           top_k=50, generator=g, vocab_limit=tok.vocab_size)[0]
             row["sample"] = tc.sample_prompt + tok.decode(new)
         return row
 
