@@ -359,3 +359,30 @@ def test_runs_show_events_count(tmp_path, capsys):
         shown[n] = [s for s in (10, 20, 30) if f"at step {s}" in out]
     assert shown == {0: [], 2: [20, 30], 5: [10, 20, 30]}  # the latest N; 0 = none
     assert main(["runs", "show", str(run), "--events", "-1"]) == 2
+
+
+def test_runs_watch_refuses_a_folder_that_is_no_run(tmp_path, capsys, monkeypatch):
+    """`runs watch` on a folder no run made printed "not started" forever; a run folder whose
+    run has not logged a step yet is still watched (it waits for the first one)."""
+    from scalelab import runs
+    from scalelab.cli import main
+
+    class Slept(Exception):
+        pass
+
+    def sleep(_seconds):
+        raise Slept
+    monkeypatch.setattr(runs.time, "sleep", sleep)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("[train]\nlr = 1e-3\n")  # a user's own config folder
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", mine):
+        assert main(["runs", "watch", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}: not a run folder" in err and len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"stage": "pretrain"}')  # claimed, no step logged yet
+    with pytest.raises(Slept):
+        main(["runs", "watch", str(run)])
