@@ -14,7 +14,7 @@ from pathlib import Path
 
 from scalelab.config import UserError, read_toml
 from scalelab.io import read_json_if_any, read_rows
-from scalelab.train.monitor import describe, read_events
+from scalelab.train.monitor import describe, read_events, read_record
 from scalelab.train.rundir import run_stage
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -55,7 +55,7 @@ def pid_alive(pid: int) -> bool:
 def state(run_dir: Path) -> dict:
     """Everything `runs show` prints, as one dict."""
     rows = read_rows(run_dir / "metrics.jsonl")
-    summary, progress = (read_json_if_any(run_dir / f"{name}.json")
+    summary, progress = (read_record(run_dir / f"{name}.json")
                          for name in ("summary", "progress"))
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in rows if "val_loss" in r]

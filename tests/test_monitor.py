@@ -386,3 +386,33 @@ def test_runs_watch_refuses_a_folder_that_is_no_run(tmp_path, capsys, monkeypatc
     (run / "run.json").write_text('{"stage": "pretrain"}')  # claimed, no step logged yet
     with pytest.raises(Slept):
         main(["runs", "watch", str(run)])
+
+
+SUMMARY = {"status": "finished", "step": 10, "max_steps": 10, "loss": 5.6, "tokens": 2560,
+           "tokens_per_s": 16088.8, "goodput": 0.1, "wall_s": 1.6, "time_unix": 1.0,
+           "time": {"train": 0.16, "data": 0.002, "startup": 1.4}, "events": {}}
+
+
+@pytest.mark.parametrize("key, value", [("step", "ten"), ("time_unix", "x"), ("status", 3),
+                                        ("time", 5), ("time", {"train": "a"}),
+                                        ("goodput", "x"), ("events", [1]), ("wall_s", None)])
+def test_a_hand_edited_summary_with_a_wrong_type_is_named(tmp_path, capsys, key, value):
+    """A summary.json with a string where a number belongs was a traceback in `runs list`,
+    `runs show` and the demo report; now one line naming the file and the key, exit 2."""
+    from scalelab.cli import main
+    from scalelab.config import UserError
+    from scalelab.demo import run_health
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "summary.json").write_text(json.dumps(SUMMARY))
+    assert main(["runs", "show", str(run)]) == 0  # intact: read as before
+    assert run_health(tmp_path)[-1].startswith("| run | finished | 10 | 2 s | 10% |")
+    capsys.readouterr()
+    (run / "summary.json").write_text(json.dumps({**SUMMARY, key: value}))
+    for command in (["runs", "show", str(run)], ["runs", "list", str(tmp_path)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"{run / 'summary.json'}: '{key}'" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(UserError, match=f"summary.json: '{key}'"):
+        run_health(tmp_path)
