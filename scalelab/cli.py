@@ -72,6 +72,9 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
               lineage: str | None = None, parent: str | None = None) -> None:
     """A training command: its config, then train(cfg) -> the model folder, which rank 0
     reports (and with --register adds to the experiment registry as `lineage`)."""
+    if args.registry and not args.register:  # an option of --register, not one by itself
+        raise UserError("--registry needs --register (it names the registry file that "
+                        "--register adds the result to)")
     if args.register and lineage:  # a bad registry path is said now, not after training
         from scalelab.track.registry import check_path, registry_path
         check_path(registry_path(args.registry))

@@ -121,3 +121,20 @@ def test_corrupt_checkpoint_and_model_are_reported_and_kept(trained, tmp_path):
 def test_resume_without_checkpoint(tmp_path):
     r = run_cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), "--resume")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("stage, inputs", [
+    ("pretrain", ["--set", "model.n_head=3"]), ("sft", ["--base", "m", "--data", "d.jsonl"]),
+    ("ppo", ["--policy", "m", "--reward", "r", "--prompts", "p.jsonl"]),
+    ("dpo", ["--policy", "m", "--data", "d.jsonl"])])
+def test_registry_without_register_is_refused(tmp_path, capsys, stage, inputs):
+    """`--registry PATH` without --register was silently ignored: nothing was registered.
+    It is an option of --register (README: `--register [--registry PATH]`), so it is refused
+    before any work rather than taken to mean a registration the user did not ask for."""
+    from scalelab.cli import main
+    reg = tmp_path / "reg.db"
+    assert main([stage, "--out", str(tmp_path / "run"), "--registry", str(reg), *inputs]) == 2
+    err = capsys.readouterr().err
+    assert "--registry needs --register" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.iterdir()) == []
+
