@@ -138,3 +138,19 @@ def test_registry_without_register_is_refused(tmp_path, capsys, stage, inputs):
     assert "--registry needs --register" in err and len(err.splitlines()) == 1, err
     assert sorted(tmp_path.iterdir()) == []
 
+
+def test_reward_offers_no_register(tmp_path, capsys):
+    """A reward model cannot be registered (it is no language model to run experiments on):
+    `reward --help` listed --register all the same, and only using it said no."""
+    from scalelab.cli import main
+    helps = {}
+    for stage in ("reward", "sft"):
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        helps[stage] = capsys.readouterr().out
+    assert "--register" in helps["sft"] and "--registry" in helps["sft"]
+    assert "--register" not in helps["reward"] and "--registry" not in helps["reward"]
+    with pytest.raises(SystemExit) as e:  # argparse: unrecognized arguments
+        main(["reward", "--base", "m", "--data", "d.jsonl", "--out", str(tmp_path / "r"),
+              "--register"])
+    assert e.value.code == 2 and "--register" in capsys.readouterr().err
