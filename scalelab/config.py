@@ -220,20 +220,24 @@ def check_stage_override(stage: str, section: str, key: str, where: str) -> None
     raise UserError(f"{where}: `scalelab {stage}` {why}")
 
 
-# Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];
-# every other int must be >= 0 and every float finite and >= 0.
-AT_LEAST_ONE = {
-    "model": {"seq_len", "n_layer", "n_head", "d_model"},
-    "data": {"n_docs", "tokenizer_vocab"},
-    "train": {"batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-              "log_every", "checkpoint_every"},
-    "sft": {"n_examples"}, "reward": {"n_prompts", "samples_per_prompt", "max_new_tokens"},
-    "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
-            "max_new_tokens", "kl_horizon"},
-}
+# Range rules for every number in a Config: BOUNDS (least, most, why) per key, fractions in
+# [0, 1]; every other int must be >= 0 and every float finite and >= 0.
 MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
 MAX_TOKENIZER_VOCAB = 1 << 20  # 4x the largest real ones (~256k); the BPE trainer allocates
 # a table of this size up front (1e9 aborted the process asking for 70 GB)
+BOUNDS: dict[tuple[str, str], tuple[int, float, str]] = {
+    **{(section, key): (1, math.inf, "") for section, keys in {
+        "model": ("seq_len", "n_layer", "n_head", "d_model"), "data": ("n_docs",),
+        "train": ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                  "log_every", "checkpoint_every"),
+        "sft": ("n_examples",), "reward": ("n_prompts", "max_new_tokens"),
+        "ppo": ("n_prompts", "rollout_batch", "samples_per_prompt", "minibatches",
+                "ppo_epochs", "max_new_tokens", "kl_horizon")}.items() for key in keys},
+    ("data", "tokenizer_vocab"): (MIN_TOKENIZER_VOCAB, MAX_TOKENIZER_VOCAB, "a byte-level BPE "
+                                  "tokenizer holds the 256 bytes and 7 special tokens"),
+    ("reward", "samples_per_prompt"): (2, math.inf, "ranking needs at least 2 answers per "
+                                       "prompt"),
+}
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
@@ -277,14 +281,10 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         return
     if not math.isfinite(v):
         raise UserError(f"{where}: '{name}' must be a finite number, got {v}")
-    low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
-    if v < low:
-        raise UserError(f"{where}: {name} = {v} must be >= {low}")
-    if (section, key) == ("data", "tokenizer_vocab") and v < MIN_TOKENIZER_VOCAB:
-        raise UserError(f"{where}: {name} = {v} must be >= {MIN_TOKENIZER_VOCAB} (a byte-level "
-                        "BPE tokenizer holds the 256 bytes and 7 special tokens)")
-    if (section, key) == ("data", "tokenizer_vocab") and v > MAX_TOKENIZER_VOCAB:
-        raise UserError(f"{where}: {name} = {v} must be <= {MAX_TOKENIZER_VOCAB}")
+    low, high, why = BOUNDS.get((section, key), (0, math.inf, ""))
+    if not low <= v <= high:
+        bound = f">= {low}" if v < low else f"<= {high}"
+        raise UserError(f"{where}: {name} = {v} must be {bound}" + (f" ({why})" if why else ""))
     if (section, key) in POSITIVE and v <= 0:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
