@@ -130,8 +130,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
-    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise UserError(f"--seed {args.seed}: must fit in 64 bits (0 to {2**64 - 1})")
+    from scalelab.config import check_seed
+    check_seed(f"--seed {args.seed}", args.seed)
 
 
 def load_for_sampling(args: argparse.Namespace):

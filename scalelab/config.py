@@ -274,9 +274,8 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         if importlib.util.find_spec(key) is None:
             raise UserError(f"{where}: 'monitor.{key}' needs the {key} package "
                             f"(pip install {key})")
-    if key == "seed" and isinstance(v, int) and not -2**32 < v < 2**32:  # torch.manual_seed
-        # takes 64 bits, and the samplers derive seed * 1_000_003 + epoch from it
-        raise UserError(f"{where}: {name} = {v} must be between -2^32 and 2^32 (exclusive)")
+    if key == "seed" and isinstance(v, int):
+        check_seed(f"{where}: {name} = {v}", v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if not math.isfinite(v):
@@ -292,6 +291,13 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     if (section, key) in {("data", "val_fraction"), ("train", "beta1"), ("train", "beta2")} \
             and v >= 1:  # (Adam's betas must be below 1 too)
         raise UserError(f"{where}: {name} = {v} must be in [0, 1)")
+
+
+def check_seed(said: str, seed: int) -> None:
+    """Every seed, --seed and the config's: torch.manual_seed takes 64 bits, and the
+    samplers derive seed * 1_000_003 + epoch from a config seed, which must fit too."""
+    if not -2**32 < seed < 2**32:
+        raise UserError(f"{said} must be between -2^32 and 2^32 (exclusive)")
 
 
 def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> None:

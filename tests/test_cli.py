@@ -154,3 +154,21 @@ def test_reward_offers_no_register(tmp_path, capsys):
         main(["reward", "--base", "m", "--data", "d.jsonl", "--out", str(tmp_path / "r"),
               "--register"])
     assert e.value.code == 2 and "--register" in capsys.readouterr().err
+
+
+def test_one_seed_rule_for_the_cli_and_the_config():
+    """`generate --seed` took 64 bits while config seeds had to be below 2^32 in size: one
+    bound now (the samplers multiply config seeds, so theirs is the one kept)."""
+    from argparse import Namespace
+
+    from scalelab.cli import check_sampling
+    from scalelab.config import UserError, load_config
+    sampling = dict(max_new_tokens=1, temperature=1.0, top_k=0, top_p=1.0)
+    for v in (2**32, -2**32, 2**63):
+        with pytest.raises(UserError, match=rf"--seed {v} must be between -2\^32 and 2\^32"):
+            check_sampling(Namespace(**sampling, seed=v))
+        with pytest.raises(UserError, match=rf"sft.seed = {v} must be between -2\^32 and 2\^32"):
+            load_config(overrides=[f"sft.seed={v}"])
+    for v in (2**32 - 1, -2**32 + 1, 0):
+        check_sampling(Namespace(**sampling, seed=v))
+        assert load_config(overrides=[f"sft.seed={v}"]).sft.seed == v
