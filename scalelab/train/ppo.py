@@ -396,6 +396,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     models are sharded by [parallel] and each data rank rolls out its own chunks."""
     pc, tc = cfg.ppo, cfg.train
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
+    oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
+    if oracle and examples is None:
+        raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
     n_prompts = pc.rollout_batch // pc.samples_per_prompt  # different prompts per step
     if len(texts) < n_prompts:
         more = "raise ppo.n_prompts" if examples is not None else "add prompts"
@@ -403,9 +406,6 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                         f"{n_prompts} different ones (ppo.rollout_batch {pc.rollout_batch} / "
                         f"ppo.samples_per_prompt {pc.samples_per_prompt}): {more}, or lower "
                         "ppo.rollout_batch or raise ppo.samples_per_prompt")
-    oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
-    if oracle and examples is None:
-        raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
     if not oracle:  # before start_stage seeds: building it draws from the global RNG
         reward_model, _, stats = load_reward_model(reward_dir)  # on the CPU until the mesh
         reward_model.requires_grad_(False)
