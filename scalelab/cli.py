@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from scalelab.config import Config, RunFailed, UserError, load_config, resolve_config_path
+from scalelab.config import (
+    Config,
+    RunFailed,
+    UserError,
+    check_seed,
+    load_config,
+    resolve_config_path,
+)
 
 
 def resume_after_restart(args: argparse.Namespace) -> None:
@@ -72,7 +79,10 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
               lineage: str | None = None, parent: str | None = None) -> None:
     """A training command: its config, then train(cfg) -> the model folder, which rank 0
     reports (and with --register adds to the experiment registry as `lineage`)."""
-    if args.register and lineage:  # a bad registry path is said now, not after training
+    if lineage and args.registry and not args.register:  # an option of --register only
+        raise UserError("--registry needs --register (it names the registry file that "
+                        "--register adds the result to)")
+    if lineage and args.register:  # a bad registry path is said now, not after training
         from scalelab.track.registry import check_path, registry_path
         check_path(registry_path(args.registry))
     cfg = stage_config(args, preset)
@@ -81,7 +91,7 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
     out = main_rank_only(train(cfg))
     if out is not None:
         print(f"{what} written to {out}")
-        if args.register and lineage:
+        if lineage and args.register:
             from scalelab.track.commands import register_output
             register_output(args, out, lineage, parent)
 
@@ -100,9 +110,6 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 def cmd_reward(args: argparse.Namespace) -> None:
     from scalelab.train.reward import train_reward
-    if args.register:
-        raise UserError("--register: a reward model is not a language model to run "
-                        "experiments on; register the policy (sft/ppo/dpo) instead")
     run_stage(args, lambda cfg: train_reward(cfg, Path(args.base), args.data, Path(args.out),
                                              args.resume), "reward", "reward model")
 
@@ -131,8 +138,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     if not 0 <= args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in [0, 1] (1 = off, 0 = only the most "
                         "likely token)")
-    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise UserError(f"--seed {args.seed}: must fit in 64 bits (0 to {2**64 - 1})")
+    check_seed(f"--seed {args.seed}", args.seed)
 
 
 def load_for_sampling(args: argparse.Namespace):
@@ -260,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalelab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, help: str) -> argparse.ArgumentParser:
+    def stage(name: str, help: str, registers: bool = True) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--config", help="TOML file or preset name (tiny, small, gpt2-124m)")
         s.add_argument("--out", required=True, help="run directory to write")
@@ -268,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
-        s.add_argument("--register", action="store_true",
-                       help="add the result to the experiment registry (see --registry)")
-        s.add_argument("--registry", help="registry file for --register")
+        if registers:  # (a reward model is no language model to run experiments on)
+            s.add_argument("--register", action="store_true",
+                           help="add the result to the experiment registry (see --registry)")
+            s.add_argument("--registry", help="registry file for --register")
         return s
 
     stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
@@ -278,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, help="model folder to start from")
     s.add_argument("--data", required=True, help="builtin:tasks or a JSONL file")
     s.set_defaults(func=cmd_sft)
-    s = stage("reward", "train a reward model on preference pairs")
+    s = stage("reward", "train a reward model on preference pairs", registers=False)
     s.add_argument("--base", required=True, help="model folder (the SFT model) to start from")
     s.add_argument("--data", required=True,
                    help="builtin:tasks (sample and rank with the gold labeler) or a JSONL file")

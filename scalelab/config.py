@@ -220,20 +220,24 @@ def check_stage_override(stage: str, section: str, key: str, where: str) -> None
     raise UserError(f"{where}: `scalelab {stage}` {why}")
 
 
-# Range rules for every number in a Config: keys that must be >= 1, fractions in [0, 1];
-# every other int must be >= 0 and every float finite and >= 0.
-AT_LEAST_ONE = {
-    "model": {"seq_len", "n_layer", "n_head", "d_model"},
-    "data": {"n_docs", "tokenizer_vocab"},
-    "train": {"batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-              "log_every", "checkpoint_every"},
-    "sft": {"n_examples"}, "reward": {"n_prompts", "samples_per_prompt", "max_new_tokens"},
-    "ppo": {"n_prompts", "rollout_batch", "samples_per_prompt", "minibatches", "ppo_epochs",
-            "max_new_tokens", "kl_horizon"},
-}
+# Range rules for every number in a Config: BOUNDS (least, most, why) per key, fractions in
+# [0, 1]; every other int must be >= 0 and every float finite and >= 0.
 MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
 MAX_TOKENIZER_VOCAB = 1 << 20  # 4x the largest real ones (~256k); the BPE trainer allocates
 # a table of this size up front (1e9 aborted the process asking for 70 GB)
+BOUNDS: dict[tuple[str, str], tuple[int, float, str]] = {
+    **{(section, key): (1, math.inf, "") for section, keys in {
+        "model": ("seq_len", "n_layer", "n_head", "d_model"), "data": ("n_docs",),
+        "train": ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                  "log_every", "checkpoint_every"),
+        "sft": ("n_examples",), "reward": ("n_prompts", "max_new_tokens"),
+        "ppo": ("n_prompts", "rollout_batch", "samples_per_prompt", "minibatches",
+                "ppo_epochs", "max_new_tokens", "kl_horizon")}.items() for key in keys},
+    ("data", "tokenizer_vocab"): (MIN_TOKENIZER_VOCAB, MAX_TOKENIZER_VOCAB, "a byte-level BPE "
+                                  "tokenizer holds the 256 bytes and 7 special tokens"),
+    ("reward", "samples_per_prompt"): (2, math.inf, "ranking needs at least 2 answers per "
+                                       "prompt"),
+}
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),
              ("ppo", "gamma"), ("ppo", "lam")}
@@ -270,21 +274,16 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
         if importlib.util.find_spec(key) is None:
             raise UserError(f"{where}: 'monitor.{key}' needs the {key} package "
                             f"(pip install {key})")
-    if key == "seed" and isinstance(v, int) and not -2**32 < v < 2**32:  # torch.manual_seed
-        # takes 64 bits, and the samplers derive seed * 1_000_003 + epoch from it
-        raise UserError(f"{where}: {name} = {v} must be between -2^32 and 2^32 (exclusive)")
+    if key == "seed" and isinstance(v, int):
+        check_seed(f"{where}: {name} = {v}", v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (section, key) in SIGNED:
         return
     if not math.isfinite(v):
         raise UserError(f"{where}: '{name}' must be a finite number, got {v}")
-    low = 1 if key in AT_LEAST_ONE.get(section, set()) else 0
-    if v < low:
-        raise UserError(f"{where}: {name} = {v} must be >= {low}")
-    if (section, key) == ("data", "tokenizer_vocab") and v < MIN_TOKENIZER_VOCAB:
-        raise UserError(f"{where}: {name} = {v} must be >= {MIN_TOKENIZER_VOCAB} (a byte-level "
-                        "BPE tokenizer holds the 256 bytes and 7 special tokens)")
-    if (section, key) == ("data", "tokenizer_vocab") and v > MAX_TOKENIZER_VOCAB:
-        raise UserError(f"{where}: {name} = {v} must be <= {MAX_TOKENIZER_VOCAB}")
+    low, high, why = BOUNDS.get((section, key), (0, math.inf, ""))
+    if not low <= v <= high:
+        bound = f">= {low}" if v < low else f"<= {high}"
+        raise UserError(f"{where}: {name} = {v} must be {bound}" + (f" ({why})" if why else ""))
     if (section, key) in POSITIVE and v <= 0:
         raise UserError(f"{where}: '{name}' must be > 0, got {v}")
     if (section, key) in FRACTIONS and v > 1:
@@ -292,6 +291,13 @@ def check_range(section: str, key: str, v: Any, where: str) -> None:
     if (section, key) in {("data", "val_fraction"), ("train", "beta1"), ("train", "beta2")} \
             and v >= 1:  # (Adam's betas must be below 1 too)
         raise UserError(f"{where}: {name} = {v} must be in [0, 1)")
+
+
+def check_seed(said: str, seed: int) -> None:
+    """Every seed, --seed and the config's: torch.manual_seed takes 64 bits, and the
+    samplers derive seed * 1_000_003 + epoch from a config seed, which must fit too."""
+    if not -2**32 < seed < 2**32:
+        raise UserError(f"{said} must be between -2^32 and 2^32 (exclusive)")
 
 
 def _set_key(cfg: Config, section: str, key: str, value: Any, where: str) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from scalelab.config import Config, load_config, resolve_config_path
 from scalelab.io import read_json, read_rows
+from scalelab.train.monitor import read_record
 from scalelab.train.rundir import resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
@@ -195,7 +196,7 @@ def run_health(out: Path) -> list[str]:
     """Each stage's summary.json (the run monitor): how much of its wall time was training."""
     rows = []
     for summary in sorted(out.glob("*/summary.json")):
-        s = json.loads(summary.read_text())
+        s = read_record(summary, needed=("status", "step", "wall_s"))
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a"
         events = ", ".join(f"{k} {v}" for k, v in s.get("events", {}).items()) or "none"
         rows.append(f"| {summary.parent.name} | {s['status']} | {s['step']} | "

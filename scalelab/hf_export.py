@@ -36,8 +36,6 @@ def check_out(out: Path) -> None:
     generation_config.json among them), so that no other file or model folder is replaced."""
     if out.name in ("", ".", ".."):
         raise UserError(f"--out {str(out)!r}: name a new folder to write (not . or ..)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
     check_writable(out)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names and (set(names) - set(FILES) or "generation_config.json" not in names):

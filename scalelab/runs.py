@@ -14,7 +14,8 @@ from pathlib import Path
 
 from scalelab.config import UserError, read_toml
 from scalelab.io import read_json_if_any, read_rows
-from scalelab.train.monitor import describe, read_events
+from scalelab.train.monitor import describe, read_events, read_record
+from scalelab.train.rundir import run_stage
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -54,7 +55,7 @@ def pid_alive(pid: int) -> bool:
 def state(run_dir: Path) -> dict:
     """Everything `runs show` prints, as one dict."""
     rows = read_rows(run_dir / "metrics.jsonl")
-    summary, progress = (read_json_if_any(run_dir / f"{name}.json")
+    summary, progress = (read_record(run_dir / f"{name}.json")
                          for name in ("summary", "progress"))
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
     evals = [r for r in rows if "val_loss" in r]
@@ -209,6 +210,9 @@ def cmd_watch(args: argparse.Namespace) -> None:
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such folder")
+    if not is_run(run_dir) and run_stage(run_dir) is None:  # else "not started" forever
+        raise UserError(f"{run_dir}: not a run folder (no run.json, metrics.jsonl or "
+                        "summary.json): give the --out folder of a training command")
     if not args.interval > 0:
         raise UserError(f"--interval {args.interval:g}: must be > 0 (seconds between refreshes)")
     console = Console()

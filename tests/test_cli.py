@@ -121,3 +121,54 @@ def test_corrupt_checkpoint_and_model_are_reported_and_kept(trained, tmp_path):
 def test_resume_without_checkpoint(tmp_path):
     r = run_cli("pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), "--resume")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("stage, inputs", [
+    ("pretrain", ["--set", "model.n_head=3"]), ("sft", ["--base", "m", "--data", "d.jsonl"]),
+    ("ppo", ["--policy", "m", "--reward", "r", "--prompts", "p.jsonl"]),
+    ("dpo", ["--policy", "m", "--data", "d.jsonl"])])
+def test_registry_without_register_is_refused(tmp_path, capsys, stage, inputs):
+    """`--registry PATH` without --register was silently ignored: nothing was registered.
+    It is an option of --register (README: `--register [--registry PATH]`), so it is refused
+    before any work rather than taken to mean a registration the user did not ask for."""
+    from scalelab.cli import main
+    reg = tmp_path / "reg.db"
+    assert main([stage, "--out", str(tmp_path / "run"), "--registry", str(reg), *inputs]) == 2
+    err = capsys.readouterr().err
+    assert "--registry needs --register" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_reward_offers_no_register(tmp_path, capsys):
+    """A reward model cannot be registered (it is no language model to run experiments on):
+    `reward --help` listed --register all the same, and only using it said no."""
+    from scalelab.cli import main
+    helps = {}
+    for stage in ("reward", "sft"):
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        helps[stage] = capsys.readouterr().out
+    assert "--register" in helps["sft"] and "--registry" in helps["sft"]
+    assert "--register" not in helps["reward"] and "--registry" not in helps["reward"]
+    with pytest.raises(SystemExit) as e:  # argparse: unrecognized arguments
+        main(["reward", "--base", "m", "--data", "d.jsonl", "--out", str(tmp_path / "r"),
+              "--register"])
+    assert e.value.code == 2 and "--register" in capsys.readouterr().err
+
+
+def test_one_seed_rule_for_the_cli_and_the_config():
+    """`generate --seed` took 64 bits while config seeds had to be below 2^32 in size: one
+    bound now (the samplers multiply config seeds, so theirs is the one kept)."""
+    from argparse import Namespace
+
+    from scalelab.cli import check_sampling
+    from scalelab.config import UserError, load_config
+    sampling = dict(max_new_tokens=1, temperature=1.0, top_k=0, top_p=1.0)
+    for v in (2**32, -2**32, 2**63):
+        with pytest.raises(UserError, match=rf"--seed {v} must be between -2\^32 and 2\^32"):
+            check_sampling(Namespace(**sampling, seed=v))
+        with pytest.raises(UserError, match=rf"sft.seed = {v} must be between -2\^32 and 2\^32"):
+            load_config(overrides=[f"sft.seed={v}"])
+    for v in (2**32 - 1, -2**32 + 1, 0):
+        check_sampling(Namespace(**sampling, seed=v))
+        assert load_config(overrides=[f"sft.seed={v}"]).sft.seed == v

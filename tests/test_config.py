@@ -85,3 +85,16 @@ def test_seed_too_large_is_bad_input():
     for v in (2**32 - 1, -2**32 + 1, -5):  # the extremes allowed still sample batches
         seed = load_config(overrides=[f"train.seed={v}"]).train.seed
         assert len(EpochSampler(10, 2, seed).next_indices()) == 2
+
+
+def test_reward_samples_per_prompt_floor_is_checked_at_load(tmp):
+    """reward.samples_per_prompt=1 (no two answers to rank) was refused only once the
+    preference data was being made, after the model had loaded; it is a bound like any other."""
+    with pytest.raises(UserError, match=r"--set reward.samples_per_prompt: "
+                                        r"reward.samples_per_prompt = 1 must be >= 2 \(ranking"):
+        load_config(overrides=["reward.samples_per_prompt=1"])
+    (tmp / "c.toml").write_text("[reward]\nsamples_per_prompt = 1\n")
+    with pytest.raises(UserError, match="c.toml: reward.samples_per_prompt = 1 must be >= 2"):
+        load_config(tmp / "c.toml")
+    assert load_config(overrides=["reward.samples_per_prompt=2"]).reward.samples_per_prompt == 2
+    assert load_config(overrides=["ppo.samples_per_prompt=1"])  # one per prompt: PPO can

@@ -359,3 +359,60 @@ def test_runs_show_events_count(tmp_path, capsys):
         shown[n] = [s for s in (10, 20, 30) if f"at step {s}" in out]
     assert shown == {0: [], 2: [20, 30], 5: [10, 20, 30]}  # the latest N; 0 = none
     assert main(["runs", "show", str(run), "--events", "-1"]) == 2
+
+
+def test_runs_watch_refuses_a_folder_that_is_no_run(tmp_path, capsys, monkeypatch):
+    """`runs watch` on a folder no run made printed "not started" forever; a run folder whose
+    run has not logged a step yet is still watched (it waits for the first one)."""
+    from scalelab import runs
+    from scalelab.cli import main
+
+    class Slept(Exception):
+        pass
+
+    def sleep(_seconds):
+        raise Slept
+    monkeypatch.setattr(runs.time, "sleep", sleep)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("[train]\nlr = 1e-3\n")  # a user's own config folder
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", mine):
+        assert main(["runs", "watch", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}: not a run folder" in err and len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"stage": "pretrain"}')  # claimed, no step logged yet
+    with pytest.raises(Slept):
+        main(["runs", "watch", str(run)])
+
+
+SUMMARY = {"status": "finished", "step": 10, "max_steps": 10, "loss": 5.6, "tokens": 2560,
+           "tokens_per_s": 16088.8, "goodput": 0.1, "wall_s": 1.6, "time_unix": 1.0,
+           "time": {"train": 0.16, "data": 0.002, "startup": 1.4}, "events": {}}
+
+
+@pytest.mark.parametrize("key, value", [("step", "ten"), ("time_unix", "x"), ("status", 3),
+                                        ("time", 5), ("time", {"train": "a"}),
+                                        ("goodput", "x"), ("events", [1]), ("wall_s", None)])
+def test_a_hand_edited_summary_with_a_wrong_type_is_named(tmp_path, capsys, key, value):
+    """A summary.json with a string where a number belongs was a traceback in `runs list`,
+    `runs show` and the demo report; now one line naming the file and the key, exit 2."""
+    from scalelab.cli import main
+    from scalelab.config import UserError
+    from scalelab.demo import run_health
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (run / "summary.json").write_text(json.dumps(SUMMARY))
+    assert main(["runs", "show", str(run)]) == 0  # intact: read as before
+    assert run_health(tmp_path)[-1].startswith("| run | finished | 10 | 2 s | 10% |")
+    capsys.readouterr()
+    (run / "summary.json").write_text(json.dumps({**SUMMARY, key: value}))
+    for command in (["runs", "show", str(run)], ["runs", "list", str(tmp_path)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"{run / 'summary.json'}: '{key}'" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(UserError, match=f"summary.json: '{key}'"):
+        run_health(tmp_path)

@@ -157,6 +157,25 @@ def test_resume_refuses_a_changed_data_section(base, tmp_path):
     assert snapshot(run) == before
 
 
+def test_resume_refuses_a_changed_model_section(base, tmp_path):
+    """--resume --set model.n_layer=1 ended in a truncated state-dict dump, and
+    --set model.seq_len=16 was taken silently (the checkpoint's data position counts windows
+    of the old length). Every model.* change is refused, each key named with both values."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(base[0], run)
+    before = snapshot(run)
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", "21",
+                     "--set", "model.n_layer=1", "--set", "model.seq_len=16")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "state_dict" not in err, err
+    assert "model.seq_len = 16 (was 32)" in err and "model.n_layer = 1 (was 2)" in err, err
+    assert snapshot(run) == before
+    # 0 = the tokenizer's size, which the run's model already has: no change, it trains on
+    rc, out, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", "21",
+                       "--set", "model.vocab_size=0")
+    assert rc == 0 and "model written" in out, err
+
+
 def test_out_naming_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("mine")

@@ -195,3 +195,25 @@ def test_a_malformed_ranked_preference_row_is_named(tmp_path, row, key):
     f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(UserError, match=f'preferences.jsonl:2: .*"{key}"'):
         load_pairs(str(f), 0.3)
+
+
+def test_too_few_ppo_prompts_say_what_is_short(tmp_path, tokenizer, capsys):
+    """A prompts file of 3 prompts said 'only 3 prompts fit the context with 24 new tokens;
+    need 8', as if they were too long: the file is too short for one step's batch."""
+    from conftest import save_policy_and_reward_model
+
+    from scalelab.cli import main
+    save_policy_and_reward_model(tokenizer, tmp_path, reward_std=1.0)
+    prompts = tmp_path / "prompts.jsonl"
+
+    def ppo_says(*rows: str) -> str:
+        prompts.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+        assert main(["ppo", "--policy", str(tmp_path / "base"), "--reward", str(tmp_path / "rm"),
+                     "--prompts", str(prompts), "--out", str(tmp_path / "p")]) == 2
+        return capsys.readouterr().err
+
+    err = ppo_says("a", "b", "c")  # 32 responses per step, 4 per prompt: 8 prompts
+    assert "holds 3 prompts" in err and "needs 8" in err and "context" not in err, err
+    assert "ppo.rollout_batch" in err and "ppo.samples_per_prompt" in err, err
+    err = ppo_says(*["hi"] * 6, *["river " * 200] * 4)  # enough, but 4 too long for 128
+    assert "only 6 of the 10 prompts fit" in err and "ppo.max_new_tokens" in err, err

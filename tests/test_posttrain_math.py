@@ -216,17 +216,3 @@ def test_reward_pairs_longer_than_the_context_are_left_out(tokenizer):
     assert [tokenizer.decode(s[len(tokenizer.chat_prompt("hi")):]) for s in seqs] == \
         ["yes", "maybe"]  # (each ends with EOS, which decode leaves out)
     assert pairs == [(0, 1)] and all(len(s) <= 64 for s in seqs)
-
-
-def test_reward_with_one_sample_per_prompt_is_named(tokenizer):
-    """reward.samples_per_prompt=1 can never give a preference; the error said 'raise
-    reward.n_prompts', which cannot help."""
-    from scalelab.config import Config, UserError
-    from scalelab.model import ModelConfig, Transformer
-    from scalelab.train.reward import generate_preferences
-    cfg = Config()
-    cfg.reward.n_prompts, cfg.reward.samples_per_prompt = 2, 1
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
-                                    n_head=2, d_model=16))
-    with pytest.raises(UserError, match="reward.samples_per_prompt"):
-        generate_preferences(model, tokenizer, cfg)

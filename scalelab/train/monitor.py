@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from scalelab.config import MonitorConfig, RunFailed
-from scalelab.io import atomic_write_json, atomic_write_text, read_rows
+from scalelab.config import MonitorConfig, RunFailed, UserError
+from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
 from scalelab.train.rundir import restart_count
 
 PROCESS_START_UNIX = time.time()  # imported when a stage starts: the rest is "startup"
@@ -430,6 +430,38 @@ def start_wandb(out: Path, project: str):
         atomic_write_text(id_file, run_id + "\n")
     return wandb.init(project=project, name=out.resolve().name, id=run_id, resume="allow",
                       dir=str(out))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What the readers of summary.json and progress.json compute with; other keys are not read.
+RECORD_TYPES = {
+    "status": ("a string", lambda v: isinstance(v, str)),
+    **dict.fromkeys(("step", "max_steps", "tokens", "pid"), (
+        "a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool))),
+    **dict.fromkeys(("time_unix", "wall_s"), ("a number", _is_number)),
+    **dict.fromkeys(("loss", "tokens_per_s", "goodput", "mfu"), (
+        "a number or null", lambda v: v is None or _is_number(v))),
+    "time": ("an object of numbers", lambda v: isinstance(v, dict) and all(
+        _is_number(x) for x in v.values())),
+    "events": ("an object of counts", lambda v: isinstance(v, dict) and all(
+        isinstance(x, int) for x in v.values())),
+}
+
+
+def read_record(path: Path, needed: tuple[str, ...] = ()) -> dict:
+    """DIR/summary.json or DIR/progress.json: {} when missing or torn (a run writes them as it
+    goes); a key of the wrong type (a hand edit) or a `needed` key missing is a UserError."""
+    record = read_json_if_any(path)
+    for key in needed:
+        if key not in record:
+            raise UserError(f"{path}: no '{key}' (or not readable as a JSON object)")
+    for key, (what, ok) in RECORD_TYPES.items():
+        if key in record and not ok(record[key]):
+            raise UserError(f"{path}: '{key}' must be {what}, got {record[key]!r}")
+    return record
 
 
 def read_events(run_dir: Path) -> list[dict]:

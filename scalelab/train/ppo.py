@@ -400,6 +400,13 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
     if oracle and examples is None:
         raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
+    n_prompts = pc.rollout_batch // pc.samples_per_prompt  # different prompts per step
+    if len(texts) < n_prompts:
+        more = "raise ppo.n_prompts" if examples is not None else "add prompts"
+        raise UserError(f"{prompts_spec}: holds {len(texts)} prompts; each PPO step needs "
+                        f"{n_prompts} different ones (ppo.rollout_batch {pc.rollout_batch} / "
+                        f"ppo.samples_per_prompt {pc.samples_per_prompt}): {more}, or lower "
+                        "ppo.rollout_batch or raise ppo.samples_per_prompt")
     if not oracle:  # before start_stage seeds: building it draws from the global RNG
         reward_model, _, stats = load_reward_model(reward_dir)  # on the CPU until the mesh
         reward_model.requires_grad_(False)
@@ -417,10 +424,11 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         parallelize(reward_model.to(device), par, tc.dtype)
     ids = [tok.chat_prompt(t) for t in texts]
     keep = [i for i, p in enumerate(ids) if len(p) + pc.max_new_tokens <= policy.cfg.seq_len]
-    n_prompts = pc.rollout_batch // pc.samples_per_prompt
     if len(keep) < n_prompts:
-        raise UserError(f"{prompts_spec}: only {len(keep)} prompts fit the context with "
-                        f"{pc.max_new_tokens} new tokens; need {n_prompts}")
+        raise UserError(f"{prompts_spec}: only {len(keep)} of the {len(texts)} prompts fit the "
+                        f"model's context of {policy.cfg.seq_len} tokens with room for "
+                        f"ppo.max_new_tokens = {pc.max_new_tokens}; each PPO step needs "
+                        f"{n_prompts}: shorten prompts or lower ppo.max_new_tokens")
     label = get_labeler(cfg.reward.labeler) if examples is not None else None
 
     def gold_scores(idx: list[int], responses: list[list[int]]) -> torch.Tensor:

@@ -52,6 +52,20 @@ def check_same_data(cfg: Config, saved: Path) -> None:
                             "change, or start a new run for new data")
 
 
+def check_same_model(cfg: Config, saved: Path) -> None:
+    """On --resume the checkpoint holds weights of the run's [model] (resolved: 0 = auto is
+    explicit in config.toml) and its data position counts windows of model.seq_len tokens:
+    every model.* change is refused, each one named."""
+    old = read_toml(saved).get("model", {}) if saved.is_file() else {}
+    changes = [f"model.{key} = {value!r} (was {old[key]!r})"
+               for key, value in asdict(check_shape(cfg.model)).items()
+               if key in old and old[key] != value]
+    if changes:
+        raise UserError(f"--resume: {'; '.join(changes)}: a resumed run keeps the model it "
+                        f"was started with ([model] in {saved}); drop the model.* change, or "
+                        "start a new run")
+
+
 def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
     """Train the tokenizer and write token files once per run (reused on --resume)."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
@@ -120,6 +134,8 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         raise UserError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
                         f"tokenizer's {tok.vocab_size} tokens; leave it 0 to take the "
                         "tokenizer's")
+    if resume:
+        check_same_model(cfg, out / "config.toml")
     try:
         model = Transformer(cfg.model).to(device)
     except ValueError as e:

@@ -78,9 +78,6 @@ def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> li
     from scalelab.tasks import TRAIN_TASKS, make_examples
     rc = cfg.reward
     label = get_labeler(rc.labeler)
-    if rc.samples_per_prompt < 2:
-        raise UserError(f"reward.samples_per_prompt = {rc.samples_per_prompt}: ranking needs "
-                        "at least 2 answers per prompt")
     if rc.max_new_tokens >= policy.cfg.seq_len:
         raise UserError(f"reward.max_new_tokens = {rc.max_new_tokens} leaves no room for a "
                         f"prompt in the model's context of {policy.cfg.seq_len} tokens")

@@ -80,15 +80,14 @@ def check_writable(out: Path) -> None:
     (else the command would fail with a traceback after its work)."""
     where = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not where.is_dir():
-        raise UserError(f"--out {out}: {where} is a file, so no folder can be made there")
+        raise UserError(f"--out {out}: {where} is a file, so no folder can be made there; "
+                        "give a folder (new or empty)")
     if not os.access(where, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {where} is not writable; choose another --out")
 
 
 def check_out(out: Path, stage: str, resume: bool) -> None:
     """Raise UserError unless `stage` may write its run into `out` (nothing is written)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder for the run (new or empty)")
     check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     owner = run_stage(out) if entries else None
@@ -157,8 +156,6 @@ def claim(out: Path, stage: str, resume: bool) -> None:
 def check_folder(out: Path, own: str, command: str) -> None:
     """For commands that write several things into --out (demo, sweep, track report): the
     folder must be new, empty, or one this command wrote before (it holds `own`)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; give a folder (new or empty)")
     check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not (out / own).exists():
