@@ -79,10 +79,10 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
               lineage: str | None = None, parent: str | None = None) -> None:
     """A training command: its config, then train(cfg) -> the model folder, which rank 0
     reports (and with --register adds to the experiment registry as `lineage`)."""
-    if lineage and args.registry and not args.register:  # an option of --register only
+    if args.registry and not args.register:  # an option of --register, not one by itself
         raise UserError("--registry needs --register (it names the registry file that "
                         "--register adds the result to)")
-    if lineage and args.register:  # a bad registry path is said now, not after training
+    if args.register and lineage:  # a bad registry path is said now, not after training
         from scalelab.track.registry import check_path, registry_path
         check_path(registry_path(args.registry))
     cfg = stage_config(args, preset)
@@ -91,7 +91,7 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
     out = main_rank_only(train(cfg))
     if out is not None:
         print(f"{what} written to {out}")
-        if lineage and args.register:
+        if args.register and lineage:
             from scalelab.track.commands import register_output
             register_output(args, out, lineage, parent)
 
@@ -110,6 +110,9 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 def cmd_reward(args: argparse.Namespace) -> None:
     from scalelab.train.reward import train_reward
+    if args.register:
+        raise UserError("--register: a reward model is no language model to run experiments "
+                        "on; register the policy (sft/ppo/dpo) instead")
     run_stage(args, lambda cfg: train_reward(cfg, Path(args.base), args.data, Path(args.out),
                                              args.resume), "reward", "reward model")
 
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalelab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, help: str, registers: bool = True) -> argparse.ArgumentParser:
+    def stage(name: str, help: str, register_help: str = "add the result to the experiment "
+              "registry (see --registry)") -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--config", help="TOML file or preset name (tiny, small, gpt2-124m)")
         s.add_argument("--out", required=True, help="run directory to write")
@@ -274,10 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
-        if registers:  # (a reward model is no language model to run experiments on)
-            s.add_argument("--register", action="store_true",
-                           help="add the result to the experiment registry (see --registry)")
-            s.add_argument("--registry", help="registry file for --register")
+        s.add_argument("--register", action="store_true", help=register_help)
+        s.add_argument("--registry", help="registry file for --register")
         return s
 
     stage("pretrain", "pretrain a model from scratch").set_defaults(func=cmd_pretrain)
@@ -285,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, help="model folder to start from")
     s.add_argument("--data", required=True, help="builtin:tasks or a JSONL file")
     s.set_defaults(func=cmd_sft)
-    s = stage("reward", "train a reward model on preference pairs", registers=False)
+    s = stage("reward", "train a reward model on preference pairs", register_help="refused: a "
+              "reward model is no language model to run experiments on (register the policy)")
     s.add_argument("--base", required=True, help="model folder (the SFT model) to start from")
     s.add_argument("--data", required=True,
                    help="builtin:tasks (sample and rank with the gold labeler) or a JSONL file")

@@ -139,21 +139,18 @@ def test_registry_without_register_is_refused(tmp_path, capsys, stage, inputs):
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_reward_offers_no_register(tmp_path, capsys):
-    """A reward model cannot be registered (it is no language model to run experiments on):
-    `reward --help` listed --register all the same, and only using it said no."""
+def test_reward_register_is_refused_with_its_reason(tmp_path, capsys):
+    """DESIGN.md: every stage takes --register. A reward model is no language model to run
+    experiments on, so reward takes the flag only to refuse it, and its help says so."""
     from scalelab.cli import main
-    helps = {}
-    for stage in ("reward", "sft"):
-        with pytest.raises(SystemExit):
-            main([stage, "--help"])
-        helps[stage] = capsys.readouterr().out
-    assert "--register" in helps["sft"] and "--registry" in helps["sft"]
-    assert "--register" not in helps["reward"] and "--registry" not in helps["reward"]
-    with pytest.raises(SystemExit) as e:  # argparse: unrecognized arguments
-        main(["reward", "--base", "m", "--data", "d.jsonl", "--out", str(tmp_path / "r"),
-              "--register"])
-    assert e.value.code == 2 and "--register" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reward", "--help"])
+    assert "register the policy" in " ".join(capsys.readouterr().out.split())
+    assert main(["reward", "--base", "m", "--data", "d.jsonl", "--out", str(tmp_path / "r"),
+                 "--register"]) == 2
+    err = capsys.readouterr().err
+    assert "register the policy" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_one_seed_rule_for_the_cli_and_the_config():
