@@ -21,3 +21,13 @@ def test_ppo_throughput_smoke_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())["results"]["scalelab"]
     assert result["steps"] == 2 and result["episodes_per_s"] > 0
+
+
+def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
+    # tokens/s is the median of the logged 10-step intervals after the first, so --steps 10
+    # has none: one line and exit 2, not a StatisticsError traceback
+    proc = subprocess.run([sys.executable, "bench/monitor_overhead.py", "--cpu", "--steps", "10",
+                           "--rounds", "1"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
