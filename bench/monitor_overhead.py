@@ -81,6 +81,9 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="a tiny CPU smoke run")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
+    if args.steps < 20:  # rates come from the logged 10-step intervals after the first
+        ap.error(f"--steps {args.steps}: at least 20 (tokens/s is the median of the "
+                 "logged 10-step intervals after the first)")
     device = "cpu" if args.cpu else "auto"
     sets = args.set + (["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.seq_len=64",
                         "train.batch_size=8"] if args.cpu else [])

@@ -66,7 +66,8 @@ def scalelab_steps(mc: ModelConfig, prompts: list[list[int]], response_len: int,
                                device)
     pc = PPOConfig(max_new_tokens=response_len, ppo_epochs=epochs, minibatches=1,
                    samples_per_prompt=1, temperature=1.0)
-    tok = types.SimpleNamespace(pad_id=PAD, eos_id=None)  # no stop token, as for TRL
+    # no stop token, as for TRL; every id of the model's vocabulary may be sampled
+    tok = types.SimpleNamespace(pad_id=PAD, eos_id=None, vocab_size=mc.vocab_size)
     ctx = autocast(device, tc.dtype)
 
     def reward_fn(idx, responses):  # the reward model's scalar at each last token

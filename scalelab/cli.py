@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, help: str, register_help: str = "add the result to the experiment "
               "registry (see --registry)") -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("--config", help="TOML file or preset name (tiny, small, gpt2-124m)")
+        presets = ("preset name (tiny, small, gpt2-124m)" if name == "pretrain" else
+                   f"preset name (default: the {name} preset, configs/{name}.toml)")
+        s.add_argument("--config", help=f"TOML file or {presets}")
         s.add_argument("--out", required=True, help="run directory to write")
         s.add_argument("--max-steps", type=int, help="override train.max_steps")
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

@@ -211,8 +211,10 @@ def register(sub) -> None:
                    "choice); lm-eval tasks: also acc, acc_norm, perplexities, bits_per_byte")
     a.add_argument("--note", default="", help="hypothesis or free text")
     a.set_defaults(func=cmd_experiment_add)
-    exs.add_parser("list", parents=[common]).set_defaults(func=cmd_experiment_list)
-    s = exs.add_parser("show", parents=[common])
+    exs.add_parser("list", help="every experiment: passed or not yet, its pass rule",
+                   parents=[common]).set_defaults(func=cmd_experiment_list)
+    s = exs.add_parser("show", help="one experiment: its rule, history and results",
+                       parents=[common])
     s.add_argument("name")
     s.set_defaults(func=cmd_experiment_show)
     exs.add_parser("seed", help="add the built-in starter experiments",
@@ -228,7 +230,8 @@ def register(sub) -> None:
     a.add_argument("--parent", help="name of the registered model this one came from")
     a.add_argument("--no-run", action="store_true", help="register only")
     a.set_defaults(func=cmd_model_add)
-    mos.add_parser("list", parents=[common]).set_defaults(func=cmd_model_list)
+    mos.add_parser("list", help="every registered model: params, N, tokens, FLOPs",
+                   parents=[common]).set_defaults(func=cmd_model_list)
 
     r = ts.add_parser("run", help="evaluate experiments on models (adds result rows)",
                       parents=[common])

@@ -1,0 +1,33 @@
+"""The bench scripts' own smoke modes, run as bench/README.md shows them: a library change
+that breaks a bench (not imported by any other test) shows up here, not on the next GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ppo_throughput_smoke_runs(tmp_path: Path) -> None:
+    # bench/README.md: `python bench/ppo_throughput.py --smoke --json /tmp/ppo-smoke.json`
+    # (scalelab alone here: TRL is a bench extra, not a test dependency)
+    out = tmp_path / "ppo.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench/ppo_throughput.py", "--smoke", "--peers",
+                           "scalelab", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())["results"]["scalelab"]
+    assert result["steps"] == 2 and result["episodes_per_s"] > 0
+
+
+def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
+    # tokens/s is the median of the logged 10-step intervals after the first, so --steps 10
+    # has none: one line and exit 2, not a StatisticsError traceback
+    proc = subprocess.run([sys.executable, "bench/monitor_overhead.py", "--cpu", "--steps", "10",
+                           "--rounds", "1"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
