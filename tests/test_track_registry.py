@@ -306,6 +306,31 @@ def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models
     assert r.returncode == 0 and Registry(reg).model("run-200")["tokens"] == 200
 
 
+def test_track_run_on_a_folder_trained_further_since_is_refused(tmp_path, models):
+    """`track run` must not file the new weights' results under the old record either."""
+    import shutil
+    reg, run = tmp_path / "reg.db", tmp_path / "run"
+    shutil.copytree(models[0], run / "model")
+    (run / "config.toml").write_text("")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens": 100}\n')
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=1&n=2", "--threshold", "1").returncode == 0
+    assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss": 4.0, "tokens": 200}\n')
+    for extra in ((), ("--model", "run")):
+        r = track(reg, "run", *extra)
+        assert r.returncode == 2 and str(run / "model") in r.stderr, r
+        assert "--name NEW" in r.stderr and "200" in r.stderr, r.stderr
+    assert Registry(reg).results() == []
+    assert track(reg, "model", "add", str(run / "model"), "--no-run", "--name",
+                 "run-200").returncode == 0
+    r = track(reg, "run")  # the old record is now superseded: skipped, said so
+    assert r.returncode == 0 and "skipped run:" in r.stdout and "run-200" in r.stdout, r
+    assert [x["model"] for x in Registry(reg).results()] == ["run-200"]
+    assert track(reg, "run", "--model", "run").returncode == 2  # asked for by name: refused
+
+
 def test_backtest_out_that_cannot_be_written(tmp_path):
     reg = tmp_path / "reg.db"
     for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder

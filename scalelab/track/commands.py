@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
     print(f"running {len(exps)} experiments on {len(models)} models")
-    evaluate(reg, models, exps)
+    evaluate(reg, models, exps, skip_superseded=not args.model)
 
 
 def status(reg: Registry) -> dict:

@@ -59,15 +59,26 @@ def seed_experiments(reg: Registry) -> list[str]:
     return added
 
 
-def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
-    """Every experiment on every model; each evaluation adds a result row."""
-    from scalelab.track.evaluate import load_lm, run_experiment
+def evaluate(reg: Registry, models: list, exps: list, log=print,
+             skip_superseded: bool = False) -> None:
+    """Every experiment on every model; each evaluation adds a result row. A model whose
+    folder changed since it was registered is refused, or with `skip_superseded` skipped
+    when another record now holds that folder's contents (it was re-registered)."""
+    from scalelab.track.evaluate import load_lm, model_info, run_experiment
     from scalelab.track.predict import fmt, record_predictions
     version = code_version()
     for m in models:
         if not exps:
             break
         lm = load_lm(m["path"])
+        info = model_info(m["path"], lm)
+        newer = next((o["name"] for o in reg.models() if o["path"] == m["path"]
+                      and o["id"] != m["id"] and unchanged(o, info)), None)
+        if skip_superseded and not unchanged(m, info) and newer is not None:
+            log(f"  skipped {m['name']}: its folder has since been trained further and "
+                f"registered as {newer}")
+            continue
+        check_unchanged(m, info, m["path"])
         for e in exps:
             before = e["id"] in reg.passed_experiment_ids()
             agg, ok, samples, n, secs = run_experiment(lm, e)
@@ -82,6 +93,22 @@ def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
     for p in record_predictions(reg):
         log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
+
+
+def unchanged(m, info: dict) -> bool:
+    """The folder still holds the model registered as `m` (same parameters and tokens)."""
+    return (m["params"], m["tokens"]) == (info["params"], info["tokens"])
+
+
+def check_unchanged(m, info: dict, path: str | Path) -> None:
+    """Refuse a registered model whose folder was trained further since (a resumed run
+    rewrites RUN/model in place): its results would be filed under the old record."""
+    if not unchanged(m, info):
+        was, now = ((human(x["params"]), human(x["tokens"])) for x in (m, info))
+        raise UserError(f"{path}: registered as {m['name']!r} with {was[0]} params and {was[1]} "
+                        f"tokens, but the folder now holds {now[0]} params and {now[1]} "
+                        "tokens (trained further since); register it under a new name: "
+                        f"scalelab track model add {path} --name NEW")
 
 
 STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
@@ -113,12 +140,7 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
         # the same folder under the same name: an earlier `model add` (perhaps killed before
         # its evaluations finished); go on with what it lacks instead of refusing, unless
         # the folder was trained further since (a resumed run rewrites RUN/model in place)
-        if (same["params"], same["tokens"]) != (info["params"], info["tokens"]):
-            was, now = ((human(m["params"]), human(m["tokens"])) for m in (same, info))
-            raise UserError(f"{path}: registered as {name!r} with {was[0]} params and {was[1]} "
-                            f"tokens, but the folder now holds {now[0]} params and {now[1]} "
-                            "tokens (trained further since); register it under a new name: "
-                            f"scalelab track model add {path} --name NEW")
+        check_unchanged(same, info, path)
         log(f"model {name} is already registered from this folder: running what it lacks")
         m = same
     else:
