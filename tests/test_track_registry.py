@@ -297,6 +297,9 @@ def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models
     (run / "config.toml").write_text("")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens": 100}\n')
     assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    r = track(reg, "model", "add", str(run / "model"), "--no-run")  # unchanged: nothing to do
+    assert r.returncode == 0 and "already registered" in r.stdout, r
+    assert "running" not in r.stdout, r.stdout  # it used to say "running what it lacks"
     with (run / "metrics.jsonl").open("a") as f:  # trained on: 100 more tokens
         f.write('{"step": 2, "loss": 4.0, "tokens": 200}\n')
     r = track(reg, "model", "add", str(run / "model"), "--no-run")

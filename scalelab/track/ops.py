@@ -141,7 +141,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
         # its evaluations finished); go on with what it lacks instead of refusing, unless
         # the folder was trained further since (a resumed run rewrites RUN/model in place)
         check_unchanged(same, info, path)
-        log(f"model {name} is already registered from this folder: running what it lacks")
+        log(f"model {name} is already registered from this folder" +
+            (": running what it lacks" if run else " (--no-run: nothing to do)"))
         m = same
     else:
         reg.add_model(info)  # refuses a name that another folder holds
