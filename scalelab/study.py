@@ -102,13 +102,13 @@ def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
     for fam in HELDOUT_TASKS + TRAIN_TASKS:
         d = min(opts["eval_difficulty"], TASKS[fam].max_difficulty)
         name, task = f"{opts['name']}:{fam}", f"tasks:{fam}?difficulty={d}&n={opts['eval_n']}"
-        if name in have and have[name]["task"] != task:
-            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
-                            f"{have[name]['task']!r}; change study.name")
-        if name not in have:
+        if name not in have:  # exist_ok: another study may add it now
             add_experiment(reg, name, task, 0.8, "exact_match",
-                           f"instruction study {opts['name']}: family {fam}")
+                           f"instruction study {opts['name']}: family {fam}", exist_ok=True)
         out[fam] = dict(reg.experiment(name))
+        if out[fam]["task"] != task:
+            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
+                            f"{out[fam]['task']!r}; change study.name")
     return out
 
 

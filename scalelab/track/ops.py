@@ -22,7 +22,8 @@ def human(x: float | None) -> str:
 
 
 def add_experiment(reg: Registry, name: str, task: str, threshold: float,
-                   metric: str | None = None, note: str = "") -> int:
+                   metric: str | None = None, note: str = "", exist_ok: bool = False
+                   ) -> int | None:
     from scalelab.track.lmeval_task import is_lm_eval, metrics_for
     from scalelab.track.specs import is_choice_task
     if not name.strip():
@@ -44,19 +45,17 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
     bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
     if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
         raise UserError(f"--threshold {threshold} is out of range for {metric}")
-    return reg.add_experiment(name, task, metric, threshold, note)
+    return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
 
 
 def seed_experiments(reg: Registry) -> list[str]:
-    """Add the starter set (graded arithmetic, stories, facts); existing names are kept."""
+    """Add the starter set (graded arithmetic, stories, facts); existing names are kept,
+    also one that another process adds meanwhile (two sweeps starting at once)."""
     from scalelab.track.specs import STARTER
     have = {e["name"] for e in reg.experiments()}
-    added = []
-    for name, task, thr, note in STARTER:
-        if name not in have:
-            add_experiment(reg, name, task, thr, None, note)
-            added.append(name)
-    return added
+    return [name for name, task, thr, note in STARTER
+            if name not in have and add_experiment(reg, name, task, thr, None, note,
+                                                   exist_ok=True) is not None]
 
 
 def evaluate(reg: Registry, models: list, exps: list, log=print,

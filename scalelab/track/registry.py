@@ -254,9 +254,13 @@ class Registry:
     # ---- experiments ------------------------------------------------------------------
 
     def add_experiment(self, name: str, task: str, metric: str, threshold: float,
-                       note: str = "") -> int:
+                       note: str = "", exist_ok: bool = False) -> int | None:
+        """The new experiment's id; with exist_ok, None where the name is taken (checked
+        inside the write transaction: another process may have added it since we looked)."""
         with self.write() as db:
             if db.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone():
+                if exist_ok:
+                    return None
                 raise UserError(f"experiment {name!r} already exists (names are permanent; "
                                 "choose another)")
             eid = insert(db, "experiments", dict(name=name, task=task, metric=metric,

@@ -142,7 +142,7 @@ def ensure_experiments(reg: Registry, opts: dict, where: Path) -> None:
             raise UserError(f"{where}: sweep.experiments[{i}] needs name, task and threshold")
         if e["name"] not in have:
             add_experiment(reg, e["name"], e["task"], float(e["threshold"]), e.get("metric"),
-                           e.get("note", ""))
+                           e.get("note", ""), exist_ok=True)  # another sweep may add it now
 
 
 def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
