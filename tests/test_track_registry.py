@@ -171,6 +171,24 @@ def test_corrupt_or_foreign_registry_exits_2(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr  # names are never overwritten
 
 
+def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
+    """An lm-eval multiple-choice task whose documents have several gold answers scores
+    mc_accuracy nan (no item it can judge). Python writes that as NaN, which SQLite's
+    json_valid rejects: every later command refused the whole registry as damaged."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task", "builtin:qa?n=2",
+                 "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    r = Registry(reg)
+    r.add_result(1, 1, {"exact_match": math.nan, "token_logprob": -math.inf}, False, [], 0,
+                 0.1, "test")
+    r.close()
+    r = track(reg, "status")
+    assert r.returncode == 0 and "nan" in r.stdout, r
+    assert math.isnan(Registry(reg).results()[0]["metrics"]["exact_match"])
+    assert track(reg, "experiment", "show", "a").returncode == 0
+
+
 def test_hf_model_folder(tmp_path, tokenizer):
     """A local Hugging Face causal LM goes through the same registry and scoring."""
     transformers = pytest.importorskip("transformers")

@@ -203,8 +203,7 @@ class Registry:
                     f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
                     f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
                 if bad is None and col in ("metrics", "samples", "detail"):
-                    bad = db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
-                                     f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
+                    bad = self._bad_json(db, table, col)
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
                                     f"holds {bad[1]}, expected {decl.lower()}")
@@ -213,6 +212,18 @@ class Registry:
             if row[2] not in HIGHER_IS_BETTER:
                 raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
                                 f"unknown metric {row[2]!r}")
+
+    @staticmethod
+    def _bad_json(db: sqlite3.Connection, table: str, col: str) -> tuple[int, str] | None:
+        """The first row whose JSON does not parse. Python's parser, not SQLite's json_valid:
+        json.dumps writes a nan or inf metric (an lm-eval task with no item it can score)
+        as NaN or Infinity, which json_valid rejects."""
+        for rowid, text in db.execute(f"SELECT rowid, {col} FROM {table}"):
+            try:
+                json.loads(text)
+            except ValueError:
+                return rowid, "invalid JSON"
+        return None
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
