@@ -187,6 +187,10 @@ def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
     assert r.returncode == 0 and "nan" in r.stdout, r
     assert math.isnan(Registry(reg).results()[0]["metrics"]["exact_match"])
     assert track(reg, "experiment", "show", "a").returncode == 0
+    # the report's plot of it: no finite point to place on a log axis (it used to crash)
+    r = track(reg, "report", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0 and (tmp_path / "rep" / "exp1.png").is_file(), r
+    assert "nan" in (tmp_path / "rep" / "report.html").read_text()
 
 
 def test_hf_model_folder(tmp_path, tokenizer):
