@@ -193,6 +193,34 @@ def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
     assert "nan" in (tmp_path / "rep" / "report.html").read_text()
 
 
+def test_hand_edited_registry_is_refused_naming_table_and_row(tmp_path, models):
+    """Values of the right SQL type but the wrong shape used to pass the opening check and
+    then crash a command halfway (KeyError, AttributeError, LinAlgError in the report)."""
+    import shutil
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task", "builtin:qa?n=2",
+                 "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0])).returncode == 0
+    con = sqlite3.connect(reg)  # everything into the main file, so one copy holds it all
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    edits = {"UPDATE results SET metrics = '{}'": "table results, row 1: column metrics lacks",
+             "UPDATE results SET metrics = '[1]'": "row 1: column metrics holds a JSON list",
+             "UPDATE results SET samples = '[{\"a\": 1}]'": "row 1: column samples holds a "
+             "sample without",
+             "UPDATE models SET non_embedding_params = -5": "table models, row 1 (m16): para",
+             "UPDATE experiments SET threshold = 1e308 * 10": "row 1 (a): threshold inf"}
+    for i, (sql, said) in enumerate(edits.items()):
+        copy = tmp_path / f"edited{i}.db"
+        shutil.copy(reg, copy)
+        con = sqlite3.connect(copy)
+        con.execute(sql)
+        con.commit()
+        con.close()
+        r = track(copy, "status")
+        assert r.returncode == 2 and said in r.stderr and not r.stdout, (sql, r)
+
+
 def test_hf_model_folder(tmp_path, tokenizer):
     """A local Hugging Face causal LM goes through the same registry and scoring."""
     transformers = pytest.importorskip("transformers")

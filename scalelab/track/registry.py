@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ DEFAULT_PATH = "scalelab-registry.db"
 QUIET_WAIT_S = 5  # writers hold the lock for milliseconds; longer means one is stuck
 LOCK_WAIT_S = 60
 SCHEMA_VERSION = 1
+JSON_COLUMNS = {"metrics": dict, "samples": list, "detail": dict}  # the JSON each one holds
 SCHEMA = """
 CREATE TABLE scalelab_registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE experiments (
@@ -202,27 +204,52 @@ class Registry:
                 bad = db.execute(
                     f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
                     f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
-                if bad is None and col in ("metrics", "samples", "detail"):
+                expect = decl.lower()
+                if bad is None and col in JSON_COLUMNS:
                     bad = self._bad_json(db, table, col)
+                    expect = JSON_COLUMNS[col].__name__ + " (JSON)"
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
-                                    f"holds {bad[1]}, expected {decl.lower()}")
+                                    f"holds {bad[1]}, expected {expect}")
         want.close()
-        for row in db.execute("SELECT id, name, metric FROM experiments"):
+        for row in db.execute("SELECT id, name, metric, threshold FROM experiments"):
             if row[2] not in HIGHER_IS_BETTER:
                 raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
                                 f"unknown metric {row[2]!r}")
+            if not math.isfinite(row[3]):
+                raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
+                                f"threshold {row[3]} is not a finite number")
+        bad = db.execute("SELECT id, name FROM models WHERE params < 1 OR "
+                         "non_embedding_params < 1 LIMIT 1").fetchone()
+        if bad is not None:
+            raise UserError(f"{self.path}: table models, row {bad[0]} ({bad[1]}): parameter "
+                            "counts must be positive")
+        for rid, text, metric in db.execute(
+                "SELECT r.id, r.metrics, e.metric FROM results r "
+                "JOIN experiments e ON e.id = r.experiment_id"):
+            value = json.loads(text).get(metric)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserError(f"{self.path}: table results, row {rid}: column metrics lacks "
+                                f"a number for its experiment's metric {metric!r}")
 
     @staticmethod
     def _bad_json(db: sqlite3.Connection, table: str, col: str) -> tuple[int, str] | None:
-        """The first row whose JSON does not parse. Python's parser, not SQLite's json_valid:
-        json.dumps writes a nan or inf metric (an lm-eval task with no item it can score)
-        as NaN or Infinity, which json_valid rejects."""
+        """The first row whose JSON does not parse, or is not of JSON_COLUMNS' type (samples:
+        each an object of prompt, output and target strings). Python's parser, not SQLite's
+        json_valid: json.dumps writes a nan or inf metric (an lm-eval task with no item it
+        can score) as NaN or Infinity, which json_valid rejects."""
         for rowid, text in db.execute(f"SELECT rowid, {col} FROM {table}"):
             try:
-                json.loads(text)
+                value = json.loads(text)
             except ValueError:
                 return rowid, "invalid JSON"
+            if not isinstance(value, JSON_COLUMNS[col]):
+                return rowid, f"a JSON {type(value).__name__}"
+            if col == "samples" and not all(
+                    isinstance(s, dict) and all(isinstance(s.get(k), str)
+                                                for k in ("prompt", "output", "target"))
+                    for s in value):
+                return rowid, "a sample without prompt, output and target strings"
         return None
 
     @contextlib.contextmanager
