@@ -221,6 +221,16 @@ def test_hand_edited_registry_is_refused_naming_table_and_row(tmp_path, models):
         assert r.returncode == 2 and said in r.stderr and not r.stdout, (sql, r)
 
 
+def test_lm_eval_options_without_lm_eval_are_refused(tmp_path):
+    """`--limit 0` and `--include-path ''` were taken as not given (falsy) and ignored."""
+    reg = tmp_path / "reg.db"
+    for extra in (["--limit", "0"], ["--limit", "5"], ["--include-path", ""]):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", "builtin:qa",
+                  "--threshold", "0.5", *extra)
+        assert r.returncode == 2 and "go with --lm-eval" in r.stderr, (extra, r)
+    assert Registry(reg).experiments() == []
+
+
 def test_hf_model_folder(tmp_path, tokenizer):
     """A local Hugging Face causal LM goes through the same registry and scoring."""
     transformers = pytest.importorskip("transformers")

@@ -27,7 +27,7 @@ def open_registry(args: argparse.Namespace) -> Registry:
 def cmd_experiment_add(args: argparse.Namespace) -> None:
     from scalelab.track.lmeval_task import make_spec
     reg = open_registry(args)
-    if args.lm_eval is None and (args.include_path or args.limit):
+    if args.lm_eval is None and (args.include_path is not None or args.limit is not None):
         raise UserError("--include-path and --limit go with --lm-eval")
     task = args.task if args.lm_eval is None else \
         make_spec(args.lm_eval, args.include_path, args.limit)
