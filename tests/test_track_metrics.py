@@ -90,6 +90,9 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
         builtin_items("builtin:addition?digits=9")
     with pytest.raises(UserError, match="unknown built-in family"):
         builtin_items("builtin:algebra")
+    # n capped like the built-ins' (tasks:addition?n=100000000 ran on for minutes, eating memory)
+    with pytest.raises(UserError, match="n must be an integer in 1..100000"):
+        load_items("tasks:addition?n=100000000")
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(UserError, match="t.jsonl:2:"):

@@ -172,9 +172,12 @@ def suite_items(spec: str) -> list[Item]:
         if not raw.isdigit():
             raise UserError(f"task {spec!r}: {key} must be a non-negative integer")
         params[key] = int(raw)
-    if not 1 <= params["difficulty"] <= fam.max_difficulty or params["n"] < 1:
-        raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}, "
-                        "n at least 1")
+    if not 1 <= params["difficulty"] <= fam.max_difficulty:
+        raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}")
+    for key in ("n", "seed"):  # the built-ins' limits (a huge n would run on for minutes)
+        lo, hi = LIMITS[key]
+        if not lo <= params[key] <= hi:
+            raise UserError(f"task {spec!r}: {key} must be an integer in {lo}..{hi}")
     rng = random.Random(f"tasks/{family}/{params['seed']}")
     examples = [fam.make(rng, params["difficulty"]) for _ in range(params["n"])]
     return [Item(ex.prompt, ex.answer, example=ex) for ex in examples]
