@@ -90,6 +90,9 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
         builtin_items("builtin:addition?digits=9")
     with pytest.raises(UserError, match="unknown built-in family"):
         builtin_items("builtin:algebra")
+    for spec in ("builtin:addition?digits=1&digits=2", "tasks:addition?n=2&n=3"):
+        with pytest.raises(UserError, match="given twice"):  # the last one used to win
+            load_items(spec)
     # n capped like the built-ins' (tasks:addition?n=100000000 ran on for minutes, eating memory)
     with pytest.raises(UserError, match="n must be an integer in 1..100000"):
         load_items("tasks:addition?n=100000000")

@@ -95,13 +95,22 @@ LIMITS = {"digits": (1, 5), "seen": (0, 1), "steps": (1, 8), "n": (1, 100000), "
           "world": (0, 2**31)}
 
 
+def query_pairs(spec: str, query: str) -> list[tuple[str, str]]:
+    """key=value pairs of a spec's query; a key given twice is refused (which would win?)."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    twice = next((k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])), None)
+    if twice is not None:
+        raise UserError(f"task {spec!r}: {twice} given twice")
+    return pairs
+
+
 def parse_builtin(spec: str) -> tuple[str, dict[str, int]]:
     family, _, query = spec.removeprefix("builtin:").partition("?")
     if family not in BUILTINS:
         raise UserError(f"task {spec!r}: unknown built-in family {family!r} "
                         f"(known: {', '.join(BUILTINS)})")
     params = {**BUILTINS[family], "n": 100, "seed": 0, "world": 0}
-    for key, raw in parse_qsl(query, keep_blank_values=True):
+    for key, raw in query_pairs(spec, query):
         if key not in params:
             raise UserError(f"task {spec!r}: unknown parameter {key!r} for builtin:{family} "
                             f"(known: {', '.join(params)})")
@@ -165,7 +174,7 @@ def suite_items(spec: str) -> list[Item]:
                         f"(known: {', '.join(sorted(TASKS))})")
     fam = TASKS[family]
     params = {"difficulty": 1, "n": 100, "seed": 0}
-    for key, raw in parse_qsl(query, keep_blank_values=True):
+    for key, raw in query_pairs(spec, query):
         if key not in params:
             raise UserError(f"task {spec!r}: unknown parameter {key!r} (known: "
                             f"{', '.join(params)})")
