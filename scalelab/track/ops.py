@@ -24,10 +24,18 @@ def human(x: float | None) -> str:
 def add_experiment(reg: Registry, name: str, task: str, threshold: float,
                    metric: str | None = None, note: str = "", exist_ok: bool = False
                    ) -> int | None:
+    task, metric = checked_experiment(name, task, threshold, metric)
+    return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
+
+
+def checked_experiment(name: str, task: str, threshold: float, metric: str | None = None
+                       ) -> tuple[str, str]:
+    """(task, metric) as an experiment stores them (a file by absolute path, the task's
+    default metric), or a UserError saying which of the four is wrong and why."""
     from scalelab.track.lmeval_task import is_lm_eval, metrics_for
     from scalelab.track.specs import is_choice_task
     if not name.strip():
-        raise UserError("--name must not be empty")
+        raise UserError("name must not be empty")
     if is_lm_eval(task):  # also finds the task (lm-eval installed, name, include path)
         allowed, default = metrics_for(task)
         kind = "this lm-eval task"
@@ -40,12 +48,12 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
         kind = "multiple choice" if choice else "generation"
     metric = metric or default
     if metric not in allowed:
-        raise UserError(f"--metric {metric!r} does not apply to {task!r} "
+        raise UserError(f"metric {metric!r} does not apply to {task!r} "
                         f"({kind}: {', '.join(allowed)})")
     bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
     if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
-        raise UserError(f"--threshold {threshold} is out of range for {metric}")
-    return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
+        raise UserError(f"threshold {threshold:g} is out of range for {metric}")
+    return task, metric
 
 
 def seed_experiments(reg: Registry) -> list[str]:
