@@ -155,6 +155,12 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     order = task_order(opts["order_seed"])
     subsets = {k: order[:k] for k in opts["n_tasks"]}
     digest = plan_hash(base_cfg, opts)
+    for i, size in enumerate(opts["sizes"]):  # before --out is started: its study.json
+        if isinstance(size, str):  # would refuse the corrected config
+            try:
+                reg.model(size.removeprefix("registry:"))
+            except UserError as e:
+                raise UserError(f"{config}: study.sizes[{i}]: {e}") from None
     marker = out / MARKER
     if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "
