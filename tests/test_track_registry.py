@@ -185,6 +185,9 @@ def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
     r.close()
     r = track(reg, "status")
     assert r.returncode == 0 and "nan" in r.stdout, r
+    r = track(reg, "status", "--json")  # strict JSON (jq refuses NaN): the value is null
+    cell = json.loads(r.stdout, parse_constant=pytest.fail)["experiments"][0]["results"]
+    assert cell == {"m16": {"value": None, "passed": False}}
     assert math.isnan(Registry(reg).results()[0]["metrics"]["exact_match"])
     assert track(reg, "experiment", "show", "a").returncode == 0
     # the report's plot of it: no finite point to place on a log axis (it used to crash)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -118,7 +119,10 @@ def status(reg: Registry) -> dict:
         for m in models:
             r = latest.get((e["id"], m["id"]))
             if r is not None:
-                cells[m["name"]] = {"value": r["metrics"][e["metric"]], "passed": bool(r["passed"])}
+                value = r["metrics"][e["metric"]]  # nan (a task nothing could score): null,
+                # since strict JSON (jq, browsers, the serve API) has no NaN
+                cells[m["name"]] = {"value": value if math.isfinite(value) else None,
+                                    "passed": bool(r["passed"])}
                 if r["passed"] and first is None:
                     first = m["name"]
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
@@ -144,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         cells = ""
         for n in names:
             c = e["results"].get(n)
-            cells += f"{'':>8}" if c is None else \
+            cells += f"{'':>8}" if c is None else f"{'nan ':>8}" if c["value"] is None else \
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
         rule = M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
         print(f"{e['name']:<18}{e['metric']:<13}{rule:>8} {cells}  "
