@@ -397,6 +397,29 @@ def test_track_run_on_a_folder_trained_further_since_is_refused(tmp_path, models
     assert track(reg, "run", "--model", "run").returncode == 2  # asked for by name: refused
 
 
+def test_track_run_skips_a_deleted_model_folder_or_task_file(tmp_path, models):
+    """Old run folders get cleaned up: one registered folder (or JSONL task) gone used to
+    stop every later `track run` at exit 2, the other models never evaluated."""
+    import shutil
+    reg, gone = tmp_path / "reg.db", tmp_path / "old" / "model"
+    shutil.copytree(models[0], gone)
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"prompt": "1 + 1 =", "target": " 2"}\n')
+    for name, spec in (("a", "builtin:addition?digits=1&n=2"), ("mine", str(task))):
+        assert track(reg, "experiment", "add", "--name", name, "--task", spec,
+                     "--threshold", "1").returncode == 0
+    for m in (gone, models[1]):
+        assert track(reg, "model", "add", str(m), "--no-run").returncode == 0
+    shutil.rmtree(gone)
+    task.unlink()
+    r = track(reg, "run")
+    assert r.returncode == 0, r
+    assert "skipped old: its folder" in r.stdout and "skipped experiment mine" in r.stdout
+    assert [(x["model"], x["experiment"]) for x in Registry(reg).results()] == [("m24", "a")]
+    assert track(reg, "run", "--model", "old").returncode == 2  # asked for by name: refused
+    assert track(reg, "run", "--experiment", "mine").returncode == 2
+
+
 def test_backtest_out_that_cannot_be_written(tmp_path):
     reg = tmp_path / "reg.db"
     for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder

@@ -104,8 +104,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.failed_only:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
+    if not args.experiment:  # a JSONL task deleted since: skipped (named: refused)
+        from scalelab.track.lmeval_task import PREFIX
+        for e in [e for e in exps if not e["task"].startswith(("builtin:", "tasks:", PREFIX))
+                  and not Path(e["task"]).is_file()]:
+            print(f"  skipped experiment {e['name']}: its task file {e['task']} is gone")
+            exps.remove(e)
     print(f"running {len(exps)} experiments on {len(models)} models")
-    evaluate(reg, models, exps, skip_superseded=not args.model)
+    evaluate(reg, models, exps, skip_stale=not args.model)
 
 
 def status(reg: Registry) -> dict:

@@ -67,21 +67,25 @@ def seed_experiments(reg: Registry) -> list[str]:
 
 
 def evaluate(reg: Registry, models: list, exps: list, log=print,
-             skip_superseded: bool = False) -> None:
+             skip_stale: bool = False) -> None:
     """Every experiment on every model; each evaluation adds a result row. A model whose
-    folder changed since it was registered is refused, or with `skip_superseded` skipped
-    when another record now holds that folder's contents (it was re-registered)."""
+    folder changed since it was registered is refused; with `skip_stale` (`track run` over
+    all models) it is skipped where another record now holds that folder's contents (it was
+    re-registered), as is a model whose folder is gone."""
     from scalelab.track.evaluate import load_lm, model_info, run_experiment
     from scalelab.track.predict import fmt, record_predictions
     version = code_version()
     for m in models:
         if not exps:
             break
+        if skip_stale and not Path(m["path"]).is_dir():
+            log(f"  skipped {m['name']}: its folder {m['path']} is gone")
+            continue
         lm = load_lm(m["path"])
         info = model_info(m["path"], lm)
         newer = next((o["name"] for o in reg.models() if o["path"] == m["path"]
                       and o["id"] != m["id"] and unchanged(o, info)), None)
-        if skip_superseded and not unchanged(m, info) and newer is not None:
+        if skip_stale and not unchanged(m, info) and newer is not None:
             log(f"  skipped {m['name']}: its folder has since been trained further and "
                 f"registered as {newer}")
             continue
