@@ -418,6 +418,8 @@ def test_track_run_skips_a_deleted_model_folder_or_task_file(tmp_path, models):
     assert [(x["model"], x["experiment"]) for x in Registry(reg).results()] == [("m24", "a")]
     assert track(reg, "run", "--model", "old").returncode == 2  # asked for by name: refused
     assert track(reg, "run", "--experiment", "mine").returncode == 2
+    r = track(reg, "model", "add", str(models[2]))  # runs what it can, says what it skips
+    assert r.returncode == 0 and "skipped experiment mine" in r.stdout, r
 
 
 def test_backtest_out_that_cannot_be_written(tmp_path):

@@ -15,6 +15,7 @@ from scalelab.track.ops import (
     human,
     register_model,
     seed_experiments,
+    with_task_files,
 )
 from scalelab.track.registry import Registry, registry_path
 
@@ -104,12 +105,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.failed_only:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
-    if not args.experiment:  # a JSONL task deleted since: skipped (named: refused)
-        from scalelab.track.lmeval_task import PREFIX
-        for e in [e for e in exps if not e["task"].startswith(("builtin:", "tasks:", PREFIX))
-                  and not Path(e["task"]).is_file()]:
-            print(f"  skipped experiment {e['name']}: its task file {e['task']} is gone")
-            exps.remove(e)
+    if not args.experiment:  # named with --experiment, a deleted task file is refused
+        exps = with_task_files(exps)
     print(f"running {len(exps)} experiments on {len(models)} models")
     evaluate(reg, models, exps, skip_stale=not args.model)
 

@@ -66,6 +66,19 @@ def seed_experiments(reg: Registry) -> list[str]:
                                                    exist_ok=True) is not None]
 
 
+def with_task_files(exps: list, log=print) -> list:
+    """The experiments whose JSONL task file (stored by absolute path) still exists; each
+    one whose file was deleted is skipped, saying so."""
+    from scalelab.track.lmeval_task import PREFIX
+    keep = []
+    for e in exps:
+        if e["task"].startswith(("builtin:", "tasks:", PREFIX)) or Path(e["task"]).is_file():
+            keep.append(e)
+        else:
+            log(f"  skipped experiment {e['name']}: its task file {e['task']} is gone")
+    return keep
+
+
 def evaluate(reg: Registry, models: list, exps: list, log=print,
              skip_stale: bool = False) -> None:
     """Every experiment on every model; each evaluation adds a result row. A model whose
@@ -171,7 +184,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     elif run:
         passed = reg.passed_experiment_ids()
         mine = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
-        todo = [e for e in reg.experiments() if e["id"] not in passed | mine]
+        todo = with_task_files([e for e in reg.experiments() if e["id"] not in passed | mine],
+                               log)
         log(f"running the {len(todo)} experiments no model has passed yet "
             f"({len(passed)} already passed, skipped)")
         evaluate(reg, [m], todo, log)
