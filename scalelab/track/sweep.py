@@ -30,7 +30,13 @@ from pathlib import Path
 
 from scalelab.config import Config, UserError, apply_dict, read_toml
 from scalelab.io import atomic_write_json, atomic_write_text
-from scalelab.track.ops import add_experiment, ensure_model, evaluate, seed_experiments
+from scalelab.track.ops import (
+    add_experiment,
+    ensure_model,
+    evaluate,
+    seed_experiments,
+    with_task_files,
+)
 from scalelab.track.registry import Registry
 
 SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,
@@ -213,7 +219,8 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         info["train_seconds"] = time.perf_counter() - t0
         m = ensure_model(reg, run / "model", name, "sweep.name")
         done = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
-        evaluate(reg, [m], [e for e in reg.experiments() if e["id"] not in done])
+        evaluate(reg, [m], with_task_files([e for e in reg.experiments()
+                                            if e["id"] not in done]))
         info.update(name=name, non_embedding_params=m["non_embedding_params"],
                     flops=m["flops"], val_loss=m["val_loss"],
                     seconds=time.perf_counter() - t0)
