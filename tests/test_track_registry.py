@@ -137,8 +137,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     mid = db.add_model({"name": "m", "path": "/x", "kind": "scalelab", "params": 1,
                         "non_embedding_params": 1})
     code = (f"from scalelab.track.registry import Registry\nr = Registry({str(reg)!r})\n"
-            f"for i in range(150): r.add_result({eid}, {mid}, {{'i': i}}, False, [], 1, 0.0, "
-            "'test')\n")
+            f"for i in range(150): r.add_result({eid}, {mid}, {{'exact_match': 0.0, 'i': i}}, "
+            "False, [], 1, 0.0, 'test')\n")
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert len(db.results()) == 300
