@@ -208,7 +208,7 @@ def test_hand_edited_registry_is_refused_naming_table_and_row(tmp_path, models):
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.close()
     edits = {"UPDATE results SET metrics = '{}'": "table results, row 1: column metrics lacks",
-             "UPDATE results SET metrics = '[1]'": "row 1: column metrics holds a JSON list",
+             "UPDATE results SET metrics = '[1]'": "row 1: column metrics holds a JSON array",
              "UPDATE results SET samples = '[{\"a\": 1}]'": "row 1: column samples holds a "
              "sample without",
              "UPDATE models SET non_embedding_params = -5": "table models, row 1 (m16): para",

@@ -207,7 +207,7 @@ class Registry:
                 expect = decl.lower()
                 if bad is None and col in JSON_COLUMNS:
                     bad = self._bad_json(db, table, col)
-                    expect = JSON_COLUMNS[col].__name__ + " (JSON)"
+                    expect = "a JSON " + ("object" if JSON_COLUMNS[col] is dict else "array")
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
                                     f"holds {bad[1]}, expected {expect}")
@@ -224,33 +224,48 @@ class Registry:
         if bad is not None:
             raise UserError(f"{self.path}: table models, row {bad[0]} ({bad[1]}): parameter "
                             "counts must be positive")
-        for rid, text, metric in db.execute(
-                "SELECT r.id, r.metrics, e.metric FROM results r "
-                "JOIN experiments e ON e.id = r.experiment_id"):
-            value = json.loads(text).get(metric)
+        sql = ("SELECT r.id, e.metric{} FROM results r JOIN experiments e "
+               "ON e.id = r.experiment_id WHERE {} LIMIT 1")
+        bad = db.execute(sql.format("", "json_valid(r.metrics) AND IFNULL(json_type("
+                                    "r.metrics, '$.' || e.metric), '') NOT IN ('real', "
+                                    "'integer')")).fetchone()
+        for rid, metric, text in [] if bad else db.execute(sql.format(
+                ", r.metrics", "NOT json_valid(r.metrics)").replace(" LIMIT 1", "")):
+            value = json.loads(text).get(metric)  # NaN: parsed by _bad_json already
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise UserError(f"{self.path}: table results, row {rid}: column metrics lacks "
-                                f"a number for its experiment's metric {metric!r}")
+                bad = rid, metric
+                break
+        if bad is not None:
+            raise UserError(f"{self.path}: table results, row {bad[0]}: column metrics lacks "
+                            f"a number for its experiment's metric {bad[1]!r}")
 
     @staticmethod
     def _bad_json(db: sqlite3.Connection, table: str, col: str) -> tuple[int, str] | None:
         """The first row whose JSON does not parse, or is not of JSON_COLUMNS' type (samples:
-        each an object of prompt, output and target strings). Python's parser, not SQLite's
-        json_valid: json.dumps writes a nan or inf metric (an lm-eval task with no item it
-        can score) as NaN or Infinity, which json_valid rejects."""
-        for rowid, text in db.execute(f"SELECT rowid, {col} FROM {table}"):
+        each an object of prompt, output and target strings). SQLite's JSON functions are
+        fast but reject NaN and Infinity, which json.dumps writes for a nan or inf metric (an
+        lm-eval task with no item it can score): those rows go through Python's parser."""
+        kind = "object" if JSON_COLUMNS[col] is dict else "array"
+        for rowid, text in db.execute(f"SELECT rowid, {col} FROM {table} "
+                                      f"WHERE NOT json_valid({col})"):
             try:
                 value = json.loads(text)
             except ValueError:
                 return rowid, "invalid JSON"
             if not isinstance(value, JSON_COLUMNS[col]):
-                return rowid, f"a JSON {type(value).__name__}"
-            if col == "samples" and not all(
-                    isinstance(s, dict) and all(isinstance(s.get(k), str)
-                                                for k in ("prompt", "output", "target"))
-                    for s in value):
-                return rowid, "a sample without prompt, output and target strings"
-        return None
+                return rowid, "a JSON " + {dict: "object", list: "array"}.get(type(value),
+                                                                          "scalar")
+        bad = db.execute(f"SELECT rowid, 'a JSON ' || json_type({col}) FROM {table} WHERE "
+                         f"json_valid({col}) AND json_type({col}) != ? LIMIT 1",
+                         (kind,)).fetchone()
+        if bad is None and col == "samples":
+            strings = " AND ".join(f"json_type(s.value, '$.{k}') IS 'text'"
+                                   for k in ("prompt", "output", "target"))
+            bad = db.execute(
+                "SELECT r.rowid, 'a sample without prompt, output and target strings' FROM "
+                f"results r, json_each(r.samples) s WHERE json_valid(r.samples) AND NOT "
+                f"(CASE WHEN s.type = 'object' THEN {strings} ELSE 0 END) LIMIT 1").fetchone()
+        return bad
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
