@@ -422,6 +422,24 @@ def test_track_run_skips_a_deleted_model_folder_or_task_file(tmp_path, models):
     assert r.returncode == 0 and "skipped experiment mine" in r.stdout, r
 
 
+def test_an_answer_longer_than_the_model_context_is_refused(tmp_path, models):
+    """The models' context is 64 tokens: a longer answer used to crash generate (traceback:
+    an empty prompt) or, for a choice, score the wrong tokens silently."""
+    reg = tmp_path / "reg.db"
+    long = " and".join(f" {w}" for w in ["Mia", "Tom", "Ava", "Ben"] * 20)  # > 64 tokens
+    for name, row in (("gen", {"prompt": "Who?", "target": long}),
+                      ("mc", {"prompt": "Who?", "choices": [" Mia", long], "answer": 0})):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        assert track(reg, "experiment", "add", "--name", name, "--task",
+                     str(tmp_path / f"{name}.jsonl"), "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    for name in ("gen", "mc"):
+        r = track(reg, "run", "--experiment", name)
+        assert r.returncode == 2 and f"{name}.jsonl:1: " in r.stderr, r
+        assert "64-token context" in r.stderr, r.stderr
+    assert Registry(reg).results() == []
+
+
 def test_backtest_out_that_cannot_be_written(tmp_path):
     reg = tmp_path / "reg.db"
     for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder

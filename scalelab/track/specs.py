@@ -50,6 +50,7 @@ class Item:
     choices: tuple[str, ...] = ()  # multiple-choice items
     answer: int = 0
     example: object = None  # a scalelab.tasks Example: chat prompt, scored by its family
+    source: str = ""  # FILE:LINE of a JSONL item, for messages
 
     @property
     def is_choice(self) -> bool:
@@ -153,9 +154,10 @@ def jsonl_items(path: Path) -> list[Item]:
                 raise UserError(f'{path}:{n}: "choices" must be a list of 2+ non-empty strings')
             if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
                 raise UserError(f'{path}:{n}: "answer" must be an index into "choices"')
-            items.append(Item(row["prompt"], choices=tuple(ch), answer=ans))
+            items.append(Item(row["prompt"], choices=tuple(ch), answer=ans,
+                              source=f"{path}:{n}"))
         elif isinstance(row.get("target"), str) and row["target"]:
-            items.append(Item(row["prompt"], row["target"]))
+            items.append(Item(row["prompt"], row["target"], source=f"{path}:{n}"))
         else:
             raise UserError(f'{path}:{n}: needs a non-empty "target" string or "choices"')
     if not items:
