@@ -447,3 +447,4 @@ def test_backtest_out_that_cannot_be_written(tmp_path):
         assert r.returncode == 2 and f"--out {out}" in r.stderr and not r.stdout, r
     r = track(reg, "backtest", "--out", str(tmp_path / "b.md"))
     assert r.returncode == 0 and (tmp_path / "b.md").read_text() + "\n" == r.stdout
+    assert "nothing to backtest" in r.stdout  # an empty registry: said, not "0 of 0" alone

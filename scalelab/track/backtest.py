@@ -107,7 +107,10 @@ def backtest(reg) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     def n(v):
         return "-" if v is None else fmt(v)
-    out = []
+    out = [] if rows else [
+        "No rows: nothing to backtest. A row needs an all-or-nothing experiment still failing "
+        "on the k >= 3 smallest base models of one tokenizer and corpus, with a bigger one "
+        "evaluated after them (so at least 4 such models).", ""]
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
