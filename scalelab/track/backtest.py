@@ -40,7 +40,8 @@ def naive_prediction(exp, ser: list[tuple[dict, dict]]) -> float | None:
     else:
         length = M.mean([r["metrics"].get("target_tokens", 1.0) for _, r in ser]) or 1.0
         metric, level = "token_logprob", math.log(max(exp["threshold"], 1e-9)) / length
-    pts = [(m["non_embedding_params"], r["metrics"][metric]) for m, r in ser]
+    pts = [(m["non_embedding_params"], r["metrics"][metric]) for m, r in ser
+           if math.isfinite(r["metrics"].get(metric, math.nan))]  # nan: nothing scored
     p = predict(pts, level, M.HIGHER_IS_BETTER[metric])
     return None if p is None else p["predicted"]
 
