@@ -97,8 +97,9 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
         lm = load_lm(m["path"])
         info = model_info(m["path"], lm)
         newer = next((o["name"] for o in reg.models() if o["path"] == m["path"]
-                      and o["id"] != m["id"] and unchanged(o, info)), None)
-        if skip_stale and not unchanged(m, info) and newer is not None:
+                      and unchanged(o, info)), None) \
+            if skip_stale and not unchanged(m, info) else None
+        if newer is not None:
             log(f"  skipped {m['name']}: its folder has since been trained further and "
                 f"registered as {newer}")
             continue
