@@ -102,13 +102,13 @@ def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
     for fam in HELDOUT_TASKS + TRAIN_TASKS:
         d = min(opts["eval_difficulty"], TASKS[fam].max_difficulty)
         name, task = f"{opts['name']}:{fam}", f"tasks:{fam}?difficulty={d}&n={opts['eval_n']}"
-        if name in have and have[name]["task"] != task:
-            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
-                            f"{have[name]['task']!r}; change study.name")
-        if name not in have:
+        if name not in have:  # exist_ok: another study may add it now
             add_experiment(reg, name, task, 0.8, "exact_match",
-                           f"instruction study {opts['name']}: family {fam}")
+                           f"instruction study {opts['name']}: family {fam}", exist_ok=True)
         out[fam] = dict(reg.experiment(name))
+        if out[fam]["task"] != task:
+            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
+                            f"{out[fam]['task']!r}; change study.name")
     return out
 
 
@@ -155,6 +155,12 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     order = task_order(opts["order_seed"])
     subsets = {k: order[:k] for k in opts["n_tasks"]}
     digest = plan_hash(base_cfg, opts)
+    for i, size in enumerate(opts["sizes"]):  # before --out is started: its study.json
+        if isinstance(size, str):  # would refuse the corrected config
+            try:
+                reg.model(size.removeprefix("registry:"))
+            except UserError as e:
+                raise UserError(f"{config}: study.sizes[{i}]: {e}") from None
     marker = out / MARKER
     if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "

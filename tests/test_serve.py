@@ -275,6 +275,23 @@ def test_tracker_view_of_a_damaged_registry_is_a_400(tmp_path):
     assert damaged.read_text() == "not a database\n"
 
 
+def test_tracker_view_of_a_nan_result(tmp_path):
+    """A nan metric (an lm-eval task nothing could score) reaches the page as null (the
+    page called null.toFixed and drew no table; it now shows "nan")."""
+    from fastapi.testclient import TestClient
+
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "registry.db")
+    reg.add_experiment("e", "builtin:qa", "exact_match", 0.5)
+    reg.add_model({"name": "m", "path": str(tmp_path), "kind": "scalelab", "params": 10,
+                   "non_embedding_params": 10})
+    reg.add_result(1, 1, {"exact_match": float("nan")}, False, [], 0, 0.1, "test")
+    opts = ServeOptions(models={}, labels=str(tmp_path / "l.jsonl"), registry=str(reg.path))
+    r = TestClient(create_app({}, opts), base_url="http://localhost").get("/api/tracker")
+    assert r.status_code == 200, r.text
+    assert r.json()["experiments"][0]["results"] == {"m": {"value": None, "passed": False}}
+
+
 def test_cli_refuses_public_host_without_key(setup):
     r = run_cli("serve", "--model", str(setup["tiny"]), "--host", "0.0.0.0", timeout=60)
     assert r.returncode == 2 and "API key" in r.stderr

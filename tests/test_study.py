@@ -113,6 +113,12 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "study.n_tasks" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
     assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
+    # an unknown registered base: refused before --out is started (its study.json then
+    # refused the corrected config: "holds a study made with another config")
+    cfg.write_text(STUDY.replace("{n_layer = 1, d_model = 32, n_head = 2}", '"registry:nope"'))
+    err = capsys.readouterr().err if main(args + ["--registry", str(tmp_path / "r.db")]) == 2 \
+        else "exit 0"
+    assert f"{cfg}: study.sizes[1]: no model named 'nope'" in err, err
     assert not out.exists()
     mine = tmp_path / "project"  # a folder the study did not write: refused, left alone
     mine.mkdir()

@@ -97,3 +97,14 @@ def test_a_writer_stuck_holding_the_lock_is_said_and_waited_for(tmp_path):
             p.wait()
     assert cmd.returncode == 0, err
     assert [e["name"] for e in Registry(reg).experiments()] == ["x"]
+
+
+def test_two_seeds_at_once_both_succeed(tmp_path, monkeypatch):
+    """`experiment seed` (also run by every sweep) in two processes at once: the second read
+    the experiment list before the first wrote; it used to exit 2 ("already exists")."""
+    from scalelab.track.ops import seed_experiments
+    first, second = Registry(tmp_path / "reg.db"), Registry(tmp_path / "reg.db")
+    monkeypatch.setattr(second, "experiments", lambda: [])  # its stale read, before the write
+    added = seed_experiments(first)
+    assert seed_experiments(second) == []  # nothing added twice, no error
+    assert [e["name"] for e in first.experiments()] == added and len(added) == 13

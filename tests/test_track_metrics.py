@@ -90,6 +90,12 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
         builtin_items("builtin:addition?digits=9")
     with pytest.raises(UserError, match="unknown built-in family"):
         builtin_items("builtin:algebra")
+    for spec in ("builtin:addition?digits=1&digits=2", "tasks:addition?n=2&n=3"):
+        with pytest.raises(UserError, match="given twice"):  # the last one used to win
+            load_items(spec)
+    # n capped like the built-ins' (tasks:addition?n=100000000 ran on for minutes, eating memory)
+    with pytest.raises(UserError, match="n must be an integer in 1..100000"):
+        load_items("tasks:addition?n=100000000")
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(UserError, match="t.jsonl:2:"):
@@ -228,3 +234,27 @@ def test_margin_quantile_prediction_on_a_linear_ladder():
     assert x[0] == pytest.approx(-2 + 0.5) and per_item(ser[0][1], "token_logprob")[0][0] == \
         pytest.approx(-6.5)
     assert per_item(ser[0][1], "margin") is None  # not stored for this result
+
+
+def test_predictions_over_results_that_scored_no_item(tmp_path):
+    """An lm-eval multiple-choice task whose documents have several gold answers: every
+    result has nan metrics and empty per-item lists. Recording predictions (after every
+    evaluation, in the report and backtest) crashed: min() of an empty array, SVD of nan."""
+    from scalelab.track.backtest import backtest
+    from scalelab.track.predict import record_predictions
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    mc = reg.add_experiment("mc", "builtin:older", "mc_accuracy", 0.8)
+    brier = reg.add_experiment("mc-brier", "builtin:older", "brier", 0.2)
+    nan = float("nan")
+    metrics = {"mc_accuracy": nan, "brier": nan, "token_logprob": nan, "acc": 1.0,
+               "per_item": {"x": [], "ok": [], "x_is": "margin"}}
+    for i, n in enumerate([1e3, 3e3, 1e4, 3e4]):
+        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                             "params": int(n), "non_embedding_params": int(n)})
+        for exp in (mc, brier):
+            reg.add_result(exp, mid, metrics, False, [], 0, 0.0, "test")
+    assert record_predictions(reg) == []  # nothing to fit: no prediction, no error
+    rows = backtest(reg)
+    assert rows and {r["verdict"] for r in rows} == {"no prediction"}
+    assert {r["naive"] for r in rows} == {None}  # the old mapping fitted nan brier: a "pass"

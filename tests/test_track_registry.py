@@ -137,8 +137,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     mid = db.add_model({"name": "m", "path": "/x", "kind": "scalelab", "params": 1,
                         "non_embedding_params": 1})
     code = (f"from scalelab.track.registry import Registry\nr = Registry({str(reg)!r})\n"
-            f"for i in range(150): r.add_result({eid}, {mid}, {{'i': i}}, False, [], 1, 0.0, "
-            "'test')\n")
+            f"for i in range(150): r.add_result({eid}, {mid}, {{'exact_match': 0.0, 'i': i}}, "
+            "False, [], 1, 0.0, 'test')\n")
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert len(db.results()) == 300
@@ -169,6 +169,69 @@ def test_corrupt_or_foreign_registry_exits_2(tmp_path):
                  "--threshold", "0.5").returncode == 0
     r = track(new, "experiment", "add", "--name", "x", "--task", "builtin:qa", "--threshold", "1")
     assert r.returncode == 2 and "already exists" in r.stderr  # names are never overwritten
+
+
+def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
+    """An lm-eval multiple-choice task whose documents have several gold answers scores
+    mc_accuracy nan (no item it can judge). Python writes that as NaN, which SQLite's
+    json_valid rejects: every later command refused the whole registry as damaged."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task", "builtin:qa?n=2",
+                 "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    r = Registry(reg)
+    r.add_result(1, 1, {"exact_match": math.nan, "token_logprob": -math.inf}, False, [], 0,
+                 0.1, "test")
+    r.close()
+    r = track(reg, "status")
+    assert r.returncode == 0 and "nan" in r.stdout, r
+    r = track(reg, "status", "--json")  # strict JSON (jq refuses NaN): the value is null
+    cell = json.loads(r.stdout, parse_constant=pytest.fail)["experiments"][0]["results"]
+    assert cell == {"m16": {"value": None, "passed": False}}
+    assert math.isnan(Registry(reg).results()[0]["metrics"]["exact_match"])
+    assert track(reg, "experiment", "show", "a").returncode == 0
+    # the report's plot of it: no finite point to place on a log axis (it used to crash)
+    r = track(reg, "report", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0 and (tmp_path / "rep" / "exp1.png").is_file(), r
+    assert "nan" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_hand_edited_registry_is_refused_naming_table_and_row(tmp_path, models):
+    """Values of the right SQL type but the wrong shape used to pass the opening check and
+    then crash a command halfway (KeyError, AttributeError, LinAlgError in the report)."""
+    import shutil
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "a", "--task", "builtin:qa?n=2",
+                 "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0])).returncode == 0
+    con = sqlite3.connect(reg)  # everything into the main file, so one copy holds it all
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    edits = {"UPDATE results SET metrics = '{}'": "table results, row 1: column metrics lacks",
+             "UPDATE results SET metrics = '[1]'": "row 1: column metrics holds a JSON array",
+             "UPDATE results SET samples = '[{\"a\": 1}]'": "row 1: column samples holds a "
+             "sample without",
+             "UPDATE models SET non_embedding_params = -5": "table models, row 1 (m16): para",
+             "UPDATE experiments SET threshold = 1e308 * 10": "row 1 (a): threshold inf"}
+    for i, (sql, said) in enumerate(edits.items()):
+        copy = tmp_path / f"edited{i}.db"
+        shutil.copy(reg, copy)
+        con = sqlite3.connect(copy)
+        con.execute(sql)
+        con.commit()
+        con.close()
+        r = track(copy, "status")
+        assert r.returncode == 2 and said in r.stderr and not r.stdout, (sql, r)
+
+
+def test_lm_eval_options_without_lm_eval_are_refused(tmp_path):
+    """`--limit 0` and `--include-path ''` were taken as not given (falsy) and ignored."""
+    reg = tmp_path / "reg.db"
+    for extra in (["--limit", "0"], ["--limit", "5"], ["--include-path", ""]):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", "builtin:qa",
+                  "--threshold", "0.5", *extra)
+        assert r.returncode == 2 and "go with --lm-eval" in r.stderr, (extra, r)
+    assert Registry(reg).experiments() == []
 
 
 def test_hf_model_folder(tmp_path, tokenizer):
@@ -297,6 +360,9 @@ def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models
     (run / "config.toml").write_text("")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens": 100}\n')
     assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    r = track(reg, "model", "add", str(run / "model"), "--no-run")  # unchanged: nothing to do
+    assert r.returncode == 0 and "already registered" in r.stdout, r
+    assert "running" not in r.stdout, r.stdout  # it used to say "running what it lacks"
     with (run / "metrics.jsonl").open("a") as f:  # trained on: 100 more tokens
         f.write('{"step": 2, "loss": 4.0, "tokens": 200}\n')
     r = track(reg, "model", "add", str(run / "model"), "--no-run")
@@ -306,6 +372,74 @@ def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models
     assert r.returncode == 0 and Registry(reg).model("run-200")["tokens"] == 200
 
 
+def test_track_run_on_a_folder_trained_further_since_is_refused(tmp_path, models):
+    """`track run` must not file the new weights' results under the old record either."""
+    import shutil
+    reg, run = tmp_path / "reg.db", tmp_path / "run"
+    shutil.copytree(models[0], run / "model")
+    (run / "config.toml").write_text("")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens": 100}\n')
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=1&n=2", "--threshold", "1").returncode == 0
+    assert track(reg, "model", "add", str(run / "model"), "--no-run").returncode == 0
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss": 4.0, "tokens": 200}\n')
+    for extra in ((), ("--model", "run")):
+        r = track(reg, "run", *extra)
+        assert r.returncode == 2 and str(run / "model") in r.stderr, r
+        assert "--name NEW" in r.stderr and "200" in r.stderr, r.stderr
+    assert Registry(reg).results() == []
+    assert track(reg, "model", "add", str(run / "model"), "--no-run", "--name",
+                 "run-200").returncode == 0
+    r = track(reg, "run")  # the old record is now superseded: skipped, said so
+    assert r.returncode == 0 and "skipped run:" in r.stdout and "run-200" in r.stdout, r
+    assert [x["model"] for x in Registry(reg).results()] == ["run-200"]
+    assert track(reg, "run", "--model", "run").returncode == 2  # asked for by name: refused
+
+
+def test_track_run_skips_a_deleted_model_folder_or_task_file(tmp_path, models):
+    """Old run folders get cleaned up: one registered folder (or JSONL task) gone used to
+    stop every later `track run` at exit 2, the other models never evaluated."""
+    import shutil
+    reg, gone = tmp_path / "reg.db", tmp_path / "old" / "model"
+    shutil.copytree(models[0], gone)
+    task = tmp_path / "mine.jsonl"
+    task.write_text('{"prompt": "1 + 1 =", "target": " 2"}\n')
+    for name, spec in (("a", "builtin:addition?digits=1&n=2"), ("mine", str(task))):
+        assert track(reg, "experiment", "add", "--name", name, "--task", spec,
+                     "--threshold", "1").returncode == 0
+    for m in (gone, models[1]):
+        assert track(reg, "model", "add", str(m), "--no-run").returncode == 0
+    shutil.rmtree(gone)
+    task.unlink()
+    r = track(reg, "run")
+    assert r.returncode == 0, r
+    assert "skipped old: its folder" in r.stdout and "skipped experiment mine" in r.stdout
+    assert [(x["model"], x["experiment"]) for x in Registry(reg).results()] == [("m24", "a")]
+    assert track(reg, "run", "--model", "old").returncode == 2  # asked for by name: refused
+    assert track(reg, "run", "--experiment", "mine").returncode == 2
+    r = track(reg, "model", "add", str(models[2]))  # runs what it can, says what it skips
+    assert r.returncode == 0 and "skipped experiment mine" in r.stdout, r
+
+
+def test_an_answer_longer_than_the_model_context_is_refused(tmp_path, models):
+    """The models' context is 64 tokens: a longer answer used to crash generate (traceback:
+    an empty prompt) or, for a choice, score the wrong tokens silently."""
+    reg = tmp_path / "reg.db"
+    long = " and".join(f" {w}" for w in ["Mia", "Tom", "Ava", "Ben"] * 20)  # > 64 tokens
+    for name, row in (("gen", {"prompt": "Who?", "target": long}),
+                      ("mc", {"prompt": "Who?", "choices": [" Mia", long], "answer": 0})):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+        assert track(reg, "experiment", "add", "--name", name, "--task",
+                     str(tmp_path / f"{name}.jsonl"), "--threshold", "0.5").returncode == 0
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    for name in ("gen", "mc"):
+        r = track(reg, "run", "--experiment", name)
+        assert r.returncode == 2 and f"{name}.jsonl:1: " in r.stderr, r
+        assert "64-token context" in r.stderr, r.stderr
+    assert Registry(reg).results() == []
+
+
 def test_backtest_out_that_cannot_be_written(tmp_path):
     reg = tmp_path / "reg.db"
     for out in (tmp_path, tmp_path / "missing" / "b.md"):  # a folder; a file in no folder
@@ -313,3 +447,4 @@ def test_backtest_out_that_cannot_be_written(tmp_path):
         assert r.returncode == 2 and f"--out {out}" in r.stderr and not r.stdout, r
     r = track(reg, "backtest", "--out", str(tmp_path / "b.md"))
     assert r.returncode == 0 and (tmp_path / "b.md").read_text() + "\n" == r.stdout
+    assert "nothing to backtest" in r.stdout  # an empty registry: said, not "0 of 0" alone

@@ -92,6 +92,21 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
+    # a bad experiment entry: named by file and key, refused before any work (they used to
+    # be checked one by one while being added: a traceback for a threshold "high" or a
+    # name 3, a typo'd key ignored, the entries before the bad one already registered)
+    for old, new, said in (
+            ("0.99}", '"high"}', "sweep.experiments[1].threshold"),
+            ("0.99}", '0.99, metrc = "brier"}', "sweep.experiments[1]: unknown key 'metrc'"),
+            ('name = "older"', "name = 3", "sweep.experiments[1].name"),
+            ("0.99}", "true}", "sweep.experiments[1].threshold"),
+            ("0.99}", "7}", "sweep.experiments[1] (older): threshold 7"),
+            ("0.99}", '0.5, metric = "exact_match"}',
+             "sweep.experiments[1] (older): metric 'exact_match' does not apply")):
+        cfg.write_text(SWEEP.replace(old, new))
+        err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+        assert f"{cfg}: {said}" in err, (new, err)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
 
 
 def test_pretrain_register(tmp_path):

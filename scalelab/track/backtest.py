@@ -40,7 +40,8 @@ def naive_prediction(exp, ser: list[tuple[dict, dict]]) -> float | None:
     else:
         length = M.mean([r["metrics"].get("target_tokens", 1.0) for _, r in ser]) or 1.0
         metric, level = "token_logprob", math.log(max(exp["threshold"], 1e-9)) / length
-    pts = [(m["non_embedding_params"], r["metrics"][metric]) for m, r in ser]
+    pts = [(m["non_embedding_params"], r["metrics"][metric]) for m, r in ser
+           if math.isfinite(r["metrics"].get(metric, math.nan))]  # nan: nothing scored
     p = predict(pts, level, M.HIGHER_IS_BETTER[metric])
     return None if p is None else p["predicted"]
 
@@ -107,7 +108,10 @@ def backtest(reg) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     def n(v):
         return "-" if v is None else fmt(v)
-    out = []
+    out = [] if rows else [
+        "No rows: nothing to backtest. A row needs an all-or-nothing experiment still failing "
+        "on the k >= 3 smallest base models of one tokenizer and corpus, with a bigger one "
+        "evaluated after them (so at least 4 such models).", ""]
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
                 "| experiment | from k models (up to N) | predicted N | band (10-90%) | "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -14,6 +15,7 @@ from scalelab.track.ops import (
     human,
     register_model,
     seed_experiments,
+    with_task_files,
 )
 from scalelab.track.registry import Registry, registry_path
 
@@ -27,7 +29,7 @@ def open_registry(args: argparse.Namespace) -> Registry:
 def cmd_experiment_add(args: argparse.Namespace) -> None:
     from scalelab.track.lmeval_task import make_spec
     reg = open_registry(args)
-    if args.lm_eval is None and (args.include_path or args.limit):
+    if args.lm_eval is None and (args.include_path is not None or args.limit is not None):
         raise UserError("--include-path and --limit go with --lm-eval")
     task = args.task if args.lm_eval is None else \
         make_spec(args.lm_eval, args.include_path, args.limit)
@@ -103,8 +105,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.failed_only:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
+    if not args.experiment:  # named with --experiment, a deleted task file is refused
+        exps = with_task_files(exps)
     print(f"running {len(exps)} experiments on {len(models)} models")
-    evaluate(reg, models, exps)
+    evaluate(reg, models, exps, skip_stale=not args.model)
 
 
 def status(reg: Registry) -> dict:
@@ -118,7 +122,10 @@ def status(reg: Registry) -> dict:
         for m in models:
             r = latest.get((e["id"], m["id"]))
             if r is not None:
-                cells[m["name"]] = {"value": r["metrics"][e["metric"]], "passed": bool(r["passed"])}
+                value = r["metrics"][e["metric"]]  # nan (a task nothing could score): null,
+                # since strict JSON (jq, browsers, the serve API) has no NaN
+                cells[m["name"]] = {"value": value if math.isfinite(value) else None,
+                                    "passed": bool(r["passed"])}
                 if r["passed"] and first is None:
                     first = m["name"]
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
@@ -144,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         cells = ""
         for n in names:
             c = e["results"].get(n)
-            cells += f"{'':>8}" if c is None else \
+            cells += f"{'':>8}" if c is None else f"{'nan ':>8}" if c["value"] is None else \
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
         rule = M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
         print(f"{e['name']:<18}{e['metric']:<13}{rule:>8} {cells}  "

@@ -183,6 +183,17 @@ def is_right(it: Item, text: str) -> float:
     return M.exact_match(text, it.target)
 
 
+def check_fits(lm, items: list[Item], answers: list[list[list[int]]], spare: int) -> None:
+    """Each answer (every choice of an item), one prompt token and `spare` more (greedy's
+    stop check) must fit the model's context: loglik and greedy_answers cut prompts only."""
+    for i, (it, ans) in enumerate(zip(items, answers)):
+        n = max(map(len, ans))
+        if n + 1 + spare > lm.max_len:
+            raise UserError(f"{it.source or f'item {i + 1}'}: an answer of {n} tokens does not "
+                            f"fit the model's {lm.max_len}-token context (with a prompt token"
+                            f"{' and one to spare' if spare else ''})")
+
+
 def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     """Mean metrics over the items, plus a few sample outputs. agg["per_item"] keeps each
     item's right/wrong and its continuous score (the greedy margin, with the mean target-token
@@ -192,6 +203,8 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
     if items[0].is_choice:
         flat_ctx = [c for c, it in zip(ctxs, items) for _ in it.choices]
         flat_tgt = [lm.encode(ch) for it in items for ch in it.choices]
+        per_item = iter(flat_tgt)
+        check_fits(lm, items, [[next(per_item) for _ in it.choices] for it in items], 0)
         lps = iter(loglik(lm, flat_ctx, flat_tgt))
         rows, samples = [], []
         for it in items:
@@ -210,6 +223,7 @@ def score(lm, items: list[Item]) -> tuple[dict, list[dict]]:
                            "ok": [r["mc_accuracy"] for r in rows], "x_is": "margin"}
         return agg, samples
     tgts = [lm.encode(it.target) for it in items]
+    check_fits(lm, items, [[t] for t in tgts], 1)
     margins: list[list[float]] = []
     lps = loglik(lm, ctxs, tgts, margins)
     outs = greedy_answers(lm, ctxs, [len(t) for t in tgts])

@@ -22,11 +22,20 @@ def human(x: float | None) -> str:
 
 
 def add_experiment(reg: Registry, name: str, task: str, threshold: float,
-                   metric: str | None = None, note: str = "") -> int:
+                   metric: str | None = None, note: str = "", exist_ok: bool = False
+                   ) -> int | None:
+    task, metric = checked_experiment(name, task, threshold, metric)
+    return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
+
+
+def checked_experiment(name: str, task: str, threshold: float, metric: str | None = None
+                       ) -> tuple[str, str]:
+    """(task, metric) as an experiment stores them (a file by absolute path, the task's
+    default metric), or a UserError saying which of the four is wrong and why."""
     from scalelab.track.lmeval_task import is_lm_eval, metrics_for
     from scalelab.track.specs import is_choice_task
     if not name.strip():
-        raise UserError("--name must not be empty")
+        raise UserError("name must not be empty")
     if is_lm_eval(task):  # also finds the task (lm-eval installed, name, include path)
         allowed, default = metrics_for(task)
         kind = "this lm-eval task"
@@ -39,35 +48,62 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
         kind = "multiple choice" if choice else "generation"
     metric = metric or default
     if metric not in allowed:
-        raise UserError(f"--metric {metric!r} does not apply to {task!r} "
+        raise UserError(f"metric {metric!r} does not apply to {task!r} "
                         f"({kind}: {', '.join(allowed)})")
     bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
     if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
-        raise UserError(f"--threshold {threshold} is out of range for {metric}")
-    return reg.add_experiment(name, task, metric, threshold, note)
+        raise UserError(f"threshold {threshold:g} is out of range for {metric}")
+    return task, metric
 
 
 def seed_experiments(reg: Registry) -> list[str]:
-    """Add the starter set (graded arithmetic, stories, facts); existing names are kept."""
+    """Add the starter set (graded arithmetic, stories, facts); existing names are kept,
+    also one that another process adds meanwhile (two sweeps starting at once)."""
     from scalelab.track.specs import STARTER
     have = {e["name"] for e in reg.experiments()}
-    added = []
-    for name, task, thr, note in STARTER:
-        if name not in have:
-            add_experiment(reg, name, task, thr, None, note)
-            added.append(name)
-    return added
+    return [name for name, task, thr, note in STARTER
+            if name not in have and add_experiment(reg, name, task, thr, None, note,
+                                                   exist_ok=True) is not None]
 
 
-def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
-    """Every experiment on every model; each evaluation adds a result row."""
-    from scalelab.track.evaluate import load_lm, run_experiment
+def with_task_files(exps: list, log=print) -> list:
+    """The experiments whose JSONL task file (stored by absolute path) still exists; each
+    one whose file was deleted is skipped, saying so."""
+    from scalelab.track.lmeval_task import PREFIX
+    keep = []
+    for e in exps:
+        if e["task"].startswith(("builtin:", "tasks:", PREFIX)) or Path(e["task"]).is_file():
+            keep.append(e)
+        else:
+            log(f"  skipped experiment {e['name']}: its task file {e['task']} is gone")
+    return keep
+
+
+def evaluate(reg: Registry, models: list, exps: list, log=print,
+             skip_stale: bool = False) -> None:
+    """Every experiment on every model; each evaluation adds a result row. A model whose
+    folder changed since it was registered is refused; with `skip_stale` (`track run` over
+    all models) it is skipped where another record now holds that folder's contents (it was
+    re-registered), as is a model whose folder is gone."""
+    from scalelab.track.evaluate import load_lm, model_info, run_experiment
     from scalelab.track.predict import fmt, record_predictions
     version = code_version()
     for m in models:
         if not exps:
             break
+        if skip_stale and not Path(m["path"]).is_dir():
+            log(f"  skipped {m['name']}: its folder {m['path']} is gone")
+            continue
         lm = load_lm(m["path"])
+        info = model_info(m["path"], lm)
+        newer = next((o["name"] for o in reg.models() if o["path"] == m["path"]
+                      and unchanged(o, info)), None) \
+            if skip_stale and not unchanged(m, info) else None
+        if newer is not None:
+            log(f"  skipped {m['name']}: its folder has since been trained further and "
+                f"registered as {newer}")
+            continue
+        check_unchanged(m, info, m["path"])
         for e in exps:
             before = e["id"] in reg.passed_experiment_ids()
             agg, ok, samples, n, secs = run_experiment(lm, e)
@@ -82,6 +118,22 @@ def evaluate(reg: Registry, models: list, exps: list, log=print) -> None:
     for p in record_predictions(reg):
         log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
+
+
+def unchanged(m, info: dict) -> bool:
+    """The folder still holds the model registered as `m` (same parameters and tokens)."""
+    return (m["params"], m["tokens"]) == (info["params"], info["tokens"])
+
+
+def check_unchanged(m, info: dict, path: str | Path) -> None:
+    """Refuse a registered model whose folder was trained further since (a resumed run
+    rewrites RUN/model in place): its results would be filed under the old record."""
+    if not unchanged(m, info):
+        was, now = ((human(x["params"]), human(x["tokens"])) for x in (m, info))
+        raise UserError(f"{path}: registered as {m['name']!r} with {was[0]} params and {was[1]} "
+                        f"tokens, but the folder now holds {now[0]} params and {now[1]} "
+                        "tokens (trained further since); register it under a new name: "
+                        f"scalelab track model add {path} --name NEW")
 
 
 STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
@@ -113,13 +165,9 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
         # the same folder under the same name: an earlier `model add` (perhaps killed before
         # its evaluations finished); go on with what it lacks instead of refusing, unless
         # the folder was trained further since (a resumed run rewrites RUN/model in place)
-        if (same["params"], same["tokens"]) != (info["params"], info["tokens"]):
-            was, now = ((human(m["params"]), human(m["tokens"])) for m in (same, info))
-            raise UserError(f"{path}: registered as {name!r} with {was[0]} params and {was[1]} "
-                            f"tokens, but the folder now holds {now[0]} params and {now[1]} "
-                            "tokens (trained further since); register it under a new name: "
-                            f"scalelab track model add {path} --name NEW")
-        log(f"model {name} is already registered from this folder: running what it lacks")
+        check_unchanged(same, info, path)
+        log(f"model {name} is already registered from this folder" +
+            (": running what it lacks" if run else " (--no-run: nothing to do)"))
         m = same
     else:
         reg.add_model(info)  # refuses a name that another folder holds
@@ -137,7 +185,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     elif run:
         passed = reg.passed_experiment_ids()
         mine = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
-        todo = [e for e in reg.experiments() if e["id"] not in passed | mine]
+        todo = with_task_files([e for e in reg.experiments() if e["id"] not in passed | mine],
+                               log)
         log(f"running the {len(todo)} experiments no model has passed yet "
             f"({len(passed)} already passed, skipped)")
         evaluate(reg, [m], todo, log)

@@ -126,7 +126,7 @@ def per_item(result: dict, x_is: str | None = None) -> tuple[np.ndarray, np.ndar
     if not pi:
         return None
     x = pi["x"] if x_is in (None, pi.get("x_is", "token_logprob")) else pi.get(x_is)
-    if x is None:
+    if not x:  # none stored, or no item scored (lm-eval documents with several golds)
         return None
     return np.asarray(x, dtype=float), np.asarray(pi["ok"], dtype=float)
 
@@ -256,7 +256,8 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
     multiple choice, unless x_is names another one the results store (greedy_margin)."""
     if exp["metric"] in M.CONTINUOUS:
         pts = [(m[col], r["metrics"][exp["metric"]]) for m, r in ser
-               if r["metrics"].get(exp["metric"]) is not None]
+               if r["metrics"].get(exp["metric"]) is not None
+               and math.isfinite(r["metrics"][exp["metric"]])]  # nan: nothing was scored
         return exp["metric"], predict(pts, exp["threshold"], M.HIGHER_IS_BETTER[exp["metric"]])
     stored = next((item_score_kind(r) for _, r in reversed(ser)
                    if r["metrics"].get("per_item")), None)

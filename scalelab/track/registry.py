@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ DEFAULT_PATH = "scalelab-registry.db"
 QUIET_WAIT_S = 5  # writers hold the lock for milliseconds; longer means one is stuck
 LOCK_WAIT_S = 60
 SCHEMA_VERSION = 1
+JSON_COLUMNS = {"metrics": dict, "samples": list, "detail": dict}  # the JSON each one holds
 SCHEMA = """
 CREATE TABLE scalelab_registry (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE experiments (
@@ -202,17 +204,68 @@ class Registry:
                 bad = db.execute(
                     f"SELECT rowid, typeof({col}) FROM {table} WHERE typeof({col}) NOT IN "
                     f"({', '.join('?' * len(ok))}) LIMIT 1", ok).fetchone()
-                if bad is None and col in ("metrics", "samples", "detail"):
-                    bad = db.execute(f"SELECT rowid, 'invalid JSON' FROM {table} "
-                                     f"WHERE NOT json_valid({col}) LIMIT 1").fetchone()
+                expect = decl.lower()
+                if bad is None and col in JSON_COLUMNS:
+                    bad = self._bad_json(db, table, col)
+                    expect = "a JSON " + ("object" if JSON_COLUMNS[col] is dict else "array")
                 if bad is not None:
                     raise UserError(f"{self.path}: table {table}, row {bad[0]}: column {col} "
-                                    f"holds {bad[1]}, expected {decl.lower()}")
+                                    f"holds {bad[1]}, expected {expect}")
         want.close()
-        for row in db.execute("SELECT id, name, metric FROM experiments"):
+        for row in db.execute("SELECT id, name, metric, threshold FROM experiments"):
             if row[2] not in HIGHER_IS_BETTER:
                 raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
                                 f"unknown metric {row[2]!r}")
+            if not math.isfinite(row[3]):
+                raise UserError(f"{self.path}: table experiments, row {row[0]} ({row[1]}): "
+                                f"threshold {row[3]} is not a finite number")
+        bad = db.execute("SELECT id, name FROM models WHERE params < 1 OR "
+                         "non_embedding_params < 1 LIMIT 1").fetchone()
+        if bad is not None:
+            raise UserError(f"{self.path}: table models, row {bad[0]} ({bad[1]}): parameter "
+                            "counts must be positive")
+        sql = ("SELECT r.id, e.metric{} FROM results r JOIN experiments e "
+               "ON e.id = r.experiment_id WHERE {} LIMIT 1")
+        bad = db.execute(sql.format("", "json_valid(r.metrics) AND IFNULL(json_type("
+                                    "r.metrics, '$.' || e.metric), '') NOT IN ('real', "
+                                    "'integer')")).fetchone()
+        for rid, metric, text in [] if bad else db.execute(sql.format(
+                ", r.metrics", "NOT json_valid(r.metrics)").replace(" LIMIT 1", "")):
+            value = json.loads(text).get(metric)  # NaN: parsed by _bad_json already
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                bad = rid, metric
+                break
+        if bad is not None:
+            raise UserError(f"{self.path}: table results, row {bad[0]}: column metrics lacks "
+                            f"a number for its experiment's metric {bad[1]!r}")
+
+    @staticmethod
+    def _bad_json(db: sqlite3.Connection, table: str, col: str) -> tuple[int, str] | None:
+        """The first row whose JSON does not parse, or is not of JSON_COLUMNS' type (samples:
+        each an object of prompt, output and target strings). SQLite's JSON functions are
+        fast but reject NaN and Infinity, which json.dumps writes for a nan or inf metric (an
+        lm-eval task with no item it can score): those rows go through Python's parser."""
+        kind = "object" if JSON_COLUMNS[col] is dict else "array"
+        for rowid, text in db.execute(f"SELECT rowid, {col} FROM {table} "
+                                      f"WHERE NOT json_valid({col})"):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return rowid, "invalid JSON"
+            if not isinstance(value, JSON_COLUMNS[col]):
+                return rowid, "a JSON " + {dict: "object", list: "array"}.get(type(value),
+                                                                          "scalar")
+        bad = db.execute(f"SELECT rowid, 'a JSON ' || json_type({col}) FROM {table} WHERE "
+                         f"json_valid({col}) AND json_type({col}) != ? LIMIT 1",
+                         (kind,)).fetchone()
+        if bad is None and col == "samples":
+            strings = " AND ".join(f"json_type(s.value, '$.{k}') IS 'text'"
+                                   for k in ("prompt", "output", "target"))
+            bad = db.execute(
+                "SELECT r.rowid, 'a sample without prompt, output and target strings' FROM "
+                f"results r, json_each(r.samples) s WHERE json_valid(r.samples) AND NOT "
+                f"(CASE WHEN s.type = 'object' THEN {strings} ELSE 0 END) LIMIT 1").fetchone()
+        return bad
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -254,9 +307,13 @@ class Registry:
     # ---- experiments ------------------------------------------------------------------
 
     def add_experiment(self, name: str, task: str, metric: str, threshold: float,
-                       note: str = "") -> int:
+                       note: str = "", exist_ok: bool = False) -> int | None:
+        """The new experiment's id; with exist_ok, None where the name is taken (checked
+        inside the write transaction: another process may have added it since we looked)."""
         with self.write() as db:
             if db.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone():
+                if exist_ok:
+                    return None
                 raise UserError(f"experiment {name!r} already exists (names are permanent; "
                                 "choose another)")
             eid = insert(db, "experiments", dict(name=name, task=task, metric=metric,

@@ -56,6 +56,11 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
             ax = axes[row][col]
             xs = [m[AXES[axis]] for m, _ in pts]
             ys = [r["metrics"].get(metric, math.nan) for _, r in pts]
+            ax.set_title(metric, fontsize=9)
+            if not any(math.isfinite(y) for y in ys):  # e.g. nan: an lm-eval task that
+                # scored no item; a log axis with no point on it cannot be drawn
+                ax.text(0.5, 0.5, "no finite value", ha="center", transform=ax.transAxes)
+                continue
             ax.plot(xs, ys, "o-", color="C0" if col == 0 else "C1")
             for (_, r), x, y in zip(pts, xs, ys):
                 if r["passed"] and col == 0:
@@ -78,7 +83,6 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
                     ax.axvspan(p["low"] or p["predicted"], min(p["high"] or hi_x, hi_x),
                                color="C4", alpha=0.15, label="predicted pass (band)")
             ax.set_xscale("log")
-            ax.set_title(metric, fontsize=9)
             if row == len(present) - 1:
                 ax.set_xlabel(AXIS_LABEL[axis] if col == 1 else "")
             ax.tick_params(labelsize=8)

@@ -50,6 +50,7 @@ class Item:
     choices: tuple[str, ...] = ()  # multiple-choice items
     answer: int = 0
     example: object = None  # a scalelab.tasks Example: chat prompt, scored by its family
+    source: str = ""  # FILE:LINE of a JSONL item, for messages
 
     @property
     def is_choice(self) -> bool:
@@ -95,13 +96,22 @@ LIMITS = {"digits": (1, 5), "seen": (0, 1), "steps": (1, 8), "n": (1, 100000), "
           "world": (0, 2**31)}
 
 
+def query_pairs(spec: str, query: str) -> list[tuple[str, str]]:
+    """key=value pairs of a spec's query; a key given twice is refused (which would win?)."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    twice = next((k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])), None)
+    if twice is not None:
+        raise UserError(f"task {spec!r}: {twice} given twice")
+    return pairs
+
+
 def parse_builtin(spec: str) -> tuple[str, dict[str, int]]:
     family, _, query = spec.removeprefix("builtin:").partition("?")
     if family not in BUILTINS:
         raise UserError(f"task {spec!r}: unknown built-in family {family!r} "
                         f"(known: {', '.join(BUILTINS)})")
     params = {**BUILTINS[family], "n": 100, "seed": 0, "world": 0}
-    for key, raw in parse_qsl(query, keep_blank_values=True):
+    for key, raw in query_pairs(spec, query):
         if key not in params:
             raise UserError(f"task {spec!r}: unknown parameter {key!r} for builtin:{family} "
                             f"(known: {', '.join(params)})")
@@ -144,9 +154,10 @@ def jsonl_items(path: Path) -> list[Item]:
                 raise UserError(f'{path}:{n}: "choices" must be a list of 2+ non-empty strings')
             if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
                 raise UserError(f'{path}:{n}: "answer" must be an index into "choices"')
-            items.append(Item(row["prompt"], choices=tuple(ch), answer=ans))
+            items.append(Item(row["prompt"], choices=tuple(ch), answer=ans,
+                              source=f"{path}:{n}"))
         elif isinstance(row.get("target"), str) and row["target"]:
-            items.append(Item(row["prompt"], row["target"]))
+            items.append(Item(row["prompt"], row["target"], source=f"{path}:{n}"))
         else:
             raise UserError(f'{path}:{n}: needs a non-empty "target" string or "choices"')
     if not items:
@@ -165,16 +176,19 @@ def suite_items(spec: str) -> list[Item]:
                         f"(known: {', '.join(sorted(TASKS))})")
     fam = TASKS[family]
     params = {"difficulty": 1, "n": 100, "seed": 0}
-    for key, raw in parse_qsl(query, keep_blank_values=True):
+    for key, raw in query_pairs(spec, query):
         if key not in params:
             raise UserError(f"task {spec!r}: unknown parameter {key!r} (known: "
                             f"{', '.join(params)})")
         if not raw.isdigit():
             raise UserError(f"task {spec!r}: {key} must be a non-negative integer")
         params[key] = int(raw)
-    if not 1 <= params["difficulty"] <= fam.max_difficulty or params["n"] < 1:
-        raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}, "
-                        "n at least 1")
+    if not 1 <= params["difficulty"] <= fam.max_difficulty:
+        raise UserError(f"task {spec!r}: difficulty must be in 1..{fam.max_difficulty}")
+    for key in ("n", "seed"):  # the built-ins' limits (a huge n would run on for minutes)
+        lo, hi = LIMITS[key]
+        if not lo <= params[key] <= hi:
+            raise UserError(f"task {spec!r}: {key} must be an integer in {lo}..{hi}")
     rng = random.Random(f"tasks/{family}/{params['seed']}")
     examples = [fam.make(rng, params["difficulty"]) for _ in range(params["n"])]
     return [Item(ex.prompt, ex.answer, example=ex) for ex in examples]

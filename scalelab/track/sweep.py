@@ -30,7 +30,13 @@ from pathlib import Path
 
 from scalelab.config import Config, UserError, apply_dict, read_toml
 from scalelab.io import atomic_write_json, atomic_write_text
-from scalelab.track.ops import add_experiment, ensure_model, evaluate, seed_experiments
+from scalelab.track.ops import (
+    add_experiment,
+    ensure_model,
+    evaluate,
+    seed_experiments,
+    with_task_files,
+)
 from scalelab.track.registry import Registry
 
 SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,
@@ -83,7 +89,37 @@ def load_sweep(path: Path) -> tuple[Config, dict]:
         if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
             raise UserError(f"{path}: sweep.corpus.{kind}: expected a weight >= 0 for one of "
                             f"{', '.join(DOC_KINDS)}")
+    check_experiments(opts["experiments"], path)
     return cfg, opts
+
+
+EXPERIMENT_KEYS = {"name": str, "task": str, "threshold": (int, float), "metric": str,
+                   "note": str}
+
+
+def check_experiments(exps: str | list, path: Path) -> None:
+    """sweep.experiments: "starter" or tables of EXPERIMENT_KEYS, each checked as `track
+    experiment add` would (task spec, metric, threshold), before any work is done."""
+    from scalelab.track.ops import checked_experiment
+    if isinstance(exps, str):
+        if exps != "starter":
+            raise UserError(f"{path}: sweep.experiments must be \"starter\" or a list of "
+                            "tables")
+        return
+    for i, e in enumerate(exps):
+        where = f"{path}: sweep.experiments[{i}]"
+        if not isinstance(e, dict) or not {"name", "task", "threshold"} <= set(e):
+            raise UserError(f"{where} needs name, task and threshold")
+        for key, value in e.items():
+            if key not in EXPERIMENT_KEYS:
+                raise UserError(f"{where}: unknown key {key!r} (known: "
+                                f"{', '.join(EXPERIMENT_KEYS)})")
+            if not isinstance(value, EXPERIMENT_KEYS[key]) or isinstance(value, bool):
+                raise UserError(f"{where}.{key} has the wrong type ({type(value).__name__})")
+        try:
+            checked_experiment(e["name"], e["task"], float(e["threshold"]), e.get("metric"))
+        except UserError as err:
+            raise UserError(f"{where} ({e['name']}): {err}") from None
 
 
 def write_corpus(path: Path, n_docs: int, seed: int, weights: dict[str, float]) -> None:
@@ -130,19 +166,15 @@ def shared_vocab(cfg: Config, shared: Path) -> int:
     return 64 * math.ceil(tok.vocab_size / 64)
 
 
-def ensure_experiments(reg: Registry, opts: dict, where: Path) -> None:
+def ensure_experiments(reg: Registry, opts: dict) -> None:
     if opts["experiments"] == "starter":
         seed_experiments(reg)
         return
-    if isinstance(opts["experiments"], str):
-        raise UserError(f"{where}: sweep.experiments must be \"starter\" or a list of tables")
     have = {e["name"] for e in reg.experiments()}
-    for i, e in enumerate(opts["experiments"]):
-        if not isinstance(e, dict) or not {"name", "task", "threshold"} <= set(e):
-            raise UserError(f"{where}: sweep.experiments[{i}] needs name, task and threshold")
+    for e in opts["experiments"]:  # checked by load_sweep
         if e["name"] not in have:
             add_experiment(reg, e["name"], e["task"], float(e["threshold"]), e.get("metric"),
-                           e.get("note", ""))
+                           e.get("note", ""), exist_ok=True)  # another sweep may add it now
 
 
 def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
@@ -153,7 +185,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    ensure_experiments(reg, opts, config)
+    ensure_experiments(reg, opts)
 
     # One corpus and tokenizer for every size, so the losses are comparable.
     shared = out / "shared"
@@ -187,7 +219,8 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
         info["train_seconds"] = time.perf_counter() - t0
         m = ensure_model(reg, run / "model", name, "sweep.name")
         done = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
-        evaluate(reg, [m], [e for e in reg.experiments() if e["id"] not in done])
+        evaluate(reg, [m], with_task_files([e for e in reg.experiments()
+                                            if e["id"] not in done]))
         info.update(name=name, non_embedding_params=m["non_embedding_params"],
                     flops=m["flops"], val_loss=m["val_loss"],
                     seconds=time.perf_counter() - t0)

@@ -282,7 +282,7 @@ async function loadTracker() {
     tr.append(el("td", "l", `${e.name} (${e.metric})`), el("td", "", String(e.threshold)));
     for (const m of s.models) {
       const c = e.results[m.name];
-      tr.append(c ? el("td", c.passed ? "pass" : "", c.value.toFixed(2) + (c.passed ? " pass" : ""))
+      tr.append(c ? el("td", c.passed ? "pass" : "", (c.value === null ? "nan" : c.value.toFixed(2)) + (c.passed ? " pass" : ""))
                   : el("td", "", ""));
     }
     tr.append(el("td", "l", e.first_passing_model || "not yet"));
