@@ -446,5 +446,12 @@ def test_backtest_out_that_cannot_be_written(tmp_path):
         r = track(reg, "backtest", "--out", str(out))
         assert r.returncode == 2 and f"--out {out}" in r.stderr and not r.stdout, r
     r = track(reg, "backtest", "--out", str(tmp_path / "b.md"))
-    assert r.returncode == 0 and (tmp_path / "b.md").read_text() + "\n" == r.stdout
+    written = (tmp_path / "b.md").read_text()
+    assert r.returncode == 0 and written.endswith(r.stdout[:-1]), (written, r.stdout)
     assert "nothing to backtest" in r.stdout  # an empty registry: said, not "0 of 0" alone
+    assert track(reg, "backtest", "--out", str(tmp_path / "b.md")).returncode == 0  # its own
+    mine = tmp_path / "notes.md"  # a file of the user's: was overwritten
+    mine.write_text("my notes\n")
+    r = track(reg, "backtest", "--out", str(mine))
+    assert r.returncode == 2 and f"--out {mine}: exists" in r.stderr and not r.stdout, r
+    assert mine.read_text() == "my notes\n"

@@ -167,16 +167,24 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written to {path}")
 
 
+BACKTEST_MARK = "<!-- written by `scalelab track backtest`; a rerun replaces this file -->\n"
+
+
 def cmd_backtest(args: argparse.Namespace) -> None:
+    from scalelab.io import atomic_write_text
     from scalelab.track.backtest import backtest, markdown
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UserError(f"--out {out}: " + ("is a folder; name a file" if out.is_dir() else
                                             f"folder {out.parent} does not exist"))
+    if out is not None and out.exists() and not out.read_bytes().startswith(
+            BACKTEST_MARK.encode()):  # replace only a file this command wrote
+        raise UserError(f"--out {out}: exists and is not a backtest this command wrote; name "
+                        "a new file (no file of yours is replaced)")
     text = markdown(backtest(open_registry(args)))
     print(text)
     if out is not None:
-        out.write_text(text)
+        atomic_write_text(out, BACKTEST_MARK + text)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -256,7 +264,8 @@ def register(sub) -> None:
     rp.set_defaults(func=cmd_report)
     bt = ts.add_parser("backtest", help="predict each size from the smaller ones, compare",
                        parents=[common])
-    bt.add_argument("--out", help="also write the markdown table to this file")
+    bt.add_argument("--out", help="also write the markdown table to this file (a new one, "
+                    "or one an earlier backtest wrote)")
     bt.set_defaults(func=cmd_backtest)
 
     sw = sub.add_parser("sweep", help="train a ladder of sizes, register, evaluate, fit, report",
