@@ -200,6 +200,16 @@ def test_checkpoints_with_optimizer_state_by_position_still_load(tmp_path):
     assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
 
 
+def test_a_checkpoint_without_its_rng_folder_is_a_user_error(tmp_path):
+    import shutil
+    model = small_model()
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path).save(1, model, opt, {})
+    shutil.rmtree(ckpt / "rng")
+    with pytest.raises(UserError, match=f"{ckpt / 'rng'}"):
+        Checkpointer(tmp_path).load(model, opt)
+
+
 def test_a_checkpoint_of_another_architecture_is_a_user_error(tmp_path):
     model = small_model()
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
