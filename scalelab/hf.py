@@ -69,6 +69,13 @@ def is_hf_folder(d: Path) -> bool:
 
 # ---- config ---------------------------------------------------------------------------------
 
+def number(v: object, key: str, where: str, least: float = 0.0) -> float:
+    """A config.json number (rope_theta, rms_norm_eps): finite and > least, else a UserError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not least < v < float("inf"):
+        raise UserError(f"{where}: '{key}' must be a number above {least:g}, got {v!r}")
+    return float(v)
+
+
 def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
     """rope_theta and Llama-3 scaling from either spelling: transformers 4 (rope_theta +
     rope_scaling) or 5 (rope_parameters)."""
@@ -76,9 +83,10 @@ def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
     if not isinstance(params, dict):
         raise UserError(f"{where}: rope_scaling must be an object")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = number(theta, "rope_theta", where)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return float(theta), {}
+        return theta, {}
     if kind != "llama3":
         raise UserError(f"{where}: RoPE scaling type {kind!r} is not supported "
                         "(only the default and 'llama3')")
@@ -87,7 +95,7 @@ def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
         raise UserError(f"{where}: llama3 RoPE scaling lacks {missing}")
     if params.get("attention_factor", 1.0) != 1.0:
         raise UserError(f"{where}: rope attention_factor != 1 is not supported")
-    return float(theta), {k: params[k] for k in LLAMA3_KEYS}
+    return theta, {k: params[k] for k in LLAMA3_KEYS}
 
 
 def hf_model_config(cfg: dict, where: str) -> ModelConfig:
@@ -143,7 +151,8 @@ def hf_model_config(cfg: dict, where: str) -> ModelConfig:
         n_head=heads, n_kv_head=kv, d_model=d,
         d_mlp=need("intermediate_size"), mlp="swiglu",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta,
-        rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_scaling=scaling,
+        norm_eps=number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
         qkv_bias=kind == "qwen2")
 
 

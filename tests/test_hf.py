@@ -234,6 +234,13 @@ def break_folder(d, how):
         data = (d / "model.safetensors").read_bytes()
         (d / "model.safetensors").write_bytes(data[: len(data) // 2])
         return "model.safetensors"
+    if how == "eps not a number":
+        rewrite_json(d / "config.json", rms_norm_eps="1e-5x")
+        return "rms_norm_eps"
+    if how == "theta not a number":
+        rewrite_json(d / "config.json", rope_parameters={"rope_type": "default",
+                                                         "rope_theta": None})
+        return "rope_theta"
     if how == "pickle only":
         (d / "model.safetensors").unlink()
         (d / "pytorch_model.bin").write_bytes(b"not unpickled")
@@ -242,7 +249,8 @@ def break_folder(d, how):
 
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
-       "wrong shapes", "truncated safetensors", "pickle only"]
+       "wrong shapes", "truncated safetensors", "eps not a number", "theta not a number",
+       "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):
