@@ -185,11 +185,15 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
+    tied_copy = None  # a tied checkpoint may store lm_head.weight as well: must be the same
     for path, names in by_file.items():
         with reading_safetensors(path), safe_open(str(path), "pt") as f:
             for name in names:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # old checkpoints store the RoPE table; it is recomputed
+                if name == "lm_head.weight" and model.cfg.tie_embeddings:
+                    tied_copy = path, f.get_tensor(name)
+                    continue
                 ours = scalelab_name(name)
                 if ours is None or ours not in params:
                     raise UserError(f"{path}: unexpected tensor {name!r} for this config")
@@ -200,6 +204,11 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
                 with torch.no_grad():
                     p.copy_(t.to(p.dtype))
                 seen.add(ours)
+    if tied_copy is not None and "embed.weight" in seen:
+        path, t = tied_copy
+        if not torch.equal(t.to(model.embed.weight.dtype), model.embed.weight.detach()):
+            raise UserError(f"{path}: lm_head.weight differs from the embedding, but "
+                            "config.json says tie_word_embeddings=true; set it to false")
     tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
     missing = sorted(set(params) - seen - tied)
     if missing:
