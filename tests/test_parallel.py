@@ -254,7 +254,8 @@ def test_plan_prints_its_assumptions_and_activation_memory():
     slow = plan.assume(H100, ["matmul_efficiency=0.5"])
     assert "matmuls at 50.0% of peak (set by --assume" in "".join(
         plan.assumptions(load_config("configs/llama3-8b.toml"), slow))
-    for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0")):
+    for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0"),
+                     ("matmul_efficiency=70", "fraction of peak")):  # 70%, not 70x peak
         with pytest.raises(UserError, match=msg):
             plan.assume(H100, [bad])
 
