@@ -69,6 +69,13 @@ def is_hf_folder(d: Path) -> bool:
 
 # ---- config ---------------------------------------------------------------------------------
 
+def number(v: object, key: str, where: str, least: float = 0.0) -> float:
+    """A config.json number (rope_theta, rms_norm_eps): finite and > least, else a UserError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not least < v < float("inf"):
+        raise UserError(f"{where}: '{key}' must be a number above {least:g}, got {v!r}")
+    return float(v)
+
+
 def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
     """rope_theta and Llama-3 scaling from either spelling: transformers 4 (rope_theta +
     rope_scaling) or 5 (rope_parameters)."""
@@ -76,9 +83,10 @@ def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
     if not isinstance(params, dict):
         raise UserError(f"{where}: rope_scaling must be an object")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = number(theta, "rope_theta", where)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return float(theta), {}
+        return theta, {}
     if kind != "llama3":
         raise UserError(f"{where}: RoPE scaling type {kind!r} is not supported "
                         "(only the default and 'llama3')")
@@ -87,7 +95,7 @@ def rope_settings(cfg: dict, where: str) -> tuple[float, dict[str, float]]:
         raise UserError(f"{where}: llama3 RoPE scaling lacks {missing}")
     if params.get("attention_factor", 1.0) != 1.0:
         raise UserError(f"{where}: rope attention_factor != 1 is not supported")
-    return float(theta), {k: params[k] for k in LLAMA3_KEYS}
+    return theta, {k: params[k] for k in LLAMA3_KEYS}
 
 
 def hf_model_config(cfg: dict, where: str) -> ModelConfig:
@@ -143,7 +151,8 @@ def hf_model_config(cfg: dict, where: str) -> ModelConfig:
         n_head=heads, n_kv_head=kv, d_model=d,
         d_mlp=need("intermediate_size"), mlp="swiglu",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta,
-        rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_scaling=scaling,
+        norm_eps=number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
         qkv_bias=kind == "qwen2")
 
 
@@ -176,11 +185,15 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
+    tied_copy = None  # a tied checkpoint may store lm_head.weight as well: must be the same
     for path, names in by_file.items():
         with reading_safetensors(path), safe_open(str(path), "pt") as f:
             for name in names:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # old checkpoints store the RoPE table; it is recomputed
+                if name == "lm_head.weight" and model.cfg.tie_embeddings:
+                    tied_copy = path, f.get_tensor(name)
+                    continue
                 ours = scalelab_name(name)
                 if ours is None or ours not in params:
                     raise UserError(f"{path}: unexpected tensor {name!r} for this config")
@@ -191,6 +204,11 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
                 with torch.no_grad():
                     p.copy_(t.to(p.dtype))
                 seen.add(ours)
+    if tied_copy is not None and "embed.weight" in seen:
+        path, t = tied_copy
+        if not torch.equal(t.to(model.embed.weight.dtype), model.embed.weight.detach()):
+            raise UserError(f"{path}: lm_head.weight differs from the embedding, but "
+                            "config.json says tie_word_embeddings=true; set it to false")
     tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
     missing = sorted(set(params) - seen - tied)
     if missing:

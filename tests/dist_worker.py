@@ -50,9 +50,11 @@ def fresh(out: Path, ref: Path) -> None:
     dist.barrier()
 
 
-def gqa_tp_losses(steps: int = 3) -> list[tuple[float, float]]:
-    """Grouped-query attention (8 query heads, 4 kv heads) under tp=4 vs. the same model
-    unsharded in this process: (sharded, plain) loss per AdamW step on one fixed batch."""
+def gqa_tp_losses(steps: int = 3, qkv_bias: bool = False,
+                  sizes: tuple[int, int, int] = (1, 1, 4)) -> list[tuple[float, float]]:
+    """Grouped-query attention (8 query heads, 4 kv heads) under tp=4 (or another mapping
+    of dp, fsdp, tp) vs. the same model unsharded in this process: (sharded, plain) loss
+    per AdamW step on one fixed batch (the same on every rank)."""
     import torch
     import torch.nn.functional as F
 
@@ -60,8 +62,9 @@ def gqa_tp_losses(steps: int = 3) -> list[tuple[float, float]]:
     from scalelab.model import Transformer
     from scalelab.parallel.apply import clip_grad_norm_, parallelize
 
-    mc = ModelConfig(vocab_size=128, seq_len=16, n_layer=2, n_head=8, n_kv_head=4, d_model=32)
-    par = mesh.setup(ParallelConfig(tp=4), "cpu")
+    mc = ModelConfig(vocab_size=128, seq_len=16, n_layer=2, n_head=8, n_kv_head=4, d_model=32,
+                     qkv_bias=qkv_bias)
+    par = mesh.setup(ParallelConfig(*sizes), "cpu")
     x = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
     out = []
     for sharded in (True, False):
@@ -111,8 +114,10 @@ def main() -> None:
     crashed_at_step_10(ref, out)
     pretrain(config(ref, (1, 2, 2), global_batch), out, resume=True)
     gqa = gqa_tp_losses()
+    bias = gqa_tp_losses(qkv_bias=True, sizes=(1, 2, 2))  # q/k/v biases (Qwen2) under FSDP
     if dist.get_rank() == 0:
         (base / "gqa_tp.json").write_text(json.dumps(gqa))
+        (base / "qkv_bias_fsdp_tp.json").write_text(json.dumps(bias))
         (base / "comm.json").write_text(json.dumps(comm, indent=1))
     dist.destroy_process_group()
 

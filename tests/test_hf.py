@@ -11,6 +11,7 @@ import pytest
 import torch
 from hf_folders import CHATML, left_pad, make_hf_folder, ragged
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from scalelab.cli import main
 from scalelab.config import ModelConfig, UserError
@@ -234,6 +235,13 @@ def break_folder(d, how):
         data = (d / "model.safetensors").read_bytes()
         (d / "model.safetensors").write_bytes(data[: len(data) // 2])
         return "model.safetensors"
+    if how == "eps not a number":
+        rewrite_json(d / "config.json", rms_norm_eps="1e-5x")
+        return "rms_norm_eps"
+    if how == "theta not a number":
+        rewrite_json(d / "config.json", rope_parameters={"rope_type": "default",
+                                                         "rope_theta": None})
+        return "rope_theta"
     if how == "pickle only":
         (d / "model.safetensors").unlink()
         (d / "pytorch_model.bin").write_bytes(b"not unpickled")
@@ -242,7 +250,8 @@ def break_folder(d, how):
 
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
-       "wrong shapes", "truncated safetensors", "pickle only"]
+       "wrong shapes", "truncated safetensors", "eps not a number", "theta not a number",
+       "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):
@@ -336,8 +345,20 @@ def test_track_model_add_on_an_imported_folder(tmp_path):
 
 
 def test_tied_import_shares_one_tensor(tmp_path):
-    model, _ = load_model(make_hf_folder(tmp_path / "m", tie=True))
+    folder = make_hf_folder(tmp_path / "m", tie=True)
+    model, _ = load_model(folder)
     assert model.lm_head.weight is model.embed.weight
+    # Some tied checkpoints store lm_head.weight too (a copy of the embedding), as
+    # transformers accepts; one that differs from the embedding is not tied: exit 2.
+    weights = load_file(folder / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    save_file({**weights, "lm_head.weight": embed.clone()}, folder / "model.safetensors")
+    again, _ = load_model(folder)
+    assert again.lm_head.weight is again.embed.weight
+    assert torch.equal(again.embed.weight, model.embed.weight)
+    save_file({**weights, "lm_head.weight": embed + 1}, folder / "model.safetensors")
+    with pytest.raises(UserError, match="lm_head.weight.*tie_word_embeddings"):
+        load_model(folder)
 
 
 def test_folder_without_bos_token(tmp_path):

@@ -91,6 +91,18 @@ def test_dp_and_fsdp_bytes_by_hand():
     assert tp2[("all_reduce", "tp")] == pytest.approx(L * 7 * 2 * 1 / 2 * 1024 * d * 2)
 
 
+def test_qkv_biases_are_split_over_tp_in_the_cost_model():
+    """Colwise tp cuts q/k/v biases with their weights, so a tp rank's FSDP shard of a block
+    holds half of them (bench/comm_bytes.py measured 0.16% more bytes before)."""
+    mc = ModelConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=4, d_model=32, d_mlp=64,
+                     qkv_bias=True)
+    d = mc.d_model
+    blk = (4 * d * d + 3 * d * mc.d_mlp) / 2 + 3 * d / 2 + 2 * d  # tp halves all but norms
+    rows = summarize(step_collectives(mc, {"dp": 1, "fsdp": 2, "tp": 2}, make_rules(), 16))
+    root = 256 * d + d
+    assert rows[("all_gather", "fsdp")] == pytest.approx(1 / 2 * 4 * (2 * 2 * blk + root))
+
+
 def test_memory_and_compute_by_hand():
     cfg = gpt2()
     mc = plan.model_for_plan(cfg)
@@ -242,7 +254,8 @@ def test_plan_prints_its_assumptions_and_activation_memory():
     slow = plan.assume(H100, ["matmul_efficiency=0.5"])
     assert "matmuls at 50.0% of peak (set by --assume" in "".join(
         plan.assumptions(load_config("configs/llama3-8b.toml"), slow))
-    for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0")):
+    for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0"),
+                     ("matmul_efficiency=70", "fraction of peak")):  # 70%, not 70x peak
         with pytest.raises(UserError, match=msg):
             plan.assume(H100, [bad])
 

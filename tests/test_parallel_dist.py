@@ -100,6 +100,15 @@ def test_grouped_query_attention_under_tp(runs):
         assert sharded == pytest.approx(plain, rel=1e-5)
 
 
+def test_qkv_biases_under_fsdp_and_tp(runs):
+    """A model with q/k/v biases (Qwen2) trains under fsdp=2 x tp=2 like one process."""
+    base, _ = runs
+    pairs = json.loads((base / "qkv_bias_fsdp_tp.json").read_text())
+    assert len(pairs) == 3 and pairs[0][0] != pairs[2][0]  # it trained
+    for sharded, plain in pairs:
+        assert sharded == pytest.approx(plain, rel=1e-5)
+
+
 def test_sharded_model_export_generates(runs):
     base, _ = runs
     r = run_cli("generate", "--model", str(base / "1_2_2" / "model"), "--prompt", "Mia has",

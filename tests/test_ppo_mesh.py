@@ -136,3 +136,7 @@ def test_rollout_chunks_per_data_rank():
         ppo_module.rollout_chunks(PPOConfig(rollout_shards=3), par)
     with pytest.raises(UserError, match="ppo.rollout_batch=12"):
         ppo_module.rollout_chunks(PPOConfig(rollout_batch=12, samples_per_prompt=4), par)
+    # 4 rows per chunk cut into 3 minibatches would silently be 2 (torch.chunk): refused
+    with pytest.raises(UserError, match="ppo.minibatches=3"):
+        ppo_module.rollout_chunks(PPOConfig(rollout_batch=8, samples_per_prompt=2,
+                                            minibatches=3), par)

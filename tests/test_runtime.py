@@ -140,6 +140,36 @@ def test_sharded_checkpoint_saves_every_rng_and_loads_in_one_process(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.state_dict().items())
 
 
+def test_sharded_checkpoint_full_disk_and_damage_are_clear(tmp_path, monkeypatch):
+    """DCP wraps each rank's error in a CheckpointException (a BaseException): a full disk
+    while saving must still say which checkpoint is intact, and a damaged dcp/ folder on
+    resume must be a UserError naming it, not a traceback."""
+    import errno
+    import os
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from scalelab.config import RunFailed
+    model = small_model()
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    train_a_step(model, opt)
+    ckpts = Checkpointer(tmp_path, keep=2, parallel=OneRankMesh())
+    first = ckpts.save(1, model, opt, {})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(dcp_fs, "_write_item", full_disk)
+        with pytest.raises(RunFailed, match="No space left on device.*step_1 is intact"):
+            ckpts.save(2, model, opt, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no partial folder left
+    shard = next((first / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a torn shard
+    with pytest.raises(UserError, match=f"{first / 'dcp'}: cannot load"):
+        Checkpointer(tmp_path).load(model, opt)
+
+
 def test_checkpoints_with_optimizer_state_by_position_still_load(tmp_path):
     """Before name keys, state.safetensors held opt.<position>.<name> and state.json's
     param_groups listed positions, with the RNG in state.safetensors too."""
@@ -168,6 +198,16 @@ def test_checkpoints_with_optimizer_state_by_position_still_load(tmp_path):
     assert torch.equal(torch.rand(4), want_next)
     got, want = fresh_opt.state_dict()["state"], opt.state_dict()["state"]
     assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
+
+
+def test_a_checkpoint_without_its_rng_folder_is_a_user_error(tmp_path):
+    import shutil
+    model = small_model()
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path).save(1, model, opt, {})
+    shutil.rmtree(ckpt / "rng")
+    with pytest.raises(UserError, match=f"{ckpt / 'rng'}"):
+        Checkpointer(tmp_path).load(model, opt)
 
 
 def test_a_checkpoint_of_another_architecture_is_a_user_error(tmp_path):

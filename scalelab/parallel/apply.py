@@ -69,7 +69,7 @@ def apply_fsdp(model: nn.Module, par: Parallel, dtype: str = "auto") -> None:
 
     names = {id(p): n for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
-        if fsdp_dim(n, par.rules) is None and p.numel() > 1:  # a head's one bias: dim 0
+        if fsdp_dim(n, par.rules) is None and p.ndim > 1:  # a bias is cut along its one dim
             raise UserError(f"parallel.fsdp={par.sizes['fsdp']}: the rules give {n} no "
                             "dimension on the fsdp axis (keep parallel.rules.embed = \"fsdp\")")
 
@@ -114,8 +114,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
     for g in grads:
         if isinstance(g, DTensor):
             copies = par.world // g.device_mesh.size()
-            for size, pl in zip(g.device_mesh.shape, g.placements):
-                copies *= 1 if pl.is_shard() else size
+            for size, pl in zip(g.device_mesh.shape, g.placements):  # _StridedShard (fsdp
+                copies *= size if pl.is_replicate() else 1  # and tp on one dim) is no Shard
             local = g.to_local()
         else:
             copies, local = par.world, g

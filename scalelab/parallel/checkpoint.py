@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,10 +31,24 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
             "optim": get_optimizer_state_dict(model, optimizer)}
 
 
+def first_failure(e: CheckpointException) -> BaseException:
+    """DCP wraps each rank's error (with its traceback) in one CheckpointException, which
+    every rank raises; this is the first rank's own error."""
+    failures = sorted(e.failures.items())
+    return failures[0][1][0] if failures else e
+
+
 def write_sharded(folder: Path, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer) -> None:
-    """Collective: every rank writes its shards of model and optimizer into folder/dcp."""
-    dcp.save(_state(model, optimizer), checkpoint_id=str(folder / "dcp"))
+    """Collective: every rank writes its shards of model and optimizer into folder/dcp.
+    A write error (a full disk) on any rank is raised as that OSError on every rank."""
+    try:
+        dcp.save(_state(model, optimizer), checkpoint_id=str(folder / "dcp"))
+    except CheckpointException as e:
+        cause = first_failure(e)
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
 
 
 def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -43,7 +58,11 @@ def read_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         with warnings.catch_warnings():  # one plain process reading shards is intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
-    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank errors
+    except CheckpointException as e:  # a BaseException, wrapping each rank's error
+        cause = first_failure(e)
+        why = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        raise UserError(f"{ckpt / 'dcp'}: cannot load this checkpoint ({why})") from None
+    except Exception as e:
         raise UserError(f"{ckpt / 'dcp'}: cannot load this checkpoint ({e})") from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scalelab.config import ModelConfig
-from scalelab.parallel.rules import Rules, tp_style, weight_shapes
+from scalelab.parallel.rules import Rules, tp_style, weight_shapes, weight_spec
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
     block_numel: dict[int, int] = defaultdict(int)
     root_numel = 0
     for name, shape in shapes.items():
-        numel = math.prod(shape) // (tp if tp_style(name, rules) else 1)
+        split = any("tp" in axes for axes in weight_spec(name, rules))  # q/k/v biases too
+        numel = math.prod(shape) // (tp if split else 1)
         if name.startswith("blocks."):
             block_numel[int(name.split(".")[1])] += numel
         else:

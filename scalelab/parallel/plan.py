@@ -377,6 +377,9 @@ def assume(hw: Hardware, items: list[str]) -> Hardware:
             value = float("nan")
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--assume {key}: expected a number > 0, got {raw!r}")
+        if key.endswith("_efficiency") and value > 1:
+            raise UserError(f"--assume {key}: a fraction of peak, at most 1 (e.g. 0.7 for "
+                            f"70%), got {raw!r}")
         changes[key] = int(value) if key == "node_size" else value
     return replace(hw, name=hw.name + (" (--assume)" if changes else ""), **changes)
 

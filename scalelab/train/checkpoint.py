@@ -243,7 +243,11 @@ class Checkpointer:
             set_rng(read_tensors(mine if mine.is_file() else first))
         elif (ckpt / "state.safetensors").is_file():  # written before rng/ existed
             old = read_tensors(ckpt / "state.safetensors")
-            set_rng({k[4:]: v for k, v in old.items() if k.startswith("rng.")})
+            saved = {k[4:]: v for k, v in old.items() if k.startswith("rng.")}
+            if "cpu" not in saved:  # neither kind: rng/ was lost, the resume would not be exact
+                raise UserError(f"{ckpt / 'rng'}: missing (each rank's random generators); "
+                                "this checkpoint is incomplete")
+            set_rng(saved)
         return meta
 
 

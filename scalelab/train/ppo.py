@@ -386,6 +386,11 @@ def rollout_chunks(pc: PPOConfig, par) -> tuple[int, int, int]:
         raise UserError(f"ppo.rollout_batch={pc.rollout_batch} must be a multiple of "
                         f"ppo.samples_per_prompt ({pc.samples_per_prompt}) x the rollout "
                         f"chunks ({total}: ppo.rollout_shards, or the data ranks)")
+    rows = pc.rollout_batch // total  # torch.chunk would quietly make fewer minibatches
+    if -(-rows // -(-rows // pc.minibatches)) != pc.minibatches:
+        raise UserError(f"ppo.minibatches={pc.minibatches} cannot cut each rollout chunk "
+                        f"({rows} rows: ppo.rollout_batch / the chunks) into that many "
+                        f"minibatches; use a divisor of {rows}")
     mine = total // par.data_world
     return total, par.data_rank * mine, mine
 
