@@ -110,6 +110,25 @@ def test_wrong_stage_resume_leaves_the_run_untouched(sft_run):
     assert snapshot(sft_run) == before
 
 
+def test_resume_from_another_base_is_refused(home, base, sft_run, tmp_path, monkeypatch):
+    """--resume with another --base spliced two runs into one folder (for PPO and DPO it
+    silently swapped the reference model); the same base spelled another way resumes."""
+    import shutil
+    run = tmp_path / "sft"
+    shutil.copytree(sft_run, run)
+    before = snapshot(run)
+    args = ["--data", str(home / "sft.jsonl"), "--out", str(run), "--resume",
+            "--max-steps", "13"]
+    rc, _, err = cli("sft", "--base", str(sft_run / "model"), *args)
+    assert rc == 2 and "model it started from was" in err and len(err.splitlines()) == 1, err
+    assert snapshot(run) == before
+    monkeypatch.chdir(home)
+    rc, _, err = cli("sft", "--base", "./base/../base/model", *args)
+    assert rc == 0, err
+    lineage = json.loads((run / "lineage.json").read_text())
+    assert lineage["parent"] == str((base[0] / "model").resolve())
+
+
 def test_resume_without_checkpoint_builds_nothing(home, base, tmp_path):
     import shutil
     corpus = ["--set", f"data.source={home / 'corpus.txt'}"]

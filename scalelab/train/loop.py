@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, TrainConfig, dump_toml
+from scalelab.config import Config, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
 from scalelab.hf import add_chat_tokens
-from scalelab.io import atomic_write_json, atomic_write_text, read_rows
+from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.parallel.apply import sync_and_clip
@@ -108,14 +109,39 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     Returns (run, par, model, tokenizer)."""
     par = mesh.setup(cfg.parallel, cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the same on every rank: copies and heads agree
-    record = {"stage": stage, "parent": str(parent), **{k: str(v) for k, v in lineage.items()}}
+    record = {"stage": stage, **{k: _where(v) for k, v in dict(parent=parent, **lineage).items()}}
     run = Run(out, cfg, resume, write=par.is_main, stage=stage, lineage=record)
+    if resume:
+        check_same_inputs(out, record)
     model, tok = load_model(parent, par.device)
     add_chat_tokens(model, tok)  # an imported folder without a chat template gets role tokens
     if not par.single:
         check_divisible(model.cfg, par.rules, par.sizes)
     cfg.model = model.cfg  # the parent's architecture, always (config.check_stage_overrides)
     return run, par, model, tok
+
+
+def _where(v) -> str:
+    """A model folder as an absolute path (lineage.json then reads the same from any working
+    folder); a spec such as builtin:gold as given."""
+    return str(Path(v).resolve()) if Path(v).exists() else str(v)
+
+
+def check_same_inputs(out: Path, record: dict) -> None:
+    """--resume with another model to start from (or another reward model) would splice two
+    runs into one folder and, for PPO and DPO, swap the reference model unseen: refused."""
+    was = read_json_if_any(out / "lineage.json")
+    for key, now in record.items():
+        old = was.get(key)
+        if not isinstance(old, str) or old == now:
+            continue
+        if not (old.startswith("builtin:") or now.startswith("builtin:")) and not (
+                Path(old).exists() and Path(now).exists()):
+            continue  # a folder gone since, or relative to an unknown working folder
+        if "builtin:" in old + now or not os.path.samefile(old, now):
+            what = "model it started from" if key == "parent" else f"{key} it used"
+            raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
+                            "resume with the same one, or start a new --out")
 
 
 def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
