@@ -231,7 +231,10 @@ def test_lm_eval_options_without_lm_eval_are_refused(tmp_path):
         r = track(reg, "experiment", "add", "--name", "x", "--task", "builtin:qa",
                   "--threshold", "0.5", *extra)
         assert r.returncode == 2 and "go with --lm-eval" in r.stderr, (extra, r)
-    assert Registry(reg).experiments() == []
+    for bad in (["--task", "builtin:nosuch"], ["--task", "builtin:qa", "--metric", "brier"]):
+        r = track(reg, "experiment", "add", "--name", "x", "--threshold", "0.5", *bad)
+        assert r.returncode == 2 and r.stderr, (bad, r)
+    assert not reg.exists()  # a refused experiment made an empty registry file all the same
 
 
 def test_hf_model_folder(tmp_path, tokenizer):

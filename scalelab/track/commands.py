@@ -10,7 +10,7 @@ from pathlib import Path
 from scalelab.config import UserError
 from scalelab.track import metrics as M
 from scalelab.track.ops import (
-    add_experiment,
+    checked_experiment,
     evaluate,
     human,
     register_model,
@@ -28,12 +28,14 @@ def open_registry(args: argparse.Namespace) -> Registry:
 
 def cmd_experiment_add(args: argparse.Namespace) -> None:
     from scalelab.track.lmeval_task import make_spec
-    reg = open_registry(args)
     if args.lm_eval is None and (args.include_path is not None or args.limit is not None):
         raise UserError("--include-path and --limit go with --lm-eval")
     task = args.task if args.lm_eval is None else \
         make_spec(args.lm_eval, args.include_path, args.limit)
-    add_experiment(reg, args.name, task, args.threshold, args.metric, args.note)
+    # checked before the registry is opened: a refused experiment creates no registry file
+    task, metric = checked_experiment(args.name, task, args.threshold, args.metric)
+    reg = open_registry(args)
+    reg.add_experiment(args.name, task, metric, args.threshold, args.note)
     e = reg.experiment(args.name)
     print(f"added experiment {e['name']}: {e['task']}, pass if {e['metric']} "
           f"{M.comparison(e['metric'])} {e['threshold']}")
