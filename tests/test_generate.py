@@ -98,7 +98,8 @@ def test_compiled_step_gives_the_same_tokens():
     # second call (other prompts, same bucket) reuses it. The eager engine it is compared
     # with equals the full-recompute reference (tests above).
     model = small_model()
-    kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30)
+    limit = model.cfg.vocab_size - 3  # as for a padded vocabulary: a slice inside the graph
+    kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30, vocab_limit=limit)
     with warnings.catch_warnings():
         # a failed compile warns and falls back to the eager step: make that a failure here
         warnings.filterwarnings("error", message="generate: torch.compile")
@@ -106,6 +107,7 @@ def test_compiled_step_gives_the_same_tokens():
         assert run(model, PROMPTS[1:2], compile=True, **kw) == run(model, PROMPTS[1:2], **kw)
     engines = list(gen._ENGINES[model].values())
     assert len(engines) == 1 and engines[0].run_step is not engines[0].step  # reused
+    assert max(max(r) for r in run(model, compile=True, **kw)) < limit
 
 
 def test_cache_follows_the_dtype_attention_produces():
