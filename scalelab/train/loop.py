@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer, load_model
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.rundir import check_out, claim, restart_count
+from scalelab.train.rundir import check_out, claim, restart_count, same_input
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -133,12 +132,7 @@ def check_same_inputs(out: Path, record: dict) -> None:
     was = read_json_if_any(out / "lineage.json")
     for key, now in record.items():
         old = was.get(key)
-        if not isinstance(old, str) or old == now:
-            continue
-        if not (old.startswith("builtin:") or now.startswith("builtin:")) and not (
-                Path(old).exists() and Path(now).exists()):
-            continue  # a folder gone since, or relative to an unknown working folder
-        if "builtin:" in old + now or not os.path.samefile(old, now):
+        if isinstance(old, str) and not same_input(old, now):
             what = "model it started from" if key == "parent" else f"{key} it used"
             raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
                             "resume with the same one, or start a new --out")

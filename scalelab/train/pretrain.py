@@ -27,6 +27,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
+from scalelab.train.rundir import same_input
 
 
 def check_same_data(cfg: Config, saved: Path) -> None:
@@ -34,22 +35,15 @@ def check_same_data(cfg: Config, saved: Path) -> None:
     written into its config.toml but never used, so it is refused."""
     if not saved.is_file():
         return
-    def changed(key: str, was, now) -> bool:
-        if was == now:
-            return False
-        if key in ("source", "val_source") and was and now and ":" not in was + now:
-            # a path: the same file named from another folder (a sweep resumed elsewhere)
-            # is no change; one that cannot be found from here cannot be compared
-            a, b = Path(was), Path(now)
-            return a.exists() and b.exists() and a.resolve() != b.resolve()
-        return True
-
     old = read_toml(saved).get("data", {})
     for key, value in asdict(cfg.data).items():
-        if key in old and changed(key, old[key], value):
-            raise UserError(f"data.{key} = {value!r} differs from {old[key]!r} in {saved}: a "
-                            "resumed run keeps the token files it was started on; drop that "
-                            "change, or start a new run for new data")
+        if key not in old or old[key] == value:
+            continue
+        if key in ("source", "val_source") and same_input(old[key], value):
+            continue  # a path named from another folder (a sweep resumed elsewhere)
+        raise UserError(f"data.{key} = {value!r} differs from {old[key]!r} in {saved}: a "
+                        "resumed run keeps the token files it was started on; drop that "
+                        "change, or start a new run for new data")
 
 
 def check_same_model(cfg: Config, saved: Path) -> None:

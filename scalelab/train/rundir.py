@@ -75,6 +75,19 @@ def _started(out: Path) -> bool:
     return (out / "metrics.jsonl").exists() or last_step(out) is not None
 
 
+def same_input(was: str, now: str) -> bool:
+    """Does --resume name what the run started from? Equal text; or two paths (not a spec
+    such as builtin:world) that resolve to one file or folder. A path that cannot be found
+    from here (gone since, or relative to another working folder) cannot be compared, and
+    counts as the same."""
+    if was == now:
+        return True
+    if not (was and now) or ":" in was + now:
+        return False
+    a, b = Path(was), Path(now)
+    return not (a.exists() and b.exists()) or a.resolve() == b.resolve()
+
+
 def check_writable(out: Path) -> None:
     """--out, or the nearest folder above it that exists, must be a folder we can write in
     (else the command would fail with a traceback after its work)."""
