@@ -14,15 +14,21 @@ from scalelab.tokenizer import Tokenizer
 @torch.no_grad()
 def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 24,
                 batch_size: int = 64, **sampling) -> list[list[int]]:
-    """Answer ids (ending in EOS if the model stopped) to one-turn chat prompts; greedy unless
-    sampling says otherwise."""
+    """Answer ids (ending in EOS if the model stopped) to one-turn chat prompts, in order;
+    greedy unless sampling says otherwise. Prompts are batched by length: a batch then pads
+    little, and its answers (to similar questions) tend to end together."""
     sampling.setdefault("temperature", 0.0)
     sampling.setdefault("vocab_limit", tok.vocab_size)  # never a padded vocabulary's ids
     room = model.cfg.seq_len - max_new_tokens  # too-long prompts keep their last tokens
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [tok.chat_prompt(p)[-room:] for p in prompts[i: i + batch_size]]
-        out += generate(model, ids, max_new_tokens, tok.pad_id, tok.eos_id, **sampling)
+    ids = [tok.chat_prompt(p)[-room:] for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[list[int]] = [[] for _ in ids]
+    for i in range(0, len(order), batch_size):
+        rows = order[i: i + batch_size]
+        answers = generate(model, [ids[j] for j in rows], max_new_tokens, tok.pad_id,
+                           tok.eos_id, **sampling)
+        for j, answer in zip(rows, answers):
+            out[j] = answer
     return out
 
 

@@ -142,3 +142,52 @@ def test_damaged_token_files_are_bad_input(data_dir, damage):
         (data_dir / "val.bin").unlink()
     with pytest.raises(UserError, match=f"{data_dir}: the run's token files are damaged"):
         TokenLoader(data_dir, "train", 4, 16)
+
+
+def test_packed_sft_batches_give_the_padded_loss_and_gradients(tokenizer):
+    """sft.pack: conversations packed several to a row, each seeing only itself, give the
+    loss and gradients of one right-padded row per conversation; on the built-in SFT data
+    the packed rows hold far less padding."""
+    from scalelab.config import ModelConfig
+    from scalelab.data.batches import pack, pad_right
+    from scalelab.model import Transformer
+    from scalelab.train.losses import IGNORE
+    from scalelab.train.sft import encode_conversations, masked_loss, task_conversations
+
+    convs, _ = task_conversations(2000, seed=0, chatty_fraction=0.3)
+    items = encode_conversations(convs, tokenizer, 128)
+    padded_real = packed_real = 0.0
+    for i in range(0, 1984, 32):
+        batch = items[i:i + 32]
+        real = sum(len(x) for x, _ in batch)
+        padded_real += real / pad_right([x for x, _ in batch], 0).numel()
+        x, y, pos, seg = pack(batch, 128, tokenizer.pad_id, IGNORE)
+        assert x.size(1) <= 128
+        found = []  # every conversation once, whole, with positions from 0
+        for r in range(len(x)):
+            for k in range(int(seg[r].max()) + 1):
+                at = seg[r] == k
+                assert pos[r, at].tolist() == list(range(int(at.sum())))
+                found.append((x[r, at].tolist(), y[r, at].tolist()))
+        assert sorted(found) == sorted((list(a), list(b)) for a, b in batch)
+        packed_real += real / x.numel()
+    padded_real, packed_real = padded_real / 62, packed_real / 62
+    print(f"real tokens of a batch of 32: {padded_real:.2f} padded, {packed_real:.2f} packed")
+    assert padded_real < 0.6 and packed_real > 0.9
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2,
+                                    n_head=2, d_model=32))
+    batch = [(x[:40], y[:40]) for x, y in items[:24]]
+    grads = []
+    for tensors in ((pad_right([x for x, _ in batch], tokenizer.pad_id),
+                     pad_right([y for _, y in batch], IGNORE)),
+                    pack(batch, 64, tokenizer.pad_id, IGNORE)):
+        model.zero_grad()
+        loss = masked_loss(model, tensors)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(tensors[0]) < len(batch)  # packed: fewer rows
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, atol=1e-6, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g1, g2))

@@ -113,6 +113,32 @@ def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(before, both.parameters()))
 
 
+def test_ppo_logprobs_are_over_the_ids_sampling_draws_from(tokenizer):
+    """A model vocabulary padded past the tokenizer's: generate never samples the padded ids,
+    so PPO's log-probs (and entropy) are those of the softmax over the real ids only."""
+    from scalelab.config import ModelConfig
+    from scalelab.model import Transformer
+    from scalelab.train.ppo import make_rollout, response_logprobs
+
+    torch.manual_seed(0)
+    V = tokenizer.vocab_size
+    policy = Transformer(ModelConfig(vocab_size=V + 64, seq_len=32, n_layer=1, n_head=2,
+                                     d_model=32))
+    with torch.no_grad():
+        policy.lm_head.weight[V:] *= 30  # padded ids that would take real probability mass
+    prompts = [tokenizer.encode(f"Sam is {i}", bos=True) for i in range(3)]
+    responses = [[11, 12, 13][: 1 + i] for i in range(3)]
+    ro = make_rollout(prompts, responses, tokenizer.pad_id, "cpu", vocab_limit=V)
+    logp, ent = response_logprobs(policy, ro, 1.0, with_entropy=True)
+    logits = policy(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+    real = F.log_softmax(logits[..., :V], dim=-1)
+    want = real.gather(-1, ro.tokens[:, ro.prompt_len:, None]).squeeze(-1)
+    assert torch.allclose(logp, want, atol=1e-5, rtol=0)
+    assert torch.allclose(ent, -(real.exp() * real).sum(-1), atol=1e-5, rtol=0)
+    padded = F.log_softmax(logits, dim=-1).gather(-1, ro.tokens[:, ro.prompt_len:, None])
+    assert not torch.allclose(padded.squeeze(-1), want, atol=1e-3)
+
+
 def test_compiled_pretraining_loss_and_grads_match_eager():
     # Under torch.compile next_token_loss takes the plain F.cross_entropy path (inductor fuses
     # it); eagerly it is the chunked one. Both must give the same loss and gradients.

@@ -70,6 +70,44 @@ def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, ignore: int
+         ) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets) pairs packed into as few rows of at most `width` tokens as first-fit
+    (longest first) finds, instead of one right-padded row each. Returns inputs, targets
+    (`ignore` on padding), positions (from 0 in every item) and segments (the item's place
+    in its row; -1 on padding): with `packed_attention(segments)` each item sees only
+    itself, so the loss and its gradients are those of the padded batch, for far fewer
+    tokens (a batch of the built-in SFT conversations is about half padding)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(items)), key=lambda i: -len(items[i][0])):
+        n = len(items[i][0])
+        r = next((r for r, free in enumerate(room) if free >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= n
+    T = width - min(room)
+    x, y, pos, seg = [], [], [], []
+    for row in rows:
+        parts = [items[i] for i in row]
+        fill = T - sum(len(a) for a, _ in parts)
+        x.append([t for a, _ in parts for t in a] + [pad_id] * fill)
+        y.append([t for _, b in parts for t in b] + [ignore] * fill)
+        pos.append([p for a, _ in parts for p in range(len(a))] + [0] * fill)
+        seg.append([k for k, (a, _) in enumerate(parts) for _ in a] + [-1] * fill)
+    return tuple(torch.tensor(t, dtype=torch.long) for t in (x, y, pos, seg))
+
+
+def packed_attention(segments: torch.Tensor) -> torch.Tensor:
+    """The (R, 1, T, T) causal mask of packed rows: a token sees the earlier tokens of its
+    own item (padding sees padding, so no query is left with nothing to attend to)."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
+
+
 def split_heldout(items: list) -> tuple[list, list]:
     """(train, held_out): the one held-out rule of every post-training stage. The first
     10% of the items (at least 1, at most 256) measure val_* metrics, never trained on."""

@@ -56,9 +56,9 @@ def mean_loss(model: torch.nn.Module, loss_fn: Callable, batches: list, device: 
               dtype: str) -> float:
     """loss_fn(model, batch) averaged over held-out batches, under train.dtype's autocast."""
     total = 0.0
-    for x, y in batches:
+    for batch in batches:
         with autocast(device, dtype):
-            total += loss_fn(model, (x.to(device), y.to(device))).item()
+            total += loss_fn(model, tuple(t.to(device) for t in batch)).item()
     return total / len(batches)
 
 

@@ -121,11 +121,13 @@ class Rollout:
     resp_mask: torch.Tensor  # (B, R) float: 1 on response tokens (EOS included)
     prompt_len: int
     responses: list[list[int]]
+    vocab_limit: int | None = None  # the ids sampling draws from: the log-probs' vocabulary
 
 
 def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                 device, min_response_len: int = 1) -> Rollout:
-    """min_response_len pads every rollout to one shape (what a compiled step wants)."""
+                 device, min_response_len: int = 1, vocab_limit: int | None = None) -> Rollout:
+    """min_response_len pads every rollout to one shape (what a compiled step wants).
+    vocab_limit: the tokenizer's vocabulary when the model's is padded past it (generate's)."""
     B, P = len(prompts), max(len(p) for p in prompts)
     R = max(1, min_response_len, max(len(r) for r in responses))
     tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
@@ -136,16 +138,18 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: i
         valid[i, P - len(p): P + len(r)] = True
     positions, mask = padded_attention(valid)
     return Rollout(tokens.to(device), positions.to(device), mask.to(device),
-                   valid[:, P:].float().to(device), P, responses)
+                   valid[:, P:].float().to(device), P, responses, vocab_limit)
 
 
 def response_logprobs(model: Transformer, ro: Rollout, temperature: float,
                       with_entropy: bool = False):
     """Log-probs (B, R) of the response tokens at the sampling temperature (and the entropy
-    of each token's distribution), in chunks: no (B, R, vocab) fp32 tensor is held whole."""
+    of each token's distribution), in chunks: no (B, R, vocab) fp32 tensor is held whole.
+    Over the ids the responses were sampled from (ro.vocab_limit), so the ratio of new to
+    old log-probs is the one of the distributions PPO samples."""
     h = model.hidden(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
-    return token_logprobs(h, model.lm_head.weight, ro.tokens[:, ro.prompt_len:], temperature,
-                          with_entropy)
+    return token_logprobs(h, model.lm_head.weight[:ro.vocab_limit],
+                          ro.tokens[:, ro.prompt_len:], temperature, with_entropy)
 
 
 def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
@@ -286,7 +290,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         responses = sample_responses(sampling_copy or policy, prompts, tok, pc, chunks, generator,
                                      ranks, compile=compiled)
     ro = make_rollout(prompts, responses, tok.pad_id, device,
-                      pc.max_new_tokens if compiled else 1)
+                      pc.max_new_tokens if compiled else 1, tok.vocab_size)
     with torch.no_grad(), ctx:
         old_logp = response_logprobs(policy, ro, pc.temperature)
         ref_logp = response_logprobs(ref, ro, pc.temperature)
@@ -314,7 +318,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         for mb in minibatch_rows(chunks, B, pc.minibatches):
             mb = mb.to(device)
             sub = Rollout(ro.tokens[mb], ro.positions[mb], ro.mask[mb], ro.resp_mask[mb],
-                          ro.prompt_len, [])
+                          ro.prompt_len, [], ro.vocab_limit)
             count = None if ranks.par is None else ranks.total(sub.resp_mask.sum())
             with ctx:
                 loss, s = loss_fn(policy, value, sub, old_logp[mb], old_values[mb], adv[mb],

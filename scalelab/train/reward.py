@@ -56,17 +56,26 @@ def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Token
 
 
 @torch.no_grad()
-def reward_scores(model: ScalarModel, tok: Tokenizer, stats: dict, prompts: list[str],
-                  responses: list[list[int]], batch_size: int = 64) -> torch.Tensor:
-    """Normalised rewards (mean 0, std 1 on reference samples) for prompt/response ids."""
+def score_sequences(model: ScalarModel, seqs: list[list[int]], pad_id: int,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Raw score of each token sequence, in order; batched by length, so little padding."""
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [tok.chat_prompt(p) + r for p, r in zip(prompts[i:i + batch_size],
-                                                        responses[i:i + batch_size])]
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
-        out.append(score_last(model, pad_right(seqs, tok.pad_id).to(device), lengths))
-    raw = torch.cat(out)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), device=device)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        batch = [seqs[j] for j in rows]
+        lengths = torch.tensor([len(s) for s in batch], device=device)
+        out[torch.tensor(rows, device=device)] = score_last(
+            model, pad_right(batch, pad_id).to(device), lengths).float()
+    return out
+
+
+def reward_scores(model: ScalarModel, tok: Tokenizer, stats: dict, prompts: list[str],
+                  responses: list[list[int]]) -> torch.Tensor:
+    """Normalised rewards (mean 0, std 1 on reference samples) for prompt/response ids."""
+    raw = score_sequences(model, [tok.chat_prompt(p) + r for p, r in zip(prompts, responses)],
+                          tok.pad_id)
     return (raw - stats["mean"]) / stats["std"]
 
 
@@ -130,6 +139,11 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
         tqdm.write(f"skipped {skipped} of {total} answers longer than the context "
                    f"({max_len} tokens)")
     return items
+
+
+def group_length(item: tuple) -> int:
+    """A prompt group's padded width: its longest answer."""
+    return max(len(seq) for seq in item[0])
 
 
 def collate_groups(items: list[tuple], pad_id: int):
@@ -199,6 +213,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed,
                            rank=par.data_rank, world=par.data_world,
                            accum=cfg.train.grad_accum)
+    held = sorted(held, key=group_length)  # evaluation batches of similar widths
     held_batches = [tuple(t.to(device) for t in collate(held[i:i + 32]))
                     for i in range(0, len(held), 32)]
     train_probe = [tuple(t.to(device) for t in collate(train_items[:64]))]
@@ -210,11 +225,8 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     @torch.no_grad()
     def save():
         # Normalise on reference samples: every response in the training data.
-        raw = []
-        for i in range(0, len(train_items), 32):
-            seqs, lengths, _, _ = collate(train_items[i:i + 32])
-            raw.append(score_last(model, seqs.to(device), lengths.to(device)))
-        raw = torch.cat(raw)
+        raw = score_sequences(model, [s for group, _ in train_items for s in group],
+                              tok.pad_id, batch_size=128)
         stats = {"mean": raw.mean().item(), "std": raw.std().clamp(min=1e-6).item(),
                  "val_accuracy": pair_accuracy(model, held_batches)}
         save_full_model(model, tok, out / "model", par, extra_json={"reward.json": stats})

@@ -1,8 +1,9 @@
 """Instruction fine-tuning: every task framed as instruction -> response, loss on the response.
 
-Examples are not packed: each row of a batch is one conversation, right-padded, so no
-example can attend to another (packing would need a block-diagonal mask; at these lengths
-padding wastes little).
+A batch's conversations are packed into as few rows of seq_len tokens as fit (sft.pack),
+each seeing only itself (a block-diagonal causal mask, positions from 0 in each): the
+same loss and gradients as one right-padded row per conversation, for about half the
+tokens on the built-in tasks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.batches import ExampleLoader, pack, packed_attention, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_conversations
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
@@ -55,9 +56,12 @@ def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
 
 
 def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean loss over the assistant tokens of a batch."""
-    x, y = batch
-    return cross_entropy(model.hidden(x), model.lm_head.weight, y)  # skips IGNORE targets
+    """Mean loss over the assistant tokens of a batch: (inputs, targets) right-padded, or
+    packed (inputs, targets, positions, segments)."""
+    x, y, *packed = batch
+    positions, mask = (packed[0], packed_attention(packed[1])) if packed else (None, None)
+    h = model.hidden(x, positions, mask)
+    return cross_entropy(h, model.lm_head.weight, y)  # skips IGNORE targets
 
 
 def masked_loss_sum(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -84,6 +88,8 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     train_items, val_items = split_heldout(encoded)
 
     def collate(items):
+        if sc.pack:
+            return pack(items, model.cfg.seq_len, tok.pad_id, IGNORE)
         return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
                                                                          IGNORE)
     tc = cfg.train
