@@ -261,6 +261,29 @@ def test_evaluation_and_reward_sampling_pass_the_tokenizers_vocabulary(tokenizer
     assert all(o and max(o) < tokenizer.vocab_size for o in out)
 
 
+def test_answers_batched_by_length_come_back_in_the_prompts_order(tokenizer):
+    """respond_ids sorts prompts by length into batches: each answer must still be the one
+    its own prompt gets alone, in the order the prompts were given; and a reward model's
+    scores, batched by length too, those of each sequence scored alone."""
+    from scalelab.evaluate import respond_ids
+    from scalelab.model import ScalarModel
+    from scalelab.train.reward import score_sequences
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2,
+                                    n_head=2, d_model=32, tie_embeddings=False)).eval()
+    prompts = ["Which is the largest number: 12, 45, 7, 3, 99, 18?", "Hi", "Sort 3, 1, 2.",
+               "What is 23 plus 41?", "Mia", "Repeat after me: red apple, green pear"]
+    together = respond_ids(model, tokenizer, prompts, 8, batch_size=4)
+    alone = [respond_ids(model, tokenizer, [p], 8)[0] for p in prompts]
+    assert together == alone and len({tuple(a) for a in alone}) > 1
+    seqs = [tokenizer.chat_prompt(p) + a for p, a in zip(prompts, alone)]
+    scorer = ScalarModel(model).eval()
+    with torch.no_grad():
+        one_by_one = torch.cat([scorer(torch.tensor([s]))[:, -1] for s in seqs])
+    assert torch.allclose(score_sequences(scorer, seqs, tokenizer.pad_id, batch_size=4),
+                          one_by_one, atol=1e-5, rtol=0)
+
+
 class Lines:
     """stdin for chat_loop: one line per readline, then Ctrl-C (KeyboardInterrupt) at the
     prompt, as a terminal gives it."""

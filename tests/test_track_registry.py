@@ -458,3 +458,22 @@ def test_backtest_out_that_cannot_be_written(tmp_path):
     r = track(reg, "backtest", "--out", str(mine))
     assert r.returncode == 2 and f"--out {mine}: exists" in r.stderr and not r.stdout, r
     assert mine.read_text() == "my notes\n"
+
+
+def test_registry_option_is_taken_between_the_subcommands_too(tmp_path, monkeypatch):
+    """`--registry X` after any word of the command names the same registry file."""
+    from scalelab.cli import main
+    monkeypatch.chdir(tmp_path)  # where the default registry would go
+    monkeypatch.delenv("SCALELAB_REGISTRY", raising=False)
+    reg = tmp_path / "r.db"
+    assert main(["track", "experiment", "--registry", str(reg), "seed"]) == 0
+    for argv in (["track", "--registry", str(reg), "experiment", "list"],
+                 ["track", "experiment", "--registry", str(reg), "list"],
+                 ["track", "model", "--registry", str(reg), "list"],
+                 ["track", "experiment", "list", "--registry", str(reg)]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(argv) == 0, argv
+        if "experiment" in argv:
+            assert "addition" in out.getvalue(), argv  # the seeded experiments, from reg
+    assert not (tmp_path / "scalelab-registry.db").exists() and reg.is_file()

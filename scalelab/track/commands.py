@@ -211,7 +211,9 @@ def register(sub) -> None:
                        "models, report emergence", parents=[common])
     ts = t.add_subparsers(dest="track_command", required=True)
 
-    ex = ts.add_parser("experiment", help="add, list or show experiments")
+    # --registry is taken at every level: `track --registry X experiment list` and
+    # `track experiment --registry X list` as well as after the last word
+    ex = ts.add_parser("experiment", help="add, list or show experiments", parents=[common])
     exs = ex.add_subparsers(dest="experiment_command", required=True)
     a = exs.add_parser("add", help="register an experiment", parents=[common])
     a.add_argument("--name", required=True)
@@ -237,7 +239,7 @@ def register(sub) -> None:
     exs.add_parser("seed", help="add the built-in starter experiments",
                    parents=[common]).set_defaults(func=cmd_experiment_seed)
 
-    mo = ts.add_parser("model", help="add or list models")
+    mo = ts.add_parser("model", help="add or list models", parents=[common])
     mos = mo.add_subparsers(dest="model_command", required=True)
     a = mos.add_parser("add", help="register a model and run the experiments not yet passed",
                        parents=[common])
