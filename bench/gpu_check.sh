@@ -58,7 +58,9 @@ PY
 # one: inductor's coordinate-descent tuning and freezing (weights as constants: it lets
 # inductor concatenate the q/k/v and gate/up matmuls, which PPO could only have by fusing
 # those weights in the model) for the decode step; cuDNN attention, coordinate-descent
-# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining.
+# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining; and SFT
+# packed vs padded (packing is adopted, measured on CPU only: on CUDA its masked attention
+# cannot use the flash kernel).
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
@@ -71,6 +73,7 @@ extras=(
   "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
   "train_batch12 train 60 --peers scalelab --batch-size 12 --steps 10 --warmup 3"
   "train_chunked train 60 --peers scalelab --loss chunked --steps 10 --warmup 3"
+  "sft sft 120"
 )
 if [ -n "$experiments" ]; then runs=("${extras[@]}"); else runs=("${checks[@]}"); fi
 status=0

@@ -31,3 +31,15 @@ def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sft_throughput_smoke_runs_and_both_layouts_give_one_loss(tmp_path: Path) -> None:
+    # bench/README.md: `python bench/sft_throughput.py --smoke --json /tmp/sft-smoke.json`
+    out = tmp_path / "sft.json"
+    proc = subprocess.run([sys.executable, "bench/sft_throughput.py", "--smoke", "--json",
+                           str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert abs(data["losses"]["packed"] - data["losses"]["padded"]) < 1e-4
+    assert data["results"]["packed"]["real_share"] > 0.8 > data["results"]["padded"]["real_share"]
