@@ -60,7 +60,7 @@ def main() -> None:
         cfg.train.compile = args.compile
     if args.smoke:
         cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head = 2, 64, 2
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup = 2, 3  # 3: past the recompiles of new shapes (--compile)
     tok = Tokenizer.train(generate_documents(2000, seed=0), 1024)
     cfg.model.vocab_size = -(-tok.vocab_size // 64) * 64
     torch.manual_seed(0)
@@ -73,7 +73,10 @@ def main() -> None:
                "padded": lambda b: (pad_right([x for x, _ in b], tok.pad_id),
                                     pad_right([y for _, y in b], IGNORE))}
     data = {k: [tuple(t.to(device) for t in f(b)) for b in batches] for k, f in collate.items()}
-    loss_fn = loss_step(masked_loss, cfg.train, device)
+    # One compiled function per layout, as `scalelab sft` has one: a shared one would
+    # recompile at every switch between the two and soon give up compiling.
+    loss_fns = {"packed": loss_step(lambda m, b: masked_loss(m, b), cfg.train, device),
+                "padded": loss_step(lambda m, b: masked_loss(m, b), cfg.train, device)}
     ctx = autocast(device, cfg.train.dtype)
     opt = make_optimizer(model, cfg.train, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -90,7 +93,7 @@ def main() -> None:
             sync()
             t0 = time.perf_counter()
             with ctx:
-                loss = loss_fn(model, data[k][i])
+                loss = loss_fns[k](model, data[k][i])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

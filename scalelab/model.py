@@ -169,8 +169,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = q.size(1) != k.size(1)
-        if mask is None:  # plain causal attention over this chunk only
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if mask is None:  # plain causal attention over this chunk, or one new token that
+            # sees the whole cache. (Not `T > 1` alone: under torch.compile with varying
+            # lengths T is symbolic, and SDPA refuses a symbolic bool: a graph break per layer.)
+            causal = cache is None or T > 1
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -159,3 +159,47 @@ def test_compiled_pretraining_loss_and_grads_match_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_sft_loss_is_one_graph_and_matches_eager(tokenizer):
+    """The SFT loss compiles into one graph, as `scalelab sft` compiles it on CUDA, with the
+    eager loss and gradients: packed rows (block-diagonal mask), and right-padded batches
+    whose lengths vary (after the second length torch.compile makes T symbolic; causal
+    attention decided by `T > 1` then broke the graph at every layer), compiled at most
+    twice for any number of lengths."""
+    from scalelab.config import ModelConfig
+    from scalelab.data.batches import pack, pad_right
+    from scalelab.model import Transformer
+    from scalelab.train.sft import encode_conversations, masked_loss, task_conversations
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
+                                    n_head=2, d_model=32))
+    items = encode_conversations(task_conversations(24, seed=3)[0], tokenizer, 64)
+    batches = [pack(items[:12], 64, tokenizer.pad_id, IGNORE)]
+    batches += [(pad_right([x for x, _ in b], tokenizer.pad_id),
+                 pad_right([y for _, y in b], IGNORE))
+                for b in (items[12:16], items[16:20], items[20:24])]
+    assert len({b[0].size(1) for b in batches[1:]}) == 3  # three lengths
+    compiled = torch.compile(masked_loss, fullgraph=True)
+    for batch in batches:
+        results = []
+        for fn in (masked_loss, compiled):
+            model.zero_grad()
+            loss = fn(model, batch)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (l1, g1), (l2, g2) = results
+        assert torch.allclose(l1, l2, atol=1e-5, rtol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+
+
+    # Batches of new lengths reuse the graph compiled for a symbolic length (the chunked
+    # loss's Python loop over tokens fixed the length: a recompile per batch).
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    counted = torch.compile(masked_loss, backend=counter, fullgraph=True)
+    for k in range(4):
+        b = items[4 * k: 4 * k + 4]
+        counted(model, (pad_right([x for x, _ in b], tokenizer.pad_id),
+                        pad_right([y for _, y in b], IGNORE))).backward()
+    assert counter.frame_count <= 2

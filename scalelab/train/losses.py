@@ -7,7 +7,12 @@ in the forward pass and again in the backward pass, and never all together.
 
 - `cross_entropy(h, w, targets)`: mean next-token loss. The forward pass also computes the
   gradients (the loss is a scalar, so its gradient is known up to the incoming scale), so
-  training pays no extra matmul for the chunking.
+  training pays no extra matmul for the chunking. Under torch.compile, up to
+  PLAIN_MAX_LOGITS logits (4 GB in bf16), it is plain F.cross_entropy instead: inductor
+  fuses the softmax onto the logits (no fp32 copy either; on an H200 at the GPT-2 shape
+  that pretraining step is 6% faster than the compiled chunked one, bench/results/
+  gpu_check-h200-2026-11-28), and the chunk loop, a Python loop over the number of
+  tokens, would make every new batch length a recompile (SFT batches vary in length).
 - `token_logprobs(h, w, targets, temperature)`: log p(target) per token, and optionally the
   entropy, as PPO and DPO need them. Its backward recomputes each chunk's logits (one extra
   lm_head matmul) because the incoming gradient differs per token, unless the whole input
@@ -21,9 +26,11 @@ gradient sums are fp32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in fp32)
+PLAIN_MAX_LOGITS = 1 << 31  # under torch.compile: the plain loss up to this many logits
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -125,6 +132,11 @@ def cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T against targets, skipping IGNORE (-100).
     h: (..., d); targets: (...) token ids; weight: (vocab, d)."""
+    if torch.compiler.is_compiling() and targets.numel() * weight.size(0) <= PLAIN_MAX_LOGITS:
+        logits = F.linear(h, weight).float()
+        total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+        return total / (targets != IGNORE).sum().clamp(min=1)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _CrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk,
                                need_grad)

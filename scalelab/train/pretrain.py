@@ -80,18 +80,10 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
     return tok, data_dir
 
 
-PLAIN_MAX_LOGITS = 1 << 31  # under torch.compile: the plain loss up to this many logits
-
-
 def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean next-token loss. Eager: the chunked cross-entropy (no full fp32 logits). Under
-    torch.compile, up to PLAIN_MAX_LOGITS logits (4 GB in bf16): plain F.cross_entropy, whose
-    softmax inductor fuses onto the logits (no fp32 copy either); on an H200 at the GPT-2
-    shape that step is 6% faster than the compiled chunked one (bench/results/
-    gpu_check-h200-2026-11-28)."""
+    """Mean next-token loss: losses.cross_entropy (chunked eagerly, plain under compile)."""
     x, y = batch
-    plain = torch.compiler.is_compiling() and y.numel() * model.cfg.vocab_size <= PLAIN_MAX_LOGITS
-    if plain or is_sharded(model):  # FSDP gathers the weights in forward(): plain path too
+    if is_sharded(model):  # FSDP gathers the weights in forward(): the plain loss
         logits = model(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
     return cross_entropy(model.hidden(x), model.lm_head.weight, y)
