@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from scalelab.data.batches import batches_by_length
 from scalelab.generate import generate
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
@@ -21,10 +22,8 @@ def respond_ids(model: Transformer, tok: Tokenizer, prompts: list[str], max_new_
     sampling.setdefault("vocab_limit", tok.vocab_size)  # never a padded vocabulary's ids
     room = model.cfg.seq_len - max_new_tokens  # too-long prompts keep their last tokens
     ids = [tok.chat_prompt(p)[-room:] for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
-    for i in range(0, len(order), batch_size):
-        rows = order[i: i + batch_size]
+    for rows in batches_by_length(ids, batch_size):
         answers = generate(model, [ids[j] for j in rows], max_new_tokens, tok.pad_id,
                            tok.eos_id, **sampling)
         for j, answer in zip(rows, answers):

@@ -9,7 +9,7 @@ the same rows as 1 x 8 on every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import torch
@@ -68,6 +68,13 @@ class ExampleLoader:
 def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def batches_by_length(seqs: Sequence[Sized], batch_size: int) -> list[list[int]]:
+    """Indices of seqs in batches of similar lengths (shortest first), for inference passes
+    whose results are put back in order: a batch then pads little."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, ignore: int

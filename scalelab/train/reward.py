@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.batches import ExampleLoader, batches_by_length, pad_right, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_preferences
 from scalelab.evaluate import respond_ids
 from scalelab.generate import stopped
@@ -60,10 +60,8 @@ def score_sequences(model: ScalarModel, seqs: list[list[int]], pad_id: int,
                     batch_size: int = 64) -> torch.Tensor:
     """Raw score of each token sequence, in order; batched by length, so little padding."""
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs), device=device)
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
+    for rows in batches_by_length(seqs, batch_size):
         batch = [seqs[j] for j in rows]
         lengths = torch.tensor([len(s) for s in batch], device=device)
         out[torch.tensor(rows, device=device)] = score_last(
