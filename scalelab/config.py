@@ -124,6 +124,8 @@ class PPOConfig:
     minibatches: int = 2
     ppo_epochs: int = 4
     max_new_tokens: int = 24
+    pack: bool = True  # the forward passes read each minibatch's sequences packed into
+    # fewer rows (as sft.pack); not under train.compile, which wants one padded shape
     temperature: float = 1.0
     clip: float = 0.2
     value_clip: float = 0.2

@@ -113,6 +113,45 @@ def test_ppo_response_logprobs_match_full_logits_and_bf16_step_runs(tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(before, both.parameters()))
 
 
+def test_packed_ppo_minibatch_gives_the_padded_loss_and_gradients(tokenizer):
+    """ppo.pack: a minibatch's sequences packed into fewer rows, each seeing only itself,
+    give the padded rows' log-probs, entropy, values, loss and gradients."""
+    import copy
+
+    from scalelab.config import ModelConfig, PPOConfig
+    from scalelab.model import ScalarModel, Transformer
+    from scalelab.train.ppo import make_rollout, minibatch_loss, response_values
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=48, n_layer=2, n_head=2,
+                      d_model=32)
+    policy, value = Transformer(cfg), ScalarModel(Transformer(cfg))
+    prompts = [tokenizer.encode("Mia has " * (1 + i % 4), bos=True) for i in range(7)]
+    responses = [[5 + i, 7, 9, 11, 13][: 1 + (3 * i) % 5] for i in range(7)]
+    padded = make_rollout(prompts, responses, tokenizer.pad_id, "cpu")
+    packed = make_rollout(prompts, responses, tokenizer.pad_id, "cpu", pack=True)
+    B, R = padded.resp_mask.shape
+    adv, ret = torch.randn(B, R), torch.randn(B, R)
+    old_logp, old_values = torch.randn(B, R) - 3, torch.randn(B, R)
+    pc = PPOConfig()
+    grads, outs = [], []
+    for ro in (padded, packed):
+        p, v = copy.deepcopy(policy), copy.deepcopy(value)
+        loss, stats = minibatch_loss(p, v, ro, old_logp, old_values, adv, ret, pc)
+        loss.backward()
+        grads.append([q.grad for q in (*p.parameters(), *v.parameters())])
+        outs.append([loss.detach(), *stats.values()])
+    assert packed._packing[0].size(0) < B  # fewer rows than the padded batch
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    sub = torch.tensor([5, 0, 3])  # a minibatch of a packed rollout packs its own rows
+    assert torch.allclose(response_values(value, packed.rows(sub)) * padded.resp_mask[sub],
+                          response_values(value, padded.rows(sub)) * padded.resp_mask[sub],
+                          atol=1e-5)
+
+
 def test_ppo_logprobs_are_over_the_ids_sampling_draws_from(tokenizer):
     """A model vocabulary padded past the tokenizer's: generate never samples the padded ids,
     so PPO's log-probs (and entropy) are those of the softmax over the real ids only."""

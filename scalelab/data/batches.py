@@ -77,25 +77,31 @@ def batches_by_length(seqs: Sequence[Sized], batch_size: int) -> list[list[int]]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, ignore: int
-         ) -> tuple[torch.Tensor, ...]:
-    """(inputs, targets) pairs packed into as few rows of at most `width` tokens as first-fit
-    (longest first) finds, instead of one right-padded row each. Returns inputs, targets
-    (`ignore` on padding), positions (from 0 in every item) and segments (the item's place
-    in its row; -1 on padding): with `packed_attention(segments)` each item sees only
-    itself, so the loss and its gradients are those of the padded batch, for far fewer
-    tokens (a batch of the built-in SFT conversations is about half padding)."""
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of items grouped into rows of at most `width` tokens: longest first, each
+    into the first row with room (first-fit decreasing)."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(items)), key=lambda i: -len(items[i][0])):
-        n = len(items[i][0])
-        r = next((r for r, free in enumerate(room) if free >= n), len(rows))
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
         if r == len(rows):
             rows.append([])
             room.append(width)
         rows[r].append(i)
-        room[r] -= n
-    T = width - min(room)
+        room[r] -= lengths[i]
+    return rows
+
+
+def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, ignore: int
+         ) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets) pairs packed into as few rows of at most `width` tokens as first-fit
+    finds, instead of one right-padded row each. Returns inputs, targets (`ignore` on
+    padding), positions (from 0 in every item) and segments (the item's place in its row;
+    -1 on padding): with `packed_attention(segments)` each item sees only itself, so the
+    loss and its gradients are those of the padded batch, for far fewer tokens (a batch of
+    the built-in SFT conversations is about half padding)."""
+    rows = first_fit([len(a) for a, _ in items], width)
+    T = max(sum(len(items[i][0]) for i in row) for row in rows)
     x, y, pos, seg = [], [], [], []
     for row in rows:
         parts = [items[i] for i in row]
@@ -105,6 +111,38 @@ def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, igno
         pos.append([p for a, _ in parts for p in range(len(a))] + [0] * fill)
         seg.append([k for k, (a, _) in enumerate(parts) for _ in a] + [-1] * fill)
     return tuple(torch.tensor(t, dtype=torch.long) for t in (x, y, pos, seg))
+
+
+def pack_spans(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor]:
+    """Pack a padded (B, T) batch whose rows each hold one contiguous span of tokens
+    (`valid`; e.g. a left-padded prompt then a right-padded answer) into as few rows of at
+    most T tokens as first-fit finds. Returns, on valid's device:
+    take (R, W): the flat index into the (B*T) batch each packed slot reads (padding: 0);
+    positions (R, W): from 0 in every span; segments (R, W): -1 on padding (for
+    `packed_attention`); and back (B, T): the flat index into the (R*W) packed rows each
+    cell of the batch reads back (a padding cell reads its span's first token: any finite
+    value, for the caller masks padding out)."""
+    B, T = valid.shape
+    ok = valid.cpu()
+    lengths, starts = ok.sum(1).tolist(), ok.int().argmax(1).tolist()
+    rows = first_fit(lengths, T)
+    W = max(sum(lengths[i] for i in row) for row in rows)
+    take = torch.zeros(len(rows), W, dtype=torch.long)
+    positions = torch.zeros(len(rows), W, dtype=torch.long)
+    segments = torch.full((len(rows), W), -1, dtype=torch.long)
+    back = torch.zeros(B, T, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row):
+            n, s = lengths[i], starts[i]
+            take[r, at: at + n] = torch.arange(i * T + s, i * T + s + n)
+            positions[r, at: at + n] = torch.arange(n)
+            segments[r, at: at + n] = k
+            back[i] = r * W + at
+            back[i, s: s + n] = torch.arange(r * W + at, r * W + at + n)
+            at += n
+    return tuple(t.to(valid.device) for t in (take, positions, segments, back))
 
 
 def packed_attention(segments: torch.Tensor) -> torch.Tensor:

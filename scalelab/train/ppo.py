@@ -18,13 +18,13 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from scalelab.config import Config, PPOConfig, UserError
-from scalelab.data.batches import EpochSampler
+from scalelab.data.batches import EpochSampler, pack_spans, packed_attention
 from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, compute_dtype, use_compile
@@ -122,12 +122,35 @@ class Rollout:
     prompt_len: int
     responses: list[list[int]]
     vocab_limit: int | None = None  # the ids sampling draws from: the log-probs' vocabulary
+    valid: torch.Tensor | None = None  # (B, P+R) bool: prompt and response tokens
+    pack: bool = False  # the models read the rows packed (see `run`)
+    _packing: tuple | None = field(default=None, repr=False)  # pack_spans(valid), made once
+
+    def rows(self, idx: torch.Tensor) -> Rollout:
+        """These rows only (a minibatch)."""
+        return Rollout(self.tokens[idx], self.positions[idx], self.mask[idx],
+                       self.resp_mask[idx], self.prompt_len, [], self.vocab_limit,
+                       self.valid[idx], self.pack)
+
+    def run(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """fn(tokens, positions, mask) -> (B, P+R, ...) over these rows. With `pack` the
+        rows go in packed (first-fit, each sequence seeing only itself: the built-in
+        prompts and answers are about half padding) and come back in the padded layout."""
+        if not self.pack:
+            return fn(self.tokens, self.positions, self.mask)
+        if self._packing is None:
+            self._packing = pack_spans(self.valid)
+        take, positions, segments, back = self._packing
+        out = fn(self.tokens.flatten()[take], positions, packed_attention(segments))
+        return out.flatten(0, 1)[back]
 
 
 def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                 device, min_response_len: int = 1, vocab_limit: int | None = None) -> Rollout:
+                 device, min_response_len: int = 1, vocab_limit: int | None = None,
+                 pack: bool = False) -> Rollout:
     """min_response_len pads every rollout to one shape (what a compiled step wants).
-    vocab_limit: the tokenizer's vocabulary when the model's is padded past it (generate's)."""
+    vocab_limit: the tokenizer's vocabulary when the model's is padded past it (generate's).
+    pack: run the models over packed rows (Rollout.run)."""
     B, P = len(prompts), max(len(p) for p in prompts)
     R = max(1, min_response_len, max(len(r) for r in responses))
     tokens = torch.full((B, P + R), pad_id, dtype=torch.long)
@@ -138,7 +161,8 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: i
         valid[i, P - len(p): P + len(r)] = True
     positions, mask = padded_attention(valid)
     return Rollout(tokens.to(device), positions.to(device), mask.to(device),
-                   valid[:, P:].float().to(device), P, responses, vocab_limit)
+                   valid[:, P:].float().to(device), P, responses, vocab_limit,
+                   valid.to(device), pack)
 
 
 def response_logprobs(model: Transformer, ro: Rollout, temperature: float,
@@ -147,14 +171,14 @@ def response_logprobs(model: Transformer, ro: Rollout, temperature: float,
     of each token's distribution), in chunks: no (B, R, vocab) fp32 tensor is held whole.
     Over the ids the responses were sampled from (ro.vocab_limit), so the ratio of new to
     old log-probs is the one of the distributions PPO samples."""
-    h = model.hidden(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+    h = ro.run(model.hidden)[:, ro.prompt_len - 1: -1]
     return token_logprobs(h, model.lm_head.weight[:ro.vocab_limit],
                           ro.tokens[:, ro.prompt_len:], temperature, with_entropy)
 
 
 def response_values(value_model: ScalarModel, ro: Rollout) -> torch.Tensor:
     """V(state before each response token): read at the position that predicts it."""
-    return value_model(ro.tokens, ro.positions, ro.mask)[:, ro.prompt_len - 1: -1]
+    return ro.run(value_model)[:, ro.prompt_len - 1: -1]
 
 
 # ---- one PPO step --------------------------------------------------------------------------
@@ -267,7 +291,8 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     """Roll out, score, and update. reward_fn(prompt_idx, responses) -> (B,) scores.
     ctx: the autocast context of every forward pass (train.dtype); loss_fn: minibatch_loss,
     or a compiled copy of it (then `compiled` is set: every rollout is padded to
-    max_new_tokens, one shape for the compiled loss, and the decode step is compiled too).
+    max_new_tokens and not packed, one shape for the compiled loss, and the decode step is
+    compiled too).
     sampling_copy: a whole copy of the policy to generate with (see `make_sampling_copy`),
     refreshed from the policy here before the rollouts.
     The stats stay tensors until the end of the step. A minibatch whose loss or gradient
@@ -290,7 +315,8 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
         responses = sample_responses(sampling_copy or policy, prompts, tok, pc, chunks, generator,
                                      ranks, compile=compiled)
     ro = make_rollout(prompts, responses, tok.pad_id, device,
-                      pc.max_new_tokens if compiled else 1, tok.vocab_size)
+                      pc.max_new_tokens if compiled else 1, tok.vocab_size,
+                      pack=pc.pack and not compiled)
     with torch.no_grad(), ctx:
         old_logp = response_logprobs(policy, ro, pc.temperature)
         ref_logp = response_logprobs(ref, ro, pc.temperature)
@@ -317,8 +343,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
     for _ in range(pc.ppo_epochs):
         for mb in minibatch_rows(chunks, B, pc.minibatches):
             mb = mb.to(device)
-            sub = Rollout(ro.tokens[mb], ro.positions[mb], ro.mask[mb], ro.resp_mask[mb],
-                          ro.prompt_len, [], ro.vocab_limit)
+            sub = ro.rows(mb)
             count = None if ranks.par is None else ranks.total(sub.resp_mask.sum())
             with ctx:
                 loss, s = loss_fn(policy, value, sub, old_logp[mb], old_values[mb], adv[mb],
