@@ -112,6 +112,7 @@ class RewardConfig:
     min_margin: float = 0.3  # answers whose gold scores differ less are a tie: not compared
     labeler: str = "builtin:gold"  # or "module:function" returning a float per response
     seed: int = 0
+    pack: bool = True  # the model reads each batch's answers packed into fewer rows (sft.pack)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class DPOConfig:
     beta: float = 0.1
     min_margin: float = 0.3  # a reward run's ranked answers: pair the best with each one
     # scored more than this lower (as reward.min_margin does for the reward model)
+    pack: bool = True  # the model reads each batch's answers packed into fewer rows (sft.pack)
 
 
 @dataclass

@@ -198,6 +198,10 @@ def read_hf_weights(d: Path, model: Transformer) -> None:
                 if ours is None or ours not in params:
                     raise UserError(f"{path}: unexpected tensor {name!r} for this config")
                 t, p = f.get_tensor(name), params[ours]
+                if not t.is_floating_point():
+                    raise UserError(f"{path}: {name} holds {t.dtype}, not floats: quantized "
+                                    "checkpoints are not read; give the float16, bfloat16 "
+                                    "or float32 weights")
                 if tuple(t.shape) != tuple(p.shape):
                     raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, config.json "
                                     f"implies {tuple(p.shape)}")

@@ -242,6 +242,12 @@ def break_folder(d, how):
         rewrite_json(d / "config.json", rope_parameters={"rope_type": "default",
                                                          "rope_theta": None})
         return "rope_theta"
+    if how == "integer weights":  # e.g. a quantized checkpoint: not silently cast to floats
+        tensors = load_file(d / "model.safetensors")
+        name = "model.layers.0.input_layernorm.weight"
+        tensors[name] = tensors[name].round().to(torch.int8)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        return f"model.safetensors: {name} holds torch.int8"
     if how == "pickle only":
         (d / "model.safetensors").unlink()
         (d / "pytorch_model.bin").write_bytes(b"not unpickled")
@@ -251,7 +257,7 @@ def break_folder(d, how):
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
        "wrong shapes", "truncated safetensors", "eps not a number", "theta not a number",
-       "pickle only"]
+       "integer weights", "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):

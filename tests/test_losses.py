@@ -152,6 +152,46 @@ def test_packed_ppo_minibatch_gives_the_padded_loss_and_gradients(tokenizer):
                           atol=1e-5)
 
 
+def test_packed_reward_and_dpo_batches_give_the_padded_losses_and_gradients(tokenizer):
+    """reward.pack and dpo.pack: a batch's answers packed into fewer rows give the reward
+    model's pair loss and DPO's sequence log-probs, and their gradients, of the padded batch."""
+    import copy
+
+    from scalelab.config import ModelConfig
+    from scalelab.data.batches import pack_spans, pad_right
+    from scalelab.model import ScalarModel, Transformer
+    from scalelab.train.dpo import sequence_logprob
+    from scalelab.train.reward import collate_groups, pair_loss_sum
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=48, n_layer=2, n_head=2,
+                      d_model=32)
+    groups = []
+    for i in range(5):
+        prompt = tokenizer.encode("Mia has " * (1 + i % 3), bos=True)
+        answers = [prompt + [5 + k] * (1 + 5 * ((i + k) % 3)) for k in range(3)]
+        groups.append((answers, [(0, 1), (0, 2), (2, 1)][: 1 + i % 3]))
+    seqs = [s for g, _ in groups for s in g]
+    targets = [s[1:] + [IGNORE] for s in seqs]
+    x, y = pad_right(seqs, tokenizer.pad_id), pad_right(targets, IGNORE)
+    lengths = torch.tensor([len(s) for s in seqs])
+    dpo_packing = pack_spans(torch.arange(x.size(1)) < lengths[:, None])
+    assert dpo_packing[0].numel() < 0.75 * x.numel()  # far fewer slots than the padded batch
+    reward = ScalarModel(Transformer(cfg))
+    policy = Transformer(cfg)
+    results = []
+    for pack in (False, True):
+        r, p = copy.deepcopy(reward), copy.deepcopy(policy)
+        loss = pair_loss_sum(r, collate_groups(groups, tokenizer.pad_id, pack))
+        logp = sequence_logprob(p, x, y, dpo_packing if pack else ())
+        (loss + logp.sum()).backward()
+        results.append(([loss.detach(), logp.detach()],
+                        [q.grad for q in (*r.parameters(), *p.parameters())]))
+    (out1, g1), (out2, g2) = results
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(out1, out2))
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+
+
 def test_ppo_logprobs_are_over_the_ids_sampling_draws_from(tokenizer):
     """A model vocabulary padded past the tokenizer's: generate never samples the padded ids,
     so PPO's log-probs (and entropy) are those of the softmax over the real ids only."""
@@ -242,3 +282,44 @@ def test_compiled_sft_loss_is_one_graph_and_matches_eager(tokenizer):
         counted(model, (pad_right([x for x, _ in b], tokenizer.pad_id),
                         pad_right([y for _, y in b], IGNORE))).backward()
     assert counter.frame_count <= 2
+
+
+def test_compiled_token_logprobs_match_eager_without_a_recompile_per_length(tokenizer):
+    """DPO's sequence log-probs and PPO's log-probs and entropy, compiled (as on CUDA), equal
+    the eager chunked ones; DPO batches of four lengths compile at most twice (the chunk
+    loop, a Python loop over the tokens, made every new length a recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from scalelab.config import ModelConfig
+    from scalelab.data.batches import pad_right
+    from scalelab.model import Transformer
+    from scalelab.train.dpo import sequence_logprob
+    from scalelab.train.ppo import make_rollout, response_logprobs
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1,
+                                    n_head=2, d_model=32))
+    seqs = [tokenizer.encode("Mia has " * n + "apples", bos=True) for n in range(1, 9)]
+    batches = [(pad_right(b, tokenizer.pad_id), pad_right([s[1:] + [IGNORE] for s in b], IGNORE))
+               for b in (seqs[0:2], seqs[2:4], seqs[4:6], seqs[6:8])]
+    assert len({x.size(1) for x, _ in batches}) == 4
+    counter = CompileCounter()
+    counted = torch.compile(sequence_logprob, backend=counter, fullgraph=True)
+    compiled = torch.compile(sequence_logprob, fullgraph=True)
+    for x, y in batches:
+        results = []
+        for fn in (sequence_logprob, compiled):
+            model.zero_grad()
+            logp = fn(model, x, y)
+            logp.sum().backward()
+            results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+        (l1, g1), (l2, g2) = results
+        assert torch.allclose(l1, l2, atol=1e-4, rtol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+        counted(model, x, y)
+    assert counter.frame_count <= 2
+
+    ro = make_rollout(seqs[:3], [[5, 6, 7], [8], [9, 10]], tokenizer.pad_id, "cpu")
+    eager = response_logprobs(model, ro, 0.7, with_entropy=True)
+    both = torch.compile(response_logprobs, fullgraph=True)(model, ro, 0.7, with_entropy=True)
+    for a, b in zip(eager, both):
+        assert torch.allclose(a * ro.resp_mask, b * ro.resp_mask, atol=1e-5)

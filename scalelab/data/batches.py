@@ -113,16 +113,15 @@ def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, igno
     return tuple(torch.tensor(t, dtype=torch.long) for t in (x, y, pos, seg))
 
 
-def pack_spans(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor]:
-    """Pack a padded (B, T) batch whose rows each hold one contiguous span of tokens
-    (`valid`; e.g. a left-padded prompt then a right-padded answer) into as few rows of at
-    most T tokens as first-fit finds. Returns, on valid's device:
-    take (R, W): the flat index into the (B*T) batch each packed slot reads (padding: 0);
-    positions (R, W): from 0 in every span; segments (R, W): -1 on padding (for
-    `packed_attention`); and back (B, T): the flat index into the (R*W) packed rows each
-    cell of the batch reads back (a padding cell reads its span's first token: any finite
-    value, for the caller masks padding out)."""
+def pack_spans(valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """How to pack a padded (B, T) batch whose rows each hold one contiguous span of tokens
+    (`valid`: a right-padded sequence, or a left-padded prompt then a right-padded answer)
+    into as few rows of at most T tokens as first-fit finds, for `run_packed`. Returns, on
+    valid's device: take (R, W), the flat index into the (B*T) batch each packed slot reads
+    (padding: 0); positions (R, W), from 0 in every span; segments (R, W), -1 on padding;
+    and back (B, T), the flat index into the (R*W) packed rows each cell of the batch reads
+    back (a padding cell reads its span's first token: finite, and masked out by the
+    caller)."""
     B, T = valid.shape
     ok = valid.cpu()
     lengths, starts = ok.sum(1).tolist(), ok.int().argmax(1).tolist()
@@ -143,6 +142,16 @@ def pack_spans(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
             back[i, s: s + n] = torch.arange(r * W + at, r * W + at + n)
             at += n
     return tuple(t.to(valid.device) for t in (take, positions, segments, back))
+
+
+def run_packed(fn: Callable[..., torch.Tensor], tokens: torch.Tensor,
+               packing: Sequence[torch.Tensor]) -> torch.Tensor:
+    """fn(tokens, positions, mask) -> (B, T, ...) for a padded batch, computed over its rows
+    packed as `pack_spans` says (each span seeing only itself) and returned in the padded
+    layout: the values of the padded batch, for the compute of its real tokens only."""
+    take, positions, segments, back = packing
+    out = fn(tokens.flatten()[take], positions, packed_attention(segments))
+    return out.flatten(0, 1)[back]
 
 
 def packed_attention(segments: torch.Tensor) -> torch.Tensor:

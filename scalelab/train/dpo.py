@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pad_right, split_heldout
+from scalelab.data.batches import ExampleLoader, pack_spans, pad_right, run_packed, split_heldout
 from scalelab.data.formats import is_builtin_tasks, read_jsonl, read_preferences
 from scalelab.parallel.apply import parallelize
 from scalelab.train.checkpoint import save_full_model
@@ -24,9 +24,12 @@ from scalelab.train.losses import token_logprobs
 from scalelab.train.sft import IGNORE, encode_conversations
 
 
-def sequence_logprob(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(target) over the positions where the target is not IGNORE: (B,)."""
-    return token_logprobs(model.hidden(x), model.lm_head.weight, y).sum(-1)  # IGNORE -> 0
+def sequence_logprob(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     packing: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """Sum of log p(target) over the positions where the target is not IGNORE: (B,). With
+    `packing` (pack_spans of the batch) the model reads the sequences packed."""
+    h = run_packed(model.hidden, x, packing) if packing else model.hidden(x)
+    return token_logprobs(h, model.lm_head.weight, y).sum(-1)  # IGNORE -> 0
 
 
 def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
@@ -106,15 +109,18 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
 
     def collate(batch):
         seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected
-        return pad_right([x for x, _ in seqs], tok.pad_id), pad_right([y for _, y in seqs],
-                                                                        IGNORE)
+        x, y = pad_right([x for x, _ in seqs], tok.pad_id), pad_right([y for _, y in seqs], IGNORE)
+        if not cfg.dpo.pack:
+            return x, y
+        lengths = torch.tensor([len(s) for s, _ in seqs])
+        return x, y, *pack_spans(torch.arange(x.size(1)) < lengths[:, None])
 
     def loss_fn(m, batch):
-        x, y = batch
+        x, y, *packing = batch
         half = x.size(0) // 2
-        logp = sequence_logprob(m, x, y)
+        logp = sequence_logprob(m, x, y, packing)
         with torch.no_grad():
-            ref_logp = sequence_logprob(ref, x, y)
+            ref_logp = sequence_logprob(ref, x, y, packing)
         return dpo_loss(logp[:half], logp[half:], ref_logp[:half], ref_logp[half:],
                         cfg.dpo.beta)
 
@@ -123,10 +129,11 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     @torch.no_grad()
     def evaluate(step: int) -> dict:
         right = total = loss = 0.0
-        for x, y in val_batches:
-            x, y = x.to(device), y.to(device)
+        for batch in val_batches:
+            x, y, *packing = (t.to(device) for t in batch)
             half = x.size(0) // 2
-            logp, ref_logp = sequence_logprob(model, x, y), sequence_logprob(ref, x, y)
+            logp = sequence_logprob(model, x, y, packing)
+            ref_logp = sequence_logprob(ref, x, y, packing)
             margin = logp - ref_logp
             right += float((margin[:half] > margin[half:]).sum())
             total += half

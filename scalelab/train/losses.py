@@ -17,7 +17,7 @@ in the forward pass and again in the backward pass, and never all together.
   entropy, as PPO and DPO need them. Its backward recomputes each chunk's logits (one extra
   lm_head matmul) because the incoming gradient differs per token, unless the whole input
   fits in one chunk: then that chunk's probabilities are kept (memory stays bounded by the
-  chunk size either way).
+  chunk size either way). Under torch.compile it is the plain log_softmax, as above.
 
 Matmuls run in the autocast dtype when autocast is on (bf16 on GPUs); softmax, log-probs and
 gradient sums are fp32.
@@ -149,11 +149,18 @@ def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     one token log-prob function (PPO, DPO, the tracker's log-likelihoods). Targets equal to
     IGNORE are masked: their log-prob is 0 (sum over a row for a sequence's). With
     with_entropy, also the entropy of each token's distribution (no gradient)."""
-    shape = targets.shape
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
-                                         targets.reshape(-1).clamp(min=0),
-                                         1.0 / max(temperature, 1e-6), chunk, with_entropy,
-                                         need_grad)
-    logp = logp.view(shape) * (targets != IGNORE)
-    return (logp, entropy.view(shape)) if with_entropy else logp
+    inv_temp = 1.0 / max(temperature, 1e-6)
+    if torch.compiler.is_compiling() and targets.numel() * weight.size(0) <= PLAIN_MAX_LOGITS:
+        # as in cross_entropy: inductor fuses the plain form, and the chunk loop would make
+        # every new number of tokens a recompile (DPO batches vary in length)
+        logz = torch.log_softmax(F.linear(h, weight).float() * inv_temp, dim=-1)
+        logp = logz.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        entropy = -(logz.exp() * logz).sum(-1).detach()
+    else:
+        need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
+                                             targets.reshape(-1).clamp(min=0), inv_temp,
+                                             chunk, with_entropy, need_grad)
+        logp = logp.view(targets.shape)
+    logp = logp * (targets != IGNORE)
+    return (logp, entropy.view(targets.shape)) if with_entropy else logp

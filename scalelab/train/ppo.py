@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from scalelab.config import Config, PPOConfig, UserError
-from scalelab.data.batches import EpochSampler, pack_spans, packed_attention
+from scalelab.data.batches import EpochSampler, pack_spans, run_packed
 from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, compute_dtype, use_compile
@@ -140,9 +140,7 @@ class Rollout:
             return fn(self.tokens, self.positions, self.mask)
         if self._packing is None:
             self._packing = pack_spans(self.valid)
-        take, positions, segments, back = self._packing
-        out = fn(self.tokens.flatten()[take], positions, packed_attention(segments))
-        return out.flatten(0, 1)[back]
+        return run_packed(fn, self.tokens, self._packing)
 
 
 def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,

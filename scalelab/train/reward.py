@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, batches_by_length, pad_right, split_heldout
+from scalelab.data.batches import (
+    ExampleLoader,
+    batches_by_length,
+    pack_spans,
+    pad_right,
+    run_packed,
+    split_heldout,
+)
 from scalelab.data.formats import is_builtin_tasks, read_preferences
 from scalelab.evaluate import respond_ids
 from scalelab.generate import stopped
@@ -37,9 +44,11 @@ def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor) -> torch.Tenso
     return -F.logsigmoid(better - worse).mean()
 
 
-def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Scalar at each right-padded sequence's last real token."""
-    out = model(seqs)
+def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor,
+               packing: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """Scalar at each right-padded sequence's last real token; with `packing` (pack_spans
+    of the batch) computed over the sequences packed into fewer rows."""
+    out = run_packed(model, seqs, packing) if packing else model(seqs)
     return out.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
 
 
@@ -144,7 +153,9 @@ def group_length(item: tuple) -> int:
     return max(len(seq) for seq in item[0])
 
 
-def collate_groups(items: list[tuple], pad_id: int):
+def collate_groups(items: list[tuple], pad_id: int, pack: bool = False):
+    """(sequences right-padded, their lengths, better, worse), and with `pack` how to pack
+    the sequences (pack_spans)."""
     seqs, better, worse = [], [], []
     for group, pairs in items:
         base = len(seqs)
@@ -152,22 +163,24 @@ def collate_groups(items: list[tuple], pad_id: int):
         better += [base + i for i, _ in pairs]
         worse += [base + j for _, j in pairs]
     lengths = torch.tensor([len(s) for s in seqs])
-    return pad_right(seqs, pad_id), lengths, torch.tensor(better), torch.tensor(worse)
+    seqs = pad_right(seqs, pad_id)
+    packing = pack_spans(torch.arange(seqs.size(1)) < lengths[:, None]) if pack else ()
+    return seqs, lengths, torch.tensor(better), torch.tensor(worse), *packing
 
 
 def pair_loss_sum(model: ScalarModel, batch) -> torch.Tensor:
     """Bradley-Terry loss summed over the batch's pairs: fit() divides by the step's global
     count of pairs (prompts differ in how many pairs they give)."""
-    seqs, lengths, better, worse = batch
-    r = score_last(model, seqs, lengths)
+    seqs, lengths, better, worse, *packing = batch
+    r = score_last(model, seqs, lengths, packing)
     return bradley_terry_loss(r[better], r[worse]) * len(better)
 
 
 @torch.no_grad()
 def pair_accuracy(model: ScalarModel, batches: list) -> float:
     right = total = 0
-    for seqs, lengths, better, worse in batches:
-        r = score_last(model, seqs, lengths)
+    for seqs, lengths, better, worse, *packing in batches:
+        r = score_last(model, seqs, lengths, packing)
         right += int((r[better] > r[worse]).sum())
         total += len(better)
     return right / max(total, 1)
@@ -207,7 +220,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 
     model = parallelize(ScalarModel(policy).to(device), par, cfg.train.dtype)  # head whole over tp
-    collate = lambda b: collate_groups(b, tok.pad_id)  # noqa: E731
+    collate = lambda b: collate_groups(b, tok.pad_id, cfg.reward.pack)  # noqa: E731
     loader = ExampleLoader(train_items, cfg.train.batch_size, collate, seed=cfg.train.seed,
                            rank=par.data_rank, world=par.data_world,
                            accum=cfg.train.grad_accum)
