@@ -177,6 +177,7 @@ def test_packed_reward_and_dpo_batches_give_the_padded_losses_and_gradients(toke
     lengths = torch.tensor([len(s) for s in seqs])
     dpo_packing = pack_spans(torch.arange(x.size(1)) < lengths[:, None])
     assert dpo_packing[0].numel() < 0.75 * x.numel()  # far fewer slots than the padded batch
+    assert pack_spans(torch.ones(4, 6, dtype=torch.bool)) == ()  # nothing to save: not packed
     reward = ScalarModel(Transformer(cfg))
     policy = Transformer(cfg)
     results = []

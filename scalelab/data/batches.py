@@ -121,12 +121,14 @@ def pack_spans(valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
     (padding: 0); positions (R, W), from 0 in every span; segments (R, W), -1 on padding;
     and back (B, T), the flat index into the (R*W) packed rows each cell of the batch reads
     back (a padding cell reads its span's first token: finite, and masked out by the
-    caller)."""
+    caller). Returns () where packing would not save a slot (e.g. equal lengths)."""
     B, T = valid.shape
     ok = valid.cpu()
     lengths, starts = ok.sum(1).tolist(), ok.int().argmax(1).tolist()
     rows = first_fit(lengths, T)
     W = max(sum(lengths[i] for i in row) for row in rows)
+    if len(rows) * W >= B * T:
+        return ()
     take = torch.zeros(len(rows), W, dtype=torch.long)
     positions = torch.zeros(len(rows), W, dtype=torch.long)
     segments = torch.full((len(rows), W), -1, dtype=torch.long)

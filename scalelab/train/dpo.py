@@ -110,10 +110,9 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     def collate(batch):
         seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected
         x, y = pad_right([x for x, _ in seqs], tok.pad_id), pad_right([y for _, y in seqs], IGNORE)
-        if not cfg.dpo.pack:
-            return x, y
         lengths = torch.tensor([len(s) for s, _ in seqs])
-        return x, y, *pack_spans(torch.arange(x.size(1)) < lengths[:, None])
+        packing = pack_spans(torch.arange(x.size(1)) < lengths[:, None]) if cfg.dpo.pack else ()
+        return x, y, *packing
 
     def loss_fn(m, batch):
         x, y, *packing = batch

@@ -136,10 +136,10 @@ class Rollout:
         """fn(tokens, positions, mask) -> (B, P+R, ...) over these rows. With `pack` the
         rows go in packed (first-fit, each sequence seeing only itself: the built-in
         prompts and answers are about half padding) and come back in the padded layout."""
-        if not self.pack:
-            return fn(self.tokens, self.positions, self.mask)
-        if self._packing is None:
+        if self.pack and self._packing is None:
             self._packing = pack_spans(self.valid)
+        if not (self.pack and self._packing):
+            return fn(self.tokens, self.positions, self.mask)
         return run_packed(fn, self.tokens, self._packing)
 
 
