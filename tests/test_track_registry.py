@@ -14,7 +14,7 @@ import torch
 from conftest import run_cli
 
 from scalelab.cli import main
-from scalelab.config import ModelConfig
+from scalelab.config import ModelConfig, UserError
 from scalelab.model import Transformer
 from scalelab.track.registry import Registry
 from scalelab.train.checkpoint import save_model
@@ -142,6 +142,20 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert len(db.results()) == 300
+
+
+def test_adding_one_folder_twice_at_once_gives_one_model(tmp_path):
+    """Two `model add` of one folder at once both find the name free before either writes;
+    the later insert then finds the earlier's row and uses it instead of refusing its own
+    folder. Another folder under that name is still refused."""
+    db = Registry(tmp_path / "reg.db")
+    info = {"name": "m", "path": "/runs/a/model", "kind": "scalelab", "params": 1,
+            "non_embedding_params": 1}
+    first = db.add_model(info)
+    assert Registry(tmp_path / "reg.db").add_model(dict(info)) == first
+    assert [m["name"] for m in db.models()] == ["m"]
+    with pytest.raises(UserError, match="already registered"):
+        db.add_model({**info, "path": "/runs/b/model"})
 
 
 def test_corrupt_or_foreign_registry_exits_2(tmp_path):

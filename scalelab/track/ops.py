@@ -170,7 +170,7 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             (": running what it lacks" if run else " (--no-run: nothing to do)"))
         m = same
     else:
-        reg.add_model(info)  # refuses a name that another folder holds
+        reg.add_model(info)  # refuses a name another folder holds (this one: a racing add)
         m = reg.model(name)
     log(f"registered model {name}: {human(m['params'])} params "
         f"(N = {human(m['non_embedding_params'])}), "

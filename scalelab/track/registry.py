@@ -343,8 +343,15 @@ class Registry:
     # ---- models -----------------------------------------------------------------------
 
     def add_model(self, info: dict) -> int:
+        """The new model's id; the same folder under the same name again gets the row that
+        is there (two `model add` of one folder at once: the later finds the earlier's row
+        only inside this transaction). A name that another folder holds is refused."""
         with self.write() as db:
-            if db.execute("SELECT 1 FROM models WHERE name = ?", (info["name"],)).fetchone():
+            row = db.execute("SELECT id, path FROM models WHERE name = ?",
+                             (info["name"],)).fetchone()
+            if row is not None and row["path"] == info["path"]:
+                return row["id"]
+            if row is not None:
                 raise UserError(f"model {info['name']!r} is already registered "
                                 "(pass --name to register it under another name)")
             keys = ["name", "path", "kind", "params", "non_embedding_params", "tokens",

@@ -137,10 +137,10 @@ class Rollout:
         rows go in packed (first-fit, each sequence seeing only itself: the built-in
         prompts and answers are about half padding) and come back in the padded layout."""
         if self.pack and self._packing is None:
-            self._packing = pack_spans(self.valid)
-        if not (self.pack and self._packing):
-            return fn(self.tokens, self.positions, self.mask)
-        return run_packed(fn, self.tokens, self._packing)
+            self._packing = pack_spans(self.valid)  # () where it would save nothing
+        if self._packing:
+            return run_packed(fn, self.tokens, self._packing)
+        return fn(self.tokens, self.positions, self.mask)
 
 
 def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
