@@ -43,3 +43,16 @@ def test_sft_throughput_smoke_runs_and_both_layouts_give_one_loss(tmp_path: Path
     data = json.loads(out.read_text())
     assert abs(data["losses"]["packed"] - data["losses"]["padded"]) < 1e-4
     assert data["results"]["packed"]["real_share"] > 0.8 > data["results"]["padded"]["real_share"]
+
+
+def test_ppo_packing_smoke_runs_and_both_layouts_agree(tmp_path: Path) -> None:
+    # bench/README.md: `python bench/ppo_packing.py --smoke --json /tmp/ppo-packing.json`; the
+    # bench exits non-zero if the first step's stats differ between the layouts
+    out = tmp_path / "ppo_packing.json"
+    proc = subprocess.run([sys.executable, "bench/ppo_packing.py", "--smoke", "--json",
+                           str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "first step's stats agree" in proc.stdout
+    assert data["real_share_padded"] < 0.9 and data["ratio"] > 0
