@@ -4,7 +4,10 @@ GPU experiments (inductor settings, the attention backend, a kernel profile)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,19 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def write_json(path: Path | None, device: torch.device, **fields) -> None:
+    """A bench's results as JSON at `path` (nothing without one), after when, on what and by
+    which command they were measured."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": device_name(device), "torch": torch.__version__,
+            "command": " ".join(["python", *sys.argv])}
+    path.write_text(json.dumps({**head, **fields}, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def hf_peer(mc: ModelConfig, **extra) -> torch.nn.Module:

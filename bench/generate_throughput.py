@@ -13,8 +13,6 @@ Systems take turns after warm-up; the median new tokens/s is reported.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -28,7 +26,14 @@ from scalelab.generate import generate
 from scalelab.model import Transformer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, hf_peer, kernel_profile, print_profile, set_inductor  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    hf_peer,
+    kernel_profile,
+    print_profile,
+    set_inductor,
+    write_json,
+)
 
 FULL = dict(model=dict(n_layer=12, d_model=768, n_head=12, vocab_size=50304, seq_len=256),
             batch=64, prompt=64, new=128)
@@ -161,24 +166,18 @@ def main() -> None:
                          "ratio": ratio})
             print(f"{what} on / off: {ratio:.2f}x")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "device": device_name(device), "torch": torch.__version__,
-               "command": " ".join(["python", *sys.argv]),
-               "config": {"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
-                          "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
-                          "compile": compile, "compile_mode": args.compile_mode,
-                          "inductor": inductor},
-               "rows": rows, "tokens_per_s": tok_s, "warmup_s": warm_s,
-               "seconds": times, "peer_unavailable": unavailable, "profile": prof}
-        try:
-            import transformers
-            out["transformers"] = transformers.__version__
-        except ImportError:
-            out["transformers"] = None
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    write_json(args.json, device,
+               config={"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
+                       "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
+                       "compile": compile, "compile_mode": args.compile_mode,
+                       "inductor": inductor},
+               rows=rows, tokens_per_s=tok_s, warmup_s=warm_s, seconds=times,
+               peer_unavailable=unavailable, profile=prof, transformers=hf_version)
 
 
 if __name__ == "__main__":

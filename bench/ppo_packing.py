@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ from scalelab.model import ScalarModel, Transformer
 from scalelab.train.loop import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_json  # noqa: E402
 
 SHAPES = {  # model, rollout rows, prompt lengths (min, max), response lengths (mean, max)
     "cpu": (dict(n_layer=4, n_head=4, d_model=128, vocab_size=1024, seq_len=128), 32, (12, 48),
@@ -125,14 +123,8 @@ def main() -> None:
               f"{r['episodes_per_s']:8.2f} episodes/s")
     ratio = results["packed"]["episodes_per_s"] / results["padded"]["episodes_per_s"]
     print(f"\npacked / padded episodes/s: {ratio:.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": device_name(device), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv), "rows": B,
-            "real_share_padded": real / padded, "results": results, "ratio": ratio},
-            indent=2) + "\n")
+    write_json(args.json, device, rows=B, real_share_padded=real / padded, results=results,
+               ratio=ratio)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import make_rollout, make_sampling_copy, minibatch_loss, ppo_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, hf_peer  # noqa: E402
+from common import device_name, hf_peer, write_json  # noqa: E402
 
 SHAPES = {  # model, prompts, prompt tokens, response tokens, ppo epochs
     "cuda": (dict(n_layer=12, n_head=12, d_model=768, d_mlp=2048, vocab_size=50304), 64, 64,
@@ -243,20 +241,13 @@ def main() -> None:
     else:
         print("\nscalelab / trl episodes/s: n/a" +
               (f" (peer unavailable: {unavailable['trl']})" if "trl" in unavailable else ""))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "device": device_name(device), "torch": torch.__version__,
-               "command": " ".join(["python", *sys.argv]),
-               "shape": {"model": vars(mc), "prompts": n_prompts, "prompt_len": prompt_len,
-                         "response_len": response_len, "ppo_epochs": epochs, "minibatches": 1,
-                         "reward": "random-weight scalar model (learned-RM shape)",
-                         "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-                         "scalelab_compile": args.compile},
-               "results": results, "unavailable": unavailable,
-               "ratio_scalelab_over_trl": ratio}
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, device,
+               shape={"model": vars(mc), "prompts": n_prompts, "prompt_len": prompt_len,
+                      "response_len": response_len, "ppo_epochs": epochs, "minibatches": 1,
+                      "reward": "random-weight scalar model (learned-RM shape)",
+                      "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
+                      "scalelab_compile": args.compile},
+               results=results, unavailable=unavailable, ratio_scalelab_over_trl=ratio)
 
 
 if __name__ == "__main__":

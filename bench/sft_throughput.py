@@ -15,8 +15,6 @@ user sees. Before timing, the first batch's loss is computed both ways: they mus
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ from scalelab.train.losses import IGNORE
 from scalelab.train.sft import encode_conversations, masked_loss, task_conversations
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name  # noqa: E402
+from common import device_name, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -113,13 +111,7 @@ def main() -> None:
               f"{r['real_share']:.2f} of the computed tokens real")
     ratio = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
     print(f"\npacked / padded tokens/s: {ratio:.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": device_name(device), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv), "losses": losses,
-            "results": results, "ratio": ratio}, indent=2))
+    write_json(args.json, device, losses=losses, results=results, ratio=ratio)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ ms/step, so background load hits both alike. FLOPs use scalelab's 6N + 12*L*H*Q*
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -36,7 +34,7 @@ from scalelab.train.losses import cross_entropy
 from scalelab.train.pretrain import next_token_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, hf_peer, sdpa_backend, set_inductor  # noqa: E402
+from common import device_name, hf_peer, sdpa_backend, set_inductor, write_json  # noqa: E402
 
 
 def _chunked(model, batch):  # the chunked cross-entropy, compiled or not
@@ -197,22 +195,17 @@ def main() -> None:
     else:
         print("\nscalelab / hf tokens/s: n/a")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "device": device_name(device), "torch": torch.__version__,
-               "command": " ".join(["python", *sys.argv]),
-               "config": {"model": vars(mc), "batch_size": B, "seq_len": T,
-                          "dtype": args.dtype, "compile": args.compile, "loss": args.loss,
-                          "threads": torch.get_num_threads(), "steps": args.steps,
-                          "warmup": args.warmup, "inductor": inductor, "sdpa": args.sdpa},
-               "flops_per_token": fpt, "results": results, "ratio_scalelab_over_hf": ratio,
-               "unavailable": unavailable}
-        if "hf" in peers:
-            import transformers
-            out["transformers"] = transformers.__version__
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    extra = {}
+    if "hf" in peers:
+        import transformers
+        extra["transformers"] = transformers.__version__
+    write_json(args.json, device,
+               config={"model": vars(mc), "batch_size": B, "seq_len": T, "dtype": args.dtype,
+                       "compile": args.compile, "loss": args.loss,
+                       "threads": torch.get_num_threads(), "steps": args.steps,
+                       "warmup": args.warmup, "inductor": inductor, "sdpa": args.sdpa},
+               flops_per_token=fpt, results=results, ratio_scalelab_over_hf=ratio,
+               unavailable=unavailable, **extra)
 
 
 if __name__ == "__main__":
