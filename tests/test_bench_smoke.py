@@ -10,14 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """python bench/ARGS from the checkout's root, one thread, as bench/README.md shows."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_ppo_throughput_smoke_runs(tmp_path: Path) -> None:
     # bench/README.md: `python bench/ppo_throughput.py --smoke --json /tmp/ppo-smoke.json`
     # (scalelab alone here: TRL is a bench extra, not a test dependency)
     out = tmp_path / "ppo.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "bench/ppo_throughput.py", "--smoke", "--peers",
-                           "scalelab", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench/ppo_throughput.py", "--smoke", "--peers", "scalelab", "--json",
+                     str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())["results"]["scalelab"]
     assert result["steps"] == 2 and result["episodes_per_s"] > 0
@@ -26,9 +31,7 @@ def test_ppo_throughput_smoke_runs(tmp_path: Path) -> None:
 def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
     # tokens/s is the median of the logged 10-step intervals after the first, so --steps 10
     # has none: one line and exit 2, not a StatisticsError traceback
-    proc = subprocess.run([sys.executable, "bench/monitor_overhead.py", "--cpu", "--steps", "10",
-                           "--rounds", "1"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench/monitor_overhead.py", "--cpu", "--steps", "10", "--rounds", "1")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -36,9 +39,7 @@ def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
 def test_sft_throughput_smoke_runs_and_both_layouts_give_one_loss(tmp_path: Path) -> None:
     # bench/README.md: `python bench/sft_throughput.py --smoke --json /tmp/sft-smoke.json`
     out = tmp_path / "sft.json"
-    proc = subprocess.run([sys.executable, "bench/sft_throughput.py", "--smoke", "--json",
-                           str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench/sft_throughput.py", "--smoke", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert abs(data["losses"]["packed"] - data["losses"]["padded"]) < 1e-4
@@ -49,9 +50,7 @@ def test_ppo_packing_smoke_runs_and_both_layouts_agree(tmp_path: Path) -> None:
     # bench/README.md: `python bench/ppo_packing.py --smoke --json /tmp/ppo-packing.json`; the
     # bench exits non-zero if the first step's stats differ between the layouts
     out = tmp_path / "ppo_packing.json"
-    proc = subprocess.run([sys.executable, "bench/ppo_packing.py", "--smoke", "--json",
-                           str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench/ppo_packing.py", "--smoke", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert "first step's stats agree" in proc.stdout
