@@ -41,6 +41,13 @@ def write_json(path: Path | None, device: torch.device, **fields) -> None:
     print(f"wrote {path}")
 
 
+def force_chunked_losses() -> None:
+    """Experiment: the chunked cross-entropy and token log-probs under torch.compile too,
+    where scalelab takes the plain forms (`scalelab.train.losses.PLAIN_MAX_LOGITS`)."""
+    import scalelab.train.losses
+    scalelab.train.losses.PLAIN_MAX_LOGITS = 0
+
+
 def hf_peer(mc: ModelConfig, **extra) -> torch.nn.Module:
     """LlamaForCausalLM with scalelab's (resolved) shape: same layers, heads, MLP, vocab, ties."""
     import transformers

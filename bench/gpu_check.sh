@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
-#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (about 5 min)
+#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (about 6 min)
 #   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
@@ -58,9 +58,11 @@ PY
 # one: inductor's coordinate-descent tuning and freezing (weights as constants: it lets
 # inductor concatenate the q/k/v and gate/up matmuls, which PPO could only have by fusing
 # those weights in the model) for the decode step; cuDNN attention, coordinate-descent
-# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining; and SFT
-# packed vs padded (packing is adopted, measured on CPU only: on CUDA its masked attention
-# cannot use the flash kernel).
+# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining; PPO with
+# the chunked token log-probs under compile (the path of the 151 episodes/s measured on
+# 2026-11-28; compiled PPO now takes the plain log-softmax, unmeasured); and SFT packed vs
+# padded (packing is adopted, measured on CPU only: on CUDA its masked attention cannot use
+# the flash kernel).
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
@@ -73,6 +75,7 @@ extras=(
   "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
   "train_batch12 train 60 --peers scalelab --batch-size 12 --steps 10 --warmup 3"
   "train_chunked train 60 --peers scalelab --loss chunked --steps 10 --warmup 3"
+  "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
   "sft sft 120"
 )
 if [ -n "$experiments" ]; then runs=("${extras[@]}"); else runs=("${checks[@]}"); fi

@@ -38,7 +38,7 @@ from scalelab.train.loop import make_optimizer
 from scalelab.train.ppo import make_rollout, make_sampling_copy, minibatch_loss, ppo_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, hf_peer, write_json  # noqa: E402
+from common import device_name, force_chunked_losses, hf_peer, write_json  # noqa: E402
 
 SHAPES = {  # model, prompts, prompt tokens, response tokens, ppo epochs
     "cuda": (dict(n_layer=12, n_head=12, d_model=768, d_mlp=2048, vocab_size=50304), 64, 64,
@@ -176,11 +176,16 @@ def main() -> None:
                    help="scalelab: compile the minibatch loss and the decode step (default: "
                         "train.compile = auto, as `scalelab ppo`: on for CUDA)")
     p.add_argument("--peers", default="scalelab,trl", help="comma list of: scalelab, trl")
+    p.add_argument("--logprobs", default="auto", choices=["auto", "chunked"],
+                   help="experiment: chunked = the chunked token log-probs under compile too "
+                        "(auto: plain log-softmax under compile, chunked eagerly)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.logprobs == "chunked":
+        force_chunked_losses()
     device = pick_device(args.device)
     args.compile = use_compile("auto" if args.compile is None else args.compile, device)
     peers = [s.strip() for s in args.peers.split(",") if s.strip()]
@@ -246,7 +251,7 @@ def main() -> None:
                       "response_len": response_len, "ppo_epochs": epochs, "minibatches": 1,
                       "reward": "random-weight scalar model (learned-RM shape)",
                       "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-                      "scalelab_compile": args.compile},
+                      "scalelab_compile": args.compile, "logprobs": args.logprobs},
                results=results, unavailable=unavailable, ratio_scalelab_over_trl=ratio)
 
 

@@ -30,15 +30,17 @@ from scalelab.config import Config, load_config
 from scalelab.hardware import autocast, detect, pick_device, use_compile
 from scalelab.model import Transformer
 from scalelab.train.loop import loss_step, make_optimizer
-from scalelab.train.losses import cross_entropy
 from scalelab.train.pretrain import next_token_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, hf_peer, sdpa_backend, set_inductor, write_json  # noqa: E402
-
-
-def _chunked(model, batch):  # the chunked cross-entropy, compiled or not
-    return cross_entropy(model.hidden(batch[0]), model.lm_head.weight, batch[1])
+from common import (  # noqa: E402
+    device_name,
+    force_chunked_losses,
+    hf_peer,
+    sdpa_backend,
+    set_inductor,
+    write_json,
+)
 
 
 def _plain(model, batch):  # full logits and F.cross_entropy, as nanoGPT does
@@ -46,7 +48,7 @@ def _plain(model, batch):  # full logits and F.cross_entropy, as nanoGPT does
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[1].reshape(-1))
 
 
-EXPERIMENTS = {"chunked": _chunked, "plain": _plain}  # --loss: other than pretrain's own
+EXPERIMENTS = {"plain": _plain}  # --loss: other than pretrain's own (chunked: that, forced)
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, x: torch.Tensor,
@@ -93,7 +95,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--loss", default="auto", choices=["auto", *EXPERIMENTS],
+    p.add_argument("--loss", default="auto", choices=["auto", "chunked", *EXPERIMENTS],
                    help="scalelab's loss: auto = what pretrain runs (chunked eagerly, plain "
                         "under compile); chunked or plain = that one always (experiments)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -103,6 +105,8 @@ def main() -> None:
                    help="experiment: the only attention backend both systems may use")
     args = p.parse_args()
     inductor = set_inductor(args.inductor)
+    if args.loss == "chunked":
+        force_chunked_losses()
 
     if args.threads:
         torch.set_num_threads(args.threads)
