@@ -82,8 +82,7 @@ def main() -> None:
     ppo_module.sample_responses = lambda *a, **k: responses  # see the docstring
     ctx = autocast(device, tc.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = {"policy": policy.state_dict(), "value": value.state_dict()}
-    start = copy.deepcopy(start)
+    start = copy.deepcopy({"policy": policy.state_dict(), "value": value.state_dict()})
 
     def step(pack: bool) -> tuple[float, dict]:
         policy.load_state_dict(start["policy"])
