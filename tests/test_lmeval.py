@@ -46,11 +46,21 @@ doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{choices[answer]}}}}"
 generation_kwargs: {{until: ["."], max_gen_toks: 6, do_sample: false}}
 metric_list: [{{metric: exact_match}}]
+---
+task: toy_multi
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: "{data}"}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{golds}}}}"
+metric_list: [{{metric: acc}}]
 """
 
 
 def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
-    """A tiny random scalelab model in tmp_path/model, six JSONL questions and their three
+    """A tiny random scalelab model in tmp_path/model, six JSONL questions and their four
     task YAMLs in tmp_path/tasks; the datasets library kept offline."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -61,7 +71,8 @@ def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
     save_model(model, tokenizer, tmp_path / "model")
     data = tmp_path / "toy.jsonl"
     rows = [{"question": f"Mia has {i} apples and Tom has {i + 1}. Who has more?",
-             "choices": [" Mia", " Tom", " nobody"], "answer": 1} for i in range(6)]
+             "choices": [" Mia", " Tom", " nobody"], "answer": 1, "golds": [1, 2]}
+            for i in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -152,6 +163,8 @@ def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monk
                        str(tasks)]) == 0
     assert main(add + ["--name", "gen", "--lm-eval", "toy_generate", "--include-path",
                        str(tasks), "--limit", "4"]) == 0
+    assert main(add + ["--name", "multi", "--lm-eval", "toy_multi", "--include-path",
+                       str(tasks)]) == 0
     capsys.readouterr()
     assert main(add + ["--name", "x", "--lm-eval", "nope", "--include-path", str(tasks)]) == 2
     assert "lm-eval task 'nope' not found in" in capsys.readouterr().err
@@ -173,6 +186,14 @@ def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monk
     brier = [float(((p - torch.eye(3)[r["answer"]]) ** 2).sum()) for p, r in zip(probs, rows)]
     assert choice["brier"] == pytest.approx(sum(brier) / len(rows), abs=1e-5)
     assert results["choice"]["passed"] == (choice["mc_accuracy"] >= 0.5)
+    # two right answers (" Tom", " nobody"): right if the argmax is either, as lm-eval's acc
+    multi = results["multi"]["metrics"]
+    assert multi["mc_accuracy"] == pytest.approx(sum(max(range(3), key=ll.__getitem__) > 0
+                                                     for ll in lls) / len(rows))
+    assert multi["acc"] == multi["mc_accuracy"]
+    brier = [float((1 - p[1] - p[2]) ** 2 + p[0] ** 2) for p in probs]
+    assert multi["brier"] == pytest.approx(sum(brier) / len(rows), abs=1e-5)
+    assert len(multi["per_item"]["x"]) == len(rows)
     assert results["gen"]["n_items"] == 4 and "exact_match" in gen
     per_token = [ll / n for ll, n in (direct_loglik(model, tokenizer, x, " Tom") for x in q[:4])]
     assert gen["token_logprob"] == pytest.approx(sum(per_token) / 4, abs=1e-4)

@@ -45,6 +45,14 @@ def test_choice_scores_by_hand():
     assert s["brier"] == pytest.approx(0.6**2 + 0.3**2 + 0.9**2)
     # unnormalised: only the differences matter
     assert M.choice_scores([-10.0, -10.0], 1)["brier"] == pytest.approx(0.5)
+    # several right answers (1 and 2) count as one outcome of probability 0.4
+    lls = [math.log(0.6), math.log(0.3), math.log(0.1)]
+    s = M.choice_scores(lls, answer=[1, 2])
+    assert s["mc_accuracy"] == 0.0 and s["brier"] == pytest.approx(0.6**2 + 0.6**2)
+    assert s["margin"] == pytest.approx(math.log(0.3) - math.log(0.6))
+    s = M.choice_scores(lls, answer=[2, 0])
+    assert s["mc_accuracy"] == 1.0 and s["brier"] == pytest.approx(0.3**2 + 0.3**2)
+    assert s["margin"] == pytest.approx(math.log(0.6) - math.log(0.3))
     assert M.brier_pass_level(0.9, 2) == pytest.approx(2 * 0.1**2)
     assert M.token_logprob([-1.0, -2.0, -3.0]) == -2.0
 
@@ -237,7 +245,7 @@ def test_margin_quantile_prediction_on_a_linear_ladder():
 
 
 def test_predictions_over_results_that_scored_no_item(tmp_path):
-    """An lm-eval multiple-choice task whose documents have several gold answers: every
+    """An lm-eval multiple-choice task none of whose documents can be judged: every
     result has nan metrics and empty per-item lists. Recording predictions (after every
     evaluation, in the report and backtest) crashed: min() of an empty array, SVD of nan."""
     from scalelab.track.backtest import backtest

@@ -186,9 +186,9 @@ def test_corrupt_or_foreign_registry_exits_2(tmp_path):
 
 
 def test_a_nan_metric_keeps_the_registry_usable(tmp_path, models):
-    """An lm-eval multiple-choice task whose documents have several gold answers scores
-    mc_accuracy nan (no item it can judge). Python writes that as NaN, which SQLite's
-    json_valid rejects: every later command refused the whole registry as damaged."""
+    """An lm-eval multiple-choice task none of whose documents can be judged scores
+    mc_accuracy nan. Python writes that as NaN, which SQLite's json_valid rejects: every
+    later command refused the whole registry as damaged."""
     reg = tmp_path / "reg.db"
     assert track(reg, "experiment", "add", "--name", "a", "--task", "builtin:qa?n=2",
                  "--threshold", "0.5").returncode == 0

@@ -167,15 +167,18 @@ def _args(sample: dict) -> list[tuple]:
     return [tuple(a) for a in args]
 
 
-def _gold(sample: dict, choices: list[str], delim: str) -> int | None:
+def _golds(sample: dict, choices: list[str], delim: str) -> list[int]:
+    """The document's right choices: lm-eval's target is an index, a choice's text, or a list
+    of those (a task with several gold answers). Empty where it cannot be read."""
     t = sample["target"]
+    if isinstance(t, list):
+        found = [_golds({"target": x}, choices, delim) for x in t]
+        return sorted({i for f in found for i in f}) if all(found) else []
     if isinstance(t, int) or isinstance(t, str) and t.isdigit():
-        return int(t)
+        return [int(t)]
     if isinstance(t, str):
-        for i, c in enumerate(choices):
-            if c in (t, delim + t):
-                return i
-    return None  # several gold answers: lm-eval's own acc stands alone
+        return [i for i, c in enumerate(choices) if c in (t, delim + t)][:1]
+    return []
 
 
 def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[dict]]:
@@ -185,10 +188,11 @@ def derive(ev, kind: str, samples: list[dict], delim: str) -> tuple[dict, list[d
         for s in samples:
             pairs = _args(s)
             lls = [float(r[0]) for r in s["filtered_resps"]]
-            gold = _gold(s, [c for _, c in pairs], delim)
-            if gold is None or not 0 <= gold < len(lls) or len(lls) < 2:
-                continue
-            row = M.choice_scores(lls, gold)
+            golds = _golds(s, [c for _, c in pairs], delim)
+            if not golds or not 0 <= golds[0] <= golds[-1] < len(lls) or len(golds) == len(lls):
+                continue  # unreadable, out of range, or every choice right: nothing to judge
+            row = M.choice_scores(lls, golds)
+            gold = max(golds, key=lls.__getitem__)  # the likeliest right answer
             n = len(ev._encode_pair(*pairs[gold])[1])
             row["token_logprob"] = lls[gold] / max(1, n)
             rows.append(row)

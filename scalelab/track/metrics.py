@@ -59,18 +59,25 @@ def token_logprob(logprobs: list[float]) -> float:
     return sum(logprobs) / max(1, len(logprobs))
 
 
-def choice_scores(choice_logprobs: list[float], answer: int) -> dict[str, float]:
+def choice_scores(choice_logprobs: list[float], answer: int | list[int]) -> dict[str, float]:
     """Multiple choice from each choice's total log-likelihood: accuracy of the argmax, Brier
     score of the choice distribution (softmax over choices) and the margin of the answer over
-    the best other choice (the item's continuous score, > 0 where it is right)."""
+    the best other choice (the item's continuous score, > 0 where it is right).
+
+    answer: the right choice, or several (lm-eval documents with more than one gold answer,
+    scored as lm-eval's acc does: the argmax is right if it is any of them). The right choices
+    then count as one outcome: Brier adds their probabilities, the margin is the best right
+    choice's over the best wrong one."""
+    gold = {answer} if isinstance(answer, int) else set(answer)
     top = max(choice_logprobs)
     weights = [math.exp(x - top) for x in choice_logprobs]
     probs = [w / sum(weights) for w in weights]
     best = max(range(len(probs)), key=lambda i: (choice_logprobs[i], -i))  # ties: first
-    brier = sum((p - (i == answer)) ** 2 for i, p in enumerate(probs))
-    rival = max(x for i, x in enumerate(choice_logprobs) if i != answer)
-    return {"mc_accuracy": float(best == answer), "brier": brier,
-            "margin": choice_logprobs[answer] - rival}
+    right = sum(probs[i] for i in gold)
+    brier = (1 - right) ** 2 + sum(p ** 2 for i, p in enumerate(probs) if i not in gold)
+    margin = (max(choice_logprobs[i] for i in gold)
+              - max(x for i, x in enumerate(choice_logprobs) if i not in gold))
+    return {"mc_accuracy": float(best in gold), "brier": brier, "margin": margin}
 
 
 def brier_pass_level(accuracy: float, n_choices: int) -> float:

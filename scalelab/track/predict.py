@@ -126,7 +126,7 @@ def per_item(result: dict, x_is: str | None = None) -> tuple[np.ndarray, np.ndar
     if not pi:
         return None
     x = pi["x"] if x_is in (None, pi.get("x_is", "token_logprob")) else pi.get(x_is)
-    if not x:  # none stored, or no item scored (lm-eval documents with several golds)
+    if not x:  # none stored, or no item scored (lm-eval documents none of which could be judged)
         return None
     return np.asarray(x, dtype=float), np.asarray(pi["ok"], dtype=float)
 
