@@ -324,3 +324,36 @@ def test_compiled_token_logprobs_match_eager_without_a_recompile_per_length(toke
     both = torch.compile(response_logprobs, fullgraph=True)(model, ro, 0.7, with_entropy=True)
     for a, b in zip(eager, both):
         assert torch.allclose(a * ro.resp_mask, b * ro.resp_mask, atol=1e-5)
+
+
+def test_compiled_losses_hold_no_fp32_tensor_of_all_logits():
+    """Under torch.compile the losses take the plain form and rely on inductor to fuse the
+    softmax: no (tokens, vocab) fp32 tensor may be allocated, forward or backward (the issue's
+    bar for PPO). token_logprobs picked the target with gather, whose backward scattered into
+    a zeroed fp32 (tokens, vocab) buffer. Read from the code inductor generates."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    tokens, vocab = 3 * 40, 997
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 40, 24, generator=g, requires_grad=True)
+    w = torch.randn(vocab, 24, generator=g, requires_grad=True)
+    y = torch.randint(vocab, (3, 40), generator=g)
+
+    def logprobs(h, w, y):
+        logp, entropy = token_logprobs(h, w, y, temperature=0.7, with_entropy=True)
+        return (logp.sum() + entropy.sum()).backward()
+
+    def ce(h, w, y):
+        return cross_entropy(h, w, y).backward()
+
+    for fn in (logprobs, ce):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, code = run_and_get_code(torch.compile(fn), h, w, y)
+        buffers = re.findall(r"empty_strided_cpu\(\(([\d, ]*)\), \([\d, ]*\), torch\.(\w+)\)",
+                             "\n".join(code))
+        assert len(buffers) > 5  # forward and backward were both read
+        whole = [(shape, dtype) for shape, dtype in buffers if dtype == "float32"
+                 and math.prod(int(n) for n in shape.split(",") if n.strip()) >= tokens * vocab]
+        assert not whole, (fn.__name__, whole)

@@ -17,7 +17,8 @@ in the forward pass and again in the backward pass, and never all together.
   entropy, as PPO and DPO need them. Its backward recomputes each chunk's logits (one extra
   lm_head matmul) because the incoming gradient differs per token, unless the whole input
   fits in one chunk: then that chunk's probabilities are kept (memory stays bounded by the
-  chunk size either way). Under torch.compile it is the plain log_softmax, as above.
+  chunk size either way). Under torch.compile it is the plain form, as above (no fp32
+  (tokens, vocab) tensor either, forward or backward: tests/test_losses.py reads inductor's code).
 
 Matmuls run in the autocast dtype when autocast is on (bf16 on GPUs); softmax, log-probs and
 gradient sums are fp32.
@@ -152,10 +153,14 @@ def token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     inv_temp = 1.0 / max(temperature, 1e-6)
     if torch.compiler.is_compiling() and targets.numel() * weight.size(0) <= PLAIN_MAX_LOGITS:
         # as in cross_entropy: inductor fuses the plain form, and the chunk loop would make
-        # every new number of tokens a recompile (DPO batches vary in length)
-        logz = torch.log_softmax(F.linear(h, weight).float() * inv_temp, dim=-1)
-        logp = logz.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-        entropy = -(logz.exp() * logz).sum(-1).detach()
+        # every new number of tokens a recompile (DPO batches vary in length). The target's
+        # logit is picked by a mask, not by gather: gather's backward scatters into a zeroed
+        # (tokens, vocab) fp32 tensor, which inductor keeps whole; the mask fuses away.
+        z = F.linear(h, weight).float() * inv_temp
+        lse = torch.logsumexp(z, dim=-1)
+        hit = torch.arange(z.size(-1), device=z.device) == targets.clamp(min=0)[..., None]
+        logp = torch.where(hit, z, 0.0).sum(-1) - lse
+        entropy = (lse - (torch.softmax(z, -1) * z).sum(-1)).detach() if with_entropy else None
     else:
         need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
         logp, entropy = _TokenLogprobs.apply(h.reshape(-1, h.size(-1)), weight,
