@@ -1,4 +1,4 @@
-"""SFT step throughput: batches packed into rows of seq_len (sft.pack, the default) vs one
+"""SFT step throughput: batches packed into fewer rows (sft.pack, the default) vs one
 right-padded row per conversation (the peer), on the same batches of built-in task
 conversations, measured in alternating turns in one run.
 

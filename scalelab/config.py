@@ -98,8 +98,8 @@ class SFTConfig:
     n_examples: int = 20000  # examples drawn from the training task families (builtin:tasks)
     chatty_fraction: float = 0.3  # builtin:tasks responses that end with a pleasantry line,
     # as some human demonstrators write (the gold labeler prefers the bare answer)
-    pack: bool = True  # pack each batch's conversations into rows of seq_len tokens (same
-    # loss, less padding); false = one right-padded row each (attention without a mask)
+    pack: bool = True  # pack each batch's conversations into rows no wider than its longest
+    # (same loss, less padding); false = one right-padded row each (attention without a mask)
     seed: int = 0
 
 

@@ -191,3 +191,25 @@ def test_packed_sft_batches_give_the_padded_loss_and_gradients(tokenizer):
     (l1, g1), (l2, g2) = grads
     assert torch.allclose(l1, l2, atol=1e-6, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g1, g2))
+
+
+def test_packed_sft_rows_are_never_wider_than_the_padded_batch(tokenizer):
+    """A model's context far longer than its conversations (gpt2-124m: 1024 tokens; an HF
+    folder's max_position_embeddings: 32k and more) must not widen the packed rows: rows of
+    the whole context left the last one mostly padding and made the block-diagonal mask,
+    and the attention computed under it, grow with the square of the context (10x the padded
+    batch's attention on the built-in conversations at 1024). A packed batch has at most the
+    padded batch's rows and width, and so never more tokens or attention than it."""
+    from scalelab.data.batches import pack, pad_right
+    from scalelab.train.losses import IGNORE
+    from scalelab.train.sft import encode_conversations, task_conversations
+
+    items = encode_conversations(task_conversations(256, seed=1)[0], tokenizer, 1024)
+    for i in range(0, 256, 32):
+        batch = items[i:i + 32]
+        padded = pad_right([x for x, _ in batch], tokenizer.pad_id)
+        x, y, pos, seg = pack(batch, 1024, tokenizer.pad_id, IGNORE)
+        assert x.size(0) <= padded.size(0) and x.size(1) <= padded.size(1), (x.shape,
+                                                                             padded.shape)
+        assert x.size(0) * x.size(1) ** 2 <= padded.size(0) * padded.size(1) ** 2
+        assert int((seg >= 0).sum()) == sum(len(a) for a, _ in batch)  # every token, once

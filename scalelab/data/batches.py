@@ -94,13 +94,18 @@ def first_fit(lengths: list[int], width: int) -> list[list[int]]:
 
 def pack(items: list[tuple[list[int], list[int]]], width: int, pad_id: int, ignore: int
          ) -> tuple[torch.Tensor, ...]:
-    """(inputs, targets) pairs packed into as few rows of at most `width` tokens as first-fit
-    finds, instead of one right-padded row each. Returns inputs, targets (`ignore` on
+    """(inputs, targets) pairs packed into as few rows as first-fit finds, instead of one
+    right-padded row each. A row holds at most as many tokens as the longest item (the
+    padded batch's width; `width`, the model's context, caps it too): so a packed batch
+    never has more rows, tokens or attention (rows x width^2, under the block-diagonal
+    mask) than the padded one, however long the context (rows of a 32k context would be
+    one mostly empty row with a 32k x 32k mask). Returns inputs, targets (`ignore` on
     padding), positions (from 0 in every item) and segments (the item's place in its row;
     -1 on padding): with `packed_attention(segments)` each item sees only itself, so the
     loss and its gradients are those of the padded batch, for far fewer tokens (a batch of
     the built-in SFT conversations is about half padding)."""
-    rows = first_fit([len(a) for a, _ in items], width)
+    lengths = [len(a) for a, _ in items]
+    rows = first_fit(lengths, min(width, max(lengths)))
     T = max(sum(len(items[i][0]) for i in row) for row in rows)
     x, y, pos, seg = [], [], [], []
     for row in rows:

@@ -1,9 +1,9 @@
 """Instruction fine-tuning: every task framed as instruction -> response, loss on the response.
 
-A batch's conversations are packed into as few rows of seq_len tokens as fit (sft.pack),
-each seeing only itself (a block-diagonal causal mask, positions from 0 in each): the
-same loss and gradients as one right-padded row per conversation, for about half the
-tokens on the built-in tasks.
+A batch's conversations are packed into as few rows as fit, none wider than its longest
+conversation (sft.pack), each seeing only itself (a block-diagonal causal mask, positions
+from 0 in each): the same loss and gradients as one right-padded row per conversation, for
+about half the tokens on the built-in tasks.
 """
 
 from __future__ import annotations
