@@ -47,6 +47,19 @@ for name in ("transformers", "trl", "tokenizers", "safetensors"):
         info[name] = __import__(name).__version__
     except Exception as e:  # recorded, not fatal: peers are optional
         info[name] = f"unavailable: {type(e).__name__}: {e}"[:200]
+if torch.cuda.is_available():  # can masked attention (packing) keep a fused kernel with GQA?
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(256, 256, dtype=torch.bool, device="cuda").tril()
+    for backend in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, enable_gqa=True)
+            info[f"masked_gqa_{backend.lower()}"] = "ok"
+        except Exception as e:
+            info[f"masked_gqa_{backend.lower()}"] = f"refused: {e}"[:200]
 json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info))
 PY
