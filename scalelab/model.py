@@ -36,6 +36,11 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Devices whose fused attention kernels take a mask but not grouped-query heads (see
+# Attention.forward); on CPU the flash kernel takes both.
+EXPAND_KV_UNDER_MASK = ("cuda",)
+
+
 def resolve(cfg: ModelConfig) -> ModelConfig:
     """Fill the derived defaults (0 = auto) so the saved config is explicit."""
     c = ModelConfig(**asdict(cfg))
@@ -175,6 +180,12 @@ class Attention(nn.Module):
             causal = cache is None or T > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
+            if gqa and T > 1 and q.device.type in EXPAND_KV_UNDER_MASK:
+                # A mask (padding, packing) rules out flash, and torch's docs say the other
+                # CUDA kernels do not take GQA: math would hold (B, heads, T, T) scores. Give
+                # each query head its own copy of k/v instead (what enable_gqa means).
+                k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+                gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 

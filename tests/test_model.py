@@ -127,3 +127,31 @@ def test_kv_cache_row_methods_match_plain_tensor_edits():
     for got, want in ((torch.stack(cache.k), k), (torch.stack(cache.v), v)):
         assert torch.equal(got[:, :, :, :5], want[:, :, :, 3:])
     assert cache.k[1].shape == (5, 2, 8, 4) and cache.shape[0] == 5
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_masked_grouped_query_attention_equals_its_multi_head_twin(monkeypatch, expand):
+    """Under a mask (padding, packing) grouped-query attention gives what a multi-head model
+    with each k/v head copied to its query heads gives, on both paths: SDPA's enable_gqa, and
+    the k/v heads expanded by hand (what CUDA takes, whose masked kernels lack GQA; forced here
+    on CPU). Copying heads in the wrong order (repeat instead of repeat_interleave) fails."""
+    import scalelab.model as M
+    from scalelab.generate import padded_attention
+    monkeypatch.setattr(M, "EXPAND_KV_UNDER_MASK", ("cpu",) if expand else ())
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=4, d_model=32)
+    gqa = Transformer(ModelConfig(**cfg, n_kv_head=2))
+    mha = Transformer(ModelConfig(**cfg, n_kv_head=4))
+    state = gqa.state_dict()
+    for name, w in state.items():
+        if name.endswith(("wk.weight", "wv.weight")):  # (kv heads x head_dim, d): copy heads
+            state[name] = w.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 64, (3, 12))
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :5] = valid[2, :2] = False
+    positions, mask = padded_attention(valid)
+    a, b = gqa(x, positions, mask), mha(x, positions, mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a[valid].sum().backward()
+    assert gqa.blocks[0].attn.wk.weight.grad.abs().sum() > 0
