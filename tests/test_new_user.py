@@ -496,3 +496,18 @@ def test_tracker_keeps_task_files_usable_from_any_folder(base, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     rc, out, err = cli("track", "run", "--registry", reg)
     assert rc == 0 and "mine" in out, err
+
+
+# ---- 7. the user's own small models and files (session 7) -------------------------------
+
+def test_default_max_new_tokens_fits_a_small_context(base, sft_run):
+    """A model of 32 tokens' context: generate and chat without --max-new-tokens used to
+    refuse their own default (64); the default now takes what the context leaves."""
+    rc, out, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "river")
+    assert rc == 0 and out.startswith("river"), err
+    rc, out, err = cli("chat", "--model", str(sft_run / "model"), stdin="Say river.\n")
+    assert rc == 0 and out.count("assistant> ") == 1, err
+    rc, _, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "river",
+                     "--max-new-tokens", "64")  # asked for explicitly: still refused
+    assert rc == 2 and "at most" in err
+
