@@ -511,3 +511,30 @@ def test_default_max_new_tokens_fits_a_small_context(base, sft_run):
                      "--max-new-tokens", "64")  # asked for explicitly: still refused
     assert rc == 2 and "at most" in err
 
+
+
+def test_a_tokenizer_larger_than_the_model_is_named(base, tmp_path):
+    """tokenizer.json copied from another run: ids past the embedding crashed generate, sft
+    and reward with an IndexError traceback (sft leaving a half-made run) and export wrote
+    a folder transformers cannot run."""
+    import shutil
+
+    from scalelab.data.world import generate_documents
+    from scalelab.tokenizer import Tokenizer
+    folder = tmp_path / "model"
+    shutil.copytree(base[0] / "model", folder)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    bigger = Tokenizer.train(generate_documents(3000, seed=0), rows + 200)
+    assert bigger.vocab_size > rows
+    bigger.save(folder / "tokenizer.json")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for args in (["generate", "--model", str(folder), "--prompt", "Mia has",
+                  "--max-new-tokens", "4"],
+                 ["sft", "--base", str(folder), "--data", str(tmp_path / "d.jsonl"),
+                  "--out", str(tmp_path / "sft")],
+                 ["export", "--model", str(folder), "--out", str(tmp_path / "hf")]):
+        rc, out, err = cli(*args)
+        assert rc == 2 and str(folder / "tokenizer.json") in err, (args, err)
+        assert f"{bigger.vocab_size} tokens" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "hf").exists()
+

@@ -126,17 +126,28 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             raise UserError(f"{d}: a Hugging Face folder holds a language model, not a "
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
+        check_vocab(d, tok, model.cfg.vocab_size)
         return model.to(device).eval(), tok
     cfg_dict = read_json(d / "config.json")
     tensors = read_tensors(d / "model.safetensors")
     cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})
     tok = hf.load_tokenizer(d)
+    check_vocab(d, tok, cfg.vocab_size)
     try:
         model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
     except ValueError as e:
         raise UserError(f"{d / 'config.json'}: {e}") from None
     load_weights(model, d / "model.safetensors", tensors)
     return model.to(device).eval(), tok
+
+
+def check_vocab(d: Path, tok, rows: int) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (tokenizer.json copied
+    from another run) would hand the model ids past its table: refused, naming the file."""
+    if tok.vocab_size > rows:
+        raise UserError(f"{d / 'tokenizer.json'}: {tok.vocab_size} tokens, but the model has "
+                        f"{rows} embedding rows ('vocab_size' in {d / 'config.json'}): the "
+                        "tokenizer belongs to another model; put this model's own back")
 
 
 # ---- resumable checkpoints -------------------------------------------------------------
