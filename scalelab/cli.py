@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from scalelab.train.rundir import forget_unstarted, is_fresh
+    from scalelab.train.rundir import RunBusy, forget_unstarted, is_fresh, release
     stage_out = Path(args.out) if args.command in STAGES else None
     fresh = stage_out is not None and is_fresh(stage_out)
     existed = stage_out is not None and stage_out.exists()
@@ -401,10 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args.func(args)
+        except RunBusy:  # the folder is another live command's: not ours to clean
+            raise
         except UserError:  # bad input before training: leave no half-made run behind
             if fresh and rank0:
                 forget_unstarted(stage_out, existed)
             raise
+        finally:
+            release()  # every run folder this command locked
         sys.stdout.flush()  # a closed pipe shows here, inside the try
     except BrokenPipeError:  # `scalelab ... | head`: the reader has all it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)

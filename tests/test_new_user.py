@@ -538,3 +538,37 @@ def test_a_tokenizer_larger_than_the_model_is_named(base, tmp_path):
         assert f"{bigger.vocab_size} tokens" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sft").exists() and not (tmp_path / "hf").exists()
 
+
+def test_a_second_command_on_a_run_being_written_is_refused(home, tmp_path):
+    """Two `pretrain --resume` into one folder both trained, interleaving their rows in
+    metrics.jsonl and their checkpoints. The second is refused while the first lives; once
+    it is killed (-9), the lock is gone with it and the run resumes."""
+    import time
+
+    from scalelab.train.rundir import list_checkpoints
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalelab", "pretrain", "--config", "tiny", "--out", str(run),
+         *SMALL, "--set", f"data.source={home / 'corpus.txt'}", "--max-steps", "100000",
+         "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list_checkpoints(run) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list_checkpoints(run) and proc.poll() is None
+        rc, out, err = cli("pretrain", "--out", str(run), "--resume")
+        assert rc == 2 and "another scalelab command" in err and not out, err
+        assert len(err.strip().splitlines()) == 1
+        assert proc.poll() is None  # the first one goes on
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()
+            if r.endswith("}")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps))  # one writer: every step once, in order
+    last = int(list_checkpoints(run)[-1].name[5:])
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", str(last + 1))
+    assert rc == 0, err
+
