@@ -572,3 +572,25 @@ def test_a_second_command_on_a_run_being_written_is_refused(home, tmp_path):
     rc, _, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", str(last + 1))
     assert rc == 0, err
 
+
+def test_a_misspelled_field_and_a_bad_byte_are_named(tmp_path):
+    good = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                   for i in range(4))
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(good + json.dumps({"prompt": "q", "completon": "a"}) + "\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good.encode() + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    from scalelab.data.formats import read_conversations, read_preferences
+    with pytest.raises(Exception) as e:
+        read_conversations(typo)
+    assert str(e.value) == (f'{typo}:5: no "completion" (this row has "prompt", '
+                            '"completon")')
+    with pytest.raises(Exception) as e:
+        read_conversations(latin)
+    assert str(e.value).startswith(f"{latin}:5: not UTF-8 text")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "q", "choosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(Exception) as e:
+        read_preferences(prefs)
+    assert '"chosen"' in str(e.value) and '"choosen"' in str(e.value)
+

@@ -24,13 +24,16 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
+    data = path.read_bytes()
     try:
         # utf-8-sig: a byte-order mark (many Windows tools write one) is not part of line 1
         # split at \n only (CRLF reads as \n): a JSON string may hold U+2028 or NEL unescaped,
         # where str.splitlines would cut the line
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
+        lines = data.decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte "
+                        f"{data[e.start:e.start + 1]!r}); save the file as UTF-8") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -48,7 +51,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def _text(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
+    if key not in row:  # most often a misspelled key: show the ones the row has
+        keys = ", ".join(json.dumps(k) for k in row)
+        raise UserError(f'{where}: no "{key}" (this row has {keys or "no keys"})')
+    value = row[key]
     if not isinstance(value, str) or not value.strip():
         raise UserError(f'{where}: "{key}" must be a non-empty string')
     return value
