@@ -512,7 +512,6 @@ def test_default_max_new_tokens_fits_a_small_context(base, sft_run):
     assert rc == 2 and "at most" in err
 
 
-
 def test_a_tokenizer_larger_than_the_model_is_named(base, tmp_path):
     """tokenizer.json copied from another run: ids past the embedding crashed generate, sft
     and reward with an IndexError traceback (sft leaving a half-made run) and export wrote
@@ -594,3 +593,17 @@ def test_a_misspelled_field_and_a_bad_byte_are_named(tmp_path):
         read_preferences(prefs)
     assert '"chosen"' in str(e.value) and '"choosen"' in str(e.value)
 
+
+def test_answers_too_long_for_the_context_are_said_to_be_the_reason(home, sft_run, tmp_path):
+    """Every pair longer than the model's context: the error told the user to add pairs or
+    lower the batch size, and not that their answers are too long."""
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w,
+                                        "rejected": " ".join([w] * 40)}) + "\n"
+                            for w in WORDS))
+    for stage, flag in (("reward", "--base"), ("dpo", "--policy")):
+        rc, _, err = cli(stage, flag, str(sft_run / "model"), "--data", str(long),
+                         "--out", str(tmp_path / stage), *train_sets())
+        last = err.splitlines()[-1]
+        assert rc == 2 and "context of" in last and "shorten them" in last, err
+        assert not (tmp_path / stage).exists()
