@@ -20,11 +20,12 @@ ROLES = ("system", "user", "assistant")
 
 
 def read_utf8(path: Path) -> str:
-    """A text file's contents; a byte that is not UTF-8 is bad input naming its line.
-    utf-8-sig: a byte-order mark (many Windows tools write one) is not part of line 1."""
+    """A text file's contents, CRLF and CR read as \n (as open() does); a byte that is not
+    UTF-8 is bad input naming its line. utf-8-sig: a byte-order mark (many Windows tools
+    write one) is not part of line 1."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte "
