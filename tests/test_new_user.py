@@ -607,3 +607,25 @@ def test_answers_too_long_for_the_context_are_said_to_be_the_reason(home, sft_ru
         last = err.splitlines()[-1]
         assert rc == 2 and "context of" in last and "shorten them" in last, err
         assert not (tmp_path / stage).exists()
+
+
+def test_ctrl_c_while_the_token_files_are_written_then_the_same_command(home, tmp_path,
+                                                                        monkeypatch):
+    """Ctrl-C while pretraining wrote its token files left only `.data.tmp` in --out, and the
+    same command again was refused: "folder is not empty (.data.tmp) and is not a scalelab
+    run". The folder is claimed (run.json) before the first write now, so it runs."""
+    import scalelab.train.pretrain as pretrain
+    from scalelab.io import fresh_tmp
+    real = pretrain.write_token_files
+
+    def interrupted(splits, tok, data_dir):
+        (fresh_tmp(data_dir) / "train.bin").write_bytes(b"\0" * 10)  # half written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "write_token_files", interrupted)
+    args = ["pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), "--max-steps", "2",
+            *SMALL, "--set", f"data.source={home / 'corpus.txt'}"]
+    assert cli(*args)[0] == 130
+    monkeypatch.setattr(pretrain, "write_token_files", real)
+    rc, out, err = cli(*args)
+    assert rc == 0 and "model written" in out, err
+    assert not (tmp_path / "r" / ".data.tmp").exists()

@@ -27,7 +27,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
-from scalelab.train.rundir import hold, same_input
+from scalelab.train.rundir import claim, same_input
 
 
 def check_same_data(cfg: Config, saved: Path) -> None:
@@ -74,8 +74,8 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
         tqdm.write(f"note: data.tokenizer_vocab is {cfg.data.tokenizer_vocab}, but this corpus "
                    f"supports only {tok.vocab_size} tokens (BPE ran out of pairs to merge); "
                    f"the tokenizer has {tok.vocab_size}")
-    out.mkdir(parents=True, exist_ok=True)
-    hold(out)  # the first write: a second command starting this run now is refused
+    claim(out, "pretrain", reuse)  # run.json before the first write: a run interrupted
+    # while writing its token files is still this command's own, to rerun or resume
     meta = write_token_files({"train": train, "val": val}, tok, data_dir)
     tok.save(tok_path)  # atomic (Tokenizer.save)
     tqdm.write(f"tokens: {meta['train']['tokens']:,} train, {meta['val']['tokens']:,} val")
