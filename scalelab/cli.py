@@ -425,7 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not interrupted(e):
+            raise
+        print("scalelab: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(e: BaseException | None) -> bool:
+    """Ctrl-C that Python re-raised as another error: during an import (torch loads
+    torch._dynamo lazily, at the first optimizer), a dataclass turns it into a RuntimeError
+    "Error calling __set_name__", caused by the KeyboardInterrupt."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

@@ -629,3 +629,21 @@ def test_ctrl_c_while_the_token_files_are_written_then_the_same_command(home, tm
     rc, out, err = cli(*args)
     assert rc == 0 and "model written" in out, err
     assert not (tmp_path / "r" / ".data.tmp").exists()
+
+
+def test_ctrl_c_during_a_lazy_import_is_an_interrupt(base, tmp_path, monkeypatch):
+    """Ctrl-C in the first seconds of a run, while torch imported torch._dynamo for the
+    optimizer, came out as a RuntimeError traceback ("Error calling __set_name__" on a
+    dataclass, caused by the KeyboardInterrupt), exit 1."""
+    import scalelab.train.loop as loop
+
+    def importing(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+    monkeypatch.setattr(loop, "make_optimizer", importing)
+    rc, _, err = cli("sft", "--base", str(base[0] / "model"), "--data",
+                     str(base[0].parent / "sft.jsonl"), "--out", str(tmp_path / "s"),
+                     *train_sets())
+    assert rc == 130 and err.strip() == "scalelab: interrupted", err
