@@ -647,3 +647,16 @@ def test_ctrl_c_during_a_lazy_import_is_an_interrupt(base, tmp_path, monkeypatch
                      str(base[0].parent / "sft.jsonl"), "--out", str(tmp_path / "s"),
                      *train_sets())
     assert rc == 130 and err.strip() == "scalelab: interrupted", err
+
+
+def test_a_path_that_is_not_there_or_a_folder_is_named_as_such(sft_run, tmp_path):
+    """`--reward nope` said "not a reward model folder (no reward.json)" and `--data` given a
+    folder said "data file not found" while the folder is right there."""
+    model = str(sft_run / "model")
+    rc, _, err = cli("ppo", "--policy", model, "--reward", str(tmp_path / "nope"),
+                     "--prompts", "builtin:tasks", "--out", str(tmp_path / "p"))
+    assert rc == 2 and f"{tmp_path / 'nope'}: model folder not found" in err, err
+    rc, _, err = cli("sft", "--base", model, "--data", str(sft_run), "--out",
+                     str(tmp_path / "s"))
+    assert rc == 2 and f"{sft_run}: is a folder" in err, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()

@@ -35,6 +35,8 @@ def read_utf8(path: Path) -> str:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a malformed line is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a .jsonl file")
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
     # split at \n only (CRLF reads as \n): a JSON string may hold U+2028 or NEL unescaped,

@@ -56,6 +56,8 @@ def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor,
 
 def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Tokenizer, dict]:
     d = Path(model_dir)
+    if not d.exists():
+        raise UserError(f"{d}: model folder not found")
     if not (d / "reward.json").is_file():
         hint = f"; did you mean {d / 'model'}?" if (d / "model" / "reward.json").is_file() \
             else " (give the model/ folder of a `scalelab reward` run)"
