@@ -660,3 +660,11 @@ def test_a_path_that_is_not_there_or_a_folder_is_named_as_such(sft_run, tmp_path
                      str(tmp_path / "s"))
     assert rc == 2 and f"{sft_run}: is a folder" in err, err
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_checkpoint_given_as_a_model_is_named(base):
+    """`generate --model RUN/checkpoints/step_N` said only "config.json: file not found"."""
+    step = sorted((base[0] / "checkpoints").glob("step_*"))[-1]
+    rc, out, err = cli("generate", "--model", str(step), "--prompt", "x")
+    assert rc == 2 and "is a training checkpoint" in err and not out, err
+    assert str(base[0] / "model") in err

@@ -109,14 +109,18 @@ def load_weights(model: torch.nn.Module, path: Path, tensors: dict[str, torch.Te
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                wrap: Callable[[Transformer], torch.nn.Module] | None = None
                ) -> tuple[torch.nn.Module, Tokenizer]:
-    """A model folder written by save_model (DIR/model or a checkpoint's step folder), or a
-    Hugging Face folder of a supported architecture (scalelab.hf).
+    """A model folder written by save_model (DIR/model), or a Hugging Face folder of a
+    supported architecture (scalelab.hf).
     wrap builds what the weights belong to around the Transformer (a reward model's head)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
     if not (d / "config.json").exists() and (d / "model" / "config.json").is_file():
         raise UserError(f"{d}: is a run folder, not a model folder; did you mean {d / 'model'}?")
+    if not (d / "config.json").exists() and (d / "state.json").is_file():
+        raise UserError(f"{d}: is a training checkpoint (weights and optimizer state, no config "
+                        f"or tokenizer), not a model folder; give the run's model folder "
+                        f"{d.parent.parent / 'model'}, or resume the run with --resume")
     if wrap is None and (d / "reward.json").is_file():
         raise UserError(f"{d}: this is a reward model (it scores answers and cannot generate "
                         "or be trained as a policy); give a language model folder, e.g. the "
