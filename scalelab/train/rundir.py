@@ -44,7 +44,10 @@ def hold(out: Path) -> None:
     key = out.resolve()
     if fcntl is None or key in _held or os.environ.get("RANK", "0") != "0":
         return
-    fd = os.open(key, os.O_RDONLY)
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # a folder we may write but not read: left unlocked
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
