@@ -668,3 +668,28 @@ def test_a_checkpoint_given_as_a_model_is_named(base):
     rc, out, err = cli("generate", "--model", str(step), "--prompt", "x")
     assert rc == 2 and "is a training checkpoint" in err and not out, err
     assert str(base[0] / "model") in err
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(sft_run, tmp_path):
+    """PPO fed the policy's token ids to a reward model of another tokenizer: an IndexError
+    traceback leaving a half-made run, or, when the ids fit, rewards for nonsense."""
+    import math
+
+    from scalelab.config import ModelConfig
+    from scalelab.data.world import generate_documents
+    from scalelab.model import ScalarModel, Transformer
+    from scalelab.tokenizer import Tokenizer
+    from scalelab.train.checkpoint import save_model
+    other = Tokenizer.train(generate_documents(500, seed=3), 300)
+    model = Transformer(ModelConfig(vocab_size=64 * math.ceil(other.vocab_size / 64),
+                                    seq_len=32, n_layer=1, n_head=2, d_model=32))
+    rm = tmp_path / "rm"
+    save_model(ScalarModel(model), other, rm, extra_json={"reward.json": {"mean": 0, "std": 1}})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in WORDS))
+    rc, out, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(rm),
+                       "--prompts", str(prompts), "--out", str(tmp_path / "p"),
+                       "--max-steps", "1", "--set", "ppo.rollout_batch=8",
+                       "--set", "ppo.samples_per_prompt=2", "--set", "ppo.max_new_tokens=6")
+    assert rc == 2 and "tokenizer is not the policy's" in err and not out, err
+    assert not (tmp_path / "p").exists()
