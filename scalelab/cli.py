@@ -130,9 +130,12 @@ def cmd_dpo(args: argparse.Namespace) -> None:
                                     args.resume), "dpo", "policy", "rlhf", args.policy)
 
 
+DEFAULT_NEW_TOKENS = 64  # generate/chat without --max-new-tokens (less in a small context)
+
+
 def check_sampling(args: argparse.Namespace) -> None:
     """Sampling options shared by generate and chat: each wrong value named with its fix."""
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if not args.temperature >= 0:
         raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
@@ -175,6 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if room < 1:
         raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
                         f"{model.cfg.seq_len}: shorten the prompt")
+    if args.max_new_tokens is None:  # the default: as much of DEFAULT_NEW_TOKENS as fits
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, room)
     if args.max_new_tokens > room:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the prompt is {len(prompt)} "
                         f"tokens and the model's context {model.cfg.seq_len}, so at most "
@@ -192,6 +197,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from scalelab.chat import HELP, chat_loop
     check_sampling(args)
     model, tok, g = load_for_sampling(args)
+    if args.max_new_tokens is None:  # the default: leave the conversation half the context
+        args.max_new_tokens = min(DEFAULT_NEW_TOKENS, max(1, model.cfg.seq_len // 2))
     if args.max_new_tokens >= model.cfg.seq_len:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                         f"{model.cfg.seq_len} tokens and the conversation needs room too; "
@@ -311,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--model", required=True,
                          help="model folder (RUN/model, or a Hugging Face Llama/Qwen2/Mistral "
                               "folder)")
-        cmd.add_argument("--max-new-tokens", type=int, default=64)
+        cmd.add_argument("--max-new-tokens", type=int, default=None,
+                         help=f"default {DEFAULT_NEW_TOKENS}, or less when the model's "
+                              "context leaves less room")
         cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
         cmd.add_argument("--top-p", type=float, default=1.0, help="1 = off, 0 = the top token")
@@ -384,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from scalelab.train.rundir import forget_unstarted, is_fresh
+    from scalelab.train.rundir import RunBusy, forget_unstarted, is_fresh, release
     stage_out = Path(args.out) if args.command in STAGES else None
     fresh = stage_out is not None and is_fresh(stage_out)
     existed = stage_out is not None and stage_out.exists()
@@ -392,10 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args.func(args)
+        except RunBusy:  # the folder is another live command's: not ours to clean
+            raise
         except UserError:  # bad input before training: leave no half-made run behind
             if fresh and rank0:
                 forget_unstarted(stage_out, existed)
             raise
+        finally:
+            release()  # every run folder this command locked
         sys.stdout.flush()  # a closed pipe shows here, inside the try
     except BrokenPipeError:  # `scalelab ... | head`: the reader has all it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -412,7 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not interrupted(e):
+            raise
+        print("scalelab: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(e: BaseException | None) -> bool:
+    """Ctrl-C that Python re-raised as another error: during an import (torch loads
+    torch._dynamo lazily, at the first optimizer), a dataclass turns it into a RuntimeError
+    "Error calling __set_name__", caused by the KeyboardInterrupt."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

@@ -118,6 +118,14 @@ def test_bad_jsonl_names_file_and_line(tmp, content, expected):
         read_documents(DataConfig(source=str(tmp / "b.jsonl")))
 
 
+def test_a_corpus_byte_that_is_not_utf8_names_its_line(tmp):
+    """A Latin-1 'café' on line 3 of a .txt corpus: named with its line (it gave a byte
+    offset into the file, which no editor shows)."""
+    (tmp / "notes.txt").write_bytes(b"first doc\n\ncaf\xe9 au lait\n")
+    with pytest.raises(UserError, match=r"notes.txt:3: not UTF-8 text"):
+        read_documents(DataConfig(source=str(tmp / "notes.txt")))
+
+
 def test_empty_or_missing_corpus(tmp):
     (tmp / "empty.txt").write_text("  \n")
     with pytest.raises(UserError, match="empty"):

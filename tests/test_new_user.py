@@ -496,3 +496,200 @@ def test_tracker_keeps_task_files_usable_from_any_folder(base, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     rc, out, err = cli("track", "run", "--registry", reg)
     assert rc == 0 and "mine" in out, err
+
+
+# ---- 7. the user's own small models and files (session 7) -------------------------------
+
+def test_default_max_new_tokens_fits_a_small_context(base, sft_run):
+    """A model of 32 tokens' context: generate and chat without --max-new-tokens used to
+    refuse their own default (64); the default now takes what the context leaves."""
+    rc, out, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "river")
+    assert rc == 0 and out.startswith("river"), err
+    rc, out, err = cli("chat", "--model", str(sft_run / "model"), stdin="Say river.\n")
+    assert rc == 0 and out.count("assistant> ") == 1, err
+    rc, _, err = cli("generate", "--model", str(base[0] / "model"), "--prompt", "river",
+                     "--max-new-tokens", "64")  # asked for explicitly: still refused
+    assert rc == 2 and "at most" in err
+
+
+def test_a_tokenizer_larger_than_the_model_is_named(base, tmp_path):
+    """tokenizer.json copied from another run: ids past the embedding crashed generate, sft
+    and reward with an IndexError traceback (sft leaving a half-made run) and export wrote
+    a folder transformers cannot run."""
+    import shutil
+
+    from scalelab.data.world import generate_documents
+    from scalelab.tokenizer import Tokenizer
+    folder = tmp_path / "model"
+    shutil.copytree(base[0] / "model", folder)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    bigger = Tokenizer.train(generate_documents(3000, seed=0), rows + 200)
+    assert bigger.vocab_size > rows
+    bigger.save(folder / "tokenizer.json")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for args in (["generate", "--model", str(folder), "--prompt", "Mia has",
+                  "--max-new-tokens", "4"],
+                 ["sft", "--base", str(folder), "--data", str(tmp_path / "d.jsonl"),
+                  "--out", str(tmp_path / "sft")],
+                 ["export", "--model", str(folder), "--out", str(tmp_path / "hf")]):
+        rc, out, err = cli(*args)
+        assert rc == 2 and str(folder / "tokenizer.json") in err, (args, err)
+        assert f"{bigger.vocab_size} tokens" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_second_command_on_a_run_being_written_is_refused(home, tmp_path):
+    """Two `pretrain --resume` into one folder both trained, interleaving their rows in
+    metrics.jsonl and their checkpoints. The second is refused while the first lives; once
+    it is killed (-9), the lock is gone with it and the run resumes."""
+    import time
+
+    from scalelab.train.rundir import list_checkpoints
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalelab", "pretrain", "--config", "tiny", "--out", str(run),
+         *SMALL, "--set", f"data.source={home / 'corpus.txt'}", "--max-steps", "100000",
+         "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list_checkpoints(run) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list_checkpoints(run) and proc.poll() is None
+        rc, out, err = cli("pretrain", "--out", str(run), "--resume")
+        assert rc == 2 and "another scalelab command" in err and not out, err
+        assert len(err.strip().splitlines()) == 1
+        assert proc.poll() is None  # the first one goes on
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()
+            if r.endswith("}")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps))  # one writer: every step once, in order
+    last = int(list_checkpoints(run)[-1].name[5:])
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume", "--max-steps", str(last + 1))
+    assert rc == 0, err
+
+
+def test_a_misspelled_field_and_a_bad_byte_are_named(tmp_path):
+    good = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                   for i in range(4))
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(good + json.dumps({"prompt": "q", "completon": "a"}) + "\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good.encode() + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    from scalelab.data.formats import read_conversations, read_preferences
+    with pytest.raises(Exception) as e:
+        read_conversations(typo)
+    assert str(e.value) == (f'{typo}:5: no "completion" (this row has "prompt", '
+                            '"completon")')
+    with pytest.raises(Exception) as e:
+        read_conversations(latin)
+    assert str(e.value).startswith(f"{latin}:5: not UTF-8 text")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "q", "choosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(Exception) as e:
+        read_preferences(prefs)
+    assert '"chosen"' in str(e.value) and '"choosen"' in str(e.value)
+
+
+def test_answers_too_long_for_the_context_are_said_to_be_the_reason(home, sft_run, tmp_path):
+    """Every pair longer than the model's context: the error told the user to add pairs or
+    lower the batch size, and not that their answers are too long."""
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w,
+                                        "rejected": " ".join([w] * 40)}) + "\n"
+                            for w in WORDS))
+    for stage, flag in (("reward", "--base"), ("dpo", "--policy")):
+        rc, _, err = cli(stage, flag, str(sft_run / "model"), "--data", str(long),
+                         "--out", str(tmp_path / stage), *train_sets())
+        last = err.splitlines()[-1]
+        assert rc == 2 and "context of" in last and "shorten them" in last, err
+        assert not (tmp_path / stage).exists()
+
+
+def test_ctrl_c_while_the_token_files_are_written_then_the_same_command(home, tmp_path,
+                                                                        monkeypatch):
+    """Ctrl-C while pretraining wrote its token files left only `.data.tmp` in --out, and the
+    same command again was refused: "folder is not empty (.data.tmp) and is not a scalelab
+    run". The folder is claimed (run.json) before the first write now, so it runs."""
+    import scalelab.train.pretrain as pretrain
+    from scalelab.io import fresh_tmp
+    real = pretrain.write_token_files
+
+    def interrupted(splits, tok, data_dir):
+        (fresh_tmp(data_dir) / "train.bin").write_bytes(b"\0" * 10)  # half written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "write_token_files", interrupted)
+    args = ["pretrain", "--config", "tiny", "--out", str(tmp_path / "r"), "--max-steps", "2",
+            *SMALL, "--set", f"data.source={home / 'corpus.txt'}"]
+    assert cli(*args)[0] == 130
+    monkeypatch.setattr(pretrain, "write_token_files", real)
+    rc, out, err = cli(*args)
+    assert rc == 0 and "model written" in out, err
+    assert not (tmp_path / "r" / ".data.tmp").exists()
+
+
+def test_ctrl_c_during_a_lazy_import_is_an_interrupt(base, tmp_path, monkeypatch):
+    """Ctrl-C in the first seconds of a run, while torch imported torch._dynamo for the
+    optimizer, came out as a RuntimeError traceback ("Error calling __set_name__" on a
+    dataclass, caused by the KeyboardInterrupt), exit 1."""
+    import scalelab.train.loop as loop
+
+    def importing(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+    monkeypatch.setattr(loop, "make_optimizer", importing)
+    rc, _, err = cli("sft", "--base", str(base[0] / "model"), "--data",
+                     str(base[0].parent / "sft.jsonl"), "--out", str(tmp_path / "s"),
+                     *train_sets())
+    assert rc == 130 and err.strip() == "scalelab: interrupted", err
+
+
+def test_a_path_that_is_not_there_or_a_folder_is_named_as_such(sft_run, tmp_path):
+    """`--reward nope` said "not a reward model folder (no reward.json)" and `--data` given a
+    folder said "data file not found" while the folder is right there."""
+    model = str(sft_run / "model")
+    rc, _, err = cli("ppo", "--policy", model, "--reward", str(tmp_path / "nope"),
+                     "--prompts", "builtin:tasks", "--out", str(tmp_path / "p"))
+    assert rc == 2 and f"{tmp_path / 'nope'}: model folder not found" in err, err
+    rc, _, err = cli("sft", "--base", model, "--data", str(sft_run), "--out",
+                     str(tmp_path / "s"))
+    assert rc == 2 and f"{sft_run}: is a folder" in err, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_checkpoint_given_as_a_model_is_named(base):
+    """`generate --model RUN/checkpoints/step_N` said only "config.json: file not found"."""
+    step = sorted((base[0] / "checkpoints").glob("step_*"))[-1]
+    rc, out, err = cli("generate", "--model", str(step), "--prompt", "x")
+    assert rc == 2 and "is a training checkpoint" in err and not out, err
+    assert str(base[0] / "model") in err
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(sft_run, tmp_path):
+    """PPO fed the policy's token ids to a reward model of another tokenizer: an IndexError
+    traceback leaving a half-made run, or, when the ids fit, rewards for nonsense."""
+    import math
+
+    from scalelab.config import ModelConfig
+    from scalelab.data.world import generate_documents
+    from scalelab.model import ScalarModel, Transformer
+    from scalelab.tokenizer import Tokenizer
+    from scalelab.train.checkpoint import save_model
+    other = Tokenizer.train(generate_documents(500, seed=3), 300)
+    model = Transformer(ModelConfig(vocab_size=64 * math.ceil(other.vocab_size / 64),
+                                    seq_len=32, n_layer=1, n_head=2, d_model=32))
+    rm = tmp_path / "rm"
+    save_model(ScalarModel(model), other, rm, extra_json={"reward.json": {"mean": 0, "std": 1}})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in WORDS))
+    rc, out, err = cli("ppo", "--policy", str(sft_run / "model"), "--reward", str(rm),
+                       "--prompts", str(prompts), "--out", str(tmp_path / "p"),
+                       "--max-steps", "1", "--set", "ppo.rollout_batch=8",
+                       "--set", "ppo.samples_per_prompt=2", "--set", "ppo.max_new_tokens=6")
+    assert rc == 2 and "tokenizer is not the policy's" in err and not out, err
+    assert not (tmp_path / "p").exists()

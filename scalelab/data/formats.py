@@ -19,18 +19,29 @@ from scalelab.config import UserError
 ROLES = ("system", "user", "assistant")
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents, CRLF and CR read as \n (as open() does); a byte that is not
+    UTF-8 is bad input naming its line. utf-8-sig: a byte-order mark (many Windows tools
+    write one) is not part of line 1."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte "
+                        f"{data[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a malformed line is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a .jsonl file")
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
-    try:
-        # utf-8-sig: a byte-order mark (many Windows tools write one) is not part of line 1
-        # split at \n only (CRLF reads as \n): a JSON string may hold U+2028 or NEL unescaped,
-        # where str.splitlines would cut the line
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    # split at \n only (CRLF reads as \n): a JSON string may hold U+2028 or NEL unescaped,
+    # where str.splitlines would cut the line
+    lines = read_utf8(path).split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -48,7 +59,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def _text(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
+    if key not in row:  # most often a misspelled key: show the ones the row has
+        keys = ", ".join(json.dumps(k) for k in row)
+        raise UserError(f'{where}: no "{key}" (this row has {keys or "no keys"})')
+    value = row[key]
     if not isinstance(value, str) or not value.strip():
         raise UserError(f'{where}: "{key}" must be a non-empty string')
     return value

@@ -19,7 +19,7 @@ import torch
 
 from scalelab.config import DataConfig, UserError
 from scalelab.data.batches import EpochSampler
-from scalelab.data.formats import read_jsonl
+from scalelab.data.formats import read_jsonl, read_utf8
 from scalelab.io import fresh_tmp, replace_dir
 from scalelab.tokenizer import Tokenizer
 
@@ -77,10 +77,7 @@ def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
             if not isinstance(row.get("text"), str):
                 raise UserError(f'{path}:{n}: expected an object with a "text" string')
         return [row["text"] for _, row in rows]
-    try:
-        return split_text(path.read_text(encoding="utf-8-sig"), txt_split)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    return split_text(read_utf8(path), txt_split)
 
 
 def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:

@@ -162,7 +162,7 @@ def shared_vocab(cfg: Config, shared: Path) -> int:
     compare (BPE training is deterministic); its vocab size rounded up to a multiple of 64."""
     from scalelab.train.pretrain import prepare_data
     shared.mkdir(exist_ok=True)
-    tok, _ = prepare_data(cfg, shared, reuse=True)
+    tok, _ = prepare_data(cfg, shared, reuse=True, run=False)
     return 64 * math.ceil(tok.vocab_size / 64)
 
 

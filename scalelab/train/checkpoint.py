@@ -109,14 +109,18 @@ def load_weights(model: torch.nn.Module, path: Path, tensors: dict[str, torch.Te
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                wrap: Callable[[Transformer], torch.nn.Module] | None = None
                ) -> tuple[torch.nn.Module, Tokenizer]:
-    """A model folder written by save_model (DIR/model or a checkpoint's step folder), or a
-    Hugging Face folder of a supported architecture (scalelab.hf).
+    """A model folder written by save_model (DIR/model), or a Hugging Face folder of a
+    supported architecture (scalelab.hf).
     wrap builds what the weights belong to around the Transformer (a reward model's head)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: model folder not found")
     if not (d / "config.json").exists() and (d / "model" / "config.json").is_file():
         raise UserError(f"{d}: is a run folder, not a model folder; did you mean {d / 'model'}?")
+    if not (d / "config.json").exists() and (d / "state.json").is_file():
+        raise UserError(f"{d}: is a training checkpoint (weights and optimizer state, no config "
+                        f"or tokenizer), not a model folder; give the run's model folder "
+                        f"{d.parent.parent / 'model'}, or resume the run with --resume")
     if wrap is None and (d / "reward.json").is_file():
         raise UserError(f"{d}: this is a reward model (it scores answers and cannot generate "
                         "or be trained as a policy); give a language model folder, e.g. the "
@@ -126,17 +130,28 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             raise UserError(f"{d}: a Hugging Face folder holds a language model, not a "
                             "scalelab reward model")
         model, tok = hf.load_hf(d)
+        check_vocab(d, tok, model.cfg.vocab_size)
         return model.to(device).eval(), tok
     cfg_dict = read_json(d / "config.json")
     tensors = read_tensors(d / "model.safetensors")
     cfg = checked_model_config(d, cfg_dict, {k: tuple(t.shape) for k, t in tensors.items()})
     tok = hf.load_tokenizer(d)
+    check_vocab(d, tok, cfg.vocab_size)
     try:
         model = Transformer(cfg) if wrap is None else wrap(Transformer(cfg))
     except ValueError as e:
         raise UserError(f"{d / 'config.json'}: {e}") from None
     load_weights(model, d / "model.safetensors", tensors)
     return model.to(device).eval(), tok
+
+
+def check_vocab(d: Path, tok, rows: int) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (tokenizer.json copied
+    from another run) would hand the model ids past its table: refused, naming the file."""
+    if tok.vocab_size > rows:
+        raise UserError(f"{d / 'tokenizer.json'}: {tok.vocab_size} tokens, but the model has "
+                        f"{rows} embedding rows ('vocab_size' in {d / 'config.json'}): the "
+                        "tokenizer belongs to another model; put this model's own back")
 
 
 # ---- resumable checkpoints -------------------------------------------------------------

@@ -104,7 +104,12 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
     need = 2 * cfg.train.batch_size * par.data_world * cfg.train.grad_accum
     if len(items) < need:
-        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least {need}")
+        fix = "add pairs or lower train.batch_size"
+        if len(usable) < len(pairs):
+            fix = (f"the other {len(pairs) - len(usable)} are longer than the model's context "
+                   f"of {model.cfg.seq_len} tokens: shorten them, or {fix}")
+        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least {need} "
+                        f"({fix})")
     train_items, val_items = split_heldout(items)
 
     def collate(batch):

@@ -22,7 +22,7 @@ from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer, load_model
 from scalelab.train.monitor import Monitor
 from scalelab.train.progress import Progress
-from scalelab.train.rundir import check_out, claim, restart_count, same_input
+from scalelab.train.rundir import check_out, claim, release, restart_count, same_input
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -366,3 +366,4 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
         at = done
     bar.close()
     mon.finish()
+    release(run.out)  # the run folder is written: another command may take it now

@@ -440,10 +440,15 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
                         f"ppo.samples_per_prompt {pc.samples_per_prompt}): {more}, or lower "
                         "ppo.rollout_batch or raise ppo.samples_per_prompt")
     if not oracle:  # before start_stage seeds: building it draws from the global RNG
-        reward_model, _, stats = load_reward_model(reward_dir)  # on the CPU until the mesh
+        reward_model, reward_tok, stats = load_reward_model(reward_dir)  # CPU until the mesh
         reward_model.requires_grad_(False)
     run, par, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
                                         reward=reward_dir)
+    if not oracle and reward_tok.hf.get_vocab() != tok.hf.get_vocab():
+        # it reads the policy's token ids: another vocabulary scores nonsense, or crashes
+        raise UserError(f"--reward {reward_dir}: its tokenizer is not the policy's "
+                        f"({policy_dir}): a reward model scores the policy's tokens, so train "
+                        "it from the policy (or its base) with `scalelab reward --base`")
     device = par.device
     total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

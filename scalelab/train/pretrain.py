@@ -27,7 +27,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import Run, fit, mean_loss
 from scalelab.train.losses import cross_entropy
-from scalelab.train.rundir import same_input
+from scalelab.train.rundir import claim, same_input
 
 
 def check_same_data(cfg: Config, saved: Path) -> None:
@@ -60,8 +60,10 @@ def check_same_model(cfg: Config, saved: Path) -> None:
                         "start a new run")
 
 
-def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
-    """Train the tokenizer and write token files once per run (reused on --resume)."""
+def prepare_data(cfg: Config, out: Path, reuse: bool, run: bool = True
+                 ) -> tuple[Tokenizer, Path]:
+    """Train the tokenizer and write token files once per run (reused on --resume).
+    run=False: `out` is no run folder but data shared by several (a sweep's)."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
     if reuse and tok_path.exists() and (data_dir / "meta.json").exists():
         check_same_data(cfg, out / "config.toml")
@@ -74,6 +76,8 @@ def prepare_data(cfg: Config, out: Path, reuse: bool) -> tuple[Tokenizer, Path]:
         tqdm.write(f"note: data.tokenizer_vocab is {cfg.data.tokenizer_vocab}, but this corpus "
                    f"supports only {tok.vocab_size} tokens (BPE ran out of pairs to merge); "
                    f"the tokenizer has {tok.vocab_size}")
+    if run:  # run.json before the first write: a run interrupted while writing its token
+        claim(out, "pretrain", reuse)  # files is still this command's own, to run again
     meta = write_token_files({"train": train, "val": val}, tok, data_dir)
     tok.save(tok_path)  # atomic (Tokenizer.save)
     tqdm.write(f"tokens: {meta['train']['tokens']:,} train, {meta['val']['tokens']:,} val")

@@ -56,6 +56,8 @@ def score_last(model: ScalarModel, seqs: torch.Tensor, lengths: torch.Tensor,
 
 def load_reward_model(model_dir: Path, device="cpu") -> tuple[ScalarModel, Tokenizer, dict]:
     d = Path(model_dir)
+    if not d.exists():
+        raise UserError(f"{d}: model folder not found")
     if not (d / "reward.json").is_file():
         hint = f"; did you mean {d / 'model'}?" if (d / "model" / "reward.json").is_file() \
             else " (give the model/ folder of a `scalelab reward` run)"
@@ -214,6 +216,9 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     if len(train_items) < step_rows:
         hint = ("raise reward.n_prompts" if rows_are_generated else
                 f"add pairs to {data_spec} or lower train.batch_size")
+        if len(encode_rows(rows, tok, 1 << 30, cfg.reward.min_margin)) > len(items):
+            hint = (f"the others have answers longer than the model's context of "
+                    f"{policy.cfg.seq_len} tokens: shorten them, or {hint}")
         raise UserError(f"only {len(items)} prompts with a preference; need at least "
                         f"{len(held) + step_rows} ({hint})")
     tqdm.write(f"reward data: {len(train_items)} prompts "

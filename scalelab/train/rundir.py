@@ -20,7 +20,52 @@ from pathlib import Path
 from scalelab.config import UserError
 from scalelab.io import atomic_write_json, read_json_if_any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: no run-folder lock)
+    fcntl = None
+
 MARKER = "run.json"
+
+
+class RunBusy(UserError):
+    """Another live command is writing the run folder: refused, and nothing of it removed."""
+
+
+_held: dict[Path, int] = {}  # run folders this process writes -> the locked folder's fd
+
+
+def hold(out: Path) -> None:
+    """Lock the run folder for as long as this process writes it (rank 0 only), so that a
+    second command on the same run (two --resume, say) is refused instead of interleaving
+    metrics and checkpoints. An flock on the folder itself: nothing is written, and the OS
+    drops it when the process ends, however it ends (kill -9 too). Call on a folder that
+    exists; a file system without flock goes unlocked."""
+    key = out.resolve()
+    if fcntl is None or key in _held or os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # a folder we may write but not read: left unlocked
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunBusy(f"--out {out}: another scalelab command is writing this run right now; "
+                      "wait for it to end (or stop it), or choose another --out") from None
+    except OSError:  # no flock here (some network file systems)
+        os.close(fd)
+        return
+    _held[key] = fd
+
+
+def release(out: Path | None = None) -> None:
+    """Let go of one run folder's lock (or all of them): its stage has finished."""
+    for key in [out.resolve()] if out is not None else list(_held):
+        fd = _held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -104,6 +149,8 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
     check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     owner = run_stage(out) if entries else None
+    if owner == stage:
+        hold(out)  # before anything of it is read, a second command on it is refused
     if owner is not None and owner != stage:
         fix = f"resume it with `scalelab {owner} ... --resume`" if resume \
             else "choose a new --out"
@@ -155,6 +202,7 @@ def claim(out: Path, stage: str, resume: bool) -> None:
     """check_out, then create the folder and record the stage (and torchrun job); idempotent."""
     check_out(out, stage, resume)
     out.mkdir(parents=True, exist_ok=True)
+    hold(out)
     if not resume and _started(out) and restarted_own_job(out):
         # our own job's attempt that died before its first checkpoint: start over (its
         # events.jsonl, with the stall or crash, is kept)
@@ -187,6 +235,10 @@ def forget_unstarted(out: Path, existed: bool) -> None:
     """A run that failed on bad input before training leaves nothing behind: remove what it
     wrote into its (new or empty) folder. Call only when is_fresh(out) held at the start."""
     if not out.is_dir() or _started(out):
+        return
+    try:
+        hold(out)  # another live command started in it meanwhile: its files, not ours
+    except RunBusy:
         return
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
