@@ -46,7 +46,7 @@ def stage_config(args: argparse.Namespace, preset: str | None = None) -> Config:
         path = saved
     if path is None:
         path = resolve_config_path(preset)
-    cfg = load_config(path, args.set, stage=args.command)
+    cfg = load_config(path, args.set, stage=args.command, own_run=path == saved)
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise UserError("--max-steps must be at least 1")

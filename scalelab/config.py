@@ -226,6 +226,29 @@ def check_stage_override(stage: str, section: str, key: str, where: str) -> None
     raise UserError(f"{where}: `scalelab {stage}` {why}")
 
 
+STAGE_INPUT = {"sft": "--data", "reward": "--data", "dpo": "--data", "ppo": "--prompts"}
+
+
+def check_stage_file(stage: str, data: dict[str, Any], where: str) -> None:
+    """A config file's [model] and [data] keys, which no post-training stage reads, are
+    refused as their --set forms are (check_stage_override), all named in one message.
+    Other stages' sections may stay: one file can serve a pipeline's stages in turn."""
+    unread = [s for s in ("model", "data") if s not in STAGE_READS[stage]
+              and isinstance(data.get(s), dict) and data[s]]
+    if not unread:
+        return
+    keys = ", ".join(f"{s}.{k}" for s in unread for k in data[s])
+    why = []
+    if "model" in unread:
+        why.append("the model's shape comes from the base model folder it starts from")
+    if "data" in unread:
+        why.append(f"its examples come from {STAGE_INPUT[stage]} and its tokenizer from the "
+                   "base model folder")
+    raise UserError(f"{where}: {keys}: `scalelab {stage}` does not read "
+                    f"{' or '.join(f'[{s}]' for s in unread)} ({'; '.join(why)}); delete "
+                    f"{'those sections' if len(unread) > 1 else 'that section'}")
+
+
 # Range rules for every number in a Config: BOUNDS (least, most, why) per key, fractions in
 # [0, 1]; every other int must be >= 0 and every float finite and >= 0.
 MIN_TOKENIZER_VOCAB = 263  # byte-level BPE: the 256 bytes + scalelab's 7 special tokens
@@ -369,12 +392,17 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                stage: str | None = None) -> Config:
+                stage: str | None = None, own_run: bool = False) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, in that order.
-    stage: the stage the config is for; an override it would ignore is an error."""
+    stage: the stage the config is for; an override it would ignore is an error, and so is
+    a file's [model] or [data] key, unless own_run: the file is the run's own config.toml
+    (saved with every section, read back on --resume)."""
     cfg = Config()
     if path is not None:
-        apply_dict(cfg, read_toml(Path(path)), str(path))
+        data = read_toml(Path(path))
+        if stage in STAGE_INPUT and not own_run:
+            check_stage_file(stage, data, str(path))
+        apply_dict(cfg, data, str(path))
     for item in overrides or []:
         name, sep, raw = item.partition("=")
         section, dot, key = name.strip().partition(".")

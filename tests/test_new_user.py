@@ -406,6 +406,39 @@ def test_config_mistakes(tmp_path, args, message):
         assert "tiny" in err and "small" in err
 
 
+STAGE_ARGS = {"sft": ["--base", "b", "--data", "builtin:tasks"],
+              "reward": ["--base", "b", "--data", "builtin:tasks"],
+              "dpo": ["--policy", "b", "--data", "prefs.jsonl"],
+              "ppo": ["--policy", "b", "--reward", "rm", "--prompts", "builtin:tasks"]}
+
+
+@pytest.mark.parametrize("stage", STAGE_ARGS)
+def test_a_post_training_config_with_model_or_data_is_refused(tmp_path, stage):
+    """[model] and [data] in a post-training --config were accepted and ignored (the model
+    comes from the base folder): now exit 2 naming each key, before anything is made."""
+    config = tmp_path / "my.toml"
+    config.write_text("[model]\nn_layer = 8\nd_model = 512\n\n[data]\nsource = \"c.txt\"\n\n"
+                      "[train]\nlr = 1e-4\n")
+    rc, out, err = cli(stage, *STAGE_ARGS[stage], "--out", str(tmp_path / "r"),
+                       "--config", str(config))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    assert str(config) in err and "model.n_layer, model.d_model, data.source" in err
+    assert "base model folder" in err
+    assert not (tmp_path / "r").exists()
+    config.write_text("[model]\nn_layer = 8\n[train]\nlr = 1e-4\n")  # [model] alone
+    rc, _, err = cli(stage, *STAGE_ARGS[stage], "--out", str(tmp_path / "r"),
+                     "--config", str(config))
+    assert rc == 2 and "model.n_layer: " in err and "[data]" not in err, err
+
+
+def test_resume_reads_the_runs_own_config_with_every_section(sft_run):
+    """A run's config.toml holds [model] and [data] too: --resume reads it without complaint."""
+    assert "[model]" in (sft_run / "config.toml").read_text()
+    rc, out, err = cli("sft", "--base", "unused", "--data", "builtin:tasks",
+                       "--out", str(sft_run), "--resume")
+    assert rc == 0 and "nothing to do" in out, err
+
+
 def test_status_json_into_a_closed_pipe(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "scalelab", "track", "status", "--json",
                              "--registry", str(tmp_path / "reg.db")],
