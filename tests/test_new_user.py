@@ -431,6 +431,23 @@ def test_a_post_training_config_with_model_or_data_is_refused(tmp_path, stage):
     assert rc == 2 and "model.n_layer: " in err and "[data]" not in err, err
 
 
+def test_a_labeler_with_nothing_to_label_is_refused(home, tmp_path):
+    """reward.labeler was silently unused with a reward --data file of pairs and with PPO on
+    the user's own prompts: exit 2 naming it, before any work."""
+    labeler = ["--set", "reward.labeler=my_raters:score"]
+    rc, out, err = cli("reward", "--base", "b", "--data", str(home / "prefs.jsonl"),
+                       "--out", str(tmp_path / "r"), *labeler)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    assert "reward.labeler = 'my_raters:score' has no effect" in err and "prefs.jsonl" in err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in WORDS))
+    rc, out, err = cli("ppo", "--policy", "b", "--reward", "rm", "--prompts", str(prompts),
+                       "--out", str(tmp_path / "p"), *labeler)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    assert "reward.labeler = 'my_raters:score' has no effect" in err and "prompts.jsonl" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
 def test_resume_reads_the_runs_own_config_with_every_section(sft_run):
     """A run's config.toml holds [model] and [data] too: --resume reads it without complaint."""
     assert "[model]" in (sft_run / "config.toml").read_text()

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from difflib import SequenceMatcher
 
-from scalelab.config import UserError
+from scalelab.config import RewardConfig, UserError
 
 Labeler = Callable[[object, str, bool], float]
 
@@ -63,3 +63,11 @@ def get_labeler(spec: str) -> Labeler:
                             f"{response[:60]!r}; it must return a finite number")
         return score
     return checked
+
+
+def refuse_unused(spec: str, given: str, why: str) -> None:
+    """reward.labeler set (to anything but the default) where nothing gets labelled is
+    refused, exit 2 before any work: a user who names a labeler expects it to score."""
+    if spec != RewardConfig.labeler:
+        raise UserError(f"reward.labeler = {spec!r} has no effect with {given}: {why}; "
+                        "drop reward.labeler")

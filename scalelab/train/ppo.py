@@ -32,7 +32,7 @@ from scalelab.model import ScalarModel, Transformer
 from scalelab.parallel.apply import parallelize, sync_and_clip
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.labelers import get_labeler
+from scalelab.train.labelers import get_labeler, refuse_unused
 from scalelab.train.loop import Step, fit, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.reward import load_reward_model, reward_scores
@@ -430,6 +430,9 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
     pc, tc = cfg.ppo, cfg.train
     texts, examples = load_prompts(prompts_spec, pc.n_prompts, pc.seed)  # bad input: fail early
     oracle = str(reward_dir) == "builtin:gold"  # the labeler itself as the reward: PPO's ceiling
+    if examples is None:
+        refuse_unused(cfg.reward.labeler, f"--prompts {prompts_spec}", "your prompts carry no "
+                      "reference answers for it to score (it scores builtin:tasks answers)")
     if oracle and examples is None:
         raise UserError("--reward builtin:gold scores task examples: use --prompts builtin:tasks")
     n_prompts = pc.rollout_batch // pc.samples_per_prompt  # different prompts per step

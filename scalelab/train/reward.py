@@ -34,7 +34,7 @@ from scalelab.model import ScalarModel, Transformer
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import load_model, save_full_model
-from scalelab.train.labelers import get_labeler
+from scalelab.train.labelers import get_labeler, refuse_unused
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.rundir import claim
 
@@ -190,6 +190,9 @@ def pair_accuracy(model: ScalarModel, batches: list) -> float:
 
 def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  resume: bool = False) -> Path:
+    if not is_builtin_tasks(data_spec, "--data"):  # before start_stage makes anything
+        refuse_unused(cfg.reward.labeler, f"--data {data_spec}", "the file's pairs are the "
+                      "preferences (a labeler ranks answers sampled for --data builtin:tasks)")
     run, par, policy, tok = start_stage(cfg, out, resume, "reward", base)
     device = par.device
 
