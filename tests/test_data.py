@@ -108,6 +108,22 @@ def test_corpus_folder_with_a_subfolder_named_like_a_file(tmp):
     assert read_documents(DataConfig(source=str(tmp))) == ["first", "second"]
 
 
+def test_corpus_folder_names_the_files_it_skips(tmp, capsys):
+    """A folder's .md/.csv files were skipped without a word: one line now says how many and
+    names the first few; a folder of .txt/.jsonl alone prints nothing."""
+    (tmp / "a.txt").write_text("first")
+    assert read_documents(DataConfig(source=str(tmp))) == ["first"]
+    assert capsys.readouterr().out == ""
+    for name in ("README.md", "b.md", "c.md", "d.csv"):
+        (tmp / name).write_text("not read")
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "e.md").write_text("not read")
+    assert read_documents(DataConfig(source=str(tmp))) == ["first"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and f"{tmp}: skipped 5 file(s)" in lines[0], lines
+    assert "README.md, b.md, c.md and 2 more" in lines[0]
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"text": "ok"}\n{"text": 5}\n', "b.jsonl:2"),
     ('{"text": "ok"}\nnot json\n', "b.jsonl:2: malformed JSON"),

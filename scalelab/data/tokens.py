@@ -41,10 +41,12 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     else:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in (".txt", ".jsonl") and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            read = [p.suffix.lower() in (".txt", ".jsonl") for p in found]
+            files = [p for p, r in zip(found, read) if r]
             if not files:
                 raise UserError(f"{path}: no .txt or .jsonl files in this folder")
+            note_skipped(path, [p for p, r in zip(found, read) if not r])
         elif path.is_file():
             files = [path]
         else:
@@ -54,6 +56,18 @@ def read_documents(cfg: DataConfig, source: str | None = None) -> list[str]:
     if not docs:
         raise UserError(f"{source}: the corpus is empty (no non-blank documents)")
     return docs
+
+
+def note_skipped(folder: Path, skipped: list[Path], shown: int = 3) -> None:
+    """One line naming the files of a corpus folder that are not read (a README.md, a .csv),
+    so a user who expected them in the corpus is told."""
+    if not skipped:
+        return
+    from tqdm import tqdm
+    names = ", ".join(str(p.relative_to(folder)) for p in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    tqdm.write(f"note: {folder}: skipped {len(skipped)} file(s) that are not .txt or .jsonl: "
+               f"{names}{more}")
 
 
 def split_text(text: str, how: str) -> list[str]:
