@@ -237,3 +237,26 @@ def test_packed_sft_rows_are_never_wider_than_the_padded_batch(tokenizer):
                                                                              padded.shape)
         assert x.size(0) * x.size(1) ** 2 <= padded.size(0) * padded.size(1) ** 2
         assert int((seg >= 0).sum()) == sum(len(a) for a, _ in batch)  # every token, once
+
+
+def test_sft_batches_keep_the_padded_layout_where_packing_saves_no_row(tokenizer):
+    """sft.pack packs a batch only where that saves a row: a batch of one conversation (batch
+    size 1, usual for big models on a GPU), or of conversations too long to share a row,
+    stays right-padded with no mask, which on CUDA keeps the flash kernel. The packed layout
+    of such a batch would be the same tokens plus a mask."""
+    from scalelab.data.batches import pad_right
+    from scalelab.train.losses import IGNORE
+    from scalelab.train.sft import encode_conversations, sft_batch, task_conversations
+
+    items = encode_conversations(task_conversations(32, seed=1)[0], tokenizer, 128)
+    longest = max(items, key=lambda it: len(it[0]))
+    long_ones = [it for it in items if 2 * len(it[0]) > len(longest[0])][:3]
+    assert len(long_ones) >= 2
+    for batch in ([items[0]], long_ones):
+        out = sft_batch(batch, 128, tokenizer.pad_id, packing=True)
+        assert len(out) == 2  # (inputs, targets): no positions or segments, so no mask
+        assert torch.equal(out[0], pad_right([x for x, _ in batch], tokenizer.pad_id))
+        assert torch.equal(out[1], pad_right([y for _, y in batch], IGNORE))
+    x, _, _, seg = sft_batch(items, 128, tokenizer.pad_id, packing=True)  # a mixed batch packs
+    assert x.size(0) < len(items) and int(seg.max()) >= 1
+    assert len(sft_batch(items, 128, tokenizer.pad_id, packing=False)) == 2

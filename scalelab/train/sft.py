@@ -55,6 +55,18 @@ def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
     return out
 
 
+def sft_batch(items: list[tuple[list[int], list[int]]], width: int, pad_id: int,
+              packing: bool) -> tuple[torch.Tensor, ...]:
+    """A batch of (inputs, targets) items: packed (`pack`) where packing saves a row, else
+    right-padded. A packed batch of one item per row would differ from the padded one only
+    by its mask, which on CUDA rules out the flash kernel (batch size 1, say)."""
+    if packing:
+        packed = pack(items, width, pad_id, IGNORE)
+        if len(packed[0]) < len(items):
+            return packed
+    return pad_right([x for x, _ in items], pad_id), pad_right([y for _, y in items], IGNORE)
+
+
 def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mean loss over the assistant tokens of a batch: (inputs, targets) right-padded, or
     packed (inputs, targets, positions, segments)."""
@@ -88,10 +100,7 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     train_items, val_items = split_heldout(encoded)
 
     def collate(items):
-        if sc.pack:
-            return pack(items, model.cfg.seq_len, tok.pad_id, IGNORE)
-        return pad_right([i for i, _ in items], tok.pad_id), pad_right([t for _, t in items],
-                                                                         IGNORE)
+        return sft_batch(items, model.cfg.seq_len, tok.pad_id, sc.pack)
     tc = cfg.train
     step_rows = tc.batch_size * par.data_world * tc.grad_accum
     if len(train_items) < step_rows:
