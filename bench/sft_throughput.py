@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from scalelab.config import load_config, resolve_config_path
-from scalelab.data.batches import pack, pad_right
+from scalelab.data.batches import pack
 from scalelab.data.world import generate_documents
 from scalelab.hardware import autocast, pick_device
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.loop import loss_step, make_optimizer
 from scalelab.train.losses import IGNORE
-from scalelab.train.sft import encode_conversations, masked_loss, task_conversations
+from scalelab.train.sft import encode_conversations, masked_loss, sft_batch, task_conversations
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, write_json  # noqa: E402
@@ -68,8 +68,7 @@ def main() -> None:
     items = encode_conversations(task_conversations(n, seed=0, chatty_fraction=0.3)[0], tok, T)
     batches = [items[i:i + B] for i in range(0, len(items) - B + 1, B)]
     collate = {"packed": lambda b: pack(b, T, tok.pad_id, IGNORE),
-               "padded": lambda b: (pad_right([x for x, _ in b], tok.pad_id),
-                                    pad_right([y for _, y in b], IGNORE))}
+               "padded": lambda b: sft_batch(b, T, tok.pad_id, packing=False)}
     data = {k: [tuple(t.to(device) for t in f(b)) for b in batches] for k, f in collate.items()}
     # One compiled function per layout, as `scalelab sft` has one: a shared one would
     # recompile at every switch between the two and soon give up compiling.
