@@ -54,6 +54,8 @@ def main() -> None:
                    help="experiment: a torch._inductor.config setting for the compiled step")
     p.add_argument("--profile", action="store_true",
                    help="also profile one call of scalelab's rollouts: the kernels per step")
+    p.add_argument("--systems", default="scalelab,scalelab_uncompiled,scalelab_no_graphs,hf_static",
+                   help="comma list of the systems to time (experiments: scalelab alone)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per system")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -94,8 +96,16 @@ def main() -> None:
         if compile:
             systems["scalelab_uncompiled"] = scalelab_run(True)
         systems["scalelab_no_graphs"] = scalelab_run(False)
+    wanted = {s.strip() for s in args.systems.split(",") if s.strip()}
+    if unknown := wanted - {*systems, "scalelab_uncompiled", "scalelab_no_graphs", "hf_static"}:
+        p.error(f"--systems: unknown {sorted(unknown)}")
+    if "scalelab" not in wanted:
+        p.error("--systems: scalelab is the one every run times")
+    systems = {n: run for n, run in systems.items() if n in wanted}
     unavailable: dict[str, str] = {}
     try:
+        if "hf_static" not in wanted:
+            raise LookupError("not asked for (--systems)")
         peer = hf_peer(mc).to(device=device, dtype=dtype).eval()
         ids, attn = prompts.to(device), torch.ones_like(prompts).to(device)
 

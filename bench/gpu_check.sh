@@ -66,7 +66,7 @@ PY
 
 # name, script, seconds allowed (times $scale on CPU), extra arguments. The checks are the
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
-# the generate run also profiles the kernels of one call. The experiments are candidate
+# the generate and train runs also profile the kernels of one call / step. The experiments are candidate
 # speed-ups not adopted yet, each to compare with its check of the same run or an earlier
 # one: inductor's coordinate-descent tuning and freezing (weights as constants: it lets
 # inductor concatenate the q/k/v and gate/up matmuls, which PPO could only have by fusing
@@ -79,11 +79,11 @@ PY
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
-  "train train 120"
+  "train train 120 --profile"
 )
 extras=(
-  "generate_cdt generate 150 --inductor coordinate_descent_tuning=True"
-  "generate_freezing generate 110 --inductor freezing=True"
+  "generate_cdt generate 150 --systems scalelab --inductor coordinate_descent_tuning=True"
+  "generate_freezing generate 110 --systems scalelab --inductor freezing=True"
   "train_cudnn train 60 --peers scalelab --sdpa cudnn --steps 10 --warmup 3"
   "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
   "train_batch12 train 60 --peers scalelab --batch-size 12 --steps 10 --warmup 3"

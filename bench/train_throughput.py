@@ -37,6 +37,8 @@ from common import (  # noqa: E402
     device_name,
     force_chunked_losses,
     hf_peer,
+    kernel_profile,
+    print_profile,
     sdpa_backend,
     set_inductor,
     write_json,
@@ -94,6 +96,8 @@ def main() -> None:
                    help="tiny shapes and 3 steps: checks that everything runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave)")
     p.add_argument("--peers", default="scalelab,hf", help="comma list of: scalelab, hf")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of scalelab's: the kernels that took the time")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--loss", default="auto", choices=["auto", "chunked", *EXPERIMENTS],
                    help="scalelab's loss: auto = what pretrain runs (chunked eagerly, plain "
@@ -200,6 +204,9 @@ def main() -> None:
         print("\nscalelab / hf tokens/s: n/a")
 
     extra = {}
+    if args.profile and "scalelab" in steps:
+        extra["profile"] = kernel_profile(steps["scalelab"], device, per=1, top=25)
+        print_profile(extra["profile"], "step")
     if "hf" in peers:
         import transformers
         extra["transformers"] = transformers.__version__
