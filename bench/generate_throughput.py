@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     hf_peer,
     kernel_profile,
     print_profile,
+    sdpa_backend,
     set_inductor,
     write_json,
 )
@@ -50,6 +51,12 @@ def main() -> None:
                         "CUDA, as PPO does with train.compile = auto)")
     p.add_argument("--compile-mode", help="experiment: torch.compile mode of the decode step "
                    "(e.g. max-autotune-no-cudagraphs; the CUDA graph is scalelab's own)")
+    p.add_argument("--no-fuse", action="store_true", help="experiment: decode with the "
+                   "model's own q/k/v and gate/up weights (no FusedProjections)")
+    p.add_argument("--decode-attention", choices=["sdpa", "sums"], default="sdpa",
+                   help="experiment: scalelab.model.DECODE_ATTENTION for the compiled step")
+    p.add_argument("--sdpa", choices=["cudnn", "flash", "efficient", "math"],
+                   help="experiment: the only attention backend scalelab's rollouts may use")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="experiment: a torch._inductor.config setting for the compiled step")
     p.add_argument("--profile", action="store_true",
@@ -62,10 +69,13 @@ def main() -> None:
     args = p.parse_args()
     if args.threads or args.smoke:  # tiny shapes: one thread wastes no time in barriers
         torch.set_num_threads(args.threads or 1)
-    if args.compile_mode:
-        import scalelab.generate
-        scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
     inductor = set_inductor(args.inductor)
+    import scalelab.generate
+    import scalelab.model
+    if args.compile_mode:
+        scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
+    scalelab.generate.FUSE = not args.no_fuse
+    scalelab.model.DECODE_ATTENTION = args.decode_attention
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -84,8 +94,9 @@ def main() -> None:
 
     def scalelab_run(graphs: bool, compile: bool = False) -> Callable[[], int]:
         def run() -> int:
-            out = generate(ours, prompt_lists, N, pad_id=0, eos_id=None, temperature=1.0,
-                           generator=gen, graphs=graphs, compile=compile)
+            with sdpa_backend(args.sdpa):
+                out = generate(ours, prompt_lists, N, pad_id=0, eos_id=None, temperature=1.0,
+                               generator=gen, graphs=graphs, compile=compile)
             return sum(len(o) for o in out)
         return run
 
@@ -185,6 +196,8 @@ def main() -> None:
                config={"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
                        "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
                        "compile": compile, "compile_mode": args.compile_mode,
+                       "fuse": not args.no_fuse, "decode_attention": args.decode_attention,
+                       "sdpa": args.sdpa,
                        "inductor": inductor},
                rows=rows, tokens_per_s=tok_s, warmup_s=warm_s, seconds=times,
                peer_unavailable=unavailable, profile=prof, transformers=hf_version)

@@ -66,36 +66,33 @@ PY
 
 # name, script, seconds allowed (times $scale on CPU), extra arguments. The checks are the
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
-# the generate and train runs also profile the kernels of one call / step. The experiments are candidate
-# speed-ups not adopted yet, each to compare with its check of the same run or an earlier
-# one: inductor's coordinate-descent tuning and freezing (weights as constants: it lets
-# inductor concatenate the q/k/v and gate/up matmuls, which PPO could only have by fusing
-# those weights in the model) for the decode step; cuDNN attention, coordinate-descent
-# tuning, micro-batch 12 (nanoGPT's shape) and the chunked loss for pretraining; PPO with
-# the chunked token log-probs under compile (the path of the 151 episodes/s measured on
-# 2026-11-28; compiled PPO now takes the plain log-softmax, unmeasured); and SFT packed vs
-# padded (packing is adopted, measured on CPU only: on CUDA its masked attention cannot use
-# the flash kernel).
+# the generate and train runs also profile the kernels of one call / step. The experiments
+# time scalelab alone, each to compare with its check of the same run: the decode step
+# without FusedProjections, with attention as sums (`one_query_attention`) or SDPA's
+# efficient kernel instead of the cuDNN one torch picks, with inductor's coordinate-descent
+# tuning; the same tuning for pretraining; PPO alone (no TRL: quicker) and with the chunked
+# token log-probs under compile; and SFT packed vs padded (packing is adopted, measured on
+# CPU only: on CUDA its masked attention cannot use the flash kernel).
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
   "train train 120 --profile"
 )
 extras=(
-  "generate_cdt generate 150 --systems scalelab --inductor coordinate_descent_tuning=True"
-  "generate_freezing generate 110 --systems scalelab --inductor freezing=True"
-  "train_cudnn train 60 --peers scalelab --sdpa cudnn --steps 10 --warmup 3"
-  "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
-  "train_batch12 train 60 --peers scalelab --batch-size 12 --steps 10 --warmup 3"
-  "train_chunked train 60 --peers scalelab --loss chunked --steps 10 --warmup 3"
-  "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
+  "generate_sums generate 90 --systems scalelab --decode-attention sums"
+  "generate_nofuse generate 90 --systems scalelab --no-fuse"
+  "generate_efficient generate 90 --systems scalelab --sdpa efficient"
+  "ppo_alone ppo 120 --peers scalelab"
   "sft sft 120"
+  "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
+  "generate_cdt generate 150 --systems scalelab --inductor coordinate_descent_tuning=True"
+  "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
 )
 if [ -n "$experiments" ]; then runs=("${extras[@]}"); else runs=("${checks[@]}"); fi
 status=0
 for line in "${runs[@]}"; do
   read -r name bench limit extra <<<"$line"
-  [ "$mode" = --cpu ] && extra=${extra/--sdpa cudnn/--sdpa math}  # cuDNN: GPUs only
+  [ "$mode" = --cpu ] && extra=${extra/--sdpa efficient/--sdpa math}  # CUDA kernels
   [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]] && continue
   echo "== $name ($(date +%T))"
   # shellcheck disable=SC2086  # $extra is a list of arguments
@@ -126,7 +123,8 @@ for f in sorted(out.glob("*.json")):
     for r in data.get("rows", []):
         val, peer, ratio = (r.get(k) for k in ("value", "peer_value", "ratio"))
         num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-        print(f"{r['name'][:46]:<46} {num(val, '.4g'):>12} {num(peer, '.4g'):>12} "
+        name = r["name"].replace("rollouts new tok/s: ", f"{f.stem}: ")
+        print(f"{name[:46]:<46} {num(val, '.4g'):>12} {num(peer, '.4g'):>12} "
               f"{num(ratio, '.2f'):>7}  {r.get('unit', '')}  [{r.get('peer', '')}]")
 PY
 exit $status

@@ -39,6 +39,9 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 # Devices whose fused attention kernels take a mask but not grouped-query heads (see
 # Attention.forward); on CPU the flash kernel takes both.
 EXPAND_KV_UNDER_MASK = ("cuda",)
+# How compiled decoding (one query per row, with a mask) attends: "sdpa" or "sums"
+# (`one_query_attention`). An experiment, measured by bench/generate_throughput.py.
+DECODE_ATTENTION = "sdpa"
 
 
 def resolve(cfg: ModelConfig) -> ModelConfig:
@@ -153,6 +156,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
+def one_query_attention(q, k, v, mask):
+    """Attention for one query per row (decoding), as products and sums that torch.compile
+    turns into reductions reading the cache once; the fused SDPA kernels are built for
+    blocks of queries and waste most of their work on one. Eagerly it would hold a
+    (B, heads, keys, head_dim) product: compiled use only. q: (B, H, 1, D); k, v: (B, KV,
+    S, D); mask: True where a query may attend, broadcastable to (B, 1, 1, S)."""
+    B, H, _, D = q.shape
+    kv = k.size(1)
+    qf = q.float().view(B, kv, H // kv, 1, D) * D ** -0.5
+    scores = (qf * k.float()[:, :, None]).sum(-1)  # (B, KV, G, S)
+    scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, 1, -1), float("-inf"))
+    probs = scores.softmax(-1)
+    y = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, KV, G, D)
+    return y.reshape(B, H, 1, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -164,13 +183,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.fused: tuple | None = None  # (weight, bias, sizes) of wq|wk|wv, while decoding
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
+        if self.fused is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:  # a decode engine's copy of the three weights as one: one matmul, not three
+            weight, bias, sizes = self.fused
+            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
         # -1 instead of n_head: under tensor parallelism this rank holds only some heads.
-        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(q.view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = q.size(1) != k.size(1)
@@ -179,6 +204,8 @@ class Attention(nn.Module):
             # lengths T is symbolic, and SDPA refuses a symbolic bool: a graph break per layer.)
             causal = cache is None or T > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        elif T == 1 and DECODE_ATTENTION == "sums" and torch.compiler.is_compiling():
+            y = one_query_attention(q, k, v, mask)
         else:
             if gqa and T > 1 and q.device.type in EXPAND_KV_UNDER_MASK:
                 # A mask (padding, packing) rules out flash, and torch's docs say the other
@@ -200,10 +227,15 @@ class MLP(nn.Module):
             raise ValueError(f"model.mlp must be 'swiglu' or 'relu2', got {cfg.mlp!r}")
         self.w_up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.w_down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.fused: tuple | None = None  # (weight, None, sizes) of w_gate|w_up, while decoding
 
     def forward(self, x):
         if self.kind == "swiglu":
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            if self.fused is None:
+                gate, up = self.w_gate(x), self.w_up(x)
+            else:  # see Attention.fused
+                gate, up = F.linear(x, self.fused[0]).split(self.fused[2], dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.relu(self.w_up(x)).square())
 
 

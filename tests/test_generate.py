@@ -92,6 +92,30 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
 
 
+def test_fused_projections_follow_the_weights_between_calls(monkeypatch):
+    # A kept engine decodes with its own copy of each layer's q|k|v and gate|up weights (one
+    # matmul instead of three, or two). PPO changes the weights in place between rollouts:
+    # every call must copy them in again, and the model must train on its own weights after.
+    model = small_model(n_kv_head=2)
+    kw = dict(temperature=1.1, top_p=0.95, max_new_tokens=20)
+    monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
+    monkeypatch.setattr(Rollout, "prepare",
+                        lambda self, model, use_graph, compile: setattr(
+                            self, "graph", EagerGraph(self, model)))
+    first = run(model, **kw)
+    engine, = gen._ENGINES[model].values()
+    assert engine.projections is not None and first == run(model, use_cache=False, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    second = run(model, **kw)
+    assert list(gen._ENGINES[model].values()) == [engine]  # the same engine, reused
+    assert second == run(model, use_cache=False, **kw) and second != first
+    assert all(b.attn.fused is None and b.mlp.fused is None for b in model.blocks)
+    model(torch.tensor([PROMPTS[0]])).sum().backward()
+    assert model.blocks[0].attn.wk.weight.grad.abs().sum() > 0
+
+
 def test_compiled_step_gives_the_same_tokens():
     # compile=True compiles the whole decode step for real (inductor's CPU backend; on CUDA
     # the same graph becomes Triton kernels and is then recorded), once per bucket: the
