@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
-#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (about 6 min)
+#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (7-13 min: more than one lease can hold with the checks)
 #   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
@@ -68,20 +68,20 @@ PY
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
 # the generate and train runs also profile the kernels of one call / step. The experiments
 # time scalelab alone, each to compare with its check of the same run: the decode step
-# without FusedProjections, with attention as sums (`one_query_attention`) or SDPA's
-# efficient kernel instead of the cuDNN one torch picks, with inductor's coordinate-descent
-# tuning; the same tuning for pretraining; PPO alone (no TRL: quicker) and with the chunked
-# token log-probs under compile; and SFT packed vs padded (packing is adopted, measured on
-# CPU only: on CUDA its masked attention cannot use the flash kernel).
+# without FusedProjections (the baseline of that change) and with inductor's coordinate-
+# descent tuning; the same tuning for pretraining; PPO alone (no TRL: quicker) and with the
+# chunked token log-probs under compile; and SFT packed vs padded (packing is adopted,
+# measured on CPU only: on CUDA its masked attention cannot use the flash kernel). Tried and
+# not adopted (bench/results/gpu_check-h200-2026-11-28b): decode attention as plain sums, or
+# SDPA's efficient kernel, instead of the cuDNN one torch picks; cuDNN for pretraining (it is
+# torch's pick already); inductor's freezing (weights as constants: stale once PPO trains).
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
   "train train 120 --profile"
 )
 extras=(
-  "generate_sums generate 90 --systems scalelab --decode-attention sums"
   "generate_nofuse generate 90 --systems scalelab --no-fuse"
-  "generate_efficient generate 90 --systems scalelab --sdpa efficient"
   "ppo_alone ppo 120 --peers scalelab"
   "sft sft 120"
   "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
@@ -92,7 +92,6 @@ if [ -n "$experiments" ]; then runs=("${extras[@]}"); else runs=("${checks[@]}")
 status=0
 for line in "${runs[@]}"; do
   read -r name bench limit extra <<<"$line"
-  [ "$mode" = --cpu ] && extra=${extra/--sdpa efficient/--sdpa math}  # CUDA kernels
   [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]] && continue
   echo "== $name ($(date +%T))"
   # shellcheck disable=SC2086  # $extra is a list of arguments

@@ -34,7 +34,7 @@ COMPILE_OPTIONS: dict = {}  # extra torch.compile arguments for the decode step 
 FUSE = True  # decode with FusedProjections where they fit (False: an experiment's baseline)
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
 _MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
-FUSE_MAX_BYTES = 2 << 30  # larger copies of the projection weights are not made (see Fused)
+FUSE_MAX_BYTES = 2 << 30  # models whose blocks weigh more decode unfused (see FusedProjections)
 
 
 def left_pad(prompts: list[list[int]], length: int, pad_id: int, rows: int | None = None
@@ -107,10 +107,11 @@ class FusedProjections:
     """A decode engine's copy of each layer's wq|wk|wv and w_gate|w_up weights, each set as
     one matrix (in the autocast dtype, if any), so a decode step runs one matmul where the
     model runs three, or two. At a rollout's batch these matmuls are small and each costs
-    about its launch: on an H200 this was worth ~13% of the step. `active` copies the live
+    about its launch: on an H200, 87.5k new tok/s against 66.7k without (GPT-2 124M shape,
+    bench/results/gpu_check-h200-2026-11-28b); on CPU, no change. `active` copies the live
     weights in (PPO changes them between rollouts) and has the model use the copy until it
-    ends. Made only for plain (not sharded) weights, and only while the copy stays under
-    FUSE_MAX_BYTES: past that the matmuls are large and the memory better spent."""
+    ends. Made only for plain (not sharded) weights, and only for models whose blocks weigh
+    at most FUSE_MAX_BYTES: past that the matmuls are large and the memory better spent."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
         self.targets = []  # (module whose .fused is set, the nn.Linear it stands for)
@@ -118,12 +119,13 @@ class FusedProjections:
             self.targets.append((block.attn, [block.attn.wq, block.attn.wk, block.attn.wv]))
             if block.mlp.kind == "swiglu":
                 self.targets.append((block.mlp, [block.mlp.w_gate, block.mlp.w_up]))
-        self.fused = []
+        self.fused = []  # (weight, bias or None, output sizes): filled by `active`
         for _, linears in self.targets:
-            weight = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)
-            bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin
-                                                                   in linears]).to(dtype)
-            self.fused.append((weight, bias, [lin.weight.size(0) for lin in linears]))
+            sizes = [lin.weight.size(0) for lin in linears]
+            w = linears[0].weight
+            weight = w.new_empty(sum(sizes), w.size(1), dtype=dtype)
+            bias = None if linears[0].bias is None else w.new_empty(sum(sizes), dtype=dtype)
+            self.fused.append((weight, bias, sizes))
 
     @staticmethod
     def fits(model: Transformer) -> bool:

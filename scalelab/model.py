@@ -39,9 +39,6 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 # Devices whose fused attention kernels take a mask but not grouped-query heads (see
 # Attention.forward); on CPU the flash kernel takes both.
 EXPAND_KV_UNDER_MASK = ("cuda",)
-# How compiled decoding (one query per row, with a mask) attends: "sdpa" or "sums"
-# (`one_query_attention`). An experiment, measured by bench/generate_throughput.py.
-DECODE_ATTENTION = "sdpa"
 
 
 def resolve(cfg: ModelConfig) -> ModelConfig:
@@ -156,22 +153,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
-def one_query_attention(q, k, v, mask):
-    """Attention for one query per row (decoding), as products and sums that torch.compile
-    turns into reductions reading the cache once; the fused SDPA kernels are built for
-    blocks of queries and waste most of their work on one. Eagerly it would hold a
-    (B, heads, keys, head_dim) product: compiled use only. q: (B, H, 1, D); k, v: (B, KV,
-    S, D); mask: True where a query may attend, broadcastable to (B, 1, 1, S)."""
-    B, H, _, D = q.shape
-    kv = k.size(1)
-    qf = q.float().view(B, kv, H // kv, 1, D) * D ** -0.5
-    scores = (qf * k.float()[:, :, None]).sum(-1)  # (B, KV, G, S)
-    scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, 1, -1), float("-inf"))
-    probs = scores.softmax(-1)
-    y = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, KV, G, D)
-    return y.reshape(B, H, 1, D).to(q.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -204,8 +185,6 @@ class Attention(nn.Module):
             # lengths T is symbolic, and SDPA refuses a symbolic bool: a graph break per layer.)
             causal = cache is None or T > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-        elif T == 1 and DECODE_ATTENTION == "sums" and torch.compiler.is_compiling():
-            y = one_query_attention(q, k, v, mask)
         else:
             if gqa and T > 1 and q.device.type in EXPAND_KV_UNDER_MASK:
                 # A mask (padding, packing) rules out flash, and torch's docs say the other

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from scalelab.config import ModelConfig
 from scalelab.generate import generate
-from scalelab.model import LOGICAL_AXES, KVCache, Transformer, one_query_attention
+from scalelab.model import LOGICAL_AXES, KVCache, Transformer
 from scalelab.parallel.rules import param_key
 
 
@@ -156,14 +156,3 @@ def test_masked_grouped_query_attention_equals_its_multi_head_twin(monkeypatch, 
     a[valid].sum().backward()
     assert gqa.blocks[0].attn.wk.weight.grad.abs().sum() > 0
 
-
-def test_one_query_attention_equals_sdpa_with_grouped_heads_and_a_mask():
-    # The decode-step form of attention (products and sums, for torch.compile) against
-    # torch's SDPA: 8 query heads over 2 key/value heads, keys hidden per row.
-    torch.manual_seed(0)
-    q = torch.randn(3, 8, 1, 16)
-    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
-    mask = torch.rand(3, 1, 1, 20) < 0.6
-    mask[:, ..., 0] = True  # every row sees at least one key
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(one_query_attention(q, k, v, mask), want)
