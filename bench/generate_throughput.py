@@ -53,6 +53,8 @@ def main() -> None:
                    "(e.g. max-autotune-no-cudagraphs; the CUDA graph is scalelab's own)")
     p.add_argument("--no-fuse", action="store_true", help="experiment: decode with the "
                    "model's own q/k/v and gate/up weights (no FusedProjections)")
+    p.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
+                   help="experiment: scalelab.model.DECODE_ATTENTION for the compiled step")
     p.add_argument("--sdpa", choices=["cudnn", "flash", "efficient", "math"],
                    help="experiment: the only attention backend scalelab's rollouts may use")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -69,9 +71,11 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
     inductor = set_inductor(args.inductor)
     import scalelab.generate
+    import scalelab.model
     if args.compile_mode:
         scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
     scalelab.generate.FUSE = not args.no_fuse
+    scalelab.model.DECODE_ATTENTION = args.decode_attention
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -192,7 +196,8 @@ def main() -> None:
                config={"model": vars(mc), "batch": B, "prompt": P, "new_tokens": N,
                        "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
                        "compile": compile, "compile_mode": args.compile_mode,
-                       "fuse": not args.no_fuse, "sdpa": args.sdpa,
+                       "fuse": not args.no_fuse, "decode_attention": args.decode_attention,
+                       "sdpa": args.sdpa,
                        "inductor": inductor},
                rows=rows, tokens_per_s=tok_s, warmup_s=warm_s, seconds=times,
                peer_unavailable=unavailable, profile=prof, transformers=hf_version)

@@ -68,6 +68,7 @@ PY
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
 # the generate and train runs also profile the kernels of one call / step. The experiments
 # time scalelab alone, each to compare with its check of the same run: the decode step
+# attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION = "flex"),
 # without FusedProjections (the baseline of that change) and with inductor's coordinate-
 # descent tuning; the same tuning for pretraining; PPO alone (no TRL: quicker) and with the
 # chunked token log-probs under compile; and SFT packed vs padded (packing is adopted,
@@ -81,6 +82,7 @@ checks=(
   "train train 120 --profile"
 )
 extras=(
+  "generate_flex generate 90 --systems scalelab --decode-attention flex"
   "generate_nofuse generate 90 --systems scalelab --no-fuse"
   "ppo_alone ppo 120 --peers scalelab"
   "sft sft 120"

@@ -110,8 +110,9 @@ class FusedProjections:
     about its launch: on an H200, 87.5k new tok/s against 66.7k without (GPT-2 124M shape,
     bench/results/gpu_check-h200-2026-11-28b); on CPU, no change. `active` copies the live
     weights in (PPO changes them between rollouts) and has the model use the copy until it
-    ends. Made only for plain (not sharded) weights, and only for models whose blocks weigh
-    at most FUSE_MAX_BYTES: past that the matmuls are large and the memory better spent."""
+    ends. Made only for models whose blocks weigh at most FUSE_MAX_BYTES: past that the
+    matmuls are large and the memory better spent. (A sharded model never gets here: PPO
+    on a mesh samples from a whole copy, since decoding needs whole heads.)"""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
         self.targets = []  # (module whose .fused is set, the nn.Linear it stands for)
@@ -129,12 +130,8 @@ class FusedProjections:
 
     @staticmethod
     def fits(model: Transformer) -> bool:
-        from torch.distributed.tensor import DTensor
-
-        linears = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        return size <= FUSE_MAX_BYTES and not any(isinstance(m.weight, DTensor)
-                                                  for m in linears)
+        return sum(p.numel() * p.element_size() for p in model.blocks.parameters()
+                   ) <= FUSE_MAX_BYTES
 
     @contextlib.contextmanager
     def active(self):

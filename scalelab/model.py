@@ -37,8 +37,13 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 
 
 # Devices whose fused attention kernels take a mask but not grouped-query heads (see
-# Attention.forward); on CPU the flash kernel takes both.
+# Attention.forward); on CPU the flash kernel takes both. On an H200 (torch 2.11) SDPA's
+# efficient kernel refused masked GQA, cuDNN's took it.
 EXPAND_KV_UNDER_MASK = ("cuda",)
+# How a compiled decode step (one query per row, a mask over the cache) attends: "sdpa", or
+# "flex", FlexAttention's decoding kernel (split over the keys), an experiment not yet timed
+# on a GPU: SDPA's pick there, cuDNN's kernel, is built for blocks of queries.
+DECODE_ATTENTION = "sdpa"
 
 
 def resolve(cfg: ModelConfig) -> ModelConfig:
@@ -153,6 +158,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
+def flex_decode(q, k, v, mask):
+    """One query per row through FlexAttention (compiled use only). q: (B, H, 1, D); k, v:
+    (B, KV, S, D); mask: bool, True where the query may attend, broadcastable to (B, 1, 1, S)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    ok = mask.expand(q.size(0), 1, 1, k.size(2))
+
+    def hide(score, b, h, q_idx, kv_idx):
+        return torch.where(ok[b, 0, 0, kv_idx], score, float("-inf"))
+    return flex_attention(q, k, v, score_mod=hide, enable_gqa=q.size(1) != k.size(1))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -185,6 +202,8 @@ class Attention(nn.Module):
             # lengths T is symbolic, and SDPA refuses a symbolic bool: a graph break per layer.)
             causal = cache is None or T > 1
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        elif T == 1 and DECODE_ATTENTION == "flex" and torch.compiler.is_compiling():
+            y = flex_decode(q, k, v, mask)
         else:
             if gqa and T > 1 and q.device.type in EXPAND_KV_UNDER_MASK:
                 # A mask (padding, packing) rules out flash, and torch's docs say the other

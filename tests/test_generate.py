@@ -116,11 +116,14 @@ def test_fused_projections_follow_the_weights_between_calls(monkeypatch):
     assert model.blocks[0].attn.wk.weight.grad.abs().sum() > 0
 
 
-def test_compiled_step_gives_the_same_tokens():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_step_gives_the_same_tokens(attention, monkeypatch):
     # compile=True compiles the whole decode step for real (inductor's CPU backend; on CUDA
     # the same graph becomes Triton kernels and is then recorded), once per bucket: the
     # second call (other prompts, same bucket) reuses it. The eager engine it is compared
-    # with equals the full-recompute reference (tests above).
+    # with equals the full-recompute reference (tests above). "flex": the decode step's
+    # attention through FlexAttention (model.DECODE_ATTENTION), grouped heads included.
+    monkeypatch.setattr("scalelab.model.DECODE_ATTENTION", attention)
     model = small_model()
     limit = model.cfg.vocab_size - 3  # as for a padded vocabulary: a slice inside the graph
     kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30, vocab_limit=limit)
