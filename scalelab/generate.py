@@ -11,7 +11,9 @@ and samples inside the step. The host only replays steps and looks at `done` eve
 bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eagerly. With
 `compile=True` the whole step goes through torch.compile before it is recorded, so the graph
 replays fewer, fused kernels per layer (rms_norm, rotary embedding, cache write, residual
-adds and SwiGLU around the matmuls; sampling) instead of ~30 small ones.
+adds and SwiGLU around the matmuls; sampling) instead of ~30 small ones. Each layer's q/k/v
+and gate/up matmuls run as one each, from a copy of their weights made at every call
+(`FusedProjections`).
 
 Sampling is Gumbel-max (see `sample_next`), with the uniform noise drawn from `generator`
 before each step. `vocab_limit` (the tokenizer's real vocabulary size) keeps the ids of a

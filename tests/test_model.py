@@ -155,4 +155,3 @@ def test_masked_grouped_query_attention_equals_its_multi_head_twin(monkeypatch, 
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     a[valid].sum().backward()
     assert gqa.blocks[0].attn.wk.weight.grad.abs().sum() > 0
-
