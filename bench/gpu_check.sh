@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
-#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (7-13 min: more than one lease can hold with the checks)
+#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (5-12 min)
 #   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
@@ -67,15 +67,15 @@ PY
 # name, script, seconds allowed (times $scale on CPU), extra arguments. The checks are the
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
 # the generate and train runs also profile the kernels of one call / step. The experiments
-# time scalelab alone, each to compare with its check of the same run: the decode step
-# attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION = "flex"),
-# without FusedProjections (the baseline of that change) and with inductor's coordinate-
-# descent tuning; the same tuning for pretraining; PPO alone (no TRL: quicker) and with the
-# chunked token log-probs under compile; and SFT packed vs padded (packing is adopted,
-# measured on CPU only: on CUDA its masked attention cannot use the flash kernel). Tried and
-# not adopted (bench/results/gpu_check-h200-2026-11-28b): decode attention as plain sums, or
-# SDPA's efficient kernel, instead of the cuDNN one torch picks; cuDNN for pretraining (it is
-# torch's pick already); inductor's freezing (weights as constants: stale once PPO trains).
+# time scalelab alone, each to compare with its check of the same run, most wanted first:
+# the decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION
+# = "flex"); SFT packed vs padded (packing is adopted, measured on CPU only: on CUDA its
+# masked attention cannot use the flash kernel); PPO with the chunked token log-probs under
+# compile; inductor's coordinate-descent tuning for the decode step and for pretraining.
+# Measured and settled (bench/results/gpu_check-h200-2026-11-28b): FusedProjections (on; its
+# baseline is `generate --no-fuse`); decode attention as plain sums, or SDPA's efficient
+# kernel, instead of the cuDNN one torch picks (no faster); cuDNN for pretraining (torch's pick
+# already); inductor's freezing (weights as constants: stale once PPO trains).
 checks=(
   "generate generate 110 --profile"
   "ppo ppo 170"
@@ -83,9 +83,7 @@ checks=(
 )
 extras=(
   "generate_flex generate 90 --systems scalelab --decode-attention flex"
-  "generate_nofuse generate 90 --systems scalelab --no-fuse"
-  "ppo_alone ppo 120 --peers scalelab"
-  "sft sft 120"
+  "sft sft 150 --steps 10 --warmup 3"
   "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
   "generate_cdt generate 150 --systems scalelab --inductor coordinate_descent_tuning=True"
   "train_cdt train 150 --peers scalelab --inductor coordinate_descent_tuning=True --steps 10 --warmup 3"
