@@ -92,11 +92,15 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
 
 
-def test_fused_projections_follow_the_weights_between_calls(monkeypatch):
+@pytest.mark.parametrize("shape", [{}, {"qkv_bias": True, "mlp": "relu2"}])
+def test_fused_projections_follow_the_weights_between_calls(monkeypatch, shape):
     # A kept engine decodes with its own copy of each layer's q|k|v and gate|up weights (one
     # matmul instead of three, or two). PPO changes the weights in place between rollouts:
     # every call must copy them in again, and the model must train on its own weights after.
-    model = small_model(n_kv_head=2)
+    # Also with q/k/v biases (Qwen's) and a ReLU^2 MLP (no gate: its matmul stays alone).
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
+                                    n_kv_head=2, d_model=32, **shape)).eval()
     kw = dict(temperature=1.1, top_p=0.95, max_new_tokens=20)
     monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
     monkeypatch.setattr(Rollout, "prepare",
