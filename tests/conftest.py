@@ -10,6 +10,8 @@ from scalelab.data.world import generate_documents
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 
+pytest_plugins = ["new_user_home"]  # a new user's project, shared by test_new_user*.py
+
 # A few seconds of CPU per run: 2 layers x 32 wide, 400-token BPE, 2000 documents.
 TINY_SETS = [
     "model.seq_len=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
