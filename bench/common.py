@@ -113,8 +113,11 @@ def kernel_profile(fn: Callable[[], object], device: torch.device, per: int,
         fn()
         if cuda:
             torch.cuda.synchronize()
-    if cuda:  # device kernels: events that ran on the GPU, one per launch
-        events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    if cuda:  # device kernels: events that ran on the GPU, one per launch. Not the GPU-side
+        # spans of record_function ranges (e.g. Optimizer.step#AdamW.step): they would count
+        # the kernels inside them twice.
+        events = [e for e in prof.events() if e.device_type.name == "CUDA"
+                  and not getattr(e, "is_user_annotation", False)]
         timed = [(e.name, e.device_time_total) for e in events]
     else:  # operators at the top of the stack only, so nothing is counted twice
         events = [e for e in prof.events() if e.cpu_parent is None]

@@ -36,6 +36,7 @@ COMPILE_OPTIONS: dict = {}  # extra torch.compile arguments for the decode step 
 FUSE = True  # decode with FusedProjections where they fit (False: an experiment's baseline)
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
 _MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): copy}
 FUSE_MAX_BYTES = 2 << 30  # models whose blocks weigh more decode unfused (see FusedProjections)
 
 
@@ -113,8 +114,9 @@ class FusedProjections:
     bench/results/gpu_check-h200-2026-11-28b); on CPU, no change. `active` copies the live
     weights in (PPO changes them between rollouts) and has the model use the copy until it
     ends. Made only for models whose blocks weigh at most FUSE_MAX_BYTES: past that the
-    matmuls are large and the memory better spent. (A sharded model never gets here: PPO
-    on a mesh samples from a whole copy, since decoding needs whole heads.)"""
+    matmuls are large and the memory better spent. The kept engines of a model share one
+    (see `fused_projections`). (A sharded model never gets here: PPO on a mesh samples from
+    a whole copy, since decoding needs whole heads.)"""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
         self.targets = []  # (module whose .fused is set, the nn.Linear it stands for)
@@ -151,12 +153,31 @@ class FusedProjections:
                 module.fused = None
 
 
+def fused_projections(model: Transformer, shared: bool) -> FusedProjections | None:
+    """The FusedProjections a decode engine runs with, in the dtype its matmuls run in (the
+    autocast one if autocast is on), or None (FUSE off, or too large a model). shared: the
+    one of this model, device and dtype that its kept engines share (every call refreshes it
+    in place, so its address stays fixed for their graphs): up to _MAX_ENGINES engines then
+    hold one copy of the weights, not one each."""
+    if not (FUSE and FusedProjections.fits(model)):
+        return None
+    p = next(model.parameters())
+    dtype = (torch.get_autocast_dtype(p.device.type)
+             if torch.is_autocast_enabled(p.device.type) else p.dtype)
+    if not shared:
+        return FusedProjections(model, dtype)
+    copies = _FUSED.setdefault(model, {})
+    if (p.device, dtype) not in copies:
+        copies[p.device, dtype] = FusedProjections(model, dtype)
+    return copies[p.device, dtype]
+
+
 class Rollout:
     """Fixed-shape decoding state for `rows` sequences of up to `length` tokens."""
 
     def __init__(self, model: Transformer, rows: int, length: int, pad_id: int,
                  eos_id: int | None, temperature: float, top_k: int, top_p: float,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, shared_projections: bool = False):
         device = next(model.parameters()).device
         self.pad_id, self.eos_id = pad_id, eos_id
         self.sampling = (temperature, top_k, top_p)
@@ -169,11 +190,7 @@ class Rollout:
         self.out = torch.zeros(rows, length, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.noise = torch.zeros(rows, model.cfg.vocab_size, device=device)
-        p = next(model.parameters())
-        dtype = (torch.get_autocast_dtype(device.type)
-                 if torch.is_autocast_enabled(device.type) else p.dtype)
-        self.projections = (FusedProjections(model, dtype) if FUSE and FusedProjections.fits(model)
-                            else None)
+        self.projections = fused_projections(model, shared_projections)
         self.graph = None  # on CUDA: the recorded step, replayed each token
         self.run_step = None  # elsewhere: the step called each token (maybe compiled)
         self.live_rows = rows
@@ -291,7 +308,7 @@ def _engine(model: Transformer, rows: int, length: int, keep: bool, compile: boo
     if key not in engines:
         while len(engines) >= _MAX_ENGINES:
             engines.pop(next(iter(engines)))
-        engines[key] = Rollout(model, rows, length, *args)
+        engines[key] = Rollout(model, rows, length, *args, shared_projections=True)
     return engines[key]
 
 

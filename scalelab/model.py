@@ -158,7 +158,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
-def flex_decode(q, k, v, mask):
+def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
     """One query per row through FlexAttention (compiled use only). q: (B, H, 1, D); k, v:
     (B, KV, S, D); mask: bool, True where the query may attend, broadcastable to (B, 1, 1, S)."""
     from torch.nn.attention.flex_attention import flex_attention

@@ -76,5 +76,3 @@ def user_sft(user_home, user_base) -> Path:
                      "--max-steps", "12", *train_sets(), "--set", "train.lr=3e-3")
     assert rc == 0, err
     return user_home / "sft"
-
-

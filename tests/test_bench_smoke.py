@@ -55,3 +55,39 @@ def test_ppo_packing_smoke_runs_and_both_layouts_agree(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert "first step's stats agree" in proc.stdout
     assert data["real_share_padded"] < 0.9 and data["ratio"] > 0
+
+
+def test_kernel_profile_counts_kernels_not_the_annotations_around_them(monkeypatch) -> None:
+    # On CUDA, torch.profiler also lists record_function ranges (the optimizer's step) as
+    # device events spanning their kernels: counted, they inflated the GPU's busy time.
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import kernel_profile
+
+    def event(name, us, annotation=False):
+        return SimpleNamespace(name=name, device_time_total=us, is_user_annotation=annotation,
+                               device_type=SimpleNamespace(name="CUDA"))
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [event("gemm", 30.0), event("gemm", 30.0), event("adam", 20.0),
+                    event("Optimizer.step#AdamW.step", 21.0, annotation=True)]
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    prof = kernel_profile(lambda: None, torch.device("cuda"), per=2)
+    assert prof["count_per_unit"] == 1.5 and prof["busy_us_per_unit"] == 40.0
+    assert [(r["name"], r["count"], r["share"]) for r in prof["top"]] == [
+        ("gemm", 2, 0.75), ("adam", 1, 0.25)]

@@ -92,6 +92,14 @@ def test_graph_path_on_cpu_buckets_reuses_and_resets_state(monkeypatch):
     assert run(model, PROMPTS, graphs=False, **kw) == want[0]
 
 
+def kept_engines_on_cpu(monkeypatch):
+    """generate() keeps its engines as on CUDA, each replaying its step through EagerGraph."""
+    monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
+    monkeypatch.setattr(Rollout, "prepare",
+                        lambda self, model, use_graph, compile: setattr(
+                            self, "graph", EagerGraph(self, model)))
+
+
 @pytest.mark.parametrize("shape", [{}, {"qkv_bias": True, "mlp": "relu2"}])
 def test_fused_projections_follow_the_weights_between_calls(monkeypatch, shape):
     # A kept engine decodes with its own copy of each layer's q|k|v and gate|up weights (one
@@ -102,10 +110,7 @@ def test_fused_projections_follow_the_weights_between_calls(monkeypatch, shape):
     model = Transformer(ModelConfig(vocab_size=100, seq_len=96, n_layer=2, n_head=4,
                                     n_kv_head=2, d_model=32, **shape)).eval()
     kw = dict(temperature=1.1, top_p=0.95, max_new_tokens=20)
-    monkeypatch.setattr(gen, "_use_graph", lambda device, graphs: graphs)
-    monkeypatch.setattr(Rollout, "prepare",
-                        lambda self, model, use_graph, compile: setattr(
-                            self, "graph", EagerGraph(self, model)))
+    kept_engines_on_cpu(monkeypatch)
     first = run(model, **kw)
     engine, = gen._ENGINES[model].values()
     assert engine.projections is not None and first == run(model, use_cache=False, **kw)
@@ -118,6 +123,29 @@ def test_fused_projections_follow_the_weights_between_calls(monkeypatch, shape):
     assert all(b.attn.fused is None and b.mlp.fused is None for b in model.blocks)
     model(torch.tensor([PROMPTS[0]])).sum().backward()
     assert model.blocks[0].attn.wk.weight.grad.abs().sum() > 0
+
+
+def test_kept_engines_of_a_model_share_one_fused_copy(monkeypatch):
+    # A model keeps up to 4 engines (one per batch/length bucket) for its whole life: with a
+    # fused copy each they would hold up to 4 copies of most of its block weights. They share
+    # one per dtype, refreshed by every call, and each engine still follows the weights.
+    model = small_model()
+    kw = dict(temperature=1.1, top_p=0.95, max_new_tokens=20)
+    kept_engines_on_cpu(monkeypatch)
+    prompt_sets = [PROMPTS, PROMPTS * 3]  # 4 rows -> a bucket of 8, 12 -> 16: two engines
+    for prompts in prompt_sets:
+        run(model, prompts, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, **kw)  # a third engine: its matmuls run in bf16, so its copy is bf16
+    fp32, fp32_too, bf16 = (e.projections for e in gen._ENGINES[model].values())
+    assert fp32 is fp32_too and bf16 is not fp32
+    assert fp32.fused[0][0].dtype == torch.float32 and bf16.fused[0][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for prompts in prompt_sets:
+        assert run(model, prompts, **kw) == run(model, prompts, use_cache=False, **kw)
+    assert len(gen._ENGINES[model]) == 3  # the same engines
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
@@ -136,6 +164,10 @@ def test_compiled_step_gives_the_same_tokens(attention, monkeypatch):
         warnings.filterwarnings("error", message="generate: torch.compile")
         assert run(model, compile=True, **kw) == run(model, **kw)
         assert run(model, PROMPTS[1:2], compile=True, **kw) == run(model, PROMPTS[1:2], **kw)
+        with torch.no_grad():  # as PPO trains the policy between compiled rollouts
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        assert run(model, compile=True, **kw) == run(model, use_cache=False, **kw)
     engines = list(gen._ENGINES[model].values())
     assert len(engines) == 1 and engines[0].run_step is not engines[0].step  # reused
     assert max(max(r) for r in run(model, compile=True, **kw)) < limit

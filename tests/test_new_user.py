@@ -44,7 +44,7 @@ def test_wrong_stage_resume_leaves_the_run_untouched(user_sft):
 
 def test_resume_from_another_base_is_refused(user_home, user_base, user_sft, tmp_path, monkeypatch):
     """--resume with another --base spliced two runs into one folder (for PPO and DPO it
-    silently swapped the reference model); the same user_base spelled another way resumes."""
+    silently swapped the reference model); the same base spelled another way resumes."""
     import shutil
     run = tmp_path / "sft"
     shutil.copytree(user_sft, run)

@@ -92,7 +92,7 @@ STAGE_ARGS = {"sft": ["--base", "b", "--data", "builtin:tasks"],
 @pytest.mark.parametrize("stage", STAGE_ARGS)
 def test_a_post_training_config_with_model_or_data_is_refused(tmp_path, stage):
     """[model] and [data] in a post-training --config were accepted and ignored (the model
-    comes from the user_base folder): now exit 2 naming each key, before anything is made."""
+    comes from the base folder): now exit 2 naming each key, before anything is made."""
     config = tmp_path / "my.toml"
     config.write_text("[model]\nn_layer = 8\nd_model = 512\n\n[data]\nsource = \"c.txt\"\n\n"
                       "[train]\nlr = 1e-4\n")
