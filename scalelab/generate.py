@@ -114,8 +114,8 @@ class FusedProjections:
     bench/results/gpu_check-h200-2026-11-28b); on CPU, no change. `active` copies the live
     weights in (PPO changes them between rollouts) and has the model use the copy until it
     ends. Made only for models whose blocks weigh at most FUSE_MAX_BYTES: past that the
-    matmuls are large and the memory better spent. The kept engines of a model share one
-    (see `fused_projections`). (A sharded model never gets here: PPO on a mesh samples from
+    matmuls are large and the memory better spent. A model's engines share one (see
+    `fused_projections`). (A sharded model never gets here: PPO on a mesh samples from
     a whole copy, since decoding needs whole heads.)"""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
@@ -153,19 +153,17 @@ class FusedProjections:
                 module.fused = None
 
 
-def fused_projections(model: Transformer, shared: bool) -> FusedProjections | None:
+def fused_projections(model: Transformer) -> FusedProjections | None:
     """The FusedProjections a decode engine runs with, in the dtype its matmuls run in (the
-    autocast one if autocast is on), or None (FUSE off, or too large a model). shared: the
-    one of this model, device and dtype that its kept engines share (every call refreshes it
-    in place, so its address stays fixed for their graphs): up to _MAX_ENGINES engines then
-    hold one copy of the weights, not one each."""
+    autocast one if autocast is on), or None (FUSE off, or too large a model). One per model,
+    device and dtype, shared by its engines (every call refreshes it in place, so its address
+    stays fixed for their graphs): up to _MAX_ENGINES kept engines hold one copy of the
+    weights, not one each."""
     if not (FUSE and FusedProjections.fits(model)):
         return None
     p = next(model.parameters())
     dtype = (torch.get_autocast_dtype(p.device.type)
              if torch.is_autocast_enabled(p.device.type) else p.dtype)
-    if not shared:
-        return FusedProjections(model, dtype)
     copies = _FUSED.setdefault(model, {})
     if (p.device, dtype) not in copies:
         copies[p.device, dtype] = FusedProjections(model, dtype)
@@ -177,7 +175,7 @@ class Rollout:
 
     def __init__(self, model: Transformer, rows: int, length: int, pad_id: int,
                  eos_id: int | None, temperature: float, top_k: int, top_p: float,
-                 vocab_limit: int | None = None, shared_projections: bool = False):
+                 vocab_limit: int | None = None):
         device = next(model.parameters()).device
         self.pad_id, self.eos_id = pad_id, eos_id
         self.sampling = (temperature, top_k, top_p)
@@ -190,7 +188,7 @@ class Rollout:
         self.out = torch.zeros(rows, length, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.noise = torch.zeros(rows, model.cfg.vocab_size, device=device)
-        self.projections = fused_projections(model, shared_projections)
+        self.projections = fused_projections(model)
         self.graph = None  # on CUDA: the recorded step, replayed each token
         self.run_step = None  # elsewhere: the step called each token (maybe compiled)
         self.live_rows = rows
@@ -308,7 +306,7 @@ def _engine(model: Transformer, rows: int, length: int, keep: bool, compile: boo
     if key not in engines:
         while len(engines) >= _MAX_ENGINES:
             engines.pop(next(iter(engines)))
-        engines[key] = Rollout(model, rows, length, *args, shared_projections=True)
+        engines[key] = Rollout(model, rows, length, *args)
     return engines[key]
 
 
