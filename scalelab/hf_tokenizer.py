@@ -55,12 +55,16 @@ class HFStyleTokenizer(Tokenizer):
         model_config = model_config or {}
         self.chat_template = self._template(config.get("chat_template"))
         ids = {}
+        # A bos_token written as null means no BOS, as transformers reads it (Qwen2.5 ships
+        # that beside a bos_token_id in config.json): only an absent one falls back.
         for name in ("bos", "eos", "pad"):
             text = token_text(config.get(f"{name}_token"))
             tid = hf.token_to_id(text) if text is not None else None
             if text is not None and tid is None:
                 raise UserError(f"{where}: {name}_token {text!r} is not in tokenizer.json")
-            ids[name] = tid if tid is not None else first_id(model_config.get(f"{name}_token_id"))
+            if tid is None and not (name == "bos" and "bos_token" in config):
+                tid = first_id(model_config.get(f"{name}_token_id"))
+            ids[name] = tid
         if ids["eos"] is None:
             raise UserError(f"{where}: no eos_token (nor eos_token_id in config.json): "
                             "scalelab needs one to know where an answer stops")

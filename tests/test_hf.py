@@ -384,3 +384,22 @@ def test_folder_without_bos_token(tmp_path):
     # An empty prompt has no token to start from here: one clear line, exit 2.
     r = run_cli("generate", "--model", str(folder), "--prompt", "", "--max-new-tokens", "4")
     assert r.returncode == 2 and "no BOS" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_qwen_layout_bos_null_in_tokenizer_config_means_no_bos(tmp_path):
+    """Qwen2.5 ships bos_token: null in tokenizer_config.json beside a bos_token_id in
+    config.json: transformers prepends nothing, so neither may scalelab, or `generate`
+    continues another token sequence than transformers does for the same text."""
+    folder = make_hf_folder(tmp_path / "m", arch="qwen2", seed=3)
+    rewrite_json(folder / "tokenizer_config.json", bos_token=None)  # config.json keeps its id
+    _, tok = load_model(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "Mia has a cat"
+    assert tok.bos_id is None and tok.encode(text, bos=True) == theirs(text).input_ids
+    ids = theirs(text, return_tensors="pt").input_ids
+    out = hf_model(folder).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=tok.pad_id)
+    r = run_cli("generate", "--model", str(folder), "--prompt", text, "--max-new-tokens", "8",
+                "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
