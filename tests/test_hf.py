@@ -228,6 +228,9 @@ def break_folder(d, how):
     if how == "rope type":
         rewrite_json(d / "config.json", rope_parameters={"rope_type": "yarn", "factor": 2.0})
         return "yarn"
+    if how == "odd head dim":
+        rewrite_json(d / "config.json", hidden_size=60, num_attention_heads=4, head_dim=15)
+        return "hidden_size / num_attention_heads = 15"
     if how == "wrong shapes":
         rewrite_json(d / "config.json", intermediate_size=128)
         return "model.safetensors"
@@ -256,8 +259,8 @@ def break_folder(d, how):
 
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
-       "wrong shapes", "truncated safetensors", "eps not a number", "theta not a number",
-       "integer weights", "pickle only"]
+       "odd head dim", "wrong shapes", "truncated safetensors", "eps not a number",
+       "theta not a number", "integer weights", "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):
