@@ -6,7 +6,8 @@ Chat templates are Jinja, rendered in a sandbox as Hugging Face does. To know wh
 are the assistant's (the only ones that carry loss), each message's text is replaced by a
 unique marker before rendering; the rendered text is then cut at the markers. Template text
 is tokenized with special tokens recognised ("<|im_start|>" is one token), message text with
-them spelled out as plain text, so a user cannot inject control tokens. The assistant's mask
+them spelled out as plain text, so a user cannot inject control tokens; the text between two
+special tokens is encoded as one string, as transformers encodes it. The assistant's mask
 covers its text and the template's first special token after it (the end-of-turn token the
 model must learn to emit; it becomes `eos_id`, where generation stops). A template that
 edits message text (e.g. `| trim`) edits only the marker: the text goes in as given.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.pre_tokenizers import Metaspace
 
 from scalelab.config import UserError
 from scalelab.io import read_json
@@ -131,12 +133,15 @@ class HFStyleTokenizer(Tokenizer):
         head = [self.bos_id] if bos and self.bos_id is not None else []
         return head + ids + ([self.eos_id] if eos else [])
 
-    def _template_ids(self, text: str) -> list[int]:
+    def _template_encoding(self, text: str):
         self.hf.encode_special_tokens = False
         try:
-            return self.hf.encode(text, add_special_tokens=False).ids
+            return self.hf.encode(text, add_special_tokens=False)
         finally:
             self.hf.encode_special_tokens = True
+
+    def _template_ids(self, text: str) -> list[int]:
+        return self._template_encoding(text).ids
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         import jinja2
@@ -191,20 +196,61 @@ class HFStyleTokenizer(Tokenizer):
             if not self.has_chat_format:
                 raise UserError(f"{self.where}: no chat template and no role tokens")
             return super().encode_chat(messages, generation_prompt)
-        ids: list[int] = []
-        mask: list[bool] = []
-        after_assistant = False
-        for text, index in self._segments(messages, generation_prompt):
-            if index is not None:
-                body = self.encode(text)
-                after_assistant = messages[index]["role"] == "assistant"
-                ids += body
-                mask += [after_assistant] * len(body)
-                continue
-            seg = self._template_ids(text)
-            # the assistant's turn also owns the template's end-of-turn token after its text
-            owned = seg.index(self.eos_id) + 1 if after_assistant and self.eos_id in seg else 0
-            ids += seg
-            mask += [True] * owned + [False] * (len(seg) - owned)
-            after_assistant = False
+        labelled = self._labelled_tokens(self._segments(messages, generation_prompt))
+        ids = [tid for tid, _ in labelled]
+        mask = [i is not None and messages[i]["role"] == "assistant" for _, i in labelled]
+        for k in range(1, len(ids)):  # the assistant's turn also owns the template's
+            # end-of-turn token after its text (and the template text before that token)
+            if mask[k - 1] and labelled[k - 1][1] is not None and labelled[k][1] is None:
+                end = k
+                while end < len(ids) and labelled[end][1] is None and ids[end] != self.eos_id:
+                    end += 1
+                if end < len(ids) and ids[end] == self.eos_id:
+                    mask[k:end + 1] = [True] * (end + 1 - k)
         return ids, mask
+
+    def _labelled_tokens(self, segments: list[tuple[str, int | None]]
+                         ) -> list[tuple[int, int | None]]:
+        """(token id, message index or None for template text) for the rendered conversation.
+        The text between two of the template's special tokens is encoded as one string, as
+        transformers encodes the whole rendering (a SentencePiece tokenizer starts every
+        string it is given with a word boundary "\u2581": encoding a message apart would add
+        one), with special tokens in message text kept as plain text. A token that straddles
+        a message's edge belongs to the message."""
+        out: list[tuple[int, int | None]] = []
+        run, spans = "", []  # text since the last special token; (start, end, index) of messages
+
+        def flush() -> None:
+            if not run:
+                return
+            # Metaspace's prepend_scheme "first" marks the start of the whole text only
+            pt = self.hf.pre_tokenizer
+            later = bool(out) and isinstance(pt, Metaspace) and pt.prepend_scheme == "first"
+            if later:
+                pt.prepend_scheme = "never"
+            try:
+                enc = self.hf.encode(run, add_special_tokens=False)
+            finally:
+                if later:
+                    pt.prepend_scheme = "first"
+            for tid, (a, b) in zip(enc.ids, enc.offsets):
+                owner = next((i for s, e, i in spans if (a < e and b > s) or s <= a == b < e),
+                             None)
+                out.append((tid, owner))
+
+        for text, index in segments:
+            if index is not None:
+                spans.append((len(run), len(run) + len(text), index))
+                run += text
+                continue
+            enc, pos = self._template_encoding(text), 0
+            for tid, (a, b) in zip(enc.ids, enc.offsets):
+                name = self.hf.id_to_token(tid)  # a special token spelled here (not <unk>)
+                if name in self.special_texts and name in text[a:b]:
+                    run += text[pos:a]
+                    flush()
+                    out.append((tid, None))
+                    run, spans, pos = "", [], b
+            run += text[pos:]
+        flush()
+        return out

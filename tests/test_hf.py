@@ -406,3 +406,39 @@ def test_qwen_layout_bos_null_in_tokenizer_config_means_no_bos(tmp_path):
                 "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
+
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}"
+          "\n{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+          "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "first"])
+@pytest.mark.parametrize("template", ["zephyr", "llama2"])
+def test_sentencepiece_chat_matches_transformers(tmp_path, prepend, template):
+    """A SentencePiece-style tokenizer (TinyLlama's, Mistral's) starts every string it is
+    given with a word boundary: the conversation must be encoded as transformers encodes
+    it, not message by message (which added a boundary before each message)."""
+    from hf_folders import sentencepiece_tokenizer_json
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_tokenizer_json(prepend))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "chat_template": ZEPHYR if template == "zephyr" else LLAMA2}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "Where does Mia live?"},
+            {"role": "assistant", "content": "Mia lives in Paris."},
+            {"role": "user", "content": "And Ben?"},
+            {"role": "assistant", "content": "Ben lives in Rome."}]
+    ids, mask = ours.encode_chat(conv)
+    assert ids == theirs.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ours.chat_prompt("And Ben?") == theirs.apply_chat_template(
+        conv[2:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+    # the loss covers each answer and the end-of-turn token (with llama2's space before it)
+    owned = ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False)
+    space = " " if template == "llama2" else ""
+    assert owned == f"Mia lives in Paris.{space}</s>Ben lives in Rome.{space}</s>"
