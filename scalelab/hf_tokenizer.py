@@ -209,6 +209,22 @@ class HFStyleTokenizer(Tokenizer):
                     mask[k:end + 1] = [True] * (end + 1 - k)
         return ids, mask
 
+    def _encode_plain(self, text: str, at_start: bool):
+        """text's encoding, special tokens spelled out; at_start False: the text follows a
+        special token, where Metaspace's prepend_scheme "first" adds no word boundary."""
+        pt = self.hf.pre_tokenizer
+        later = not at_start and isinstance(pt, Metaspace) and pt.prepend_scheme == "first"
+        if later:
+            pt.prepend_scheme = "never"
+        try:
+            return self.hf.encode(text, add_special_tokens=False)
+        finally:
+            if later:
+                pt.prepend_scheme = "first"
+
+    def _message_ids(self, text: str) -> list[int]:
+        return self._encode_plain(text, at_start=False).ids  # after a role token
+
     def _labelled_tokens(self, segments: list[tuple[str, int | None]]
                          ) -> list[tuple[int, int | None]]:
         """(token id, message index or None for template text) for the rendered conversation.
@@ -223,16 +239,7 @@ class HFStyleTokenizer(Tokenizer):
         def flush() -> None:
             if not run:
                 return
-            # Metaspace's prepend_scheme "first" marks the start of the whole text only
-            pt = self.hf.pre_tokenizer
-            later = bool(out) and isinstance(pt, Metaspace) and pt.prepend_scheme == "first"
-            if later:
-                pt.prepend_scheme = "never"
-            try:
-                enc = self.hf.encode(run, add_special_tokens=False)
-            finally:
-                if later:
-                    pt.prepend_scheme = "first"
+            enc = self._encode_plain(run, at_start=not out)
             for tid, (a, b) in zip(enc.ids, enc.offsets):
                 owner = next((i for s, e, i in spans if (a < e and b > s) or s <= a == b < e),
                              None)

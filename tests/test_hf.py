@@ -442,3 +442,28 @@ def test_sentencepiece_chat_matches_transformers(tmp_path, prepend, template):
     owned = ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False)
     space = " " if template == "llama2" else ""
     assert owned == f"Mia lives in Paris.{space}</s>Ben lives in Rome.{space}</s>"
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "first"])
+def test_sentencepiece_role_tokens_match_the_exported_template(tmp_path, prepend):
+    """Without a chat template scalelab's role tokens are added; the exported template must
+    give transformers the ids scalelab trained on (no word boundary after a role token
+    where Metaspace adds one only at the start of the text)."""
+    from hf_folders import sentencepiece_tokenizer_json
+
+    from scalelab.hf_export import tokenizer_config
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_tokenizer_json(prepend))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                                "eos_token": "</s>"}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    ours.add_role_tokens()
+    out = tmp_path / "out"
+    out.mkdir()
+    ours.hf.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ours, 64)))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    conv = [{"role": "user", "content": "Where does Mia live?"},
+            {"role": "assistant", "content": "Mia lives in Paris."}]
+    assert ours.encode_chat(conv)[0] == theirs.apply_chat_template(conv, tokenize=True,
+                                                                   return_dict=False)
