@@ -66,6 +66,10 @@ class HFStyleTokenizer(Tokenizer):
                 raise UserError(f"{where}: {name}_token {text!r} is not in tokenizer.json")
             if tid is None and not (name == "bos" and "bos_token" in config):
                 tid = first_id(model_config.get(f"{name}_token_id"))
+                if name != "pad" and tid is not None and not 0 <= tid < hf.get_vocab_size():
+                    raise UserError(f"{Path(where).parent / 'config.json'}: {name}_token_id "
+                                    f"{tid} is not a token of tokenizer.json "
+                                    f"({hf.get_vocab_size()} tokens)")
             ids[name] = tid
         if ids["eos"] is None:
             raise UserError(f"{where}: no eos_token (nor eos_token_id in config.json): "

@@ -231,6 +231,12 @@ def break_folder(d, how):
     if how == "odd head dim":
         rewrite_json(d / "config.json", hidden_size=60, num_attention_heads=4, head_dim=15)
         return "hidden_size / num_attention_heads = 15"
+    if how == "eos id past the tokenizer":  # generation could never stop
+        data = json.loads((d / "tokenizer_config.json").read_text())
+        del data["eos_token"]
+        (d / "tokenizer_config.json").write_text(json.dumps(data))
+        rewrite_json(d / "config.json", eos_token_id=[99999])
+        return "config.json: eos_token_id 99999 is not a token"
     if how == "wrong shapes":
         rewrite_json(d / "config.json", intermediate_size=128)
         return "model.safetensors"
@@ -259,8 +265,8 @@ def break_folder(d, how):
 
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
-       "odd head dim", "wrong shapes", "truncated safetensors", "eps not a number",
-       "theta not a number", "integer weights", "pickle only"]
+       "odd head dim", "eos id past the tokenizer", "wrong shapes", "truncated safetensors",
+       "eps not a number", "theta not a number", "integer weights", "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):
