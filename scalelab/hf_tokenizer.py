@@ -23,6 +23,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from jinja2.ext import Extension
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.pre_tokenizers import Metaspace
@@ -48,6 +49,16 @@ def first_id(value) -> int | None:
     if isinstance(value, list):
         value = value[0] if value else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class GenerationTag(Extension):
+    """{% generation %}...{% endgeneration %}, which transformers' templates may use to mark
+    the assistant's text: rendered as its body (scalelab finds that text by markers)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 class HFStyleTokenizer(Tokenizer):
@@ -157,7 +168,7 @@ class HFStyleTokenizer(Tokenizer):
                             f"{message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols])
+                                            extensions=[loopcontrols, GenerationTag])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: \
             json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
         env.globals.update(raise_exception=raise_exception,

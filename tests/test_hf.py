@@ -473,3 +473,26 @@ def test_sentencepiece_role_tokens_match_the_exported_template(tmp_path, prepend
             {"role": "assistant", "content": "Mia lives in Paris."}]
     assert ours.encode_chat(conv)[0] == theirs.apply_chat_template(conv, tokenize=True,
                                                                    return_dict=False)
+
+
+def test_chat_template_with_generation_tags(tmp_path):
+    """transformers' templates may wrap the assistant's text in {% generation %} tags (for
+    its assistant masks): such a folder renders as transformers renders it."""
+    from hf_folders import tokenizer_json
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                "{% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+                "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}")
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+         "chat_template": template}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo there"}]
+    ids, mask = ours.encode_chat(conv)
+    assert ids == theirs.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
+        "Yo there<|im_end|>"
