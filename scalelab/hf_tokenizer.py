@@ -10,7 +10,8 @@ them spelled out as plain text, so a user cannot inject control tokens; the text
 special tokens is encoded as one string, as transformers encodes it. The assistant's mask
 covers its text and the template's first special token after it (the end-of-turn token the
 model must learn to emit; it becomes `eos_id`, where generation stops). A template that
-edits message text (e.g. `| trim`) edits only the marker: the text goes in as given.
+trims message text (`| trim`) trims it as transformers would (see `_segments`); any other
+edit of message text edits only the marker: the text goes in as given.
 
 Without a chat template, `add_role_tokens` adds scalelab's role tokens (<|user|>, ...) and
 the conversation format of scalelab.tokenizer is used.
@@ -184,15 +185,23 @@ class HFStyleTokenizer(Tokenizer):
 
     def _segments(self, messages: list[dict], generation_prompt: bool
                   ) -> list[tuple[str, int | None]]:
-        """The rendered conversation as (text, message index or None for template text)."""
-        marked = [{**m, "content": MARK.format(i)} for i, m in enumerate(messages)]
+        """The rendered conversation as (text, message index or None for template text).
+        A marker keeps its message's outer whitespace, which thus stays template text: a
+        template that trims messages (`| trim`, `.strip()`, as Llama's do) trims it too."""
+        def marked_text(i: int, text: str) -> str:
+            core = text.strip()
+            lead = text[:len(text) - len(text.lstrip())]
+            return lead + MARK.format(i) + (text[len(text.rstrip()):] if core else "")
+
+        marked = [{**m, "content": marked_text(i, m["content"])} for i, m in enumerate(messages)]
         rendered = self.render(marked, generation_prompt)
         found = [int(i) for i in MARK_RE.findall(rendered)]
         if sorted(found) != list(range(len(messages))):
             raise UserError(f"{self.where}: the chat template drops, repeats or rewrites "
                             "message text, so the assistant's tokens cannot be located")
         parts = MARK_RE.split(rendered)  # text, index, text, index, ..., text
-        return [(part, None) if k % 2 == 0 else (messages[int(part)]["content"], int(part))
+        return [(part, None) if k % 2 == 0 else (messages[int(part)]["content"].strip(),
+                                                 int(part))
                 for k, part in enumerate(parts)]
 
     def _turn_end_id(self) -> int:

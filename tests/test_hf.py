@@ -496,3 +496,33 @@ def test_chat_template_with_generation_tags(tmp_path):
     assert ids == theirs.apply_chat_template(conv, tokenize=True, return_dict=False)
     assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
         "Yo there<|im_end|>"
+
+
+def test_trimming_chat_template_trims_as_transformers(tmp_path):
+    """Llama 3's template trims each message (`| trim`): text with outer whitespace (a
+    pasted line) gets the ids transformers gives it, and the loss still covers the answer."""
+    from hf_folders import tokenizer_json
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    hf = HFTokenizer.from_str(tokenizer_json())
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] "
+                "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                "{%- if add_generation_prompt %}"
+                "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "  Where does Mia live? \n"},
+            {"role": "assistant", "content": " Mia lives in Paris.  "},
+            {"role": "user", "content": " "}]
+    ids, mask = ours.encode_chat(conv, generation_prompt=True)
+    assert ids == theirs.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
+        "Mia lives in Paris.<|eot_id|>"
