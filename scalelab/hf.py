@@ -146,6 +146,9 @@ def hf_model_config(cfg: dict, where: str) -> ModelConfig:
     if d % heads or not isinstance(kv, int) or heads % kv:
         raise UserError(f"{where}: hidden_size {d} must divide by num_attention_heads {heads}, "
                         f"and that by num_key_value_heads {kv}")
+    if (d // heads) % 2:
+        raise UserError(f"{where}: hidden_size / num_attention_heads = {d // heads} must be "
+                        "even (RoPE rotates pairs of channels)")
     return ModelConfig(
         vocab_size=need("vocab_size"), seq_len=seq_len, n_layer=need("num_hidden_layers"),
         n_head=heads, n_kv_head=kv, d_model=d,

@@ -6,10 +6,12 @@ Chat templates are Jinja, rendered in a sandbox as Hugging Face does. To know wh
 are the assistant's (the only ones that carry loss), each message's text is replaced by a
 unique marker before rendering; the rendered text is then cut at the markers. Template text
 is tokenized with special tokens recognised ("<|im_start|>" is one token), message text with
-them spelled out as plain text, so a user cannot inject control tokens. The assistant's mask
+them spelled out as plain text, so a user cannot inject control tokens; the text between two
+special tokens is encoded as one string, as transformers encodes it. The assistant's mask
 covers its text and the template's first special token after it (the end-of-turn token the
 model must learn to emit; it becomes `eos_id`, where generation stops). A template that
-edits message text (e.g. `| trim`) edits only the marker: the text goes in as given.
+trims message text (`| trim`) trims it as transformers would (see `_segments`); any other
+edit of message text edits only the marker: the text goes in as given.
 
 Without a chat template, `add_role_tokens` adds scalelab's role tokens (<|user|>, ...) and
 the conversation format of scalelab.tokenizer is used.
@@ -22,8 +24,10 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from jinja2.ext import Extension
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.pre_tokenizers import Metaspace
 
 from scalelab.config import UserError
 from scalelab.io import read_json
@@ -48,6 +52,16 @@ def first_id(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class GenerationTag(Extension):
+    """{% generation %}...{% endgeneration %}, which transformers' templates may use to mark
+    the assistant's text: rendered as its body (scalelab finds that text by markers)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 class HFStyleTokenizer(Tokenizer):
     def __init__(self, hf: HFTokenizer, config: dict, model_config: dict | None = None,
                  where: str = "tokenizer_config.json"):
@@ -55,12 +69,20 @@ class HFStyleTokenizer(Tokenizer):
         model_config = model_config or {}
         self.chat_template = self._template(config.get("chat_template"))
         ids = {}
+        # A bos_token written as null means no BOS, as transformers reads it (Qwen2.5 ships
+        # that beside a bos_token_id in config.json): only an absent one falls back.
         for name in ("bos", "eos", "pad"):
             text = token_text(config.get(f"{name}_token"))
             tid = hf.token_to_id(text) if text is not None else None
             if text is not None and tid is None:
                 raise UserError(f"{where}: {name}_token {text!r} is not in tokenizer.json")
-            ids[name] = tid if tid is not None else first_id(model_config.get(f"{name}_token_id"))
+            if tid is None and not (name == "bos" and "bos_token" in config):
+                tid = first_id(model_config.get(f"{name}_token_id"))
+                if name != "pad" and tid is not None and not 0 <= tid < hf.get_vocab_size():
+                    raise UserError(f"{Path(where).parent / 'config.json'}: {name}_token_id "
+                                    f"{tid} is not a token of tokenizer.json "
+                                    f"({hf.get_vocab_size()} tokens)")
+            ids[name] = tid
         if ids["eos"] is None:
             raise UserError(f"{where}: no eos_token (nor eos_token_id in config.json): "
                             "scalelab needs one to know where an answer stops")
@@ -127,12 +149,15 @@ class HFStyleTokenizer(Tokenizer):
         head = [self.bos_id] if bos and self.bos_id is not None else []
         return head + ids + ([self.eos_id] if eos else [])
 
-    def _template_ids(self, text: str) -> list[int]:
+    def _template_encoding(self, text: str):
         self.hf.encode_special_tokens = False
         try:
-            return self.hf.encode(text, add_special_tokens=False).ids
+            return self.hf.encode(text, add_special_tokens=False)
         finally:
             self.hf.encode_special_tokens = True
+
+    def _template_ids(self, text: str) -> list[int]:
+        return self._template_encoding(text).ids
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         import jinja2
@@ -144,7 +169,7 @@ class HFStyleTokenizer(Tokenizer):
                             f"{message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols])
+                                            extensions=[loopcontrols, GenerationTag])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: \
             json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
         env.globals.update(raise_exception=raise_exception,
@@ -160,15 +185,23 @@ class HFStyleTokenizer(Tokenizer):
 
     def _segments(self, messages: list[dict], generation_prompt: bool
                   ) -> list[tuple[str, int | None]]:
-        """The rendered conversation as (text, message index or None for template text)."""
-        marked = [{**m, "content": MARK.format(i)} for i, m in enumerate(messages)]
+        """The rendered conversation as (text, message index or None for template text).
+        A marker keeps its message's outer whitespace, which thus stays template text: a
+        template that trims messages (`| trim`, `.strip()`, as Llama's do) trims it too."""
+        def marked_text(i: int, text: str) -> str:
+            core = text.strip()
+            lead = text[:len(text) - len(text.lstrip())]
+            return lead + MARK.format(i) + (text[len(text.rstrip()):] if core else "")
+
+        marked = [{**m, "content": marked_text(i, m["content"])} for i, m in enumerate(messages)]
         rendered = self.render(marked, generation_prompt)
         found = [int(i) for i in MARK_RE.findall(rendered)]
         if sorted(found) != list(range(len(messages))):
             raise UserError(f"{self.where}: the chat template drops, repeats or rewrites "
                             "message text, so the assistant's tokens cannot be located")
         parts = MARK_RE.split(rendered)  # text, index, text, index, ..., text
-        return [(part, None) if k % 2 == 0 else (messages[int(part)]["content"], int(part))
+        return [(part, None) if k % 2 == 0 else (messages[int(part)]["content"].strip(),
+                                                 int(part))
                 for k, part in enumerate(parts)]
 
     def _turn_end_id(self) -> int:
@@ -187,20 +220,68 @@ class HFStyleTokenizer(Tokenizer):
             if not self.has_chat_format:
                 raise UserError(f"{self.where}: no chat template and no role tokens")
             return super().encode_chat(messages, generation_prompt)
-        ids: list[int] = []
-        mask: list[bool] = []
-        after_assistant = False
-        for text, index in self._segments(messages, generation_prompt):
-            if index is not None:
-                body = self.encode(text)
-                after_assistant = messages[index]["role"] == "assistant"
-                ids += body
-                mask += [after_assistant] * len(body)
-                continue
-            seg = self._template_ids(text)
-            # the assistant's turn also owns the template's end-of-turn token after its text
-            owned = seg.index(self.eos_id) + 1 if after_assistant and self.eos_id in seg else 0
-            ids += seg
-            mask += [True] * owned + [False] * (len(seg) - owned)
-            after_assistant = False
+        labelled = self._labelled_tokens(self._segments(messages, generation_prompt))
+        ids = [tid for tid, _ in labelled]
+        mask = [i is not None and messages[i]["role"] == "assistant" for _, i in labelled]
+        for k in range(1, len(ids)):  # the assistant's turn also owns the template's
+            # end-of-turn token after its text (and the template text before that token)
+            if mask[k - 1] and labelled[k - 1][1] is not None and labelled[k][1] is None:
+                end = k
+                while end < len(ids) and labelled[end][1] is None and ids[end] != self.eos_id:
+                    end += 1
+                if end < len(ids) and ids[end] == self.eos_id:
+                    mask[k:end + 1] = [True] * (end + 1 - k)
         return ids, mask
+
+    def _encode_plain(self, text: str, at_start: bool):
+        """text's encoding, special tokens spelled out; at_start False: the text follows a
+        special token, where Metaspace's prepend_scheme "first" adds no word boundary."""
+        pt = self.hf.pre_tokenizer
+        later = not at_start and isinstance(pt, Metaspace) and pt.prepend_scheme == "first"
+        if later:
+            pt.prepend_scheme = "never"
+        try:
+            return self.hf.encode(text, add_special_tokens=False)
+        finally:
+            if later:
+                pt.prepend_scheme = "first"
+
+    def _message_ids(self, text: str) -> list[int]:
+        return self._encode_plain(text, at_start=False).ids  # after a role token
+
+    def _labelled_tokens(self, segments: list[tuple[str, int | None]]
+                         ) -> list[tuple[int, int | None]]:
+        """(token id, message index or None for template text) for the rendered conversation.
+        The text between two of the template's special tokens is encoded as one string, as
+        transformers encodes the whole rendering (a SentencePiece tokenizer starts every
+        string it is given with a word boundary "\u2581": encoding a message apart would add
+        one), with special tokens in message text kept as plain text. A token that straddles
+        a message's edge belongs to the message."""
+        out: list[tuple[int, int | None]] = []
+        run, spans = "", []  # text since the last special token; (start, end, index) of messages
+
+        def flush() -> None:
+            if not run:
+                return
+            enc = self._encode_plain(run, at_start=not out)
+            for tid, (a, b) in zip(enc.ids, enc.offsets):
+                owner = next((i for s, e, i in spans if (a < e and b > s) or s <= a == b < e),
+                             None)
+                out.append((tid, owner))
+
+        for text, index in segments:
+            if index is not None:
+                spans.append((len(run), len(run) + len(text), index))
+                run += text
+                continue
+            enc, pos = self._template_encoding(text), 0
+            for tid, (a, b) in zip(enc.ids, enc.offsets):
+                name = self.hf.id_to_token(tid)  # a special token spelled here (not <unk>)
+                if name in self.special_texts and name in text[a:b]:
+                    run += text[pos:a]
+                    flush()
+                    out.append((tid, None))
+                    run, spans, pos = "", [], b
+            run += text[pos:]
+        flush()
+        return out

@@ -99,7 +99,7 @@ class Tokenizer:
         mask = [False] * len(ids)
         for m in messages:
             role = self.special_ids[ROLES[m["role"]]]
-            body = self.encode(m["content"])
+            body = self._message_ids(m["content"])
             is_assistant = m["role"] == "assistant"
             close = self.eos_id if is_assistant else self.special_ids[END]
             ids += [role, *body, close]
@@ -108,6 +108,10 @@ class Tokenizer:
             ids.append(self.special_ids[ASSISTANT])
             mask.append(False)
         return ids, mask
+
+    def _message_ids(self, text: str) -> list[int]:
+        """A message's text as encode_chat writes it, after its role token."""
+        return self.encode(text)
 
     def chat_prompt(self, user_text: str) -> list[int]:
         """A one-turn conversation ready for the assistant's answer."""

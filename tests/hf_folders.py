@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from scalelab.data.world import generate_documents
@@ -28,6 +28,27 @@ def tokenizer_json() -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(generate_documents(300, seed=0), trainer=trainer)
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return hf.to_str()
+
+
+@lru_cache(maxsize=2)
+def sentencepiece_tokenizer_json(prepend: str) -> str:
+    """A tokenizer.json as converted from SentencePiece (Llama 2, TinyLlama, Mistral): words
+    start with "\u2581", added either by a Prepend normalizer to every string (prepend =
+    "normalizer", the older conversion) or by Metaspace to the start of the text ("first")."""
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    if prepend == "normalizer":
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                              normalizers.Replace(" ", "\u2581")])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=["\u2581", "\n"] + [chr(c) for c in
+                                                                      range(33, 127)])
+    hf.train_from_iterator(generate_documents(200, seed=0), trainer=trainer)
     return hf.to_str()
 
 

@@ -228,6 +228,15 @@ def break_folder(d, how):
     if how == "rope type":
         rewrite_json(d / "config.json", rope_parameters={"rope_type": "yarn", "factor": 2.0})
         return "yarn"
+    if how == "odd head dim":
+        rewrite_json(d / "config.json", hidden_size=60, num_attention_heads=4, head_dim=15)
+        return "hidden_size / num_attention_heads = 15"
+    if how == "eos id past the tokenizer":  # generation could never stop
+        data = json.loads((d / "tokenizer_config.json").read_text())
+        del data["eos_token"]
+        (d / "tokenizer_config.json").write_text(json.dumps(data))
+        rewrite_json(d / "config.json", eos_token_id=[99999])
+        return "config.json: eos_token_id 99999 is not a token"
     if how == "wrong shapes":
         rewrite_json(d / "config.json", intermediate_size=128)
         return "model.safetensors"
@@ -256,8 +265,8 @@ def break_folder(d, how):
 
 
 BAD = ["missing config", "unknown architecture", "sliding window", "rope type",
-       "wrong shapes", "truncated safetensors", "eps not a number", "theta not a number",
-       "integer weights", "pickle only"]
+       "odd head dim", "eos id past the tokenizer", "wrong shapes", "truncated safetensors",
+       "eps not a number", "theta not a number", "integer weights", "pickle only"]
 
 
 def test_bad_folders_are_clear_errors(tmp_path, monkeypatch):
@@ -384,3 +393,136 @@ def test_folder_without_bos_token(tmp_path):
     # An empty prompt has no token to start from here: one clear line, exit 2.
     r = run_cli("generate", "--model", str(folder), "--prompt", "", "--max-new-tokens", "4")
     assert r.returncode == 2 and "no BOS" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_qwen_layout_bos_null_in_tokenizer_config_means_no_bos(tmp_path):
+    """Qwen2.5 ships bos_token: null in tokenizer_config.json beside a bos_token_id in
+    config.json: transformers prepends nothing, so neither may scalelab, or `generate`
+    continues another token sequence than transformers does for the same text."""
+    folder = make_hf_folder(tmp_path / "m", arch="qwen2", seed=3)
+    rewrite_json(folder / "tokenizer_config.json", bos_token=None)  # config.json keeps its id
+    _, tok = load_model(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "Mia has a cat"
+    assert tok.bos_id is None and tok.encode(text, bos=True) == theirs(text).input_ids
+    ids = theirs(text, return_tensors="pt").input_ids
+    out = hf_model(folder).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=tok.pad_id)
+    r = run_cli("generate", "--model", str(folder), "--prompt", text, "--max-new-tokens", "8",
+                "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
+
+
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}"
+          "\n{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+          "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "first"])
+@pytest.mark.parametrize("template", ["zephyr", "llama2"])
+def test_sentencepiece_chat_matches_transformers(tmp_path, prepend, template):
+    """A SentencePiece-style tokenizer (TinyLlama's, Mistral's) starts every string it is
+    given with a word boundary: the conversation must be encoded as transformers encodes
+    it, not message by message (which added a boundary before each message)."""
+    from hf_folders import sentencepiece_tokenizer_json
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_tokenizer_json(prepend))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "chat_template": ZEPHYR if template == "zephyr" else LLAMA2}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "Where does Mia live?"},
+            {"role": "assistant", "content": "Mia lives in Paris."},
+            {"role": "user", "content": "And Ben?"},
+            {"role": "assistant", "content": "Ben lives in Rome."}]
+    ids, mask = ours.encode_chat(conv)
+    assert ids == theirs.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ours.chat_prompt("And Ben?") == theirs.apply_chat_template(
+        conv[2:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+    # the loss covers each answer and the end-of-turn token (with llama2's space before it)
+    owned = ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False)
+    space = " " if template == "llama2" else ""
+    assert owned == f"Mia lives in Paris.{space}</s>Ben lives in Rome.{space}</s>"
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "first"])
+def test_sentencepiece_role_tokens_match_the_exported_template(tmp_path, prepend):
+    """Without a chat template scalelab's role tokens are added; the exported template must
+    give transformers the ids scalelab trained on (no word boundary after a role token
+    where Metaspace adds one only at the start of the text)."""
+    from hf_folders import sentencepiece_tokenizer_json
+
+    from scalelab.hf_export import tokenizer_config
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_tokenizer_json(prepend))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                                "eos_token": "</s>"}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    ours.add_role_tokens()
+    out = tmp_path / "out"
+    out.mkdir()
+    ours.hf.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ours, 64)))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    conv = [{"role": "user", "content": "Where does Mia live?"},
+            {"role": "assistant", "content": "Mia lives in Paris."}]
+    assert ours.encode_chat(conv)[0] == theirs.apply_chat_template(conv, tokenize=True,
+                                                                   return_dict=False)
+
+
+def test_chat_template_with_generation_tags(tmp_path):
+    """transformers' templates may wrap the assistant's text in {% generation %} tags (for
+    its assistant masks): such a folder renders as transformers renders it."""
+    from hf_folders import tokenizer_json
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                "{% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+                "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}")
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+         "chat_template": template}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo there"}]
+    ids, mask = ours.encode_chat(conv)
+    assert ids == theirs.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
+        "Yo there<|im_end|>"
+
+
+def test_trimming_chat_template_trims_as_transformers(tmp_path):
+    """Llama 3's template trims each message (`| trim`): text with outer whitespace (a
+    pasted line) gets the ids transformers gives it, and the loss still covers the answer."""
+    from hf_folders import tokenizer_json
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    hf = HFTokenizer.from_str(tokenizer_json())
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] "
+                "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                "{%- if add_generation_prompt %}"
+                "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}))
+    ours = HFStyleTokenizer.from_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conv = [{"role": "user", "content": "  Where does Mia live? \n"},
+            {"role": "assistant", "content": " Mia lives in Paris.  "},
+            {"role": "user", "content": " "}]
+    ids, mask = ours.encode_chat(conv, generation_prompt=True)
+    assert ids == theirs.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
+        "Mia lives in Paris.<|eot_id|>"
