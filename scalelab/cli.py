@@ -269,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(ServeOptions(models=parse_models(args.model), host=args.host, port=args.port,
                        api_key=args.api_key, labels=args.labels,
                        label_prompts=args.label_prompts, registry=args.registry,
-                       cors_origins=args.cors_origin, device=args.device))
+                       cors_origins=args.cors_origin, device=args.device,
+                       context=args.context))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow cross-origin requests from ORIGIN (repeatable; default none)")
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--context", type=int, metavar="N",
+                    help="tokens of context served per row (default: the model's, at most "
+                         "8192: the KV cache holds that many for every row)")
     sv.set_defaults(func=cmd_serve)
 
     from scalelab.track.commands import register

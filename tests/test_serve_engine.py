@@ -6,10 +6,13 @@ import threading
 import pytest
 import torch
 
-from scalelab.config import ModelConfig
+import scalelab.serve.engine as serve_engine
+from scalelab.config import ModelConfig, UserError
 from scalelab.generate import generate
 from scalelab.model import Transformer
+from scalelab.serve.app import ServeOptions, load_engines
 from scalelab.serve.engine import Engine, Job, Sampling, held_back, sample_rows
+from scalelab.train.checkpoint import save_model
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +195,40 @@ def test_padded_vocabulary_ids_are_never_served(tokenizer):
             for e in done["logprobs"]:
                 assert e["token"] and all(alt[0] for alt in e["top"]), e
                 assert e["logprob"] < -20  # the padded ids hold nearly all the mass
+
+
+def test_a_served_context_below_the_models_caps_the_cache_and_no_answer(engine, tmp_path,
+                                                                      capsys, monkeypatch):
+    # An imported model may take 128k tokens: every row's KV cache would hold that many
+    # columns, attended over at every step. `serve --context N` (default: at most 8192)
+    # serves fewer; answers that fit are the same.
+    sizes = []
+
+    class Recorded(serve_engine.KVCache):
+        def __init__(self, cfg, batch, max_len, *args):
+            sizes.append(max_len)
+            super().__init__(cfg, batch, max_len, *args)
+    monkeypatch.setattr(serve_engine, "KVCache", Recorded)
+    tok = engine.tok
+    capped = Engine(engine.model, tok, window_s=0.2, context=24)
+    prompts = [tok.chat_prompt(t) for t in ("Hi", "Sort 3, 1, 2.")]
+    jobs = [(p, Sampling(max_tokens=24 - len(p), temperature=0.0), 1) for p in prompts]
+    results, _, _ = submit_all(capped, jobs)
+    for k, (p, s, _) in enumerate(jobs):
+        alone = generate(engine.model, [p], s.max_tokens, tok.pad_id, tok.eos_id,
+                         temperature=0.0)[0]
+        assert results[k][0]["text"] == tok.decode(alone)
+    assert max(sizes) == 24  # the rows' cache; the others are prompts' scratch caches
+    with pytest.raises(ValueError, match="1..64"):
+        Engine(engine.model, tok, context=65)
+
+    torch.manual_seed(0)  # a long-context model, as an imported one would be
+    long = Transformer(ModelConfig(vocab_size=tok.vocab_size, seq_len=10_000, n_layer=1,
+                                   n_head=2, d_model=16))
+    save_model(long, tok, tmp_path / "long")
+    served = load_engines(ServeOptions(models={"long": str(tmp_path / "long")}))["long"]
+    assert served.seq_len == 8192 and "8192-token context of its 10000" in capsys.readouterr().out
+    chosen = load_engines(ServeOptions(models={"m": str(tmp_path / "long")}, context=100))["m"]
+    assert chosen.seq_len == 100 and capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="--context 20000: .*long takes 1 to 10000 tokens"):
+        load_engines(ServeOptions(models={"m": str(tmp_path / "long")}, context=20000))

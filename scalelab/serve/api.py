@@ -116,7 +116,7 @@ def sampling(body: dict, engine: Engine, prompt_len: int, limits: Limits,
     and max_tokens may be 0, since the answer is the prompt's own log-probabilities."""
     room = engine.seq_len - prompt_len
     if room < 1 and not echo:
-        raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is "
+        raise APIError(400, f"the prompt is {prompt_len} tokens; the served context is "
                        f"{engine.seq_len}", "messages", "context_length_exceeded")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
@@ -366,7 +366,7 @@ async def completions(request: Request):
     jobs = []
     for ids in prompts:
         if len(ids) > engine.seq_len or (not echo and len(ids) >= engine.seq_len):
-            raise APIError(400, f"a prompt is {len(ids)} tokens; this model's context is "
+            raise APIError(400, f"a prompt is {len(ids)} tokens; the served context is "
                            f"{engine.seq_len}", "prompt", "context_length_exceeded")
         s = sampling(body, engine, len(ids), limits, 16, echo)
         s.logprobs, s.echo = k, echo

@@ -39,6 +39,12 @@ class ServeOptions:
     cors_origins: list[str] = field(default_factory=list)
     device: str = "auto"
     max_batch: int = 32
+    context: int | None = None  # tokens served per row (default: the model's, at most below)
+
+
+# The default cap on the served context: an imported model may take 128k tokens, and the
+# engine keeps that many KV-cache columns per row and attends over all of them every step.
+DEFAULT_SERVE_CONTEXT = 8192
 
 
 def is_loopback(host: str) -> bool:
@@ -250,7 +256,15 @@ def load_engines(opts: ServeOptions) -> dict:
     engines = {}
     for name, path in opts.models.items():
         model, tok = load_model(path, device)
-        engines[name] = Engine(model, tok, max_batch=opts.max_batch)
+        full = model.cfg.seq_len
+        if opts.context is not None and not 0 < opts.context <= full:
+            raise UserError(f"--context {opts.context}: {path} takes 1 to {full} tokens")
+        context = opts.context or min(full, DEFAULT_SERVE_CONTEXT)
+        if context < full and opts.context is None:
+            print(f"scalelab serve: {name} is served with a {context}-token context of its "
+                  f"{full} (every row's KV cache holds that many; --context N to change)",
+                  flush=True)
+        engines[name] = Engine(model, tok, max_batch=opts.max_batch, context=context)
     return engines
 
 

@@ -121,7 +121,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = 32,
-                 window_s: float = 0.005, max_queue: int = 256):
+                 window_s: float = 0.005, max_queue: int = 256, context: int | None = None):
         self.model, self.tok = model, tok
         # a row ends at the end of a turn or of a document (they differ for an imported base
         # model with a chat template: <|im_end|> and <|endoftext|>)
@@ -129,7 +129,11 @@ class Engine:
         self.vocab_limit = tok.vocab_size  # ids past it (a padded vocabulary's) are never sent
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.seq_len = model.cfg.seq_len
+        # the served context: the KV cache holds this many columns for every row, and each
+        # decode step attends over all of them (default: the model's whole context)
+        self.seq_len = context or model.cfg.seq_len
+        if not 0 < self.seq_len <= model.cfg.seq_len:
+            raise ValueError(f"context {self.seq_len} must be in 1..{model.cfg.seq_len}")
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: queue.Queue[Job] = queue.Queue(max_queue)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet admitted

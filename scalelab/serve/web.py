@@ -169,7 +169,7 @@ async def label_pair(request: Request) -> dict:
         raise bad("source", "one of tasks, file (with --label-prompts), typed")
     ids = chat_ids(engine, [{"role": "user", "content": prompt}], "model")
     if len(ids) >= engine.seq_len:
-        raise bad("prompt", f"{len(ids)} tokens; the model's context is {engine.seq_len}")
+        raise bad("prompt", f"{len(ids)} tokens; the served context is {engine.seq_len}")
     s = Sampling(max_tokens=min(integer(body, "max_tokens", 48, 1, 1024),
                                 engine.seq_len - len(ids)),
                  temperature=number(body, "temperature", 1.0, 0.0, 2.0))
