@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.processors import TemplateProcessing
 
 from scalelab.config import ModelConfig, UserError
 from scalelab.hf import hf_name
@@ -88,21 +86,6 @@ def tokenizer_config(tok, seq_len: int) -> dict:
     return config
 
 
-def exported_tokenizer(tok) -> HFTokenizer:
-    """The tokenizer.json to write. scalelab's own documents and prompts start with BOS, so
-    its tokenizer gets a post-processor that adds BOS where transformers (and vLLM) encode
-    with special tokens, as they do by default; without it an exported model would read
-    every prompt without the token it always saw first. An imported folder's tokenizer
-    goes out as it came in."""
-    if isinstance(tok, HFStyleTokenizer) or tok.bos_id is None:
-        return tok.hf
-    hf = HFTokenizer.from_str(tok.hf.to_str())
-    bos = tok.hf.id_to_token(tok.bos_id)
-    hf.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                           special_tokens=[(bos, tok.bos_id)])
-    return hf
-
-
 def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Path:
     """Write a Hugging Face folder (config, weights, tokenizer, generation config)."""
     if dtype not in DTYPES:
@@ -122,7 +105,7 @@ def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Pa
               metadata={"format": "pt"})
     config = hf_config(cfg, tok, dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    exported_tokenizer(tok).save(str(tmp / "tokenizer.json"))
+    tok.hf.save(str(tmp / "tokenizer.json"))
     tok_config = tokenizer_config(tok, cfg.seq_len)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     stops = list(dict.fromkeys([tok.eos_id, tok.doc_eos_id]))  # generation stops at either

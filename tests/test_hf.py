@@ -143,8 +143,6 @@ def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, toke
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == \
         (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    # a prompt starts with BOS in transformers too, as every document did in training
-    assert theirs("Mia has").input_ids == tokenizer.encode("Mia has", bos=True)
     conv = [{"role": "user", "content": "Mia has two apples"},
             {"role": "assistant", "content": "She has two."}]
     assert theirs.apply_chat_template(conv, tokenize=True, return_dict=False) == \
