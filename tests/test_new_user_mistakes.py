@@ -11,6 +11,8 @@ import torch
 from conftest import train_sets
 from new_user_home import SMALL, WORDS, cli, paragraphs
 
+from scalelab.config import PRESETS
+
 # ---- 4. mistakes: one clear line, exit 2 ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,23 @@ def test_a_labeler_with_nothing_to_label_is_refused(user_home, tmp_path):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and not out, err
     assert "reward.labeler = 'my_raters:score' has no effect" in err and "prompts.jsonl" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
+def test_sampling_settings_with_a_file_of_pairs_are_refused(user_home, tmp_path):
+    """reward.n_prompts and the other sampling settings were silently unused with --data FILE
+    (nothing is sampled): exit 2 naming them. The preset's own values pass: a config file
+    copied from it is no mistake."""
+    data = ["--data", str(user_home / "prefs.jsonl")]
+    rc, out, err = cli("reward", "--base", "b", *data, "--out", str(tmp_path / "r"),
+                       "--set", "reward.n_prompts=50", "--set", "reward.temperature=0.7")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not out, err
+    assert "reward.n_prompts = 50, reward.temperature = 0.7: no effect with --data" in err
+    assert "prefs.jsonl" in err and not (tmp_path / "r").exists()
+    copied = tmp_path / "reward.toml"
+    copied.write_text((PRESETS / "reward.toml").read_text())
+    rc, _, err = cli("reward", "--base", "b", *data, "--out", str(tmp_path / "r"),
+                     "--config", str(copied))
+    assert rc == 2 and "b: model folder not found" in err, err  # past the check, to --base
 
 
 def test_resume_reads_the_runs_own_config_with_every_section(user_sft):

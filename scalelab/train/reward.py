@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from scalelab.config import Config, UserError
+from scalelab.config import PRESETS, Config, RewardConfig, UserError, load_config
 from scalelab.data.batches import (
     ExampleLoader,
     batches_by_length,
@@ -188,11 +188,29 @@ def pair_accuracy(model: ScalarModel, batches: list) -> float:
     return right / max(total, 1)
 
 
+# reward.* settings read only where answers are sampled and ranked (--data builtin:tasks)
+SAMPLING_KEYS = ("n_prompts", "samples_per_prompt", "temperature", "max_new_tokens")
+
+
+def refuse_unused_sampling(rc: RewardConfig, data_spec: str) -> None:
+    """Sampling settings changed from the reward preset's where nothing is sampled (--data
+    FILE): exit 2 naming them, as reward.labeler is (labelers.refuse_unused). Compared with
+    the preset, not the dataclass defaults: a config file copied from the preset passes."""
+    preset = load_config(PRESETS / "reward.toml").reward
+    changed = [f"reward.{k} = {getattr(rc, k)!r}" for k in SAMPLING_KEYS
+               if getattr(rc, k) != getattr(preset, k)]
+    if changed:
+        raise UserError(f"{', '.join(changed)}: no effect with --data {data_spec}: the file's "
+                        "pairs are the preferences (answers are sampled and ranked only for "
+                        f"--data builtin:tasks); drop {'it' if len(changed) == 1 else 'them'}")
+
+
 def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                  resume: bool = False) -> Path:
     if not is_builtin_tasks(data_spec, "--data"):  # before start_stage makes anything
         refuse_unused(cfg.reward.labeler, f"--data {data_spec}", "the file's pairs are the "
                       "preferences (a labeler ranks answers sampled for --data builtin:tasks)")
+        refuse_unused_sampling(cfg.reward, data_spec)
     run, par, policy, tok = start_stage(cfg, out, resume, "reward", base)
     device = par.device
 
