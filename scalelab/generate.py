@@ -12,8 +12,8 @@ bucket and replayed; elsewhere (or with `graphs=False`) the same step runs eager
 `compile=True` the whole step goes through torch.compile before it is recorded, so the graph
 replays fewer, fused kernels per layer (rms_norm, rotary embedding, cache write, residual
 adds and SwiGLU around the matmuls; sampling) instead of ~30 small ones. Each layer's q/k/v
-and gate/up matmuls run as one each, from a copy of their weights made at every call
-(`FusedProjections`).
+and gate/up matmuls run as one each, from one copy of their weights per model, refreshed at
+every call (`FusedProjections`).
 
 Sampling is Gumbel-max (see `sample_next`), with the uniform noise drawn from `generator`
 before each step. `vocab_limit` (the tokenizer's real vocabulary size) keeps the ids of a
