@@ -100,27 +100,36 @@ def sdpa_backend(name: str | None):
     return sdpa_kernel([backends[name]])
 
 
+PROFILED = "bench/profiled"  # the range kernel_profile puts around the profiled call
+
+
 def kernel_profile(fn: Callable[[], object], device: torch.device, per: int,
-                   top: int = 15) -> dict:
+                   top: int = 15, gaps: int = 8) -> dict:
     """Run fn once under torch.profiler; the kernels (CUDA) or operators (CPU) that took the
     most time, and how many ran and how long they took in all per unit of work (per: e.g.
-    decode steps in the call)."""
-    from torch.profiler import ProfilerActivity, profile
+    decode steps in the call). Also where the device sat idle: `wall_us` from fn's start to
+    its end (after a sync), `idle_us` of it with nothing running, and the longest `gaps`
+    between one kernel (operator) and the next, named by the two, since a gap is the host
+    still busy with what comes next (Python, a sync, an uncompiled stretch)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
+        with record_function(PROFILED):
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    every = prof.events()
+    outer = next(e for e in every if e.name == PROFILED and e.device_type.name == "CPU")
     if cuda:  # device kernels: events that ran on the GPU, one per launch. Not the GPU-side
         # spans of record_function ranges (e.g. Optimizer.step#AdamW.step): they would count
         # the kernels inside them twice.
-        events = [e for e in prof.events() if e.device_type.name == "CUDA"
+        events = [e for e in every if e.device_type.name == "CUDA"
                   and not getattr(e, "is_user_annotation", False)]
         timed = [(e.name, e.device_time_total) for e in events]
-    else:  # operators at the top of the stack only, so nothing is counted twice
-        events = [e for e in prof.events() if e.cpu_parent is None]
+    else:  # operators at the top of fn's stack only, so nothing is counted twice
+        events = [e for e in every if e.cpu_parent is outer]
         timed = [(e.name, e.cpu_time_total) for e in events]
     totals: dict[str, list[float]] = {}
     for name, us in timed:
@@ -129,10 +138,33 @@ def kernel_profile(fn: Callable[[], object], device: torch.device, per: int,
         entry[1] += us
     busy_us = sum(us for _, us in timed)
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events]
     return {"what": "cuda kernels" if cuda else "cpu operators", "per": per,
             "count_per_unit": len(timed) / per, "busy_us_per_unit": busy_us / per,
+            **idle_gaps(spans, outer.time_range.start, outer.time_range.end, gaps),
             "top": [{"name": n[:120], "count": c, "us_total": round(us, 1),
                      "share": us / busy_us if busy_us else None} for n, (c, us) in rows]}
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], start: float, end: float, top: int
+              ) -> dict:
+    """From (start, end, name) intervals inside [start, end] (us): the wall time, the time
+    nothing ran, and the `top` longest stretches with nothing running, each named by the
+    interval before it ("" at the start) and the one after it ("" at the end)."""
+    spans = sorted(spans)
+    found, covered, last, prev = [], 0.0, start, ""
+    for s, e, name in spans:
+        if s > last:
+            found.append({"us": round(s - last, 1), "at_us": round(last - start, 1),
+                          "after": prev[:80], "before": name[:80]})
+        if e > last:
+            covered += e - max(s, last)
+            last, prev = e, name
+    if end > last:
+        found.append({"us": round(end - last, 1), "at_us": round(last - start, 1),
+                      "after": prev[:80], "before": ""})
+    return {"wall_us": round(end - start, 1), "idle_us": round(end - start - covered, 1),
+            "gaps": sorted(found, key=lambda g: -g["us"])[:top]}
 
 
 def print_profile(prof: dict, unit: str) -> None:
@@ -140,3 +172,9 @@ def print_profile(prof: dict, unit: str) -> None:
           f"{prof['busy_us_per_unit']:.1f} us busy per {unit}")
     for r in prof["top"]:
         print(f"  {r['share'] or 0:6.1%} {r['count']:6d} x  {r['name'][:90]}")
+    if "wall_us" in prof:
+        print(f"idle {prof['idle_us']:.0f} of {prof['wall_us']:.0f} us of the profiled call "
+              f"({prof['idle_us'] / max(prof['wall_us'], 1e-9):.1%}); longest gaps:")
+        for g in prof["gaps"]:
+            print(f"  {g['us']:9.1f} us at {g['at_us']:9.1f}: after {g['after'][:40]!r} "
+                  f"before {g['before'][:40]!r}")

@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR          # on a CUDA machine, under 8 minutes on an H100/H200
 #   bash bench/gpu_check.sh OUT_DIR --cpu    # smoke mode: tiny shapes on CPU, to test this script
-#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (5-12 min)
+#   bash bench/gpu_check.sh OUT_DIR --experiments   # only the experiments below (11-20 min)
 #   BENCHES="generate ppo" bash bench/gpu_check.sh OUT_DIR   # only these runs
 #
 # It uses whatever python has torch (PYTHON=... to choose) and imports scalelab from this
@@ -66,12 +66,16 @@ PY
 
 # name, script, seconds allowed (times $scale on CPU), extra arguments. The checks are the
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
-# the generate and train runs also profile the kernels of one call / step. The experiments
+# the generate and train runs also profile the kernels of one call / step, and where the GPU
+# sat idle between them (the longest gaps, named by the kernels around them). The experiments
 # time scalelab alone, each to compare with its check of the same run, most wanted first:
 # the decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION
-# = "flex"); SFT packed vs padded (packing is adopted, measured on CPU only: on CUDA its
-# masked attention cannot use the flash kernel); PPO with the chunked token log-probs under
-# compile; inductor's coordinate-descent tuning for the decode step and for pretraining.
+# = "flex"); inductor's GEMM autotuning (Triton matmul templates, which can fuse the
+# elementwise work around them) for the decode step and for pretraining; SFT packed vs
+# padded (packing is adopted, measured on CPU only: on CUDA its masked attention cannot use
+# the flash kernel); PPO with the chunked token log-probs under compile; inductor's
+# coordinate-descent tuning for the decode step and for pretraining. The experiments take
+# about 11-20 minutes in all: run them in two calls (BENCHES=...), under 10 minutes each.
 # Measured and settled (bench/results/gpu_check-h200-2026-11-28b): FusedProjections (on; its
 # baseline is `generate --no-fuse`); decode attention as plain sums, or SDPA's efficient
 # kernel, instead of the cuDNN one torch picks (no faster); cuDNN for pretraining (torch's pick
@@ -83,6 +87,8 @@ checks=(
 )
 extras=(
   "generate_flex generate 90 --systems scalelab --decode-attention flex"
+  "generate_autotune generate 240 --systems scalelab --compile-mode max-autotune-no-cudagraphs"
+  "train_autotune train 300 --peers scalelab --inductor max_autotune=True --steps 10 --warmup 3"
   "sft sft 150 --steps 10 --warmup 3"
   "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
   "generate_cdt generate 150 --systems scalelab --inductor coordinate_descent_tuning=True"

@@ -65,11 +65,13 @@ def test_kernel_profile_counts_kernels_not_the_annotations_around_them(monkeypat
     import torch
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import common
     from common import kernel_profile
 
-    def event(name, us, annotation=False):
+    def event(name, us, start, annotation=False, device="CUDA"):
         return SimpleNamespace(name=name, device_time_total=us, is_user_annotation=annotation,
-                               device_type=SimpleNamespace(name="CUDA"))
+                               device_type=SimpleNamespace(name=device),
+                               time_range=SimpleNamespace(start=start, end=start + us))
 
     class FakeProfile:
         def __init__(self, activities):
@@ -82,8 +84,10 @@ def test_kernel_profile_counts_kernels_not_the_annotations_around_them(monkeypat
             return False
 
         def events(self):
-            return [event("gemm", 30.0), event("gemm", 30.0), event("adam", 20.0),
-                    event("Optimizer.step#AdamW.step", 21.0, annotation=True)]
+            return [event(common.PROFILED, 100.0, 0.0, device="CPU"),
+                    event("gemm", 30.0, 10.0), event("gemm", 30.0, 40.0),
+                    event("adam", 20.0, 75.0),
+                    event("Optimizer.step#AdamW.step", 21.0, 74.0, annotation=True)]
 
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -91,3 +95,18 @@ def test_kernel_profile_counts_kernels_not_the_annotations_around_them(monkeypat
     assert prof["count_per_unit"] == 1.5 and prof["busy_us_per_unit"] == 40.0
     assert [(r["name"], r["count"], r["share"]) for r in prof["top"]] == [
         ("gemm", 2, 0.75), ("adam", 1, 0.25)]
+    # idle: 0-10 before the first kernel, 70-75 before adam, 95-100 after it
+    assert (prof["wall_us"], prof["idle_us"]) == (100.0, 20.0)
+    assert [(g["us"], g["after"], g["before"]) for g in prof["gaps"]] == [
+        (10.0, "", "gemm"), (5.0, "gemm", "adam"), (5.0, "adam", "")]
+
+
+def test_idle_gaps_merge_overlapping_spans(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import idle_gaps
+
+    # b starts inside a; covered: 5-30 and 42-50, so idle is 5 + 12 + 10 of 60 us
+    got = idle_gaps([(15.0, 30.0, "b"), (5.0, 20.0, "a"), (42.0, 50.0, "c")], 0.0, 60.0, top=2)
+    assert (got["wall_us"], got["idle_us"]) == (60.0, 27.0)
+    assert [(g["us"], g["at_us"], g["after"], g["before"]) for g in got["gaps"]] == [
+        (12.0, 30.0, "b", "c"), (10.0, 50.0, "c", "")]
