@@ -51,6 +51,8 @@ def main() -> None:
                         "CUDA, as PPO does with train.compile = auto)")
     p.add_argument("--compile-mode", help="experiment: torch.compile mode of the decode step "
                    "(e.g. max-autotune-no-cudagraphs; the CUDA graph is scalelab's own)")
+    p.add_argument("--compile-prefill", action="store_true", help="experiment: compile the "
+                   "prefill too (scalelab.generate.COMPILE_PREFILL)")
     p.add_argument("--no-fuse", action="store_true", help="experiment: decode with the "
                    "model's own q/k/v and gate/up weights (no FusedProjections)")
     p.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
@@ -75,6 +77,7 @@ def main() -> None:
     if args.compile_mode:
         scalelab.generate.COMPILE_OPTIONS["mode"] = args.compile_mode
     scalelab.generate.FUSE = not args.no_fuse
+    scalelab.generate.COMPILE_PREFILL = args.compile_prefill
     scalelab.model.DECODE_ATTENTION = args.decode_attention
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,7 +200,7 @@ def main() -> None:
                        "dtype": str(dtype), "temperature": 1.0, "repeats": args.repeats,
                        "compile": compile, "compile_mode": args.compile_mode,
                        "fuse": not args.no_fuse, "decode_attention": args.decode_attention,
-                       "sdpa": args.sdpa,
+                       "sdpa": args.sdpa, "compile_prefill": args.compile_prefill,
                        "inductor": inductor},
                rows=rows, tokens_per_s=tok_s, warmup_s=warm_s, seconds=times,
                peer_unavailable=unavailable, profile=prof, transformers=hf_version)

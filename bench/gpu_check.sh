@@ -70,7 +70,8 @@ PY
 # sat idle between them (the longest gaps, named by the kernels around them). The experiments
 # time scalelab alone, each to compare with its check of the same run, most wanted first:
 # the decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION
-# = "flex"); inductor's GEMM autotuning (Triton matmul templates, which can fuse the
+# = "flex"); the prefill compiled too (generate.COMPILE_PREFILL: its eager kernels are
+# launched one by one from Python); inductor's GEMM autotuning (Triton matmul templates, which can fuse the
 # elementwise work around them) for the decode step and for pretraining; SFT packed vs
 # padded (packing is adopted, measured on CPU only: on CUDA its masked attention cannot use
 # the flash kernel); PPO with the chunked token log-probs under compile; inductor's
@@ -87,6 +88,7 @@ checks=(
 )
 extras=(
   "generate_flex generate 90 --systems scalelab --decode-attention flex"
+  "generate_prefill generate 120 --systems scalelab --compile-prefill --profile"
   "generate_autotune generate 240 --systems scalelab --compile-mode max-autotune-no-cudagraphs"
   "train_autotune train 300 --peers scalelab --inductor max_autotune=True --steps 10 --warmup 3"
   "sft sft 150 --steps 10 --warmup 3"

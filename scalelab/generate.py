@@ -33,6 +33,9 @@ from scalelab.model import KVCache, Transformer
 
 CHECK_EVERY = 16  # decode steps between host checks of "has every row stopped?"
 COMPILE_OPTIONS: dict = {}  # extra torch.compile arguments for the decode step (experiments)
+# Experiment, not yet timed on a GPU: compile the prefill with the step (its eager kernels
+# are launched one by one from Python, which on a GPU can take longer than they run).
+COMPILE_PREFILL = False
 FUSE = True  # decode with FusedProjections where they fit (False: an experiment's baseline)
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Rollout}
 _MAX_ENGINES = 4  # per model; each holds a KV cache and a graph
@@ -191,6 +194,7 @@ class Rollout:
         self.projections = fused_projections(model)
         self.graph = None  # on CUDA: the recorded step, replayed each token
         self.run_step = None  # elsewhere: the step called each token (maybe compiled)
+        self.run_prefill = None  # with compile and COMPILE_PREFILL: _prefill compiled
         self.live_rows = rows
 
     def draw(self, generator: torch.Generator | None) -> None:
@@ -204,26 +208,43 @@ class Rollout:
                 draw: bool = True) -> None:
         """Run the (B, prompt_len) prompts, sample the first new token, reset the state.
         tokens/valid: (B, length); live: (B,) False for filler rows of a bucket."""
-        P, length = prompt_len, tokens.size(1)
         self.live_rows = int(live.sum())
-        positions, mask = padded_attention(valid)
-        self.cache.write_at = torch.arange(P, device=tokens.device)
-        h = model.hidden(tokens[:, :P], positions[:, :P], mask[:, :, :P, :], self.cache)
         if draw:
             self.draw(generator)
+        cols = self.cache.write_at = torch.arange(prompt_len, device=tokens.device)
+        if self.run_prefill is None:
+            self._prefill(model, tokens, valid, cols, live)
+        else:
+            torch._dynamo.maybe_mark_dynamic(cols, 0)  # one compiled prefill for any length
+            try:
+                self.run_prefill(model, tokens, valid, cols, live)
+            except Exception as e:  # as for the step: a compiler problem must not stop us
+                warnings.warn(f"generate: torch.compile of the prefill failed ({e!r:.200}); "
+                              "running it uncompiled", stacklevel=2)
+                self.run_prefill = None
+                self._prefill(model, tokens, valid, cols, live)  # rewrites it all
+        self.cache.write_at = self.write_at  # from here on, writes follow the step's tensor
+
+    def _prefill(self, model: Transformer, tokens: torch.Tensor, valid: torch.Tensor,
+                 prompt_cols: torch.Tensor, live: torch.Tensor) -> None:
+        """prefill's tensor work, the prompt's columns 0..P-1 given as prompt_cols (where the
+        cache writes them): no host sync, so it can be compiled whole."""
+        P = prompt_cols.size(0)
+        positions, mask = padded_attention(valid)
+        h = model.hidden(tokens[:, :P], positions[:, :P], mask[:, :, :P, :], self.cache)
         nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise, self.vocab_limit)
         nxt = nxt.masked_fill(~live, self.pad_id)
+        at = prompt_cols[-1:] + 1  # column P as a tensor: indexing by P itself would fix P
         self.out.copy_(tokens)
-        self.out[:, P] = nxt
+        self.out.index_copy_(1, at, nxt[:, None])
         self.done.copy_(~live)
         if self.eos_id is not None:
             self.done |= nxt == self.eos_id
         self.cur.copy_(nxt[:, None])
-        self.pos.copy_(positions[:, P])
-        self.write_at.fill_(P)
-        cols = torch.arange(length, device=tokens.device)
+        self.pos.copy_(positions.index_select(1, at)[:, 0])
+        self.write_at.copy_(at)
+        cols = torch.arange(tokens.size(1), device=tokens.device)
         self.key_ok.copy_((valid & (cols < P))[:, None, None, :])
-        self.cache.write_at = self.write_at  # from here on, writes follow the step's tensor
 
     def step(self, model: Transformer) -> None:
         """One decode step; every input is a fixed buffer, so it can be graph-captured."""
@@ -252,7 +273,11 @@ class Rollout:
 
     def prepare(self, model: Transformer, use_graph: bool, compile: bool) -> None:
         """Compile (if `compile`) and record (if `use_graph`: CUDA only) the step. The state
-        must have been prefilled, and it is left dirty: prefill again before use."""
+        must have been prefilled, and it is left dirty: prefill again before use. With
+        COMPILE_PREFILL the prefill is compiled too, on its first call, for any prompt length
+        (a first prompt of one token compiles it for that length alone)."""
+        if compile and COMPILE_PREFILL:
+            self.run_prefill = torch.compile(self._prefill, **COMPILE_OPTIONS)
         if not use_graph:
             self.run_step = self.compiled_step(model) if compile else self.step
             return

@@ -148,14 +148,18 @@ def test_kept_engines_of_a_model_share_one_fused_copy(monkeypatch):
     assert len(gen._ENGINES[model]) == 3  # the same engines
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_step_gives_the_same_tokens(attention, monkeypatch):
+@pytest.mark.parametrize("attention,prefill", [("sdpa", False), ("flex", False),
+                                               ("sdpa", True)])
+def test_compiled_step_gives_the_same_tokens(attention, prefill, monkeypatch):
     # compile=True compiles the whole decode step for real (inductor's CPU backend; on CUDA
     # the same graph becomes Triton kernels and is then recorded), once per bucket: the
     # second call (other prompts, same bucket) reuses it. The eager engine it is compared
     # with equals the full-recompute reference (tests above). "flex": the decode step's
     # attention through FlexAttention (model.DECODE_ATTENTION), grouped heads included.
+    # prefill: the prefill compiled too (generate.COMPILE_PREFILL); its second prompt length
+    # recompiles it for any length, and the third call reuses that.
     monkeypatch.setattr("scalelab.model.DECODE_ATTENTION", attention)
+    monkeypatch.setattr(gen, "COMPILE_PREFILL", prefill)
     model = small_model()
     limit = model.cfg.vocab_size - 3  # as for a padded vocabulary: a slice inside the graph
     kw = dict(temperature=1.1, top_p=0.95, eos_id=7, max_new_tokens=30, vocab_limit=limit)
@@ -170,6 +174,10 @@ def test_compiled_step_gives_the_same_tokens(attention, monkeypatch):
         assert run(model, compile=True, **kw) == run(model, use_cache=False, **kw)
     engines = list(gen._ENGINES[model].values())
     assert len(engines) == 1 and engines[0].run_step is not engines[0].step  # reused
+    assert (engines[0].run_prefill is not None) == prefill
+    if prefill:  # compiled once, for both prompt lengths
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        assert len(_debug_get_cache_entry_list(Rollout._prefill.__code__)) == 1
     assert max(max(r) for r in run(model, compile=True, **kw)) < limit
 
 
