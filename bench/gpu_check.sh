@@ -68,15 +68,17 @@ PY
 # issue's three benchmarks, each with its peer (train: the gpt2-124m preset, micro-batch 24);
 # the generate and train runs also profile the kernels of one call / step, and where the GPU
 # sat idle between them (the longest gaps, named by the kernels around them). The experiments
-# time scalelab alone, each to compare with its check of the same run, most wanted first:
-# the decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION
-# = "flex"); the prefill compiled too (generate.COMPILE_PREFILL: its eager kernels are
-# launched one by one from Python); inductor's GEMM autotuning (Triton matmul templates, which can fuse the
-# elementwise work around them) for the decode step and for pretraining; SFT packed vs
-# padded (packing is adopted, measured on CPU only: on CUDA its masked attention cannot use
-# the flash kernel); PPO with the chunked token log-probs under compile; inductor's
-# coordinate-descent tuning for the decode step and for pretraining. The experiments take
-# about 11-20 minutes in all: run them in two calls (BENCHES=...), under 10 minutes each.
+# time scalelab alone, each to compare with its check of the same run, most wanted first: the
+# decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION =
+# "flex"); the prefill compiled too (generate.COMPILE_PREFILL: its eager kernels are launched
+# one by one from Python); the compiled forward and backward of pretraining replayed as CUDA
+# graphs (what mode="reduce-overhead" does: no launch gaps); inductor's GEMM autotuning (Triton
+# matmul templates, which can fuse the elementwise work around them) for the decode step and
+# for pretraining; SFT packed vs padded (packing is adopted, measured on CPU only: on CUDA its
+# masked attention cannot use the flash kernel); PPO with the chunked token log-probs under
+# compile; inductor's coordinate-descent tuning for the decode step and for pretraining. The
+# experiments take about 11-20 minutes in all: run them in two calls (BENCHES=...), under 10
+# minutes each.
 # Measured and settled (bench/results/gpu_check-h200-2026-11-28b): FusedProjections (on; its
 # baseline is `generate --no-fuse`); decode attention as plain sums, or SDPA's efficient
 # kernel, instead of the cuDNN one torch picks (no faster); cuDNN for pretraining (torch's pick
@@ -90,6 +92,7 @@ extras=(
   "generate_flex generate 90 --systems scalelab --decode-attention flex"
   "generate_prefill generate 120 --systems scalelab --compile-prefill --profile"
   "generate_autotune generate 240 --systems scalelab --compile-mode max-autotune-no-cudagraphs"
+  "train_cudagraphs train 150 --peers scalelab --inductor triton.cudagraphs=True --steps 10 --warmup 3"
   "train_autotune train 300 --peers scalelab --inductor max_autotune=True --steps 10 --warmup 3"
   "sft sft 150 --steps 10 --warmup 3"
   "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
