@@ -82,9 +82,12 @@ def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
 
 
 def direct_loglik(model, tokenizer, ctx: str, cont: str) -> tuple[float, int]:
-    """(log p(cont | ctx), tokens of cont) from one plain forward pass, no batching."""
+    """(log p(cont | ctx), tokens of cont) from one plain forward pass, no batching; the
+    context starts with BOS, as lm-eval encodes it (the tokenizer's post-processor), and
+    loses its start where it does not fit the model's context."""
     ids = tokenizer.hf.encode(ctx + cont, add_special_tokens=False).ids
     n = len(ids) - len(tokenizer.hf.encode(ctx, add_special_tokens=False).ids)
+    ids = ([tokenizer.bos_id] + ids)[-(model.cfg.seq_len + 1):]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
     return logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item(), n
