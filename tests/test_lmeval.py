@@ -230,6 +230,26 @@ def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monk
     assert "lm_eval:toy_choice" in html and "lm_eval:toy_generate" in html
 
 
+def test_a_context_that_already_starts_with_bos_gets_no_second_one(tokenizer):
+    """As lm-eval's `hf` model: a string that starts with the BOS text is encoded without
+    the post-processor's BOS, its leading text read as the token (as transformers reads it)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from scalelab.lmeval import ScalelabEvalLM
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=24, n_layer=1,
+                                    n_head=2, d_model=32)).eval()
+    lm = ScalelabEvalLM.around(model, tokenizer)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.hf.to_str()),
+                                     bos_token="<|bos|>")  # a copy, as saved to a file
+    text = "Mia has 3 apples"
+    want = [tokenizer.bos_id] + tokenizer.encode(text)
+    assert lm.tok_encode(text) == theirs.encode(text) == want
+    assert lm.tok_encode("<|bos|>" + text) == theirs.encode("<|bos|>" + text,
+                                                            add_special_tokens=False) == want
+    assert lm.tok_encode(text, add_special_tokens=False) == tokenizer.encode(text)
+
+
 def test_generation_without_max_gen_toks_fits_a_short_context(tokenizer):
     """A generate_until task that sets no max_gen_toks gets the default 256, more than a
     tiny model's whole context: the prompt keeps (at least) half the context and the answer
