@@ -170,10 +170,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError("--prompt is not valid UTF-8 text (your terminal or file uses another "
                         "encoding); convert it to UTF-8")
     model, tok, g = load_for_sampling(args)
-    prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode(args.prompt, bos=True)
-    if not prompt:  # an empty prompt, and a tokenizer with no BOS to start from
-        raise UserError("--prompt is empty and this model's tokenizer has no BOS token to "
-                        "start from: give some text")
+    prompt = tok.chat_prompt(args.prompt) if args.chat else tok.encode_prompt(args.prompt)
+    if not prompt:  # an empty prompt, and a tokenizer that starts prompts with nothing
+        raise UserError("--prompt is empty and this model's tokenizer starts a prompt with no "
+                        "BOS token: give some text")
     room = model.cfg.seq_len - len(prompt)
     if room < 1:
         raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "

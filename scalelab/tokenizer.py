@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
 
 from scalelab.config import UserError
 
@@ -39,6 +40,13 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.doc_eos_id = self.eos_id  # ends a document (an HF chat tokenizer's eos_id ends a turn)
         self.special_ids = ids
+        # Every training document starts with BOS, so a prompt does too: the post-processor
+        # adds it where special tokens are on (transformers' and vLLM's default, so an
+        # exported model reads prompts as it was trained). Set here, not only in train(),
+        # so a tokenizer.json saved before it existed behaves the same. scalelab's own
+        # encode calls turn it off and add the special ids they need themselves.
+        hf.post_processor = TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -72,6 +80,18 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """The ids the tokenizer's post-processor puts before a text (what transformers and
+        vLLM start a prompt with): BOS for scalelab's own and Llama-style tokenizers, nothing
+        for GPT-2-style ones (even with a bos_token) or Qwen2.5's."""
+        plain = self.hf.encode("x", add_special_tokens=False).ids
+        return ids_before(self.hf.encode("x").ids, plain)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A (non-chat) prompt as this tokenizer begins one: prompt_prefix, then the text."""
+        return self.prompt_prefix + self.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
@@ -116,6 +136,12 @@ class Tokenizer:
     def chat_prompt(self, user_text: str) -> list[int]:
         """A one-turn conversation ready for the assistant's answer."""
         return self.encode_chat([{"role": "user", "content": user_text}], True)[0]
+
+
+def ids_before(ids: list[int], part: list[int]) -> list[int]:
+    """The ids before the first occurrence of `part` in `ids` (none if it is not there)."""
+    starts = (i for i in range(len(ids) - len(part) + 1) if ids[i: i + len(part)] == part)
+    return ids[: next(starts, 0)]
 
 
 @functools.cache

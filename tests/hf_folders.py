@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.processors import TemplateProcessing
 
 from scalelab.data.world import generate_documents
 
@@ -55,12 +56,17 @@ def sentencepiece_tokenizer_json(prepend: str) -> str:
 def make_hf_folder(out: Path, arch: str = "llama", tie: bool = False, rope_scaling: bool = False,
                    template: str | None = CHATML, shard: bool = False,
                    dtype: torch.dtype = torch.float32, seed: int = 0, seq_len: int = 128,
-                   extra_vocab: int = 3) -> Path:
-    """save_pretrained a random model of `arch` (llama, qwen2, mistral) with its tokenizer."""
+                   extra_vocab: int = 3, bos_processor: bool = False) -> Path:
+    """save_pretrained a random model of `arch` (llama, qwen2, mistral) with its tokenizer.
+    bos_processor: its tokenizer.json adds BOS ("<s>") to a text, as Llama's do; without it
+    the tokenizer adds nothing, as GPT-2-style ones (SmolLM2's) do despite their bos_token."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(tokenizer_json())
     hf = HFTokenizer.from_str(tokenizer_json())
+    if bos_processor:
+        hf.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                               special_tokens=[("<s>", hf.token_to_id("<s>"))])
+    (out / "tokenizer.json").write_text(hf.to_str())
     vocab = hf.get_vocab_size() + extra_vocab  # checkpoints often pad the vocabulary
     ids = {t: hf.token_to_id(t) for t in SPECIALS}
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

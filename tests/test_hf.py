@@ -143,6 +143,8 @@ def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, toke
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == \
         (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    # a prompt starts with BOS in transformers too, as every document did in training
+    assert theirs("Mia has").input_ids == [tokenizer.bos_id] + tokenizer.encode("Mia has")
     conv = [{"role": "user", "content": "Mia has two apples"},
             {"role": "assistant", "content": "She has two."}]
     assert theirs.apply_chat_template(conv, tokenize=True, return_dict=False) == \
@@ -412,6 +414,41 @@ def test_qwen_layout_bos_null_in_tokenizer_config_means_no_bos(tmp_path):
                 "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("bos_processor", [False, True])
+def test_generate_prompt_starts_as_transformers_starts_it(tmp_path, bos_processor):
+    """`generate --prompt` begins the prompt with what the folder's tokenizer adds to a text,
+    as transformers does: BOS where its post-processor adds one (Llama), nothing where it
+    adds none though the folder names a bos_token (GPT-2 style, SmolLM2); so it continues
+    the same tokens as transformers' greedy search."""
+    folder = make_hf_folder(tmp_path / "m", seed=5, bos_processor=bos_processor, template=None)
+    _, tok = load_model(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "Mia has a cat"
+    assert tok.bos_id == theirs.bos_token_id is not None
+    ids = theirs(text, return_tensors="pt").input_ids
+    assert (ids[0, 0].item() == tok.bos_id) == bos_processor
+    assert tok.encode_prompt(text) == ids[0].tolist()
+    out = hf_model(folder).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=tok.pad_id)
+    r = run_cli("generate", "--model", str(folder), "--prompt", text, "--max-new-tokens", "8",
+                "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("bos_processor", [False, True])
+def test_tracker_prompts_start_as_the_folders_tokenizer_starts_them(tmp_path, bos_processor):
+    """The tracker's prompts on an imported folder, through scalelab's engine or through
+    transformers, start with what the tokenizer adds to a text (as lm-eval's do): BOS only
+    where its post-processor adds it."""
+    from scalelab.track.evaluate import HFLM, ScalelabLM
+    folder = make_hf_folder(tmp_path / "m", bos_processor=bos_processor, template=None)
+    ours = ScalelabLM(folder, torch.device("cpu"), kind="hf")
+    via_transformers = HFLM(folder, torch.device("cpu"))
+    want = [ours.tok.bos_id] if bos_processor else []
+    assert ours.prefix == via_transformers.prefix == want and ours.tok.bos_id is not None
 
 
 ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}"

@@ -82,45 +82,71 @@ def toy_model_and_tasks(tmp_path, tokenizer, monkeypatch) -> tuple:
 
 
 def direct_loglik(model, tokenizer, ctx: str, cont: str) -> tuple[float, int]:
-    """(log p(cont | ctx), tokens of cont) from one plain forward pass, no batching."""
+    """(log p(cont | ctx), tokens of cont) from one plain forward pass, no batching; the
+    context starts with BOS, as lm-eval encodes it (the tokenizer's post-processor), and
+    loses its start where it does not fit the model's context."""
     ids = tokenizer.hf.encode(ctx + cont, add_special_tokens=False).ids
     n = len(ids) - len(tokenizer.hf.encode(ctx, add_special_tokens=False).ids)
+    ids = ([tokenizer.bos_id] + ids)[-(model.cfg.seq_len + 1):]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
     return logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item(), n
+
+
+def scalelab_and_hf(ours: Path, hf: Path, tasks: Path, names: list[str]) -> tuple:
+    """simple_evaluate's results for the tasks: the `scalelab` model on folder `ours`, and
+    lm-eval's own `hf` model on the Hugging Face folder `hf`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import scalelab.lmeval  # noqa: F401  (registers the `scalelab` model type)
+    manager = TaskManager(include_path=str(tasks))
+    return tuple(simple_evaluate(model=model, model_args=args, batch_size=4, tasks=names,
+                                 task_manager=manager, log_samples=True, device="cpu")
+                 for model, args in [("scalelab", f"path={ours}"),
+                                     ("hf", f"pretrained={hf},dtype=float32")])
+
+
+def same_scores(ours: dict, theirs: dict, task: str, n: int) -> None:
+    a = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
+    b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+    assert len(a) == len(b) == n
+    for sa, sb in zip(a, b):
+        flat_a = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in sa["resps"]]
+        flat_b = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in sb["resps"]]
+        assert flat_a == pytest.approx(flat_b, abs=1e-4), task
 
 
 def test_lm_eval_scalelab_matches_hf_twin(tmp_path, tokenizer, monkeypatch):
     _, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
     from scalelab.hf_export import export
     export(tmp_path / "model", tmp_path / "hf", "float32", log=lambda *_: None)
-
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    import scalelab.lmeval  # noqa: F401  (registers the `scalelab` model type)
-    manager = TaskManager(include_path=str(tasks))
     names = ["toy_choice", "toy_rolling", "toy_generate"]
-    ours = simple_evaluate(model="scalelab", model_args=f"path={tmp_path / 'model'}", batch_size=4,
-                           tasks=names, task_manager=manager, log_samples=True, device="cpu")
-    theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
-                             tasks=names, task_manager=manager, log_samples=True, device="cpu",
-                             batch_size=4)
-    for task in names:
-        a = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
-        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
-        assert len(a) == len(b) == len(rows)
-        for sa, sb in zip(a, b):
-            ra, rb = sa["resps"], sb["resps"]
-            if task == "toy_generate":
-                assert ra == rb
-                continue
-            flat_a = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in ra]
-            flat_b = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in rb]
-            assert flat_a == pytest.approx(flat_b, abs=1e-4), task
+    ours, theirs = scalelab_and_hf(tmp_path / "model", tmp_path / "hf", tasks, names)
+    for task in ["toy_choice", "toy_rolling"]:
+        same_scores(ours, theirs, task, len(rows))
+    a, b = (sorted(r["samples"]["toy_generate"], key=lambda s: s["doc_id"])
+            for r in (ours, theirs))
+    assert [s["resps"] for s in a] == [s["resps"] for s in b]
     assert any(s["resps"][0][0] for s in ours["samples"]["toy_generate"])  # text came out
     assert ours["results"]["toy_choice"]["acc,none"] == theirs["results"]["toy_choice"]["acc,none"]
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("bos_processor", [True, False])
+def test_lm_eval_scalelab_matches_hf_on_an_imported_folder(tmp_path, tokenizer, monkeypatch,
+                                                           bos_processor):
+    """On a Hugging Face folder whose tokenizer adds BOS to a text (Llama) or adds nothing
+    though it names a bos_token (GPT-2 style): the same log-likelihoods, rolling ones too, as
+    lm-eval's `hf` model. A 16-token context cuts contexts and splits rolling windows."""
+    from hf_folders import make_hf_folder
+    _, tasks, rows = toy_model_and_tasks(tmp_path, tokenizer, monkeypatch)
+    folder = make_hf_folder(tmp_path / "hf", seq_len=16, template=None,
+                            bos_processor=bos_processor)
+    names = ["toy_choice", "toy_rolling"]
+    ours, theirs = scalelab_and_hf(folder, folder, tasks, names)
+    for task in names:
+        same_scores(ours, theirs, task, len(rows))
 
 
 def test_lm_eval_command_line_knows_scalelab(tmp_path, tokenizer, monkeypatch):
@@ -202,6 +228,26 @@ def test_tracker_runs_an_lm_eval_task_as_an_experiment(tmp_path, tokenizer, monk
     assert main(["track", "report", "--registry", reg, "--out", str(tmp_path / "rep")]) == 0
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "lm_eval:toy_choice" in html and "lm_eval:toy_generate" in html
+
+
+def test_a_context_that_already_starts_with_bos_gets_no_second_one(tokenizer):
+    """As lm-eval's `hf` model: a string that starts with the BOS text is encoded without
+    the post-processor's BOS, its leading text read as the token (as transformers reads it)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from scalelab.lmeval import ScalelabEvalLM
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=24, n_layer=1,
+                                    n_head=2, d_model=32)).eval()
+    lm = ScalelabEvalLM.around(model, tokenizer)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.hf.to_str()),
+                                     bos_token="<|bos|>")  # a copy, as saved to a file
+    text = "Mia has 3 apples"
+    want = [tokenizer.bos_id] + tokenizer.encode(text)
+    assert lm.tok_encode(text) == theirs.encode(text) == want
+    assert lm.tok_encode("<|bos|>" + text) == theirs.encode("<|bos|>" + text,
+                                                            add_special_tokens=False) == want
+    assert lm.tok_encode(text, add_special_tokens=False) == tokenizer.encode(text)
 
 
 def test_generation_without_max_gen_toks_fits_a_short_context(tokenizer):

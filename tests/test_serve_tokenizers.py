@@ -22,9 +22,10 @@ def bosless(tokenizer, tmp_path_factory):
     from scalelab.config import ModelConfig
     from scalelab.hf_tokenizer import HFStyleTokenizer
     from scalelab.serve.engine import Engine
-    tok = HFStyleTokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()),
-                           {"eos_token": "<|eos|>", "pad_token": "<|pad|>"})
-    assert tok.bos_id is None
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    hf.post_processor = None  # Qwen2.5's tokenizer.json adds no BOS to a text either
+    tok = HFStyleTokenizer(hf, {"eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    assert tok.bos_id is None and tok.prompt_prefix == []
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, seq_len=32, n_layer=1,
                                     n_head=2, d_model=32)).eval()
@@ -128,3 +129,40 @@ def test_chat_a_model_cannot_take_is_a_400(tokenizer, tmp_path):
                                                 "max_tokens": 2}).status_code == 200
     r = c.post("/api/label/pair", json={"model": "base", "source": "typed", "prompt": "hi"})
     assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
+def test_completion_prompts_start_as_the_tokenizer_starts_them(tokenizer, tmp_path):
+    """A /v1/completions prompt starts with what the tokenizer's post-processor adds, as
+    vLLM's does: BOS for scalelab's own tokenizer (as in training), nothing for a GPT-2-style
+    folder whose post-processor adds none even though it names a bos_token."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scalelab.config import ModelConfig
+    from scalelab.hf_tokenizer import HFStyleTokenizer
+    from scalelab.serve.engine import Engine
+    plain = HFTokenizer.from_str(tokenizer.hf.to_str())
+    plain.post_processor = None
+    toks = {"own": tokenizer,
+            "gpt2style": HFStyleTokenizer(plain, {"bos_token": "<|bos|>", "eos_token": "<|eos|>"})}
+    assert toks["gpt2style"].bos_id == tokenizer.bos_id
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
+                                    n_head=2, d_model=32)).eval()
+    engines = {name: Engine(model, tok, window_s=0.0) for name, tok in toks.items()}
+    c = TestClient(create_app(engines, ServeOptions(models={}, labels=str(tmp_path / "l.jsonl"))),
+                   base_url="http://localhost")
+    prompt = "Alice lives in"
+    ids = tokenizer.encode(prompt)
+    for name, head in [("own", [tokenizer.bos_id]), ("gpt2style", [])]:
+        seq = head + ids
+        with torch.no_grad():
+            want = model(torch.tensor([seq])).float().log_softmax(-1)[0]
+        expect = [want[i, seq[i + 1]].item() for i in range(len(seq) - 1)]
+        r = c.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 0,
+                                            "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(seq), name
+        got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert got[len(got) - len(expect):] == pytest.approx(expect, abs=1e-4), name
+        assert (got[0] is None) == (not head), name  # nothing before the first text token

@@ -75,3 +75,32 @@ def test_tokenizer_vocab_too_large_is_refused():
             load_config(overrides=[f"data.tokenizer_vocab={v}"])
     assert load_config(overrides=[f"data.tokenizer_vocab={MAX_TOKENIZER_VOCAB}"])
     assert load_config(overrides=["data.tokenizer_vocab=262144"])
+
+
+def test_a_tokenizer_saved_before_the_bos_post_processor_starts_prompts_with_bos(tokenizer, tmp):
+    """A run's tokenizer.json written before scalelab's tokenizer had a post-processor loads
+    with one: a prompt (and transformers' default encoding) starts with BOS, as every training
+    document does; scalelab's own encodes add nothing, so token files keep exactly one BOS
+    per document; saving it again writes the post-processor (which `export` then carries)."""
+    import json
+
+    import numpy as np
+
+    from scalelab.data.tokens import write_token_files
+    from scalelab.tokenizer import Tokenizer
+    old = json.loads(tokenizer.hf.to_str())
+    old["post_processor"] = None
+    (tmp / "old.json").write_text(json.dumps(old))
+    tok = Tokenizer.load(tmp / "old.json")
+    text = "Mia has 3 cats"
+    plain = tokenizer.hf.encode(text, add_special_tokens=False).ids
+    assert tok.encode(text) == plain and tok.bos_id not in plain
+    assert tok.prompt_prefix == [tok.bos_id]
+    assert tok.encode_prompt(text) == tok.hf.encode(text).ids == [tok.bos_id] + plain
+    docs = [text, "Tom has 5 apples."]
+    write_token_files({"train": docs, "val": docs[:1]}, tok, tmp / "data")
+    ids = np.fromfile(tmp / "data" / "train.bin", dtype=np.uint16).tolist()
+    assert ids == [tok.bos_id, *plain, tok.eos_id, tok.bos_id, *tok.encode(docs[1]), tok.eos_id]
+    tok.save(tmp / "new.json")
+    assert json.loads((tmp / "new.json").read_text())["post_processor"]["type"] == \
+        "TemplateProcessing"

@@ -70,8 +70,16 @@ class ScalelabEvalLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs) -> list[int]:
-        # As transformers does: the tokenizer's own post-processor adds what it adds (BOS
-        # for Llama tokenizers, nothing for scalelab's) unless told not to.
+        # As lm-eval's `hf` model: the tokenizer's post-processor adds what it adds (BOS for
+        # scalelab's and Llama tokenizers, nothing for GPT-2-style ones) unless told not to,
+        # or unless the string already starts with the prefix token's text. transformers
+        # reads that text as the token; scalelab spells special-token text out, so the
+        # token is put back by id.
+        if add_special_tokens is None:
+            head = self.tok.decode([self.prefix_token_id], skip_special=False)
+            if head and string.startswith(head):
+                return [self.prefix_token_id] + self.tok.hf.encode(
+                    string[len(head):], add_special_tokens=False).ids
         return self.tok.hf.encode(string, add_special_tokens=add_special_tokens is not False).ids
 
     def tok_decode(self, ids: list[int]) -> str:
@@ -112,9 +120,10 @@ class ScalelabEvalLM(TemplateLM):
         out = []
         for req in requests:
             (text,) = req.args
+            # encoded as lm-eval's `hf` model does: with the post-processor's BOS, which the
+            # first window (its context is the prefix token) then also scores
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                self.tok_encode(text, add_special_tokens=False), self.prefix_token_id,
-                self.max_length, context_len=1)]
+                self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)]
             total = sum(lp for lp, _ in self._score(windows))
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)

@@ -307,7 +307,8 @@ async def chat_completions(request: Request):
 
 def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[int]]:
     """prompt: a string, a list of strings, a list of token ids, or a list of such lists.
-    Each gets BOS in front where the tokenizer has one (some, like Qwen2.5's, have none)."""
+    Each starts with the tokenizer's prompt_prefix: BOS where its post-processor adds one, as
+    transformers and vLLM do (Qwen2.5's and GPT-2-style tokenizers add none)."""
     p = body.get("prompt")
     vocab = engine.model.cfg.vocab_size
     if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
@@ -317,7 +318,7 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
                   f"{limits.max_n} of those")
     if sum(len(x) for x in p if isinstance(x, str)) > limits.max_chars:
         raise bad("prompt", f"more than {limits.max_chars} characters")
-    out, head = [], bos_head(engine)
+    out, head = [], engine.tok.prompt_prefix
     for x in p:
         if isinstance(x, str):
             ids = engine.tok.encode(x)
@@ -326,14 +327,10 @@ def completion_prompts(body: dict, engine: Engine, limits: Limits) -> list[list[
         else:
             raise bad("prompt", f"token ids must be integers in [0, {vocab})")
         if not head + ids:
-            raise bad("prompt", "empty, and this model's tokenizer has no BOS token to start "
-                      "from")
+            raise bad("prompt", "empty, and this model's tokenizer starts a prompt with no BOS "
+                      "token")
         out.append(head + ids)
     return out
-
-
-def bos_head(engine: Engine) -> list[int]:
-    return [] if engine.tok.bos_id is None else [engine.tok.bos_id]
 
 
 def legacy_logprobs(entries: list[dict]) -> dict:
@@ -397,7 +394,7 @@ async def completions(request: Request):
         return stream(chunks())
 
     results = await collect(started)
-    choices, skip = [], len(bos_head(engine))
+    choices, skip = [], len(engine.tok.prompt_prefix)
     for p, done in enumerate(results):
         prompt_text = engine.tok.decode(prompts[p][skip:]) if echo else ""
         for ev in done:

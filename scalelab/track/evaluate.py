@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from scalelab.config import UserError, load_config
 from scalelab.io import read_rows
+from scalelab.tokenizer import ids_before
 from scalelab.track import metrics as M
 from scalelab.track.specs import Item, load_items
 
@@ -39,8 +40,7 @@ class ScalelabLM:
         self.model, self.tok = load_model(path, device)
         self.device, self.max_len = device, self.model.cfg.seq_len
         self.pad_id = self.tok.pad_id
-        bos = self.tok.bos_id  # documents start with BOS in pretraining (where there is one)
-        self.prefix = [bos] if bos is not None else []
+        self.prefix = self.tok.prompt_prefix  # BOS for scalelab's own models, as in training
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -80,8 +80,9 @@ class HFLM:
         self.model.to(device).eval()
         self.device = device
         self.max_len = getattr(self.model.config, "max_position_embeddings", 2048)
-        bos = self.tok.bos_token_id
-        self.prefix = [bos] if bos is not None else []
+        # what the tokenizer adds to a text by default, as in lm-eval's and vLLM's prompts
+        self.prefix = ids_before(self.tok("x").input_ids,
+                                 self.tok("x", add_special_tokens=False).input_ids)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else \
             (self.tok.eos_token_id or 0)
 

@@ -154,7 +154,7 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
                       mc.seq_len).fixed_batches(tc.eval_batches)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
-    prompt = tok.encode(tc.sample_prompt, bos=True)
+    prompt = tok.encode_prompt(tc.sample_prompt)
     sample_every = tc.sample_every or tc.eval_every
 
     def evaluate(step: int) -> dict:
