@@ -491,3 +491,20 @@ def test_registry_option_is_taken_between_the_subcommands_too(tmp_path, monkeypa
         if "experiment" in argv:
             assert "addition" in out.getvalue(), argv  # the seeded experiments, from reg
     assert not (tmp_path / "scalelab-registry.db").exists() and reg.is_file()
+
+
+def test_status_columns_stay_apart_for_long_names_and_thresholds(tmp_path):
+    """A study's experiment names (instruct-cpu:compare_numbers) and a threshold like
+    -0.123456 are longer than the fixed widths status used: the name ran into the metric
+    ('instruct-cpu:compare_numbersexact_match'), the metric into the rule."""
+    reg = tmp_path / "reg.db"
+    exps = [("instruct-cpu:compare_numbers", "builtin:addition?n=2", "exact_match", "0.8"),
+            ("ll", "builtin:addition?n=2", "token_logprob", "-0.123456")]
+    for name, task, metric, thr in exps:
+        assert track(reg, "experiment", "add", "--name", name, "--task", task, "--metric",
+                     metric, "--threshold", thr).returncode == 0
+    lines = track(reg, "status").stdout.splitlines()
+    assert lines[0].split()[:4] == ["experiment", "metric", "pass", "at"]
+    rows = [line.split() for line in lines[1:3]]
+    assert rows == [["instruct-cpu:compare_numbers", "exact_match", ">=0.8", "not", "yet"],
+                    ["ll", "token_logprob", ">=-0.123456", "not", "yet"]]

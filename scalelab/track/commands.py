@@ -147,16 +147,22 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, m in enumerate(s["models"], 1):
         print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
-    print(f"{'experiment':<18}{'metric':<13}{'pass at':>8} "
+    rules = [M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
+             for e in s["experiments"]]
+    # columns as wide as their longest entry plus a space: a study's experiment names
+    # (instruct-cpu:compare_numbers) ran into the metric at a fixed width
+    wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
+    wm = max([12] + [len(e["metric"]) for e in s["experiments"]]) + 1
+    wr = max([8] + [len(r) for r in rules])
+    print(f"{'experiment':<{wn}}{'metric':<{wm}}{'pass at':>{wr}} "
           + "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing")
-    for e in s["experiments"]:
+    for e, rule in zip(s["experiments"], rules):
         cells = ""
         for n in names:
             c = e["results"].get(n)
             cells += f"{'':>8}" if c is None else f"{'nan ':>8}" if c["value"] is None else \
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
-        rule = M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
-        print(f"{e['name']:<18}{e['metric']:<13}{rule:>8} {cells}  "
+        print(f"{e['name']:<{wn}}{e['metric']:<{wm}}{rule:>{wr}} {cells}  "
               f"{e['first_passing_model'] or 'not yet'}")
     print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
 
