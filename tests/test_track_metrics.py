@@ -72,6 +72,26 @@ def test_power_law_fit_recovers_known_law():
     assert fit_power_law([1e4, 1e5], [2.0, 1.9]) is None  # two points fit anything
 
 
+def test_power_law_fit_keeps_the_irreducible_loss_non_negative():
+    """Four short CPU runs (d_model 16..48, 20 steps) whose loss still falls faster at the
+    larger sizes: the unbounded fit went to alpha 0.001 and E = -326.7. E >= 0 (a
+    cross-entropy), and the fit is the best such one: no (alpha, E >= 0, A >= 0) on a
+    dense grid does better."""
+    ns, losses = [15440, 24696, 47264, 77040], [5.645, 5.504, 5.340, 5.091]
+    fit = fit_power_law(ns, losses)
+    assert fit["E"] >= 0 and fit["A"] >= 0 and fit["alpha"] > 0.01
+    N, L = np.array(ns, dtype=float), np.array(losses)
+    model = fit["E"] + fit["A"] * N ** -fit["alpha"]
+    assert fit["rmse"] == pytest.approx(float(np.sqrt(np.mean((model - L) ** 2))))
+    best = math.inf
+    for alpha in np.linspace(0.001, 2.0, 400):
+        x = N ** -alpha
+        for e in np.linspace(0.0, min(losses), 200):
+            a = max(0.0, float(x @ (L - e) / (x @ x)))  # the best A >= 0 for this E
+            best = min(best, float(np.sqrt(np.mean((e + a * x - L) ** 2))))
+    assert fit["rmse"] <= best + 1e-6
+
+
 def test_prediction_extrapolates_the_continuous_metric():
     # y = -3 + 0.5 * log10(N) reaches -0.5 at N = 1e5 exactly
     pts = [(1e2, -2.0), (1e3, -1.5), (1e4, -1.0)]

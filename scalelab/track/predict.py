@@ -359,17 +359,25 @@ def fmt(v: float | None) -> str:
 
 def fit_power_law(n: list[float], loss: list[float]) -> dict | None:
     """Least squares for L(N) = E + A * N^-alpha: a grid over alpha, and for each alpha the
-    best (E, A) by linear least squares (A >= 0), then a finer grid around the best alpha."""
+    best (E, A) by linear least squares with E >= 0 and A >= 0, then a finer grid around the
+    best alpha. E is the loss no size removes, a cross-entropy: never below 0. Unbounded, a
+    few short runs whose loss still falls faster at the larger sizes were fitted with
+    alpha -> 0 and a meaningless E (L(N) = -326.7 + 335.6 / N^0.001)."""
     if len(set(n)) < 3:  # a curve in N needs at least three different N
         return None
     N, L = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
 
+    def squared_error(E: float, A: float, x: np.ndarray) -> float:
+        return float(((E + A * x - L) ** 2).sum())
+
     def solve(alpha: float) -> tuple[float, float, float]:
-        X = np.stack([np.ones_like(N), N ** -alpha], 1)
-        (E, A), *_ = np.linalg.lstsq(X, L, rcond=None)
-        if A < 0:  # loss rising with N: clamp to a flat line
-            E, A = L.mean(), 0.0
-        return float(((E + A * N ** -alpha - L) ** 2).sum()), float(E), float(A)
+        x = N ** -alpha
+        (E, A), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), L, rcond=None)
+        if E < 0 or A < 0:  # the optimum lies on a bound: the best of the two edges
+            edges = [(0.0, max(0.0, float(x @ L / (x @ x)))),  # E = 0
+                     (max(0.0, float(L.mean())), 0.0)]  # A = 0: a flat line
+            E, A = min(edges, key=lambda ea: squared_error(*ea, x))
+        return squared_error(E, A, x), float(E), float(A)
 
     grid = np.linspace(0.01, 2.0, 200)
     best = min(grid, key=lambda a: solve(a)[0])
