@@ -72,7 +72,31 @@ def load_study(path: Path) -> tuple[Config, dict]:
             or ks != sorted(set(ks)):
         raise UserError(f"{path}: 'study.n_tasks' must be increasing integers in "
                         f"1..{len(TRAIN_TASKS)} (the training families)")
+    # checked here, not after the first size is pretrained and registered (then the
+    # corrected config was refused for that --out, and its model names were taken)
+    need = min_sft_examples(sft_preset())
+    if opts["sft_examples"] < need:
+        raise UserError(f"{path}: 'study.sft_examples' = {opts['sft_examples']} is too few: "
+                        f"the SFT preset trains on batches of {need - held_out(need)} "
+                        f"conversations and holds out {held_out(need)}; give at least {need} "
+                        "(more where conversations longer than model.seq_len are skipped)")
     return cfg, opts
+
+
+def sft_preset() -> Config:
+    """The SFT settings every tuning run of a study starts from (batch size, warmup)."""
+    return load_config(resolve_config_path("sft"))
+
+
+def held_out(n: int) -> int:
+    from scalelab.data.batches import split_heldout
+    return len(split_heldout(list(range(n)))[1])
+
+
+def min_sft_examples(sft_cfg: Config) -> int:
+    """The fewest conversations that leave one batch to train on after the held-out ones."""
+    batch = sft_cfg.train.batch_size * sft_cfg.train.grad_accum
+    return next(n for n in range(batch, 2 * batch + 300) if n - held_out(n) >= batch)
 
 
 def task_order(seed: int) -> list[str]:
@@ -175,7 +199,7 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     vocab = 0
     if any(isinstance(size, dict) for size in opts["sizes"]):
         vocab = shared_vocab(base_cfg, out / "shared")
-    sft_cfg = load_config(resolve_config_path("sft"))  # the preset: batch size, warmup
+    sft_cfg = sft_preset()
     sft_cfg.train.max_steps, sft_cfg.train.lr = opts["sft_steps"], opts["sft_lr"]
     sft_cfg.train.checkpoint_every = sft_cfg.train.eval_every = opts["sft_steps"]
     sft_cfg.train.warmup_steps = min(sft_cfg.train.warmup_steps, opts["sft_steps"] // 5)
