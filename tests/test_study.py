@@ -126,6 +126,14 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
         else "exit 0"
     assert f"{cfg}: study.sizes[1]: no model named 'nope'" in err, err
     assert not out.exists()
+    # one base twice (from the registry, or two sizes named alike): one run folder for both
+    cfg.write_text(STUDY.replace("sizes = [", 'sizes = ["registry:a", "registry:a", '))
+    assert main(args) == 2 and f"{cfg}: study.sizes[1] repeats study.sizes[0] (registry:a)" \
+        in capsys.readouterr().err
+    cfg.write_text(STUDY.replace("d_model = 16, n_head = 2", "d_model = 32, n_head = 4"))
+    assert main(args) == 2 and f"{cfg}: study.sizes[1]: gives the same run and model name " \
+        "as study.sizes[0] (L1-d32" in capsys.readouterr().err
+    assert not out.exists()
     mine = tmp_path / "project"  # a folder the study did not write: refused, left alone
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

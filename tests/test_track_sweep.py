@@ -90,6 +90,15 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     assert "sweep.sizes[2]" in err and "n_head = 5" in err, err
     # refused before any work: no shared corpus or tokenizer, no registry, nothing in --out
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # two sizes named alike (L1-d32): the second silently reused the first's run and
+    # model (n_head only differs), or failed to resume it after the first had trained
+    for other in ("n_head = 4", "n_head = 2, d_mlp = 256"):
+        cfg.write_text(SWEEP.replace("n_head = 2}]", f"n_head = 2}},\n {{n_layer = 1, "
+                                     f"d_model = 32, {other}}}]"))
+        err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+        assert f"{cfg}: sweep.sizes[3]: gives the same run and model name as " \
+            "sweep.sizes[2] (L1-d32" in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
     # a bad experiment entry: named by file and key, refused before any work (they used to

@@ -64,8 +64,13 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
         opts[key] = value
     if not opts["sizes"]:
         raise UserError(f"{path}: '{table}.sizes' must list at least one model size")
+    labels: dict[str, int] = {}  # each size's run folder and model name: one size each
     for i, size in enumerate(opts["sizes"]):
         if table == "study" and isinstance(size, str) and size.startswith("registry:"):
+            if size in labels:
+                raise UserError(f"{path}: {table}.sizes[{i}] repeats {table}.sizes"
+                                f"[{labels[size]}] ({size})")
+            labels[size] = i
             continue  # a study may start from a registered base model
         if not isinstance(size, dict):
             raise UserError(f"{path}: {table}.sizes[{i}] must be a table like "
@@ -74,9 +79,16 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
         from scalelab.model import check_shape
         where = f"{path}: {table}.sizes[{i}]"
         try:  # a size that cannot be built is refused before any corpus or registry work
-            check_shape(apply_dict(copy.deepcopy(cfg), {"model": size}, where).model)
+            shape = apply_dict(copy.deepcopy(cfg), {"model": size}, where).model
+            check_shape(shape)
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
+        label = size_label(shape)
+        if label in labels:  # the later one would reuse (or fail to resume) the earlier's run
+            raise UserError(f"{where}: gives the same run and model name as {table}.sizes"
+                            f"[{labels[label]}] ({label}: sizes are named by n_layer and "
+                            "d_model only); give each size its own n_layer or d_model")
+        labels[label] = i
     return cfg, opts
 
 
@@ -134,6 +146,11 @@ def write_corpus(path: Path, n_docs: int, seed: int, weights: dict[str, float]) 
     atomic_write_text(path, "".join(rows))
 
 
+def size_label(model) -> str:
+    """A size's run folder and model-name suffix: L2-d64."""
+    return f"L{model.n_layer}-d{model.d_model}"
+
+
 def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Config, dict]:
     """This size's config: its shape, lr ~ 1/width, steps for its token or FLOP budget."""
     from scalelab.model import Transformer
@@ -152,7 +169,7 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
     if opts["lr_width"]:
         tc.lr = tc.lr * opts["lr_width"] / cfg.model.d_model
     tc.eval_every = tc.checkpoint_every = tc.max_steps  # eval and checkpoint at the end
-    label = f"L{cfg.model.n_layer}-d{cfg.model.d_model}"
+    label = size_label(cfg.model)
     return cfg, {"label": label, "params": n, "steps": tc.max_steps, "lr": tc.lr,
                  "tokens": tc.max_steps * per_step}
 
