@@ -286,3 +286,10 @@ def test_predictions_over_results_that_scored_no_item(tmp_path):
     rows = backtest(reg)
     assert rows and {r["verdict"] for r in rows} == {"no prediction"}
     assert {r["naive"] for r in rows} == {None}  # the old mapping fitted nan brier: a "pass"
+
+
+def test_human_counts_round_before_picking_the_unit():
+    """999,600 parameters printed as '1e+03k' (the unit was chosen before rounding)."""
+    from scalelab.track.ops import human
+    got = [human(x) for x in (999, 999.6, 999_600, 1e6, 9.996e11, 123_456, 77_040, 0.5, None)]
+    assert got == ["999", "1k", "1M", "1M", "1T", "123k", "77k", "0.5", "-"]

@@ -15,6 +15,7 @@ from scalelab.track.registry import Registry, code_version
 def human(x: float | None) -> str:
     if x is None:
         return "-"
+    x = float(f"{x:.3g}")  # rounded first: 999,600 is 1M, not 1e+03k
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.3g}{unit}"
