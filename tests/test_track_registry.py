@@ -86,6 +86,8 @@ def test_rerun_on_new_model_runs_exactly_the_unpassed_experiments(tmp_path, mode
     first = {e["name"]: e["first_passing_model"] for e in s["experiments"]}
     assert first == {"mine": "m24", "easy": "m16", "hard": None}
     assert s["not_yet"] == ["hard"]
+    rules = {e["name"]: e["pass_rule"] for e in s["experiments"]}  # the serve page shows it
+    assert rules == {"mine": ">=1", "easy": "<=1", "hard": ">=1"}
     text = track(reg, "status").stdout
     assert "not yet passed: hard" in text
     rules = {line.split()[0]: line.split()[2] for line in text.splitlines()

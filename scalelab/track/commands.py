@@ -132,6 +132,9 @@ def status(reg: Registry) -> dict:
                     first = m["name"]
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
                                    "threshold": e["threshold"], "results": cells,
+                                   # '<=0.2' for distances: the threshold alone hid which side
+                                   "pass_rule": M.comparison(e["metric"])
+                                   + format(e["threshold"], "g"),
                                    "first_passing_model": first})
         if first is None:
             out["not_yet"].append(e["name"])
@@ -147,8 +150,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, m in enumerate(s["models"], 1):
         print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
-    rules = [M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
-             for e in s["experiments"]]
+    rules = [e["pass_rule"] for e in s["experiments"]]
     # columns as wide as their longest entry plus a space: a study's experiment names
     # (instruct-cpu:compare_numbers) ran into the metric at a fixed width
     wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
