@@ -293,3 +293,23 @@ def test_human_counts_round_before_picking_the_unit():
     from scalelab.track.ops import human
     got = [human(x) for x in (999, 999.6, 999_600, 1e6, 9.996e11, 123_456, 77_040, 0.5, None)]
     assert got == ["999", "1k", "1M", "1M", "1T", "123k", "77k", "0.5", "-"]
+
+
+def test_report_caveat_names_a_deleted_model_folder_not_a_corpus_none(tmp_path):
+    """A registered model whose folder was deleted made the report claim the models 'were
+    pretrained on different corpora (None, builtin:world)'."""
+    from scalelab.track.report import scaling_caveat
+    base = []
+    for i, name in enumerate(("a", "b", "c")):
+        run = tmp_path / name
+        (run / "model").mkdir(parents=True)
+        (run / "config.toml").write_text('[data]\nsource = "builtin:world"\n')
+        base.append({"name": name, "path": str(run / "model"), "non_embedding_params": 10 ** i})
+    assert scaling_caveat(base, {"E": 1.0}) == ""
+    base.append({"name": "old", "path": str(tmp_path / "old" / "model"),
+                 "non_embedding_params": 5})
+    note = scaling_caveat(base, {"E": 1.0})
+    assert "None" not in note and "different corpora" not in note, note
+    assert note.startswith("the folders of old are gone"), note
+    (tmp_path / "c" / "config.toml").write_text('[data]\nsource = "/data/mine.jsonl"\n')
+    assert "different corpora (/data/mine.jsonl, builtin:world)" in scaling_caveat(base, None)

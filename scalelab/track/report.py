@@ -144,9 +144,13 @@ def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
     if scaling is None and len(base) >= 2 and len(sizes) < 3:
         notes.append(f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
                      "distinct size(s); a curve in N needs at least three.")
-    corpora = {corpus_source(Path(m["path"])) for m in base}
+    gone = [m["name"] for m in base if not Path(m["path"]).is_dir()]
+    if gone:  # not "different corpora (None, ...)": nothing says which corpus they had
+        notes.append(f"the folders of {', '.join(gone)} are gone, so their tokenizer and "
+                     "corpus are unknown: no fit or prediction pools them with the others.")
+    corpora = {corpus_source(Path(m["path"])) for m in base if m["name"] not in gone}
     if len(corpora) > 1:
-        names = ", ".join(sorted(str(c) for c in corpora))
+        names = ", ".join(sorted(c or "unknown" for c in corpora))
         notes.append(f"these models were pretrained on different corpora ({names}): their "
                      "validation losses are on different text, so each corpus gets its own "
                      "L(N) fit and its own predictions below.")
