@@ -510,3 +510,12 @@ def test_status_columns_stay_apart_for_long_names_and_thresholds(tmp_path):
     rows = [line.split() for line in lines[1:3]]
     assert rows == [["instruct-cpu:compare_numbers", "exact_match", ">=0.8", "not", "yet"],
                     ["ll", "token_logprob", ">=-0.123456", "not", "yet"]]
+
+
+def test_an_empty_task_is_named_as_such(tmp_path):
+    """`--task ""` (an unset shell variable) was read as the file '.': ".: is a folder"."""
+    reg = tmp_path / "reg.db"
+    for task in ("", " "):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", task, "--threshold", "1")
+        assert r.returncode == 2 and "task must not be empty" in r.stderr, r
+    assert not reg.exists()

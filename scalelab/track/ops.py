@@ -37,6 +37,9 @@ def checked_experiment(name: str, task: str, threshold: float, metric: str | Non
     from scalelab.track.specs import is_choice_task
     if not name.strip():
         raise UserError("name must not be empty")
+    if not task.strip():  # else read as the file '.': "is a folder; give a .jsonl file"
+        raise UserError("task must not be empty (builtin:FAMILY?key=value, tasks:FAMILY or "
+                        "a JSONL file)")
     if is_lm_eval(task):  # also finds the task (lm-eval installed, name, include path)
         allowed, default = metrics_for(task)
         kind = "this lm-eval task"
