@@ -99,6 +99,20 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
         assert f"{cfg}: sweep.sizes[3]: gives the same run and model name as " \
             "sweep.sizes[2] (L1-d32" in err, err
         assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # budget keys out of range: a negative lr_width trained with a negative learning rate
+    # (a traceback once the corpus was built), nan or inf a traceback, tokens_per_param <= 0
+    # or a negative flops silently trained every size for min_steps
+    for old, new in (("tokens_per_param = 0.5", "tokens_per_param = -1.0"),
+                     ("tokens_per_param = 0.5", "tokens_per_param = 0"),
+                     ("tokens_per_param = 0.5", "tokens_per_param = nan"),
+                     ("tokens_per_param = 0.5", "flops = -1e9"),
+                     ("tokens_per_param = 0.5", "flops = inf"),
+                     ("lr_width = 32", "lr_width = -32"),
+                     ("min_steps = 10", "min_steps = -1")):
+        cfg.write_text(SWEEP.replace(old, new))
+        err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+        assert f"{cfg}: 'sweep.{new.split()[0]}' = " in err and "must be a finite" in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
     # a bad experiment entry: named by file and key, refused before any work (they used to

@@ -96,6 +96,17 @@ def load_sweep(path: Path) -> tuple[Config, dict]:
     cfg, opts = load_table(path, "sweep", SWEEP_KEYS, {
         "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0, "min_steps": 50, "sizes": [],
         "experiments": "starter", "corpus": {}})
+    # each budget key a finite number in range, before any corpus or registry work: a
+    # negative lr_width made a negative learning rate (a traceback after the corpus was
+    # built), nan a traceback, a tokens_per_param <= 0 silently min_steps for every size
+    for key, low, strict in (("tokens_per_param", 0.0, True), ("flops", 0.0, False),
+                             ("lr_width", 0, False), ("min_steps", 0, False)):
+        value = opts[key]
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise UserError(f"{path}: 'sweep.{key}' = {value} must be a finite number "
+                            f"{'>' if strict else '>='} {low}"
+                            + (" (0: no fixed FLOP budget)" if key == "flops" else "")
+                            + (" (0: one lr for every size)" if key == "lr_width" else ""))
     from scalelab.data.world import DOC_KINDS
     for kind, w in opts["corpus"].items():
         if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
