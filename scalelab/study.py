@@ -34,6 +34,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -65,8 +66,10 @@ def load_study(path: Path) -> tuple[Config, dict]:
         "sft_lr": 1e-3, "sft_examples": 8000, "eval_n": 32, "eval_difficulty": 1})
     for key, want in STUDY_KEYS.items():
         low = 0 if key in ("order_seed", "lr_width") else 1
-        if (want is int and opts[key] < low) or (want is float and not opts[key] > 0):
-            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}")
+        if (want is int and opts[key] < low) or \
+                (want is float and not 0 < opts[key] < math.inf):  # inf: a diverged run
+            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}"
+                            + (" and finite" if want is float else ""))
     ks = opts["n_tasks"]
     if not ks or not all(isinstance(k, int) and 1 <= k <= len(TRAIN_TASKS) for k in ks) \
             or ks != sorted(set(ks)):

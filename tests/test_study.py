@@ -113,6 +113,9 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "study.n_tasks" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
     assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
+    cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = inf"))  # refused after pretraining
+    assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
+    assert "'study.sft_lr' must be positive and finite" in capsys.readouterr().err
     # fewer conversations than one SFT batch (32) plus the held-out ones: refused before
     # anything is trained, not after the first size is pretrained and registered
     cfg.write_text(STUDY.replace("sft_examples = 120", "sft_examples = 34"))
