@@ -519,3 +519,21 @@ def test_an_empty_task_is_named_as_such(tmp_path):
         r = track(reg, "experiment", "add", "--name", "x", "--task", task, "--threshold", "1")
         assert r.returncode == 2 and "task must not be empty" in r.stderr, r
     assert not reg.exists()
+
+
+def test_reading_commands_do_not_make_a_registry_where_there_is_none(tmp_path, monkeypatch):
+    """`track status` (list, show, run, backtest, report) in a folder without a registry
+    made an empty scalelab-registry.db there and said nothing: a user in the wrong folder
+    saw "nothing registered", and a later `model add` from there filled the stray file."""
+    from scalelab.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCALELAB_REGISTRY", raising=False)
+    for argv in (["status"], ["status", "--json"], ["experiment", "list"], ["model", "list"],
+                 ["run"], ["backtest"], ["report", "--out", "rep"]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert main(["track", *argv]) == 0, argv
+        assert "no registry at scalelab-registry.db yet" in err.getvalue(), argv
+    assert not (tmp_path / "scalelab-registry.db").exists()
+    assert main(["track", "experiment", "seed"]) == 0  # a command that writes makes it
+    assert (tmp_path / "scalelab-registry.db").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -20,8 +21,19 @@ from scalelab.track.ops import (
 from scalelab.track.registry import Registry, registry_path
 
 
-def open_registry(args: argparse.Namespace) -> Registry:
-    return Registry(registry_path(getattr(args, "registry", None)))
+def open_registry(args: argparse.Namespace, create: bool = True) -> Registry:
+    """The registry; for a command that only reads it (create=False), one that does not
+    exist yet is shown empty, said on stderr, and not made: `track status` in the wrong
+    folder used to leave an empty scalelab-registry.db there, which a later `model add`
+    from that folder then filled instead of the real one."""
+    path = registry_path(getattr(args, "registry", None))
+    if create or path.exists():
+        return Registry(path)
+    print(f"scalelab: no registry at {path} yet (nothing registered here; another folder's? "
+          "pass --registry FILE or set SCALELAB_REGISTRY)", file=sys.stderr)
+    reg = Registry(":memory:")  # the empty view, with the path it was asked for in messages
+    reg.path = path
+    return reg
 
 
 # ---- experiments ---------------------------------------------------------------------------
@@ -47,7 +59,7 @@ def cmd_experiment_seed(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment_list(args: argparse.Namespace) -> None:
-    reg = open_registry(args)
+    reg = open_registry(args, create=False)
     passed = reg.passed_experiment_ids()
     for e in reg.experiments():
         print(f"{e['name']:<18} {'passed' if e['id'] in passed else 'not yet':<8} "
@@ -56,7 +68,7 @@ def cmd_experiment_list(args: argparse.Namespace) -> None:
 
 def cmd_experiment_show(args: argparse.Namespace) -> None:
     from scalelab.track.predict import fmt, verdict
-    reg = open_registry(args)
+    reg = open_registry(args, create=False)
     e = reg.experiment(args.name)
     print(f"{e['name']}: {e['task']}\n  pass if {e['metric']} "
           f"{M.comparison(e['metric'])} {e['threshold']}"
@@ -93,7 +105,7 @@ def cmd_model_add(args: argparse.Namespace) -> None:
 
 
 def cmd_model_list(args: argparse.Namespace) -> None:
-    for m in open_registry(args).models():
+    for m in open_registry(args, create=False).models():
         print(f"{m['name']:<18} {m['kind']:<8} {m['lineage']:<5} params {human(m['params']):>6}"
               f"  N {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
               f"  FLOPs {human(m['flops']):>6}  pretrain val_loss "
@@ -101,7 +113,7 @@ def cmd_model_list(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    reg = open_registry(args)
+    reg = open_registry(args, create=False)
     models = [reg.model(args.model)] if args.model else reg.models()
     exps = [reg.experiment(args.experiment)] if args.experiment else reg.experiments()
     if args.failed_only:
@@ -142,7 +154,7 @@ def status(reg: Registry) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    s = status(open_registry(args))
+    s = status(open_registry(args, create=False))
     if args.json:
         print(json.dumps(s, indent=2))
         return
@@ -173,7 +185,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from scalelab.track.report import write_report
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "report.html", "track report")
-    path = write_report(open_registry(args), Path(args.out))
+    path = write_report(open_registry(args, create=False), Path(args.out))
     print(f"report written to {path}")
 
 
@@ -191,7 +203,7 @@ def cmd_backtest(args: argparse.Namespace) -> None:
             BACKTEST_MARK.encode()):  # replace only a file this command wrote
         raise UserError(f"--out {out}: exists and is not a backtest this command wrote; name "
                         "a new file (no file of yours is replaced)")
-    text = markdown(backtest(open_registry(args)))
+    text = markdown(backtest(open_registry(args, create=False)))
     print(text)
     if out is not None:
         atomic_write_text(out, BACKTEST_MARK + text)
