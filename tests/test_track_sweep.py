@@ -1,5 +1,7 @@
 """`scalelab sweep` end to end on a toy ladder (seconds per size), and `pretrain --register`."""
 
+import contextlib
+import io
 import json
 import math
 
@@ -77,6 +79,23 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
                 "--registry", str(reg))
     assert r.returncode == 0, r.stderr
     assert "--- training" not in r.stdout and len(db.results()) == 6
+
+    # another budget, or another shape under a size's name, into the same --out: refused
+    # before anything is touched (the runs were trained further in place while the
+    # registry kept their old tokens, losses and results, and the L(N) fit the old losses)
+    metrics = (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes()
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--registry", str(reg)]
+    for old, new, said in (("tokens_per_param = 0.5", "tokens_per_param = 2.0", "settings"),
+                           ("d_model = 24, n_head = 2", "d_model = 24, n_head = 4",
+                            "size L1-d24")):
+        cfg.write_text(SWEEP.replace(old, new))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(args) == 2
+        assert "holds a sweep made with another config (changed: " in err.getvalue()
+        assert said in err.getvalue(), err.getvalue()
+    assert (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes() == metrics
+    assert [m["tokens"] for m in db.models()] == [s["tokens"] for s in sizes]
 
 
 def test_bad_sweep_config_exits_2(tmp_path, capsys):

@@ -211,11 +211,13 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from scalelab.config import resolve_config_path
-    from scalelab.track.sweep import load_sweep, run_sweep
+    from scalelab.track.sweep import check_plan, load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
     config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
-    load_sweep(config)  # bad config: refused before the registry is opened
+    # bad config, or another one than --out was made with: refused before the registry
+    # is opened
+    check_plan(Path(args.out), *load_sweep(config))
     run_sweep(config, Path(args.out), open_registry(args))
 
 

@@ -14,6 +14,9 @@ a [sweep] table:
     [sweep.corpus]               # optional document-kind weights for builtin:world
     arithmetic = 0.5
 
+Rerunning with the same --out resumes the ladder (sizes may be added or dropped); another
+budget, corpus or shape of an existing size is refused (sweep-plan.json says what it was).
+
 Learning rate scales as 1/width (with one lr for all sizes the biggest model failed in an
 earlier run, and the "emergence" curve measured the optimiser).
 """
@@ -21,6 +24,8 @@ earlier run, and the "emergence" curve measured the optimiser).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -205,6 +210,34 @@ def ensure_experiments(reg: Registry, opts: dict) -> None:
                            e.get("note", ""), exist_ok=True)  # another sweep may add it now
 
 
+PLAN = "sweep-plan.json"
+
+
+def check_plan(out: Path, base: Config, opts: dict) -> dict:
+    """What --out was made with: the settings every size shares (corpus, tokenizer, budget
+    and lr rules, names) and each size's model. A rerun may resume, add or drop sizes;
+    another budget or corpus silently trained the registered models further under their
+    old records (tokens, loss, results) or reused the old corpus, so it is refused."""
+    from scalelab.io import read_json_if_any
+    shared = {k: v for k, v in opts.items() if k not in ("sizes", "experiments")}
+    plan = {"shared": hashlib.sha256(json.dumps([base.to_dict(), shared], sort_keys=True,
+                                                default=str).encode()).hexdigest()[:16],
+            "sizes": {}}
+    for size in opts["sizes"]:
+        model = apply_dict(copy.deepcopy(base), {"model": size}, "sweep size").model
+        plan["sizes"][size_label(model)] = dataclasses.asdict(model)
+    old = read_json_if_any(out / PLAN) if (out / PLAN).is_file() else {}
+    changed = [] if old.get("shared", plan["shared"]) == plan["shared"] else \
+        ["the settings all sizes share ([model], [data], [train], sweep budget, lr and name)"]
+    changed += [f"size {label}" for label, model in plan["sizes"].items()
+                if old.get("sizes", {}).get(label, model) != model]
+    if changed:
+        raise UserError(f"--out {out}: holds a sweep made with another config (changed: "
+                        f"{'; '.join(changed)}); choose a new --out: its runs would be trained "
+                        "further or reused under the models registered from them")
+    return {"shared": plan["shared"], "sizes": {**old.get("sizes", {}), **plan["sizes"]}}
+
+
 def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
@@ -212,7 +245,9 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
+    plan = check_plan(out, base, opts)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PLAN, plan)
     ensure_experiments(reg, opts)
 
     # One corpus and tokenizer for every size, so the losses are comparable.
