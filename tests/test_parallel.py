@@ -271,7 +271,8 @@ def test_plan_prints_its_assumptions_and_activation_memory():
     assert "matmuls at 50.0% of peak (set by --assume" in "".join(
         plan.assumptions(load_config("configs/llama3-8b.toml"), slow))
     for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0"),
-                     ("matmul_efficiency=70", "fraction of peak")):  # 70%, not 70x peak
+                     ("matmul_efficiency=70", "fraction of peak"),  # 70%, not 70x peak
+                     ("node_size=0.5", "whole number"), ("node_size=2.5", "whole number")):
         with pytest.raises(UserError, match=msg):
             plan.assume(H100, [bad])
 

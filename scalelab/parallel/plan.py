@@ -388,6 +388,8 @@ def assume(hw: Hardware, items: list[str]) -> Hardware:
         if key.endswith("_efficiency") and value > 1:
             raise UserError(f"--assume {key}: a fraction of peak, at most 1 (e.g. 0.7 for "
                             f"70%), got {raw!r}")
+        if key == "node_size" and value != int(value):  # 0.5 was taken as 0: no node at all
+            raise UserError(f"--assume node_size: a whole number of devices, got {raw!r}")
         changes[key] = int(value) if key == "node_size" else value
     return replace(hw, name=hw.name + (" (--assume)" if changes else ""), **changes)
 
