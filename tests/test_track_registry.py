@@ -521,6 +521,21 @@ def test_an_empty_task_is_named_as_such(tmp_path):
     assert not reg.exists()
 
 
+def test_an_empty_model_name_is_refused(tmp_path, models):
+    """`model add --name ""` registered a model without a name (a status column without a
+    heading), and `track run --model ""` ran every model instead of refusing the name."""
+    reg = tmp_path / "reg.db"
+    r = track(reg, "model", "add", str(models[0]), "--name", " ", "--no-run")
+    assert r.returncode == 2 and "--name must not be empty" in r.stderr, r
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=1&n=2", "--threshold", "1").returncode == 0
+    for flag in ("--model", "--experiment"):
+        r = track(reg, "run", flag, "")
+        assert r.returncode == 2 and "named ''" in r.stderr, r
+    assert Registry(reg).results() == [] and len(Registry(reg).models()) == 1
+
+
 def test_reading_commands_do_not_make_a_registry_where_there_is_none(tmp_path, monkeypatch):
     """`track status` (list, show, run, backtest, report) in a folder without a registry
     made an empty scalelab-registry.db there and said nothing: a user in the wrong folder

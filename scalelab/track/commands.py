@@ -114,15 +114,17 @@ def cmd_model_list(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     reg = open_registry(args, create=False)
-    models = [reg.model(args.model)] if args.model else reg.models()
-    exps = [reg.experiment(args.experiment)] if args.experiment else reg.experiments()
+    # `--model ""` (an unset shell variable) is a name that is not there, not "every model"
+    models = [reg.model(args.model)] if args.model is not None else reg.models()
+    exps = [reg.experiment(args.experiment)] if args.experiment is not None \
+        else reg.experiments()
     if args.failed_only:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
-    if not args.experiment:  # named with --experiment, a deleted task file is refused
+    if args.experiment is None:  # named with --experiment, a deleted task file is refused
         exps = with_task_files(exps)
     print(f"running {len(exps)} experiments on {len(models)} models")
-    evaluate(reg, models, exps, skip_stale=not args.model)
+    evaluate(reg, models, exps, skip_stale=args.model is None)
 
 
 def status(reg: Registry) -> dict:

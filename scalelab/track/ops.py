@@ -153,6 +153,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     info = model_info(path, lm)
     if name is None:
         name = path.resolve().parent.name if path.name == "model" else path.name
+    if not name.strip():  # a column without a heading in status, unnamable in --model
+        raise UserError("--name must not be empty")
     record = path.resolve().parent / "lineage.json"  # written by post-training stages
     if lineage == "base" and record.is_file():
         try:
