@@ -132,6 +132,17 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
         err = capsys.readouterr().err if main(args) == 2 else "exit 0"
         assert f"{cfg}: 'sweep.{new.split()[0]}' = " in err and "must be a finite" in err, err
         assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # an experiment name the registry holds with another task: the sweep evaluated every
+    # size on the registry's task, not the config's, and said nothing
+    other = tmp_path / "other.db"
+    assert main(["track", "experiment", "add", "--name", "older", "--task",
+                 "builtin:subtraction?n=3", "--threshold", "0.5", "--registry",
+                 str(other)]) == 0
+    cfg.write_text(SWEEP)
+    err = capsys.readouterr().err if main(args[:-1] + [str(other)]) == 2 else "exit 0"
+    assert f"{cfg}: sweep.experiments[1] (older): {other} holds an experiment of that name " \
+        "with task builtin:subtraction?n=3, pass if exact_match >= 0.5" in err, err
+    assert not (tmp_path / "o").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
     # a bad experiment entry: named by file and key, refused before any work (they used to

@@ -199,6 +199,29 @@ def shared_vocab(cfg: Config, shared: Path) -> int:
     return 64 * math.ceil(tok.vocab_size / 64)
 
 
+def check_registered(reg: Registry, opts: dict, path: Path) -> None:
+    """A sweep experiment whose name the registry already holds must be the same one: its
+    task, metric and threshold there are what every size would be evaluated on."""
+    from scalelab.track.metrics import comparison
+    from scalelab.track.ops import checked_experiment
+    if opts["experiments"] == "starter":
+        return
+    have = {e["name"]: e for e in reg.experiments()}
+    for i, e in enumerate(opts["experiments"]):
+        old = have.get(e["name"])
+        if old is None:
+            continue
+        task, metric = checked_experiment(e["name"], e["task"], float(e["threshold"]),
+                                          e.get("metric"))
+        if (old["task"], old["metric"], old["threshold"]) != (task, metric,
+                                                              float(e["threshold"])):
+            raise UserError(f"{path}: sweep.experiments[{i}] ({e['name']}): {reg.path} holds "
+                            f"an experiment of that name with task {old['task']}, pass if "
+                            f"{old['metric']} {comparison(old['metric'])} "
+                            f"{old['threshold']:g}; names are permanent: "
+                            "give this one another name")
+
+
 def ensure_experiments(reg: Registry, opts: dict) -> None:
     if opts["experiments"] == "starter":
         seed_experiments(reg)
@@ -246,6 +269,7 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
     plan = check_plan(out, base, opts)
+    check_registered(reg, opts, config)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / PLAN, plan)
     ensure_experiments(reg, opts)
