@@ -131,6 +131,11 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
     bad.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
     with pytest.raises(UserError, match="t.jsonl:1: \"answer\""):
         jsonl_items(bad)
+    # a choice listed twice: the tie goes to the first, so answer 0 was right for any model
+    bad.write_text('{"prompt": "a", "choices": [" x", " y"], "answer": 0}\n'
+                   '{"prompt": "b", "choices": [" x", " x", " y"], "answer": 0}\n')
+    with pytest.raises(UserError, match="t.jsonl:2: \"choices\" lists ' x' twice"):
+        jsonl_items(bad)
 
 
 def test_logistic_calibration_recovers_a_known_curve():
