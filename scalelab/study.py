@@ -70,6 +70,10 @@ def load_study(path: Path) -> tuple[Config, dict]:
                 (want is float and not 0 < opts[key] < math.inf):  # inf: a diverged run
             raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}"
                             + (" and finite" if want is float else ""))
+    from scalelab.track.specs import LIMITS
+    lo, hi = LIMITS["n"]  # the task specs' own cap on items, checked before anything runs
+    if not lo <= opts["eval_n"] <= hi:
+        raise UserError(f"{path}: 'study.eval_n' = {opts['eval_n']} must be in {lo}..{hi}")
     ks = opts["n_tasks"]
     if not ks or not all(isinstance(k, int) and 1 <= k <= len(TRAIN_TASKS) for k in ks) \
             or ks != sorted(set(ks)):
@@ -192,11 +196,13 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "
                         "--out (its models would not be the ones this config asks for)")
+    # the registry's experiments first: one of this study's names holding another task is
+    # refused before --out is started (its study.json then refused the corrected config)
+    exps = ensure_experiments(reg, opts)
     out.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
-        marker.write_text(json.dumps({"plan": digest, "config": str(config),
-                                      "task_order": order, "status": "started"}, indent=2))
-    exps = ensure_experiments(reg, opts)
+        atomic_write_json(marker, {"plan": digest, "config": str(config),
+                                   "task_order": order, "status": "started"})
 
     # one tokenizer for every size trained here (BPE training is deterministic)
     vocab = 0

@@ -113,6 +113,21 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "study.n_tasks" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
     assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
+    # more items than a task spec takes: refused after study.json was written, and the
+    # corrected config then refused for that --out ("another config")
+    cfg.write_text(STUDY.replace("eval_n = 2", "eval_n = 200000"))
+    assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
+    assert "'study.eval_n' = 200000 must be in 1..100000" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.db").exists()
+    # a family's experiment name held with another task (another eval_n): refused before
+    # --out is started, so the corrected config still runs there
+    reg = tmp_path / "held.db"
+    cfg.write_text(STUDY.replace("eval_n = 2", "eval_n = 3"))
+    from scalelab.study import ensure_experiments, load_study
+    ensure_experiments(Registry(reg), load_study(cfg)[1])
+    cfg.write_text(STUDY)
+    assert main(args + ["--registry", str(reg)]) == 2
+    assert "exists with task" in capsys.readouterr().err and not out.exists()
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = inf"))  # refused after pretraining
     assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
     assert "'study.sft_lr' must be positive and finite" in capsys.readouterr().err
