@@ -186,6 +186,23 @@ def test_register_to_a_registry_that_cannot_be_made_is_refused_before_training(t
     assert not (tmp_path / "run").exists()  # no training first
 
 
+def test_register_under_a_name_another_folder_holds_is_refused_before_training(tmp_path,
+                                                                                capsys):
+    """Two projects' runs/tiny into one registry: the second trained, then failed with
+    "pass --name", which pretrain does not take."""
+    reg = tmp_path / "reg.db"
+    db = Registry(reg)
+    db.add_model({"name": "run", "path": str(tmp_path / "elsewhere" / "run" / "model"),
+                  "kind": "scalelab", "params": 10, "non_embedding_params": 10})
+    db.close()
+    assert main(["pretrain", "--config", "tiny", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", *tiny_sets(), "--register", "--registry", str(reg)]) == 2
+    err = capsys.readouterr().err
+    assert f"--register: {reg} already holds a model named 'run'" in err, err
+    assert "scalelab track model add OUT/model --name NEW" in err
+    assert not (tmp_path / "run").exists()  # no training first
+
+
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
     from scalelab.track.sweep import load_sweep, size_config
     cfg = tmp_path / "iso.toml"

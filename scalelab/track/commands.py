@@ -91,6 +91,28 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
 
 # ---- models and runs ----------------------------------------------------------------------
 
+def check_register_name(args: argparse.Namespace) -> None:
+    """A training stage's `--register`, before it trains: the registry path can hold one,
+    and the name the model will get (its --out folder's) is not another folder's. That was
+    refused only after training, with advice (--name) the stage does not take."""
+    from scalelab.track.registry import check_path
+    path = registry_path(getattr(args, "registry", None))
+    check_path(path)
+    if not path.is_file():
+        return
+    out = Path(args.out).resolve()
+    reg = Registry(path)
+    try:
+        row = reg.db.execute("SELECT path FROM models WHERE name = ?", (out.name,)).fetchone()
+    finally:
+        reg.close()
+    if row is not None and row["path"] != str(out / "model"):
+        raise UserError(f"--register: {path} already holds a model named {out.name!r} (from "
+                        f"{row['path']}), the name this run would get from its --out folder; "
+                        "choose another --out, or train without --register and add it with "
+                        "`scalelab track model add OUT/model --name NEW`")
+
+
 def register_output(args: argparse.Namespace, out: Path, lineage: str,
                     parent: str | None = None) -> None:
     """A training stage's `--register`: its parent is whichever registered model lives at
