@@ -370,6 +370,17 @@ def test_model_add_killed_mid_evaluation_is_finished_by_running_it_again(tmp_pat
     assert r.returncode == 2 and "already registered" in r.stderr
 
 
+def test_one_folder_under_a_second_name_is_refused(tmp_path, models):
+    """`model add DIR --name other` of a folder registered unchanged: a second record of the
+    same weights, evaluated again and counted twice in every fit (two points at one N)."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    r = track(reg, "model", "add", str(models[0]), "--name", "again", "--no-run")
+    assert r.returncode == 2 and "already registered as 'm16'" in r.stderr, r
+    assert "track run --model m16" in r.stderr
+    assert [m["name"] for m in Registry(reg).models()] == ["m16"]
+
+
 def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models):
     """`pretrain --resume --max-steps MORE` rewrites RUN/model in place: adding it again must
     not keep the old tokens and FLOPs under the new weights."""

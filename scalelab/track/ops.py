@@ -176,6 +176,11 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             (": running what it lacks" if run else " (--no-run: nothing to do)"))
         m = same
     else:
+        twin = next((o["name"] for o in reg.models() if o["path"] == info["path"]
+                     and unchanged(o, info)), None)
+        if twin is not None:  # the same weights twice: every fit would count them twice
+            raise UserError(f"{path}: already registered as {twin!r}, with these weights; "
+                            f"`scalelab track run --model {twin}` evaluates it again")
         reg.add_model(info)  # refuses a name another folder holds (this one: a racing add)
         m = reg.model(name)
     log(f"registered model {name}: {human(m['params'])} params "
