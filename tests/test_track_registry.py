@@ -563,3 +563,18 @@ def test_reading_commands_do_not_make_a_registry_where_there_is_none(tmp_path, m
     assert not (tmp_path / "scalelab-registry.db").exists()
     assert main(["track", "experiment", "seed"]) == 0  # a command that writes makes it
     assert (tmp_path / "scalelab-registry.db").is_file()
+
+
+def test_seed_says_which_starter_names_hold_another_experiment(tmp_path):
+    """A user's own 'addition-1d' was kept by `experiment seed` (names are permanent) without
+    a word, so the starter set and a sweep's "starter" ran it under the built-in's name."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "addition-1d", "--task",
+                 "builtin:subtraction?digits=2", "--threshold", "0.5").returncode == 0
+    r = track(reg, "experiment", "seed")
+    assert r.returncode == 0, r
+    assert "kept your experiment addition-1d (builtin:subtraction?digits=2, pass if " \
+        "exact_match >= 0.5), not the built-in addition-1d (builtin:addition?digits=1)" \
+        in r.stdout, r.stdout
+    assert "added 12 built-in experiments" in r.stdout
+    assert track(reg, "experiment", "seed").stdout.count("kept your") == 1  # not the 12

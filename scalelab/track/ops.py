@@ -60,11 +60,19 @@ def checked_experiment(name: str, task: str, threshold: float, metric: str | Non
     return task, metric
 
 
-def seed_experiments(reg: Registry) -> list[str]:
+def seed_experiments(reg: Registry, log=print) -> list[str]:
     """Add the starter set (graded arithmetic, stories, facts); existing names are kept,
-    also one that another process adds meanwhile (two sweeps starting at once)."""
+    also one that another process adds meanwhile (two sweeps starting at once). One of
+    those names that holds another task or pass rule is said: it, not the built-in, is what
+    runs under that name."""
     from scalelab.track.specs import STARTER
-    have = {e["name"] for e in reg.experiments()}
+    have = {e["name"]: e for e in reg.experiments()}
+    for name, task, thr, _ in STARTER:
+        e = have.get(name)
+        if e is not None and (e["task"], e["threshold"]) != (task, thr):
+            log(f"kept your experiment {name} ({e['task']}, pass if {e['metric']} "
+                f"{M.comparison(e['metric'])} {e['threshold']:g}), not the built-in {name} "
+                f"({task}): names are permanent")
     return [name for name, task, thr, note in STARTER
             if name not in have and add_experiment(reg, name, task, thr, None, note,
                                                    exist_ok=True) is not None]
