@@ -203,6 +203,24 @@ def test_register_under_a_name_another_folder_holds_is_refused_before_training(t
     assert not (tmp_path / "run").exists()  # no training first
 
 
+def test_sweep_stopped_while_adding_its_experiments_runs_again(tmp_path, monkeypatch):
+    """Ctrl-C while the experiments were being added left --out holding sweep-plan.json
+    only, which the rerun refused as a folder the sweep had not written."""
+    import scalelab.track.sweep as sweep
+    cfg = tmp_path / "toy.toml"
+    cfg.write_text(SWEEP)
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--registry",
+            str(tmp_path / "reg.db")]
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, "ensure_experiments", stop)
+    assert main(args) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep, "shared_vocab", stop)  # got past the folder check: enough
+    assert main(args) == 130
+
+
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
     from scalelab.track.sweep import load_sweep, size_config
     cfg = tmp_path / "iso.toml"

@@ -270,13 +270,12 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     t_start = time.perf_counter()
     plan = check_plan(out, base, opts)
     check_registered(reg, opts, config)
-    out.mkdir(parents=True, exist_ok=True)
+    # One corpus and tokenizer for every size, so the losses are comparable. shared/ first:
+    # it is what marks --out as a sweep's (an --out stopped before it was refused)
+    shared = out / "shared"
+    shared.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / PLAN, plan)
     ensure_experiments(reg, opts)
-
-    # One corpus and tokenizer for every size, so the losses are comparable.
-    shared = out / "shared"
-    shared.mkdir(exist_ok=True)
     if opts["corpus"] and base.data.source == "builtin:world":
         corpus = shared / "corpus.jsonl"
         if not corpus.exists():
