@@ -143,6 +143,13 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     assert f"{cfg}: sweep.experiments[1] (older): {other} holds an experiment of that name " \
         "with task builtin:subtraction?n=3, pass if exact_match >= 0.5" in err, err
     assert not (tmp_path / "o").exists()
+    # corpus weights with a corpus of one's own: the weights were silently ignored
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "Mia has 3 apples."}\n')
+    cfg.write_text(SWEEP.replace("n_docs = 1500", f'n_docs = 1500\nsource = "{mine}"'))
+    err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+    assert f"{cfg}: [sweep.corpus] weighs the built-in world corpus" in err, err
+    assert not (tmp_path / "o").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
     # a bad experiment entry: named by file and key, refused before any work (they used to

@@ -113,6 +113,9 @@ def load_sweep(path: Path) -> tuple[Config, dict]:
                             + (" (0: no fixed FLOP budget)" if key == "flops" else "")
                             + (" (0: one lr for every size)" if key == "lr_width" else ""))
     from scalelab.data.world import DOC_KINDS
+    if opts["corpus"] and cfg.data.source != "builtin:world":  # it was silently ignored
+        raise UserError(f"{path}: [sweep.corpus] weighs the built-in world corpus's document "
+                        f"kinds; data.source is {cfg.data.source!r}: drop one of the two")
     for kind, w in opts["corpus"].items():
         if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
             raise UserError(f"{path}: sweep.corpus.{kind}: expected a weight >= 0 for one of "
