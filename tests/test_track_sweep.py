@@ -4,7 +4,10 @@ import contextlib
 import io
 import json
 import math
+import subprocess
+import sys
 
+import pytest
 from conftest import run_cli, tiny_sets
 
 from scalelab.cli import main
@@ -226,6 +229,28 @@ def test_sweep_stopped_while_adding_its_experiments_runs_again(tmp_path, monkeyp
     monkeypatch.undo()
     monkeypatch.setattr(sweep, "shared_vocab", stop)  # got past the folder check: enough
     assert main(args) == 130
+
+
+def test_a_run_another_process_is_training_is_not_removed(tmp_path):
+    """Two sweeps on one --out: the second removed the run the first was training (no
+    checkpoint yet: "killed before its first one, start over"), under the first's feet."""
+    from scalelab.train.rundir import RunBusy, resume_or_restart
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    holder = subprocess.Popen(  # what a training stage holds while it writes the run
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+         "time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunBusy, match="another scalelab command is writing this run"):
+            resume_or_restart(run, 10)
+        assert (run / "metrics.jsonl").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert resume_or_restart(run, 10) is False and not run.exists()  # stopped: start over
 
 
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):
