@@ -578,3 +578,20 @@ def test_seed_says_which_starter_names_hold_another_experiment(tmp_path):
         in r.stdout, r.stdout
     assert "added 12 built-in experiments" in r.stdout
     assert track(reg, "experiment", "seed").stdout.count("kept your") == 1  # not the 12
+
+
+def test_a_threshold_the_metric_cannot_reach_is_refused(tmp_path):
+    """token_logprob >= 0.8 (a probability typed for a log-likelihood, which is at most 0)
+    was added, and the experiment could never pass; a Brier score is at most 2."""
+    reg = tmp_path / "reg.db"
+    for task, metric, thr, said in (
+            ("builtin:addition?n=2", "token_logprob", "0.8", "a mean log-likelihood: -inf..0"),
+            ("builtin:older?n=2", "brier", "2.5", "a Brier score: 0..2"),
+            ("builtin:addition?n=2", "edit_distance", "-0.1", "a fraction: 0..1")):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", task, "--metric", metric,
+                  "--threshold", thr)
+        assert r.returncode == 2 and f"threshold {thr} is out of range for {metric} ({said})" \
+            in r.stderr, r
+    assert not reg.exists()
+    assert track(reg, "experiment", "add", "--name", "x", "--task", "builtin:addition?n=2",
+                 "--metric", "token_logprob", "--threshold", "-0.5").returncode == 0

@@ -29,6 +29,19 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
     return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
 
 
+# The values a metric can take (an all-or-nothing one: a fraction, 0..1). A threshold out
+# of them never passes, or always does: token_logprob >= 0.8 was taken (a log-likelihood is
+# at most 0), and the experiment could never pass.
+THRESHOLD_RANGE = {
+    "token_logprob": (-math.inf, 0.0, "a mean log-likelihood"),
+    "brier": (0.0, 2.0, "a Brier score"),
+    "perplexity": (1.0, math.inf, "a perplexity"),
+    "word_perplexity": (1.0, math.inf, "a perplexity"),
+    "byte_perplexity": (1.0, math.inf, "a perplexity"),
+    "bits_per_byte": (0.0, math.inf, "bits per byte"),
+}
+
+
 def checked_experiment(name: str, task: str, threshold: float, metric: str | None = None
                        ) -> tuple[str, str]:
     """(task, metric) as an experiment stores them (a file by absolute path, the task's
@@ -54,9 +67,10 @@ def checked_experiment(name: str, task: str, threshold: float, metric: str | Non
     if metric not in allowed:
         raise UserError(f"metric {metric!r} does not apply to {task!r} "
                         f"({kind}: {', '.join(allowed)})")
-    bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
-    if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
-        raise UserError(f"threshold {threshold:g} is out of range for {metric}")
+    lo, hi, what = THRESHOLD_RANGE.get(metric, (0.0, 1.0, "a fraction"))
+    if not math.isfinite(threshold) or not lo <= threshold <= hi:
+        raise UserError(f"threshold {threshold:g} is out of range for {metric} ({what}: "
+                        f"{lo:g}..{hi:g})")
     return task, metric
 
 
