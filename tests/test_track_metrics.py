@@ -318,3 +318,35 @@ def test_report_caveat_names_a_deleted_model_folder_not_a_corpus_none(tmp_path):
     assert note.startswith("the folders of old are gone"), note
     (tmp_path / "c" / "config.toml").write_text('[data]\nsource = "/data/mine.jsonl"\n')
     assert "different corpora (/data/mine.jsonl, builtin:world)" in scaling_caveat(base, None)
+
+
+def test_predictions_load_the_results_once(tmp_path, monkeypatch):
+    """record_predictions (after every evaluation) loaded and parsed every result once per
+    experiment, data group and axis: quadratic in the registry, seconds per `track run` on
+    a study's registry. Now once; the predictions are those of per-series loads."""
+    from scalelab.track.predict import record_predictions
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    rng = np.random.default_rng(0)
+    for e in range(4):
+        reg.add_experiment(f"e{e}", "builtin:qa", "token_logprob", -0.1)
+    for i, n in enumerate((1e4, 3e4, 1e5, 3e5)):
+        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                             "params": n, "non_embedding_params": n, "tokens": 10 * n,
+                             "flops": 60 * n * n})
+        for e in range(4):
+            reg.add_result(e + 1, mid, {"token_logprob": -3 + 0.3 * i + rng.normal(0, 0.05)},
+                           False, [], 1, 0.1, "test")
+    calls = []
+    real = Registry.latest
+    monkeypatch.setattr(Registry, "latest", lambda self: calls.append(1) or real(self))
+    made = record_predictions(reg)
+    assert len(calls) == 1 and len(made) == 8  # 4 experiments x 2 axes
+    monkeypatch.undo()
+    from scalelab.track import predict
+    for p in made:  # the same numbers as a prediction from the experiment's own series
+        exp = reg.experiment(p["experiment"])
+        ser = predict.series(reg, exp, p["axis"])
+        want = predict.prediction_for(exp, ser, predict.AXES[p["axis"]])[1]
+        assert (p["predicted"], p["low"], p["high"]) == (want["predicted"], want["low"],
+                                                         want["high"])

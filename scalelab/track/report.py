@@ -181,8 +181,9 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     caveat = scaling_caveat(base, fits[0][1] if fits else None)
     exps = reg.experiments()
     latest = reg.latest()
-    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a) if keep is None or m["name"] in keep]
-                      for a in AXES} for e in exps}
+    all_models = reg.models()
+    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a, None, latest, all_models)
+                          if keep is None or m["name"] in keep] for a in AXES} for e in exps}
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
              "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -266,7 +267,7 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                              f"<td>{p['n_models']}</td><td>{p['largest']:.3g}</td>"
                              f"<td>{fmt(p['predicted'])}</td><td>{fmt(p['low'])} .. "
                              f"{fmt(p['high'])}</td><td class=l>"
-                             f"{esc(verdict(reg, e, p))}</td></tr>")
+                             f"{esc(verdict(reg, e, p, latest, all_models))}</td></tr>")
             parts.append("</table>")
         big = sers[e["id"]]["params"][-1] if sers[e["id"]]["params"] else None
         if big and big[1]["samples"]:
