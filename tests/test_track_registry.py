@@ -595,3 +595,19 @@ def test_a_threshold_the_metric_cannot_reach_is_refused(tmp_path):
     assert not reg.exists()
     assert track(reg, "experiment", "add", "--name", "x", "--task", "builtin:addition?n=2",
                  "--metric", "token_logprob", "--threshold", "-0.5").returncode == 0
+
+
+def test_an_evaluation_reads_the_results_once_per_model(tmp_path, models, monkeypatch):
+    """`model add` asked the registry which experiments had passed before each one, parsing
+    every result each time: quadratic in the registry (a study's has thousands of rows)."""
+    reg = tmp_path / "reg.db"
+    for d in (1, 2, 3, 4):
+        assert track(reg, "experiment", "add", "--name", f"a{d}", "--task",
+                     f"builtin:addition?digits={d}&n=2", "--threshold", "1").returncode == 0
+    calls = []
+    real = Registry.latest
+    monkeypatch.setattr(Registry, "latest", lambda self: calls.append(1) or real(self))
+    assert track(reg, "model", "add", str(models[0])).returncode == 0
+    # register_model's passed set, one for the model's evaluations, one for the predictions
+    assert len(calls) == 3, len(calls)
+    assert len(Registry(reg).results()) == 4

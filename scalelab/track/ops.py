@@ -131,8 +131,9 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
                 f"registered as {newer}")
             continue
         check_unchanged(m, info, m["path"])
-        for e in exps:
-            before = e["id"] in reg.passed_experiment_ids()
+        passed = reg.passed_experiment_ids()  # once per model (per experiment it re-read
+        for e in exps:                        # every result: quadratic in the registry)
+            before = e["id"] in passed
             agg, ok, samples, n, secs = run_experiment(lm, e)
             reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
             extra = "  ".join(f"{k} {agg[k]:.3f}" for k in agg if k != e["metric"]
