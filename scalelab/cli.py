@@ -82,9 +82,9 @@ def run_stage(args: argparse.Namespace, train, preset: str | None, what: str = "
     if args.registry and not args.register:  # an option of --register, not one by itself
         raise UserError("--registry needs --register (it names the registry file that "
                         "--register adds the result to)")
-    if args.register and lineage:  # a bad registry path is said now, not after training
-        from scalelab.track.registry import check_path, registry_path
-        check_path(registry_path(args.registry))
+    if args.register and lineage:  # a bad registry path or a taken name is said now, not
+        from scalelab.track.commands import check_register_name  # after training
+        check_register_name(args)
     cfg = stage_config(args, preset)
     if nothing_to_do(args, cfg):
         return

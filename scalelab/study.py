@@ -34,6 +34,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -65,14 +66,44 @@ def load_study(path: Path) -> tuple[Config, dict]:
         "sft_lr": 1e-3, "sft_examples": 8000, "eval_n": 32, "eval_difficulty": 1})
     for key, want in STUDY_KEYS.items():
         low = 0 if key in ("order_seed", "lr_width") else 1
-        if (want is int and opts[key] < low) or (want is float and not opts[key] > 0):
-            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}")
+        if (want is int and opts[key] < low) or \
+                (want is float and not 0 < opts[key] < math.inf):  # inf: a diverged run
+            raise UserError(f"{path}: 'study.{key}' must be {'>= 0' if low == 0 else 'positive'}"
+                            + (" and finite" if want is float else ""))
+    from scalelab.track.specs import LIMITS
+    lo, hi = LIMITS["n"]  # the task specs' own cap on items, checked before anything runs
+    if not lo <= opts["eval_n"] <= hi:
+        raise UserError(f"{path}: 'study.eval_n' = {opts['eval_n']} must be in {lo}..{hi}")
     ks = opts["n_tasks"]
     if not ks or not all(isinstance(k, int) and 1 <= k <= len(TRAIN_TASKS) for k in ks) \
             or ks != sorted(set(ks)):
         raise UserError(f"{path}: 'study.n_tasks' must be increasing integers in "
                         f"1..{len(TRAIN_TASKS)} (the training families)")
+    # checked here, not after the first size is pretrained and registered (then the
+    # corrected config was refused for that --out, and its model names were taken)
+    need = min_sft_examples(sft_preset())
+    if opts["sft_examples"] < need:
+        raise UserError(f"{path}: 'study.sft_examples' = {opts['sft_examples']} is too few: "
+                        f"the SFT preset trains on batches of {need - held_out(need)} "
+                        f"conversations and holds out {held_out(need)}; give at least {need} "
+                        "(more where conversations longer than model.seq_len are skipped)")
     return cfg, opts
+
+
+def sft_preset() -> Config:
+    """The SFT settings every tuning run of a study starts from (batch size, warmup)."""
+    return load_config(resolve_config_path("sft"))
+
+
+def held_out(n: int) -> int:
+    from scalelab.data.batches import split_heldout
+    return len(split_heldout(list(range(n)))[1])
+
+
+def min_sft_examples(sft_cfg: Config) -> int:
+    """The fewest conversations that leave one batch to train on after the held-out ones."""
+    batch = sft_cfg.train.batch_size * sft_cfg.train.grad_accum
+    return next(n for n in range(batch, 2 * batch + 300) if n - held_out(n) >= batch)
 
 
 def task_order(seed: int) -> list[str]:
@@ -165,17 +196,19 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     if marker.exists() and read_json_if_any(marker).get("plan") != digest:
         raise UserError(f"--out {out}: holds a study made with another config; choose a new "
                         "--out (its models would not be the ones this config asks for)")
+    # the registry's experiments first: one of this study's names holding another task is
+    # refused before --out is started (its study.json then refused the corrected config)
+    exps = ensure_experiments(reg, opts)
     out.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
-        marker.write_text(json.dumps({"plan": digest, "config": str(config),
-                                      "task_order": order, "status": "started"}, indent=2))
-    exps = ensure_experiments(reg, opts)
+        atomic_write_json(marker, {"plan": digest, "config": str(config),
+                                   "task_order": order, "status": "started"})
 
     # one tokenizer for every size trained here (BPE training is deterministic)
     vocab = 0
     if any(isinstance(size, dict) for size in opts["sizes"]):
         vocab = shared_vocab(base_cfg, out / "shared")
-    sft_cfg = load_config(resolve_config_path("sft"))  # the preset: batch size, warmup
+    sft_cfg = sft_preset()
     sft_cfg.train.max_steps, sft_cfg.train.lr = opts["sft_steps"], opts["sft_lr"]
     sft_cfg.train.checkpoint_every = sft_cfg.train.eval_every = opts["sft_steps"]
     sft_cfg.train.warmup_steps = min(sft_cfg.train.warmup_steps, opts["sft_steps"] // 5)

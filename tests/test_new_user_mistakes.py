@@ -2,6 +2,7 @@
 (issue 15 and later hunts). Their project is tests/new_user_home.py's."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,8 +212,9 @@ def test_dpo_logs_real_tokens_and_registry_adds_its_base(user_home, user_base, u
 
 def test_no_scaling_fit_on_models_of_one_size(user_base, tmp_path):
     reg = str(tmp_path / "reg.db")
-    for name in ("a", "b", "c"):
-        assert cli("track", "model", "add", str(user_base[0] / "model"), "--name", name,
+    for name in ("a", "b", "c"):  # three runs of one size (one folder twice is refused)
+        shutil.copytree(user_base[0], tmp_path / name)
+        assert cli("track", "model", "add", str(tmp_path / name / "model"), "--name", name,
                    "--no-run", "--registry", reg)[0] == 0
     rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", reg)
     assert rc == 0, err

@@ -182,6 +182,22 @@ def test_plan_cli(tmp):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
+def test_plan_with_a_batch_that_does_not_split_evenly():
+    """480 sequences over 7 data ranks: the command said batch_size 68 (476 in all) while
+    the estimate ran 68.57 per rank (70,217 tokens per data rank, printed as such)."""
+    e = plan.estimate(gpt2(), {"dp": 1, "fsdp": 7, "tp": 1}, make_rules(), H100)
+    assert e.fits and e.micro_batch * e.grad_accum == 68
+    assert e.tokens_per_device == 68 * 1024  # what the recommended command trains
+    step_tokens = 7 * 68 * 1024
+    assert e.tokens_per_s == pytest.approx(step_tokens / e.step_s / 7)
+    r = run_cli("plan", "--config", "gpt2-124m", "--world-size", "7")
+    assert r.returncode == 0, r.stderr
+    assert "69,632 tokens per data rank per step" in r.stdout
+    assert "global batch 476 sequences, not the config's 480" in r.stdout
+    assert "global batch" not in run_cli("plan", "--config", "gpt2-124m", "--world-size",
+                                         "8").stdout.split("recommended:")[1]
+
+
 def test_calibration_is_solved_from_the_recorded_gpu_runs():
     """The hardware table's "other work" figures are the one unknown of the time model on
     scalelab's own GPT-2 124M step on an H200 (compiled: the JSON in bench/results)."""
@@ -255,7 +271,8 @@ def test_plan_prints_its_assumptions_and_activation_memory():
     assert "matmuls at 50.0% of peak (set by --assume" in "".join(
         plan.assumptions(load_config("configs/llama3-8b.toml"), slow))
     for bad, msg in (("mfu=2", "KEY one of"), ("hbm_efficiency=0", "number > 0"),
-                     ("matmul_efficiency=70", "fraction of peak")):  # 70%, not 70x peak
+                     ("matmul_efficiency=70", "fraction of peak"),  # 70%, not 70x peak
+                     ("node_size=0.5", "whole number"), ("node_size=2.5", "whole number")):
         with pytest.raises(UserError, match=msg):
             plan.assume(H100, [bad])
 

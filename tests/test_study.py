@@ -113,12 +113,44 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "study.n_tasks" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = 0.0"))
     assert main(args) == 2 and "'study.sft_lr' must be positive" in capsys.readouterr().err
+    # more items than a task spec takes: refused after study.json was written, and the
+    # corrected config then refused for that --out ("another config")
+    cfg.write_text(STUDY.replace("eval_n = 2", "eval_n = 200000"))
+    assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
+    assert "'study.eval_n' = 200000 must be in 1..100000" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.db").exists()
+    # a family's experiment name held with another task (another eval_n): refused before
+    # --out is started, so the corrected config still runs there
+    reg = tmp_path / "held.db"
+    cfg.write_text(STUDY.replace("eval_n = 2", "eval_n = 3"))
+    from scalelab.study import ensure_experiments, load_study
+    ensure_experiments(Registry(reg), load_study(cfg)[1])
+    cfg.write_text(STUDY)
+    assert main(args + ["--registry", str(reg)]) == 2
+    assert "exists with task" in capsys.readouterr().err and not out.exists()
+    cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = inf"))  # refused after pretraining
+    assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
+    assert "'study.sft_lr' must be positive and finite" in capsys.readouterr().err
+    # fewer conversations than one SFT batch (32) plus the held-out ones: refused before
+    # anything is trained, not after the first size is pretrained and registered
+    cfg.write_text(STUDY.replace("sft_examples = 120", "sft_examples = 34"))
+    assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
+    assert "'study.sft_examples' = 34 is too few" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.db").exists()
     # an unknown registered base: refused before --out is started (its study.json then
     # refused the corrected config: "holds a study made with another config")
     cfg.write_text(STUDY.replace("{n_layer = 1, d_model = 32, n_head = 2}", '"registry:nope"'))
     err = capsys.readouterr().err if main(args + ["--registry", str(tmp_path / "r.db")]) == 2 \
         else "exit 0"
     assert f"{cfg}: study.sizes[1]: no model named 'nope'" in err, err
+    assert not out.exists()
+    # one base twice (from the registry, or two sizes named alike): one run folder for both
+    cfg.write_text(STUDY.replace("sizes = [", 'sizes = ["registry:a", "registry:a", '))
+    assert main(args) == 2 and f"{cfg}: study.sizes[1] repeats study.sizes[0] (registry:a)" \
+        in capsys.readouterr().err
+    cfg.write_text(STUDY.replace("d_model = 16, n_head = 2", "d_model = 32, n_head = 4"))
+    assert main(args) == 2 and f"{cfg}: study.sizes[1]: gives the same run and model name " \
+        "as study.sizes[0] (L1-d32" in capsys.readouterr().err
     assert not out.exists()
     mine = tmp_path / "project"  # a folder the study did not write: refused, left alone
     mine.mkdir()

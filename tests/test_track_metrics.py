@@ -72,6 +72,26 @@ def test_power_law_fit_recovers_known_law():
     assert fit_power_law([1e4, 1e5], [2.0, 1.9]) is None  # two points fit anything
 
 
+def test_power_law_fit_keeps_the_irreducible_loss_non_negative():
+    """Four short CPU runs (d_model 16..48, 20 steps) whose loss still falls faster at the
+    larger sizes: the unbounded fit went to alpha 0.001 and E = -326.7. E >= 0 (a
+    cross-entropy), and the fit is the best such one: no (alpha, E >= 0, A >= 0) on a
+    dense grid does better."""
+    ns, losses = [15440, 24696, 47264, 77040], [5.645, 5.504, 5.340, 5.091]
+    fit = fit_power_law(ns, losses)
+    assert fit["E"] >= 0 and fit["A"] >= 0 and fit["alpha"] > 0.01
+    N, L = np.array(ns, dtype=float), np.array(losses)
+    model = fit["E"] + fit["A"] * N ** -fit["alpha"]
+    assert fit["rmse"] == pytest.approx(float(np.sqrt(np.mean((model - L) ** 2))))
+    best = math.inf
+    for alpha in np.linspace(0.001, 2.0, 400):
+        x = N ** -alpha
+        for e in np.linspace(0.0, min(losses), 200):
+            a = max(0.0, float(x @ (L - e) / (x @ x)))  # the best A >= 0 for this E
+            best = min(best, float(np.sqrt(np.mean((e + a * x - L) ** 2))))
+    assert fit["rmse"] <= best + 1e-6
+
+
 def test_prediction_extrapolates_the_continuous_metric():
     # y = -3 + 0.5 * log10(N) reaches -0.5 at N = 1e5 exactly
     pts = [(1e2, -2.0), (1e3, -1.5), (1e4, -1.0)]
@@ -110,6 +130,11 @@ def test_builtin_specs_match_the_corpus_format(tmp_path):
         jsonl_items(bad)
     bad.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
     with pytest.raises(UserError, match="t.jsonl:1: \"answer\""):
+        jsonl_items(bad)
+    # a choice listed twice: the tie goes to the first, so answer 0 was right for any model
+    bad.write_text('{"prompt": "a", "choices": [" x", " y"], "answer": 0}\n'
+                   '{"prompt": "b", "choices": [" x", " x", " y"], "answer": 0}\n')
+    with pytest.raises(UserError, match="t.jsonl:2: \"choices\" lists ' x' twice"):
         jsonl_items(bad)
 
 
@@ -266,3 +291,62 @@ def test_predictions_over_results_that_scored_no_item(tmp_path):
     rows = backtest(reg)
     assert rows and {r["verdict"] for r in rows} == {"no prediction"}
     assert {r["naive"] for r in rows} == {None}  # the old mapping fitted nan brier: a "pass"
+
+
+def test_human_counts_round_before_picking_the_unit():
+    """999,600 parameters printed as '1e+03k' (the unit was chosen before rounding)."""
+    from scalelab.track.ops import human
+    got = [human(x) for x in (999, 999.6, 999_600, 1e6, 9.996e11, 123_456, 77_040, 0.5, None)]
+    assert got == ["999", "1k", "1M", "1M", "1T", "123k", "77k", "0.5", "-"]
+
+
+def test_report_caveat_names_a_deleted_model_folder_not_a_corpus_none(tmp_path):
+    """A registered model whose folder was deleted made the report claim the models 'were
+    pretrained on different corpora (None, builtin:world)'."""
+    from scalelab.track.report import scaling_caveat
+    base = []
+    for i, name in enumerate(("a", "b", "c")):
+        run = tmp_path / name
+        (run / "model").mkdir(parents=True)
+        (run / "config.toml").write_text('[data]\nsource = "builtin:world"\n')
+        base.append({"name": name, "path": str(run / "model"), "non_embedding_params": 10 ** i})
+    assert scaling_caveat(base, {"E": 1.0}) == ""
+    base.append({"name": "old", "path": str(tmp_path / "old" / "model"),
+                 "non_embedding_params": 5})
+    note = scaling_caveat(base, {"E": 1.0})
+    assert "None" not in note and "different corpora" not in note, note
+    assert note.startswith("the folders of old are gone"), note
+    (tmp_path / "c" / "config.toml").write_text('[data]\nsource = "/data/mine.jsonl"\n')
+    assert "different corpora (/data/mine.jsonl, builtin:world)" in scaling_caveat(base, None)
+
+
+def test_predictions_load_the_results_once(tmp_path, monkeypatch):
+    """record_predictions (after every evaluation) loaded and parsed every result once per
+    experiment, data group and axis: quadratic in the registry, seconds per `track run` on
+    a study's registry. Now once; the predictions are those of per-series loads."""
+    from scalelab.track.predict import record_predictions
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    rng = np.random.default_rng(0)
+    for e in range(4):
+        reg.add_experiment(f"e{e}", "builtin:qa", "token_logprob", -0.1)
+    for i, n in enumerate((1e4, 3e4, 1e5, 3e5)):
+        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
+                             "params": n, "non_embedding_params": n, "tokens": 10 * n,
+                             "flops": 60 * n * n})
+        for e in range(4):
+            reg.add_result(e + 1, mid, {"token_logprob": -3 + 0.3 * i + rng.normal(0, 0.05)},
+                           False, [], 1, 0.1, "test")
+    calls = []
+    real = Registry.latest
+    monkeypatch.setattr(Registry, "latest", lambda self: calls.append(1) or real(self))
+    made = record_predictions(reg)
+    assert len(calls) == 1 and len(made) == 8  # 4 experiments x 2 axes
+    monkeypatch.undo()
+    from scalelab.track import predict
+    for p in made:  # the same numbers as a prediction from the experiment's own series
+        exp = reg.experiment(p["experiment"])
+        ser = predict.series(reg, exp, p["axis"])
+        want = predict.prediction_for(exp, ser, predict.AXES[p["axis"]])[1]
+        assert (p["predicted"], p["low"], p["high"]) == (want["predicted"], want["low"],
+                                                         want["high"])

@@ -86,6 +86,8 @@ def test_rerun_on_new_model_runs_exactly_the_unpassed_experiments(tmp_path, mode
     first = {e["name"]: e["first_passing_model"] for e in s["experiments"]}
     assert first == {"mine": "m24", "easy": "m16", "hard": None}
     assert s["not_yet"] == ["hard"]
+    rules = {e["name"]: e["pass_rule"] for e in s["experiments"]}  # the serve page shows it
+    assert rules == {"mine": ">=1", "easy": "<=1", "hard": ">=1"}
     text = track(reg, "status").stdout
     assert "not yet passed: hard" in text
     rules = {line.split()[0]: line.split()[2] for line in text.splitlines()
@@ -368,6 +370,17 @@ def test_model_add_killed_mid_evaluation_is_finished_by_running_it_again(tmp_pat
     assert r.returncode == 2 and "already registered" in r.stderr
 
 
+def test_one_folder_under_a_second_name_is_refused(tmp_path, models):
+    """`model add DIR --name other` of a folder registered unchanged: a second record of the
+    same weights, evaluated again and counted twice in every fit (two points at one N)."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    r = track(reg, "model", "add", str(models[0]), "--name", "again", "--no-run")
+    assert r.returncode == 2 and "already registered as 'm16'" in r.stderr, r
+    assert "track run --model m16" in r.stderr
+    assert [m["name"] for m in Registry(reg).models()] == ["m16"]
+
+
 def test_model_add_on_a_folder_trained_further_since_is_refused(tmp_path, models):
     """`pretrain --resume --max-steps MORE` rewrites RUN/model in place: adding it again must
     not keep the old tokens and FLOPs under the new weights."""
@@ -491,3 +504,110 @@ def test_registry_option_is_taken_between_the_subcommands_too(tmp_path, monkeypa
         if "experiment" in argv:
             assert "addition" in out.getvalue(), argv  # the seeded experiments, from reg
     assert not (tmp_path / "scalelab-registry.db").exists() and reg.is_file()
+
+
+def test_status_columns_stay_apart_for_long_names_and_thresholds(tmp_path):
+    """A study's experiment names (instruct-cpu:compare_numbers) and a threshold like
+    -0.123456 are longer than the fixed widths status used: the name ran into the metric
+    ('instruct-cpu:compare_numbersexact_match'), the metric into the rule."""
+    reg = tmp_path / "reg.db"
+    exps = [("instruct-cpu:compare_numbers", "builtin:addition?n=2", "exact_match", "0.8"),
+            ("ll", "builtin:addition?n=2", "token_logprob", "-0.123456")]
+    for name, task, metric, thr in exps:
+        assert track(reg, "experiment", "add", "--name", name, "--task", task, "--metric",
+                     metric, "--threshold", thr).returncode == 0
+    lines = track(reg, "status").stdout.splitlines()
+    assert lines[0].split()[:4] == ["experiment", "metric", "pass", "at"]
+    rows = [line.split() for line in lines[1:3]]
+    assert rows == [["instruct-cpu:compare_numbers", "exact_match", ">=0.8", "not", "yet"],
+                    ["ll", "token_logprob", ">=-0.123456", "not", "yet"]]
+
+
+def test_an_empty_task_is_named_as_such(tmp_path):
+    """`--task ""` (an unset shell variable) was read as the file '.': ".: is a folder"."""
+    reg = tmp_path / "reg.db"
+    for task in ("", " "):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", task, "--threshold", "1")
+        assert r.returncode == 2 and "task must not be empty" in r.stderr, r
+    assert not reg.exists()
+
+
+def test_an_empty_model_name_is_refused(tmp_path, models):
+    """`model add --name ""` registered a model without a name (a status column without a
+    heading), and `track run --model ""` ran every model instead of refusing the name."""
+    reg = tmp_path / "reg.db"
+    r = track(reg, "model", "add", str(models[0]), "--name", " ", "--no-run")
+    assert r.returncode == 2 and "--name must not be empty" in r.stderr, r
+    assert track(reg, "model", "add", str(models[0]), "--no-run").returncode == 0
+    assert track(reg, "experiment", "add", "--name", "a", "--task",
+                 "builtin:addition?digits=1&n=2", "--threshold", "1").returncode == 0
+    for flag in ("--model", "--experiment"):
+        r = track(reg, "run", flag, "")
+        assert r.returncode == 2 and "named ''" in r.stderr, r
+    assert Registry(reg).results() == [] and len(Registry(reg).models()) == 1
+
+
+def test_reading_commands_do_not_make_a_registry_where_there_is_none(tmp_path, monkeypatch):
+    """`track status` (list, show, run, backtest, report) in a folder without a registry
+    made an empty scalelab-registry.db there and said nothing: a user in the wrong folder
+    saw "nothing registered", and a later `model add` from there filled the stray file."""
+    from scalelab.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCALELAB_REGISTRY", raising=False)
+    for argv in (["status"], ["status", "--json"], ["experiment", "list"], ["model", "list"],
+                 ["run"], ["backtest"], ["report", "--out", "rep"]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert main(["track", *argv]) == 0, argv
+        assert "no registry at scalelab-registry.db yet" in err.getvalue(), argv
+    assert not (tmp_path / "scalelab-registry.db").exists()
+    assert main(["track", "experiment", "seed"]) == 0  # a command that writes makes it
+    assert (tmp_path / "scalelab-registry.db").is_file()
+
+
+def test_seed_says_which_starter_names_hold_another_experiment(tmp_path):
+    """A user's own 'addition-1d' was kept by `experiment seed` (names are permanent) without
+    a word, so the starter set and a sweep's "starter" ran it under the built-in's name."""
+    reg = tmp_path / "reg.db"
+    assert track(reg, "experiment", "add", "--name", "addition-1d", "--task",
+                 "builtin:subtraction?digits=2", "--threshold", "0.5").returncode == 0
+    r = track(reg, "experiment", "seed")
+    assert r.returncode == 0, r
+    assert "kept your experiment addition-1d (builtin:subtraction?digits=2, pass if " \
+        "exact_match >= 0.5), not the built-in addition-1d (builtin:addition?digits=1)" \
+        in r.stdout, r.stdout
+    assert "added 12 built-in experiments" in r.stdout
+    assert track(reg, "experiment", "seed").stdout.count("kept your") == 1  # not the 12
+
+
+def test_a_threshold_the_metric_cannot_reach_is_refused(tmp_path):
+    """token_logprob >= 0.8 (a probability typed for a log-likelihood, which is at most 0)
+    was added, and the experiment could never pass; a Brier score is at most 2."""
+    reg = tmp_path / "reg.db"
+    for task, metric, thr, said in (
+            ("builtin:addition?n=2", "token_logprob", "0.8", "a mean log-likelihood: -inf..0"),
+            ("builtin:older?n=2", "brier", "2.5", "a Brier score: 0..2"),
+            ("builtin:addition?n=2", "edit_distance", "-0.1", "a fraction: 0..1")):
+        r = track(reg, "experiment", "add", "--name", "x", "--task", task, "--metric", metric,
+                  "--threshold", thr)
+        assert r.returncode == 2 and f"threshold {thr} is out of range for {metric} ({said})" \
+            in r.stderr, r
+    assert not reg.exists()
+    assert track(reg, "experiment", "add", "--name", "x", "--task", "builtin:addition?n=2",
+                 "--metric", "token_logprob", "--threshold", "-0.5").returncode == 0
+
+
+def test_an_evaluation_reads_the_results_once_per_model(tmp_path, models, monkeypatch):
+    """`model add` asked the registry which experiments had passed before each one, parsing
+    every result each time: quadratic in the registry (a study's has thousands of rows)."""
+    reg = tmp_path / "reg.db"
+    for d in (1, 2, 3, 4):
+        assert track(reg, "experiment", "add", "--name", f"a{d}", "--task",
+                     f"builtin:addition?digits={d}&n=2", "--threshold", "1").returncode == 0
+    calls = []
+    real = Registry.latest
+    monkeypatch.setattr(Registry, "latest", lambda self: calls.append(1) or real(self))
+    assert track(reg, "model", "add", str(models[0])).returncode == 0
+    # register_model's passed set, one for the model's evaluations, one for the predictions
+    assert len(calls) == 3, len(calls)
+    assert len(Registry(reg).results()) == 4

@@ -1,8 +1,13 @@
 """`scalelab sweep` end to end on a toy ladder (seconds per size), and `pretrain --register`."""
 
+import contextlib
+import io
 import json
 import math
+import subprocess
+import sys
 
+import pytest
 from conftest import run_cli, tiny_sets
 
 from scalelab.cli import main
@@ -78,6 +83,23 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--- training" not in r.stdout and len(db.results()) == 6
 
+    # another budget, or another shape under a size's name, into the same --out: refused
+    # before anything is touched (the runs were trained further in place while the
+    # registry kept their old tokens, losses and results, and the L(N) fit the old losses)
+    metrics = (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes()
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--registry", str(reg)]
+    for old, new, said in (("tokens_per_param = 0.5", "tokens_per_param = 2.0", "settings"),
+                           ("d_model = 24, n_head = 2", "d_model = 24, n_head = 4",
+                            "size L1-d24")):
+        cfg.write_text(SWEEP.replace(old, new))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(args) == 2
+        assert "holds a sweep made with another config (changed: " in err.getvalue()
+        assert said in err.getvalue(), err.getvalue()
+    assert (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes() == metrics
+    assert [m["tokens"] for m in db.models()] == [s["tokens"] for s in sizes]
+
 
 def test_bad_sweep_config_exits_2(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
@@ -90,6 +112,47 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
     assert "sweep.sizes[2]" in err and "n_head = 5" in err, err
     # refused before any work: no shared corpus or tokenizer, no registry, nothing in --out
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # two sizes named alike (L1-d32): the second silently reused the first's run and
+    # model (n_head only differs), or failed to resume it after the first had trained
+    for other in ("n_head = 4", "n_head = 2, d_mlp = 256"):
+        cfg.write_text(SWEEP.replace("n_head = 2}]", f"n_head = 2}},\n {{n_layer = 1, "
+                                     f"d_model = 32, {other}}}]"))
+        err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+        assert f"{cfg}: sweep.sizes[3]: gives the same run and model name as " \
+            "sweep.sizes[2] (L1-d32" in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # budget keys out of range: a negative lr_width trained with a negative learning rate
+    # (a traceback once the corpus was built), nan or inf a traceback, tokens_per_param <= 0
+    # or a negative flops silently trained every size for min_steps
+    for old, new in (("tokens_per_param = 0.5", "tokens_per_param = -1.0"),
+                     ("tokens_per_param = 0.5", "tokens_per_param = 0"),
+                     ("tokens_per_param = 0.5", "tokens_per_param = nan"),
+                     ("tokens_per_param = 0.5", "flops = -1e9"),
+                     ("tokens_per_param = 0.5", "flops = inf"),
+                     ("lr_width = 32", "lr_width = -32"),
+                     ("min_steps = 10", "min_steps = -1")):
+        cfg.write_text(SWEEP.replace(old, new))
+        err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+        assert f"{cfg}: 'sweep.{new.split()[0]}' = " in err and "must be a finite" in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # an experiment name the registry holds with another task: the sweep evaluated every
+    # size on the registry's task, not the config's, and said nothing
+    other = tmp_path / "other.db"
+    assert main(["track", "experiment", "add", "--name", "older", "--task",
+                 "builtin:subtraction?n=3", "--threshold", "0.5", "--registry",
+                 str(other)]) == 0
+    cfg.write_text(SWEEP)
+    err = capsys.readouterr().err if main(args[:-1] + [str(other)]) == 2 else "exit 0"
+    assert f"{cfg}: sweep.experiments[1] (older): {other} holds an experiment of that name " \
+        "with task builtin:subtraction?n=3, pass if exact_match >= 0.5" in err, err
+    assert not (tmp_path / "o").exists()
+    # corpus weights with a corpus of one's own: the weights were silently ignored
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "Mia has 3 apples."}\n')
+    cfg.write_text(SWEEP.replace("n_docs = 1500", f'n_docs = 1500\nsource = "{mine}"'))
+    err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+    assert f"{cfg}: [sweep.corpus] weighs the built-in world corpus" in err, err
+    assert not (tmp_path / "o").exists()
     cfg.write_text(SWEEP.replace("arithmetic = 3.0", "algebra = 3.0"))
     assert main(args) == 2 and "sweep.corpus.algebra" in capsys.readouterr().err
     # a bad experiment entry: named by file and key, refused before any work (they used to
@@ -131,6 +194,63 @@ def test_register_to_a_registry_that_cannot_be_made_is_refused_before_training(t
                  "--max-steps", "2", *tiny_sets(), "--register", "--registry", str(bad)]) == 2
     assert f"folder {bad.parent} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no training first
+
+
+def test_register_under_a_name_another_folder_holds_is_refused_before_training(tmp_path,
+                                                                                capsys):
+    """Two projects' runs/tiny into one registry: the second trained, then failed with
+    "pass --name", which pretrain does not take."""
+    reg = tmp_path / "reg.db"
+    db = Registry(reg)
+    db.add_model({"name": "run", "path": str(tmp_path / "elsewhere" / "run" / "model"),
+                  "kind": "scalelab", "params": 10, "non_embedding_params": 10})
+    db.close()
+    assert main(["pretrain", "--config", "tiny", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", *tiny_sets(), "--register", "--registry", str(reg)]) == 2
+    err = capsys.readouterr().err
+    assert f"--register: {reg} already holds a model named 'run'" in err, err
+    assert "scalelab track model add OUT/model --name NEW" in err
+    assert not (tmp_path / "run").exists()  # no training first
+
+
+def test_sweep_stopped_while_adding_its_experiments_runs_again(tmp_path, monkeypatch):
+    """Ctrl-C while the experiments were being added left --out holding sweep-plan.json
+    only, which the rerun refused as a folder the sweep had not written."""
+    import scalelab.track.sweep as sweep
+    cfg = tmp_path / "toy.toml"
+    cfg.write_text(SWEEP)
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--registry",
+            str(tmp_path / "reg.db")]
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, "ensure_experiments", stop)
+    assert main(args) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep, "shared_vocab", stop)  # got past the folder check: enough
+    assert main(args) == 130
+
+
+def test_a_run_another_process_is_training_is_not_removed(tmp_path):
+    """Two sweeps on one --out: the second removed the run the first was training (no
+    checkpoint yet: "killed before its first one, start over"), under the first's feet."""
+    from scalelab.train.rundir import RunBusy, resume_or_restart
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    holder = subprocess.Popen(  # what a training stage holds while it writes the run
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+         "time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunBusy, match="another scalelab command is writing this run"):
+            resume_or_restart(run, 10)
+        assert (run / "metrics.jsonl").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert resume_or_restart(run, 10) is False and not run.exists()  # stopped: start over
 
 
 def test_fixed_flop_budget_gives_fewer_tokens_to_bigger_models(tmp_path):

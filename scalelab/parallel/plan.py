@@ -197,7 +197,9 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     tokens_micro = micro * mc.seq_len
 
     # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
-    tokens = seqs * mc.seq_len
+    # Whole sequences per rank, as the recommended command runs them: a global batch that
+    # does not split evenly (480 over 7 ranks) loses the remainder (format_plan says so).
+    tokens = n_seqs * mc.seq_len
     recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
     times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
@@ -210,7 +212,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
         comm_s["tp" if c.axis == "tp" else "fwd" if c.phase == "fwd" else "bwd"] += t
     step_s = (max(compute_s / 3, comm_s["fwd"]) + max(2 * compute_s / 3, comm_s["bwd"])
               + comm_s["tp"] + times["optimizer"])
-    global_tokens = global_seqs * mc.seq_len
+    global_tokens = (n_seqs * data_world if seqs >= 1 else global_seqs) * mc.seq_len
     mfu = model_flops_per_token(mc) * global_tokens / (step_s * world * hw.peak_flops)
     total = sum(memory.values())
     if not why and total > hw.memory_bytes:
@@ -281,6 +283,12 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
                      f"{best.sizes['dp']} --set parallel.fsdp={best.sizes['fsdp']} "
                      f"--set parallel.tp={best.sizes['tp']} --set train.batch_size="
                      f"{best.micro_batch} --set train.grad_accum={best.grad_accum}")
+        ranks = best.sizes["dp"] * best.sizes["fsdp"]
+        ran = best.micro_batch * best.grad_accum * ranks
+        if ran != tc.batch_size * tc.grad_accum:
+            lines.append(f"  global batch {ran} sequences, not the config's "
+                         f"{tc.batch_size * tc.grad_accum}: that does not split evenly over "
+                         f"{ranks} data ranks")
         lines.append(ac_line(mc, best))
     return "\n".join(lines)
 
@@ -380,6 +388,8 @@ def assume(hw: Hardware, items: list[str]) -> Hardware:
         if key.endswith("_efficiency") and value > 1:
             raise UserError(f"--assume {key}: a fraction of peak, at most 1 (e.g. 0.7 for "
                             f"70%), got {raw!r}")
+        if key == "node_size" and value != int(value):  # 0.5 was taken as 0: no node at all
+            raise UserError(f"--assume node_size: a whole number of devices, got {raw!r}")
         changes[key] = int(value) if key == "node_size" else value
     return replace(hw, name=hw.name + (" (--assume)" if changes else ""), **changes)
 

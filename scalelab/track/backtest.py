@@ -63,7 +63,9 @@ def backtest(reg) -> list[dict]:
     rows = []
     exps = [e for e in reg.experiments() if e["metric"] in M.ALL_OR_NOTHING]
     for group in sorted({data_group(m) for m in reg.models() if m["lineage"] == "base"}):
-        every = {e["id"]: series(reg, e, "params", group) for e in reg.experiments()}
+        latest, models = reg.latest(), reg.models()
+        every = {e["id"]: series(reg, e, "params", group, latest, models)
+                 for e in reg.experiments()}
         for exp in exps:
             ser = every[exp["id"]]
             sizes = [m["non_embedding_params"] for m, _ in ser]

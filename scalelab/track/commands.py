@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from scalelab.config import UserError
@@ -20,8 +21,19 @@ from scalelab.track.ops import (
 from scalelab.track.registry import Registry, registry_path
 
 
-def open_registry(args: argparse.Namespace) -> Registry:
-    return Registry(registry_path(getattr(args, "registry", None)))
+def open_registry(args: argparse.Namespace, create: bool = True) -> Registry:
+    """The registry; for a command that only reads it (create=False), one that does not
+    exist yet is shown empty, said on stderr, and not made: `track status` in the wrong
+    folder used to leave an empty scalelab-registry.db there, which a later `model add`
+    from that folder then filled instead of the real one."""
+    path = registry_path(getattr(args, "registry", None))
+    if create or path.exists():
+        return Registry(path)
+    print(f"scalelab: no registry at {path} yet (nothing registered here; another folder's? "
+          "pass --registry FILE or set SCALELAB_REGISTRY)", file=sys.stderr)
+    reg = Registry(":memory:")  # the empty view, with the path it was asked for in messages
+    reg.path = path
+    return reg
 
 
 # ---- experiments ---------------------------------------------------------------------------
@@ -47,7 +59,7 @@ def cmd_experiment_seed(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment_list(args: argparse.Namespace) -> None:
-    reg = open_registry(args)
+    reg = open_registry(args, create=False)
     passed = reg.passed_experiment_ids()
     for e in reg.experiments():
         print(f"{e['name']:<18} {'passed' if e['id'] in passed else 'not yet':<8} "
@@ -56,7 +68,7 @@ def cmd_experiment_list(args: argparse.Namespace) -> None:
 
 def cmd_experiment_show(args: argparse.Namespace) -> None:
     from scalelab.track.predict import fmt, verdict
-    reg = open_registry(args)
+    reg = open_registry(args, create=False)
     e = reg.experiment(args.name)
     print(f"{e['name']}: {e['task']}\n  pass if {e['metric']} "
           f"{M.comparison(e['metric'])} {e['threshold']}"
@@ -79,6 +91,28 @@ def cmd_experiment_show(args: argparse.Namespace) -> None:
 
 # ---- models and runs ----------------------------------------------------------------------
 
+def check_register_name(args: argparse.Namespace) -> None:
+    """A training stage's `--register`, before it trains: the registry path can hold one,
+    and the name the model will get (its --out folder's) is not another folder's. That was
+    refused only after training, with advice (--name) the stage does not take."""
+    from scalelab.track.registry import check_path
+    path = registry_path(getattr(args, "registry", None))
+    check_path(path)
+    if not path.is_file():
+        return
+    out = Path(args.out).resolve()
+    reg = Registry(path)
+    try:
+        row = reg.db.execute("SELECT path FROM models WHERE name = ?", (out.name,)).fetchone()
+    finally:
+        reg.close()
+    if row is not None and row["path"] != str(out / "model"):
+        raise UserError(f"--register: {path} already holds a model named {out.name!r} (from "
+                        f"{row['path']}), the name this run would get from its --out folder; "
+                        "choose another --out, or train without --register and add it with "
+                        "`scalelab track model add OUT/model --name NEW`")
+
+
 def register_output(args: argparse.Namespace, out: Path, lineage: str,
                     parent: str | None = None) -> None:
     """A training stage's `--register`: its parent is whichever registered model lives at
@@ -93,7 +127,7 @@ def cmd_model_add(args: argparse.Namespace) -> None:
 
 
 def cmd_model_list(args: argparse.Namespace) -> None:
-    for m in open_registry(args).models():
+    for m in open_registry(args, create=False).models():
         print(f"{m['name']:<18} {m['kind']:<8} {m['lineage']:<5} params {human(m['params']):>6}"
               f"  N {human(m['non_embedding_params']):>6}  tokens {human(m['tokens']):>6}"
               f"  FLOPs {human(m['flops']):>6}  pretrain val_loss "
@@ -101,16 +135,18 @@ def cmd_model_list(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    reg = open_registry(args)
-    models = [reg.model(args.model)] if args.model else reg.models()
-    exps = [reg.experiment(args.experiment)] if args.experiment else reg.experiments()
+    reg = open_registry(args, create=False)
+    # `--model ""` (an unset shell variable) is a name that is not there, not "every model"
+    models = [reg.model(args.model)] if args.model is not None else reg.models()
+    exps = [reg.experiment(args.experiment)] if args.experiment is not None \
+        else reg.experiments()
     if args.failed_only:
         passed = reg.passed_experiment_ids()
         exps = [e for e in exps if e["id"] not in passed]
-    if not args.experiment:  # named with --experiment, a deleted task file is refused
+    if args.experiment is None:  # named with --experiment, a deleted task file is refused
         exps = with_task_files(exps)
     print(f"running {len(exps)} experiments on {len(models)} models")
-    evaluate(reg, models, exps, skip_stale=not args.model)
+    evaluate(reg, models, exps, skip_stale=args.model is None)
 
 
 def status(reg: Registry) -> dict:
@@ -132,6 +168,9 @@ def status(reg: Registry) -> dict:
                     first = m["name"]
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
                                    "threshold": e["threshold"], "results": cells,
+                                   # '<=0.2' for distances: the threshold alone hid which side
+                                   "pass_rule": M.comparison(e["metric"])
+                                   + format(e["threshold"], "g"),
                                    "first_passing_model": first})
         if first is None:
             out["not_yet"].append(e["name"])
@@ -139,7 +178,7 @@ def status(reg: Registry) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    s = status(open_registry(args))
+    s = status(open_registry(args, create=False))
     if args.json:
         print(json.dumps(s, indent=2))
         return
@@ -147,16 +186,21 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, m in enumerate(s["models"], 1):
         print(f"M{i} = {m['name']} (N = {human(m['non_embedding_params'])} params, "
               f"{human(m['flops'])} FLOPs, {m['lineage']})")
-    print(f"{'experiment':<18}{'metric':<13}{'pass at':>8} "
+    rules = [e["pass_rule"] for e in s["experiments"]]
+    # columns as wide as their longest entry plus a space: a study's experiment names
+    # (instruct-cpu:compare_numbers) ran into the metric at a fixed width
+    wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
+    wm = max([12] + [len(e["metric"]) for e in s["experiments"]]) + 1
+    wr = max([8] + [len(r) for r in rules])
+    print(f"{'experiment':<{wn}}{'metric':<{wm}}{'pass at':>{wr}} "
           + "".join(f"{'M' + str(i):>8}" for i in range(1, len(names) + 1)) + "  first passing")
-    for e in s["experiments"]:
+    for e, rule in zip(s["experiments"], rules):
         cells = ""
         for n in names:
             c = e["results"].get(n)
             cells += f"{'':>8}" if c is None else f"{'nan ':>8}" if c["value"] is None else \
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
-        rule = M.comparison(e["metric"]) + format(e["threshold"], "g")  # '<=1' for distances
-        print(f"{e['name']:<18}{e['metric']:<13}{rule:>8} {cells}  "
+        print(f"{e['name']:<{wn}}{e['metric']:<{wm}}{rule:>{wr}} {cells}  "
               f"{e['first_passing_model'] or 'not yet'}")
     print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
 
@@ -165,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from scalelab.track.report import write_report
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "report.html", "track report")
-    path = write_report(open_registry(args), Path(args.out))
+    path = write_report(open_registry(args, create=False), Path(args.out))
     print(f"report written to {path}")
 
 
@@ -183,7 +227,7 @@ def cmd_backtest(args: argparse.Namespace) -> None:
             BACKTEST_MARK.encode()):  # replace only a file this command wrote
         raise UserError(f"--out {out}: exists and is not a backtest this command wrote; name "
                         "a new file (no file of yours is replaced)")
-    text = markdown(backtest(open_registry(args)))
+    text = markdown(backtest(open_registry(args, create=False)))
     print(text)
     if out is not None:
         atomic_write_text(out, BACKTEST_MARK + text)
@@ -191,11 +235,13 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from scalelab.config import resolve_config_path
-    from scalelab.track.sweep import load_sweep, run_sweep
+    from scalelab.track.sweep import check_plan, load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
     config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
-    load_sweep(config)  # bad config: refused before the registry is opened
+    # bad config, or another one than --out was made with: refused before the registry
+    # is opened
+    check_plan(Path(args.out), *load_sweep(config))
     run_sweep(config, Path(args.out), open_registry(args))
 
 

@@ -85,9 +85,33 @@ def task_config(spec: str) -> dict:
     return entry.cfg
 
 
+def no_data(spec: str, err: OSError) -> UserError:
+    task, include_path, _ = parse(spec)
+    return UserError(f"lm-eval task {task!r}: its data set could not be loaded "
+                     f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); on a "
+                     "machine without a hub it must be in the local Hugging Face cache, or "
+                     "in the files its YAML names" + (f" (in {include_path})" if include_path
+                                                      else "") +
+                     "; HF_HUB_OFFLINE=1 skips the waits for a hub that cannot be reached")
+
+
+def check_data(spec: str) -> None:
+    """Load the task as a run would (its data set included), so that a task whose data is
+    not there is refused when it is added, not by a traceback in every later run."""
+    from lm_eval.tasks import get_task_dict
+    task, include_path, _ = parse(spec)
+    try:
+        with quiet():
+            get_task_dict([task], task_manager(include_path))
+    except OSError as e:  # datasets: ConnectionError off the hub, FileNotFoundError
+        raise no_data(spec, e) from None
+
+
 def metrics_for(spec: str) -> tuple[tuple[str, ...], str]:
-    """(metrics an experiment on this task may pass on, the default one)."""
+    """(metrics an experiment on this task may pass on, the default one); the task's data
+    must load."""
     cfg = task_config(spec)
+    check_data(spec)
     kind = cfg.get("output_type", "generate_until")
     if kind not in DERIVED:
         raise UserError(f"lm-eval task {parse(spec)[0]!r}: output_type {kind!r} is not "
@@ -141,6 +165,8 @@ def run(lm, spec: str) -> tuple[dict, list[dict], int]:
         with quiet(), torch.random.fork_rng(devices=[]):  # lm-eval seeds the global RNGs
             out = simple_evaluate(model=ev, tasks=[task], task_manager=task_manager(include_path),
                                   limit=limit, log_samples=True, bootstrap_iters=0)
+    except OSError as e:  # its data set gone since the experiment was added (cache cleared)
+        raise no_data(spec, e) from None
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])

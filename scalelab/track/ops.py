@@ -15,6 +15,7 @@ from scalelab.track.registry import Registry, code_version
 def human(x: float | None) -> str:
     if x is None:
         return "-"
+    x = float(f"{x:.3g}")  # rounded first: 999,600 is 1M, not 1e+03k
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.3g}{unit}"
@@ -28,6 +29,19 @@ def add_experiment(reg: Registry, name: str, task: str, threshold: float,
     return reg.add_experiment(name, task, metric, threshold, note, exist_ok)
 
 
+# The values a metric can take (an all-or-nothing one: a fraction, 0..1). A threshold out
+# of them never passes, or always does: token_logprob >= 0.8 was taken (a log-likelihood is
+# at most 0), and the experiment could never pass.
+THRESHOLD_RANGE = {
+    "token_logprob": (-math.inf, 0.0, "a mean log-likelihood"),
+    "brier": (0.0, 2.0, "a Brier score"),
+    "perplexity": (1.0, math.inf, "a perplexity"),
+    "word_perplexity": (1.0, math.inf, "a perplexity"),
+    "byte_perplexity": (1.0, math.inf, "a perplexity"),
+    "bits_per_byte": (0.0, math.inf, "bits per byte"),
+}
+
+
 def checked_experiment(name: str, task: str, threshold: float, metric: str | None = None
                        ) -> tuple[str, str]:
     """(task, metric) as an experiment stores them (a file by absolute path, the task's
@@ -36,6 +50,9 @@ def checked_experiment(name: str, task: str, threshold: float, metric: str | Non
     from scalelab.track.specs import is_choice_task
     if not name.strip():
         raise UserError("name must not be empty")
+    if not task.strip():  # else read as the file '.': "is a folder; give a .jsonl file"
+        raise UserError("task must not be empty (builtin:FAMILY?key=value, tasks:FAMILY or "
+                        "a JSONL file)")
     if is_lm_eval(task):  # also finds the task (lm-eval installed, name, include path)
         allowed, default = metrics_for(task)
         kind = "this lm-eval task"
@@ -50,17 +67,27 @@ def checked_experiment(name: str, task: str, threshold: float, metric: str | Non
     if metric not in allowed:
         raise UserError(f"metric {metric!r} does not apply to {task!r} "
                         f"({kind}: {', '.join(allowed)})")
-    bounded = M.ALL_OR_NOTHING + M.LM_EVAL_DISCRETE + ("edit_distance",)
-    if not math.isfinite(threshold) or (metric in bounded and not 0 <= threshold <= 1):
-        raise UserError(f"threshold {threshold:g} is out of range for {metric}")
+    lo, hi, what = THRESHOLD_RANGE.get(metric, (0.0, 1.0, "a fraction"))
+    if not math.isfinite(threshold) or not lo <= threshold <= hi:
+        raise UserError(f"threshold {threshold:g} is out of range for {metric} ({what}: "
+                        f"{lo:g}..{hi:g})")
     return task, metric
 
 
-def seed_experiments(reg: Registry) -> list[str]:
+def seed_experiments(reg: Registry, log=print) -> list[str]:
     """Add the starter set (graded arithmetic, stories, facts); existing names are kept,
-    also one that another process adds meanwhile (two sweeps starting at once)."""
+    also one that another process adds meanwhile (two sweeps starting at once). One of
+    those names that holds another task or pass rule is said: it, not the built-in, is what
+    runs under that name."""
     from scalelab.track.specs import STARTER
-    have = {e["name"] for e in reg.experiments()}
+    have = {e["name"]: e for e in reg.experiments()}
+    for name, task, thr, _ in STARTER:
+        e = have.get(name)
+        metric = "mc_accuracy" if task.startswith("builtin:older") else "exact_match"
+        if e is not None and (e["task"], e["metric"], e["threshold"]) != (task, metric, thr):
+            log(f"kept your experiment {name} ({e['task']}, pass if {e['metric']} "
+                f"{M.comparison(e['metric'])} {e['threshold']:g}), not the built-in {name} "
+                f"({task}): names are permanent")
     return [name for name, task, thr, note in STARTER
             if name not in have and add_experiment(reg, name, task, thr, None, note,
                                                    exist_ok=True) is not None]
@@ -104,8 +131,9 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
                 f"registered as {newer}")
             continue
         check_unchanged(m, info, m["path"])
-        for e in exps:
-            before = e["id"] in reg.passed_experiment_ids()
+        passed = reg.passed_experiment_ids()  # once per model (per experiment it re-read
+        for e in exps:                        # every result: quadratic in the registry)
+            before = e["id"] in passed
             agg, ok, samples, n, secs = run_experiment(lm, e)
             reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
             extra = "  ".join(f"{k} {agg[k]:.3f}" for k in agg if k != e["metric"]
@@ -149,6 +177,8 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
     info = model_info(path, lm)
     if name is None:
         name = path.resolve().parent.name if path.name == "model" else path.name
+    if not name.strip():  # a column without a heading in status, unnamable in --model
+        raise UserError("--name must not be empty")
     record = path.resolve().parent / "lineage.json"  # written by post-training stages
     if lineage == "base" and record.is_file():
         try:
@@ -170,6 +200,11 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             (": running what it lacks" if run else " (--no-run: nothing to do)"))
         m = same
     else:
+        twin = next((o["name"] for o in reg.models() if o["path"] == info["path"]
+                     and unchanged(o, info)), None)
+        if twin is not None:  # the same weights twice: every fit would count them twice
+            raise UserError(f"{path}: already registered as {twin!r}, with these weights; "
+                            f"`scalelab track run --model {twin}` evaluates it again")
         reg.add_model(info)  # refuses a name another folder holds (this one: a racing add)
         m = reg.model(name)
     log(f"registered model {name}: {human(m['params'])} params "

@@ -86,12 +86,15 @@ def data_group(model: dict) -> str:
     return _group_of(str(model["path"]))
 
 
-def series(reg, exp, axis: str, group: str | None = None) -> list[tuple[dict, dict]]:
+def series(reg, exp, axis: str, group: str | None = None, latest: dict | None = None,
+           models: list | None = None) -> list[tuple[dict, dict]]:
     """(model row, newest result) for base models that have a value on this axis, of one
-    data group when given."""
-    latest = reg.latest()
+    data group when given. A caller that asks for many series passes reg.latest() and
+    reg.models() once: each load parses every result (record_predictions loaded them once
+    per experiment, group and axis: quadratic in the registry's size)."""
+    latest = reg.latest() if latest is None else latest
     out = []
-    for m in reg.models():
+    for m in reg.models() if models is None else models:
         r = latest.get((exp["id"], m["id"]))
         if r is not None and m["lineage"] == "base" and m[AXES[axis]] and \
                 (group is None or data_group(m) == group):
@@ -297,16 +300,17 @@ def quantile_prediction(exp, ser: list[tuple[dict, dict]], col: str) -> dict | N
 def record_predictions(reg) -> list[dict]:
     """A new prediction row for each still-failing experiment and data group whose evidence
     changed."""
-    passed, made = reg.passed_experiment_ids(), []
-    groups = sorted({data_group(m) for m in reg.models() if m["lineage"] == "base"})
-    pooled = {g: pooled_calibration([series(reg, e, "params", g) for e in reg.experiments()])
-              for g in groups}
+    latest, models, made = reg.latest(), reg.models(), []
+    passed = {e for (e, _), r in latest.items() if r["passed"]}
+    groups = sorted({data_group(m) for m in models if m["lineage"] == "base"})
+    pooled = {g: pooled_calibration([series(reg, e, "params", g, latest, models)
+                                     for e in reg.experiments()]) for g in groups}
     for exp in reg.experiments():
         if exp["id"] in passed:
             continue
         for group in groups:
             for axis, col in AXES.items():
-                ser = series(reg, exp, axis, group)
+                ser = series(reg, exp, axis, group, latest, models)
                 if len(ser) < 3:
                     continue
                 out = prediction_for(exp, ser, col, pooled[group])
@@ -327,12 +331,13 @@ def record_predictions(reg) -> list[dict]:
     return made
 
 
-def verdict(reg, exp, pred) -> str:
+def verdict(reg, exp, pred, latest: dict | None = None, models: list | None = None) -> str:
     """How a stored prediction fared against the models that came after it (same group).
     None as a bound is "never": a pass with a 'never' low end is a miss, not a hit."""
     col = AXES[pred["axis"]]
     group = json.loads(pred["detail"]).get("group")
-    later = [(m, r) for m, r in series(reg, exp, pred["axis"], group) if m[col] > pred["largest"]]
+    later = [(m, r) for m, r in series(reg, exp, pred["axis"], group, latest, models)
+             if m[col] > pred["largest"]]
     if not later:
         return "no bigger model yet"
     won = [m for m, r in later if r["passed"]]
@@ -359,17 +364,25 @@ def fmt(v: float | None) -> str:
 
 def fit_power_law(n: list[float], loss: list[float]) -> dict | None:
     """Least squares for L(N) = E + A * N^-alpha: a grid over alpha, and for each alpha the
-    best (E, A) by linear least squares (A >= 0), then a finer grid around the best alpha."""
+    best (E, A) by linear least squares with E >= 0 and A >= 0, then a finer grid around the
+    best alpha. E is the loss no size removes, a cross-entropy: never below 0. Unbounded, a
+    few short runs whose loss still falls faster at the larger sizes were fitted with
+    alpha -> 0 and a meaningless E (L(N) = -326.7 + 335.6 / N^0.001)."""
     if len(set(n)) < 3:  # a curve in N needs at least three different N
         return None
     N, L = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
 
+    def squared_error(E: float, A: float, x: np.ndarray) -> float:
+        return float(((E + A * x - L) ** 2).sum())
+
     def solve(alpha: float) -> tuple[float, float, float]:
-        X = np.stack([np.ones_like(N), N ** -alpha], 1)
-        (E, A), *_ = np.linalg.lstsq(X, L, rcond=None)
-        if A < 0:  # loss rising with N: clamp to a flat line
-            E, A = L.mean(), 0.0
-        return float(((E + A * N ** -alpha - L) ** 2).sum()), float(E), float(A)
+        x = N ** -alpha
+        (E, A), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), L, rcond=None)
+        if E < 0 or A < 0:  # the optimum lies on a bound: the best of the two edges
+            edges = [(0.0, max(0.0, float(x @ L / (x @ x)))),  # E = 0
+                     (max(0.0, float(L.mean())), 0.0)]  # A = 0: a flat line
+            E, A = min(edges, key=lambda ea: squared_error(*ea, x))
+        return squared_error(E, A, x), float(E), float(A)
 
     grid = np.linspace(0.01, 2.0, 200)
     best = min(grid, key=lambda a: solve(a)[0])

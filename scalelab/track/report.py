@@ -144,9 +144,13 @@ def scaling_caveat(base: list[dict], scaling: dict | None) -> str:
     if scaling is None and len(base) >= 2 and len(sizes) < 3:
         notes.append(f"no L(N) fit: the {len(base)} pretrained models have {len(sizes)} "
                      "distinct size(s); a curve in N needs at least three.")
-    corpora = {corpus_source(Path(m["path"])) for m in base}
+    gone = [m["name"] for m in base if not Path(m["path"]).is_dir()]
+    if gone:  # not "different corpora (None, ...)": nothing says which corpus they had
+        notes.append(f"the folders of {', '.join(gone)} are gone, so their tokenizer and "
+                     "corpus are unknown: no fit or prediction pools them with the others.")
+    corpora = {corpus_source(Path(m["path"])) for m in base if m["name"] not in gone}
     if len(corpora) > 1:
-        names = ", ".join(sorted(str(c) for c in corpora))
+        names = ", ".join(sorted(c or "unknown" for c in corpora))
         notes.append(f"these models were pretrained on different corpora ({names}): their "
                      "validation losses are on different text, so each corpus gets its own "
                      "L(N) fit and its own predictions below.")
@@ -177,8 +181,9 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     caveat = scaling_caveat(base, fits[0][1] if fits else None)
     exps = reg.experiments()
     latest = reg.latest()
-    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a) if keep is None or m["name"] in keep]
-                      for a in AXES} for e in exps}
+    all_models = reg.models()
+    sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a, None, latest, all_models)
+                          if keep is None or m["name"] in keep] for a in AXES} for e in exps}
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
              "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -262,7 +267,7 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                              f"<td>{p['n_models']}</td><td>{p['largest']:.3g}</td>"
                              f"<td>{fmt(p['predicted'])}</td><td>{fmt(p['low'])} .. "
                              f"{fmt(p['high'])}</td><td class=l>"
-                             f"{esc(verdict(reg, e, p))}</td></tr>")
+                             f"{esc(verdict(reg, e, p, latest, all_models))}</td></tr>")
             parts.append("</table>")
         big = sers[e["id"]]["params"][-1] if sers[e["id"]]["params"] else None
         if big and big[1]["samples"]:

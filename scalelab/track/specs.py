@@ -152,6 +152,9 @@ def jsonl_items(path: Path) -> list[Item]:
             if (not isinstance(ch, list) or len(ch) < 2
                     or not all(isinstance(c, str) and c for c in ch)):
                 raise UserError(f'{path}:{n}: "choices" must be a list of 2+ non-empty strings')
+            twice = next((c for i, c in enumerate(ch) if c in ch[:i]), None)
+            if twice is not None:  # a tie that goes to the first: right by construction
+                raise UserError(f'{path}:{n}: "choices" lists {twice!r} twice')
             if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
                 raise UserError(f'{path}:{n}: "answer" must be an index into "choices"')
             items.append(Item(row["prompt"], choices=tuple(ch), answer=ans,

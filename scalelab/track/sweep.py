@@ -14,6 +14,9 @@ a [sweep] table:
     [sweep.corpus]               # optional document-kind weights for builtin:world
     arithmetic = 0.5
 
+Rerunning with the same --out resumes the ladder (sizes may be added or dropped); another
+budget, corpus or shape of an existing size is refused (sweep-plan.json says what it was).
+
 Learning rate scales as 1/width (with one lr for all sizes the biggest model failed in an
 earlier run, and the "emergence" curve measured the optimiser).
 """
@@ -21,6 +24,8 @@ earlier run, and the "emergence" curve measured the optimiser).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -64,8 +69,13 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
         opts[key] = value
     if not opts["sizes"]:
         raise UserError(f"{path}: '{table}.sizes' must list at least one model size")
+    labels: dict[str, int] = {}  # each size's run folder and model name: one size each
     for i, size in enumerate(opts["sizes"]):
         if table == "study" and isinstance(size, str) and size.startswith("registry:"):
+            if size in labels:
+                raise UserError(f"{path}: {table}.sizes[{i}] repeats {table}.sizes"
+                                f"[{labels[size]}] ({size})")
+            labels[size] = i
             continue  # a study may start from a registered base model
         if not isinstance(size, dict):
             raise UserError(f"{path}: {table}.sizes[{i}] must be a table like "
@@ -74,9 +84,16 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
         from scalelab.model import check_shape
         where = f"{path}: {table}.sizes[{i}]"
         try:  # a size that cannot be built is refused before any corpus or registry work
-            check_shape(apply_dict(copy.deepcopy(cfg), {"model": size}, where).model)
+            shape = apply_dict(copy.deepcopy(cfg), {"model": size}, where).model
+            check_shape(shape)
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
+        label = size_label(shape)
+        if label in labels:  # the later one would reuse (or fail to resume) the earlier's run
+            raise UserError(f"{where}: gives the same run and model name as {table}.sizes"
+                            f"[{labels[label]}] ({label}: sizes are named by n_layer and "
+                            "d_model only); give each size its own n_layer or d_model")
+        labels[label] = i
     return cfg, opts
 
 
@@ -84,7 +101,21 @@ def load_sweep(path: Path) -> tuple[Config, dict]:
     cfg, opts = load_table(path, "sweep", SWEEP_KEYS, {
         "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0, "min_steps": 50, "sizes": [],
         "experiments": "starter", "corpus": {}})
+    # each budget key a finite number in range, before any corpus or registry work: a
+    # negative lr_width made a negative learning rate (a traceback after the corpus was
+    # built), nan a traceback, a tokens_per_param <= 0 silently min_steps for every size
+    for key, low, strict in (("tokens_per_param", 0.0, True), ("flops", 0.0, False),
+                             ("lr_width", 0, False), ("min_steps", 0, False)):
+        value = opts[key]
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise UserError(f"{path}: 'sweep.{key}' = {value} must be a finite number "
+                            f"{'>' if strict else '>='} {low}"
+                            + (" (0: no fixed FLOP budget)" if key == "flops" else "")
+                            + (" (0: one lr for every size)" if key == "lr_width" else ""))
     from scalelab.data.world import DOC_KINDS
+    if opts["corpus"] and cfg.data.source != "builtin:world":  # it was silently ignored
+        raise UserError(f"{path}: [sweep.corpus] weighs the built-in world corpus's document "
+                        f"kinds; data.source is {cfg.data.source!r}: drop one of the two")
     for kind, w in opts["corpus"].items():
         if kind not in DOC_KINDS or not isinstance(w, (int, float)) or w < 0:
             raise UserError(f"{path}: sweep.corpus.{kind}: expected a weight >= 0 for one of "
@@ -134,6 +165,11 @@ def write_corpus(path: Path, n_docs: int, seed: int, weights: dict[str, float]) 
     atomic_write_text(path, "".join(rows))
 
 
+def size_label(model) -> str:
+    """A size's run folder and model-name suffix: L2-d64."""
+    return f"L{model.n_layer}-d{model.d_model}"
+
+
 def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Config, dict]:
     """This size's config: its shape, lr ~ 1/width, steps for its token or FLOP budget."""
     from scalelab.model import Transformer
@@ -152,7 +188,7 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
     if opts["lr_width"]:
         tc.lr = tc.lr * opts["lr_width"] / cfg.model.d_model
     tc.eval_every = tc.checkpoint_every = tc.max_steps  # eval and checkpoint at the end
-    label = f"L{cfg.model.n_layer}-d{cfg.model.d_model}"
+    label = size_label(cfg.model)
     return cfg, {"label": label, "params": n, "steps": tc.max_steps, "lr": tc.lr,
                  "tokens": tc.max_steps * per_step}
 
@@ -166,6 +202,29 @@ def shared_vocab(cfg: Config, shared: Path) -> int:
     return 64 * math.ceil(tok.vocab_size / 64)
 
 
+def check_registered(reg: Registry, opts: dict, path: Path) -> None:
+    """A sweep experiment whose name the registry already holds must be the same one: its
+    task, metric and threshold there are what every size would be evaluated on."""
+    from scalelab.track.metrics import comparison
+    from scalelab.track.ops import checked_experiment
+    if opts["experiments"] == "starter":
+        return
+    have = {e["name"]: e for e in reg.experiments()}
+    for i, e in enumerate(opts["experiments"]):
+        old = have.get(e["name"])
+        if old is None:
+            continue
+        task, metric = checked_experiment(e["name"], e["task"], float(e["threshold"]),
+                                          e.get("metric"))
+        if (old["task"], old["metric"], old["threshold"]) != (task, metric,
+                                                              float(e["threshold"])):
+            raise UserError(f"{path}: sweep.experiments[{i}] ({e['name']}): {reg.path} holds "
+                            f"an experiment of that name with task {old['task']}, pass if "
+                            f"{old['metric']} {comparison(old['metric'])} "
+                            f"{old['threshold']:g}; names are permanent: "
+                            "give this one another name")
+
+
 def ensure_experiments(reg: Registry, opts: dict) -> None:
     if opts["experiments"] == "starter":
         seed_experiments(reg)
@@ -177,6 +236,34 @@ def ensure_experiments(reg: Registry, opts: dict) -> None:
                            e.get("note", ""), exist_ok=True)  # another sweep may add it now
 
 
+PLAN = "sweep-plan.json"
+
+
+def check_plan(out: Path, base: Config, opts: dict) -> dict:
+    """What --out was made with: the settings every size shares (corpus, tokenizer, budget
+    and lr rules, names) and each size's model. A rerun may resume, add or drop sizes;
+    another budget or corpus silently trained the registered models further under their
+    old records (tokens, loss, results) or reused the old corpus, so it is refused."""
+    from scalelab.io import read_json_if_any
+    shared = {k: v for k, v in opts.items() if k not in ("sizes", "experiments")}
+    plan = {"shared": hashlib.sha256(json.dumps([base.to_dict(), shared], sort_keys=True,
+                                                default=str).encode()).hexdigest()[:16],
+            "sizes": {}}
+    for size in opts["sizes"]:
+        model = apply_dict(copy.deepcopy(base), {"model": size}, "sweep size").model
+        plan["sizes"][size_label(model)] = dataclasses.asdict(model)
+    old = read_json_if_any(out / PLAN) if (out / PLAN).is_file() else {}
+    changed = [] if old.get("shared", plan["shared"]) == plan["shared"] else \
+        ["the settings all sizes share ([model], [data], [train], sweep budget, lr and name)"]
+    changed += [f"size {label}" for label, model in plan["sizes"].items()
+                if old.get("sizes", {}).get(label, model) != model]
+    if changed:
+        raise UserError(f"--out {out}: holds a sweep made with another config (changed: "
+                        f"{'; '.join(changed)}); choose a new --out: its runs would be trained "
+                        "further or reused under the models registered from them")
+    return {"shared": plan["shared"], "sizes": {**old.get("sizes", {}), **plan["sizes"]}}
+
+
 def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
@@ -184,12 +271,14 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_experiments(reg, opts)
-
-    # One corpus and tokenizer for every size, so the losses are comparable.
+    plan = check_plan(out, base, opts)
+    check_registered(reg, opts, config)
+    # One corpus and tokenizer for every size, so the losses are comparable. shared/ first:
+    # it is what marks --out as a sweep's (an --out stopped before it was refused)
     shared = out / "shared"
-    shared.mkdir(exist_ok=True)
+    shared.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PLAN, plan)
+    ensure_experiments(reg, opts)
     if opts["corpus"] and base.data.source == "builtin:world":
         corpus = shared / "corpus.jsonl"
         if not corpus.exists():

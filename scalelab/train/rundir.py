@@ -188,6 +188,9 @@ def resume_or_restart(run: Path, steps: int) -> bool | None:
         return None
     if last_step(run) is not None:
         return True
+    if run.is_dir():  # a second sweep on the same --out removed the run the first was
+        hold(run)     # training: RunBusy now, nothing removed
+        release(run)  # (the folder made again below is locked by its stage)
     shutil.rmtree(run, ignore_errors=True)
     return False
 

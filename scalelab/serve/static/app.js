@@ -279,7 +279,7 @@ async function loadTracker() {
   table.replaceChildren(head);
   for (const e of s.experiments) {
     const tr = el("tr");
-    tr.append(el("td", "l", `${e.name} (${e.metric})`), el("td", "", String(e.threshold)));
+    tr.append(el("td", "l", `${e.name} (${e.metric})`), el("td", "", e.pass_rule));
     for (const m of s.models) {
       const c = e.results[m.name];
       tr.append(c ? el("td", c.passed ? "pass" : "", (c.value === null ? "nan" : c.value.toFixed(2)) + (c.passed ? " pass" : ""))
