@@ -407,13 +407,7 @@ def test_qwen_layout_bos_null_in_tokenizer_config_means_no_bos(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     text = "Mia has a cat"
     assert tok.bos_id is None and tok.encode(text, bos=True) == theirs(text).input_ids
-    ids = theirs(text, return_tensors="pt").input_ids
-    out = hf_model(folder).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                    pad_token_id=tok.pad_id)
-    r = run_cli("generate", "--model", str(folder), "--prompt", text, "--max-new-tokens", "8",
-                "--temperature", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == text + tok.decode(out[0, ids.size(1):].tolist()) + "\n"
+    assert_cli_greedy_is_transformers(folder, tok, theirs, text)
 
 
 @pytest.mark.parametrize("bos_processor", [False, True])
@@ -427,9 +421,15 @@ def test_generate_prompt_starts_as_transformers_starts_it(tmp_path, bos_processo
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     text = "Mia has a cat"
     assert tok.bos_id == theirs.bos_token_id is not None
+    ids = theirs(text).input_ids
+    assert (ids[0] == tok.bos_id) == bos_processor
+    assert tok.encode_prompt(text) == ids
+    assert_cli_greedy_is_transformers(folder, tok, theirs, text)
+
+
+def assert_cli_greedy_is_transformers(folder, tok, theirs, text: str) -> None:
+    """`scalelab generate --prompt text` prints transformers' greedy continuation."""
     ids = theirs(text, return_tensors="pt").input_ids
-    assert (ids[0, 0].item() == tok.bos_id) == bos_processor
-    assert tok.encode_prompt(text) == ids[0].tolist()
     out = hf_model(folder).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
                                     pad_token_id=tok.pad_id)
     r = run_cli("generate", "--model", str(folder), "--prompt", text, "--max-new-tokens", "8",
