@@ -451,6 +451,26 @@ def test_tracker_prompts_start_as_the_folders_tokenizer_starts_them(tmp_path, bo
     assert ours.prefix == via_transformers.prefix == want and ours.tok.bos_id is not None
 
 
+@pytest.mark.parametrize("engine", ["scalelab", "transformers"])
+def test_tracker_scores_an_empty_prompt_after_the_end_of_text_token(tmp_path, engine):
+    """With no BOS to start from, an empty prompt leaves the first target token without a
+    context: it is scored after the end-of-text token, as lm-eval scores an empty context
+    (it read the log-probability of another position)."""
+    from scalelab.track.evaluate import HFLM, ScalelabLM, contexts, loglik
+    from scalelab.track.specs import Item
+    folder = make_hf_folder(tmp_path / "m", bos_processor=False, template=None)
+    lm = ScalelabLM(folder, torch.device("cpu"), kind="hf") if engine == "scalelab" else \
+        HFLM(folder, torch.device("cpu"))
+    target = lm.encode(" Mia has a cat")
+    got = loglik(lm, contexts(lm, [Item("", "Mia has a cat")]), [target])[0]
+    eos = transformers.AutoTokenizer.from_pretrained(folder).eos_token_id
+    ids = torch.tensor([[eos] + target])
+    with torch.no_grad():
+        logp = hf_model(folder)(ids).logits[0, :-1].float().log_softmax(-1)
+    want = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=0)
+
+
 ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}"
           "\n{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}"

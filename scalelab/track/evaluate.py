@@ -41,6 +41,7 @@ class ScalelabLM:
         self.device, self.max_len = device, self.model.cfg.seq_len
         self.pad_id = self.tok.pad_id
         self.prefix = self.tok.prompt_prefix  # BOS for scalelab's own models, as in training
+        self.empty_context = [self.tok.doc_eos_id]  # see contexts()
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -85,6 +86,8 @@ class HFLM:
                                  self.tok("x", add_special_tokens=False).input_ids)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else \
             (self.tok.eos_token_id or 0)
+        self.empty_context = [self.tok.eos_token_id if self.tok.eos_token_id is not None
+                              else self.pad_id]
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -170,7 +173,10 @@ def greedy_answers(lm, contexts: list[list[int]], lengths: list[int]) -> list[li
 
 def contexts(lm, items: list[Item]) -> list[list[int]]:
     if items[0].example is None:
-        return [lm.prefix + lm.encode(it.prompt) for it in items]
+        # An empty prompt, on a tokenizer that starts prompts with nothing (Qwen2.5, GPT-2
+        # style), would leave the first target token with no context at all: it gets the
+        # end-of-text token instead, as lm-eval gives an empty context.
+        return [lm.prefix + lm.encode(it.prompt) or lm.empty_context for it in items]
     if lm.kind != "scalelab":
         raise UserError("tasks: specs use scalelab's chat template; a Hugging Face model "
                         "needs a JSONL task file instead")
