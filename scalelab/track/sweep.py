@@ -267,15 +267,15 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
-    plan = check_plan(out, base, opts)
+    made_with = check_plan(out, base, opts)
     check_registered(reg, opts, config)
     # One corpus and tokenizer for every size, so the losses are comparable. shared/ first:
     # it is what marks --out as a sweep's (an --out stopped before it was refused)
     shared = out / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / PLAN, plan)
+    atomic_write_json(out / PLAN, made_with)
     ensure_experiments(reg, opts)
-    if opts["corpus"] and base.data.source == "builtin:world":
+    if opts["corpus"]:  # load_sweep: only with data.source builtin:world
         corpus = shared / "corpus.jsonl"
         if not corpus.exists():
             write_corpus(corpus, base.data.n_docs, base.data.seed, opts["corpus"])
