@@ -128,18 +128,25 @@ def sft_data(path: Path, families: list[str], n: int, seed: int) -> None:
 def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
     """One registry experiment per task family, named STUDY:FAMILY."""
     from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS
+    names = {fam: f"{opts['name']}:{fam}" for fam in HELDOUT_TASKS + TRAIN_TASKS}
+    d = {fam: min(opts["eval_difficulty"], TASKS[fam].max_difficulty) for fam in names}
+    tasks = {fam: f"tasks:{fam}?difficulty={d[fam]}&n={opts['eval_n']}" for fam in names}
+
+    def check(fam: str, held: dict | None) -> None:
+        if held is not None and held["task"] != tasks[fam]:
+            raise UserError(f"{reg.path}: experiment {names[fam]!r} exists with task "
+                            f"{held['task']!r}; change study.name")
+
     have = {e["name"]: e for e in reg.experiments()}
+    for fam in names:  # every name checked before any is added (none left under a refused one)
+        check(fam, have.get(names[fam]))
     out = {}
-    for fam in HELDOUT_TASKS + TRAIN_TASKS:
-        d = min(opts["eval_difficulty"], TASKS[fam].max_difficulty)
-        name, task = f"{opts['name']}:{fam}", f"tasks:{fam}?difficulty={d}&n={opts['eval_n']}"
+    for fam, name in names.items():
         if name not in have:  # exist_ok: another study may add it now
-            add_experiment(reg, name, task, 0.8, "exact_match",
+            add_experiment(reg, name, tasks[fam], 0.8, "exact_match",
                            f"instruction study {opts['name']}: family {fam}", exist_ok=True)
         out[fam] = dict(reg.experiment(name))
-        if out[fam]["task"] != task:
-            raise UserError(f"{reg.path}: experiment {name!r} exists with task "
-                            f"{out[fam]['task']!r}; change study.name")
+        check(fam, out[fam])
     return out
 
 

@@ -128,6 +128,14 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     cfg.write_text(STUDY)
     assert main(args + ["--registry", str(reg)]) == 2
     assert "exists with task" in capsys.readouterr().err and not out.exists()
+    # only the last family's name held: refused before any of the others is added (they
+    # stayed in the registry under the refused study name, run on every later model)
+    reg = tmp_path / "last.db"
+    last = f"toy:{TRAIN_TASKS[-1]}"
+    Registry(reg).add_experiment(last, f"tasks:{TRAIN_TASKS[-1]}?n=5", "exact_match", 0.8)
+    assert main(args + ["--registry", str(reg)]) == 2
+    assert f"experiment '{last}' exists with task" in capsys.readouterr().err
+    assert [e["name"] for e in Registry(reg).experiments()] == [last]
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = inf"))  # refused after pretraining
     assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
     assert "'study.sft_lr' must be positive and finite" in capsys.readouterr().err

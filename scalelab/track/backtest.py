@@ -62,8 +62,8 @@ def judge(predicted: float | None, actual: float | None, largest: float) -> str:
 def backtest(reg) -> list[dict]:
     rows = []
     exps = [e for e in reg.experiments() if e["metric"] in M.ALL_OR_NOTHING]
-    for group in sorted({data_group(m) for m in reg.models() if m["lineage"] == "base"}):
-        latest, models = reg.latest(), reg.models()
+    latest, models = reg.latest(), reg.models()  # once: each load parses every result
+    for group in sorted({data_group(m) for m in models if m["lineage"] == "base"}):
         every = {e["id"]: series(reg, e, "params", group, latest, models)
                  for e in reg.experiments()}
         for exp in exps:

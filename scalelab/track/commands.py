@@ -103,7 +103,7 @@ def check_register_name(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
     reg = Registry(path)
     try:
-        row = reg.db.execute("SELECT path FROM models WHERE name = ?", (out.name,)).fetchone()
+        row = next((m for m in reg.models() if m["name"] == out.name), None)
     finally:
         reg.close()
     if row is not None and row["path"] != str(out / "model"):

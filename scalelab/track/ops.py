@@ -83,8 +83,8 @@ def seed_experiments(reg: Registry, log=print) -> list[str]:
     have = {e["name"]: e for e in reg.experiments()}
     for name, task, thr, _ in STARTER:
         e = have.get(name)
-        metric = "mc_accuracy" if task.startswith("builtin:older") else "exact_match"
-        if e is not None and (e["task"], e["metric"], e["threshold"]) != (task, metric, thr):
+        if e is not None and (e["task"], e["metric"], e["threshold"]) != \
+                (task, checked_experiment(name, task, thr)[1], thr):  # the default metric
             log(f"kept your experiment {name} ({e['task']}, pass if {e['metric']} "
                 f"{M.comparison(e['metric'])} {e['threshold']:g}), not the built-in {name} "
                 f"({task}): names are permanent")

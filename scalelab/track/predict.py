@@ -301,7 +301,7 @@ def record_predictions(reg) -> list[dict]:
     """A new prediction row for each still-failing experiment and data group whose evidence
     changed."""
     latest, models, made = reg.latest(), reg.models(), []
-    passed = {e for (e, _), r in latest.items() if r["passed"]}
+    passed = reg.passed_experiment_ids(latest)
     groups = sorted({data_group(m) for m in models if m["lineage"] == "base"})
     pooled = {g: pooled_calibration([series(reg, e, "params", g, latest, models)
                                      for e in reg.experiments()]) for g in groups}

@@ -147,8 +147,9 @@ def check_experiments(exps: str | list, path: Path) -> None:
                                 f"{', '.join(EXPERIMENT_KEYS)})")
             if not isinstance(value, EXPERIMENT_KEYS[key]) or isinstance(value, bool):
                 raise UserError(f"{where}.{key} has the wrong type ({type(value).__name__})")
-        try:
-            checked_experiment(e["name"], e["task"], float(e["threshold"]), e.get("metric"))
+        try:  # kept as stored: the task's full path, the metric its default when not given
+            e["task"], e["metric"] = checked_experiment(e["name"], e["task"],
+                                                        float(e["threshold"]), e.get("metric"))
         except UserError as err:
             raise UserError(f"{where} ({e['name']}): {err}") from None
 
@@ -206,18 +207,13 @@ def check_registered(reg: Registry, opts: dict, path: Path) -> None:
     """A sweep experiment whose name the registry already holds must be the same one: its
     task, metric and threshold there are what every size would be evaluated on."""
     from scalelab.track.metrics import comparison
-    from scalelab.track.ops import checked_experiment
     if opts["experiments"] == "starter":
         return
     have = {e["name"]: e for e in reg.experiments()}
-    for i, e in enumerate(opts["experiments"]):
+    for i, e in enumerate(opts["experiments"]):  # task and metric as load_sweep stored them
         old = have.get(e["name"])
-        if old is None:
-            continue
-        task, metric = checked_experiment(e["name"], e["task"], float(e["threshold"]),
-                                          e.get("metric"))
-        if (old["task"], old["metric"], old["threshold"]) != (task, metric,
-                                                              float(e["threshold"])):
+        if old is not None and (old["task"], old["metric"], old["threshold"]) != \
+                (e["task"], e["metric"], float(e["threshold"])):
             raise UserError(f"{path}: sweep.experiments[{i}] ({e['name']}): {reg.path} holds "
                             f"an experiment of that name with task {old['task']}, pass if "
                             f"{old['metric']} {comparison(old['metric'])} "
@@ -271,15 +267,15 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
     from scalelab.train.rundir import resume_or_restart
     base, opts = load_sweep(config)
     t_start = time.perf_counter()
-    plan = check_plan(out, base, opts)
+    made_with = check_plan(out, base, opts)
     check_registered(reg, opts, config)
     # One corpus and tokenizer for every size, so the losses are comparable. shared/ first:
     # it is what marks --out as a sweep's (an --out stopped before it was refused)
     shared = out / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / PLAN, plan)
+    atomic_write_json(out / PLAN, made_with)
     ensure_experiments(reg, opts)
-    if opts["corpus"] and base.data.source == "builtin:world":
+    if opts["corpus"]:  # load_sweep: only with data.source builtin:world
         corpus = shared / "corpus.jsonl"
         if not corpus.exists():
             write_corpus(corpus, base.data.n_docs, base.data.seed, opts["corpus"])
