@@ -188,9 +188,11 @@ def resume_or_restart(run: Path, steps: int) -> bool | None:
         return None
     if last_step(run) is not None:
         return True
-    if run.is_dir():  # a second sweep on the same --out removed the run the first was
-        hold(run)     # training: RunBusy now, nothing removed
-        release(run)  # (the folder made again below is locked by its stage)
+    # Another live command training this run (a second sweep on the same --out): RunBusy,
+    # nothing removed. A lock of this process's own is left as it is.
+    if run.is_dir() and run.resolve() not in _held:
+        hold(run)
+        release(run)  # the folder made again below is locked by its stage
     shutil.rmtree(run, ignore_errors=True)
     return False
 
