@@ -72,12 +72,18 @@ PY
 # decode step attending through FlexAttention's decoding kernel (model.DECODE_ATTENTION =
 # "flex"); the prefill compiled too (generate.COMPILE_PREFILL: its eager kernels are launched
 # one by one from Python); the compiled forward and backward of pretraining replayed as CUDA
-# graphs (what mode="reduce-overhead" does: no launch gaps); inductor's GEMM autotuning (Triton
+# graphs (what mode="reduce-overhead" does: no launch gaps); a micro-batch of 48 instead of
+# 24 (larger micro-batches at the same global batch); inductor's GEMM autotuning (Triton
 # matmul templates, which can fuse the elementwise work around them) for pretraining; SFT
 # packed vs padded (packing is adopted, measured on CPU only: on CUDA its masked attention
 # cannot use the flash kernel); PPO with the chunked token log-probs under compile; inductor's
 # coordinate-descent tuning for the decode step and for pretraining. The experiments take about
-# 10-18 minutes in all: run them in two calls (BENCHES=...), under 10 minutes each.
+# 10-18 minutes in all, more than one lease's 15 minutes with the checks. A plan for one lease,
+# most wanted first (two calls, each under 10 minutes; OUT is the call's output folder):
+#   bash bench/gpu_check.sh OUT/check; BENCHES="generate_flex generate_prefill" \
+#     bash bench/gpu_check.sh OUT/exp --experiments
+#   BENCHES="train_cudagraphs train_mb48 train_autotune" bash bench/gpu_check.sh OUT/exp2 \
+#     --experiments
 # Measured and settled (bench/results/gpu_check-h200-2026-11-28 and -28b): FusedProjections
 # (on; its baseline is `generate --no-fuse`); decode attention as plain sums, or SDPA's
 # efficient kernel, instead of the cuDNN one torch picks (no faster); cuDNN for pretraining
@@ -92,6 +98,7 @@ extras=(
   "generate_flex generate 90 --systems scalelab --decode-attention flex"
   "generate_prefill generate 120 --systems scalelab --compile-prefill --profile"
   "train_cudagraphs train 150 --peers scalelab --inductor triton.cudagraphs=True --steps 10 --warmup 3"
+  "train_mb48 train 150 --peers scalelab --batch-size 48 --steps 10 --warmup 3"
   "train_autotune train 300 --peers scalelab --inductor max_autotune=True --steps 10 --warmup 3"
   "sft sft 150 --steps 10 --warmup 3"
   "ppo_chunked ppo 170 --peers scalelab --logprobs chunked"
