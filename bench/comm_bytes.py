@@ -27,7 +27,7 @@ from scalelab.cli import resolve_config_path
 from scalelab.config import load_config
 from scalelab.model import Transformer
 from scalelab.parallel import mesh
-from scalelab.parallel.apply import clip_grad_norm_, parallelize, sync_grads
+from scalelab.parallel.apply import clip_grads, parallelize
 from scalelab.parallel.comm import measure_step, step_collectives, summarize
 from scalelab.parallel.plan import factorizations
 
@@ -43,8 +43,7 @@ def time_steps(cfg, par, batch: int, steps: int) -> float:
         t0 = time.perf_counter()
         logits = model(x[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
-        sync_grads(model, par)
-        clip_grad_norm_(model, 1.0, par)
+        clip_grads(model, 1.0, par)
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)

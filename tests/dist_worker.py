@@ -2,11 +2,12 @@
 
     torchrun --nproc-per-node 4 tests/dist_worker.py BASE REF_RUN MAPPING...
 
-MAPPING is dp,fsdp,tp (e.g. 2,1,2). For each: pretrain BASE/dp_fsdp_tp from scratch on the
-reference run's data with the same global batch, and record one step's collectives against
-the analytic model (BASE/comm.json). Then resume the fsdp=2 x tp=2 run's step_10 checkpoint
-under dp=4 (BASE/resume_dp4), the one-process run's under fsdp=2 x tp=2, and compares a
-grouped-query-attention model under tp=4 with its unsharded self (BASE/gqa_tp.json).
+MAPPING is dp,fsdp,tp[,grad_accum] (e.g. 2,1,2). For each: pretrain BASE/dp_fsdp_tp[_accum]
+from scratch on the reference run's data with the same global batch, and record one step's
+collectives against the analytic model (BASE/comm.json). Then resume the fsdp=2 x tp=2 run's
+step_10 checkpoint under dp=4 (BASE/resume_dp4), the one-process run's under fsdp=2 x tp=2,
+and compare a grouped-query-attention model under tp=4 with its unsharded self
+(BASE/gqa_tp.json).
 """
 
 import json
@@ -18,15 +19,16 @@ import torch.distributed as dist
 
 from scalelab.config import load_config
 from scalelab.parallel import mesh
-from scalelab.parallel.comm import measure_step, step_collectives, summarize
+from scalelab.parallel.comm import CommCounter, measure_step, step_collectives, summarize
 from scalelab.train.pretrain import pretrain
 
 
-def config(ref: Path, sizes: tuple[int, int, int], global_batch: int):
+def config(ref: Path, sizes: tuple[int, int, int], global_batch: int, grad_accum: int = 1):
     dp, fsdp, tp = sizes
     cfg = load_config(ref / "config.toml")
     cfg.parallel.dp, cfg.parallel.fsdp, cfg.parallel.tp = dp, fsdp, tp
-    cfg.train.batch_size = global_batch // (dp * fsdp)
+    cfg.train.batch_size = global_batch // (dp * fsdp * grad_accum)
+    cfg.train.grad_accum = grad_accum
     return cfg
 
 
@@ -93,17 +95,22 @@ def main() -> None:
     global_batch = load_config(ref / "config.toml").train.batch_size
     comm = {}
     for spec in sys.argv[3:]:
-        sizes = tuple(int(x) for x in spec.split(","))
-        name = "_".join(map(str, sizes))
+        dp, fsdp, tp, *accum = (int(x) for x in spec.split(","))
+        name = spec.replace(",", "_")
         fresh(base / name, ref)
-        cfg = config(ref, sizes, global_batch)
-        pretrain(cfg, base / name)
+        cfg = config(ref, (dp, fsdp, tp), global_batch, *accum)
         par = mesh.setup(cfg.parallel, "cpu")
-        measured = summarize(measure_step(cfg.model, par, cfg.train.batch_size))
+        with CommCounter(par.groups) as cc:  # the whole run: how often it all-reduces over dp
+            pretrain(cfg, base / name)
+        tc = cfg.train
+        measured = summarize(measure_step(cfg.model, par, tc.batch_size, tc.grad_accum))
         predicted = summarize(step_collectives(cfg.model, par.sizes, par.rules,
-                                               cfg.train.batch_size * cfg.model.seq_len))
+                                               tc.batch_size * cfg.model.seq_len,
+                                               tc.grad_accum))
         comm[name] = {"measured": {"/".join(k): v for k, v in measured.items()},
-                      "predicted": {"/".join(k): v for k, v in predicted.items()}}
+                      "predicted": {"/".join(k): v for k, v in predicted.items()},
+                      "run_dp_all_reduces": sum(r.kind == "all_reduce" and r.axis == "dp"
+                                                for r in cc.records)}
     # Resume fsdp=2 x tp=2 at step 10 under dp=4.
     src, out = base / "1_2_2", base / "resume_dp4"
     if src.exists():

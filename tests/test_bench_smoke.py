@@ -28,6 +28,17 @@ def test_ppo_throughput_smoke_runs(tmp_path: Path) -> None:
     assert result["steps"] == 2 and result["episodes_per_s"] > 0
 
 
+def test_comm_bytes_measures_what_the_model_predicts_on_two_processes() -> None:
+    # docs/parallelism.md runs it on 4 processes; 2 (dp, fsdp, tp = 2 each) keep it quick
+    proc = run_bench("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                     str(29500 + os.getpid() % 1000), "bench/comm_bytes.py", "--steps", "2",
+                     "--set", "model.n_layer=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mappings = [line.split()[0] for line in proc.stdout.splitlines()[2:] if line[:1].isdigit()]
+    assert set(mappings) == {"2x1x1", "1x2x1", "1x1x2"}
+    assert "largest |measured/model - 1| = 0.0000" in proc.stdout
+
+
 def test_monitor_overhead_too_few_steps_is_a_clear_error() -> None:
     # tokens/s is the median of the logged 10-step intervals after the first, so --steps 10
     # has none: one line and exit 2, not a StatisticsError traceback

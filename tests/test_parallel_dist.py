@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tiny_sets
 
-MAPPINGS = ["4,1,1", "1,4,1", "1,1,4", "2,1,2", "1,2,2", "2,2,1"]  # dp,fsdp,tp
+from scalelab.config import load_config
+
+# dp,fsdp,tp[,grad_accum]: the last accumulates two micro-batches, so its dp all-reduce must
+# come once per step (in the last backward) while fsdp reduce-scatters every micro-batch.
+MAPPINGS = ["4,1,1", "1,4,1", "1,1,4", "2,1,2", "1,2,2", "2,2,1", "2,2,1,2"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +70,10 @@ def test_collective_bytes_match_the_cost_model(runs):
             assert abs(c["measured"][key] - want) <= 0.10 * want, (name, key)
     assert "all_reduce/tp" in comm["1_1_4"]["measured"]  # the table really sent tp traffic
     assert "reduce_scatter/fsdp" in comm["1_2_2"]["measured"]
+    # Training itself: 20 steps of 2 micro-batches all-reduce each block's and the root's
+    # gradients over dp once per step, not once per micro-batch.
+    n_layer = load_config(runs[1] / "config.toml").model.n_layer
+    assert comm["2_2_1_2"]["run_dp_all_reduces"] == 20 * (n_layer + 1)
 
 
 def test_fsdp_tp_checkpoint_resumes_in_one_process_and_under_dp4(runs, tmp_path):

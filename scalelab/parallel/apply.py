@@ -1,12 +1,14 @@
-"""Apply the axis-rules table to a model: tensor parallel, then FSDP2, then data parallel.
+"""Apply the axis-rules table to a model: tensor parallel, then FSDP2 over the data ranks.
 
 Nothing here is written per layer type: each weight's logical axes (model.LOGICAL_AXES) and
 the table give its placement. In order (as torchtitan does):
-  1. tp:   a linear whose output dim maps to tp is ColwiseParallel, whose input dim maps to
-           tp is RowwiseParallel; everything else stays whole on every tp rank.
-  2. fsdp: `fully_shard` each block, then the root, cutting each weight along the dim that
-           maps to fsdp; with dp > 1 too the mesh is (dp, fsdp): HSDP, replicas of shards.
-  3. dp:   (only when fsdp = 1) a plain all-reduce of every gradient over the dp axis.
+  1. tp:      a linear whose output dim maps to tp is ColwiseParallel, whose input dim maps
+              to tp is RowwiseParallel; everything else stays whole on every tp rank.
+  2. dp/fsdp: `fully_shard` each block, then the root, on the (dp, fsdp) mesh, cutting each
+              weight along the dim that maps to fsdp: replicas (dp) of shards (fsdp), HSDP.
+              Plain data parallel is the case fsdp = 1 (shards of one rank: nothing is
+              gathered), so gradients are all-reduced over dp during backward, block by
+              block, overlapped with the blocks still to go, as DDP does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def parallelize(model: nn.Module, par: Parallel, dtype: str = "auto",
         return model
     if par.sizes["tp"] > 1:
         apply_tp(model, par)
-    if par.sizes["fsdp"] > 1:
+    if par.data_world > 1:
         apply_fsdp(model, par, dtype)
         if entry != "forward":
             from torch.distributed.fsdp import register_fsdp_forward_method
@@ -68,9 +70,10 @@ def apply_fsdp(model: nn.Module, par: Parallel, dtype: str = "auto") -> None:
     from torch.distributed.fsdp import fully_shard
 
     names = {id(p): n for n, p in model.named_parameters()}
+    fsdp = par.sizes["fsdp"]
     for n, p in model.named_parameters():
-        if fsdp_dim(n, par.rules) is None and p.ndim > 1:  # a bias is cut along its one dim
-            raise UserError(f"parallel.fsdp={par.sizes['fsdp']}: the rules give {n} no "
+        if fsdp > 1 and fsdp_dim(n, par.rules) is None and p.ndim > 1:  # a bias: its one dim
+            raise UserError(f"parallel.fsdp={fsdp}: the rules give {n} no "
                             "dimension on the fsdp axis (keep parallel.rules.embed = \"fsdp\")")
 
     def placement(p: nn.Parameter) -> Shard:
@@ -88,17 +91,14 @@ def apply_fsdp(model: nn.Module, par: Parallel, dtype: str = "auto") -> None:
                 reshard_after_forward=False)
 
 
-@torch.no_grad()
-def sync_grads(model: nn.Module, par: Parallel) -> None:
-    """Average gradients over dp replicas (FSDP/HSDP already reduced theirs in backward)."""
-    if par.single or par.sizes["dp"] == 1 or par.sizes["fsdp"] > 1:
-        return
-    group, n = par.mesh.get_group("dp"), par.sizes["dp"]
-    for p in model.parameters():
-        if p.grad is not None:
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(g, group=group)  # fp32, as FSDP's reduce above and the planner
-            g.div_(n)
+def sync_over_replicas(model: nn.Module, now: bool) -> None:
+    """Whether this backward all-reduces gradients over dp. Of a step's micro-batches only
+    the last need: the others accumulate (their shards are still reduce-scattered over fsdp,
+    which keeps gradient memory sharded). A no-op for a model without dp replicas."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_requires_all_reduce(now, recurse=False)
 
 
 @torch.no_grad()
@@ -128,13 +128,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
     return norm
 
 
-def sync_and_clip(model: nn.Module, max_norm: float, par: Parallel | None,
-                  params: list | None = None) -> torch.Tensor:
-    """After backward: gradients averaged over the data replicas and clipped by the global
-    norm, which is returned. One process (par None or single): torch's clip over `params`
-    (default: the model's)."""
+def clip_grads(model: nn.Module, max_norm: float, par: Parallel | None,
+               params: list | None = None) -> torch.Tensor:
+    """After backward (gradients already averaged over the data ranks by FSDP): clip by the
+    global norm, which is returned. One process (par None or single): torch's clip over
+    `params` (default: the model's)."""
     if par is None or par.single:
         return nn.utils.clip_grad_norm_(model.parameters() if params is None else params,
                                         max_norm)
-    sync_grads(model, par)  # dp all-reduce (FSDP reduced in backward already)
     return clip_grad_norm_(model, max_norm, par)

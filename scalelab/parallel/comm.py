@@ -1,7 +1,7 @@
 """Communication accounting: what a training step sends, measured and predicted.
 
 `CommCounter` is a dispatch mode that sees every collective a step issues, both the c10d ops
-(FSDP2, our dp all-reduce) and the functional ones DTensor uses for tensor parallelism, and
+(FSDP2) and the functional ones DTensor uses for tensor parallelism, and
 records kind, mesh axis, group size and size S (bytes of the whole, unsharded tensor).
 `step_collectives` predicts the same list from the config and the axis-rules table alone.
 
@@ -60,7 +60,7 @@ def _nbytes(x) -> int:
 
 class CommCounter(TorchDispatchMode):
     """with CommCounter(par.groups) as cc: step()  ->  cc.records, one Collective per call
-    (phase "bwd" inside autograd's backward, "fwd" for everything else, e.g. the dp sync)."""
+    (phase "bwd" inside autograd's backward, "fwd" for everything else)."""
 
     def __init__(self, group_axes: dict[frozenset, str] | None = None):
         super().__init__()
@@ -125,7 +125,6 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
             block_numel[int(name.split(".")[1])] += numel
         else:
             root_numel += numel
-    local_numel = root_numel + sum(block_numel.values())
     L, d = cfg.n_layer, cfg.d_model
     rows: list[Collective] = []
     if tp > 1:  # Megatron: row-parallel outputs all-reduced forward, col-parallel inputs back
@@ -147,14 +146,12 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
                             grad_accum, "embedding (= lm_head), final norm"),
                  Collective("reduce_scatter", "fsdp", fsdp, root_numel * grad_bytes, "bwd",
                             grad_accum, "embedding, final norm grads")]
-        if dp > 1:  # HSDP: the shards' grads averaged over replicas
-            rows.append(Collective("all_reduce", "dp", dp, blk * grad_bytes / fsdp, "bwd",
-                                   L * grad_accum, "block grad shards over replicas"))
-            rows.append(Collective("all_reduce", "dp", dp, root_numel * grad_bytes / fsdp,
-                                   "bwd", grad_accum, "root grad shards over replicas"))
-    elif dp > 1:  # plain data parallel: every gradient once per step
-        rows.append(Collective("all_reduce", "dp", dp, local_numel * grad_bytes, "step",
-                               1, f"all {len(shapes)} gradients"))
+    if dp > 1:  # replicas (of shards, or whole when fsdp = 1): grads averaged over dp in the
+        # backward of a step's last micro-batch (parallel.apply.sync_over_replicas)
+        rows += [Collective("all_reduce", "dp", dp, block_numel[0] * grad_bytes / fsdp, "bwd",
+                            L, "block grads (shards) over replicas"),
+                 Collective("all_reduce", "dp", dp, root_numel * grad_bytes / fsdp, "bwd", 1,
+                            "root grads (shards) over replicas")]
     if dp * fsdp * tp > 1:  # over the world group (named after the axis if one spans it)
         world = dp * fsdp * tp
         axis = next((a for a, n in sizes.items() if n == world), "world")
@@ -163,20 +160,24 @@ def step_collectives(cfg: ModelConfig, sizes: dict[str, int], rules: Rules,
     return rows
 
 
-def measure_step(mc: ModelConfig, par, batch_size: int) -> list[Collective]:
-    """Record one training step (forward, backward, grad sync, clip) of a fresh model."""
+def measure_step(mc: ModelConfig, par, batch_size: int, grad_accum: int = 1
+                 ) -> list[Collective]:
+    """Record one training step of a fresh model as the training loop runs it: grad_accum
+    micro-batches forward and backward (dp all-reduce in the last), then the clip."""
     import torch.nn.functional as F
 
     from scalelab.model import Transformer
-    from scalelab.parallel.apply import parallelize, sync_and_clip
+    from scalelab.parallel.apply import clip_grads, parallelize, sync_over_replicas
     torch.manual_seed(0)
     model = parallelize(Transformer(mc).to(par.device), par)
     g = torch.Generator().manual_seed(par.data_rank)
     x = torch.randint(0, mc.vocab_size, (batch_size, mc.seq_len + 1), generator=g)
     x = x.to(par.device)
     with CommCounter(par.groups) as cc:
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        sync_and_clip(model, 1.0, par)
+        for i in range(grad_accum):
+            sync_over_replicas(model, i == grad_accum - 1)
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+        clip_grads(model, 1.0, par)
     return cc.records

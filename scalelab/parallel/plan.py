@@ -5,7 +5,8 @@ the axis-rules table, collectives from comm.step_collectives (the same function 
 checks against measured bytes). Assumptions, stated once:
   - global batch = the config's train.batch_size * grad_accum * seq_len tokens (its one-device
     recipe), split over dp x fsdp; each device takes the largest micro-batch that fits and
-    accumulates the rest (FSDP gathers and reduces again every micro-step);
+    accumulates the rest (FSDP gathers and reduce-scatters again every micro-step, replicas
+    all-reduce once per step);
   - AdamW with fp32 master weights: 4 (param) + 4 (grad) + 8 (moments) bytes per parameter;
   - bf16 compute; FSDP gathers bf16 weights and reduces fp32 gradients (parallel.apply's
     mixed-precision policy), activations move in bf16;
@@ -177,7 +178,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
     gathered = 0.0
-    if fsdp > 1:  # bf16 working copies: the root (embedding) plus two blocks (prefetch)
+    if dp * fsdp > 1:  # FSDP2's bf16 working copies: the root plus two blocks (prefetch)
         tp_only = {**sizes, "dp": 1, "fsdp": 1}
         full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
         root = sum(v for n, v in full.items() if not n.startswith("blocks."))

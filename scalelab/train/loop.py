@@ -17,7 +17,7 @@ from scalelab.hf import add_chat_tokens
 from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
-from scalelab.parallel.apply import sync_and_clip
+from scalelab.parallel.apply import clip_grads, sync_over_replicas
 from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer, load_model
 from scalelab.train.monitor import Monitor
@@ -228,13 +228,15 @@ class SupervisedStep(Step):
         scale = 1 / tc.grad_accum
         if self.loss_units is not None:
             scale = (1 if parallel is None else parallel.data_world) / max(units, 1)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = mon.poison(step + 1, tuple(t.to(device, non_blocking=True) for t in batch))
             with self.ctx:
                 loss = mon.corrupt(step + 1, self.step_fn(self.model, batch) * scale)
+            if parallel is not None:  # all-reduce over dp in the last backward only
+                sync_over_replicas(self.model, i == len(batches) - 1)
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = sync_and_clip(self.model, tc.grad_clip, parallel)
+        grad_norm = clip_grads(self.model, tc.grad_clip, parallel)
         if parallel is not None and mon.enabled:  # every rank must judge the same numbers
             loss_sum = parallel.mean_over_data(loss_sum)
         seen = mon.check(step + 1, loss_sum, grad_norm)  # None: healthy

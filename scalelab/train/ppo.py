@@ -29,7 +29,7 @@ from scalelab.data.formats import is_builtin_tasks, read_prompts
 from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, compute_dtype, use_compile
 from scalelab.model import ScalarModel, Transformer
-from scalelab.parallel.apply import parallelize, sync_and_clip
+from scalelab.parallel.apply import clip_grads, parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.labelers import get_labeler, refuse_unused
@@ -351,7 +351,7 @@ def ppo_step(policy: Transformer, ref: Transformer, value: ScalarModel,
             optimizer.zero_grad(set_to_none=True)
             # x data ranks: the gradient reduction averages over them, the loss is a share
             (loss * ranks.world if ranks.world > 1 else loss).backward()
-            norm = sync_and_clip(both, grad_clip, ranks.par, params)
+            norm = clip_grads(both, grad_clip, ranks.par, params)
             bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
             if ranks.par is not None:  # one rank's bad loss skips the update everywhere
                 bad = (ranks.total(bad) > 0).float()
@@ -538,10 +538,11 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
 def make_sampling_copy(policy: Transformer, par, device: torch.device, dtype: str
                        ) -> Transformer | None:
     """A whole copy of the policy to sample from, or None to sample from the policy itself.
-    Sampling with a KV cache needs whole attention heads, so under tp or fsdp the copy is
-    needed. On a GPU computing in bf16 it is also worth it alone: a bf16 copy, refreshed
-    once per step, spares every decode step casting all fp32 weights to bf16 again."""
-    sharded = par is not None and (par.sizes["tp"] > 1 or par.sizes["fsdp"] > 1)
+    Sampling with a KV cache needs whole weights, so on a mesh (where parallelize makes the
+    policy's weights DTensors, sharded or not) the copy is needed. On a GPU computing in
+    bf16 it is also worth it alone: a bf16 copy, refreshed once per step, spares every
+    decode step casting all fp32 weights to bf16 again."""
+    sharded = par is not None and not par.single
     bf16 = device.type == "cuda" and compute_dtype(device, dtype) == torch.bfloat16
     if not (sharded or bf16):
         return None
