@@ -53,6 +53,25 @@ def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
         assert torch.equal(torch.cat(parts), x)
 
 
+def test_resume_with_another_global_batch_keeps_batches_whole():
+    """A checkpoint of batch 4 (index 4) resumed with a global batch of 3 (another
+    batch_size, or another number of data ranks): the 6 rows left of the epoch come in two
+    whole batches, then the next epoch starts; an index that is no multiple of the new batch
+    used to skip the epoch's end and hand out empty batches."""
+    from scalelab.data.batches import EpochSampler
+    one = EpochSampler(10, 1, seed=5)  # draws every row of each epoch in order
+    epoch0 = [one.next_indices()[0] for _ in range(10)]
+    epoch1 = [one.next_indices()[0] for _ in range(10)]
+    for world, accum in ((1, 1), (1, 3), (3, 1)):  # 3 rows per step, however drawn
+        ranks = [EpochSampler(10, 3 // world // accum, seed=5, rank=r, world=world,
+                              accum=accum) for r in range(world)]
+        for s in ranks:
+            s.load_state_dict({"epoch": 0, "index": 4})
+        drawn = [[i for s in ranks for _ in range(accum) for i in s.next_indices()]
+                 for _ in range(3)]
+        assert drawn == [epoch0[4:7], epoch0[7:10], epoch1[:3]], (world, accum)
+
+
 def test_user_text_files(tmp):
     (tmp / "a.txt").write_text("first document")
     (tmp / "b.jsonl").write_text('{"text": "second"}\n\n{"text": "third"}\n')

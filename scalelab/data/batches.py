@@ -21,13 +21,17 @@ class EpochSampler:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.accum = accum
         self.epoch, self.index = 0, 0
+        self._drawn = 0  # micro-batches drawn of the current optimizer step
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def next_indices(self) -> list[int]:
         step = self.batch_size * self.world
         whole = step * self.accum  # rows of one optimizer step
-        if self.index % whole == 0 and self.index + whole > self.n:  # drop the ragged end
+        # A step starts by counting, not by index % whole: a run resumed with another
+        # global batch (batch_size or data ranks) has an index that is no multiple of it.
+        if self._drawn == 0 and self.index + whole > self.n:  # drop the ragged end
             self.epoch, self.index = self.epoch + 1, 0
+        self._drawn = (self._drawn + 1) % self.accum
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), self.epoch
@@ -40,6 +44,7 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._drawn = 0  # checkpoints are taken between optimizer steps
 
 
 class ExampleLoader:
