@@ -63,10 +63,12 @@ def base_model(folder: Path, tokenizer, **kw) -> Path:
 def test_sft_grad_accum_weighs_every_assistant_token_the_same(tmp_path, tokenizer):
     """grad_accum=2 x batch 4 must take the same steps as one batch of 8: the loss is the
     mean over all assistant tokens of the step (per micro-batch means would weigh a token of
-    a short answer more)."""
+    a short answer more). So is val_loss, over every held-out assistant token (it was the
+    mean of per-batch means, batches of train.batch_size: it moved with the batch size and
+    so with the mapping, 1.4e-3 between one process and dp=2)."""
     base = base_model(tmp_path / "base", tokenizer)
-    data = conversations(tmp_path / "conv.jsonl")
-    got = {}
+    data = conversations(tmp_path / "conv.jsonl", 96)  # 9 held out: batches of 8+1, 4+4+1
+    got, val = {}, {}
     for batch, accum in ((8, 1), (4, 2)):
         cfg = load_config(overrides=[f"train.batch_size={batch}", f"train.grad_accum={accum}",
                                      "train.max_steps=4", "train.log_every=1",
@@ -75,7 +77,10 @@ def test_sft_grad_accum_weighs_every_assistant_token_the_same(tmp_path, tokenize
                                      "train.device=cpu"])
         sft(cfg, base, str(data), tmp_path / f"sft_{batch}x{accum}")
         got[accum] = rows(tmp_path / f"sft_{batch}x{accum}")
+        lines = (tmp_path / f"sft_{batch}x{accum}" / "metrics.jsonl").read_text().splitlines()
+        val[accum] = [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]
     assert sorted(got[1]) == [1, 2, 3, 4]
+    assert len(val[1]) == 2 and val[2] == pytest.approx(val[1], rel=1e-6)
     for step, want in got[1].items():
         assert got[2][step]["loss"] == pytest.approx(want["loss"], rel=1e-5), step
         assert got[2][step]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), step

@@ -53,13 +53,15 @@ def loss_step(loss_fn: Callable, tc: TrainConfig, device: torch.device) -> Calla
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, loss_fn: Callable, batches: list, device: torch.device,
-              dtype: str) -> float:
-    """loss_fn(model, batch) averaged over held-out batches, under train.dtype's autocast."""
+              dtype: str, units: Callable[[tuple], int] | None = None) -> float:
+    """loss_fn(model, batch) averaged over held-out batches, under train.dtype's autocast.
+    units(batch): what loss_fn sums over (as fit's loss_units); then the sum over all
+    batches divided by their total count, the same however the batches are cut."""
     total = 0.0
     for batch in batches:
         with autocast(device, dtype):
             total += loss_fn(model, tuple(t.to(device) for t in batch)).item()
-    return total / len(batches)
+    return total / (sum(units(b) for b in batches) if units else len(batches))
 
 
 class Run:

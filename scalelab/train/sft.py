@@ -120,7 +120,9 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
 
     @torch.no_grad()
     def evaluate(step: int) -> dict:
-        row = {"val_loss": mean_loss(model, masked_loss, val_batches, device, tc.dtype)}
+        # the mean over every held-out assistant token: the same for any batch_size/mapping
+        row = {"val_loss": mean_loss(model, masked_loss_sum, val_batches, device, tc.dtype,
+                                     units=assistant_tokens)}
         if eval_examples is not None:
             from scalelab.evaluate import task_accuracy
             row["task_accuracy"] = task_accuracy(model, tok, eval_examples)["mean"]
