@@ -6,6 +6,7 @@ One process without torchrun (and a 1 x 1 x 1 mesh) needs no process group at al
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -74,6 +75,23 @@ class Parallel:
     def barrier(self) -> None:
         if not self.single:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def together(self):
+        """Collective: a UserError raised inside on some ranks only (a file only they read)
+        is raised on every rank, the first such rank's message, so rank 0 reports it (only
+        rank 0 prints) and no rank waits in a collective for one that has left."""
+        error = None
+        try:
+            yield
+        except UserError as e:
+            error = e
+        if not self.single:
+            seen: list[str | None] = [None] * self.world
+            dist.all_gather_object(seen, None if error is None else str(error))
+            error = next((UserError(m) for m in seen if m is not None), None)
+        if error is not None:
+            raise error
 
     def mean_over_data(self, x: torch.Tensor) -> torch.Tensor:
         """Average a per-rank scalar (a loss) over data ranks (tp ranks hold equal copies)."""

@@ -131,12 +131,14 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_divisible(cfg: ModelConfig, rules: Rules, sizes: dict[str, int]) -> None:
-    """TP must split heads and MLP units evenly (FSDP pads, TP cannot)."""
+def check_divisible(cfg: ModelConfig, rules: Rules, sizes: dict[str, int],
+                    model: str = "") -> None:
+    """TP must split heads and MLP units evenly (FSDP pads, TP cannot). model: which
+    model the message names, where a stage shards more than one (PPO's reward model)."""
     c = resolve(cfg)
     tp = sizes["tp"]
     for dim, n in (("heads", c.n_head), ("kv", c.n_kv_head), ("mlp", c.d_mlp)):
         if "tp" in rules[dim] and n % tp:
-            raise UserError(f"parallel.tp={tp} does not divide {dim} ({n}); pick a tp that "
+            raise UserError(f"{model}parallel.tp={tp} does not divide {dim} ({n}); pick a tp that "
                             f"divides n_head={c.n_head}, n_kv_head={c.n_kv_head} and "
                             f"d_mlp={c.d_mlp}")

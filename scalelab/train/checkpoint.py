@@ -252,7 +252,13 @@ class Checkpointer:
             read_sharded(ckpt, model, optimizer)
         else:
             _read_whole(ckpt, model, optimizer, meta)
-        # This rank's generators; a rank the saving mapping did not have takes rank 0's.
+        # A file only this rank reads: its error is every rank's (Parallel.together).
+        with self.par.together() if self.par is not None else contextlib.nullcontext():
+            self._restore_rng(ckpt)
+        return meta
+
+    def _restore_rng(self, ckpt: Path) -> None:
+        """This rank's generators; a rank the saving mapping did not have takes rank 0's."""
         mine, first = (ckpt / "rng" / f"rank_{r}.safetensors" for r in (self.rank, 0))
         if mine.is_file() or first.is_file():
             set_rng(read_tensors(mine if mine.is_file() else first))
@@ -263,7 +269,6 @@ class Checkpointer:
                 raise UserError(f"{ckpt / 'rng'}: missing (each rank's random generators); "
                                 "this checkpoint is incomplete")
             set_rng(saved)
-        return meta
 
 
 def _write_whole(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

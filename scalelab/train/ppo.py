@@ -30,6 +30,7 @@ from scalelab.generate import generate, padded_attention, stopped
 from scalelab.hardware import autocast, compute_dtype, use_compile
 from scalelab.model import ScalarModel, Transformer
 from scalelab.parallel.apply import clip_grads, parallelize
+from scalelab.parallel.rules import check_divisible
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.labelers import get_labeler, refuse_unused
@@ -452,6 +453,8 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         raise UserError(f"--reward {reward_dir}: its tokenizer is not the policy's "
                         f"({policy_dir}): a reward model scores the policy's tokens, so train "
                         "it from the policy (or its base) with `scalelab reward --base`")
+    if not (oracle or par.single):  # its shape may differ from the policy's (start_stage's)
+        check_divisible(reward_model.cfg, par.rules, par.sizes, f"--reward {reward_dir}: ")
     device = par.device
     total_chunks, first_chunk, my_chunks = rollout_chunks(pc, par)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)

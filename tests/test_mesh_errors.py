@@ -1,0 +1,35 @@
+"""Bad input on a device mesh (2 gloo processes under torchrun) fails on every rank with the
+same UserError: only rank 0 prints, so an error that one other rank alone hit was lost, and
+a rank that left would leave the others waiting in a collective."""
+
+import json
+from pathlib import Path
+
+from conftest import save_policy_and_reward_model
+from test_parallel_dist import torchrun
+
+from scalelab.config import ModelConfig
+from scalelab.model import ScalarModel, Transformer
+from scalelab.train.checkpoint import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_errors_on_a_mesh_reach_every_rank(tmp_path, tokenizer):
+    save_policy_and_reward_model(tokenizer, tmp_path, reward_std=0.1)
+    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=128, n_layer=2, n_head=1,
+                     d_model=32)
+    save_model(ScalarModel(Transformer(mc)), tokenizer, tmp_path / "rm1",
+               extra_json={"reward.json": {"mean": 0.0, "std": 0.1}})
+    r = torchrun(2, str(ROOT / "tests" / "mesh_errors_worker.py"), str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"errors_rank_{i}.json").read_text()) for i in range(2)]
+    # rank 1's corrupt RNG file: rank 0 (which read its own, good one) raises it too
+    for got in ranks:
+        assert got["rng"].startswith("UserError: ") and "rank_1.safetensors" in got["rng"]
+    # a reward model whose heads tp=2 cannot split: named before anything runs (it was a
+    # RuntimeError from a view in its first forward, with the run folder half made)
+    for got in ranks:
+        assert got["ppo_tp"].startswith("UserError: --reward ") and \
+            "parallel.tp=2 does not divide heads (1)" in got["ppo_tp"], got["ppo_tp"]
+    assert not (tmp_path / "ppo").exists()
