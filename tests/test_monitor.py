@@ -64,6 +64,23 @@ def test_watchdog_reports_a_stall_within_3x_the_median_step():
     assert stalled_at + waited <= time.monotonic()
 
 
+def test_a_stall_on_a_rank_that_writes_nothing_writes_no_summary(tmp_path, monkeypatch):
+    """Every rank's watchdog fires when a mesh stalls: only rank 0 writes summary.json
+    (each rank wrote it, through the same temporary name); every rank dumps its stacks."""
+    import scalelab.train.monitor as monitor
+
+    def leave(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(monitor.os, "_exit", leave)
+    for main, out in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
+        out.mkdir()
+        with pytest.raises(SystemExit):
+            monitor.Monitor(MonitorConfig(), out, main=main).on_stall(3.0, 1.0)
+        assert len(list(out.glob("stacks-step0-pid*.txt"))) == 1
+        assert sorted(p.name for p in out.glob("*.json*")) == \
+            (["events.jsonl", "summary.json"] if main else [])
+
+
 def test_nan_and_spike_are_rewound_and_the_run_ends_like_a_clean_one(tmp_path):
     clean, hurt = tmp_path / "clean", tmp_path / "hurt"
     assert pretrain(clean, 60, "train.eval_every=20").returncode == 0

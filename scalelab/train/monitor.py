@@ -386,9 +386,10 @@ class Monitor:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         self.event({"event": "stall", "step": self.step, "waited_s": waited,
                     "median_step_s": median, "stacks": str(stacks), "action": "exit"})
-        with contextlib.suppress(Exception):
-            atomic_write_json(self.out / "summary.json", self.summary("stalled", "no progress"),
-                              indent=1)
+        if self.main:  # every rank of a mesh stalls together: one writer, as for the rest
+            with contextlib.suppress(Exception):
+                atomic_write_json(self.out / "summary.json",
+                                  self.summary("stalled", "no progress"), indent=1)
         sys.stderr.flush()
         os._exit(1)  # the main thread may be stuck in C code: leave without waiting for it
 
