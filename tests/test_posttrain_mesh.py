@@ -17,7 +17,7 @@ from scalelab.model import Transformer
 from scalelab.train.checkpoint import read_tensors, save_model
 from scalelab.train.dpo import dpo
 from scalelab.train.reward import train_reward
-from scalelab.train.sft import sft
+from scalelab.train.sft import encode_conversations, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -86,6 +86,19 @@ def test_sft_grad_accum_weighs_every_assistant_token_the_same(tmp_path, tokenize
         assert got[2][step]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), step
 
 
+def test_stage_notes_come_from_rank_0_only(tokenizer, monkeypatch, capsys):
+    """Under torchrun every rank runs the stage's code: its notes (here: a conversation too
+    long for the context, skipped) are printed by rank 0 only, not once per rank."""
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": w}]
+             for w in ("yes", "Mia has two cats " * 20)]
+    printed = []
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert len(encode_conversations(convs, tokenizer, 16)) == 1
+        printed.append(capsys.readouterr().out)
+    assert printed == ["", "skipped 1 of 2 conversations longer than 16 tokens\n"]
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory, tokenizer):
     """One-process runs of each stage, then one torchrun launch of 4 processes (see
@@ -100,6 +113,7 @@ def mesh_runs(tmp_path_factory, tokenizer):
     r = torchrun(4, str(ROOT / "tests" / "posttrain_dist_worker.py"), str(base), str(refs),
                  data)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("reward data:") == 3  # 3 reward runs: rank 0 alone prints
     return refs, base
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pack_spans, pad_right, run_packed, split_heldout
@@ -21,6 +20,7 @@ from scalelab.parallel.apply import parallelize
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import fit, start_stage
 from scalelab.train.losses import token_logprobs
+from scalelab.train.progress import say
 from scalelab.train.sft import IGNORE, encode_conversations
 
 
@@ -99,7 +99,7 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
 
     usable = [pair for pair in pairs if fits(*pair[:2]) and fits(pair[0], pair[2])]
     if len(usable) < len(pairs):
-        tqdm.write(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
+        say(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
                    f"context ({model.cfg.seq_len} tokens)")
     items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
     need = 2 * cfg.train.batch_size * par.data_world * cfg.train.grad_accum

@@ -3,6 +3,7 @@ plain lines on stderr, at the first step, then every `every` seconds, and at the
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -62,3 +63,10 @@ class Progress:
             self.bar.close()
         elif self.enabled and self.said != self.n:
             self._line(time.perf_counter())
+
+
+def say(text: str) -> None:
+    """A note for the user (beside the progress bar), from rank 0 only: under torchrun every
+    rank runs the same stage code and would print it once each (RANK: torchrun's)."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(text)

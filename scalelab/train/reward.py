@@ -36,6 +36,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import load_model, save_full_model
 from scalelab.train.labelers import get_labeler, refuse_unused
 from scalelab.train.loop import fit, start_stage
+from scalelab.train.progress import say
 from scalelab.train.rundir import claim
 
 
@@ -145,7 +146,7 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
         if pairs:
             items.append((seqs, pairs))
     if skipped:
-        tqdm.write(f"skipped {skipped} of {total} answers longer than the context "
+        say(f"skipped {skipped} of {total} answers longer than the context "
                    f"({max_len} tokens)")
     return items
 
@@ -242,7 +243,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
                     f"{policy.cfg.seq_len} tokens: shorten them, or {hint}")
         raise UserError(f"only {len(items)} prompts with a preference; need at least "
                         f"{len(held) + step_rows} ({hint})")
-    tqdm.write(f"reward data: {len(train_items)} prompts "
+    say(f"reward data: {len(train_items)} prompts "
                f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 
     model = parallelize(ScalarModel(policy).to(device), par, cfg.train.dtype)  # head whole over tp

@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from scalelab.config import Config, UserError
 from scalelab.data.batches import ExampleLoader, pack, packed_attention, pad_right, split_heldout
@@ -22,6 +21,7 @@ from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
 from scalelab.train.loop import fit, mean_loss, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
+from scalelab.train.progress import say
 
 
 def task_conversations(n: int, seed: int, chatty_fraction: float = 0.0
@@ -49,7 +49,7 @@ def encode_conversations(convs: list[list[dict]], tok: Tokenizer, max_len: int
         targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
         out.append((ids[:-1], targets))
     if dropped:
-        tqdm.write(f"skipped {dropped} of {len(convs)} conversations longer than {max_len} tokens")
+        say(f"skipped {dropped} of {len(convs)} conversations longer than {max_len} tokens")
     if not out:
         raise UserError(f"no conversation fits the model's context of {max_len} tokens")
     return out
