@@ -72,6 +72,19 @@ def test_resume_with_another_global_batch_keeps_batches_whole():
         assert drawn == [epoch0[4:7], epoch0[7:10], epoch1[:3]], (world, accum)
 
 
+def test_pretraining_evaluates_the_global_val_batches_in_micro_batches(data_dir):
+    """Under a mesh every rank evaluates the windows of eval_batches global batches (the
+    same as one process with the whole batch), in batches of train.batch_size rows: one
+    forward of a whole global batch (8x the micro-batch on 8 data ranks) did not fit."""
+    from scalelab.config import TrainConfig
+    from scalelab.train.pretrain import val_batches
+    one = val_batches(data_dir, TrainConfig(batch_size=8, eval_batches=3), 16, 1)
+    mesh = val_batches(data_dir, TrainConfig(batch_size=2, eval_batches=3), 16, 4)
+    assert [len(x) for x, _ in one] == [8] * 3 and [len(x) for x, _ in mesh] == [2] * 12
+    for k in (0, 1):  # the same inputs and targets, in the same order
+        assert torch.equal(torch.cat([b[k] for b in one]), torch.cat([b[k] for b in mesh]))
+
+
 def test_user_text_files(tmp):
     (tmp / "a.txt").write_text("first document")
     (tmp / "b.jsonl").write_text('{"text": "second"}\n\n{"text": "third"}\n')

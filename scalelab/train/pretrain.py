@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from scalelab.config import Config, UserError, read_toml
+from scalelab.config import Config, TrainConfig, UserError, read_toml
 from scalelab.data.tokens import (
     TokenLoader,
     load_meta,
@@ -100,6 +100,18 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model.lm_head.weight, DTensor)
 
 
+def val_batches(data_dir: Path, tc: TrainConfig, seq_len: int, data_world: int) -> list[tuple]:
+    """The held-out windows of train.eval_batches global batches (batch_size x data ranks),
+    which every rank evaluates, so val_loss does not depend on the mapping; cut into
+    batches of batch_size rows, so an eval forward is no bigger than a training micro-batch
+    (under a mesh the loss makes whole logits: a global batch's did not fit where training
+    did)."""
+    whole = TokenLoader(data_dir, "val", tc.batch_size * data_world, seq_len)
+    return [(x[i:i + tc.batch_size], y[i:i + tc.batch_size])
+            for x, y in whole.fixed_batches(tc.eval_batches)
+            for i in range(0, len(x), tc.batch_size)]
+
+
 def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Under torchrun every rank runs this; train.batch_size is per data rank (dp x fsdp)."""
     try:  # a shape that cannot work is refused before the corpus and tokenizer are built
@@ -143,7 +155,6 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
 
     loader = TokenLoader(data_dir, "train", tc.batch_size, mc.seq_len, seed=tc.seed,
                          rank=par.data_rank, world=par.data_world)
-    # Every rank evaluates the same global batches, so val_loss does not depend on the mapping.
     meta = load_meta(data_dir)
     if (meta["val"]["tokens"] - 1) // mc.seq_len < tc.batch_size * par.data_world:
         raise UserError(f"{data_dir}: the validation split holds {meta['val']['tokens']:,} "
@@ -151,8 +162,7 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
                         f"{tc.batch_size * par.data_world} x {mc.seq_len}; raise "
                         f"data.val_fraction (now {cfg.data.val_fraction}), name held-out text "
                         "with data.val_source, or lower train.batch_size / model.seq_len")
-    val = TokenLoader(data_dir, "val", tc.batch_size * par.data_world,
-                      mc.seq_len).fixed_batches(tc.eval_batches)
+    val = val_batches(data_dir, tc, mc.seq_len, par.data_world)
     bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
     prompt = tok.encode_prompt(tc.sample_prompt)
     sample_every = tc.sample_every or tc.eval_every
