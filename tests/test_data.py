@@ -74,8 +74,8 @@ def test_resume_with_another_global_batch_keeps_batches_whole():
 
 def test_pretraining_evaluates_the_global_val_batches_in_micro_batches(data_dir):
     """Under a mesh every rank evaluates the windows of eval_batches global batches (the
-    same as one process with the whole batch), in batches of train.batch_size rows: one
-    forward of a whole global batch (8x the micro-batch on 8 data ranks) did not fit."""
+    same as one process with the whole batch), in batches of train.batch_size rows, not in
+    one forward of a whole global batch (8x a training micro-batch on 8 data ranks)."""
     from scalelab.config import TrainConfig
     from scalelab.train.pretrain import val_batches
     one = val_batches(data_dir, TrainConfig(batch_size=8, eval_batches=3), 16, 1)

@@ -104,8 +104,8 @@ def val_batches(data_dir: Path, tc: TrainConfig, seq_len: int, data_world: int) 
     """The held-out windows of train.eval_batches global batches (batch_size x data ranks),
     which every rank evaluates, so val_loss does not depend on the mapping; cut into
     batches of batch_size rows, so an eval forward is no bigger than a training micro-batch
-    (under a mesh the loss makes whole logits: a global batch's did not fit where training
-    did)."""
+    (under a mesh the loss makes whole logits: a global batch's were data-ranks times as
+    many)."""
     whole = TokenLoader(data_dir, "val", tc.batch_size * data_world, seq_len)
     return [(x[i:i + tc.batch_size], y[i:i + tc.batch_size])
             for x, y in whole.fixed_batches(tc.eval_batches)
