@@ -47,6 +47,17 @@ def test_mesh_shape_infers_and_checks():
         mesh_shape(ParallelConfig(dp=-1, fsdp=-1), 4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_mesh_on_a_device_this_machine_lacks_is_refused(monkeypatch):
+    """train.device=cuda under torchrun on a machine whose torch sees no GPU: exit 2 naming
+    the key, as in one process (the mesh quietly ran on the CPU over gloo)."""
+    from scalelab.parallel import mesh
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is started
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(UserError, match=f"train.device '{name}': torch sees no CUDA"):
+            mesh.setup(ParallelConfig(dp=2), name)
+
+
 def test_placements_are_derived_from_the_table():
     r = make_rules()
     assert [tp_style(f"blocks.0.{n}.weight", r) for n in

@@ -115,10 +115,14 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = mesh_shape(pc, world)
     rules = make_rules(pc.rules)
+    from scalelab.hardware import pick_device
+    asked = pick_device(device_name)  # a device this machine lacks: exit 2, not a CPU run
     if world == 1:
-        from scalelab.hardware import pick_device
-        return Parallel(sizes, rules, pick_device(device_name))
-    cuda = torch.cuda.is_available() and device_name != "cpu"
+        return Parallel(sizes, rules, asked)
+    if asked.type not in ("cuda", "cpu"):
+        raise UserError(f"train.device {device_name!r}: a mesh runs on CUDA GPUs (NCCL) or "
+                        "on the CPU (gloo)")
+    cuda = asked.type == "cuda"  # each rank takes GPU LOCAL_RANK (an index given is not used)
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
