@@ -56,6 +56,9 @@ def test_a_mesh_on_a_device_this_machine_lacks_is_refused(monkeypatch):
     for name in ("cuda", "cuda:0"):
         with pytest.raises(UserError, match=f"train.device '{name}': torch sees no CUDA"):
             mesh.setup(ParallelConfig(dp=2), name)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac's GPU
+    with pytest.raises(UserError, match="train.device 'mps': a mesh runs on CUDA"):
+        mesh.setup(ParallelConfig(dp=2), "mps")
 
 
 def test_placements_are_derived_from_the_table():
