@@ -153,6 +153,14 @@ def test_resume_reads_the_runs_own_config_with_every_section(user_sft):
     assert rc == 0 and "nothing to do" in out, err
 
 
+def test_nothing_to_do_is_said_by_rank_0_only(user_sft, monkeypatch):
+    """Under torchrun every worker finds the run finished: only rank 0 says so."""
+    monkeypatch.setenv("RANK", "1")
+    rc, out, err = cli("sft", "--base", "unused", "--data", "builtin:tasks",
+                       "--out", str(user_sft), "--resume")
+    assert (rc, out) == (0, ""), err
+
+
 def test_status_json_into_a_closed_pipe(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "scalelab", "track", "status", "--json",
                              "--registry", str(tmp_path / "reg.db")],
