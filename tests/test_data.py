@@ -44,6 +44,26 @@ def test_loader_is_deterministic_and_resumes_exactly(data_dir):
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_position_resumed_under_another_batch_size_still_turns_the_epoch(world):
+    """--resume --set train.batch_size=6 (or another data-parallel width) after steps of 4:
+    the saved index (8 rows) is no multiple of the new step, and the epoch's end was never
+    noticed: a short batch, then an empty one (a crash)."""
+    from scalelab.data.batches import EpochSampler
+    old = EpochSampler(50, 4)
+    old.next_indices(), old.next_indices()
+    new = [EpochSampler(50, 6 // world, rank=r, world=world) for r in range(world)]
+    for s in new:
+        s.load_state_dict(old.state_dict())
+    # rows 8..49 of epoch 0 hold 7 whole steps of 6; the 8th step is epoch 1's first
+    steps = [sum((s.next_indices() for s in new), []) for _ in range(8)]
+    assert all(len(rows) == 6 for rows in steps)
+    assert [s.epoch for s in new] == [1] * world
+    perm0 = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+    perm1 = torch.randperm(50, generator=torch.Generator().manual_seed(1)).tolist()
+    assert sum(steps[:7], []) == perm0[8:50] and steps[7] == perm1[:6]
+
+
 def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
     whole = TokenLoader(data_dir, "train", 8, 16, seed=1)
     ranks = [TokenLoader(data_dir, "train", 4, 16, seed=1, rank=r, world=2) for r in range(2)]

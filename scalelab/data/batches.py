@@ -21,13 +21,17 @@ class EpochSampler:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.accum = accum
         self.epoch, self.index = 0, 0
+        self.drawn = 0  # micro-batches drawn of the current optimizer step
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def next_indices(self) -> list[int]:
         step = self.batch_size * self.world
         whole = step * self.accum  # rows of one optimizer step
-        if self.index % whole == 0 and self.index + whole > self.n:  # drop the ragged end
+        # The ragged end is dropped at the start of a step. Not judged by index % whole: a
+        # position saved under another batch size or mapping need not be a multiple of it.
+        if self.drawn == 0 and self.index + whole > self.n:
             self.epoch, self.index = self.epoch + 1, 0
+        self.drawn = (self.drawn + 1) % self.accum
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), self.epoch
@@ -39,7 +43,8 @@ class EpochSampler:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        """A position saved between optimizer steps (a checkpoint, a rewind)."""
+        self.epoch, self.index, self.drawn = int(state["epoch"]), int(state["index"]), 0
 
 
 class ExampleLoader:
