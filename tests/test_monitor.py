@@ -13,10 +13,17 @@ import pytest
 import torch
 from conftest import run_cli, tiny_sets, toy_ppo
 
-from scalelab.config import ModelConfig, MonitorConfig, PPOConfig, RunFailed, TrainConfig
+from scalelab.config import (
+    ModelConfig,
+    MonitorConfig,
+    PPOConfig,
+    RunFailed,
+    TrainConfig,
+    load_config,
+)
 from scalelab.model import Transformer
 from scalelab.train import checkpoint as ck
-from scalelab.train.loop import make_optimizer
+from scalelab.train.loop import lr_at, make_optimizer
 from scalelab.train.monitor import Health, Watchdog, read_events
 
 
@@ -321,6 +328,53 @@ def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
     assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
                  "monitor.wandb=true"]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_a_run_stopped_after_a_rewind_resumes_with_its_lowered_lr(tmp_path, monkeypatch):
+    """The lowered-lr window after a rewind outlives the next checkpoint: a run stopped after
+    it resumed at the full lr (the window was not in the checkpoint)."""
+    from scalelab.cli import main
+    from scalelab.train import loop
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "12", *tiny_sets(),
+            "--set", "data.n_docs=600", "--set", "train.eval_every=100", "--set",
+            "monitor.stall_factor=0", "--set", "train.checkpoint_every=4", "--set",
+            'monitor.inject="nan@6"', "--set", "monitor.rewind_lr_factor=0.5", "--set",
+            "monitor.rewind_lr_steps=30"]
+    log = loop.Run.log
+
+    def stop_after_10(run, row):  # Ctrl-C after step 10 (the checkpoint is step 8's)
+        log(run, row)
+        if row.get("step") == 10 and "loss" in row:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Run, "log", stop_after_10)
+    assert main(args) == 130
+    monkeypatch.setattr(loop.Run, "log", log)
+    train = lambda: {r["step"]: (r["lr"], r["loss"]) for r in rows(out) if "loss" in r}
+    before = train()
+    assert main(["pretrain", "--out", str(out), "--resume"]) == 0
+    after = train()
+    assert sorted(after) == list(range(1, 13))
+    assert after[9] == before[9] and after[10] == before[10]  # steps 9, 10 done again alike
+    tc = load_config(out / "config.toml").train  # rewound at step 6 to 4: lr x 0.5 from then
+    for step in range(5, 13):
+        assert after[step][0] == pytest.approx(0.5 * lr_at(step - 1, tc))
+
+
+def test_a_resumed_monitor_judges_the_next_step_as_one_that_never_stopped(tmp_path):
+    """The running median of healthy steps is in the checkpoint: without it a resumed run
+    judged no spike for its first monitor.min_history steps."""
+    from scalelab.train.monitor import Monitor
+    mc = MonitorConfig(spike_window=20, min_history=10, stall_factor=0)
+    going, resumed = Monitor(mc, tmp_path), Monitor(mc, tmp_path, resume=True)
+    norm = torch.tensor(0.5)
+    for i in range(15):
+        assert going.check(i + 1, torch.tensor(4.0 + 0.01 * (i % 3)), norm) is None
+    resumed.load_state_dict(json.loads(json.dumps(going.state_dict())))  # as state.json has it
+    spike = torch.tensor(6.0)
+    assert going.check(16, spike, norm)["event"] == "spike"
+    assert resumed.check(16, spike, norm) == going.check(16, spike, norm)
 
 
 def test_progress_without_a_pid_is_not_a_running_run(tmp_path):

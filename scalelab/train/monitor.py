@@ -181,9 +181,12 @@ class Monitor:
         self.interval_tokens += n
 
     def state_dict(self) -> dict:
-        """Saved in each checkpoint: totals at that point, for goodput across restarts."""
+        """Saved in each checkpoint: totals at that point, for goodput across restarts; and
+        what the next steps depend on, so a resumed run judges and schedules as one that
+        never stopped: the healthy history and the lowered-lr window after a rewind."""
         self._train_until_now()
-        return {"total": dict(self.total), "tokens": self.tokens}
+        return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
+                "losses": list(self.health.losses), "norms": list(self.health.norms)}
 
     def load_state_dict(self, state: dict | None, rewinding: bool = False) -> None:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
@@ -207,6 +210,10 @@ class Monitor:
                 self.total[k] += then.get(k, 0.0)
             self.total["startup"] -= mine
             self.total["restart"] += mine + lost
+            # (a rewind keeps its own: the history goes on, rewound() sets the lr window)
+            self.lr_until = state.get("lr_until", -1)
+            self.health.losses.extend(state.get("losses", []))
+            self.health.norms.extend(state.get("norms", []))
         self.tokens = state.get("tokens", 0)
 
     def previous_wall(self) -> tuple[float, float]:
