@@ -19,8 +19,29 @@ from scalelab.config import UserError
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        with named_errors(path):
+            tmp.write_text(text)
+    except BaseException:  # a full disk, Ctrl-C: no partial file left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line onto a JSONL file a run appends to (metrics, events)."""
+    with named_errors(path), path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@contextlib.contextmanager
+def named_errors(path: Path) -> Iterator[None]:
+    """A write error (a full disk) names the file: write() itself raises without a name."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def atomic_write_json(path: Path, data: Any, indent: int | None = 2) -> None:

@@ -14,7 +14,13 @@ from tqdm import tqdm
 from scalelab.config import Config, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
 from scalelab.hf import add_chat_tokens
-from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
+from scalelab.io import (
+    append_row,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.parallel.apply import sync_and_clip
@@ -88,8 +94,7 @@ class Run:
     def log(self, row: dict) -> None:
         if not self.write:
             return
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.metrics, row)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (and any torn last line)."""

@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 
 from scalelab.config import MonitorConfig, RunFailed, UserError
-from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
+from scalelab.io import (
+    append_row,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.train.rundir import restart_count
 
 PROCESS_START_UNIX = time.time()  # imported when a stage starts: the rest is "startup"
@@ -321,8 +327,7 @@ class Monitor:
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "events.jsonl").open("a") as f:
-            f.write(json.dumps(ev) + "\n")
+        append_row(self.out / "events.jsonl", ev)
         msg = f"monitor: {describe(ev)}" + (f" -> {ev['action']}" if "action" in ev else "")
         print(msg, file=sys.stderr, flush=True)
         self.notify(ev)
