@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def append_row(path: Path, row: dict) -> None:
     """One JSON line onto a JSONL file a run appends to (metrics, events)."""
     with named_errors(path), path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(strict(row)) + "\n")
 
 
 @contextlib.contextmanager
@@ -45,7 +46,19 @@ def named_errors(path: Path) -> Iterator[None]:
 
 
 def atomic_write_json(path: Path, data: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+    atomic_write_text(path, json.dumps(strict(data), indent=indent) + "\n")
+
+
+def strict(data: Any) -> Any:
+    """JSON has no NaN or Infinity (json.dumps writes them, other readers refuse them): a
+    non-finite number, a NaN loss say, is written as null."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    return data
 
 
 def fresh_tmp(final: Path) -> Path:

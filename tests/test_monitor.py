@@ -141,8 +141,19 @@ def test_policy_stop_and_too_many_rewinds_exit_1_with_a_clear_message(tmp_path):
                  f'monitor.on_event="cat >> {told}; echo >> {told}"')
     assert r.returncode == 0, r.stderr
     assert [(e["step"], e["action"]) for e in read_events(tmp_path / "skip")] == [(5, "skip")]
+    # strict JSON (no NaN, which jq and JavaScript refuse): the skipped step's loss is null
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    logged = [json.loads(line, parse_constant=refuse)
+              for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged if r["step"] == 5 and "lr" in r] == [None]
     heard = [json.loads(line) for line in told.read_text().splitlines() if line]
     assert [(h["event"], h["step"]) for h in heard] == [("nonfinite", 5), ("finished", 8)]
+    # No monitor: a NaN loss still ends the run with one line (it was a traceback).
+    r = pretrain(tmp_path / "off", 8, few, 'monitor.inject="nan@5"', "monitor.enabled=false")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("scalelab: run stopped: loss is nan "
+                                                         "at step 5 (monitor.enabled = false")
     # Every gradient is an "explosion": the run keeps rewinding, then gives up.
     r = pretrain(tmp_path / "jumpy", 40, few, "monitor.grad_factor=1e-9",
                  "monitor.max_rewinds=2", "train.checkpoint_every=5")

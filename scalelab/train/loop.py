@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, TrainConfig, UserError, dump_toml
+from scalelab.config import Config, RunFailed, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
 from scalelab.hf import add_chat_tokens
 from scalelab.io import (
@@ -258,7 +258,8 @@ class SupervisedStep(Step):
             loss_sum = self.parallel.mean_over_data(loss_sum)
         loss_val = loss_sum.item()  # the only host sync of a step without the monitor
         if not math.isfinite(loss_val) and not mon.enabled:
-            raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
+            raise RunFailed(f"loss is {loss_val} at step {done} (monitor.enabled = false: no "
+                            "step was judged); lower train.lr, or turn the monitor on")
         dt = max(1e-9, mon.busy_seconds())  # train + data: not eval, checkpoints
         row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(self.grad_norm)}
         if mon.tokens:  # 0 = this stage does not count its tokens: say nothing
