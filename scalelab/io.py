@@ -30,9 +30,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """One JSON line onto a JSONL file a run appends to (metrics, events)."""
-    with named_errors(path), path.open("a") as f:
-        f.write(json.dumps(strict(row)) + "\n")
+    """One JSON line onto a JSONL file a run appends to (metrics, events). After a torn last
+    line (a kill or a full disk mid-write) it starts a line of its own: glued to the torn
+    one, it would be unreadable too (read_rows skips the torn line alone)."""
+    with named_errors(path), path.open("ab+") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(strict(row)) + "\n").encode())
 
 
 @contextlib.contextmanager

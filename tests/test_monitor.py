@@ -388,6 +388,17 @@ def test_a_resumed_monitor_judges_the_next_step_as_one_that_never_stopped(tmp_pa
     assert resumed.check(16, spike, norm) == going.check(16, spike, norm)
 
 
+def test_an_event_after_a_torn_line_is_kept(tmp_path):
+    """A run killed (or out of disk) mid-line in events.jsonl, then resumed: the "resumed"
+    event was appended onto the torn line, and both were unreadable."""
+    from scalelab.train.monitor import Monitor
+    (tmp_path / "events.jsonl").write_text('{"event": "spike", "step": 3}\n{"event": "sta')
+    Monitor(MonitorConfig(stall_factor=0), tmp_path).event(
+        {"event": "resumed", "step": 2, "restart": 0})
+    assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == \
+        [("spike", 3), ("resumed", 2)]
+
+
 def test_progress_without_a_pid_is_not_a_running_run(tmp_path):
     """A progress.json that names no process (pid missing or 0) says nothing about a live run:
     os.kill(0, 0) would signal our own process group and call it alive."""
