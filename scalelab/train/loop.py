@@ -132,13 +132,14 @@ def _where(v) -> str:
 
 
 def check_same_inputs(out: Path, record: dict) -> None:
-    """--resume with another model to start from (or another reward model) would splice two
-    runs into one folder and, for PPO and DPO, swap the reference model unseen: refused."""
+    """--resume with another model to start from (or another reward model, or other --data
+    or --prompts) would splice two runs into one folder and, for PPO and DPO, swap the
+    reference model unseen: refused. A record without a key (an older run) is not compared."""
     was = read_json_if_any(out / "lineage.json")
     for key, now in record.items():
         old = was.get(key)
         if isinstance(old, str) and not same_input(old, now):
-            what = "model it started from" if key == "parent" else f"{key} it used"
+            what = "model it started from" if key == "parent" else f"--{key} it used"
             raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
                             "resume with the same one, or start a new --out")
 
