@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,25 @@ def test_health_flags_spikes_nans_and_explosions_but_not_noise():
     assert seen["event"] == "spike" and seen["median"] < 4.1 < seen["limit"] < 6.0
     assert h.judge(3.9, 0.5 * 25)["event"] == "grad_explosion"
     assert h.judge(3.9, 0.5 * 5) is None  # 5x is inside the default factor of 20
+
+
+def test_time_inside_a_clock_is_its_own_even_when_read_inside():
+    """A checkpoint's state_dict reads the clock after save_model wrote DIR/model: that
+    writing was billed as training (goodput up, tokens/s down), not as checkpointing."""
+    from scalelab.train.monitor import Monitor
+    mon = Monitor(MonitorConfig(stall_factor=0), Path("unused"))
+    mon.start(10)
+    t0 = time.monotonic()
+    with mon.clock("checkpoint"):
+        time.sleep(0.2)  # save_model
+        mon.state_dict()
+        with mon.clock("data"):  # a clock inside another: each keeps its own
+            time.sleep(0.1)
+        time.sleep(0.1)  # the checkpoint itself
+    took = time.monotonic() - t0
+    assert mon.total["data"] == pytest.approx(0.1, abs=0.05)
+    assert mon.total["checkpoint"] == pytest.approx(took - mon.total["data"], abs=0.01)
+    assert mon.total["train"] < 0.01
 
 
 def test_watchdog_reports_a_stall_within_3x_the_median_step():

@@ -138,7 +138,7 @@ class Monitor:
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - STAGE_ORIGIN[0]
         self.interval = dict.fromkeys(BUCKETS, 0.0)
-        self.mark = now
+        self.mark, self.inside = now, None  # inside: the clock() bucket running now
         self.watchdog: Watchdog | None = None
         self.max_steps, self.started = 0, False
         self.tb = self.wb = None
@@ -149,29 +149,32 @@ class Monitor:
         self.total[bucket] += seconds
         self.interval[bucket] += seconds
 
-    def _train_until_now(self) -> None:
-        now = time.monotonic()  # before start(): loading, compiling, ... count as startup
-        self._bill("train" if self.started else "startup", now - self.mark)
+    def _bill_until_now(self) -> None:
+        """The time since the last bill goes to the clock running now (a reading taken inside
+        one, state_dict's in a checkpoint say, is that clock's time too), else to "train";
+        before start(): loading, compiling, ... count as startup."""
+        now = time.monotonic()
+        self._bill(self.inside or ("train" if self.started else "startup"), now - self.mark)
         self.mark = now
 
     @contextlib.contextmanager
     def clock(self, bucket: str):
         """Bill the time inside to `bucket`; everything else in the loop is "train"."""
-        self._train_until_now()
+        self._bill_until_now()
+        outer, self.inside = self.inside, bucket
         if self.watchdog is not None and bucket != "data":
             self.watchdog.armed = False
         try:
             yield
         finally:
-            now = time.monotonic()
-            self._bill(bucket, now - self.mark)
-            self.mark = now
+            self._bill_until_now()
+            self.inside = outer
             if self.watchdog is not None and bucket != "data":  # the step clock restarts
-                self.watchdog.last, self.watchdog.armed = now, True
+                self.watchdog.last, self.watchdog.armed = self.mark, True
 
     def interval_row(self) -> dict:
         """Shares of wall time since the last call, for a metrics row; starts a new interval."""
-        self._train_until_now()
+        self._bill_until_now()
         wall = max(1e-9, sum(self.interval.values()))
         row = {f"time/{k}": v / wall for k, v in self.interval.items() if v > 0}
         self.interval, self.interval_tokens = dict.fromkeys(BUCKETS, 0.0), 0
@@ -179,7 +182,7 @@ class Monitor:
 
     def busy_seconds(self) -> float:
         """Train + data time of the current interval so far (what tokens/s is measured on)."""
-        self._train_until_now()
+        self._bill_until_now()
         return self.interval["train"] + self.interval["data"]
 
     def count_tokens(self, n: int) -> None:
@@ -190,7 +193,7 @@ class Monitor:
         """Saved in each checkpoint: totals at that point, for goodput across restarts; and
         what the next steps depend on, so a resumed run judges and schedules as one that
         never stopped: the healthy history and the lowered-lr window after a rewind."""
-        self._train_until_now()
+        self._bill_until_now()
         return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
                 "losses": list(self.health.losses), "norms": list(self.health.norms)}
 
@@ -198,7 +201,7 @@ class Monitor:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
         if not state:
             return
-        self._train_until_now()
+        self._bill_until_now()
         then = state["total"]
         if rewinding:  # the steps since the checkpoint were not useful after all
             for k in ("train", "data"):
@@ -349,7 +352,7 @@ class Monitor:
             self.mirror(row)
 
     def progress(self, row: dict | None = None) -> dict:
-        self._train_until_now()
+        self._bill_until_now()
         return {"step": self.step, "time_unix": time.time(), "pid": os.getpid(),
                 "time": dict(self.total), "tokens": self.tokens, **(row or {})}
 
@@ -407,7 +410,7 @@ class Monitor:
     def start(self, max_steps: int) -> None:
         """Before the first step: the first logged interval and the watchdog start."""
         self.max_steps = max_steps
-        self._train_until_now()
+        self._bill_until_now()
         self.interval = dict.fromkeys(BUCKETS, 0.0)
         self.started = True
         if self.mc.stall_factor > 0:
