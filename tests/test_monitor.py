@@ -294,6 +294,14 @@ def test_a_run_stopped_before_its_first_checkpoint_has_a_way_out(tmp_path):
             check_out(out, "ppo", resume)
         assert "--resume" not in str(e.value).split(";")[-1]  # the advice: not a loop
         assert "delete" in str(e.value) and "new --out" in str(e.value)
+    # Killed while writing its token files, before any training: nothing to delete, the
+    # plain command takes the folder back (the advice was to delete it all the same).
+    early = tmp_path / "early"
+    claim(early, "pretrain", False)
+    with pytest.raises(UserError, match="it stopped before training: run the same command "
+                                        "without --resume$"):
+        check_out(early, "pretrain", True)
+    check_out(early, "pretrain", False)  # no loop
 
 
 def test_torchrun_restart_before_the_first_checkpoint_starts_over(tmp_path):
