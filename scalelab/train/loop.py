@@ -339,7 +339,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                                         ckpts.latest() is not None) == "rewind":
             with mon.clock("rewind"):
                 at = rewind(run, ckpts, model, optimizer, loader, mon)
-            run.log(mon.rewound(seen, at))
+                row = mon.rewound(seen, at)
+                ckpts.restate(at, {"loader": loader.state_dict(), "monitor": mon.state_dict()})
+            run.log(row)
             bar.goto(at)
             continue
         if seen is not None:
@@ -367,9 +369,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             with mon.clock("checkpoint"):
                 if save_model is not None:
                     save_model()
+                mon.checkpointed()  # (before its state is taken: the rewinds count restarts)
                 ckpts.save(done, model, optimizer, {"loader": loader.state_dict(),
                                                     "monitor": mon.state_dict(), **stage.state})
-            mon.checkpointed()
         at = done
     bar.close()
     mon.finish()

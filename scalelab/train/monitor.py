@@ -192,10 +192,12 @@ class Monitor:
     def state_dict(self) -> dict:
         """Saved in each checkpoint: totals at that point, for goodput across restarts; and
         what the next steps depend on, so a resumed run judges and schedules as one that
-        never stopped: the healthy history and the lowered-lr window after a rewind."""
+        never stopped: the healthy history, the lowered-lr window after a rewind and the
+        rewinds since the last checkpoint."""
         self._bill_until_now()
         return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
-                "losses": list(self.health.losses), "norms": list(self.health.norms)}
+                "rewinds": self.rewinds, "losses": list(self.health.losses),
+                "norms": list(self.health.norms)}
 
     def load_state_dict(self, state: dict | None, rewinding: bool = False) -> None:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
@@ -220,7 +222,7 @@ class Monitor:
             self.total["startup"] -= mine
             self.total["restart"] += mine + lost
             # (a rewind keeps its own: the history goes on, rewound() sets the lr window)
-            self.lr_until = state.get("lr_until", -1)
+            self.lr_until, self.rewinds = state.get("lr_until", -1), state.get("rewinds", 0)
             self.health.losses.extend(state.get("losses", []))
             self.health.norms.extend(state.get("norms", []))
         self.tokens = state.get("tokens", 0)
@@ -272,7 +274,7 @@ class Monitor:
         return policy
 
     def checkpointed(self) -> None:
-        """A new checkpoint was written: the run got past its last rewind, so rewinds count
+        """A new checkpoint is written: the run got past its last rewind, so rewinds count
         from zero again (max_rewinds gives up on a run stuck in a loop, not a long run
         with a few spikes far apart)."""
         self.rewinds = 0
