@@ -185,12 +185,12 @@ def test_a_full_disk_while_logging_is_one_line_and_the_run_resumes(tmp_path, cap
             "train.checkpoint_every=4", "--set", "monitor.stall_factor=0"]
     real_open = pathlib.Path.open
 
-    class FullDisk(io.StringIO):
+    class FullDisk(io.BytesIO):
         def write(self, text):  # as write() fails: an OSError without a file name
             raise OSError(errno.ENOSPC, "No space left on device")
 
     def open_(path, mode="r", *a, **kw):
-        if path.name == "metrics.jsonl" and mode == "a" and path.exists() and \
+        if path.name == "metrics.jsonl" and mode.startswith("a") and path.exists() and \
                 '"step": 5,' in path.read_text():  # step 6's row finds the disk full
             return FullDisk()
         return real_open(path, mode, *a, **kw)
