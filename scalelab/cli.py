@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -426,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"scalelab: run stopped: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if rank0:  # metrics, progress, events, token files: a full disk is one line too
+            print(f"scalelab: run stopped: {disk_full(e, getattr(args, 'out', None))}",
+                  file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("scalelab: interrupted", file=sys.stderr)
         return 130
@@ -435,6 +443,20 @@ def main(argv: list[str] | None = None) -> int:
         print("scalelab: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def disk_full(e: OSError, out: str | None) -> str:
+    """What a full disk (or quota) stopped, and what of the run is intact."""
+    from scalelab.train.rundir import last_step
+    what = e.filename or (f"into {out}" if out else "a file")
+    msg = f"could not write {what} ({e.strerror})"
+    if out is None or not Path(out).is_dir():
+        return msg
+    step = last_step(Path(out))
+    if step is None:
+        return f"{msg}; free some space, then start the run again"
+    return (f"{msg}; its checkpoint {Path(out) / 'checkpoints' / f'step_{step}'} is intact: "
+            "free some space, then continue with --resume")
 
 
 def interrupted(e: BaseException | None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,12 +20,51 @@ from scalelab.config import UserError
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        with named_errors(path):
+            tmp.write_text(text)
+    except BaseException:  # a full disk, Ctrl-C: no partial file left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line onto a JSONL file a run appends to (metrics, events). After a torn last
+    line (a kill or a full disk mid-write) it starts a line of its own: glued to the torn
+    one, it would be unreadable too (read_rows skips the torn line alone)."""
+    with named_errors(path), path.open("ab+") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(strict(row)) + "\n").encode())
+
+
+@contextlib.contextmanager
+def named_errors(path: Path) -> Iterator[None]:
+    """A write error (a full disk) names the file: write() itself raises without a name."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
+
+
 def atomic_write_json(path: Path, data: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+    atomic_write_text(path, json.dumps(strict(data), indent=indent) + "\n")
+
+
+def strict(data: Any) -> Any:
+    """JSON has no NaN or Infinity (json.dumps writes them, other readers refuse them): a
+    non-finite number, a NaN loss say, is written as null."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(v) for v in data]
+    return data
 
 
 def fresh_tmp(final: Path) -> Path:

@@ -169,3 +169,39 @@ def test_one_seed_rule_for_the_cli_and_the_config():
     for v in (2**32 - 1, -2**32 + 1, 0):
         check_sampling(Namespace(**sampling, seed=v))
         assert load_config(overrides=[f"sft.seed={v}"]).sft.seed == v
+
+
+def test_a_full_disk_while_logging_is_one_line_and_the_run_resumes(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A full disk during a metrics append (not a checkpoint) ended in a traceback."""
+    import errno
+    import io
+    import pathlib
+
+    from scalelab.cli import main
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "tiny", "--out", str(out), "--max-steps", "8", *tiny_sets(),
+            "--set", "data.n_docs=600", "--set", "train.eval_every=100", "--set",
+            "train.checkpoint_every=4", "--set", "monitor.stall_factor=0"]
+    real_open = pathlib.Path.open
+
+    class FullDisk(io.BytesIO):
+        def write(self, text):  # as write() fails: an OSError without a file name
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_(path, mode="r", *a, **kw):
+        if path.name == "metrics.jsonl" and mode.startswith("a") and path.exists() and \
+                '"step": 5,' in path.read_text():  # step 6's row finds the disk full
+            return FullDisk()
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"scalelab: run stopped: could not write {out / 'metrics.jsonl'} (No space "
+                   f"left on device); its checkpoint {out / 'checkpoints' / 'step_4'} is "
+                   "intact: free some space, then continue with --resume")
+    monkeypatch.setattr(pathlib.Path, "open", real_open)
+    assert main(["pretrain", "--out", str(out), "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))

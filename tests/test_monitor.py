@@ -8,12 +8,19 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli, tiny_sets, toy_ppo
 
-from scalelab.config import ModelConfig, MonitorConfig, PPOConfig, RunFailed, TrainConfig
+from scalelab.config import (
+    ModelConfig,
+    MonitorConfig,
+    PPOConfig,
+    RunFailed,
+    TrainConfig,
+)
 from scalelab.model import Transformer
 from scalelab.train import checkpoint as ck
 from scalelab.train.loop import make_optimizer
@@ -45,6 +52,25 @@ def test_health_flags_spikes_nans_and_explosions_but_not_noise():
     assert seen["event"] == "spike" and seen["median"] < 4.1 < seen["limit"] < 6.0
     assert h.judge(3.9, 0.5 * 25)["event"] == "grad_explosion"
     assert h.judge(3.9, 0.5 * 5) is None  # 5x is inside the default factor of 20
+
+
+def test_time_inside_a_clock_is_its_own_even_when_read_inside():
+    """A checkpoint's state_dict reads the clock after save_model wrote DIR/model: that
+    writing was billed as training (goodput up, tokens/s down), not as checkpointing."""
+    from scalelab.train.monitor import Monitor
+    mon = Monitor(MonitorConfig(stall_factor=0), Path("unused"))
+    mon.start(10)
+    t0 = time.monotonic()
+    with mon.clock("checkpoint"):
+        time.sleep(0.2)  # save_model
+        mon.state_dict()
+        with mon.clock("data"):  # a clock inside another: each keeps its own
+            time.sleep(0.1)
+        time.sleep(0.1)  # the checkpoint itself
+    took = time.monotonic() - t0
+    assert mon.total["data"] == pytest.approx(0.1, abs=0.05)
+    assert mon.total["checkpoint"] == pytest.approx(took - mon.total["data"], abs=0.01)
+    assert mon.total["train"] < 0.01
 
 
 def test_watchdog_reports_a_stall_within_3x_the_median_step():
@@ -151,8 +177,19 @@ def test_policy_stop_and_too_many_rewinds_exit_1_with_a_clear_message(tmp_path):
                  f'monitor.on_event="cat >> {told}; echo >> {told}"')
     assert r.returncode == 0, r.stderr
     assert [(e["step"], e["action"]) for e in read_events(tmp_path / "skip")] == [(5, "skip")]
+    # strict JSON (no NaN, which jq and JavaScript refuse): the skipped step's loss is null
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    logged = [json.loads(line, parse_constant=refuse)
+              for line in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged if r["step"] == 5 and "lr" in r] == [None]
     heard = [json.loads(line) for line in told.read_text().splitlines() if line]
     assert [(h["event"], h["step"]) for h in heard] == [("nonfinite", 5), ("finished", 8)]
+    # No monitor: a NaN loss still ends the run with one line (it was a traceback).
+    r = pretrain(tmp_path / "off", 8, few, 'monitor.inject="nan@5"', "monitor.enabled=false")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("scalelab: run stopped: loss is nan "
+                                                         "at step 5 (monitor.enabled = false")
     # Every gradient is an "explosion": the run keeps rewinding, then gives up.
     r = pretrain(tmp_path / "jumpy", 40, few, "monitor.grad_factor=1e-9",
                  "monitor.max_rewinds=2", "train.checkpoint_every=5")
@@ -273,6 +310,14 @@ def test_a_run_stopped_before_its_first_checkpoint_has_a_way_out(tmp_path):
             check_out(out, "ppo", resume)
         assert "--resume" not in str(e.value).split(";")[-1]  # the advice: not a loop
         assert "delete" in str(e.value) and "new --out" in str(e.value)
+    # Killed while writing its token files, before any training: nothing to delete, the
+    # plain command takes the folder back (the advice was to delete it all the same).
+    early = tmp_path / "early"
+    claim(early, "pretrain", False)
+    with pytest.raises(UserError, match="it stopped before training: run the same command "
+                                        "without --resume$"):
+        check_out(early, "pretrain", True)
+    check_out(early, "pretrain", False)  # no loop
 
 
 def test_torchrun_restart_before_the_first_checkpoint_starts_over(tmp_path):
@@ -338,6 +383,64 @@ def test_metrics_mirror_to_wandb_when_asked(tmp_path, monkeypatch):
     assert main([*args[:4], str(tmp_path / "none"), *args[5:], "--set",
                  "monitor.wandb=true"]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_a_run_stopped_after_a_rewind_resumes_as_if_it_never_stopped(tmp_path, monkeypatch):
+    """nan@6 rewinds to the checkpoint at 4, past the batches of steps 5 and 6, at half the
+    lr from then on. Stopped at 7 (before the next checkpoint), the resumed run trained on
+    those batches again; stopped at 10 (after the checkpoint at 8), at the full lr."""
+    from scalelab.cli import main
+    from scalelab.train import loop
+    args = ["pretrain", "--config", "tiny", "--max-steps", "12", *tiny_sets(), "--set",
+            "data.n_docs=600", "--set", "train.eval_every=100", "--set", "monitor.stall_factor=0",
+            "--set", "train.checkpoint_every=4", "--set", 'monitor.inject="nan@6"', "--set",
+            "monitor.rewind_lr_factor=0.5", "--set", "monitor.rewind_lr_steps=30"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*args, "--out", str(whole)]) == 0
+    log = loop.Run.log
+
+    def stop_after(step):  # Ctrl-C once the row of `step` is logged
+        def log_then_stop(run, row):
+            log(run, row)
+            if row.get("step") == step and "loss" in row:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(loop.Run, "log", log_then_stop)
+
+    stop_after(7)
+    assert main([*args, "--out", str(cut)]) == 130
+    stop_after(10)
+    assert main(["pretrain", "--out", str(cut), "--resume"]) == 130
+    monkeypatch.setattr(loop.Run, "log", log)
+    assert main(["pretrain", "--out", str(cut), "--resume"]) == 0
+    train = lambda run: [(r["step"], r["lr"], r["loss"]) for r in rows(run) if "loss" in r]
+    assert [s for s, _, _ in train(cut)] == list(range(1, 13))
+    assert train(cut) == train(whole)
+
+
+def test_a_resumed_monitor_judges_the_next_step_as_one_that_never_stopped(tmp_path):
+    """The running median of healthy steps is in the checkpoint: without it a resumed run
+    judged no spike for its first monitor.min_history steps."""
+    from scalelab.train.monitor import Monitor
+    mc = MonitorConfig(spike_window=20, min_history=10, stall_factor=0)
+    going, resumed = Monitor(mc, tmp_path), Monitor(mc, tmp_path, resume=True)
+    norm = torch.tensor(0.5)
+    for i in range(15):
+        assert going.check(i + 1, torch.tensor(4.0 + 0.01 * (i % 3)), norm) is None
+    resumed.load_state_dict(json.loads(json.dumps(going.state_dict())))  # as state.json has it
+    spike = torch.tensor(6.0)
+    assert going.check(16, spike, norm)["event"] == "spike"
+    assert resumed.check(16, spike, norm) == going.check(16, spike, norm)
+
+
+def test_an_event_after_a_torn_line_is_kept(tmp_path):
+    """A run killed (or out of disk) mid-line in events.jsonl, then resumed: the "resumed"
+    event was appended onto the torn line, and both were unreadable."""
+    from scalelab.train.monitor import Monitor
+    (tmp_path / "events.jsonl").write_text('{"event": "spike", "step": 3}\n{"event": "sta')
+    Monitor(MonitorConfig(stall_factor=0), tmp_path).event(
+        {"event": "resumed", "step": 2, "restart": 0})
+    assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == \
+        [("spike", 3), ("resumed", 2)]
 
 
 def test_progress_without_a_pid_is_not_a_running_run(tmp_path):

@@ -54,6 +54,14 @@ def test_resume_from_another_base_is_refused(user_home, user_base, user_sft, tmp
     rc, _, err = cli("sft", "--base", str(user_sft / "model"), *args)
     assert rc == 2 and "model it started from was" in err and len(err.splitlines()) == 1, err
     assert snapshot(run) == before
+    # another --data: the data position went on in other examples, silently
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": str(i)}) + "\n"
+                             for i in range(40)))
+    rc, _, err = cli("sft", "--base", str(user_base[0] / "model"), *args[:1], str(other),
+                     *args[2:])
+    assert rc == 2 and f"--data it used was {user_home / 'sft.jsonl'}" in err, err
+    assert snapshot(run) == before
     monkeypatch.chdir(user_home)
     rc, _, err = cli("sft", "--base", "./base/../base/model", *args)
     assert rc == 0, err

@@ -86,6 +86,30 @@ def train_a_step(model, opt) -> None:
     opt.zero_grad()
 
 
+def test_a_failed_atomic_write_names_its_file_and_leaves_no_partial_one(tmp_path,
+                                                                        monkeypatch):
+    """progress.json on a full disk: the error named no file (write() raises without one)
+    and the half-written hidden .progress.json.tmp stayed in the run folder."""
+    import errno
+
+    from scalelab.io import atomic_write_json
+    path = tmp_path / "progress.json"
+    path.write_text('{"step": 1}\n')
+    real = Path.write_text
+
+    def full_disk(self, text, *a, **kw):
+        real(self, text[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError) as e:
+        atomic_write_json(path, {"step": 2})
+    monkeypatch.undo()
+    assert e.value.filename == str(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]
+    assert path.read_text() == '{"step": 1}\n'
+
+
 def test_checkpointer_restores_model_optimizer_rng_and_stage_state(tmp_path):
     torch.manual_seed(0)
     model = small_model()

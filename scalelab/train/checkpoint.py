@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from scalelab import hf
 from scalelab.config import RunFailed, UserError
-from scalelab.io import fresh_tmp, read_json, read_tensors, replace_dir
+from scalelab.io import atomic_write_json, fresh_tmp, read_json, read_tensors, replace_dir
 from scalelab.model import Transformer
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.model_folder import checked_model_config
@@ -237,6 +237,16 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
+
+    def restate(self, step: int, state: dict) -> None:
+        """After a rewind to checkpoint `step`: its state.json takes the run's state now (the
+        data position past the skipped batches, the monitor's), so that a run killed before
+        its next checkpoint resumes as the rewound run goes on, not into the same batches
+        again. Its model, optimizer and RNG are the run's now already."""
+        if self.rank == 0:
+            path = self.run_dir / "checkpoints" / f"step_{step}" / "state.json"
+            atomic_write_json(path, {**read_json(path), **state})
+        self._barrier()
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model, optimizer and this rank's RNG in place from the newest checkpoint;

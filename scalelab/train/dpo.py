@@ -78,7 +78,7 @@ def load_pairs(spec: str, min_margin: float) -> list[Pair]:
 
 
 def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    run, par, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir)
+    run, par, model, tok = start_stage(cfg, out, resume, "dpo", policy_dir, data=data_spec)
     device = par.device
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     parallelize(model, par, cfg.train.dtype, entry="hidden")  # both by the same rules; the

@@ -11,10 +11,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, TrainConfig, UserError, dump_toml
+from scalelab.config import Config, RunFailed, TrainConfig, UserError, dump_toml
 from scalelab.hardware import autocast, detect, use_compile
 from scalelab.hf import add_chat_tokens
-from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
+from scalelab.io import (
+    append_row,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.parallel import mesh
 from scalelab.parallel.ac import apply_activation_checkpointing
 from scalelab.parallel.apply import clip_grads, sync_over_replicas
@@ -90,8 +96,7 @@ class Run:
     def log(self, row: dict) -> None:
         if not self.write:
             return
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.metrics, row)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (and any torn last line)."""
@@ -129,13 +134,14 @@ def _where(v) -> str:
 
 
 def check_same_inputs(out: Path, record: dict) -> None:
-    """--resume with another model to start from (or another reward model) would splice two
-    runs into one folder and, for PPO and DPO, swap the reference model unseen: refused."""
+    """--resume with another model to start from (or another reward model, or other --data
+    or --prompts) would splice two runs into one folder and, for PPO and DPO, swap the
+    reference model unseen: refused. A record without a key (an older run) is not compared."""
     was = read_json_if_any(out / "lineage.json")
     for key, now in record.items():
         old = was.get(key)
         if isinstance(old, str) and not same_input(old, now):
-            what = "model it started from" if key == "parent" else f"{key} it used"
+            what = "model it started from" if key == "parent" else f"--{key} it used"
             raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
                             "resume with the same one, or start a new --out")
 
@@ -257,7 +263,8 @@ class SupervisedStep(Step):
             loss_sum = self.parallel.mean_over_data(loss_sum)
         loss_val = loss_sum.item()  # the only host sync of a step without the monitor
         if not math.isfinite(loss_val) and not mon.enabled:
-            raise RuntimeError(f"loss is {loss_val} at step {done}; lower train.lr?")
+            raise RunFailed(f"loss is {loss_val} at step {done} (monitor.enabled = false: no "
+                            "step was judged); lower train.lr, or turn the monitor on")
         dt = max(1e-9, mon.busy_seconds())  # train + data: not eval, checkpoints
         row = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": float(self.grad_norm)}
         if mon.tokens:  # 0 = this stage does not count its tokens: say nothing
@@ -336,7 +343,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
                                         ckpts.latest() is not None) == "rewind":
             with mon.clock("rewind"):
                 at = rewind(run, ckpts, model, optimizer, loader, mon)
-            run.log(mon.rewound(seen, at))
+                row = mon.rewound(seen, at)
+                ckpts.restate(at, {"loader": loader.state_dict(), "monitor": mon.state_dict()})
+            run.log(row)
             bar.goto(at)
             continue
         if seen is not None:
@@ -364,9 +373,9 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
             with mon.clock("checkpoint"):
                 if save_model is not None:
                     save_model()
+                mon.checkpointed()  # (before its state is taken: the rewinds count restarts)
                 ckpts.save(done, model, optimizer, {"loader": loader.state_dict(),
                                                     "monitor": mon.state_dict(), **stage.state})
-            mon.checkpointed()
         at = done
     bar.close()
     mon.finish()

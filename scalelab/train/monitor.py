@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 
 from scalelab.config import MonitorConfig, RunFailed, UserError
-from scalelab.io import atomic_write_json, atomic_write_text, read_json_if_any, read_rows
+from scalelab.io import (
+    append_row,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.train.rundir import restart_count
 
 PROCESS_START_UNIX = time.time()  # imported when a stage starts: the rest is "startup"
@@ -132,7 +138,7 @@ class Monitor:
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - STAGE_ORIGIN[0]
         self.interval = dict.fromkeys(BUCKETS, 0.0)
-        self.mark = now
+        self.mark, self.inside = now, None  # inside: the clock() bucket running now
         self.watchdog: Watchdog | None = None
         self.max_steps, self.started = 0, False
         self.tb = self.wb = None
@@ -143,29 +149,32 @@ class Monitor:
         self.total[bucket] += seconds
         self.interval[bucket] += seconds
 
-    def _train_until_now(self) -> None:
-        now = time.monotonic()  # before start(): loading, compiling, ... count as startup
-        self._bill("train" if self.started else "startup", now - self.mark)
+    def _bill_until_now(self) -> None:
+        """The time since the last bill goes to the clock running now (a reading taken inside
+        one, state_dict's in a checkpoint say, is that clock's time too), else to "train";
+        before start(): loading, compiling, ... count as startup."""
+        now = time.monotonic()
+        self._bill(self.inside or ("train" if self.started else "startup"), now - self.mark)
         self.mark = now
 
     @contextlib.contextmanager
     def clock(self, bucket: str):
         """Bill the time inside to `bucket`; everything else in the loop is "train"."""
-        self._train_until_now()
+        self._bill_until_now()
+        outer, self.inside = self.inside, bucket
         if self.watchdog is not None and bucket != "data":
             self.watchdog.armed = False
         try:
             yield
         finally:
-            now = time.monotonic()
-            self._bill(bucket, now - self.mark)
-            self.mark = now
+            self._bill_until_now()
+            self.inside = outer
             if self.watchdog is not None and bucket != "data":  # the step clock restarts
-                self.watchdog.last, self.watchdog.armed = now, True
+                self.watchdog.last, self.watchdog.armed = self.mark, True
 
     def interval_row(self) -> dict:
         """Shares of wall time since the last call, for a metrics row; starts a new interval."""
-        self._train_until_now()
+        self._bill_until_now()
         wall = max(1e-9, sum(self.interval.values()))
         row = {f"time/{k}": v / wall for k, v in self.interval.items() if v > 0}
         self.interval, self.interval_tokens = dict.fromkeys(BUCKETS, 0.0), 0
@@ -173,7 +182,7 @@ class Monitor:
 
     def busy_seconds(self) -> float:
         """Train + data time of the current interval so far (what tokens/s is measured on)."""
-        self._train_until_now()
+        self._bill_until_now()
         return self.interval["train"] + self.interval["data"]
 
     def count_tokens(self, n: int) -> None:
@@ -181,15 +190,20 @@ class Monitor:
         self.interval_tokens += n
 
     def state_dict(self) -> dict:
-        """Saved in each checkpoint: totals at that point, for goodput across restarts."""
-        self._train_until_now()
-        return {"total": dict(self.total), "tokens": self.tokens}
+        """Saved in each checkpoint: totals at that point, for goodput across restarts; and
+        what the next steps depend on, so a resumed run judges and schedules as one that
+        never stopped: the healthy history, the lowered-lr window after a rewind and the
+        rewinds since the last checkpoint."""
+        self._bill_until_now()
+        return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
+                "rewinds": self.rewinds, "losses": list(self.health.losses),
+                "norms": list(self.health.norms)}
 
     def load_state_dict(self, state: dict | None, rewinding: bool = False) -> None:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
         if not state:
             return
-        self._train_until_now()
+        self._bill_until_now()
         then = state["total"]
         if rewinding:  # the steps since the checkpoint were not useful after all
             for k in ("train", "data"):
@@ -207,6 +221,10 @@ class Monitor:
                 self.total[k] += then.get(k, 0.0)
             self.total["startup"] -= mine
             self.total["restart"] += mine + lost
+            # (a rewind keeps its own: the history goes on, rewound() sets the lr window)
+            self.lr_until, self.rewinds = state.get("lr_until", -1), state.get("rewinds", 0)
+            self.health.losses.extend(state.get("losses", []))
+            self.health.norms.extend(state.get("norms", []))
         self.tokens = state.get("tokens", 0)
 
     def previous_wall(self) -> tuple[float, float]:
@@ -256,7 +274,7 @@ class Monitor:
         return policy
 
     def checkpointed(self) -> None:
-        """A new checkpoint was written: the run got past its last rewind, so rewinds count
+        """A new checkpoint is written: the run got past its last rewind, so rewinds count
         from zero again (max_rewinds gives up on a run stuck in a loop, not a long run
         with a few spikes far apart)."""
         self.rewinds = 0
@@ -314,8 +332,7 @@ class Monitor:
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "events.jsonl").open("a") as f:
-            f.write(json.dumps(ev) + "\n")
+        append_row(self.out / "events.jsonl", ev)
         msg = f"monitor: {describe(ev)}" + (f" -> {ev['action']}" if "action" in ev else "")
         print(msg, file=sys.stderr, flush=True)
         self.notify(ev)
@@ -337,7 +354,7 @@ class Monitor:
             self.mirror(row)
 
     def progress(self, row: dict | None = None) -> dict:
-        self._train_until_now()
+        self._bill_until_now()
         return {"step": self.step, "time_unix": time.time(), "pid": os.getpid(),
                 "time": dict(self.total), "tokens": self.tokens, **(row or {})}
 
@@ -396,7 +413,7 @@ class Monitor:
     def start(self, max_steps: int) -> None:
         """Before the first step: the first logged interval and the watchdog start."""
         self.max_steps = max_steps
-        self._train_until_now()
+        self._bill_until_now()
         self.interval = dict.fromkeys(BUCKETS, 0.0)
         self.started = True
         if self.mc.stall_factor > 0:

@@ -447,7 +447,7 @@ def ppo(cfg: Config, policy_dir: Path, reward_dir: Path | str, prompts_spec: str
         reward_model, reward_tok, stats = load_reward_model(reward_dir)  # CPU until the mesh
         reward_model.requires_grad_(False)
     run, par, policy, tok = start_stage(cfg, out, resume, "ppo", policy_dir,
-                                        reward=reward_dir)
+                                        reward=reward_dir, prompts=prompts_spec)
     if not oracle and reward_tok.hf.get_vocab() != tok.hf.get_vocab():
         # it reads the policy's token ids: another vocabulary scores nonsense, or crashes
         raise UserError(f"--reward {reward_dir}: its tokenizer is not the policy's "

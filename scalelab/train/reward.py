@@ -212,7 +212,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         refuse_unused(cfg.reward.labeler, f"--data {data_spec}", "the file's pairs are the "
                       "preferences (a labeler ranks answers sampled for --data builtin:tasks)")
         refuse_unused_sampling(cfg.reward, data_spec)
-    run, par, policy, tok = start_stage(cfg, out, resume, "reward", base)
+    run, par, policy, tok = start_stage(cfg, out, resume, "reward", base, data=data_spec)
     device = par.device
 
     pref_file = out / "preferences.jsonl"

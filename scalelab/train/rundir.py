@@ -162,9 +162,11 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
                             f"resume); start a {stage} run in a new or empty folder without "
                             "--resume")
         if last_step(out) is None:
+            again = f"to start again, delete {out} or choose a new --out" if _started(out) \
+                else "it stopped before training: run the same command without --resume"
             raise UserError(f"--out {out}: --resume given but no checkpoint in "
                             f"{out / 'checkpoints'} (the run stopped before its first one); "
-                            f"to start again, delete {out} or choose a new --out")
+                            f"{again}")
         return
     if owner is not None and _started(out) and not restarted_own_job(out):
         if last_step(out) is None:  # nothing to resume from: say so, not "pass --resume"

@@ -87,7 +87,7 @@ def assistant_tokens(batch: tuple[torch.Tensor, ...]) -> int:
 
 
 def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False) -> Path:
-    run, par, model, tok = start_stage(cfg, out, resume, "sft", base)
+    run, par, model, tok = start_stage(cfg, out, resume, "sft", base, data=data_spec)
     device = par.device
     parallelize(model, par, cfg.train.dtype, entry="hidden")  # the loss reads hidden(), lm_head
 
