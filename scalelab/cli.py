@@ -59,10 +59,11 @@ def nothing_to_do(args: argparse.Namespace, cfg: Config) -> bool:
     """--resume on a run that already reached train.max_steps: say so instead of silence."""
     from scalelab.train.rundir import finished_step
     step = finished_step(Path(args.out), cfg.train.max_steps) if args.resume else None
-    if step is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 says it
-        print(f"{args.out}: nothing to do: the run already reached step {step} "
-              f"(train.max_steps {cfg.train.max_steps}); pass a larger --max-steps to train "
-              f"on. Its model is {Path(args.out) / 'model'}")
+    if step is not None:
+        from scalelab.train.progress import say  # rank 0 only under torchrun
+        say(f"{args.out}: nothing to do: the run already reached step {step} "
+            f"(train.max_steps {cfg.train.max_steps}); pass a larger --max-steps to train "
+            f"on. Its model is {Path(args.out) / 'model'}")
     return step is not None
 
 

@@ -100,7 +100,7 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
     usable = [pair for pair in pairs if fits(*pair[:2]) and fits(pair[0], pair[2])]
     if len(usable) < len(pairs):
         say(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
-                   f"context ({model.cfg.seq_len} tokens)")
+            f"context ({model.cfg.seq_len} tokens)")
     items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
     need = 2 * cfg.train.batch_size * par.data_world * cfg.train.grad_accum
     if len(items) < need:

@@ -147,7 +147,7 @@ def encode_rows(rows: list[dict], tok: Tokenizer, max_len: int, min_margin: floa
             items.append((seqs, pairs))
     if skipped:
         say(f"skipped {skipped} of {total} answers longer than the context "
-                   f"({max_len} tokens)")
+            f"({max_len} tokens)")
     return items
 
 
@@ -244,7 +244,7 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         raise UserError(f"only {len(items)} prompts with a preference; need at least "
                         f"{len(held) + step_rows} ({hint})")
     say(f"reward data: {len(train_items)} prompts "
-               f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
+        f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 
     model = parallelize(ScalarModel(policy).to(device), par, cfg.train.dtype)  # head whole over tp
     collate = lambda b: collate_groups(b, tok.pad_id, cfg.reward.pack)  # noqa: E731
