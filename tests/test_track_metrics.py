@@ -193,25 +193,65 @@ def test_data_groups_split_by_tokenizer_and_corpus(tmp_path):
     assert data_group(model("d", "tok1", 200)) != data_group(a)  # another corpus
 
 
-def test_backtest_on_a_synthetic_ladder(tmp_path):
-    """Five registered 'models' whose items follow a known logistic curve: the backtest
-    predicts sizes 4 and 5 from the smaller ones, finds the pass at the fifth, and tables
-    both the calibrated and the old ln(X)/L predictions."""
-    from scalelab.track.backtest import backtest, markdown
+def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8):
+    """Five sizes whose 200 items follow a known logistic curve; with seeds > 1 each size's
+    items are split in order between that many registered runs of the size."""
     from scalelab.track.registry import Registry
-    reg = Registry(tmp_path / "reg.db")
-    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", 0.8)
+    reg = Registry(path)
+    exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", threshold)
     rng = np.random.default_rng(2)
     offsets = rng.normal(0, 0.4, 200)
     for i, n in enumerate([1e3, 3e3, 1e4, 3e4, 1e5]):
         x = -3.2 + 0.6 * math.log10(n) + offsets
         ok = (rng.random(200) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
-        mid = reg.add_model({"name": f"m{i}", "path": str(tmp_path / f"m{i}"), "kind": "x",
-                             "params": int(n), "non_embedding_params": int(n)})
-        metrics = {"exact_match": ok.mean(), "token_logprob": x.mean(), "edit_distance": 0.5,
-                   "target_tokens": 1.0, "per_item": {"x": x.tolist(), "ok": ok.tolist(),
-                                                      "x_is": "token_logprob"}}
-        reg.add_result(exp, mid, metrics, ok.mean() >= 0.8, [], 200, 0.0, "test")
+        for j, (xs, oks) in enumerate(zip(np.split(x, seeds), np.split(ok, seeds))):
+            name = f"m{i}-s{j}" if seeds > 1 else f"m{i}"
+            mid = reg.add_model({"name": name, "path": str(path.parent / name),
+                                 "kind": "x", "params": int(n), "non_embedding_params": int(n)})
+            metrics = {"exact_match": oks.mean(), "token_logprob": xs.mean(),
+                       "edit_distance": 0.5, "target_tokens": 1.0,
+                       "per_item": {"x": xs.tolist(), "ok": oks.tolist(),
+                                    "x_is": "token_logprob"}}
+            reg.add_result(exp, mid, metrics, oks.mean() >= threshold, [], len(xs), 0.0,
+                           "test")
+    return reg, exp, offsets
+
+
+def test_seeds_of_one_size_are_fitted_as_one_point(tmp_path):
+    """The same ladder with each size's items split between two seeds: every backtest row
+    and verdict equals the one-run ladder's, which holds the pooled items. At 3e4 one seed
+    passes 0.76 alone (0.77) and the size does not (0.755). Fitting each seed as its own
+    point took 4 runs = 2 sizes as 'the largest 4 models', and the lucky seed's pass as
+    the size's."""
+    from scalelab.track.backtest import backtest
+    from scalelab.track.predict import verdict
+    one, _, _ = synthetic_ladder(tmp_path / "one.db", threshold=0.76)
+    two, exp, _ = synthetic_ladder(tmp_path / "two.db", seeds=2, threshold=0.76)
+    by_name = {m["name"]: two.latest()[(exp, m["id"])] for m in two.models()}
+    assert by_name["m3-s0"]["passed"] and not by_name["m3-s1"]["passed"]
+    a, b = backtest(one), backtest(two)
+    assert [r["k"] for r in a] == [r["k"] for r in b] == [3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("largest", "predicted", "low", "high", "naive", "quantile", "actual",
+                    "verdict", "in_band"):
+            same = rb[key] == ra[key] if ra[key] is None or isinstance(ra[key], (str, bool)) \
+                else rb[key] == pytest.approx(ra[key], rel=1e-9)
+            assert same, (key, ra[key], rb[key])
+    # a stored prediction made from the three smallest sizes, judged by the bigger ones
+    pred = {"experiment_id": exp, "axis": "params", "n_models": 6, "largest": 1e4,
+            "last_model_id": 6, "metric": "token_logprob", "level": -0.1, "predicted": 9e4,
+            "low": 5e4, "high": 2e5, "detail": '{"group": null}'}
+    two.add_prediction(pred)
+    said = verdict(two, two.experiment("toy"), two.predictions(exp)[-1])
+    assert said == "passed at 1e+05 (mean of m4-s0, m4-s1): inside the band", said
+
+
+def test_backtest_on_a_synthetic_ladder(tmp_path):
+    """Five registered 'models' whose items follow a known logistic curve: the backtest
+    predicts sizes 4 and 5 from the smaller ones, finds the pass at the fifth, and tables
+    both the calibrated and the old ln(X)/L predictions."""
+    from scalelab.track.backtest import backtest, markdown
+    reg, exp, offsets = synthetic_ladder(tmp_path / "reg.db")
     passing = [m["name"] for m in reg.models()
                if reg.latest()[(exp, m["id"])]["passed"]]
     assert passing == ["m4"]  # the synthetic ladder turns at the largest size

@@ -83,6 +83,30 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--- training" not in r.stdout and len(db.results()) == 6
 
+    # a second seed of every size into the same --out: three new runs (train.seed + 1) and
+    # models beside the first ones, which are neither retrained nor re-evaluated
+    metrics = {s["label"]: (tmp_path / "sw" / "runs" / s["label"] / "metrics.jsonl").read_bytes()
+               for s in sizes}
+    r = run_cli("sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"),
+                "--registry", str(reg), "--seeds", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- training") == 3 and "3 sizes x 2 seeds" in r.stdout
+    runs = json.loads((tmp_path / "sw" / "sweep.json").read_text())["sizes"]
+    assert [(s["label"], s["seed"]) for s in runs] == [
+        ("L1-d16", 1337), ("L1-d16-s2", 1338), ("L1-d24", 1337), ("L1-d24-s2", 1338),
+        ("L1-d32", 1337), ("L1-d32-s2", 1338)]
+    for s in sizes:
+        run = tmp_path / "sw" / "runs" / s["label"]
+        assert (run / "metrics.jsonl").read_bytes() == metrics[s["label"]]
+        again = tmp_path / "sw" / "runs" / f"{s['label']}-s2"
+        assert "seed = 1338" in (again / "config.toml").read_text()
+        # another initialisation and data order: another model (the weights differ)
+        assert (again / "model" / "model.safetensors").read_bytes() != \
+            (run / "model" / "model.safetensors").read_bytes()
+    assert len(db.models()) == 6 and len(db.results()) == 12
+    assert [m["name"] for m in db.models()][3:] == ["toy-L1-d16-s2", "toy-L1-d24-s2",
+                                                    "toy-L1-d32-s2"]
+
     # another budget, or another shape under a size's name, into the same --out: refused
     # before anything is touched (the runs were trained further in place while the
     # registry kept their old tokens, losses and results, and the L(N) fit the old losses)
@@ -98,7 +122,7 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
         assert "holds a sweep made with another config (changed: " in err.getvalue()
         assert said in err.getvalue(), err.getvalue()
     assert (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes() == metrics
-    assert [m["tokens"] for m in db.models()] == [s["tokens"] for s in sizes]
+    assert [m["tokens"] for m in db.models()] == [s["tokens"] for s in sizes] * 2
 
 
 def test_bad_sweep_config_exits_2(tmp_path, capsys):
@@ -135,6 +159,14 @@ def test_bad_sweep_config_exits_2(tmp_path, capsys):
         err = capsys.readouterr().err if main(args) == 2 else "exit 0"
         assert f"{cfg}: 'sweep.{new.split()[0]}' = " in err and "must be a finite" in err, err
         assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
+    # no run per size, in the config or on the command line
+    cfg.write_text(SWEEP.replace("min_steps = 10", "min_steps = 10\nseeds = 0"))
+    err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+    assert f"{cfg}: 'sweep.seeds' = 0 must be >= 1" in err, err
+    cfg.write_text(SWEEP)
+    err = capsys.readouterr().err if main(args + ["--seeds", "-1"]) == 2 else "exit 0"
+    assert "--seeds -1: must be >= 1" in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r.db").exists()
     # an experiment name the registry holds with another task: the sweep evaluated every
     # size on the registry's task, not the config's, and said nothing
     other = tmp_path / "other.db"
@@ -273,7 +305,8 @@ def test_sweep_and_study_take_a_preset_name(tmp_path, monkeypatch):
     from scalelab.config import PRESETS
     from scalelab.track import sweep
     got = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda config, out, reg: got.append(config))
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, base, opts, out, reg:
+                        got.append(config))
     monkeypatch.setattr(study, "run_study", lambda config, out, reg: got.append(config))
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "--config", "sweep-cpu", "--out", "s", "--registry", "r.db"]) == 0

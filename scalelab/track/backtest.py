@@ -1,10 +1,11 @@
-"""Backtest the pass predictions on a registered ladder: predict from the k smallest models
+"""Backtest the pass predictions on a registered ladder: predict from the k smallest sizes
 of a data group only, then look at what the bigger ones did.
 
     scalelab track backtest --registry runs/sweep/registry.db --out docs/backtest.md
 
-For each all-or-nothing experiment and each k >= 3 at which it still failed on all k models:
-the calibrated prediction (predict.py) and, beside it, from the same k models: the same
+For each all-or-nothing experiment and each k >= 3 at which it still failed on all k sizes
+(the runs of one size with other seeds are one size: their items pooled, their mean judged):
+the calibrated prediction (predict.py) and, beside it, from the same k sizes: the same
 calibration on each item's greedy margin instead of its log-likelihood, the margin-quantile
 fit (predict.quantile_prediction), and the mapping the calibration replaced (exact match X
 <-> mean token log-likelihood ln(X)/L, accuracy X <-> the Brier level of X). A row is a
@@ -20,12 +21,15 @@ import math
 
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
+    by_scale,
     data_group,
     fmt,
     pooled_calibration,
     predict,
     prediction_for,
     quantile_prediction,
+    scale_mean,
+    scale_passed,
     series,
 )
 
@@ -40,8 +44,8 @@ def naive_prediction(exp, ser: list[tuple[dict, dict]]) -> float | None:
     else:
         length = M.mean([r["metrics"].get("target_tokens", 1.0) for _, r in ser]) or 1.0
         metric, level = "token_logprob", math.log(max(exp["threshold"], 1e-9)) / length
-    pts = [(m["non_embedding_params"], r["metrics"][metric]) for m, r in ser
-           if math.isfinite(r["metrics"].get(metric, math.nan))]  # nan: nothing scored
+    pts = [(s, v) for s, rs in by_scale(ser, "non_embedding_params")
+           if math.isfinite(v := scale_mean(rs, metric))]  # nan: nothing scored
     p = predict(pts, level, M.HIGHER_IS_BETTER[metric])
     return None if p is None else p["predicted"]
 
@@ -68,12 +72,14 @@ def backtest(reg) -> list[dict]:
                  for e in reg.experiments()}
         for exp in exps:
             ser = every[exp["id"]]
-            sizes = [m["non_embedding_params"] for m, _ in ser]
-            first_pass = next((i for i, (_, r) in enumerate(ser) if r["passed"]), None)
-            for k in range(3, len(ser)):
+            scales = by_scale(ser, "non_embedding_params")  # seeds of one size: one scale
+            sizes = [s for s, _ in scales]
+            first_pass = next((i for i, (_, rs) in enumerate(scales)
+                               if scale_passed(exp, rs)), None)
+            for k in range(3, len(scales)):
                 if first_pass is not None and first_pass < k:
-                    break  # already passing within the k models: nothing left to predict
-                sub = ser[:k]
+                    break  # already passing within the k sizes: nothing left to predict
+                sub = [(m, r) for m, r in ser if m["non_embedding_params"] <= sizes[k - 1]]
                 ids = {m["id"] for m, _ in sub}
                 pooled = pooled_calibration(
                     [[(m, r) for m, r in s if m["id"] in ids] for s in every.values()])
@@ -112,11 +118,11 @@ def markdown(rows: list[dict]) -> str:
         return "-" if v is None else fmt(v)
     out = [] if rows else [
         "No rows: nothing to backtest. A row needs an all-or-nothing experiment still failing "
-        "on the k >= 3 smallest base models of one tokenizer and corpus, with a bigger one "
-        "evaluated after them (so at least 4 such models).", ""]
+        "on the k >= 3 smallest sizes of base models of one tokenizer and corpus, with a "
+        "bigger one evaluated after them (so at least 4 such sizes).", ""]
     for group in sorted({r["group"] for r in rows}):
         out += [f"Models: {group}", "",
-                "| experiment | from k models (up to N) | predicted N | band (10-90%) | "
+                "| experiment | from k sizes (up to N) | predicted N | band (10-90%) | "
                 "first pass | verdict | between last fail and first pass | "
                 "greedy-margin calibration | its verdict | margin quantile | its verdict | "
                 "old mapping | its verdict |",

@@ -239,10 +239,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from scalelab.train.rundir import check_folder
     check_folder(Path(args.out), "shared", "sweep")
     config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
+    base, opts = load_sweep(config)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds {args.seeds}: must be >= 1 (runs per size)")
+        opts["seeds"] = args.seeds
     # bad config, or another one than --out was made with: refused before the registry
     # is opened
-    check_plan(Path(args.out), *load_sweep(config))
-    run_sweep(config, Path(args.out), open_registry(args))
+    check_plan(Path(args.out), base, opts)
+    run_sweep(config, base, opts, Path(args.out), open_registry(args))
 
 
 # ---- the parser --------------------------------------------------------------------------
@@ -323,4 +328,7 @@ def register(sub) -> None:
     sw.add_argument("--config", required=True,
                     help="sweep TOML or preset name (sweep-cpu, sweep-gpu)")
     sw.add_argument("--out", required=True)
+    sw.add_argument("--seeds", type=int, metavar="N",
+                    help="runs per size (train.seed, +1, ...; overrides sweep.seeds): more "
+                         "seeds can be added to a finished sweep's --out later")
     sw.set_defaults(func=cmd_sweep)

@@ -102,6 +102,39 @@ def series(reg, exp, axis: str, group: str | None = None, latest: dict | None = 
     return sorted(out, key=lambda mr: mr[0][AXES[axis]])
 
 
+def by_scale(ser: list[tuple[dict, dict]], col: str) -> list[tuple[float, list[dict]]]:
+    """(scale, its results) per distinct scale, smallest first: the runs of one size with
+    other seeds (`sweep.seeds`) share a scale, and every fit takes one point per scale."""
+    out: dict[float, list[dict]] = {}
+    for m, r in ser:
+        out.setdefault(m[col], []).append(r)
+    return sorted(out.items())
+
+
+def scale_mean(results: list[dict], metric: str) -> float:
+    """The mean of a metric over the seeds at one scale, its finite values only (nan when
+    none: a task nothing could score)."""
+    values = [r["metrics"].get(metric) for r in results]
+    return M.mean([v for v in values if v is not None and math.isfinite(v)])
+
+
+def scale_passed(exp, results: list[dict]) -> bool:
+    """A scale passes when its seeds do on average: their items pooled, for the
+    all-or-nothing metrics. One run passes as it was judged."""
+    if len(results) == 1:
+        return bool(results[0]["passed"])
+    return M.passes(scale_mean(results, exp["metric"]), exp["threshold"], exp["metric"])
+
+
+def pooled_items(results: list[dict], x_is: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """per_item of the seeds at one scale, concatenated; None if none stores items."""
+    data = [d for r in results if (d := per_item(r, x_is)) is not None]
+    if not data:
+        return None
+    return np.concatenate([d[0] for d in data]), np.concatenate([d[1] for d in data])
+
+
 # ---- calibration: P(right | continuous item score) ----------------------------------------
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[float, float] | None:
@@ -257,16 +290,15 @@ def prediction_for(exp, ser: list[tuple[dict, dict]], col: str,
     pooled pairs of every experiment with the same kind of item score (pooled[x_is]). The
     item score: mean token log-likelihood for generation, the log-likelihood margin for
     multiple choice, unless x_is names another one the results store (greedy_margin)."""
+    scales = by_scale(ser, col)
     if exp["metric"] in M.CONTINUOUS:
-        pts = [(m[col], r["metrics"][exp["metric"]]) for m, r in ser
-               if r["metrics"].get(exp["metric"]) is not None
-               and math.isfinite(r["metrics"][exp["metric"]])]  # nan: nothing was scored
+        pts = [(s, v) for s, rs in scales
+               if math.isfinite(v := scale_mean(rs, exp["metric"]))]  # nan: nothing scored
         return exp["metric"], predict(pts, exp["threshold"], M.HIGHER_IS_BETTER[exp["metric"]])
     stored = next((item_score_kind(r) for _, r in reversed(ser)
                    if r["metrics"].get("per_item")), None)
     metric = x_is or CALIBRATE_ON.get(stored, stored)
-    data = [(m[col], per_item(r, metric)) for m, r in ser]
-    data = [(s, d) for s, d in data if d is not None]
+    data = [(s, d) for s, rs in scales if (d := pooled_items(rs, metric)) is not None]
     if not data:
         return None
     x = np.concatenate([d[0] for _, d in data])
@@ -287,10 +319,11 @@ def quantile_prediction(exp, ser: list[tuple[dict, dict]], col: str) -> dict | N
     itself against log10(scale) and find where it reaches 0: no calibration curve, and no
     assumption that hard items move as fast as the mean."""
     pts = []
-    for m, r in ser:
-        d = per_item(r)
-        if d is not None and item_score_kind(r) in ("greedy_margin", "margin"):
-            pts.append((m[col], float(np.quantile(d[0], 1 - exp["threshold"]))))
+    for s, rs in by_scale(ser, col):
+        d = pooled_items([r for r in rs if r["metrics"].get("per_item")
+                          and item_score_kind(r) in ("greedy_margin", "margin")])
+        if d is not None:
+            pts.append((s, float(np.quantile(d[0], 1 - exp["threshold"]))))
     p = predict(pts, 0.0, True)
     if p is not None:
         p["detail"]["method"] = "margin quantile"
@@ -340,16 +373,20 @@ def verdict(reg, exp, pred, latest: dict | None = None, models: list | None = No
              if m[col] > pred["largest"]]
     if not later:
         return "no bigger model yet"
-    won = [m for m, r in later if r["passed"]]
+    names = {}
+    for m, _ in later:
+        names.setdefault(m[col], []).append(m["name"])
+    won = [s for s, rs in by_scale(later, col) if scale_passed(exp, rs)]
     lo = math.inf if pred["low"] is None else pred["low"]
     hi = math.inf if pred["high"] is None else pred["high"]
     if won:
-        x = won[0][col]
+        x = won[0]
+        who = names[x][0] if len(names[x]) == 1 else f"mean of {', '.join(names[x])}"
         if pred["predicted"] is None:
-            return f"passed at {x:.3g} ({won[0]['name']}) although predicted never: a miss"
+            return f"passed at {x:.3g} ({who}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \
             ("earlier than predicted" if x < lo else "later than predicted")
-        return f"passed at {x:.3g} ({won[0]['name']}): {where}"
+        return f"passed at {x:.3g} ({who}): {where}"
     top = max(m[col] for m, _ in later)
     if top > hi:
         return f"still failing at {top:.3g}, beyond the band: too optimistic"

@@ -19,11 +19,13 @@ from scalelab.io import atomic_write_text
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
     AXES,
+    by_scale,
     corpus_source,
     data_group,
     fit_power_law,
     fmt,
     record_predictions,
+    scale_mean,
     series,
     verdict,
 )
@@ -61,7 +63,11 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
                 # scored no item; a log axis with no point on it cannot be drawn
                 ax.text(0.5, 0.5, "no finite value", ha="center", transform=ax.transAxes)
                 continue
-            ax.plot(xs, ys, "o-", color="C0" if col == 0 else "C1")
+            color = "C0" if col == 0 else "C1"
+            means = by_scale(pts, AXES[axis])  # a line through each size's mean over seeds
+            ax.plot([x for x, _ in means], [scale_mean(rs, metric) for _, rs in means], "-",
+                    color=color)
+            ax.plot(xs, ys, "o", color=color)
             for (_, r), x, y in zip(pts, xs, ys):
                 if r["passed"] and col == 0:
                     ax.plot([x], [y], "o", color="C2", ms=9)
@@ -101,12 +107,13 @@ def overview_plot(plt, exps, sers: dict, path: Path) -> None:
         pts = sers[e["id"]]["params"]
         if not pts:
             continue
-        xs = [m["non_embedding_params"] for m, _ in pts]
+        scales = by_scale(pts, "non_embedding_params")  # the mean over seeds per size
+        xs = [x for x, _ in scales]
         main = "mc_accuracy" if e["metric"] in ("mc_accuracy", "brier") else "exact_match"
         style = {"color": plt.cm.tab20(i % 20), "ls": "-" if i < 20 else "--",
                  "marker": "o", "label": e["name"]}
-        axes[0].plot(xs, [r["metrics"].get(main) for _, r in pts], **style)
-        axes[1].plot(xs, [r["metrics"].get("token_logprob") for _, r in pts], **style)
+        axes[0].plot(xs, [scale_mean(rs, main) for _, rs in scales], **style)
+        axes[1].plot(xs, [scale_mean(rs, "token_logprob") for _, rs in scales], **style)
     for ax, t in zip(axes, ["exact match / accuracy", "mean target-token log-likelihood"]):
         ax.set_xscale("log")
         ax.set_xlabel("parameters N")

@@ -9,12 +9,17 @@ a [sweep] table:
     tokens_per_param = 20.0      # Chinchilla; or flops = 1e13 for a fixed budget per size
     lr_width = 128               # train.lr is the lr at this d_model; lr ~ 1/d_model
     min_steps = 100
+    seeds = 1                    # runs per size: train.seed, train.seed + 1, ...
     sizes = [{n_layer = 1, d_model = 32, n_head = 2}, ...]
     experiments = "starter"      # or [{name=, task=, threshold=, metric=, note=}, ...]
     [sweep.corpus]               # optional document-kind weights for builtin:world
     arithmetic = 0.5
 
-Rerunning with the same --out resumes the ladder (sizes may be added or dropped); another
+With seeds = 3 each size is trained three times (initialisation and data order differ,
+the corpus is the same): cpu-L2-d64, cpu-L2-d64-s2, cpu-L2-d64-s3. The fits and predictions
+take one point per size, the mean over its seeds (predict.by_scale); the report shows each.
+
+Rerunning with the same --out resumes the ladder (sizes and seeds may be added); another
 budget, corpus or shape of an existing size is refused (sweep-plan.json says what it was).
 
 Learning rate scales as 1/width (with one lr for all sizes the biggest model failed in an
@@ -45,7 +50,8 @@ from scalelab.track.ops import (
 from scalelab.track.registry import Registry
 
 SWEEP_KEYS = {"name": str, "tokens_per_param": float, "flops": float, "lr_width": int,
-              "min_steps": int, "sizes": list, "experiments": (str, list), "corpus": dict}
+              "min_steps": int, "seeds": int, "sizes": list, "experiments": (str, list),
+              "corpus": dict}
 
 
 def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Config, dict]:
@@ -99,8 +105,8 @@ def load_table(path: Path, table: str, keys: dict, defaults: dict) -> tuple[Conf
 
 def load_sweep(path: Path) -> tuple[Config, dict]:
     cfg, opts = load_table(path, "sweep", SWEEP_KEYS, {
-        "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0, "min_steps": 50, "sizes": [],
-        "experiments": "starter", "corpus": {}})
+        "tokens_per_param": 20.0, "flops": 0.0, "lr_width": 0, "min_steps": 50, "seeds": 1,
+        "sizes": [], "experiments": "starter", "corpus": {}})
     # each budget key a finite number in range, before any corpus or registry work: a
     # negative lr_width made a negative learning rate (a traceback after the corpus was
     # built), nan a traceback, a tokens_per_param <= 0 silently min_steps for every size
@@ -112,6 +118,8 @@ def load_sweep(path: Path) -> tuple[Config, dict]:
                             f"{'>' if strict else '>='} {low}"
                             + (" (0: no fixed FLOP budget)" if key == "flops" else "")
                             + (" (0: one lr for every size)" if key == "lr_width" else ""))
+    if opts["seeds"] < 1:
+        raise UserError(f"{path}: 'sweep.seeds' = {opts['seeds']} must be >= 1 (runs per size)")
     from scalelab.data.world import DOC_KINDS
     if opts["corpus"] and cfg.data.source != "builtin:world":  # it was silently ignored
         raise UserError(f"{path}: [sweep.corpus] weighs the built-in world corpus's document "
@@ -194,6 +202,16 @@ def size_config(base: Config, size: dict, opts: dict, vocab: int) -> tuple[Confi
                  "tokens": tc.max_steps * per_step}
 
 
+def seeded(cfg: Config, info: dict, i: int) -> tuple[Config, dict]:
+    """The i-th run of a size: train.seed + i, and from the second on its own run folder
+    and model name (L2-d64-s2); the first keeps the size's."""
+    if i == 0:
+        return cfg, {**info, "seed": cfg.train.seed}
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed += i
+    return cfg, {**info, "label": f"{info['label']}-s{i + 1}", "seed": cfg.train.seed}
+
+
 def shared_vocab(cfg: Config, shared: Path) -> int:
     """Train (or reuse) in `shared` the one tokenizer of every size, so that their losses
     compare (BPE training is deterministic); its vocab size rounded up to a multiple of 64."""
@@ -241,7 +259,7 @@ def check_plan(out: Path, base: Config, opts: dict) -> dict:
     another budget or corpus silently trained the registered models further under their
     old records (tokens, loss, results) or reused the old corpus, so it is refused."""
     from scalelab.io import read_json_if_any
-    shared = {k: v for k, v in opts.items() if k not in ("sizes", "experiments")}
+    shared = {k: v for k, v in opts.items() if k not in ("sizes", "seeds", "experiments")}
     plan = {"shared": hashlib.sha256(json.dumps([base.to_dict(), shared], sort_keys=True,
                                                 default=str).encode()).hexdigest()[:16],
             "sizes": {}}
@@ -260,12 +278,13 @@ def check_plan(out: Path, base: Config, opts: dict) -> dict:
     return {"shared": plan["shared"], "sizes": {**old.get("sizes", {}), **plan["sizes"]}}
 
 
-def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
+def run_sweep(config: Path, base: Config, opts: dict, out: Path, reg: Registry) -> dict:
+    """Train, register and evaluate every size and seed of `opts` (load_sweep of `config`)
+    not yet done in `out`; then fit L(N) and write the report."""
     from scalelab.track.predict import fit_power_law
     from scalelab.track.report import write_report
     from scalelab.train.pretrain import pretrain
     from scalelab.train.rundir import resume_or_restart
-    base, opts = load_sweep(config)
     t_start = time.perf_counter()
     made_with = check_plan(out, base, opts)
     check_registered(reg, opts, config)
@@ -284,10 +303,12 @@ def run_sweep(config: Path, out: Path, reg: Registry) -> dict:
 
     plan = [size_config(base, s, opts, vocab) for s in opts["sizes"]]
     plan.sort(key=lambda p: p[1]["params"])  # small to large: predictions come before answers
-    print(f"sweep {opts['name']}: {len(plan)} sizes, " + ", ".join(
-        f"{p['label']} ({p['params'] / 1e3:.0f}k params, {p['steps']} steps)" for _, p in plan))
+    print(f"sweep {opts['name']}: {len(plan)} sizes"
+          + (f" x {opts['seeds']} seeds" if opts["seeds"] > 1 else "") + ", " + ", ".join(
+              f"{p['label']} ({p['params'] / 1e3:.0f}k params, {p['steps']} steps)"
+              for _, p in plan))
     sizes = []
-    for cfg, info in plan:
+    for cfg, info in (seeded(cfg, info, i) for cfg, info in plan for i in range(opts["seeds"])):
         run = out / "runs" / info["label"]
         name = f"{opts['name']}-{info['label']}"
         t0 = time.perf_counter()
