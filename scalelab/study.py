@@ -133,9 +133,11 @@ def ensure_experiments(reg: Registry, opts: dict) -> dict[str, dict]:
     tasks = {fam: f"tasks:{fam}?difficulty={d[fam]}&n={opts['eval_n']}" for fam in names}
 
     def check(fam: str, held: dict | None) -> None:
-        if held is not None and held["task"] != tasks[fam]:
+        # the study reads exact match: an experiment of its name on another metric would
+        # be listed (and judged) by that metric while the study reported another
+        if held is not None and (held["task"], held["metric"]) != (tasks[fam], "exact_match"):
             raise UserError(f"{reg.path}: experiment {names[fam]!r} exists with task "
-                            f"{held['task']!r}; change study.name")
+                            f"{held['task']!r}, metric {held['metric']}; change study.name")
 
     have = {e["name"]: e for e in reg.experiments()}
     for fam in names:  # every name checked before any is added (none left under a refused one)

@@ -136,6 +136,12 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args + ["--registry", str(reg)]) == 2
     assert f"experiment '{last}' exists with task" in capsys.readouterr().err
     assert [e["name"] for e in Registry(reg).experiments()] == [last]
+    # the study's own task under its name, on another metric: refused too
+    reg = tmp_path / "metric.db"
+    held = ensure_experiments(Registry(tmp_path / "scratch.db"), load_study(cfg)[1])
+    Registry(reg).add_experiment(last, held[TRAIN_TASKS[-1]]["task"], "token_logprob", -1.0)
+    assert main(args + ["--registry", str(reg)]) == 2
+    assert f"experiment '{last}' exists with task" in capsys.readouterr().err
     cfg.write_text(STUDY.replace("sft_lr = 2e-3", "sft_lr = inf"))  # refused after pretraining
     assert main(args + ["--registry", str(tmp_path / "r.db")]) == 2
     assert "'study.sft_lr' must be positive and finite" in capsys.readouterr().err
