@@ -244,6 +244,16 @@ def test_seeds_of_one_size_are_fitted_as_one_point(tmp_path):
     two.add_prediction(pred)
     said = verdict(two, two.experiment("toy"), two.predictions(exp)[-1])
     assert said == "passed at 1e+05 (mean of m4-s0, m4-s1): inside the band", said
+    # `track status --by-size`: each size's mean is the one-run ladder's pooled value
+    from scalelab.track.commands import status
+    cells = status(two)["experiments"][0]["by_size"]
+    pooled = status(one)["experiments"][0]["results"]
+    assert [c["runs"] for c in cells] == [2] * 5
+    assert [c["mean"] for c in cells] == pytest.approx([pooled[f"m{i}"]["value"]
+                                                        for i in range(5)])
+    assert [c["passed"] for c in cells] == [pooled[f"m{i}"]["passed"] for i in range(5)] \
+        == [False] * 4 + [True]
+    assert cells[3]["max"] == pytest.approx(0.77) and cells[3]["min"] == pytest.approx(0.74)
 
 
 def test_backtest_on_a_synthetic_ladder(tmp_path):

@@ -174,13 +174,33 @@ def status(reg: Registry) -> dict:
                                    "first_passing_model": first})
         if first is None:
             out["not_yet"].append(e["name"])
+        out["experiments"][-1]["by_size"] = size_cells(e, models, latest)
     return out
+
+
+def size_cells(e, models: list, latest: dict) -> list[dict]:
+    """One cell per size of the base models (runs of one N with other seeds together): the
+    mean, lowest and highest value over its runs, and whether the size passes as the fits
+    and backtest judge it (predict.scale_passed)."""
+    from scalelab.track.predict import by_scale, scale_passed
+    ser = [(m, r) for m in models if m["lineage"] == "base"
+           and (r := latest.get((e["id"], m["id"]))) is not None]
+    cells = []
+    for n, rs in by_scale(ser, "non_embedding_params"):
+        values = [v for r in rs if math.isfinite(v := r["metrics"][e["metric"]])]
+        cells.append({"n": n, "runs": len(rs), "mean": None if not values else M.mean(values),
+                      "min": min(values, default=None), "max": max(values, default=None),
+                      "passed": scale_passed(e, rs)})
+    return cells
 
 
 def cmd_status(args: argparse.Namespace) -> None:
     s = status(open_registry(args, create=False))
     if args.json:
         print(json.dumps(s, indent=2))
+        return
+    if args.by_size:
+        print_by_size(s)
         return
     names = [m["name"] for m in s["models"]]
     for i, m in enumerate(s["models"], 1):
@@ -203,6 +223,32 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"{e['name']:<{wn}}{e['metric']:<{wm}}{rule:>{wr}} {cells}  "
               f"{e['first_passing_model'] or 'not yet'}")
     print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
+
+
+def print_by_size(s: dict) -> None:
+    """`track status --by-size`: base models, one column per size; a size of several runs
+    (sweep seeds) shows their mean and range."""
+    base = [m for m in s["models"] if m["lineage"] == "base"]
+    sizes = sorted({m["non_embedding_params"] for m in base})
+    for i, n in enumerate(sizes, 1):
+        names = [m["name"] for m in base if m["non_embedding_params"] == n]
+        print(f"S{i} = N {human(n)}: {', '.join(names)}")
+    wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
+    width = 17 if any(c["runs"] > 1 for e in s["experiments"] for c in e["by_size"]) else 8
+    print(f"{'experiment':<{wn}}{'pass at':>9} " + "".join(f"{'S' + str(i):>{width}}"
+                                                       for i in range(1, len(sizes) + 1)))
+    for e in s["experiments"]:
+        cells = {c["n"]: c for c in e["by_size"]}
+        row = ""
+        for n in sizes:
+            c = cells.get(n)
+            text = "" if c is None else "nan " if c["mean"] is None else \
+                f"{c['mean']:.2f}{'*' if c['passed'] else ' '}"
+            if c is not None and c["mean"] is not None and c["min"] != c["max"]:
+                text += f"({c['min']:.2f}-{c['max']:.2f})"
+            row += f"{text:>{width}}"
+        print(f"{e['name']:<{wn}}{e['pass_rule']:>9} {row}")
+    print("(* = the size passes: the mean over its runs; (low-high) = the range over runs)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -312,6 +358,9 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_run)
     st = ts.add_parser("status", help="experiments x models, pass/fail", parents=[common])
     st.add_argument("--json", action="store_true")
+    st.add_argument("--by-size", action="store_true",
+                    help="one column per size of base models: the mean and range over its "
+                         "runs (sweep --seeds)")
     st.set_defaults(func=cmd_status)
     rp = ts.add_parser("report", help="HTML report with plots and predictions",
                        parents=[common])
