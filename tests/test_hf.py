@@ -583,3 +583,59 @@ def test_trimming_chat_template_trims_as_transformers(tmp_path):
                                              return_dict=False)
     assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
         "Mia lives in Paris.<|eot_id|>"
+
+
+def test_generation_config_stop_ids_end_generate_chat_and_serve_as_in_transformers(tmp_path):
+    """generation_config.json may name more ids that end a generation than the tokenizer's
+    EOS (Llama 3's <|eot_id|> and <|eom_id|>, Qwen2.5's <|im_end|> and <|endoftext|>):
+    transformers' generate stops at any of them, and so do `scalelab generate`, `chat` and
+    the server; they stay in a saved (post-trained) copy, and its export."""
+    import threading
+
+    from scalelab.chat import chat_loop
+    from scalelab.serve.engine import Engine, Job, Sampling
+    folder = make_hf_folder(tmp_path / "m", seed=3)
+    model, tok = load_model(folder)
+    prompt = tok.chat_prompt("Mia has")
+    free = generate(model, [prompt], 12, tok.pad_id, None, temperature=0,
+                    vocab_limit=tok.vocab_size)[0]
+    k = next(k for k in range(2, 12) if free[k] not in free[:k])
+    assert not set(free[:k + 1]) & set(tok.stop_ids)
+    stops = [tok.eos_id, tok.doc_eos_id, free[k]]  # an ordinary text token made a stop too
+    rewrite_json(folder / "generation_config.json", eos_token_id=stops)
+    want = free[:k + 1]
+    out = hf_model(folder).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=tok.pad_id)
+    assert out[0, len(prompt):].tolist() == want
+    model, tok = load_model(folder)
+    assert tok.stop_ids == stops
+
+    r = run_cli("generate", "--model", str(folder), "--prompt", "Mia has", "--chat",
+                "--max-new-tokens", "12", "--temperature", "0")
+    assert (r.returncode, r.stdout) == (0, tok.decode(want) + "\n"), r.stderr
+    said = io.StringIO()
+    chat_loop(model, tok, io.StringIO("Mia has\n"), said, 12, 0.0, 0, 1.0, None)
+    assert said.getvalue() == "assistant> " + tok.decode(want) + "\n"
+    events, finished = [], threading.Event()
+    Engine(model, tok).submit(Job(prompt, Sampling(12, temperature=0.0), lambda ev: (
+        events.append(ev), ev["type"] != "delta" and finished.set())))
+    assert finished.wait(60)
+    assert (events[-1]["finish_reason"], events[-1]["tokens"], events[-1]["text"]) == \
+        ("stop", k + 1, tok.decode(want[:-1]))
+
+    save_model(model, tok, tmp_path / "again")
+    assert load_model(tmp_path / "again")[1].stop_ids == stops
+    r = run_cli("export", "--model", str(tmp_path / "again"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())[
+        "eos_token_id"] == stops
+    # a model folder holds an export's file names now, but is never taken for an export
+    r = run_cli("export", "--model", str(folder), "--out", str(tmp_path / "again"))
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_a_bad_generation_config_stop_id_is_named(tmp_path):
+    folder = make_hf_folder(tmp_path / "m")
+    rewrite_json(folder / "generation_config.json", eos_token_id=[2, "3"])
+    with pytest.raises(UserError, match=r"generation_config\.json: eos_token_id \[2, '3'\]"):
+        load_model(folder)
