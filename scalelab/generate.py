@@ -370,6 +370,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     device = next(model.parameters()).device
     if not prompts or not all(prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:  # nothing asked for (lm-eval may ask that): nothing to run
+        return [[] for _ in prompts]
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
     if P >= total:

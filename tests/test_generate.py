@@ -62,6 +62,15 @@ def test_several_stop_ids_end_each_row_at_the_first_of_them(monkeypatch):
     assert run(model, prompts, eos_id=(9, 7), max_new_tokens=60) == want
 
 
+def test_no_new_tokens_asked_gives_empty_answers():
+    # max_new_tokens 0 (lm-eval may ask it) is nothing to do, even for a prompt that fills the
+    # context; it used to be refused as "no room in seq_len"
+    model = small_model()
+    assert run(model, [[1, 2], [3] * 96], max_new_tokens=0) == [[], []]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run(model, max_new_tokens=-1)
+
+
 def test_greedy_equals_full_recompute_and_prompt_alone():
     model = small_model()
     kw = dict(temperature=0.0, max_new_tokens=50)
