@@ -115,10 +115,12 @@ def scalelab_folder(tmp_path, tokenizer, **cfg) -> "tuple":
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2,
                                     n_head=4, n_kv_head=2, d_model=64, **cfg)).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # random norms and biases too, so a missed tensor shows
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
     save_model(model, tokenizer, tmp_path / "model")
     return model, tmp_path / "model"
 
@@ -128,12 +130,15 @@ def tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, tokenizer, tie):
-    model, folder = scalelab_folder(tmp_path, tokenizer, tie_embeddings=tie,
-                                    rope_scaling={"factor": 4.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0,
-                                                  "original_max_position_embeddings": 16})
+LLAMA3_ROPE = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("shape", [dict(tie_embeddings=True, rope_scaling=LLAMA3_ROPE),
+                                   dict(tie_embeddings=False, rope_scaling=LLAMA3_ROPE),
+                                   dict(qkv_bias=True, rope_theta=500.0)])  # as Qwen2
+def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, tokenizer, shape):
+    model, folder = scalelab_folder(tmp_path, tokenizer, **shape)
     out = tmp_path / "hf"
     r = run_cli("export", "--model", str(folder), "--out", str(out), "--dtype", "float32")
     assert r.returncode == 0, r.stderr
