@@ -10,7 +10,7 @@ the prompt, or end of input, ends the chat.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TextIO
 
 import torch
@@ -23,12 +23,12 @@ HELP = "(one message per line; /reset forgets the conversation, /exit or end of 
 
 
 @torch.no_grad()
-def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int,
-                  temperature: float, top_k: int, top_p: float,
+def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
+                  eos_ids: Collection[int], temperature: float, top_k: int, top_p: float,
                   generator: torch.Generator | None, vocab_limit: int | None = None
                   ) -> Iterator[int]:
-    """Yield sampled token ids one at a time (EOS included, then stop); vocab_limit: as
-    generate's (the tokenizer's vocabulary size)."""
+    """Yield sampled token ids one at a time (a stop id included, then stop); vocab_limit:
+    as generate's (the tokenizer's vocabulary size)."""
     param = next(model.parameters())
     total = min(len(prompt) + max_new_tokens, model.cfg.seq_len)
     cache = KVCache(model.cfg, 1, total, param.device, param.dtype)
@@ -41,7 +41,7 @@ def stream_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int
                           vocab_limit)
         tok = int(nxt.item())
         yield tok
-        if tok == eos_id:
+        if tok in eos_ids:
             return
         x = nxt.view(1, 1)
 
@@ -129,7 +129,7 @@ def chat_loop(model: torch.nn.Module, tok: Tokenizer, inp: TextIO, out: TextIO,
         out.write("assistant> ")
         ids: list[int] = []
         try:
-            stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.eos_id,
+            stream_text(tok, stream_tokens(model, prompt, max_new_tokens, tok.stop_ids,
                                            temperature, top_k, top_p, generator,
                                            tok.vocab_size), out, ids)
             answer = tok.decode(ids)

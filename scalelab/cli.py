@@ -187,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         f"tokens and the model's context {model.cfg.seq_len}, so at most "
                         f"{room} new tokens fit; lower --max-new-tokens")
     outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens, tok.pad_id,
-                    tok.eos_id, args.temperature, args.top_k, args.top_p, generator=g,
+                    tok.stop_ids, args.temperature, args.top_k, args.top_p, generator=g,
                     vocab_limit=tok.vocab_size)
     for i, new in enumerate(outs):
         if args.num_samples > 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -173,14 +174,27 @@ def fused_projections(model: Transformer) -> FusedProjections | None:
     return copies[p.device, dtype]
 
 
+def stop_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """generate's eos_id as a tuple: none, one id, or several (any of them ends a row)."""
+    if eos_id is None:
+        return ()
+    return (eos_id,) if isinstance(eos_id, int) else tuple(dict.fromkeys(eos_id))
+
+
+def hits_stop(nxt: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """(B,) True where the token is one of the stop ids (B,) x (S,): no host sync."""
+    return (nxt[:, None] == stops).any(1)
+
+
 class Rollout:
     """Fixed-shape decoding state for `rows` sequences of up to `length` tokens."""
 
     def __init__(self, model: Transformer, rows: int, length: int, pad_id: int,
-                 eos_id: int | None, temperature: float, top_k: int, top_p: float,
+                 eos_ids: tuple[int, ...], temperature: float, top_k: int, top_p: float,
                  vocab_limit: int | None = None):
         device = next(model.parameters()).device
-        self.pad_id, self.eos_id = pad_id, eos_id
+        self.pad_id = pad_id
+        self.stops = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         self.sampling = (temperature, top_k, top_p)
         self.vocab_limit = vocab_limit
         self.cache = KVCache(model.cfg, rows, length, device)  # dtype: what attention makes
@@ -238,8 +252,8 @@ class Rollout:
         self.out.copy_(tokens)
         self.out.index_copy_(1, at, nxt[:, None])
         self.done.copy_(~live)
-        if self.eos_id is not None:
-            self.done |= nxt == self.eos_id
+        if self.stops is not None:
+            self.done |= hits_stop(nxt, self.stops)
         self.cur.copy_(nxt[:, None])
         self.pos.copy_(positions.index_select(1, at)[:, 0])
         self.write_at.copy_(at)
@@ -252,8 +266,8 @@ class Rollout:
         h = model.hidden(self.cur, self.pos[:, None], self.key_ok, self.cache)
         nxt = sample_next(model.lm_head(h[:, -1]), *self.sampling, self.noise, self.vocab_limit)
         nxt = nxt.masked_fill(self.done, self.pad_id)
-        if self.eos_id is not None:
-            self.done |= nxt == self.eos_id
+        if self.stops is not None:
+            self.done |= hits_stop(nxt, self.stops)
         self.out.index_copy_(1, self.write_at + 1, nxt[:, None])
         self.cur.copy_(nxt[:, None])
         self.pos.add_(1)
@@ -304,7 +318,7 @@ class Rollout:
                 self.graph.replay()
             else:
                 (self.run_step or self.step)(model)
-            if self.eos_id is not None and (i + 1) % check_every == 0 and self.done.all():
+            if self.stops is not None and (i + 1) % check_every == 0 and self.done.all():
                 return i + 1
         return steps
 
@@ -337,12 +351,14 @@ def _engine(model: Transformer, rows: int, length: int, keep: bool, compile: boo
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
-             pad_id: int, eos_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None,
+             pad_id: int, eos_id: int | Sequence[int] | None = None, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
              use_cache: bool = True, graphs: bool = True, compile: bool = False,
              check_every: int = CHECK_EVERY, vocab_limit: int | None = None
              ) -> list[list[int]]:
     """New tokens for each prompt (ending at and including EOS if one was sampled).
+
+    eos_id: the id that ends a row, or several (a row ends at the first of them it samples).
 
     vocab_limit: the tokenizer's vocabulary size, when the model's is padded past it; ids
     from it on are never produced (they decode to nothing).
@@ -354,12 +370,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     device = next(model.parameters()).device
     if not prompts or not all(prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:  # nothing asked for (lm-eval may ask that): nothing to run
+        return [[] for _ in prompts]
     B, P = len(prompts), max(len(p) for p in prompts)
     total = min(P + max_new_tokens, model.cfg.seq_len)
     if P >= total:
         raise ValueError(f"prompt of {P} tokens leaves no room in seq_len {model.cfg.seq_len}")
+    eos_ids = stop_ids(eos_id)
     if not use_cache:
-        return _generate_no_cache(model, prompts, total, pad_id, eos_id, temperature, top_k,
+        return _generate_no_cache(model, prompts, total, pad_id, eos_ids, temperature, top_k,
                                   top_p, generator, vocab_limit)
     use_graph = _use_graph(device, graphs)
     keep = use_graph or compile
@@ -370,7 +391,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     tokens, valid = tokens.to(device), valid.to(device)
     live = torch.arange(rows, device=device) < B
 
-    engine = _engine(model, rows, length, keep, compile, pad_id, eos_id, temperature, top_k,
+    engine = _engine(model, rows, length, keep, compile, pad_id, eos_ids, temperature, top_k,
                      top_p, vocab_limit)
     with engine.projections.active() if engine.projections else contextlib.nullcontext():
         if keep and engine.graph is None and engine.run_step is None:
@@ -382,7 +403,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
         engine.prefill(model, tokens, valid, P, live, generator)
         steps = engine.decode(model, total - P - 1, generator, max(1, check_every))
     rows_out = engine.out[:B, P: P + 1 + steps].tolist()
-    return [_cut_at_eos(r, eos_id) for r in rows_out]
+    return [_cut_at_eos(r, eos_ids) for r in rows_out]
 
 
 def stopped(ids: list[int], eos_id: int) -> bool:
@@ -390,20 +411,21 @@ def stopped(ids: list[int], eos_id: int) -> bool:
     return bool(ids) and ids[-1] == eos_id
 
 
-def _cut_at_eos(new: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in new:  # rows that stopped early hold pads after EOS
-        return new[: new.index(eos_id) + 1]
-    return new
+def _cut_at_eos(new: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+    """Up to and including the first stop id (rows that stopped early hold pads after it)."""
+    end = next((i for i, t in enumerate(new) if t in eos_ids), None)
+    return new if end is None else new[: end + 1]
 
 
 def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int, pad_id: int,
-                       eos_id: int | None, temperature: float, top_k: int, top_p: float,
+                       eos_ids: tuple[int, ...], temperature: float, top_k: int, top_p: float,
                        generator: torch.Generator | None, vocab_limit: int | None = None
                        ) -> list[list[int]]:
     """The reference: a full forward pass over the sequence so far for every new token,
     with the same noise draws as the engine (so equal logits give equal tokens)."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
+    stops = torch.tensor(eos_ids, dtype=torch.long, device=device)
     tokens, valid = (t.to(device) for t in left_pad(prompts, total, pad_id))
     positions, mask = padded_attention(valid)
     noise = torch.zeros(B, model.cfg.vocab_size, device=device)
@@ -414,9 +436,9 @@ def _generate_no_cache(model: Transformer, prompts: list[list[int]], total: int,
             noise.uniform_(generator=generator)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, noise, vocab_limit)
         tokens[:, t] = torch.where(done, pad_id, nxt)
-        if eos_id is not None:
-            done |= nxt == eos_id
+        if eos_ids:
+            done |= hits_stop(nxt, stops)
             if done.all():
                 total = t + 1
                 break
-    return [_cut_at_eos(r, eos_id) for r in tokens[:, P:total].tolist()]
+    return [_cut_at_eos(r, eos_ids) for r in tokens[:, P:total].tolist()]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from scalelab.config import ModelConfig, UserError
-from scalelab.hf import hf_name
+from scalelab.hf import hf_name, is_hf_folder
 from scalelab.hf_tokenizer import HFStyleTokenizer
 from scalelab.io import fresh_tmp, replace_dir
 from scalelab.model import Transformer
@@ -33,12 +33,15 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 def check_out(out: Path) -> None:
     """--out must be new, empty, or an earlier export (export's files only, its
-    generation_config.json among them), so that no other file or model folder is replaced."""
+    generation_config.json among them, and an HF config.json: a scalelab model folder of an
+    imported model may hold the same names), so that no other file or model folder is
+    replaced."""
     if out.name in ("", ".", ".."):
         raise UserError(f"--out {str(out)!r}: name a new folder to write (not . or ..)")
     check_writable(out)
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if names and (set(names) - set(FILES) or "generation_config.json" not in names):
+    if names and (set(names) - set(FILES) or "generation_config.json" not in names
+                  or not is_hf_folder(out)):
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise UserError(f"--out {out}: folder is not empty ({shown}) and is not an earlier "
                         "export; choose a new or empty --out so that no file of yours is "
@@ -108,7 +111,7 @@ def export(model_dir: Path, out: Path, dtype: str = "bfloat16", log=print) -> Pa
     tok.hf.save(str(tmp / "tokenizer.json"))
     tok_config = tokenizer_config(tok, cfg.seq_len)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    stops = list(dict.fromkeys([tok.eos_id, tok.doc_eos_id]))  # generation stops at either
+    stops = tok.stop_ids  # transformers' generate stops at any of them, as scalelab's does
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
            "pad_token_id": tok.pad_id}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -52,6 +52,22 @@ def first_id(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def eos_token_ids(d: Path, model_config: dict | None, vocab: int) -> list[int]:
+    """The ids at which transformers ends a generation of this folder's model: the
+    eos_token_id (one id or a list) of generation_config.json, else of config.json."""
+    where = d / "generation_config.json"
+    found = read_json(where) if where.is_file() else {}
+    if "eos_token_id" not in found:
+        where, found = d / "config.json", model_config or {}
+    value = found.get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for tid in ids:
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
+            raise UserError(f"{where}: eos_token_id {value!r} must be a token id of "
+                            f"tokenizer.json (0..{vocab - 1}) or a list of them")
+    return ids
+
+
 class GenerationTag(Extension):
     """{% generation %}...{% endgeneration %}, which transformers' templates may use to mark
     the assistant's text: rendered as its body (scalelab finds that text by markers)."""
@@ -118,10 +134,15 @@ class HFStyleTokenizer(Tokenizer):
         config = read_json(cfg_file) if cfg_file.is_file() else {}
         if "chat_template" not in config and (d / "chat_template.jinja").is_file():
             config["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(hf, config, model_config, str(cfg_file))
+        tok = cls(hf, config, model_config, str(cfg_file))
+        # e.g. Llama 3's <|eot_id|> and <|eom_id|> beside <|end_of_text|>
+        tok.extra_stop_ids = tuple(i for i in eos_token_ids(d, model_config, hf.get_vocab_size())
+                                   if i not in (tok.eos_id, tok.doc_eos_id))
+        return tok
 
     def save(self, path: str | Path) -> None:
-        """tokenizer.json at path, tokenizer_config.json beside it (specials, template)."""
+        """tokenizer.json at path, tokenizer_config.json beside it (specials, template), and
+        generation_config.json if more ids than the two EOS end a generation."""
         path = Path(path)
         self.hf.save(str(path))
         config = {k: v for k, v in self.config.items() if k != "added_tokens_decoder"}
@@ -130,6 +151,9 @@ class HFStyleTokenizer(Tokenizer):
         config["chat_template"] = self.chat_template
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         (path.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        if self.extra_stop_ids:
+            (path.parent / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": self.stop_ids}, indent=2))
 
     # ---- chat ---------------------------------------------------------------------------
 

@@ -73,6 +73,14 @@ class Tokenizer:
         from scalelab.io import atomic_write_text
         atomic_write_text(Path(path), self.hf.to_str(pretty=True))
 
+    extra_stop_ids: tuple[int, ...] = ()  # more ids that end a generation (an HF folder's)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Every id that ends a generation: the end of a turn, of a document, and any other
+        that the model's folder names (generation_config.json's eos_token_id list)."""
+        return list(dict.fromkeys([self.eos_id, self.doc_eos_id, *self.extra_stop_ids]))
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()

@@ -46,6 +46,31 @@ def test_stop_checks_every_k_tokens_still_cut_at_the_first_eos():
     assert all(7 not in o[:-1] for o in ref)
 
 
+def test_several_stop_ids_end_each_row_at_the_first_of_them(monkeypatch):
+    # An imported model may stop at several ids (generation_config.json's eos_token_id
+    # list). A row's draws do not depend on its stopping, so the answers are the unstopped
+    # ones cut after their first stop id: through the reference, the engine, and a kept one.
+    model = small_model(vocab=12)
+    prompts = [[1, 2, 3]] * 6 + [[4]] * 2
+    free = run(model, prompts, max_new_tokens=60)
+    ends = [next((i for i, t in enumerate(o) if t in (7, 9)), None) for o in free]
+    want = [o if e is None else o[:e + 1] for o, e in zip(free, ends)]
+    assert {o[-1] for o in want} == {7, 9} and all(len(o) < 60 for o in want)
+    for kw in (dict(use_cache=False), dict(check_every=1), dict(check_every=16)):
+        assert run(model, prompts, eos_id=[7, 9], max_new_tokens=60, **kw) == want, kw
+    kept_engines_on_cpu(monkeypatch)
+    assert run(model, prompts, eos_id=(9, 7), max_new_tokens=60) == want
+
+
+def test_no_new_tokens_asked_gives_empty_answers():
+    # max_new_tokens 0 (lm-eval may ask it) is nothing to do, even for a prompt that fills the
+    # context; it used to be refused as "no room in seq_len"
+    model = small_model()
+    assert run(model, [[1, 2], [3] * 96], max_new_tokens=0) == [[], []]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run(model, max_new_tokens=-1)
+
+
 def test_greedy_equals_full_recompute_and_prompt_alone():
     model = small_model()
     kw = dict(temperature=0.0, max_new_tokens=50)
@@ -255,7 +280,7 @@ def test_chat_samples_what_generate_samples_for_the_same_seed():
     model = small_model()
     for temperature, top_k in ((0.8, 50), (0.0, 0)):
         want = run(model, [[5, 6, 7]], temperature=temperature, top_k=top_k, max_new_tokens=20)
-        got = stream_tokens(model, [5, 6, 7], 20, -1, temperature, top_k, 1.0,
+        got = stream_tokens(model, [5, 6, 7], 20, (), temperature, top_k, 1.0,
                             torch.Generator().manual_seed(0))
         assert list(got) == want[0] and len(want[0]) == 20
 
@@ -314,7 +339,7 @@ def test_padded_vocabulary_ids_are_never_produced():
     # the limit changes nothing for a model whose vocabulary is all real
     plain = small_model()
     assert run(plain, vocab_limit=100) == run(plain) and run(plain, vocab_limit=150) == run(plain)
-    got = stream_tokens(model, [5, 6, 7], 30, -1, 1.0, 0, 1.0, torch.Generator().manual_seed(0),
+    got = stream_tokens(model, [5, 6, 7], 30, (), 1.0, 0, 1.0, torch.Generator().manual_seed(0),
                         vocab_limit=90)
     assert max(got) < 90
 

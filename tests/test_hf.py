@@ -115,10 +115,12 @@ def scalelab_folder(tmp_path, tokenizer, **cfg) -> "tuple":
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2,
                                     n_head=4, n_kv_head=2, d_model=64, **cfg)).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # random norms and biases too, so a missed tensor shows
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
     save_model(model, tokenizer, tmp_path / "model")
     return model, tmp_path / "model"
 
@@ -128,12 +130,15 @@ def tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, tokenizer, tie):
-    model, folder = scalelab_folder(tmp_path, tokenizer, tie_embeddings=tie,
-                                    rope_scaling={"factor": 4.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0,
-                                                  "original_max_position_embeddings": 16})
+LLAMA3_ROPE = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("shape", [dict(tie_embeddings=True, rope_scaling=LLAMA3_ROPE),
+                                   dict(tie_embeddings=False, rope_scaling=LLAMA3_ROPE),
+                                   dict(qkv_bias=True, rope_theta=500.0)])  # as Qwen2
+def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path, tokenizer, shape):
+    model, folder = scalelab_folder(tmp_path, tokenizer, **shape)
     out = tmp_path / "hf"
     r = run_cli("export", "--model", str(folder), "--out", str(out), "--dtype", "float32")
     assert r.returncode == 0, r.stderr
@@ -583,3 +588,59 @@ def test_trimming_chat_template_trims_as_transformers(tmp_path):
                                              return_dict=False)
     assert ours.decode([t for t, m in zip(ids, mask) if m], skip_special=False) == \
         "Mia lives in Paris.<|eot_id|>"
+
+
+def test_generation_config_stop_ids_end_generate_chat_and_serve_as_in_transformers(tmp_path):
+    """generation_config.json may name more ids that end a generation than the tokenizer's
+    EOS (Llama 3's <|eot_id|> and <|eom_id|>, Qwen2.5's <|im_end|> and <|endoftext|>):
+    transformers' generate stops at any of them, and so do `scalelab generate`, `chat` and
+    the server; they stay in a saved (post-trained) copy, and its export."""
+    import threading
+
+    from scalelab.chat import chat_loop
+    from scalelab.serve.engine import Engine, Job, Sampling
+    folder = make_hf_folder(tmp_path / "m", seed=3)
+    model, tok = load_model(folder)
+    prompt = tok.chat_prompt("Mia has")
+    free = generate(model, [prompt], 12, tok.pad_id, None, temperature=0,
+                    vocab_limit=tok.vocab_size)[0]
+    k = next(k for k in range(2, 12) if free[k] not in free[:k])
+    assert not set(free[:k + 1]) & set(tok.stop_ids)
+    stops = [tok.eos_id, tok.doc_eos_id, free[k]]  # an ordinary text token made a stop too
+    rewrite_json(folder / "generation_config.json", eos_token_id=stops)
+    want = free[:k + 1]
+    out = hf_model(folder).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=tok.pad_id)
+    assert out[0, len(prompt):].tolist() == want
+    model, tok = load_model(folder)
+    assert tok.stop_ids == stops
+
+    r = run_cli("generate", "--model", str(folder), "--prompt", "Mia has", "--chat",
+                "--max-new-tokens", "12", "--temperature", "0")
+    assert (r.returncode, r.stdout) == (0, tok.decode(want) + "\n"), r.stderr
+    said = io.StringIO()
+    chat_loop(model, tok, io.StringIO("Mia has\n"), said, 12, 0.0, 0, 1.0, None)
+    assert said.getvalue() == "assistant> " + tok.decode(want) + "\n"
+    events, finished = [], threading.Event()
+    Engine(model, tok).submit(Job(prompt, Sampling(12, temperature=0.0), lambda ev: (
+        events.append(ev), ev["type"] != "delta" and finished.set())))
+    assert finished.wait(60)
+    assert (events[-1]["finish_reason"], events[-1]["tokens"], events[-1]["text"]) == \
+        ("stop", k + 1, tok.decode(want[:-1]))
+
+    save_model(model, tok, tmp_path / "again")
+    assert load_model(tmp_path / "again")[1].stop_ids == stops
+    r = run_cli("export", "--model", str(tmp_path / "again"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())[
+        "eos_token_id"] == stops
+    # a model folder holds an export's file names now, but is never taken for an export
+    r = run_cli("export", "--model", str(folder), "--out", str(tmp_path / "again"))
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_a_bad_generation_config_stop_id_is_named(tmp_path):
+    folder = make_hf_folder(tmp_path / "m")
+    rewrite_json(folder / "generation_config.json", eos_token_id=[2, "3"])
+    with pytest.raises(UserError, match=r"generation_config\.json: eos_token_id \[2, '3'\]"):
+        load_model(folder)

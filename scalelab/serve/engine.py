@@ -124,8 +124,9 @@ class Engine:
                  window_s: float = 0.005, max_queue: int = 256, context: int | None = None):
         self.model, self.tok = model, tok
         # a row ends at the end of a turn or of a document (they differ for an imported base
-        # model with a chat template: <|im_end|> and <|endoftext|>)
-        self.stop_ids = {tok.eos_id, tok.doc_eos_id}
+        # model with a chat template: <|im_end|> and <|endoftext|>), or at any other id its
+        # generation_config.json names
+        self.stop_ids = set(tok.stop_ids)
         self.vocab_limit = tok.vocab_size  # ids past it (a padded vocabulary's) are never sent
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
