@@ -48,12 +48,15 @@ def test_errors_on_a_mesh_reach_every_rank(tmp_path, tokenizer):
 
 def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
     """train.device = "cuda:1" under torchrun: every rank took the GPU of its LOCAL_RANK and
-    the index was silently not used."""
+    the index was silently not used. (This machine may have no GPU: torch is told it has 2.)"""
     import pytest
+    import torch
 
     from scalelab.config import ParallelConfig, UserError
     from scalelab.parallel import mesh
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is started
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="train.device 'cuda:1': under torchrun each process "
                                         "takes the GPU of its LOCAL_RANK.*CUDA_VISIBLE_DEVICES"):
         mesh.setup(ParallelConfig(dp=2), "cuda:1")

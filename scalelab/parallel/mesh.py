@@ -137,15 +137,15 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = mesh_shape(pc, world)
     rules = make_rules(pc.rules)
-    if world > 1 and device_name.startswith("cuda:"):
-        raise UserError(f"train.device {device_name!r}: under torchrun each process takes the "
-                        "GPU of its LOCAL_RANK, so one GPU index cannot apply to all of them; "
-                        "set train.device = \"cuda\" (or \"auto\") and choose the GPUs with "
-                        "CUDA_VISIBLE_DEVICES")
     from scalelab.hardware import pick_device
     asked = pick_device(device_name)  # a device this machine lacks: exit 2, not a CPU run
     if world == 1:
         return Parallel(sizes, rules, asked)
+    if asked.type == "cuda" and asked.index is not None:
+        raise UserError(f"train.device {device_name!r}: under torchrun each process takes the "
+                        "GPU of its LOCAL_RANK, so one GPU index cannot apply to all of them; "
+                        "set train.device = \"cuda\" (or \"auto\") and choose the GPUs with "
+                        "CUDA_VISIBLE_DEVICES")
     if asked.type not in ("cuda", "cpu"):
         raise UserError(f"train.device {device_name!r}: a mesh runs on CUDA GPUs (NCCL) or "
                         "on the CPU (gloo)")
