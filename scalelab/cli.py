@@ -21,13 +21,14 @@ from scalelab.config import (
 def resume_after_restart(args: argparse.Namespace) -> None:
     """A worker that `torchrun --max-restarts=N` started again (TORCHELASTIC_RESTART_COUNT
     > 0) goes on from its run's last checkpoint, as if --resume had been given."""
+    from scalelab.train.progress import is_rank0
     from scalelab.train.rundir import list_checkpoints, restart_count
     restart = restart_count()
     if args.resume or restart == 0:
         return
     if list_checkpoints(Path(args.out)):
         args.resume = True
-        if os.environ.get("RANK", "0") == "0":
+        if is_rank0():
             print(f"scalelab: restart {restart} by torchrun: resuming {args.out}",
                   file=sys.stderr)
 
@@ -399,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from scalelab.train.progress import is_rank0
     from scalelab.train.rundir import RunBusy, forget_unstarted, is_fresh, release
     stage_out = Path(args.out) if args.command in STAGES else None
     fresh = stage_out is not None and is_fresh(stage_out)
     existed = stage_out is not None and stage_out.exists()
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike
+    rank0 = is_rank0()  # under torchrun every rank fails alike: rank 0 says it
     try:
         try:
             args.func(args)

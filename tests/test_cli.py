@@ -9,6 +9,8 @@ import time
 import pytest
 from conftest import run_cli, tiny_sets
 
+from scalelab.config import load_config
+
 
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -205,3 +207,91 @@ def test_a_full_disk_while_logging_is_one_line_and_the_run_resumes(tmp_path, cap
     assert main(["pretrain", "--out", str(out), "--resume"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+
+
+def resumed(trained, tmp_path, capsys, *args: str) -> tuple[int, str, str]:
+    """`pretrain --resume ARGS` in this process, on a copy of the 40-step run."""
+    import shutil
+
+    from scalelab.cli import main
+    run = tmp_path / "copy"
+    if not run.exists():
+        shutil.copytree(trained, run)
+    rc = main(["pretrain", "--out", str(run), "--resume", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_resume_with_another_seed_is_refused(trained, tmp_path, capsys):
+    """train.seed orders the data: another one on --resume would not repeat the run it
+    continues (it passed silently)."""
+    rc, _, err = resumed(trained, tmp_path, capsys, "--max-steps", "50", "--set",
+                         "train.seed=7")
+    assert rc == 2 and "train.seed = 7" in err and "train.seed = 1337" in err, err
+    assert losses(tmp_path / "copy") == losses(trained)  # nothing trained or rewritten
+
+
+def test_a_longer_schedule_on_resume_is_said(trained, tmp_path, capsys):
+    """--max-steps 50 on a 40-step run stretches the cosine schedule: the lr jumps back up.
+    One line says so, with the lr before and after (computed here from the formula)."""
+    import math
+    tc = load_config(trained / "config.toml").train
+
+    def cosine(step: int, total: int) -> float:
+        floor = tc.lr * tc.min_lr_ratio
+        t = (step - tc.warmup_steps) / (total - tc.warmup_steps)
+        return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    rc, out, err = resumed(trained, tmp_path, capsys, "--max-steps", "50")
+    assert rc == 0, err
+    was, now = cosine(39, 40), cosine(40, 50)
+    assert now > 1.5 * was
+    assert (f"train.max_steps is 50, was 40: the learning-rate schedule now ends at step 50, "
+            f"so at step 40 the lr goes from {was:.4g} to {now:.4g}") in out, out
+    rows = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").open()]
+    assert next(r["lr"] for r in rows if r["step"] == 41 and "lr" in r) == \
+        pytest.approx(now, rel=1e-9)
+    rc, out, _ = resumed(trained, tmp_path, capsys, "--max-steps", "52")  # said each time
+    assert rc == 0 and "train.max_steps is 52, was 50" in out
+
+
+def test_unfinished_checkpoint_folders_are_removed_on_resume(trained, tmp_path, capsys):
+    """A run killed while writing step 35's checkpoint, resumed with checkpoint_every 10:
+    its .step_35.tmp was never reused, so it stayed for good. Only that name goes."""
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    ckpts = run / "checkpoints"
+    (ckpts / ".step_35.tmp" / "rng").mkdir(parents=True)
+    (ckpts / ".step_35.tmp" / "model.safetensors").write_bytes(b"half")
+    mine = [ckpts / "notes.txt", ckpts / ".step_35.tmp.bak", ckpts / "step_35.tmp"]
+    for p in mine:
+        p.write_text("the user's\n")
+    rc, _, err = resumed(trained, tmp_path, capsys, "--max-steps", "41")
+    assert rc == 0, err
+    assert not (ckpts / ".step_35.tmp").exists()
+    assert all(p.read_text() == "the user's\n" for p in mine)
+
+
+def test_a_damaged_last_checkpoint_names_the_one_before(trained, tmp_path, capsys):
+    """The newest checkpoint is damaged: the error names the older one and how to resume
+    from it; doing what it says repeats the run from step 30 exactly."""
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    (run / "checkpoints" / "step_40" / "model.safetensors").write_bytes(b"garbage")
+    rc, _, err = resumed(trained, tmp_path, capsys, "--max-steps", "50")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    aside = run / "damaged_step_40"
+    assert "step_40/model.safetensors: corrupt" in err
+    assert (f"the run can go on from the checkpoint before it, {run / 'checkpoints' / 'step_30'}"
+            f": move this one out of the way (mv {run / 'checkpoints' / 'step_40'} {aside}) "
+            "and --resume again") in err, err
+    shutil.move(run / "checkpoints" / "step_40", aside)
+    rc, _, err = resumed(trained, tmp_path, capsys, "--max-steps", "40")
+    assert rc == 0, err
+    assert losses(run) == losses(trained)  # steps 31-40 again, bit for bit
+    shutil.rmtree(run / "checkpoints" / "step_30")  # the older one damaged, none before it
+    (run / "checkpoints" / "step_40" / "state.json").write_text("{")
+    rc, _, err = resumed(trained, tmp_path, capsys, "--max-steps", "50")
+    assert rc == 2 and "keeps no older checkpoint to go back to: start it again in a new " \
+        "--out" in err, err

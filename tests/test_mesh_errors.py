@@ -33,3 +33,30 @@ def test_errors_on_a_mesh_reach_every_rank(tmp_path, tokenizer):
         assert got["ppo_tp"].startswith("UserError: --reward ") and \
             "parallel.tp=2 does not divide heads (1)" in got["ppo_tp"], got["ppo_tp"]
     assert not (tmp_path / "ppo").exists()
+    # a full disk on rank 1 alone (its rng file): every rank stops with rank 1's error, which
+    # rank 0 prints (it waited in a barrier for ever, and nothing was printed); no partial
+    # checkpoint is left
+    full = tmp_path / "full" / "checkpoints"
+    for got in ranks:
+        assert got["full"] == (f"RunFailed: could not write {full / 'step_1'} (No space left "
+                               f"on device); nothing was replaced: {full / 'step_1'} is as it "
+                               "was"), got["full"]
+    assert not list(full.iterdir())
+    # rank 0 working alone for longer than a collective may wait: the others wait
+    assert [got["wait"] for got in ranks] == [None, None]
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """train.device = "cuda:1" under torchrun: every rank took the GPU of its LOCAL_RANK and
+    the index was silently not used. (This machine may have no GPU: torch is told it has 2.)"""
+    import pytest
+    import torch
+
+    from scalelab.config import ParallelConfig, UserError
+    from scalelab.parallel import mesh
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is started
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="train.device 'cuda:1': under torchrun each process "
+                                        "takes the GPU of its LOCAL_RANK.*CUDA_VISIBLE_DEVICES"):
+        mesh.setup(ParallelConfig(dp=2), "cuda:1")

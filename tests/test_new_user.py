@@ -62,6 +62,13 @@ def test_resume_from_another_base_is_refused(user_home, user_base, user_sft, tmp
                      *args[2:])
     assert rc == 2 and f"--data it used was {user_home / 'sft.jsonl'}" in err, err
     assert snapshot(run) == before
+    # another seed (the data order, sft's built-in examples): not the run it continues
+    for key, now in (("train.seed", 7), ("sft.seed", 3)):
+        was = json.loads((run / "lineage.json").read_text())[key]
+        rc, _, err = cli("sft", "--base", str(user_base[0] / "model"), *args, "--set",
+                         f"{key}={now}")
+        assert rc == 2 and f"{key} = {now}, but the run was started with {key} = {was}" in err
+        assert snapshot(run) == before
     monkeypatch.chdir(user_home)
     rc, _, err = cli("sft", "--base", "./base/../base/model", *args)
     assert rc == 0, err

@@ -217,3 +217,37 @@ def test_too_few_ppo_prompts_say_what_is_short(tmp_path, tokenizer, capsys):
     assert "ppo.rollout_batch" in err and "ppo.samples_per_prompt" in err, err
     err = ppo_says(*["hi"] * 6, *["river " * 200] * 4)  # enough, but 4 too long for 128
     assert "only 6 of the 10 prompts fit" in err and "ppo.max_new_tokens" in err, err
+
+
+def test_too_few_pairs_say_where_one_step_comes_from(tmp_path, tokenizer):
+    """DPO's and reward's "too few" errors said a number (DPO's twice what one step needs)
+    without where it comes from: batch size x data ranks x grad_accum, beside the held-out."""
+    from scalelab.config import PRESETS, UserError, load_config
+    from scalelab.model import Transformer
+    from scalelab.train.checkpoint import save_model
+    from scalelab.train.dpo import dpo
+    from scalelab.train.reward import train_reward
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2,
+                     d_model=32)
+    save_model(Transformer(mc), tokenizer, tmp_path / "base")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": str(i),
+                                         "rejected": f"{i} {i} {i}"}) + "\n" for i in range(12)))
+    sets = ["train.batch_size=4", "train.grad_accum=3", "train.device=cpu"]
+    why = "one step trains on 12 (train.batch_size 4 x 1 data rank x train.grad_accum 3)"
+    with pytest.raises(UserError) as e:
+        dpo(load_config(PRESETS / "dpo.toml", sets), tmp_path / "base", str(pairs),
+            tmp_path / "dpo")
+    assert f"{pairs}: only 12 usable pairs (1 held out); {why}" in str(e.value)
+    with pytest.raises(UserError) as e:
+        train_reward(load_config(PRESETS / "reward.toml", sets), tmp_path / "base", str(pairs),
+                     tmp_path / "rm")
+    assert f"only 12 prompts with a preference (1 held out); {why}" in str(e.value)
+    # 13 pairs: 12 to train on, one step's worth, which is enough (DPO asked for 24)
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": str(i),
+                                         "rejected": f"{i} {i}"}) + "\n" for i in range(13)))
+    cfg = load_config(PRESETS / "dpo.toml", [*sets, "train.max_steps=1",
+                                              "train.checkpoint_every=1"])
+    dpo(cfg, tmp_path / "base", str(pairs), tmp_path / "dpo2")
+    assert (tmp_path / "dpo2" / "model" / "model.safetensors").is_file()

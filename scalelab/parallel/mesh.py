@@ -10,11 +10,12 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from scalelab.config import ParallelConfig, UserError
+from scalelab.config import ParallelConfig, RunFailed, UserError
 from scalelab.parallel.rules import MESH_AXES, Rules, make_rules
 
 
@@ -48,6 +49,7 @@ class Parallel:
     mesh: object = None  # DeviceMesh with dims ("dp", "fsdp", "tp"); None in one process
     rank: int = 0
     groups: dict[frozenset, str] = field(default_factory=dict)  # group ranks -> axis
+    waits: object = None  # the CPU group barrier() and together() wait in (wait_group)
 
     @property
     def single(self) -> bool:
@@ -73,23 +75,26 @@ class Parallel:
         return c[0] * self.sizes["fsdp"] + c[1]
 
     def barrier(self) -> None:
+        """Wait until every rank is here (the others may wait long: see wait_group)."""
         if not self.single:
-            dist.barrier()
+            dist.barrier(group=self.waits)
 
     @contextlib.contextmanager
     def together(self):
-        """Collective: a UserError raised inside on some ranks only (a file only they read)
-        is raised on every rank, the first such rank's message, so rank 0 reports it (only
-        rank 0 prints) and no rank waits in a collective for one that has left."""
+        """Collective: a UserError or RunFailed (a write error) raised inside on some ranks
+        only (a file only they read or write) is raised on every rank, the first such
+        rank's, so rank 0 reports it (only rank 0 prints) and no rank waits in a collective
+        for one that has left. Ranks that finish early wait for the rest (see wait_group):
+        rank 0 alone may do long work inside (sampling a data set)."""
         error = None
         try:
             yield
-        except UserError as e:
+        except (UserError, RunFailed) as e:
             error = e
         if not self.single:
-            seen: list[str | None] = [None] * self.world
-            dist.all_gather_object(seen, None if error is None else str(error))
-            error = next((UserError(m) for m in seen if m is not None), None)
+            seen: list[Exception | None] = [None] * self.world
+            dist.all_gather_object(seen, error, group=self.waits)
+            error = next((e for e in seen if e is not None), None)
         if error is not None:
             raise error
 
@@ -110,6 +115,23 @@ class Parallel:
         return [int(n) // self.sizes["tp"] for n in t.tolist()]
 
 
+# How long barrier() and together() wait for the slowest rank: rank 0 alone may train a
+# tokenizer, write token files or sample a preference set meanwhile (hours on a big corpus),
+# longer than a GPU collective may wait (NCCL's timeout, minutes) before the run is killed.
+WAIT = timedelta(hours=24)
+_waits: tuple = (None, None)  # (the default process group, its wait group)
+
+
+def wait_group():
+    """A gloo (CPU) process group over every rank with a long timeout (WAIT), made once per
+    default process group: waiting in it ties up no GPU collective."""
+    global _waits
+    world = dist.group.WORLD
+    if _waits[0] is not world:
+        _waits = (world, dist.new_group(backend="gloo", timeout=WAIT))
+    return _waits[1]
+
+
 def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     """Read the torchrun environment, check the mesh shape, start the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -119,10 +141,15 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     asked = pick_device(device_name)  # a device this machine lacks: exit 2, not a CPU run
     if world == 1:
         return Parallel(sizes, rules, asked)
+    if asked.type == "cuda" and asked.index is not None:
+        raise UserError(f"train.device {device_name!r}: under torchrun each process takes the "
+                        "GPU of its LOCAL_RANK, so one GPU index cannot apply to all of them; "
+                        "set train.device = \"cuda\" (or \"auto\") and choose the GPUs with "
+                        "CUDA_VISIBLE_DEVICES")
     if asked.type not in ("cuda", "cpu"):
         raise UserError(f"train.device {device_name!r}: a mesh runs on CUDA GPUs (NCCL) or "
                         "on the CPU (gloo)")
-    cuda = asked.type == "cuda"  # each rank takes GPU LOCAL_RANK (an index given is not used)
+    cuda = asked.type == "cuda"  # each rank takes GPU LOCAL_RANK
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -136,4 +163,4 @@ def setup(pc: ParallelConfig, device_name: str = "auto") -> Parallel:
     # Name each process group by the ranks it spans (group names differ between meshes).
     groups = {frozenset(dist.get_process_group_ranks(mesh.get_group(a))): a for a in MESH_AXES}
     groups.setdefault(frozenset(range(world)), "world")
-    return Parallel(sizes, rules, device, mesh, dist.get_rank(), groups)
+    return Parallel(sizes, rules, device, mesh, dist.get_rank(), groups, wait_group())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -157,13 +158,15 @@ def check_vocab(d: Path, tok, rows: int) -> None:
 # ---- resumable checkpoints -------------------------------------------------------------
 
 @contextlib.contextmanager
-def disk_errors(final: Path, tmp: Path):
+def disk_errors(final: Path, tmp: Path | None):
     """A full disk (or any write error) while writing `final`: remove the partial temporary
-    folder and say that the previous one is intact (the rename never happened)."""
+    folder (tmp None: the caller does) and say that the previous one is intact (the rename
+    never happened)."""
     try:
         yield
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         before = [p.name for p in list_checkpoints(final.parent.parent)] \
             if final.parent.name == "checkpoints" else []
         kept = f"the previous checkpoint {before[-1]} is intact" if before else \
@@ -205,9 +208,25 @@ class Checkpointer:
         found = list_checkpoints(self.run_dir)
         return found[-1] if found else None
 
+    def drop_unfinished(self) -> None:
+        """Remove the temporary folders (.step_N.tmp) of checkpoints a killed run was writing
+        (rank 0, once the run folder is this run's). save() reuses its own step's, but one of
+        a step this run never saves again (train.checkpoint_every changed) would linger.
+        Only that exact name: nothing else in the folder is touched."""
+        folder = self.run_dir / "checkpoints"
+        if self.rank != 0 or not folder.is_dir():
+            return
+        for p in folder.iterdir():
+            if re.fullmatch(r"\.step_\d+\.tmp", p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
     def _barrier(self) -> None:
         if self.par is not None:
             self.par.barrier()
+
+    def _together(self):
+        """Parallel.together (an error of some ranks is every rank's; it waits for all)."""
+        return self.par.together() if self.par is not None else contextlib.nullcontext()
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              state: dict) -> Path:
@@ -218,19 +237,23 @@ class Checkpointer:
         if self.rank == 0:
             fresh_tmp(final)
         self._barrier()
-        with disk_errors(final, tmp):
-            meta = {"step": step, **state}
-            if self.par is None:
-                meta.update(_write_whole(tmp, model, optimizer))
-            else:
-                from scalelab.parallel.checkpoint import write_sharded
-                write_sharded(tmp, model, optimizer)
-                meta["mapping"] = self.par.sizes
-            (tmp / "rng").mkdir(exist_ok=True)
-            save_file(rng_tensors(), str(tmp / "rng" / f"rank_{self.rank}.safetensors"))
-            if self.rank == 0:
-                (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-        self._barrier()
+        try:  # a write error of one rank alone (its rng file) is every rank's, said by rank 0
+            with self._together(), disk_errors(final, None):
+                meta = {"step": step, **state}
+                if self.par is None:
+                    meta.update(_write_whole(tmp, model, optimizer))
+                else:
+                    from scalelab.parallel.checkpoint import write_sharded
+                    write_sharded(tmp, model, optimizer)
+                    meta["mapping"] = self.par.sizes
+                (tmp / "rng").mkdir(exist_ok=True)
+                save_file(rng_tensors(), str(tmp / "rng" / f"rank_{self.rank}.safetensors"))
+                if self.rank == 0:
+                    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        except RunFailed:
+            if self.rank == 0:  # every rank has stopped writing into it: together() waited
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.rank == 0:
             replace_dir(tmp, final)
             for old in list_checkpoints(self.run_dir)[:-self.keep] if self.keep > 0 else []:
@@ -256,16 +279,34 @@ class Checkpointer:
         if ckpt is None:
             raise UserError(f"{self.run_dir}: --resume given but no checkpoint in "
                             f"{self.run_dir / 'checkpoints'}")
-        meta = read_json(ckpt / "state.json")
-        if (ckpt / "dcp").is_dir():
-            from scalelab.parallel.checkpoint import read_sharded
-            read_sharded(ckpt, model, optimizer)
-        else:
-            _read_whole(ckpt, model, optimizer, meta)
+        with self._older_one(ckpt):
+            meta = read_json(ckpt / "state.json")
+            if (ckpt / "dcp").is_dir():
+                from scalelab.parallel.checkpoint import read_sharded
+                read_sharded(ckpt, model, optimizer)
+            else:
+                _read_whole(ckpt, model, optimizer, meta)
         # A file only this rank reads: its error is every rank's (Parallel.together).
-        with self.par.together() if self.par is not None else contextlib.nullcontext():
+        with self._together(), self._older_one(ckpt):
             self._restore_rng(ckpt)
         return meta
+
+    @contextlib.contextmanager
+    def _older_one(self, ckpt: Path):
+        """A checkpoint that cannot be loaded (damaged, half copied): the error says which
+        older one the run can go back to, and how (--resume reads the newest step_N)."""
+        try:
+            yield
+        except UserError as e:
+            older = [p for p in list_checkpoints(self.run_dir) if p != ckpt]
+            aside = self.run_dir / f"damaged_{ckpt.name}"
+            if older:
+                fix = (f"the run can go on from the checkpoint before it, {older[-1]}: move "
+                       f"this one out of the way (mv {ckpt} {aside}) and --resume again")
+            else:
+                fix = ("the run keeps no older checkpoint to go back to: start it again "
+                       "in a new --out")
+            raise UserError(f"{e}; {fix}") from None
 
     def _restore_rng(self, ckpt: Path) -> None:
         """This rank's generators; a rank the saving mapping did not have takes rank 0's."""

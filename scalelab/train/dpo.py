@@ -18,7 +18,7 @@ from scalelab.data.batches import ExampleLoader, pack_spans, pad_right, run_pack
 from scalelab.data.formats import is_builtin_tasks, read_jsonl, read_preferences
 from scalelab.parallel.apply import parallelize
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import fit, start_stage
+from scalelab.train.loop import fit, one_step, start_stage
 from scalelab.train.losses import token_logprobs
 from scalelab.train.progress import say
 from scalelab.train.sft import IGNORE, encode_conversations
@@ -102,15 +102,15 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
         say(f"skipped {len(pairs) - len(usable)} of {len(pairs)} pairs longer than the "
             f"context ({model.cfg.seq_len} tokens)")
     items = [(encode(p, c, c_stop), encode(p, r, r_stop)) for p, c, r, c_stop, r_stop in usable]
-    need = 2 * cfg.train.batch_size * par.data_world * cfg.train.grad_accum
-    if len(items) < need:
+    train_items, val_items = split_heldout(items)
+    need, why = one_step(cfg.train, par.data_world)
+    if len(train_items) < need:
         fix = "add pairs or lower train.batch_size"
         if len(usable) < len(pairs):
             fix = (f"the other {len(pairs) - len(usable)} are longer than the model's context "
                    f"of {model.cfg.seq_len} tokens: shorten them, or {fix}")
-        raise UserError(f"{data_spec}: only {len(items)} usable pairs; need at least {need} "
-                        f"({fix})")
-    train_items, val_items = split_heldout(items)
+        raise UserError(f"{data_spec}: only {len(items)} usable pairs ({len(val_items)} held "
+                        f"out); one step trains on {need} ({why}); {fix}")
 
     def collate(batch):
         seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected

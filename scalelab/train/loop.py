@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, RunFailed, TrainConfig, UserError, dump_toml
+from scalelab.config import Config, RunFailed, TrainConfig, UserError, dump_toml, read_toml
 from scalelab.hardware import autocast, detect, use_compile
 from scalelab.hf import add_chat_tokens
 from scalelab.io import (
@@ -27,7 +27,7 @@ from scalelab.parallel.apply import clip_grads, sync_over_replicas
 from scalelab.parallel.rules import check_divisible
 from scalelab.train.checkpoint import Checkpointer, load_model
 from scalelab.train.monitor import Monitor
-from scalelab.train.progress import Progress
+from scalelab.train.progress import Progress, say
 from scalelab.train.rundir import check_out, claim, release, restart_count, same_input
 
 
@@ -38,6 +38,14 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
     floor = tc.lr * tc.min_lr_ratio
     return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def one_step(tc: TrainConfig, data_world: int) -> tuple[int, str]:
+    """Examples (conversations, pairs, prompts) one optimizer step reads over all data ranks,
+    and where that number comes from, for the stages' "too few examples" messages."""
+    return (tc.batch_size * data_world * tc.grad_accum,
+            f"train.batch_size {tc.batch_size} x {data_world} data rank"
+            f"{'s' if data_world > 1 else ''} x train.grad_accum {tc.grad_accum}")
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig,
@@ -115,7 +123,8 @@ def start_stage(cfg: Config, out: Path, resume: bool, stage: str, parent: Path, 
     Returns (run, par, model, tokenizer)."""
     par = mesh.setup(cfg.parallel, cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the same on every rank: copies and heads agree
-    record = {"stage": stage, **{k: _where(v) for k, v in dict(parent=parent, **lineage).items()}}
+    record = {"stage": stage, **{k: _where(v) for k, v in dict(parent=parent, **lineage).items()},
+              **run_seeds(cfg, stage)}
     run = Run(out, cfg, resume, write=par.is_main, stage=stage, lineage=record)
     if resume:
         check_same_inputs(out, record)
@@ -133,17 +142,41 @@ def _where(v) -> str:
     return str(Path(v).resolve()) if Path(v).exists() else str(v)
 
 
+def run_seeds(cfg: Config, stage: str) -> dict[str, int]:
+    """The seeds a stage draws from: train.seed (data order, initial heads) and its own
+    section's (sft.seed: built-in examples; reward.seed: sampled answers; ppo.seed: rollouts).
+    Part of the lineage record, so --resume refuses another seed like another --data."""
+    own = getattr(cfg, stage, None)
+    return {"train.seed": cfg.train.seed,
+            **({f"{stage}.seed": own.seed} if hasattr(own, "seed") else {})}
+
+
 def check_same_inputs(out: Path, record: dict) -> None:
     """--resume with another model to start from (or another reward model, or other --data
     or --prompts) would splice two runs into one folder and, for PPO and DPO, swap the
-    reference model unseen: refused. A record without a key (an older run) is not compared."""
+    reference model unseen; another seed (train.seed, ...) would not repeat the run it
+    continues: refused. A record without a key (an older run) is not compared."""
     was = read_json_if_any(out / "lineage.json")
     for key, now in record.items():
         old = was.get(key)
-        if isinstance(old, str) and not same_input(old, now):
-            what = "model it started from" if key == "parent" else f"--{key} it used"
-            raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
-                            "resume with the same one, or start a new --out")
+        if old is None or (same_input(old, now) if isinstance(old, str) else old == now):
+            continue
+        if "." in key:  # a config key: train.seed, ...
+            raise UserError(f"--resume {out}: {key} = {now!r}, but the run was started with "
+                            f"{key} = {old!r} (lineage.json), and a resumed run repeats the "
+                            "uninterrupted one only with the same seed; drop the change, or "
+                            "start a new --out")
+        what = "model it started from" if key == "parent" else f"--{key} it used"
+        raise UserError(f"--resume {out}: the {what} was {old} (lineage.json), not {now}; "
+                        "resume with the same one, or start a new --out")
+
+
+def read_toml_if_any(path: Path) -> dict:
+    """A run's own config.toml, or {} when it is missing or unreadable."""
+    try:
+        return read_toml(path)
+    except UserError:
+        return {}
 
 
 def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
@@ -155,6 +188,7 @@ def start_or_resume(run: Run, ckpts: Checkpointer, model: torch.nn.Module,
     if meta:
         loader.load_state_dict(meta["loader"])
     run.begin()
+    ckpts.drop_unfinished()  # what a killed run was writing: the folder is ours now
     if meta:
         run.truncate_metrics(meta["step"])
         mon.load_state_dict(meta.get("monitor"))
@@ -320,8 +354,15 @@ def fit(run: Run, cfg: Config, model: torch.nn.Module, loader, device: torch.dev
     mon = Monitor(cfg.monitor, run.out, main, run.resume, flops_per_token=flops_per_token,
                   peak_flops=hw.peak_flops * n_dev if hw is not None else 0.0)
     ckpts = Checkpointer(run.out, tc.keep_checkpoints, parallel)
+    planned = read_toml_if_any(run.out / "config.toml").get("train", {}).get("max_steps") \
+        if run.resume else None  # before start_or_resume writes this run's config.toml
     meta = start_or_resume(run, ckpts, model, optimizer, loader, mon)
     stage.state.update({k: meta[k] for k in stage.state if k in meta})
+    if meta and main and planned not in (None, tc.max_steps):
+        at = meta["step"]
+        say(f"note: train.max_steps is {tc.max_steps}, was {planned}: the learning-rate "
+            f"schedule now ends at step {tc.max_steps}, so at step {at} the lr goes from "
+            f"{optimizer.param_groups[0]['lr']:.4g} to {stage.lr_at(at) * mon.lr_scale(at):.4g}")
     if not run.resume and evaluate is not None:
         with mon.clock("eval"):
             first = {"step": 0, **evaluate(0)}

@@ -32,10 +32,19 @@ from scalelab.train.rundir import claim, same_input
 
 def check_same_data(cfg: Config, saved: Path) -> None:
     """A run's token files are made once: a [data] value changed on --resume would be
-    written into its config.toml but never used, so it is refused."""
+    written into its config.toml but never used, so it is refused. So is another
+    train.seed: the data order comes from it, and a resumed run must repeat the
+    uninterrupted one (post-training stages refuse it through lineage.json)."""
     if not saved.is_file():
         return
-    old = read_toml(saved).get("data", {})
+    toml = read_toml(saved)
+    was = toml.get("train", {}).get("seed")
+    if was is not None and was != cfg.train.seed:
+        raise UserError(f"--resume: train.seed = {cfg.train.seed!r}, but the run was started "
+                        f"with train.seed = {was!r} ({saved}), and a resumed run repeats the "
+                        "uninterrupted one only with the same seed; drop the change, or start "
+                        "a new run")
+    old = toml.get("data", {})
     for key, value in asdict(cfg.data).items():
         if key not in old or old[key] == value:
             continue
@@ -123,10 +132,10 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
         check_divisible(cfg.model, par.rules, par.sizes)
     torch.manual_seed(cfg.train.seed)  # same seed everywhere: every rank builds the same model
     device = par.device
-    if par.is_main:  # rank 0 checks the run folder and writes the data; the rest wait
-        run = Run(out, cfg, resume)  # refuses to overwrite an existing run before any work
-        tok, data_dir = prepare_data(cfg, out, reuse=resume)
-    par.barrier()
+    with par.together():  # rank 0 checks the run folder and writes the data; the rest wait
+        if par.is_main:  # (on the CPU, however long), and its bad input is every rank's
+            run = Run(out, cfg, resume)  # refuses to overwrite an existing run before any work
+            tok, data_dir = prepare_data(cfg, out, reuse=resume)
     if not par.is_main:
         run = Run(out, cfg, resume, write=False)
         tok, data_dir = prepare_data(cfg, out, reuse=True)  # rank 0 made it: just load

@@ -65,8 +65,15 @@ class Progress:
             self._line(time.perf_counter())
 
 
+def is_rank0() -> bool:
+    """This process is rank 0 under torchrun (RANK: torchrun's), or the only one: the one
+    that prints and holds the run folder. Usable before any process group exists (a mesh's
+    Parallel.is_main says the same once it does)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(text: str) -> None:
     """A note for the user (beside the progress bar), from rank 0 only: under torchrun every
-    rank runs the same stage code and would print it once each (RANK: torchrun's)."""
-    if os.environ.get("RANK", "0") == "0":
+    rank runs the same stage code and would print it once each."""
+    if is_rank0():
         tqdm.write(text)

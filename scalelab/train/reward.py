@@ -35,7 +35,7 @@ from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import load_model, save_full_model
 from scalelab.train.labelers import get_labeler, refuse_unused
-from scalelab.train.loop import fit, start_stage
+from scalelab.train.loop import fit, one_step, start_stage
 from scalelab.train.progress import say
 from scalelab.train.rundir import claim
 
@@ -219,30 +219,31 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
     rows_are_generated = is_builtin_tasks(data_spec, "--data")
     if rows_are_generated:
         # Generated once (a resumed run reuses the same data), by rank 0 with the whole model
-        # (sampling with a KV cache needs whole heads); its own RNG, so every rank's global
-        # RNG stays in step for the head below.
-        if par.is_main and not pref_file.exists():
-            claim(out, "reward", resume)  # run.json first: a rerun may reuse this folder
-            tqdm.write("sampling completions from the base model and ranking them")
-            with torch.random.fork_rng(devices=[]):
-                rows = generate_preferences(policy, tok, cfg)
-            atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
-        par.barrier()
+        # (sampling with a KV cache needs whole heads), exactly as in one process; its own
+        # RNG, so every rank's global RNG stays in step for the head below. The other ranks
+        # wait on the CPU (no GPU collective to time out), and an error is every rank's.
+        with par.together():
+            if par.is_main and not pref_file.exists():
+                claim(out, "reward", resume)  # run.json first: a rerun may reuse this folder
+                tqdm.write("sampling completions from the base model and ranking them")
+                with torch.random.fork_rng(devices=[]):
+                    rows = generate_preferences(policy, tok, cfg)
+                atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in rows))
         rows = [json.loads(line) for line in pref_file.read_text().splitlines()]
     else:
         rows = rows_from_pairs(read_preferences(data_spec))
 
     items = encode_rows(rows, tok, policy.cfg.seq_len, cfg.reward.min_margin)
     train_items, held = split_heldout(items)
-    step_rows = cfg.train.batch_size * par.data_world * cfg.train.grad_accum
+    step_rows, why = one_step(cfg.train, par.data_world)
     if len(train_items) < step_rows:
         hint = ("raise reward.n_prompts" if rows_are_generated else
                 f"add pairs to {data_spec} or lower train.batch_size")
         if len(encode_rows(rows, tok, 1 << 30, cfg.reward.min_margin)) > len(items):
             hint = (f"the others have answers longer than the model's context of "
                     f"{policy.cfg.seq_len} tokens: shorten them, or {hint}")
-        raise UserError(f"only {len(items)} prompts with a preference; need at least "
-                        f"{len(held) + step_rows} ({hint})")
+        raise UserError(f"only {len(items)} prompts with a preference ({len(held)} held out); "
+                        f"one step trains on {step_rows} ({why}); {hint}")
     say(f"reward data: {len(train_items)} prompts "
         f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")
 

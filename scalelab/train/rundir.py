@@ -19,6 +19,7 @@ from pathlib import Path
 
 from scalelab.config import UserError
 from scalelab.io import atomic_write_json, read_json_if_any
+from scalelab.train.progress import is_rank0
 
 try:
     import fcntl
@@ -42,7 +43,7 @@ def hold(out: Path) -> None:
     drops it when the process ends, however it ends (kill -9 too). Call on a folder that
     exists; a file system without flock goes unlocked."""
     key = out.resolve()
-    if fcntl is None or key in _held or os.environ.get("RANK", "0") != "0":
+    if fcntl is None or key in _held or not is_rank0():
         return
     try:
         fd = os.open(key, os.O_RDONLY)

@@ -19,7 +19,7 @@ from scalelab.data.formats import is_builtin_tasks, read_conversations
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
 from scalelab.train.checkpoint import save_full_model
-from scalelab.train.loop import fit, mean_loss, start_stage
+from scalelab.train.loop import fit, mean_loss, one_step, start_stage
 from scalelab.train.losses import IGNORE, cross_entropy
 from scalelab.train.progress import say
 
@@ -102,12 +102,10 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     def collate(items):
         return sft_batch(items, model.cfg.seq_len, tok.pad_id, sc.pack)
     tc = cfg.train
-    step_rows = tc.batch_size * par.data_world * tc.grad_accum
+    step_rows, why = one_step(tc, par.data_world)
     if len(train_items) < step_rows:
         raise UserError(f"{data_spec}: {len(encoded)} usable examples ({len(val_items)} held out), "
-                        f"fewer than one batch of {step_rows} (train.batch_size "
-                        f"{tc.batch_size} x {par.data_world} data ranks x train.grad_accum "
-                        f"{tc.grad_accum}) to train on")
+                        f"fewer than one batch of {step_rows} ({why}) to train on")
     loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed,
                            rank=par.data_rank, world=par.data_world,
                            accum=cfg.train.grad_accum)
