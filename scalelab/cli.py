@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -140,8 +141,9 @@ def check_sampling(args: argparse.Namespace) -> None:
     """Sampling options shared by generate and chat: each wrong value named with its fix."""
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 <= args.temperature < math.inf:  # inf sampled uniformly, ignoring the model
+        raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0 "
+                        "(0 = greedy)")
     if args.top_k < 0:
         raise UserError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
     if not 0 <= args.top_p <= 1:

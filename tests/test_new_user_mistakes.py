@@ -35,6 +35,7 @@ GENERATE_MISTAKES = [
     (["--top-p", "-0.1"], "--top-p -0.1"),
     (["--top-k", "-5"], "--top-k -5"),
     (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "inf"], "--temperature inf"),
     (["--temperature", "0", "--num-samples", "3"], "would be the same"),
     (["--seed", str(2**64)], f"--seed {2**64}"),
 ]
