@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline on built-in data and report")
     d.add_argument("--out", required=True)
     d.add_argument("--quick", action="store_true",
-                   help="fewer steps (9-10 minutes on 2 CPU cores; docs/demo/report.md)")
+                   help="fewer steps (about 7 minutes on 2 CPU cores; docs/demo/report.md)")
     d.set_defaults(func=cmd_demo)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible API and a web app (chat, compare, "
