@@ -174,6 +174,21 @@ def test_a_corpus_byte_that_is_not_utf8_names_its_line(tmp):
         read_documents(DataConfig(source=str(tmp / "notes.txt")))
 
 
+def test_a_lone_surrogate_escape_names_its_line(tmp):
+    """'\\ud800' is legal JSON but half a character: it was read, then the tokenizer
+    crashed with a UnicodeEncodeError traceback. A whole escaped pair is still text."""
+    from scalelab.data.formats import read_conversations
+    good = '{"text": "smile \\ud83d\\ude00"}\n'
+    (tmp / "a.jsonl").write_text(good + '{"text": "ab\\ud800cd"}\n')
+    with pytest.raises(UserError, match=r"a.jsonl:2: a \\u escape is half of a character"):
+        read_documents(DataConfig(source=str(tmp / "a.jsonl")))
+    (tmp / "b.jsonl").write_text(good)
+    assert read_documents(DataConfig(source=str(tmp / "b.jsonl"))) == ["smile \U0001f600"]
+    (tmp / "c.jsonl").write_text('{"prompt": "hi", "completion": "\\uDC00"}\n')
+    with pytest.raises(UserError, match=r"c.jsonl:1: a \\u escape"):
+        read_conversations(tmp / "c.jsonl")
+
+
 def test_empty_or_missing_corpus(tmp):
     (tmp / "empty.txt").write_text("  \n")
     with pytest.raises(UserError, match="empty"):

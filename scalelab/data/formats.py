@@ -12,11 +12,13 @@ Everything is normalised to conversations (lists of messages). A SPEC is a .json
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from scalelab.config import UserError
 
 ROLES = ("system", "user", "assistant")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)  # \ud800-\udfff
 
 
 def read_utf8(path: Path) -> str:
@@ -52,10 +54,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object")
+        if SURROGATE_ESCAPE.search(line) and not _encodable(row):
+            raise UserError(f"{path}:{n}: a \\u escape is half of a character (a lone "
+                            "surrogate such as \\ud800): not text; fix or drop the line")
         rows.append((n, row))
     if not rows:
         raise UserError(f"{path}: no examples")
     return rows
+
+
+def _encodable(row: dict) -> bool:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); the string it gives cannot be
+    written as UTF-8, so the tokenizer (and any file it is saved in) would fail on it."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text(row: dict, key: str, where: str) -> str:
