@@ -28,6 +28,25 @@ def test_token_files_keep_document_boundaries(tokenizer, data_dir):
     assert not (data_dir.parent / "data.tmp").exists()
 
 
+def test_no_validation_document_is_also_a_training_document(tmp, capsys):
+    """The world corpus repeats some short documents (~2% of 20000); the seeded val sample
+    took one copy and left the others in train: 16 of the default 400 val documents were
+    training text. Copies of a val document now leave train, and so do data.source's
+    documents that data.val_source also holds (only a full overlap was refused)."""
+    cfg = DataConfig(n_docs=3000, val_fraction=0.1)
+    docs = read_documents(cfg)
+    train, val = split_documents(docs, cfg)
+    assert sum(docs.count(v) - val.count(v) for v in set(val)) > 0  # copies exist to leak
+    assert not set(train) & set(val)
+    assert len(train) == sum(d not in set(val) for d in docs)  # nothing else is dropped
+    assert len(val) == 300
+    (tmp / "src.txt").write_text("a\n\nb\n\nc\n\nd\n")
+    (tmp / "val.txt").write_text("b\n\ne\n")
+    cfg = DataConfig(source=str(tmp / "src.txt"), val_source=str(tmp / "val.txt"))
+    assert split_documents(read_documents(cfg), cfg) == (["a", "c", "d"], ["b", "e"])
+    assert "1 document(s) of data.source are also in data.val_source" in capsys.readouterr().out
+
+
 def test_loader_is_deterministic_and_resumes_exactly(data_dir):
     a = TokenLoader(data_dir, "train", 4, 16, seed=3)
     first = [a.next_batch() for _ in range(5)]

@@ -96,14 +96,25 @@ def _read_file(path: Path, txt_split: str = "blank_lines") -> list[str]:
 
 def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(train, val): data.val_source if given, else a seeded random sample of whole documents
-    (data.val_fraction of them). Never the same documents for both."""
+    (data.val_fraction of them). Never the same documents for both: a copy of a validation
+    document (the world corpus repeats some short ones, user data has duplicates) is dropped
+    from train, else validation would score text the model trained on."""
     if cfg.val_source:
         val = read_documents(cfg, cfg.val_source)
         if set(val) <= set(docs):
             raise UserError(f"data.val_source {cfg.val_source}: every one of its documents is "
                             "also in data.source, so validation would be training text; name "
                             "held-out text, or leave it empty to sample data.val_fraction")
-        return docs, val
+        held = set(val)
+        train = [d for d in docs if d not in held]
+        if not train:
+            raise UserError(f"data.source {cfg.source}: every one of its documents is also in "
+                            f"data.val_source {cfg.val_source}, so nothing is left to train on")
+        if len(train) < len(docs):
+            from tqdm import tqdm
+            tqdm.write(f"note: {len(docs) - len(train)} document(s) of data.source are also in "
+                       f"data.val_source {cfg.val_source}: left out of training")
+        return train, val
     n_val = round(len(docs) * cfg.val_fraction)
     if n_val < 1 or n_val >= len(docs):
         raise UserError(f"{cfg.source}: {len(docs)} document(s) with data.val_fraction "
@@ -114,8 +125,12 @@ def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[s
     order = list(range(len(docs)))
     random.Random(f"{cfg.seed}:val").shuffle(order)
     val = set(order[:n_val])
-    return ([d for i, d in enumerate(docs) if i not in val],
-            [d for i, d in enumerate(docs) if i in val])
+    held = {docs[i] for i in val}
+    train = [d for i, d in enumerate(docs) if i not in val and d not in held]
+    if not train:
+        raise UserError(f"{cfg.source}: every document is a copy of a validation one, so "
+                        "nothing is left to train on; use more varied documents")
+    return train, [d for i, d in enumerate(docs) if i in val]
 
 
 def write_token_files(splits: dict[str, list[str]], tok: Tokenizer, out: Path) -> dict:
