@@ -400,3 +400,22 @@ def test_predictions_load_the_results_once(tmp_path, monkeypatch):
         want = predict.prediction_for(exp, ser, predict.AXES[p["axis"]])[1]
         assert (p["predicted"], p["low"], p["high"]) == (want["predicted"], want["low"],
                                                          want["high"])
+
+
+def test_an_items_greedy_answer_does_not_depend_on_its_batch():
+    """Prompts were cut to leave room for the longest target of their batch of 64: a long
+    prompt lost its start when a long-target item shared its batch, and kept it alone. A
+    stand-in model answers with the number of prompt tokens it saw."""
+    from scalelab.track.evaluate import greedy_answers
+
+    class SeesLength:
+        max_len = 32
+
+        def greedy(self, prompts, max_new):
+            return [[len(p)] * max_new for p in prompts]
+
+    lm, long_prompt, short_prompt = SeesLength(), list(range(28)), list(range(5))
+    alone = greedy_answers(lm, [long_prompt], [2])
+    mixed = greedy_answers(lm, [short_prompt, long_prompt, short_prompt], [10, 2, 3])
+    assert alone == [[28, 28, 28]]  # 28 prompt + 3 new tokens fit 32: nothing cut
+    assert mixed == [[5] * 11, [28, 28, 28], [5] * 4]

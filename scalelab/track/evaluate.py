@@ -162,13 +162,21 @@ def loglik(lm, contexts: list[list[int]], targets: list[list[int]], margins: lis
 
 
 def greedy_answers(lm, contexts: list[list[int]], lengths: list[int]) -> list[list[int]]:
-    """Greedy continuations, one token longer than each target (to see where it stops)."""
-    out: list[list[int]] = []
-    for b in range(0, len(contexts), BATCH):
-        ctx = [c[-(lm.max_len - max(lengths[b: b + BATCH]) - 1):]
-               for c in contexts[b: b + BATCH]]
-        out += lm.greedy(ctx, max(lengths[b: b + BATCH]) + 1)
-    return [o[: n + 1] for o, n in zip(out, lengths)]
+    """Greedy continuations, one token longer than each target (to see where it stops).
+    A batch holds targets of one length: a long prompt is cut to leave room for its own
+    answer only (not for the longest of its batch), so an item's answer, like its loglik,
+    does not depend on which other items share its batch."""
+    out: list[list[int]] = [[] for _ in contexts]
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    for n, items in sorted(by_length.items()):
+        for b in range(0, len(items), BATCH):
+            rows = items[b: b + BATCH]
+            got = lm.greedy([contexts[i][-(lm.max_len - n - 1):] for i in rows], n + 1)
+            for i, o in zip(rows, got):
+                out[i] = o[: n + 1]
+    return out
 
 
 def contexts(lm, items: list[Item]) -> list[list[int]]:
