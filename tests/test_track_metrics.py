@@ -419,3 +419,24 @@ def test_an_items_greedy_answer_does_not_depend_on_its_batch():
     mixed = greedy_answers(lm, [short_prompt, long_prompt, short_prompt], [10, 2, 3])
     assert alone == [[28, 28, 28]]  # 28 prompt + 3 new tokens fit 32: nothing cut
     assert mixed == [[5] * 11, [28, 28, 28], [5] * 4]
+
+
+def test_a_prompt_ending_in_a_space_is_scored_on_the_texts_own_tokens(tmp_path, tokenizer):
+    """'A: ' + 'Oakford' was encoded as ' ', 'O', ...: tokens the model never sees for
+    'A: Oakford' (' O' is one BPE piece), so a right answer scored as unlikely. The space
+    now starts the target, and the item's tokens are those of the whole text."""
+    import json
+    f = tmp_path / "t.jsonl"
+    rows = [{"prompt": "Q: Where does Mia live? A: ", "target": "Oakford"},
+            {"prompt": "Q: Who is older, Mia or Tom?\tA:  ", "choices": ["Mia", "Tom"],
+             "answer": 0}]
+    f.write_text(json.dumps(rows[0]) + "\n")
+    it = jsonl_items(f)[0]
+    whole = tokenizer.encode(rows[0]["prompt"] + rows[0]["target"])
+    assert tokenizer.encode(it.prompt) + tokenizer.encode(it.target) == whole
+    assert (it.prompt, it.target) == ("Q: Where does Mia live? A:", " Oakford")
+    f.write_text(json.dumps(rows[1]) + "\n")
+    it = jsonl_items(f)[0]
+    for raw, choice in zip(rows[1]["choices"], it.choices):
+        assert tokenizer.encode(it.prompt) + tokenizer.encode(choice) == \
+            tokenizer.encode(rows[1]["prompt"] + raw)

@@ -143,10 +143,15 @@ def builtin_items(spec: str) -> list[Item]:
 
 
 def jsonl_items(path: Path) -> list[Item]:
+    """Items of a JSONL file. Whitespace that ends a prompt moves to the start of its target
+    and choices (as lm-eval does): "A: " + "Paris" would be scored as the tokens " ", "P",
+    ..., which a byte-level BPE never makes of "A: Paris" (" P..." is one piece)."""
     items = []
     for n, row in read_jsonl(path):
         if not isinstance(row.get("prompt"), str):
             raise UserError(f'{path}:{n}: expected an object with a "prompt" string')
+        prompt = row["prompt"].rstrip()
+        space = row["prompt"][len(prompt):]
         if "choices" in row:
             ch, ans = row["choices"], row.get("answer")
             if (not isinstance(ch, list) or len(ch) < 2
@@ -157,10 +162,10 @@ def jsonl_items(path: Path) -> list[Item]:
                 raise UserError(f'{path}:{n}: "choices" lists {twice!r} twice')
             if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
                 raise UserError(f'{path}:{n}: "answer" must be an index into "choices"')
-            items.append(Item(row["prompt"], choices=tuple(ch), answer=ans,
+            items.append(Item(prompt, choices=tuple(space + c for c in ch), answer=ans,
                               source=f"{path}:{n}"))
         elif isinstance(row.get("target"), str) and row["target"]:
-            items.append(Item(row["prompt"], row["target"], source=f"{path}:{n}"))
+            items.append(Item(prompt, space + row["target"], source=f"{path}:{n}"))
         else:
             raise UserError(f'{path}:{n}: needs a non-empty "target" string or "choices"')
     if not items:
