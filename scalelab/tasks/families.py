@@ -23,7 +23,8 @@ wording or format fails the suite. The five held-out families:
 
 The corpus has each skill (facts, "Mia is older than Tom.", worksheets, "forty plus two is
 forty-two", "In words, 45 is ..."), never yes/no answers. The held-out arithmetic draws
-its operand pairs from the 'test' half (data/world.py), which the corpus never shows.
+its operand pairs from the 'test' half (data/world.py), which no corpus arithmetic line
+shows (its stories do state small sums: see track/specs.py).
 The mirrored families (sort_descending, list_max, last_item), held out before this rule,
 now train: a mirror of a trained template is trained wording with one word swapped.
 """

@@ -9,9 +9,12 @@
 (each also takes n= items, default 100, and seed=, default 0), or a JSONL file with rows
 {"prompt", "target"} or {"prompt", "choices": [...], "answer": index}.
 
-Addition and subtraction items use operand pairs the world corpus never shows (the 'test'
-half, data/world.py), so passing them is generalisation; `seen=1` asks pairs from the half
-the corpus does show instead, the memorisation control (builtin:addition?digits=2&seen=1).
+Addition and subtraction items use operand pairs the world corpus never shows as a sum or
+difference line (the 'test' half, data/world.py), so passing them is generalisation; `seen=1`
+asks pairs from the half the corpus does show instead, the memorisation control
+(builtin:addition?digits=2&seen=1). The corpus' stories still state small sums and
+differences ("Mia has 3 apples. Mia finds 4 apples. Now Mia has 7 apples."): for 1 digit,
+all 100 addition items and 92 of 100 subtraction items occur so in 20000 documents.
 The qa and older items are about the world's facts, which the corpus states: recall by
 design.
 
