@@ -315,6 +315,24 @@ def test_one_held_out_rule():
     assert held == [0, 1, 2, 3] and train == list(range(4, 40))
 
 
+def test_a_copy_of_a_held_out_item_is_not_trained_on(tokenizer):
+    """The built-in task examples repeat (24 people, a few templates): 55 of the 256
+    held-out SFT conversations had a copy in train, so val_loss was partly training loss."""
+    from scalelab.data.batches import split_heldout
+    from scalelab.train.sft import encode_conversations, task_conversations
+    items = encode_conversations(task_conversations(3000, 0)[0], tokenizer, 256)
+    train, held = split_heldout(items)
+    as_text = [tokenizer.decode(x, skip_special=False) for x, _ in items]
+    copies = sum(t in set(as_text[:len(held)]) for t in as_text[len(held):])
+    assert len(held) == 256 and copies > 0  # the built-in data does repeat
+    assert len(train) == len(items) - len(held) - copies
+    assert not {repr(i) for i in train} & {repr(i) for i in held}
+    assert split_heldout([7] * 4 + [1, 7] * 18) == ([1] * 18, [7] * 4)
+    from scalelab.data.batches import held_out_words  # the "too few" messages say so
+    assert held_out_words(40, 18, 4) == "4 held out, 18 copies of those"
+    assert held_out_words(40, 36, 4) == "4 held out"
+
+
 def test_builtin_or_file_and_stopped():
     from scalelab.data.formats import is_builtin_tasks
     from scalelab.generate import stopped

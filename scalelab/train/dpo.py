@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pack_spans, pad_right, run_packed, split_heldout
+from scalelab.data.batches import (
+    ExampleLoader,
+    held_out_words,
+    pack_spans,
+    pad_right,
+    run_packed,
+    split_heldout,
+)
 from scalelab.data.formats import is_builtin_tasks, read_jsonl, read_preferences
 from scalelab.parallel.apply import parallelize
 from scalelab.train.checkpoint import save_full_model
@@ -109,8 +116,9 @@ def dpo(cfg: Config, policy_dir: Path, data_spec: str, out: Path, resume: bool =
         if len(usable) < len(pairs):
             fix = (f"the other {len(pairs) - len(usable)} are longer than the model's context "
                    f"of {model.cfg.seq_len} tokens: shorten them, or {fix}")
-        raise UserError(f"{data_spec}: only {len(items)} usable pairs ({len(val_items)} held "
-                        f"out); one step trains on {need} ({why}); {fix}")
+        held = held_out_words(len(items), len(train_items), len(val_items))
+        raise UserError(f"{data_spec}: only {len(items)} usable pairs ({held}); one step "
+                        f"trains on {need} ({why}); {fix}")
 
     def collate(batch):
         seqs = [c for c, _ in batch] + [r for _, r in batch]  # chosen first, then rejected

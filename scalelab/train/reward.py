@@ -21,6 +21,7 @@ from scalelab.config import PRESETS, Config, RewardConfig, UserError, load_confi
 from scalelab.data.batches import (
     ExampleLoader,
     batches_by_length,
+    held_out_words,
     pack_spans,
     pad_right,
     run_packed,
@@ -242,7 +243,8 @@ def train_reward(cfg: Config, base: Path, data_spec: str, out: Path,
         if len(encode_rows(rows, tok, 1 << 30, cfg.reward.min_margin)) > len(items):
             hint = (f"the others have answers longer than the model's context of "
                     f"{policy.cfg.seq_len} tokens: shorten them, or {hint}")
-        raise UserError(f"only {len(items)} prompts with a preference ({len(held)} held out); "
+        raise UserError(f"only {len(items)} prompts with a preference "
+                        f"({held_out_words(len(items), len(train_items), len(held))}); "
                         f"one step trains on {step_rows} ({why}); {hint}")
     say(f"reward data: {len(train_items)} prompts "
         f"({sum(len(p) for _, p in train_items)} pairs) to train, {len(held)} held out")

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from scalelab.config import Config, UserError
-from scalelab.data.batches import ExampleLoader, pack, packed_attention, pad_right, split_heldout
+from scalelab.data.batches import (
+    ExampleLoader,
+    held_out_words,
+    pack,
+    packed_attention,
+    pad_right,
+    split_heldout,
+)
 from scalelab.data.formats import is_builtin_tasks, read_conversations
 from scalelab.parallel.apply import parallelize
 from scalelab.tokenizer import Tokenizer
@@ -104,7 +111,8 @@ def sft(cfg: Config, base: Path, data_spec: str, out: Path, resume: bool = False
     tc = cfg.train
     step_rows, why = one_step(tc, par.data_world)
     if len(train_items) < step_rows:
-        raise UserError(f"{data_spec}: {len(encoded)} usable examples ({len(val_items)} held out), "
+        raise UserError(f"{data_spec}: {len(encoded)} usable examples "
+                        f"({held_out_words(len(encoded), len(train_items), len(val_items))}), "
                         f"fewer than one batch of {step_rows} ({why}) to train on")
     loader = ExampleLoader(train_items, tc.batch_size, collate, seed=tc.seed,
                            rank=par.data_rank, world=par.data_world,
