@@ -69,3 +69,16 @@ def test_seen_items_are_the_memorisation_control(tmp_path):
     assert all(pair_half(*map(int, it.prompt.split()[::2][:2])) == "train" for it in seen)
     assert sum(f"{it.prompt}{it.target}" in lines for it in seen) > 90
     assert load_items("builtin:addition?digits=1") != seen
+
+
+def test_held_out_formats_are_not_in_the_corpus():
+    """The held-out task families are yes/no, options and words-in-words-out formats that
+    no trained prompt shows (test_tasks.py); pretraining text is training too: the corpus
+    never answers yes or no, and never holds a held-out prompt."""
+    from scalelab.tasks import HELDOUT_TASKS, make_examples
+    docs = generate_documents(3000, seed=0)
+    text = "\n".join(docs)
+    assert not re.search(r"\b(yes|no)\b", text, re.I)
+    held_out = make_examples(HELDOUT_TASKS, 500, seed=0)
+    assert not [e.prompt for e in held_out if e.prompt in text]
+    assert not re.search(r"together make|[A-D]\) \d", text)  # addition_words, options
