@@ -440,3 +440,32 @@ def test_a_prompt_ending_in_a_space_is_scored_on_the_texts_own_tokens(tmp_path, 
     for raw, choice in zip(rows[1]["choices"], it.choices):
         assert tokenizer.encode(it.prompt) + tokenizer.encode(choice) == \
             tokenizer.encode(rows[1]["prompt"] + raw)
+
+
+def test_model_remove_takes_a_mistaken_registration_out_of_every_count(tmp_path, capsys):
+    """A second registration of one run (a slip: the same seed again) counted twice in
+    each size's mean; `track model remove` takes it and its results out, keeps its folder,
+    notes it in the experiment's history, and refuses a model that is another's parent."""
+    from scalelab.cli import main
+    from scalelab.track.commands import status
+    reg, exp, _ = synthetic_ladder(tmp_path / "reg.db", seeds=2)
+    before = status(reg)["experiments"][0]["by_size"]
+    src = reg.model("m4-s1")
+    (tmp_path / "dup").mkdir()
+    dup = reg.add_model({**dict(src), "name": "dup", "path": str(tmp_path / "dup")})
+    r = reg.latest()[(exp, src["id"])]
+    reg.add_result(exp, dup, r["metrics"], r["passed"], [], 100, 0.0, "test")
+    assert status(reg)["experiments"][0]["by_size"][-1]["runs"] == 3
+    args = ["--registry", str(tmp_path / "reg.db")]
+    assert main(["track", "model", "remove", "dup", *args]) == 0
+    assert "removed model dup and its 1 results" in capsys.readouterr().out
+    assert status(reg)["experiments"][0]["by_size"] == before
+    assert [m["name"] for m in reg.models()] == [f"m{i}-s{j}" for i in range(5) for j in (0, 1)]
+    assert (tmp_path / "dup").is_dir()
+    assert reg.history(exp)[-1]["event"] == "model dup removed with its results"
+    reg.add_model({**dict(src), "name": "tuned", "path": str(tmp_path / "t"),
+                   "lineage": "sft", "parent": "m0-s0"})
+    assert main(["track", "model", "remove", "m0-s0", *args]) == 2
+    assert "model 'm0-s0' is the parent of 'tuned'" in capsys.readouterr().err
+    assert main(["track", "model", "remove", "nope", *args]) == 2
+    assert "no model named 'nope'" in capsys.readouterr().err

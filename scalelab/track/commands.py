@@ -134,6 +134,14 @@ def cmd_model_list(args: argparse.Namespace) -> None:
               f"{'-' if m['val_loss'] is None else format(m['val_loss'], '.3f')}  {m['path']}")
 
 
+def cmd_model_remove(args: argparse.Namespace) -> None:
+    reg = open_registry(args, create=False)
+    path = reg.model(args.name)["path"]
+    n = reg.remove_model(args.name)
+    print(f"removed model {args.name} and its {n} results from {reg.path} (its folder {path} "
+          "is untouched)")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     reg = open_registry(args, create=False)
     # `--model ""` (an unset shell variable) is a name that is not there, not "every model"
@@ -348,6 +356,10 @@ def register(sub) -> None:
     a.set_defaults(func=cmd_model_add)
     mos.add_parser("list", help="every registered model: params, N, tokens, FLOPs",
                    parents=[common]).set_defaults(func=cmd_model_list)
+    rm = mos.add_parser("remove", help="unregister a model and its results (a mistaken "
+                        "registration; its folder is kept)", parents=[common])
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_model_remove)
 
     r = ts.add_parser("run", help="evaluate experiments on models (adds result rows)",
                       parents=[common])

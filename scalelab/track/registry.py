@@ -360,6 +360,26 @@ class Registry:
                                          "lineage": info.get("lineage") or "base",
                                          "created": now()})
 
+    def remove_model(self, name: str) -> int:
+        """Unregister a model registered by mistake: its row and its results go (so no fit,
+        status or backtest counts it), each experiment's history says so, and the number of
+        results removed is returned. Predictions stay (what was predicted then), and so does
+        the model's folder. A model that is another's parent is refused."""
+        m = self.model(name)
+        with self.write() as db:
+            child = db.execute("SELECT name FROM models WHERE parent = ?", (name,)).fetchone()
+            if child is not None:
+                raise UserError(f"model {name!r} is the parent of {child[0]!r}: remove that "
+                                "one first")
+            exps = [r[0] for r in db.execute("SELECT DISTINCT experiment_id FROM results "
+                                             "WHERE model_id = ?", (m["id"],))]
+            n = db.execute("DELETE FROM results WHERE model_id = ?", (m["id"],)).rowcount
+            db.execute("DELETE FROM models WHERE id = ?", (m["id"],))
+            for e in exps:
+                insert(db, "history", {"experiment_id": e, "time": now(),
+                                       "event": f"model {name} removed with its results"})
+        return n
+
     def models(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM models ORDER BY id").fetchall()
 
