@@ -469,3 +469,26 @@ def test_model_remove_takes_a_mistaken_registration_out_of_every_count(tmp_path,
     assert "model 'm0-s0' is the parent of 'tuned'" in capsys.readouterr().err
     assert main(["track", "model", "remove", "nope", *args]) == 2
     assert "no model named 'nope'" in capsys.readouterr().err
+
+
+def test_a_model_registered_after_a_removal_gets_a_new_id(tmp_path):
+    """SQLite hands out max(id) + 1: removing the newest model freed its id, the next model
+    registered took it, and record_predictions took the new evidence for the old ('same
+    n_models, same last_model_id': no new prediction, the removed model's stood)."""
+    from scalelab.track import predict
+    reg, exp, _ = synthetic_ladder(tmp_path / "reg.db", threshold=0.99)
+    first = predict.record_predictions(reg)
+    old = dict(reg.model("m4"))
+    assert [p["last_model_id"] for p in first] == [old["id"]]
+    r = reg.latest()[(exp, old["id"])]
+    reg.remove_model("m4")
+    new = reg.add_model({**old, "name": "m4", "path": str(tmp_path / "m4b"),
+                         "params": 300_000, "non_embedding_params": 300_000})
+    assert new != old["id"]
+    per_item = {**r["metrics"]["per_item"], "x": [v + 0.5 for v in r["metrics"]["per_item"]["x"]]}
+    reg.add_result(exp, new, {**r["metrics"], "per_item": per_item}, False, [], 200, 0.0, "t")
+    made = predict.record_predictions(reg)
+    e = reg.experiment("toy")
+    want = predict.prediction_for(e, predict.series(reg, e, "params"), "non_embedding_params")[1]
+    assert [(p["last_model_id"], p["largest"], p["predicted"]) for p in made] == \
+        [(new, 300_000, want["predicted"])]
