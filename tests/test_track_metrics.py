@@ -469,3 +469,66 @@ def test_model_remove_takes_a_mistaken_registration_out_of_every_count(tmp_path,
     assert "model 'm0-s0' is the parent of 'tuned'" in capsys.readouterr().err
     assert main(["track", "model", "remove", "nope", *args]) == 2
     assert "no model named 'nope'" in capsys.readouterr().err
+
+
+def test_a_model_registered_after_a_removal_gets_a_new_id(tmp_path):
+    """SQLite hands out max(id) + 1: removing the newest model freed its id, the next model
+    registered took it, and record_predictions took the new evidence for the old ('same
+    n_models, same last_model_id': no new prediction, the removed model's stood)."""
+    from scalelab.track import predict
+    reg, exp, _ = synthetic_ladder(tmp_path / "reg.db", threshold=0.99)
+    first = predict.record_predictions(reg)
+    old = dict(reg.model("m4"))
+    assert [p["last_model_id"] for p in first] == [old["id"]]
+    r = reg.latest()[(exp, old["id"])]
+    reg.remove_model("m4")
+    new = reg.add_model({**old, "name": "m4", "path": str(tmp_path / "m4b"),
+                         "params": 300_000, "non_embedding_params": 300_000})
+    assert new != old["id"]
+    per_item = {**r["metrics"]["per_item"], "x": [v + 0.5 for v in r["metrics"]["per_item"]["x"]]}
+    reg.add_result(exp, new, {**r["metrics"], "per_item": per_item}, False, [], 200, 0.0, "t")
+    made = predict.record_predictions(reg)
+    e = reg.experiment("toy")
+    want = predict.prediction_for(e, predict.series(reg, e, "params"), "non_embedding_params")[1]
+    assert [(p["last_model_id"], p["largest"], p["predicted"]) for p in made] == \
+        [(new, 300_000, want["predicted"])]
+
+
+def test_status_by_size_keeps_data_groups_apart(tmp_path, capsys):
+    """Two corpora's models at the same N were one 'size' of two runs in `status --by-size`
+    (the mean of both judged), while the fits and verdicts keep each data group apart: the
+    arithmetic corpus passed at 1e5 and the size showed as failing. The cells of a
+    token_logprob range also ran into each other ('-2.50 (-3.00--2.00)' in 17 columns)."""
+    from scalelab.track.commands import print_by_size, status
+    from scalelab.track.registry import Registry
+    reg = Registry(tmp_path / "reg.db")
+    exp = reg.add_experiment("t", "builtin:qa", "token_logprob", -0.1)
+    value = {}
+    for corpus, src, off in (("world", "builtin:world", 0.0), ("arith", "/d/arith.jsonl", 1.0)):
+        for i, n in enumerate((1e3, 1e4, 1e5)):
+            for seed in (0, 1):
+                run = tmp_path / f"{corpus}-{i}-{seed}"
+                (run / "model").mkdir(parents=True)
+                (run / "config.toml").write_text(f'[data]\nsource = "{src}"\n')
+                mid = reg.add_model({"name": run.name, "path": str(run / "model"), "kind": "x",
+                                     "params": int(n), "non_embedding_params": int(n)})
+                value[run.name] = v = -3.0 + i + off + 0.5 * seed
+                reg.add_result(exp, mid, {"token_logprob": v}, v >= -0.1, [], 1, 0.0, "t")
+    cells = status(reg)["experiments"][0]["by_size"]
+    assert [(c["n"], c["runs"]) for c in cells] == [(n, 2) for n in (1e3, 1e3, 1e4, 1e4, 1e5, 1e5)]
+    got = {(c["n"], c["models"][0].split("-")[0]): c for c in cells}
+    for (n, corpus), c in got.items():
+        i = {1000: 0, 10000: 1, 100000: 2}[n]
+        pair = [value[f"{corpus}-{i}-{s}"] for s in (0, 1)]
+        assert (c["mean"], c["min"], c["max"]) == (sum(pair) / 2, min(pair), max(pair))
+        assert c["passed"] == (sum(pair) / 2 >= -0.1)
+    assert [n for n, corpus in got if got[n, corpus]["passed"]] == [100000]
+    print_by_size(status(reg))
+    out = capsys.readouterr().out.splitlines()
+    assert out[5] == "S6 = N 100k (tokenizer no-tokenizer, corpus builtin:world n_docs=None " \
+                     "seed=0): world-2-0, world-2-1"
+    row = out[-2].split()
+    assert row[:2] == ["t", ">=-0.1"]
+    assert row[2:] == ["-1.75", "(-2.00..-1.50)", "-2.75", "(-3.00..-2.50)", "-0.75",
+                       "(-1.00..-0.50)", "-1.75", "(-2.00..-1.50)", "0.25*(0.00..0.50)",
+                       "-0.75", "(-1.00..-0.50)"]

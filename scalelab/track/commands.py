@@ -187,16 +187,21 @@ def status(reg: Registry) -> dict:
 
 
 def size_cells(e, models: list, latest: dict) -> list[dict]:
-    """One cell per size of the base models (runs of one N with other seeds together): the
-    mean, lowest and highest value over its runs, and whether the size passes as the fits
-    and backtest judge it (predict.scale_passed)."""
-    from scalelab.track.predict import by_scale, scale_passed
-    ser = [(m, r) for m in models if m["lineage"] == "base"
-           and (r := latest.get((e["id"], m["id"]))) is not None]
+    """One cell per size of the base models of one data group (a tokenizer and corpus, as
+    the fits pool them; the runs of one N with other seeds together): its runs, the mean,
+    lowest and highest value over them, and whether the size passes as the fits and
+    backtest judge it (predict.scale_passed)."""
+    from scalelab.track.predict import data_group, scale_passed
+    runs: dict[tuple, list] = {}
+    for m in models:
+        if m["lineage"] == "base" and (r := latest.get((e["id"], m["id"]))) is not None:
+            runs.setdefault((m["non_embedding_params"], data_group(m)), []).append((m, r))
     cells = []
-    for n, rs in by_scale(ser, "non_embedding_params"):
+    for (n, group), mrs in sorted(runs.items()):
+        rs = [r for _, r in mrs]
         values = [v for r in rs if math.isfinite(v := r["metrics"][e["metric"]])]
-        cells.append({"n": n, "runs": len(rs), "mean": None if not values else M.mean(values),
+        cells.append({"n": n, "group": group, "models": [m["name"] for m, _ in mrs],
+                      "runs": len(rs), "mean": None if not values else M.mean(values),
                       "min": min(values, default=None), "max": max(values, default=None),
                       "passed": scale_passed(e, rs)})
     return cells
@@ -234,29 +239,35 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def print_by_size(s: dict) -> None:
-    """`track status --by-size`: base models, one column per size; a size of several runs
-    (sweep seeds) shows their mean and range."""
-    base = [m for m in s["models"] if m["lineage"] == "base"]
-    sizes = sorted({m["non_embedding_params"] for m in base})
-    for i, n in enumerate(sizes, 1):
-        names = [m["name"] for m in base if m["non_embedding_params"] == n]
-        print(f"S{i} = N {human(n)}: {', '.join(names)}")
-    wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
-    width = 17 if any(c["runs"] > 1 for e in s["experiments"] for c in e["by_size"]) else 8
-    print(f"{'experiment':<{wn}}{'pass at':>9} " + "".join(f"{'S' + str(i):>{width}}"
-                                                       for i in range(1, len(sizes) + 1)))
+    """`track status --by-size`: base models, one column per size (and data group); a size
+    of several runs (sweep seeds) shows their mean and range."""
+    names: dict[tuple, dict] = {}  # (N, group) -> its runs' names, in order
     for e in s["experiments"]:
-        cells = {c["n"]: c for c in e["by_size"]}
-        row = ""
-        for n in sizes:
-            c = cells.get(n)
-            text = "" if c is None else "nan " if c["mean"] is None else \
-                f"{c['mean']:.2f}{'*' if c['passed'] else ' '}"
-            if c is not None and c["mean"] is not None and c["min"] != c["max"]:
-                text += f"({c['min']:.2f}-{c['max']:.2f})"
-            row += f"{text:>{width}}"
-        print(f"{e['name']:<{wn}}{e['pass_rule']:>9} {row}")
-    print("(* = the size passes: the mean over its runs; (low-high) = the range over runs)")
+        for c in e["by_size"]:
+            names.setdefault((c["n"], c["group"]), {}).update(dict.fromkeys(c["models"]))
+    cols = sorted(names)
+    several = len({g for _, g in cols}) > 1
+    for i, (n, g) in enumerate(cols, 1):
+        print(f"S{i} = N {human(n)}{f' ({g})' if several else ''}: {', '.join(names[n, g])}")
+
+    def text(c: dict | None) -> str:
+        if c is None:
+            return ""
+        if c["mean"] is None:
+            return "nan "
+        spread = f"({c['min']:.2f}..{c['max']:.2f})" if c["min"] != c["max"] else ""
+        return f"{c['mean']:.2f}{'*' if c['passed'] else ' '}{spread}"
+
+    rows = [[text(next((c for c in e["by_size"] if (c["n"], c["group"]) == k), None))
+             for k in cols] for e in s["experiments"]]
+    wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
+    wr = max([8] + [len(e["pass_rule"]) for e in s["experiments"]])
+    width = max([7] + [len(t) for row in rows for t in row]) + 1
+    print(f"{'experiment':<{wn}}{'pass at':>{wr}} "
+          + "".join(f"{'S' + str(i):>{width}}" for i in range(1, len(cols) + 1)))
+    for e, row in zip(s["experiments"], rows):
+        print(f"{e['name']:<{wn}}{e['pass_rule']:>{wr}} " + "".join(f"{t:>{width}}" for t in row))
+    print("(* = the size passes: the mean over its runs; (low..high) = the range over runs)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -371,8 +382,8 @@ def register(sub) -> None:
     st = ts.add_parser("status", help="experiments x models, pass/fail", parents=[common])
     st.add_argument("--json", action="store_true")
     st.add_argument("--by-size", action="store_true",
-                    help="one column per size of base models: the mean and range over its "
-                         "runs (sweep --seeds)")
+                    help="one column per size of base models (of one tokenizer and corpus): "
+                         "the mean and range over its runs (sweep --seeds)")
     st.set_defaults(func=cmd_status)
     rp = ts.add_parser("report", help="HTML report with plots and predictions",
                        parents=[common])

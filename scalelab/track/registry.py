@@ -356,7 +356,11 @@ class Registry:
                                 "(pass --name to register it under another name)")
             keys = ["name", "path", "kind", "params", "non_embedding_params", "tokens",
                     "flops", "val_loss", "parent"]
-            return insert(db, "models", {**{k: info.get(k) for k in keys},
+            # an id is never handed out twice: SQLite reuses a removed newest model's id,
+            # which a prediction may hold as its last_model_id (its 'same evidence' check)
+            top = db.execute("SELECT MAX(id) FROM (SELECT MAX(id) AS id FROM models UNION "
+                             "ALL SELECT MAX(last_model_id) FROM predictions)").fetchone()[0]
+            return insert(db, "models", {"id": (top or 0) + 1, **{k: info.get(k) for k in keys},
                                          "lineage": info.get("lineage") or "base",
                                          "created": now()})
 
