@@ -514,8 +514,10 @@ def test_browser_labelling_by_keyboard_trains_a_reward_model(setup, browser):
     assert rows == want
     out = setup["root"] / "reward"
     r = run_cli("reward", "--base", str(setup["tiny"]), "--data", str(setup["labels"]),
-                "--out", str(out), "--max-steps", "2", "--set", "train.batch_size=2",
-                "--set", "train.eval_every=1")
+                "--out", str(out), "--max-steps", "2", "--set", "train.batch_size=1",
+                "--set", "train.eval_every=1")  # batch 1: a sampled answer longer than the
+    # tiny model's context leaves two of the three pairs (one held out), and a batch of 2
+    # then refused the run (seen once in CI)
     assert r.returncode == 0, r.stderr
     assert (out / "model" / "model.safetensors").is_file()
 
