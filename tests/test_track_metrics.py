@@ -193,7 +193,8 @@ def test_data_groups_split_by_tokenizer_and_corpus(tmp_path):
     assert data_group(model("d", "tok1", 200)) != data_group(a)  # another corpus
 
 
-def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8):
+def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8,
+                     sizes: tuple = (1e3, 3e3, 1e4, 3e4, 1e5)):
     """Five sizes whose 200 items follow a known logistic curve; with seeds > 1 each size's
     items are split in order between that many registered runs of the size."""
     from scalelab.track.registry import Registry
@@ -201,7 +202,7 @@ def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8):
     exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", threshold)
     rng = np.random.default_rng(2)
     offsets = rng.normal(0, 0.4, 200)
-    for i, n in enumerate([1e3, 3e3, 1e4, 3e4, 1e5]):
+    for i, n in enumerate(sizes):
         x = -3.2 + 0.6 * math.log10(n) + offsets
         ok = (rng.random(200) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
         for j, (xs, oks) in enumerate(zip(np.split(x, seeds), np.split(ok, seeds))):
@@ -254,6 +255,21 @@ def test_seeds_of_one_size_are_fitted_as_one_point(tmp_path):
     assert [c["passed"] for c in cells] == [pooled[f"m{i}"]["passed"] for i in range(5)] \
         == [False] * 4 + [True]
     assert cells[3]["max"] == pytest.approx(0.77) and cells[3]["min"] == pytest.approx(0.74)
+
+
+def test_one_lucky_seed_does_not_end_the_predictions(tmp_path):
+    """Up to 3e4 one seed passes 0.76 alone (0.77) while its size does not (0.755): the
+    predictions go on, equal to those of the one-run ladder holding the pooled items (any
+    passing model used to end an experiment's predictions)."""
+    from scalelab.track.predict import record_predictions
+    sizes = (1e3, 3e3, 1e4, 3e4)
+    one, _, _ = synthetic_ladder(tmp_path / "one.db", threshold=0.76, sizes=sizes)
+    two, _, _ = synthetic_ladder(tmp_path / "two.db", seeds=2, threshold=0.76, sizes=sizes)
+    assert any(two.latest()[k]["passed"] for k in two.latest())
+    a, b = record_predictions(one), record_predictions(two)
+    assert [p["axis"] for p in b] == [p["axis"] for p in a] == ["params"]
+    for key in ("predicted", "low", "high", "level"):
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-9), key
 
 
 def test_backtest_on_a_synthetic_ladder(tmp_path):

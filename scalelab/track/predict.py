@@ -331,20 +331,18 @@ def quantile_prediction(exp, ser: list[tuple[dict, dict]], col: str) -> dict | N
 
 
 def record_predictions(reg) -> list[dict]:
-    """A new prediction row for each still-failing experiment and data group whose evidence
-    changed."""
+    """A new prediction row for each experiment and data group whose evidence changed and
+    none of whose sizes passes yet (judged as the verdicts and backtest judge a size: the
+    mean of its runs, so one lucky seed does not end the predictions)."""
     latest, models, made = reg.latest(), reg.models(), []
-    passed = reg.passed_experiment_ids(latest)
     groups = sorted({data_group(m) for m in models if m["lineage"] == "base"})
     pooled = {g: pooled_calibration([series(reg, e, "params", g, latest, models)
                                      for e in reg.experiments()]) for g in groups}
     for exp in reg.experiments():
-        if exp["id"] in passed:
-            continue
         for group in groups:
             for axis, col in AXES.items():
                 ser = series(reg, exp, axis, group, latest, models)
-                if len(ser) < 3:
+                if len(ser) < 3 or any(scale_passed(exp, rs) for _, rs in by_scale(ser, col)):
                     continue
                 out = prediction_for(exp, ser, col, pooled[group])
                 if out is None or out[1] is None:
