@@ -101,11 +101,11 @@ def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[s
     from train, else validation would score text the model trained on."""
     if cfg.val_source:
         val = read_documents(cfg, cfg.val_source)
-        if set(val) <= set(docs):
+        held = set(val)
+        if held <= set(docs):
             raise UserError(f"data.val_source {cfg.val_source}: every one of its documents is "
                             "also in data.source, so validation would be training text; name "
                             "held-out text, or leave it empty to sample data.val_fraction")
-        held = set(val)
         train = [d for d in docs if d not in held]
         if not train:
             raise UserError(f"data.source {cfg.source}: every one of its documents is also in "

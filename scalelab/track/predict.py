@@ -119,8 +119,9 @@ def scale_mean(results: list[dict], metric: str) -> float:
 
 
 def scale_passed(exp, results: list[dict]) -> bool:
-    """A scale passes when its seeds do on average: their items pooled, for the
-    all-or-nothing metrics. One run passes as it was judged."""
+    """A scale passes when its seeds do on average: the mean of their metric (their items
+    pooled, for all-or-nothing metrics scored on as many items each). One run passes as
+    it was judged."""
     if len(results) == 1:
         return bool(results[0]["passed"])
     return M.passes(scale_mean(results, exp["metric"]), exp["threshold"], exp["metric"])
@@ -371,15 +372,13 @@ def verdict(reg, exp, pred, latest: dict | None = None, models: list | None = No
              if m[col] > pred["largest"]]
     if not later:
         return "no bigger model yet"
-    names = {}
-    for m, _ in later:
-        names.setdefault(m[col], []).append(m["name"])
     won = [s for s, rs in by_scale(later, col) if scale_passed(exp, rs)]
     lo = math.inf if pred["low"] is None else pred["low"]
     hi = math.inf if pred["high"] is None else pred["high"]
     if won:
         x = won[0]
-        who = names[x][0] if len(names[x]) == 1 else f"mean of {', '.join(names[x])}"
+        names = [m["name"] for m, _ in later if m[col] == x]
+        who = names[0] if len(names) == 1 else f"mean of {', '.join(names)}"
         if pred["predicted"] is None:
             return f"passed at {x:.3g} ({who}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \
