@@ -59,8 +59,9 @@ def cmd_experiment_seed(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment_list(args: argparse.Namespace) -> None:
+    from scalelab.track.predict import passed_experiments
     reg = open_registry(args, create=False)
-    passed = reg.passed_experiment_ids()
+    passed = passed_experiments(reg)
     for e in reg.experiments():
         print(f"{e['name']:<18} {'passed' if e['id'] in passed else 'not yet':<8} "
               f"{e['metric']} {M.comparison(e['metric'])} {e['threshold']:<5} {e['task']}")
@@ -149,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     exps = [reg.experiment(args.experiment)] if args.experiment is not None \
         else reg.experiments()
     if args.failed_only:
-        passed = reg.passed_experiment_ids()
+        from scalelab.track.predict import passed_experiments
+        passed = passed_experiments(reg)
         exps = [e for e in exps if e["id"] not in passed]
     if args.experiment is None:  # named with --experiment, a deleted task file is refused
         exps = with_task_files(exps)
@@ -158,13 +160,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def status(reg: Registry) -> dict:
+    from scalelab.track.predict import first_passing, judged_together, runs_label
     latest = reg.latest()
     models = sorted(reg.models(), key=lambda m: (m["non_embedding_params"], m["id"]))
     out = {"models": [{k: m[k] for k in ("name", "params", "non_embedding_params", "tokens",
                                          "flops", "lineage")} for m in models],
            "experiments": [], "not_yet": []}
     for e in reg.experiments():
-        cells, first = {}, None
+        cells = {}
         for m in models:
             r = latest.get((e["id"], m["id"]))
             if r is not None:
@@ -172,35 +175,33 @@ def status(reg: Registry) -> dict:
                 # since strict JSON (jq, browsers, the serve API) has no NaN
                 cells[m["name"]] = {"value": value if math.isfinite(value) else None,
                                     "passed": bool(r["passed"])}
-                if r["passed"] and first is None:
-                    first = m["name"]
+        # a size with several runs passes by their mean, not by its luckiest seed
+        first = first_passing(e, models, latest)
+        first = None if first is None else runs_label([m for m, _ in first])
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
                                    "threshold": e["threshold"], "results": cells,
                                    # '<=0.2' for distances: the threshold alone hid which side
                                    "pass_rule": M.comparison(e["metric"])
                                    + format(e["threshold"], "g"),
-                                   "first_passing_model": first})
+                                   "first_passing_model": first,
+                                   "by_size": size_cells(e, judged_together(e, models, latest))})
         if first is None:
             out["not_yet"].append(e["name"])
-        out["experiments"][-1]["by_size"] = size_cells(e, models, latest)
     return out
 
 
-def size_cells(e, models: list, latest: dict) -> list[dict]:
-    """One cell per size of the base models of one data group (a tokenizer and corpus, as
-    the fits pool them; the runs of one N with other seeds together): its runs, the mean,
-    lowest and highest value over them, and whether the size passes as the fits and
-    backtest judge it (predict.scale_passed)."""
+def size_cells(e, sets: list[list[tuple[dict, dict]]]) -> list[dict]:
+    """One cell per size of the base models of one data group (predict.judged_together):
+    its runs, the mean, lowest and highest value over them, and whether the size passes."""
     from scalelab.track.predict import data_group, scale_passed
-    runs: dict[tuple, list] = {}
-    for m in models:
-        if m["lineage"] == "base" and (r := latest.get((e["id"], m["id"]))) is not None:
-            runs.setdefault((m["non_embedding_params"], data_group(m)), []).append((m, r))
     cells = []
-    for (n, group), mrs in sorted(runs.items()):
-        rs = [r for _, r in mrs]
+    for mrs in sets:
+        m0, rs = mrs[0][0], [r for _, r in mrs]
+        if m0["lineage"] != "base":
+            continue
         values = [v for r in rs if math.isfinite(v := r["metrics"][e["metric"]])]
-        cells.append({"n": n, "group": group, "models": [m["name"] for m, _ in mrs],
+        cells.append({"n": m0["non_embedding_params"], "group": data_group(m0),
+                      "models": [m["name"] for m, _ in mrs],
                       "runs": len(rs), "mean": None if not values else M.mean(values),
                       "min": min(values, default=None), "max": max(values, default=None),
                       "passed": scale_passed(e, rs)})

@@ -113,7 +113,14 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
     all models) it is skipped where another record now holds that folder's contents (it was
     re-registered), as is a model whose folder is gone."""
     from scalelab.track.evaluate import load_lm, model_info, run_experiment
-    from scalelab.track.predict import fmt, record_predictions
+    from scalelab.track.predict import (
+        first_passing,
+        fmt,
+        judged_together,
+        record_predictions,
+        runs_label,
+        scale_mean,
+    )
     version = code_version()
     for m in models:
         if not exps:
@@ -131,18 +138,29 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
                 f"registered as {newer}")
             continue
         check_unchanged(m, info, m["path"])
-        passed = reg.passed_experiment_ids()  # once per model (per experiment it re-read
-        for e in exps:                        # every result: quadratic in the registry)
-            before = e["id"] in passed
+        # loaded once per model, kept current below (re-reading every result per
+        # experiment was quadratic in the registry)
+        latest, everyone = reg.latest(), reg.models()
+        for e in exps:
+            before = first_passing(e, everyone, latest) is not None
             agg, ok, samples, n, secs = run_experiment(lm, e)
             reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
+            latest[(e["id"], m["id"])] = {"metrics": agg, "passed": ok}
             extra = "  ".join(f"{k} {agg[k]:.3f}" for k in agg if k != e["metric"]
                               and k in M.HIGHER_IS_BETTER)
             log(f"  {m['name']:<16} {e['name']:<16} {e['metric']} {agg[e['metric']]:.3f} "
                 f"{'PASS' if ok else 'fail'}  ({extra})")
-            if ok and not before:
-                reg.add_history(e["id"], f"first passed by {m['name']} "
-                                f"({e['metric']} {agg[e['metric']]:.3f})")
+            won = first_passing(e, everyone, latest)
+            if not before and won is not None:
+                value = scale_mean([r for _, r in won], e["metric"])
+                reg.add_history(e["id"], f"first passed by {runs_label([w for w, _ in won])} "
+                                f"({e['metric']} {value:.3f})")
+            elif before and won is None:  # a new seed pulled its size's mean under the bar
+                mine = next(s for s in judged_together(e, everyone, latest)
+                            if any(w["id"] == m["id"] for w, _ in s))
+                value = scale_mean([r for _, r in mine], e["metric"])
+                reg.add_history(e["id"], f"no longer passed: {runs_label([w for w, _ in mine])}"
+                                f" ({e['metric']} {value:.3f})")
     for p in record_predictions(reg):
         log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")
@@ -170,7 +188,8 @@ STAGE_LINEAGE = {"sft": "sft", "ppo": "rlhf", "dpo": "rlhf"}
 def register_model(reg: Registry, path: str | Path, name: str | None = None,
                    lineage: str = "base", parent: str | None = None, run: bool = True,
                    log=print) -> dict:
-    """Register a model folder, then run every experiment no model has passed yet on it."""
+    """Register a model folder, then run on it every experiment that no model (a size with
+    several runs: their mean, predict.first_passing) has passed yet."""
     from scalelab.track.evaluate import load_lm, model_info
     path = Path(path)
     lm = load_lm(path)
@@ -218,12 +237,13 @@ def register_model(reg: Registry, path: str | Path, name: str | None = None,
             "built-in starter set with `scalelab track experiment seed` (or your own with "
             "`scalelab track experiment add`), then `scalelab track run`")
     elif run:
-        passed = reg.passed_experiment_ids()
+        from scalelab.track.predict import passed_experiments
+        passed = passed_experiments(reg, joining=m)
         mine = {r["experiment_id"] for r in reg.results() if r["model_id"] == m["id"]}
         todo = with_task_files([e for e in reg.experiments() if e["id"] not in passed | mine],
                                log)
-        log(f"running the {len(todo)} experiments no model has passed yet "
-            f"({len(passed)} already passed, skipped)")
+        log(f"running the {len(todo)} experiments no model (a size: its runs' mean) has "
+            f"passed yet ({len(passed)} already passed, skipped)")
         evaluate(reg, [m], todo, log)
     return dict(m)
 

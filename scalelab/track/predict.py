@@ -127,6 +127,47 @@ def scale_passed(exp, results: list[dict]) -> bool:
     return M.passes(scale_mean(results, exp["metric"]), exp["threshold"], exp["metric"])
 
 
+def judged_key(m) -> tuple:
+    """Models with one key pass or fail as one (judged_together): base models of one size
+    (N) and data group, the runs of other seeds (`sweep.seeds`); any other model alone."""
+    return (m["non_embedding_params"], data_group(m)) if m["lineage"] == "base" \
+        else (m["non_embedding_params"], m["id"])
+
+
+def judged_together(exp, models: list, latest: dict) -> list[list[tuple[dict, dict]]]:
+    """(model, newest result on `exp`) in the sets that pass or fail as one (judged_key),
+    smallest N first. The fits, verdicts, `status --by-size` and the workflow's "passed"
+    (which experiments `model add` still runs) all judge these."""
+    sets: dict[tuple, list] = {}
+    for m in models:
+        if (r := latest.get((exp["id"], m["id"]))) is not None:
+            sets.setdefault(judged_key(m), []).append((dict(m), r))
+    return sorted(sets.values(), key=lambda s: (s[0][0]["non_embedding_params"], s[0][0]["id"]))
+
+
+def runs_label(models: list) -> str:
+    """A set of runs by name: the model's own, or 'mean of a, b'."""
+    names = [m["name"] for m in models]
+    return names[0] if len(names) == 1 else f"mean of {', '.join(names)}"
+
+
+def first_passing(exp, models: list, latest: dict) -> list[tuple[dict, dict]] | None:
+    """The smallest set of runs (judged_together) that passes `exp`, None if none does."""
+    return next((s for s in judged_together(exp, models, latest)
+                 if scale_passed(exp, [r for _, r in s])), None)
+
+
+def passed_experiments(reg, latest: dict | None = None, joining=None) -> set[int]:
+    """Experiments that a size (the mean of its runs) or a post-trained model passes, on
+    the newest evaluations; `latest`: reg.latest() where the caller has it already. With
+    `joining` (a model about to be evaluated), a pass by the set it joins does not count:
+    a new seed of a size that passed is evaluated, since its result may undo the pass."""
+    latest, models = reg.latest() if latest is None else latest, reg.models()
+    if joining is not None:
+        models = [m for m in models if judged_key(m) != judged_key(joining)]
+    return {e["id"] for e in reg.experiments() if first_passing(e, models, latest)}
+
+
 def pooled_items(results: list[dict], x_is: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """per_item of the seeds at one scale, concatenated; None if none stores items."""
@@ -377,8 +418,7 @@ def verdict(reg, exp, pred, latest: dict | None = None, models: list | None = No
     hi = math.inf if pred["high"] is None else pred["high"]
     if won:
         x = won[0]
-        names = [m["name"] for m, _ in later if m[col] == x]
-        who = names[0] if len(names) == 1 else f"mean of {', '.join(names)}"
+        who = runs_label([m for m, _ in later if m[col] == x])
         if pred["predicted"] is None:
             return f"passed at {x:.3g} ({who}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \

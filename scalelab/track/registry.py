@@ -424,12 +424,6 @@ class Registry:
         """The newest result of every (experiment, model) pair."""
         return {(r["experiment_id"], r["model_id"]): r for r in self.results()}
 
-    def passed_experiment_ids(self, latest: dict | None = None) -> set[int]:
-        """Experiments that some model has passed (on its newest evaluation); `latest`:
-        self.latest() where the caller has it already."""
-        return {e for (e, _), r in (self.latest() if latest is None else latest).items()
-                if r["passed"]}
-
     # ---- predictions ------------------------------------------------------------------
 
     def add_prediction(self, p: dict) -> int:

@@ -22,9 +22,11 @@ from scalelab.track.predict import (
     by_scale,
     corpus_source,
     data_group,
+    first_passing,
     fit_power_law,
     fmt,
     record_predictions,
+    runs_label,
     scale_mean,
     series,
     verdict,
@@ -213,16 +215,16 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
                  "".join(f"<th>{esc(m['name'])}<br>{m['non_embedding_params']:.3g}</th>"
                          for m in mods) + "<th class=l>first passing model</th></tr>")
-    first = {}  # experiment id -> the smallest passing model's name
+    first = {}  # experiment id -> the smallest passing size (its runs' mean) or model
     for e in exps:
+        if (won := first_passing(e, mods, latest)) is not None:
+            first[e["id"]] = runs_label([m for m, _ in won])
         cells = ""
         for m in mods:
             r = latest.get((e["id"], m["id"]))
             if r is None:
                 cells += "<td></td>"
                 continue
-            if r["passed"]:
-                first.setdefault(e["id"], m["name"])
             cells += (f"<td class='{'p' if r['passed'] else ''}'>"
                       f"{r['metrics'][e['metric']]:.2f}</td>")
         parts.append(f"<tr><td class=l><a href='#e{e['id']}'>{esc(e['name'])}</a></td>"
