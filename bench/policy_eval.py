@@ -1,6 +1,7 @@
 """The demo's evaluation for any policies: greedy task accuracy (held-in, held-out) and the
 gold reward of answers sampled at temperature 1 to 1024 held-in prompts, with what it is
-made of. Compare your own PPO/DPO runs with the demo's models:
+made of; every prompt one that no stage of the demo (SFT, reward, PPO, at their preset seeds
+and counts) trained on. Compare your own PPO/DPO runs with the demo's models:
 
     python bench/policy_eval.py SFT=runs/demo/sft/model PPO=runs/demo/ppo/model
 """

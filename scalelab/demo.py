@@ -56,19 +56,43 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return read_rows(run_dir / "metrics.jsonl")
 
 
+def trained_prompts() -> set[str]:
+    """Every task prompt a stage of the demo trains on: SFT's conversations (its held-out
+    tenth too), the reward model's preference prompts, PPO's prompts (their seeds and
+    counts come from the presets; the demo changes only step counts)."""
+    from scalelab.train.ppo import load_prompts
+    from scalelab.train.reward import preference_examples
+    from scalelab.train.sft import task_conversations
+    sft, rm, ppo = (load_config(resolve_config_path(p)) for p in ("sft", "reward", "ppo"))
+    return ({e.prompt for e in task_conversations(sft.sft.n_examples, sft.sft.seed)[1]}
+            | {e.prompt for e in preference_examples(rm.reward)}
+            | set(load_prompts("builtin:tasks", ppo.ppo.n_prompts, ppo.ppo.seed)[0]))
+
+
+def evaluation_sets() -> dict[str, list]:
+    """The examples the demo evaluates on: 32 per held-in family and per held-out family
+    (greedy accuracy), 1024 over the held-in families (sampled answers and the gold reward).
+    Every prompt is new: none that a stage trained on (trained_prompts), none twice."""
+    from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS, unseen_examples
+    trained = trained_prompts()
+    return {"held_in": unseen_examples(TRAIN_TASKS, 32 * len(TRAIN_TASKS), 1001, trained),
+            "held_out": unseen_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), 1001, trained),
+            "gold": unseen_examples(TRAIN_TASKS, 1024, 2002, trained)}
+
+
 @torch.no_grad()
 def evaluate_policies(models: dict[str, Path]) -> dict:
     """Task accuracy (greedy) on held-in and held-out families, and for sampled answers
     (temperature 1, as PPO samples) to held-in prompts: the mean gold reward and what it is
-    made of (correct, said more than the answer, stopped), for each model."""
+    made of (correct, said more than the answer, stopped), for each model; on the prompts of
+    evaluation_sets."""
     from scalelab.evaluate import respond_ids, task_accuracy
     from scalelab.generate import stopped
-    from scalelab.tasks import HELDOUT_TASKS, TASKS, TRAIN_TASKS, make_examples
+    from scalelab.tasks import TASKS
     from scalelab.train.checkpoint import load_model
     from scalelab.train.labelers import gold
-    held_in = make_examples(TRAIN_TASKS, 32 * len(TRAIN_TASKS), seed=1001)
-    held_out = make_examples(HELDOUT_TASKS, 32 * len(HELDOUT_TASKS), seed=1001)
-    gold_prompts = make_examples(TRAIN_TASKS, 1024, seed=2002)
+    sets = evaluation_sets()
+    held_in, held_out, gold_prompts = sets["held_in"], sets["held_out"], sets["gold"]
     results = {}
     for name, path in models.items():
         model, tok = load_model(path)
@@ -150,10 +174,14 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
           "finished by an earlier invocation are skipped). Every number below comes from this "
           "run directory.", "",
           "## Task accuracy (greedy answers, scored by each task's programmatic scorer)", "",
-          "| model | held-in tasks | held-out tasks (never trained on) |", "|---|---|---|"]
+          "The prompts of this table and the next are new: no stage (SFT, reward model, PPO) "
+          "trained on them, and none is asked twice.", "",
+          "| model | held-in tasks (new prompts) | held-out tasks (never trained on) |",
+          "|---|---|---|"]
     md += [f"| {n} | {results[n]['held_in']['mean']:.3f} | {results[n]['held_out']['mean']:.3f} |"
            for n in names]
-    md += ["", "## Sampled answers (temperature 1, 1024 held-in prompts) and the gold labeler",
+    md += ["", "## Sampled answers (temperature 1, 1024 new prompts of the held-in tasks) and the "
+           "gold labeler",
            "", "The gold labeler stands in for human raters: correct first, then no extra words "
            "(it dislikes pleasantries such as \"I hope this helps!\", which some demonstrations "
            "end with), then close to correct, then a clean stop.", "",

@@ -82,3 +82,30 @@ def test_held_out_formats_are_not_in_the_corpus():
     held_out = make_examples(HELDOUT_TASKS, 500, seed=0)
     assert not [e.prompt for e in held_out if e.prompt in text]
     assert not re.search(r"together make|[A-D]\) \d", text)  # addition_words, options
+
+
+def test_demo_evaluates_on_prompts_no_stage_trained_on():
+    """The demo's accuracy and gold-reward prompts are none of the prompts its SFT
+    conversations, reward-model preferences or PPO rollouts use (the task families' item
+    spaces are small: 175 of the 832 held-in prompts drawn before were SFT prompts word for
+    word), none is asked twice, and each family still gets its share."""
+    from collections import Counter
+
+    from scalelab.demo import evaluation_sets, preset_config
+    from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS
+    from scalelab.train.ppo import load_prompts
+    from scalelab.train.reward import preference_examples
+    from scalelab.train.sft import task_conversations
+    sft, rm, ppo = (preset_config(p, 1) for p in ("sft", "reward", "ppo"))
+    convs = task_conversations(sft.sft.n_examples, sft.sft.seed, sft.sft.chatty_fraction)[0]
+    trained = ({c[0]["content"] for c in convs} | {e.prompt for e in preference_examples(rm.reward)}
+               | set(load_prompts("builtin:tasks", ppo.ppo.n_prompts, ppo.ppo.seed)[0]))
+    assert len(trained) > 15000
+    sets = evaluation_sets()
+    for name, examples in sets.items():
+        prompts = [e.prompt for e in examples]
+        assert len(set(prompts)) == len(prompts), name
+        assert not trained & set(prompts), name
+    assert Counter(e.family for e in sets["held_in"]) == dict.fromkeys(TRAIN_TASKS, 32)
+    assert Counter(e.family for e in sets["held_out"]) == dict.fromkeys(HELDOUT_TASKS, 32)
+    assert len(sets["gold"]) == 1024

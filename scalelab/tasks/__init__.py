@@ -34,7 +34,13 @@ pass world= to make / make_examples for another.
 """
 
 from scalelab.tasks.core import Example, TaskFamily, default_world, normalize
-from scalelab.tasks.families import HELDOUT_TASKS, TASKS, TRAIN_TASKS, make_examples
+from scalelab.tasks.families import (
+    HELDOUT_TASKS,
+    TASKS,
+    TRAIN_TASKS,
+    make_examples,
+    unseen_examples,
+)
 
 __all__ = ["Example", "TaskFamily", "TASKS", "TRAIN_TASKS", "HELDOUT_TASKS",
-           "make_examples", "normalize", "default_world"]
+           "make_examples", "unseen_examples", "normalize", "default_world"]

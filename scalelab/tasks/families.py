@@ -522,3 +522,27 @@ def make_examples(families: Sequence[str], n: int, seed: int, difficulty: int | 
         d = None if difficulty is None else min(difficulty, fam.max_difficulty)
         out.append(fam.make(random.Random(f"{seed}:{fam.name}:{i}"), d, world=world))
     return out
+
+
+def unseen_examples(families: Sequence[str], n: int, seed: int, exclude: set[str]
+                    ) -> list[Example]:
+    """n examples round-robin over families, as make_examples, with prompts that are new:
+    none in `exclude` (the prompts a model was trained on) and none twice. The families'
+    item spaces are small (of 832 drawn for the demo's held-in set, 175 were SFT training
+    prompts word for word), so this draws more and keeps the unseen ones."""
+    per = -(-n // len(families))
+    draws = 2 * per
+    while True:
+        pools: dict[str, list[Example]] = {f: [] for f in families}
+        seen = set(exclude)
+        for e in make_examples(families, draws * len(families), seed):
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                pools[e.family].append(e)
+        if all(len(p) >= per for p in pools.values()):
+            return [pools[families[i % len(families)]][i // len(families)] for i in range(n)]
+        if draws > 64 * per:
+            short = min(pools, key=lambda f: len(pools[f]))
+            raise ValueError(f"task family {short}: {len(pools[short])} unseen prompts in "
+                             f"{draws} draws, {per} wanted")
+        draws *= 2

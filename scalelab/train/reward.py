@@ -92,16 +92,21 @@ def reward_scores(model: ScalarModel, tok: Tokenizer, stats: dict, prompts: list
 
 # ---- preference data ------------------------------------------------------------------------
 
+def preference_examples(rc: RewardConfig) -> list:
+    """The task examples whose prompts generate_preferences samples answers to."""
+    from scalelab.tasks import TRAIN_TASKS, make_examples
+    return make_examples(TRAIN_TASKS, rc.n_prompts, rc.seed + 7)
+
+
 def generate_preferences(policy: Transformer, tok: Tokenizer, cfg: Config) -> list[dict]:
     """Sample K answers per task prompt, rank them with the labeler: one row per prompt with
     its distinct answers best first and their gold scores."""
-    from scalelab.tasks import TRAIN_TASKS, make_examples
     rc = cfg.reward
     label = get_labeler(rc.labeler)
     if rc.max_new_tokens >= policy.cfg.seq_len:
         raise UserError(f"reward.max_new_tokens = {rc.max_new_tokens} leaves no room for a "
                         f"prompt in the model's context of {policy.cfg.seq_len} tokens")
-    examples = make_examples(TRAIN_TASKS, rc.n_prompts, rc.seed + 7)
+    examples = preference_examples(rc)
     g = torch.Generator(device=next(policy.parameters()).device).manual_seed(rc.seed)
     prompts = [e.prompt for e in examples for _ in range(rc.samples_per_prompt)]
     answers = respond_ids(policy, tok, prompts, rc.max_new_tokens, temperature=rc.temperature,
