@@ -112,7 +112,9 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     # registry kept their old tokens, losses and results, and the L(N) fit the old losses)
     metrics = (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes()
     args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--registry", str(reg)]
-    for old, new, said in (("tokens_per_param = 0.5", "tokens_per_param = 2.0", "settings"),
+    for old, new, said in (("tokens_per_param = 0.5", "tokens_per_param = 2.0",
+                            "sweep.tokens_per_param 0.5 -> 2.0"),
+                           ("lr = 3e-3", "lr = 1e-3", "train.lr 0.003 -> 0.001"),
                            ("d_model = 24, n_head = 2", "d_model = 24, n_head = 4",
                             "size L1-d24")):
         cfg.write_text(SWEEP.replace(old, new))
@@ -123,6 +125,12 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
         assert said in err.getvalue(), err.getvalue()
     assert (tmp_path / "sw" / "runs" / "L1-d16" / "metrics.jsonl").read_bytes() == metrics
     assert [m["tokens"] for m in db.models()] == [s["tokens"] for s in sizes] * 2
+    # how often it logs is not what it trains: the same sweep, nothing to do
+    cfg.write_text(SWEEP.replace("log_every = 5", "log_every = 2"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(args) == 0
+    assert "--- training" not in out.getvalue() and len(db.models()) == 6
 
 
 def test_bad_sweep_config_exits_2(tmp_path, capsys):

@@ -253,29 +253,45 @@ def ensure_experiments(reg: Registry, opts: dict) -> None:
 PLAN = "sweep-plan.json"
 
 
+# train.* keys that say how a run reports and keeps checkpoints, not what it trains:
+# changing them does not make --out another sweep
+BOOKKEEPING = ("train.log_every", "train.sample_every", "train.sample_prompt",
+               "train.checkpoint_every", "train.keep_checkpoints")
+
+
 def check_plan(out: Path, base: Config, opts: dict) -> dict:
     """What --out was made with: the settings every size shares (corpus, tokenizer, budget
     and lr rules, names) and each size's model. A rerun may resume, add or drop sizes;
     another budget or corpus silently trained the registered models further under their
-    old records (tokens, loss, results) or reused the old corpus, so it is refused."""
+    old records (tokens, loss, results) or reused the old corpus, so it is refused, naming
+    the keys that changed (a plan written before they were stored: only that some did)."""
     from scalelab.io import read_json_if_any
     shared = {k: v for k, v in opts.items() if k not in ("sizes", "seeds", "experiments")}
+    settings = json.loads(json.dumps(
+        {f"{sec}.{k}": v for sec, d in base.to_dict().items() for k, v in d.items()
+         if f"{sec}.{k}" not in BOOKKEEPING} | {f"sweep.{k}": v for k, v in shared.items()},
+        default=str))  # as they read back from the plan file
     plan = {"shared": hashlib.sha256(json.dumps([base.to_dict(), shared], sort_keys=True,
                                                 default=str).encode()).hexdigest()[:16],
-            "sizes": {}}
+            "settings": settings, "sizes": {}}
     for size in opts["sizes"]:
         model = apply_dict(copy.deepcopy(base), {"model": size}, "sweep size").model
         plan["sizes"][size_label(model)] = dataclasses.asdict(model)
     old = read_json_if_any(out / PLAN) if (out / PLAN).is_file() else {}
-    changed = [] if old.get("shared", plan["shared"]) == plan["shared"] else \
-        ["the settings all sizes share ([model], [data], [train], sweep budget, lr and name)"]
+    if "settings" in old:
+        was = old["settings"]
+        changed = [f"{k} {was.get(k, '(unset)')!r} -> {settings.get(k, '(unset)')!r}"
+                   for k in sorted(was.keys() | settings.keys()) if was.get(k) != settings.get(k)]
+    else:
+        changed = [] if old.get("shared", plan["shared"]) == plan["shared"] else \
+            ["the settings all sizes share ([model], [data], [train], sweep budget, lr and name)"]
     changed += [f"size {label}" for label, model in plan["sizes"].items()
                 if old.get("sizes", {}).get(label, model) != model]
     if changed:
         raise UserError(f"--out {out}: holds a sweep made with another config (changed: "
                         f"{'; '.join(changed)}); choose a new --out: its runs would be trained "
                         "further or reused under the models registered from them")
-    return {"shared": plan["shared"], "sizes": {**old.get("sizes", {}), **plan["sizes"]}}
+    return {**plan, "sizes": {**old.get("sizes", {}), **plan["sizes"]}}
 
 
 def run_sweep(config: Path, base: Config, opts: dict, out: Path, reg: Registry) -> dict:
