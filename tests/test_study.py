@@ -5,6 +5,7 @@ import json
 from scalelab.cli import main
 from scalelab.tasks import HELDOUT_TASKS, TRAIN_TASKS, make_examples
 from scalelab.track.registry import Registry
+from scalelab.track.specs import load_items
 
 STUDY = """
 [model]
@@ -44,13 +45,17 @@ def test_study_trains_each_size_and_subset_registers_and_reports(tmp_path, capsy
     assert sorted(order) == sorted(TRAIN_TASKS)  # a permutation of the training families
     one, three = summary["subsets"]["1"], summary["subsets"]["3"]
     assert three[:1] == one and len(set(three)) == 3 and not set(three) & set(HELDOUT_TASKS)
-    # each SFT run trained on exactly its subset's families (read back from its data file)
+    # each SFT run trained on exactly its subset's families (read back from its data file),
+    # on no prompt of the study's test items
+    reg = Registry(reg_path)
+    tests = {it.prompt for e in reg.experiments() for it in load_items(e["task"])}
     for k, fams in (("1", one), ("3", three)):
         rows = [json.loads(x) for x in (out / "sft-data" / f"tasks-{k}.jsonl").read_text()
                 .splitlines()]
         assert len(rows) == 120
-        prompts = {r["messages"][0]["content"] for r in rows}
-        assert prompts == {e.prompt for e in make_examples(fams, 120, 0)}
+        prompts = [r["messages"][0]["content"] for r in rows]
+        assert prompts == [e.prompt for e in make_examples(fams, 240, 0)
+                           if e.prompt not in tests][:120]
     grid = [(r["size"], r["n_tasks"]) for r in summary["rows"]]
     assert grid == [("L1-d16", 0), ("L1-d16", 1), ("L1-d16", 3),
                     ("L1-d32", 0), ("L1-d32", 1), ("L1-d32", 3)]
@@ -62,7 +67,6 @@ def test_study_trains_each_size_and_subset_registers_and_reports(tmp_path, capsy
             assert lineage["parent"] == str(out / "base" / label / "model")
     # the registry: 2 bases + 4 SFT models (with their parents), one experiment per family,
     # one result per (model, family)
-    reg = Registry(reg_path)
     models = {m["name"]: m for m in reg.models()}
     assert set(models) == {"toy-L1-d16", "toy-L1-d32", "toy-L1-d16-t1", "toy-L1-d16-t3",
                            "toy-L1-d32-t1", "toy-L1-d32-t3"}
@@ -174,3 +178,15 @@ def test_bad_study_config_exits_2(tmp_path, capsys):
     assert main(args) == 2 and "was not written by `scalelab study instruct`" in \
         capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_study_sft_data_leaves_out_the_test_items(tmp_path):
+    """The families' item spaces are small: 500 next_number examples drawn as the study drew
+    them hold most of its 32 test items word for word; its SFT data holds none."""
+    from scalelab.study import sft_data
+    tests = {it.prompt for it in load_items("tasks:next_number?difficulty=1&n=32")}
+    drawn = {e.prompt for e in make_examples(["next_number"], 500, 0)}
+    assert len(tests & drawn) > 10
+    sft_data(tmp_path / "d.jsonl", ["next_number"], 500, 0, tests)
+    rows = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert len(rows) == 500 and not {r["messages"][0]["content"] for r in rows} & tests
