@@ -157,12 +157,12 @@ def first_passing(exp, models: list, latest: dict) -> list[tuple[dict, dict]] | 
                  if scale_passed(exp, [r for _, r in s])), None)
 
 
-def passed_experiments(reg, latest: dict | None = None, joining=None) -> set[int]:
+def passed_experiments(reg, joining=None) -> set[int]:
     """Experiments that a size (the mean of its runs) or a post-trained model passes, on
-    the newest evaluations; `latest`: reg.latest() where the caller has it already. With
-    `joining` (a model about to be evaluated), a pass by the set it joins does not count:
-    a new seed of a size that passed is evaluated, since its result may undo the pass."""
-    latest, models = reg.latest() if latest is None else latest, reg.models()
+    the newest evaluations. With `joining` (a model about to be evaluated), a pass by the
+    set it joins does not count: a new seed of a size that passed is evaluated, since its
+    result may undo the pass."""
+    latest, models = reg.latest(), reg.models()
     if joining is not None:
         models = [m for m in models if judged_key(m) != judged_key(joining)]
     return {e["id"] for e in reg.experiments() if first_passing(e, models, latest)}
