@@ -309,3 +309,23 @@ def test_activation_checkpointing_in_the_plan():
     assert act["full"] == pytest.approx(per_block + mc.n_layer * 4096 * mc.d_model * 4 + logits)
     body = est["none"].times["matmul"]
     assert body < est["selective"].times["matmul"] < est["full"].times["matmul"] < 1.34 * body
+
+
+def test_plan_moves_and_keeps_what_train_dtype_resolves_to():
+    """On the cpu row train.dtype=auto trains in fp32 (hardware.compute_dtype): FSDP gathers
+    4-byte weights and activations take twice the bf16 bytes. The plan costed bf16 there."""
+    sizes, rules = {"dp": 1, "fsdp": 2, "tp": 1}, make_rules()
+    mc = plan.model_for_plan(load_config("configs/tiny.toml"))
+    d, L, V = mc.d_model, mc.n_layer, mc.vocab_size
+    blk = 4 * d * d + 3 * d * mc.d_mlp + 2 * d  # tiny: SwiGLU 384, tied embedding
+    tokens = 32 * mc.seq_len  # one micro-batch of the config's 32 sequences
+    for hw, sets, w in ((HARDWARE["cpu"], [], 4), (HARDWARE["cpu"], ["train.dtype=bfloat16"], 2),
+                        (H100, [], 2), (H100, ["train.dtype=float32"], 4)):
+        cfg = load_config("configs/tiny.toml", ["train.batch_size=64", *sets])
+        e = plan.estimate(cfg, sizes, rules, hw)
+        assert e.micro_batch == 32 and e.grad_accum == 1
+        gathers = summarize(e.comm)[("all_gather", "fsdp")]
+        assert gathers == pytest.approx(1 / 2 * w * (2 * L * blk + V * d + d)), (hw.name, sets)
+        act = L * tokens * d * 34 * w / 2 + tokens * V * (w + 4 + (4 if w == 2 else 0))
+        assert e.memory["activations"] == pytest.approx(act), (hw.name, sets)
+        assert e.memory["gathered"] == pytest.approx(w * (V * d + d + 2 * blk))

@@ -8,10 +8,12 @@ checks against measured bytes). Assumptions, stated once:
     accumulates the rest (FSDP gathers and reduce-scatters again every micro-step, replicas
     all-reduce once per step);
   - AdamW with fp32 master weights: 4 (param) + 4 (grad) + 8 (moments) bytes per parameter;
-  - bf16 compute; FSDP gathers bf16 weights and reduces fp32 gradients (parallel.apply's
-    mixed-precision policy), activations move in bf16;
-  - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
-    flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
+  - compute in the dtype train.dtype resolves to on the planned device, as training resolves
+    it (bf16 on GPUs, fp32 on the cpu row by default): FSDP gathers weights and activations
+    move in it, gradients are reduced in fp32 (parallel.apply's mixed-precision policy);
+  - activations ~34 bytes per token per d_model per layer in bf16, twice that in fp32
+    (Korthikanti et al. 2022, flash attention so no T^2 term), 24 of the 34 split by tp;
+    fp32 logits for the loss;
     a checkpointed block (train.activation_checkpointing) keeps only its fp32 input, and one
     block's activations are rebuilt at a time in backward;
   - compute time = matmuls at a measured fraction of peak + causal flash attention at a
@@ -30,8 +32,10 @@ import math
 import textwrap
 from dataclasses import dataclass, fields, replace
 
+import torch
+
 from scalelab.config import Config, ModelConfig, UserError
-from scalelab.hardware import Hardware
+from scalelab.hardware import Hardware, compute_dtype, use_compile
 from scalelab.model import LOGICAL_AXES, resolve
 from scalelab.parallel.ac import MODES, ac_mode, checkpointed_blocks
 from scalelab.parallel.comm import Collective, step_collectives
@@ -46,6 +50,7 @@ from scalelab.parallel.rules import (
 )
 
 OPTIMIZER_BYTES = 32  # fused AdamW per local parameter: read p, g, m, v; write p, m, v; clip
+DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 LOGIT_BYTES = 16  # per logit per token: bf16 logits, the fp32 loss copy, its gradient
 
 
@@ -93,17 +98,25 @@ def calibrate_other_bytes(mc: ModelConfig, tokens: int, step_s: float, compiled:
 
 def plans_compiled(cfg: Config, hw: Hardware) -> bool:
     """train.compile as the planned devices would resolve it ("auto": on for GPUs)."""
-    setting = cfg.train.compile
-    return setting is True or (setting == "auto" and hw.name != "cpu")
+    return use_compile(cfg.train.compile, torch.device(hw.device))
 
 
-def activation_bytes(mc: ModelConfig, tokens_micro: int, tp: int, ac: bool | str) -> float:
+def compute_bytes(cfg: Config, hw: Hardware) -> int:
+    """Bytes per element of gathered weights and activations: train.dtype as the planned
+    devices resolve it (bf16 autocast on GPUs, fp32 on CPU unless set)."""
+    bf16 = compute_dtype(torch.device(hw.device), cfg.train.dtype) == torch.bfloat16
+    return 2 if bf16 else 4
+
+
+def activation_bytes(mc: ModelConfig, tokens_micro: int, tp: int, ac: bool | str,
+                     act_bytes: int = 2) -> float:
     """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring)."""
-    per_block = tokens_micro * mc.d_model * (10 + 24 / tp)
+    per_block = tokens_micro * mc.d_model * (10 + 24 / tp) * act_bytes / 2
     n_ckpt = len(checkpointed_blocks(mc.n_layer, ac))
     kept = (mc.n_layer - n_ckpt + (1 if n_ckpt else 0)) * per_block  # + one being rebuilt
     inputs = n_ckpt * tokens_micro * mc.d_model * 4  # fp32 residual stream at block entry
-    logits = tokens_micro * mc.vocab_size * 10  # bf16 logits + fp32 copy + fp32 grad
+    # logits, their fp32 gradient, and an fp32 copy for the loss unless they are fp32 already
+    logits = tokens_micro * mc.vocab_size * (act_bytes + 4 + (4 if act_bytes < 4 else 0))
     return kept + inputs + logits
 
 
@@ -151,6 +164,7 @@ class Estimate:
     tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
+    dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
 
     @property
     def total_memory(self) -> float:
@@ -177,15 +191,16 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
+    w = compute_bytes(cfg, hw)
     gathered = 0.0
-    if dp * fsdp > 1:  # FSDP2's bf16 working copies: the root plus two blocks (prefetch)
+    if dp * fsdp > 1:  # FSDP2's working copies: the root plus two blocks (prefetch)
         tp_only = {**sizes, "dp": 1, "fsdp": 1}
         full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
         root = sum(v for n, v in full.items() if not n.startswith("blocks."))
-        gathered = 2 * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
+        gathered = w * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
 
     def memory_for(micro: int) -> dict[str, float]:
-        act = activation_bytes(mc, micro * mc.seq_len, tp, tc.activation_checkpointing)
+        act = activation_bytes(mc, micro * mc.seq_len, tp, tc.activation_checkpointing, w)
         return {"params": 4 * p_local, "grads": 4 * p_local, "optimizer": 8 * p_local,
                 "gathered": gathered, "activations": act}
 
@@ -205,8 +220,8 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
-    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=2, grad_bytes=4,
-                            act_bytes=2)
+    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=w, grad_bytes=4,
+                            act_bytes=w)
     comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
     for c in comm:
         t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
@@ -219,7 +234,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     if not why and total > hw.memory_bytes:
         why = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB"
     return Estimate(sizes, tokens, micro, accum, memory, compute_s, times, comm, comm_s, step_s,
-                    mfu, global_tokens / step_s / world, not why, why)
+                    mfu, global_tokens / step_s / world, not why, why, w)
 
 
 def model_flops_per_token(mc: ModelConfig) -> float:
@@ -311,7 +326,9 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
             f"bandwidth, the {kind} step (train.compile={str(cfg.train.compile).lower()}; "
             + source(f"other_bytes_{kind}", f"calibrated on scalelab's GPT-2 124M step on an "
                      f"H200, {CALIBRATION[kind][1]}") +
-            f"); activation checkpointing {ac_mode(cfg.train.activation_checkpointing)}; "
+            f"); weights gathered and activations in {DTYPE_NAMES[compute_bytes(cfg, hw)]} "
+            f"(train.dtype={cfg.train.dtype}); activation checkpointing "
+            f"{ac_mode(cfg.train.activation_checkpointing)}; "
             "FSDP/DP traffic overlapped with compute, TP all-reduces exposed")
     head = f"assumed ({hw.name} row of scalelab/hardware.py{'; ' + hw.note if hw.note else ''}):"
     return [head, *textwrap.wrap(text, 94, initial_indent="  ", subsequent_indent="  ")]
@@ -320,7 +337,7 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
 def ac_line(mc: ModelConfig, e: Estimate) -> str:
     """Activation memory of one micro-batch of this mapping under each checkpointing mode."""
     tokens = e.micro_batch * mc.seq_len
-    gb = {m: _gb(activation_bytes(mc, tokens, e.sizes["tp"], m)) for m in MODES}
+    gb = {m: _gb(activation_bytes(mc, tokens, e.sizes["tp"], m, e.dtype_bytes)) for m in MODES}
     return (f"  activations per device (micro-batch {e.micro_batch} x {mc.seq_len}): "
             + ", ".join(f"{gb[m]} GB with activation_checkpointing={m}" for m in MODES))
 
@@ -346,7 +363,7 @@ def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> s
         lines.append(f"  {n:<26} {names:<18} {axes:<14} {str(tuple(shape)):>13} "
                      f"{str(tuple(loc)):>13}  {tp_style(n, rules) or '-'}")
     lines += ["", f"collectives of one step (micro-batch {e.micro_batch} x {mc.seq_len} tokens "
-              f"per device, {e.grad_accum} micro-steps), bf16:",
+              f"per device, {e.grad_accum} micro-steps), {DTYPE_NAMES[e.dtype_bytes]}:",
               f"  {'kind':<15} {'axis':<6} {'n':>4} {'count':>6} {'S each':>10} "
               f"{'sent/device':>12} {'time s':>8}  what"]
     for c in e.comm:
