@@ -76,7 +76,7 @@ function show() {
 
 // ---- chat --------------------------------------------------------------------------------
 
-let conversation = [];  // [{role, content}]
+let conversation = [];  // [{role, content, error?}]: error set on an answer that failed
 let busy = false;
 
 function renderChat() {
@@ -86,6 +86,7 @@ function renderChat() {
     const box = el("div", "msg " + m.role);
     box.append(el("span", "role", m.role));
     const body = el("div", "content", m.content);
+    if (m.error) body.append(el("span", "error", m.error));
     box.append(body);
     const tools = el("span", "tools");
     if (m.role === "user") {
@@ -126,13 +127,16 @@ async function answer() {
   out.classList.add("streaming");
   const params = {temperature: numberParam("chat-temperature"), top_p: numberParam("chat-top-p"),
                   max_tokens: numberParam("chat-max-tokens"), seed: numberParam("chat-seed")};
+  // Failed answers stay on screen (the turn keeps its error) but are not sent back as context.
+  const asked = conversation.slice(0, -1).filter((m) => !m.error)
+    .map((m) => ({role: m.role, content: m.content}));
   try {
-    await streamChat($("chat-model").value, conversation.slice(0, -1), params, (text) => {
+    await streamChat($("chat-model").value, asked, params, (text) => {
       turn.content = text;
       out.textContent = text;
     });
   } catch (e) {
-    out.replaceChildren(el("span", "error", e.message));
+    turn.error = e.message;
   }
   busy = false;
   $("chat-send").disabled = false;

@@ -1,0 +1,60 @@
+"""The web app's pages in a real headless Chromium against a live server with a small
+untrained model (seconds, no training): what a person sees when things go wrong, and that
+the keyboard labels only the pair on screen."""
+
+import pytest
+import test_serve
+import torch
+from test_serve import LiveServer, css, httpx, open_view, set_value, text, wait
+
+from scalelab.config import ModelConfig
+from scalelab.model import Transformer
+
+# (importing test_serve skips this module too where scalelab[serve] is not installed)
+browser = test_serve.browser  # one headless Chromium for the module (skips without one)
+
+
+@pytest.fixture
+def server(tokenizer, tmp_path):
+    from scalelab.serve.app import ServeOptions, create_app
+    from scalelab.serve.engine import Engine
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2,
+                      d_model=32)
+    engines = {"small": Engine(Transformer(cfg).eval(), tokenizer)}
+    s = LiveServer(create_app(engines, ServeOptions(models={},
+                                                    labels=str(tmp_path / "labels.jsonl"))))
+    s.labels = tmp_path / "labels.jsonl"
+    yield s
+    s.stop()
+
+
+def chat(url: str, messages: list[dict], **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions",
+                      json={"model": "small", "messages": messages, **kw}, timeout=30)
+
+
+def test_a_failed_chat_answer_shows_its_error_and_is_not_sent_again(server, browser):
+    """The error of a refused answer was drawn, then wiped by the redraw that followed: an
+    empty answer, as if the model had said nothing."""
+    d = browser
+    open_view(d, server.url, "chat")
+    set_value(d, "chat-max-tokens", "5000")  # above the server's cap: a 400
+    css(d, "#chat-input")[0].send_keys("Where does Alice live?\n")
+    wait(d, lambda: css(d, ".msg.assistant .content.done"))
+    alice = [{"role": "user", "content": "Where does Alice live?"}]
+    refused = chat(server.url, alice, max_tokens=5000, stream=True)
+    assert refused.status_code == 400
+    shown = css(d, ".msg.assistant .content .error")
+    assert shown and text(d, shown[0]) == refused.json()["error"]["message"]
+    # the next question is answered without the failed turn, whose error stays on screen
+    for k, v in (("chat-max-tokens", "12"), ("chat-seed", "3"), ("chat-temperature", "1")):
+        set_value(d, k, v)
+    css(d, "#chat-input")[0].send_keys("Where does Bob live?\n")
+    wait(d, lambda: len(css(d, ".msg.assistant")) == 2 and
+         css(d, ".msg.assistant:last-child .content.done"))
+    bob = alice + [{"role": "user", "content": "Where does Bob live?"}]
+    want = chat(server.url, bob, max_tokens=12, seed=3, temperature=1).json()
+    answers = css(d, ".msg.assistant .content")
+    assert text(d, answers[1]) == want["choices"][0]["message"]["content"]
+    assert css(d, ".msg.assistant .content .error")
