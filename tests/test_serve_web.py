@@ -8,6 +8,7 @@ import torch
 from test_serve import LiveServer, css, httpx, open_view, set_value, text, wait
 
 from scalelab.config import ModelConfig
+from scalelab.data.formats import read_preferences
 from scalelab.model import Transformer
 
 # (importing test_serve skips this module too where scalelab[serve] is not installed)
@@ -58,3 +59,42 @@ def test_a_failed_chat_answer_shows_its_error_and_is_not_sent_again(server, brow
     answers = css(d, ".msg.assistant .content")
     assert text(d, answers[1]) == want["choices"][0]["message"]["content"]
     assert css(d, ".msg.assistant .content .error")
+
+
+def info(url: str) -> dict:
+    return httpx.get(url + "/api/info", timeout=30).json()
+
+
+def shown_pair(d) -> tuple[str, str, str]:
+    return tuple(text(d, css(d, f"#label-{k}")[0]) for k in ("prompt-text", "a", "b"))
+
+
+def test_keys_label_only_the_pair_on_screen(server, browser):
+    """After a refused "New pair" the old pair was hidden but still armed: the next A wrote
+    it to the labels file. And letters typed into a drop-down (which picks options by their
+    first letter) were taken as labels."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    d = browser
+    open_view(d, server.url, "label")
+    set_value(d, "label-source", "typed")
+    set_value(d, "label-prompt", "Where does Alice live?")
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    for select in ("label-source", "label-model"):
+        css(d, f"#{select}")[0].send_keys("tsab")
+    assert info(server.url)["counts"] == {"A": 0, "B": 0, "tie": 0, "skip": 0}
+    set_value(d, "label-source", "typed")
+    set_value(d, "label-prompt", "")  # the server refuses a blank typed prompt
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: css(d, "#label-gold .error"))
+    assert text(d, css(d, "#label-gold .error")[0]).endswith("type a prompt")
+    ActionChains(d).send_keys("a").perform()
+    set_value(d, "label-prompt", "Where does Bob live?")  # a pair that is shown: labelled
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    prompt, a, b = shown_pair(d)
+    ActionChains(d).send_keys("b").perform()
+    wait(d, lambda: info(server.url)["counts"]["B"] == 1)
+    assert info(server.url)["counts"] == {"A": 0, "B": 1, "tie": 0, "skip": 0}
+    assert read_preferences(server.labels) == [("Where does Bob live?", b, a)]
+    assert prompt == "Where does Bob live?"

@@ -202,7 +202,9 @@ function showPair(p) {
 }
 
 async function nextPair() {
+  if (labelBusy) return;
   labelBusy = true;
+  pair = null;  // hidden now, so no key may label it (nor, if no new pair comes, later)
   $("label-pair").hidden = true;
   try {
     showPair(await api("/api/label/pair", {
@@ -255,8 +257,11 @@ async function undo() {
 }
 
 function labelKeys(ev) {
-  if (location.hash !== "#label" || ev.target.tagName === "INPUT" ||
-      ev.target.tagName === "TEXTAREA" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  // Keys typed into a field or a drop-down (which picks an option by its first letter) are
+  // theirs, not labels.
+  const t = ev.target;
+  if (location.hash !== "#label" || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName) ||
+      t.isContentEditable || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const choice = {a: "A", 1: "A", b: "B", 2: "B", t: "tie", s: "skip"}[ev.key.toLowerCase()];
   if (choice) { ev.preventDefault(); judge(choice); }
   else if (ev.key.toLowerCase() === "u") { ev.preventDefault(); undo(); }
