@@ -98,3 +98,33 @@ def test_keys_label_only_the_pair_on_screen(server, browser):
     assert info(server.url)["counts"] == {"A": 0, "B": 1, "tie": 0, "skip": 0}
     assert read_preferences(server.labels) == [("Where does Bob live?", b, a)]
     assert prompt == "Where does Bob live?"
+
+
+def test_a_label_the_disk_cannot_take_is_not_half_written_nor_lost(tmp_path, monkeypatch):
+    """A short write (a full disk) left half a line in the labels file, counted as saved;
+    a failed one dropped the pair, so labelling it again said 'no pair waiting'."""
+    import errno
+    import os
+
+    from scalelab.serve import web
+    f = tmp_path / "labels.jsonl"
+    first = '{"prompt": "p0", "chosen": "a", "rejected": "b"}\n'
+    f.write_text(first)
+    store = web.LabelStore(f)
+    store.pending = {"1": {"id": "1", "prompt": "p1", "answers": ["x", "y"], "source": "typed",
+                           "model": "m", "gold": None}}
+    real_write = os.write
+
+    def short(fd, data):  # what write(2) does when the disk fills part way through
+        return real_write(fd, data[:len(data) // 2])
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    for broken in (short, full):
+        monkeypatch.setattr(web.os, "write", broken)
+        with pytest.raises(web.APIError, match="could not write to .*labels.jsonl"):
+            store.judge("1", "A")
+        assert f.read_text() == first and store.tallies()["written"] == 1
+    monkeypatch.setattr(web.os, "write", real_write)
+    assert store.judge("1", "B")["written"] == 2  # the same pair, labelled again
+    assert read_preferences(f) == [("p0", "a", "b"), ("p1", "y", "x")]
