@@ -329,3 +329,24 @@ def test_plan_moves_and_keeps_what_train_dtype_resolves_to():
         act = L * tokens * d * 34 * w / 2 + tokens * V * (w + 4 + (4 if w == 2 else 0))
         assert e.memory["activations"] == pytest.approx(act), (hw.name, sets)
         assert e.memory["gathered"] == pytest.approx(w * (V * d + d + 2 * blk))
+
+
+def test_when_nothing_fits_the_advice_follows_the_reason():
+    """Nothing fitting said "use more devices or a smaller batch_size" whatever the reason:
+    wrong both ways for a batch too small for the devices, and a smaller batch never helps a
+    mapping that runs out of memory at one sequence per micro-batch."""
+    rules = make_rules()
+    # GPT-2: tp can only be 1, 2 or 4 (12 heads), so 2048 devices make at least 512 data
+    # ranks for the 24 x 20 = 480 sequences of a step
+    cfg = gpt2()
+    ests = plan.plan(cfg, 2048, rules, H100)
+    assert min(e.sizes["dp"] * e.sizes["fsdp"] for e in ests if 12 % e.sizes["tp"] == 0) == 512
+    advice = plan.format_plan(cfg, 2048, H100, ests).split("recommended: ")[1].splitlines()[0]
+    assert advice.startswith("none fits") and "fewer devices" in advice
+    assert "more devices" not in advice and "smaller" not in advice
+    # Llama 7B on one H100: 16 B x 6.74B parameters of weights, grads and AdamW alone
+    big = load_config("configs/llama-7b.toml")
+    (e,) = plan.plan(big, 1, rules, H100)
+    assert e.micro_batch == 1 and e.memory["params"] * 4 > H100.memory_bytes
+    advice = plan.format_plan(big, 1, H100, [e]).split("recommended: ")[1].splitlines()[0]
+    assert "more devices" in advice and "fewer" not in advice and "smaller" not in advice

@@ -164,6 +164,7 @@ class Estimate:
     tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
+    limit: str = ""  # what keeps it from fitting: "batch", "tp" or "memory"
     dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
 
     @property
@@ -182,12 +183,12 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     data_world, world = dp * fsdp, dp * fsdp * tp
     global_seqs = tc.batch_size * tc.grad_accum
     seqs = global_seqs / data_world  # per data rank per step
-    why = ""
+    why, limit = "", ""
     if seqs < 1:
-        why = f"global batch of {global_seqs} sequences < {data_world} data ranks"
+        why, limit = f"global batch of {global_seqs} sequences < {data_world} data ranks", "batch"
     for dim, n in (("heads", mc.n_head), ("kv", mc.n_kv_head), ("mlp", mc.d_mlp)):
-        if "tp" in rules[dim] and n % tp:
-            why = why or f"tp={tp} does not divide {dim}={n}"
+        if "tp" in rules[dim] and n % tp and not why:
+            why, limit = f"tp={tp} does not divide {dim}={n}", "tp"
 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
@@ -231,10 +232,10 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     global_tokens = (n_seqs * data_world if seqs >= 1 else global_seqs) * mc.seq_len
     mfu = model_flops_per_token(mc) * global_tokens / (step_s * world * hw.peak_flops)
     total = sum(memory.values())
-    if not why and total > hw.memory_bytes:
-        why = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB"
+    if not why and total > hw.memory_bytes:  # even at a micro-batch of one sequence
+        why, limit = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB", "memory"
     return Estimate(sizes, tokens, micro, accum, memory, compute_s, times, comm, comm_s, step_s,
-                    mfu, global_tokens / step_s / world, not why, why, w)
+                    mfu, global_tokens / step_s / world, not why, why, limit, w)
 
 
 def model_flops_per_token(mc: ModelConfig) -> float:
@@ -288,7 +289,7 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
     best = ests[0] if ests and ests[0].fits else None
     lines.append("")
     if best is None:
-        lines.append("recommended: none fits; use more devices or a smaller batch_size")
+        lines.append("recommended: none fits; " + none_fits(cfg, hw, ests))
     else:
         bound = "compute" if best.compute_s >= 1.5 * best.comm_s["bwd"] else "communication"
         lines.append(f"recommended: {best.name}  (predicted {best.step_s:.3f} s/step, "
@@ -307,6 +308,24 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
                          f"{ranks} data ranks")
         lines.append(ac_line(mc, best))
     return "\n".join(lines)
+
+
+def none_fits(cfg: Config, hw: Hardware, ests: list[Estimate]) -> str:
+    """What to change, from why the mappings do not fit. A mapping short of memory is so at
+    a micro-batch of one sequence: a smaller batch would not help it."""
+    limits = {e.limit for e in ests}
+    tips = []
+    if "memory" in limits:
+        ac = ac_mode(cfg.train.activation_checkpointing)
+        tips.append(f"one sequence per device needs over {hw.memory_bytes / 1e9:.3g} GB: use "
+                    "more devices (fsdp shards weights and optimizer state)"
+                    + (", train.activation_checkpointing=full" if ac != "full" else "")
+                    + " or a shorter model.seq_len")
+    if "batch" in limits:
+        seqs = cfg.train.batch_size * cfg.train.grad_accum
+        tips.append(f"{seqs} sequences per step leave data ranks without one: use fewer "
+                    "devices or raise train.batch_size x train.grad_accum")
+    return "; ".join(tips)
 
 
 def assumptions(cfg: Config, hw: Hardware) -> list[str]:
