@@ -189,6 +189,7 @@ def test_plan_cli(tmp):
     assert r.returncode == 0 and "blocks.0.attn.wq.weight" in r.stdout
     assert "(384, 384)" in r.stdout  # 768 x 768 cut by tp=2 (heads) and fsdp=2 (embed)
     for args, msg in [(["--explain", "2,2"], "--explain"), (["--explain", "2,2,1"], "equal"),
+                      (["--explain=-1,-8,1"], "each be at least 1"),  # product 8: not "equal"
                       (["--set", "parallel.rules.vocab=tp"], "parallel.rules.vocab"),
                       (["--top", "0"], "--top 0"), (["--top", "-1"], "--top -1"),
                       (["--set", "model.n_head=7"], "n_head = 7")]:  # cannot be built

@@ -436,6 +436,8 @@ def parse_mapping(text: str, world: int) -> dict[str, int]:
         dp, fsdp, tp = (int(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--explain {text!r}: expected dp,fsdp,tp such as 2,4,1") from None
-    if dp * fsdp * tp != world or min(dp, fsdp, tp) < 1:
+    if min(dp, fsdp, tp) < 1:
+        raise UserError(f"--explain {text}: dp, fsdp and tp must each be at least 1")
+    if dp * fsdp * tp != world:
         raise UserError(f"--explain {text}: dp*fsdp*tp must equal --world-size {world}")
     return {"dp": dp, "fsdp": fsdp, "tp": tp}
