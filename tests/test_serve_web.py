@@ -128,3 +128,23 @@ def test_a_label_the_disk_cannot_take_is_not_half_written_nor_lost(tmp_path, mon
     monkeypatch.setattr(web.os, "write", real_write)
     assert store.judge("1", "B")["written"] == 2  # the same pair, labelled again
     assert read_preferences(f) == [("p0", "a", "b"), ("p1", "y", "x")]
+
+
+def test_regenerate_waits_for_the_answer_being_streamed(server, browser):
+    """The answer being streamed already shows its "regenerate" button; a click on it started
+    a second answer beside the first, and the first one's end marked the chat idle while the
+    second still streamed into it."""
+    d = browser
+    open_view(d, server.url, "chat")
+    calls = d.execute_script("""
+      window.calls = 0;
+      const real = window.fetch;
+      window.fetch = (...args) => { window.calls += 1; return real(...args); };
+      document.getElementById('chat-input').value = 'Where does Alice live?';
+      document.getElementById('chat-send').click();  // answer() runs up to its fetch
+      document.querySelector('.msg.assistant .regenerate').click();
+      return window.calls;""")
+    assert calls == 1
+    wait(d, lambda: css(d, ".msg.assistant .content.done"))
+    css(d, ".msg.assistant .regenerate")[0].click()  # once the answer is in, it works
+    wait(d, lambda: d.execute_script("return window.calls") == 2)

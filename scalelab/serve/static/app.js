@@ -95,7 +95,7 @@ function renderChat() {
       tools.append(edit);
     } else if (i === conversation.length - 1) {
       const again = el("button", "regenerate", "regenerate");
-      again.onclick = () => { conversation.pop(); answer(); };
+      again.onclick = () => { if (!busy) { conversation.pop(); answer(); } };
       tools.append(again);
     }
     box.append(tools);
