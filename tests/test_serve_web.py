@@ -148,3 +148,20 @@ def test_regenerate_waits_for_the_answer_being_streamed(server, browser):
     wait(d, lambda: css(d, ".msg.assistant .content.done"))
     css(d, ".msg.assistant .regenerate")[0].click()  # once the answer is in, it works
     wait(d, lambda: d.execute_script("return window.calls") == 2)
+
+
+def test_enter_that_ends_an_input_method_word_does_not_send(server, browser):
+    """With an input method (Chinese, Japanese, ...) Enter first confirms the word being
+    composed; the chat took that Enter as "send" and sent half a message."""
+    d = browser
+    open_view(d, server.url, "chat")
+    sent = d.execute_script("""
+      const box = document.getElementById('chat-input');
+      box.value = 'アリスは';
+      box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true,
+                                                      bubbles: true, cancelable: true}));
+      return document.querySelectorAll('.msg').length;""")
+    assert sent == 0 and css(d, "#chat-input")[0].get_property("value") == "アリスは"
+    css(d, "#chat-input")[0].send_keys("\n")  # a plain Enter sends
+    wait(d, lambda: css(d, ".msg.assistant .content.done"))
+    assert text(d, css(d, ".msg.user .content")[0]) == "アリスは"

@@ -335,7 +335,10 @@ async function init() {
   $("status").textContent = `${INFO.models.length} model(s): ${INFO.models.join(", ")}`;
   showCounts(INFO);
   $("chat-form").onsubmit = sendChat;
-  $("chat-input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) sendChat(e); };
+  // Enter sends, except the Enter that confirms an input method's (Chinese, Japanese...) word
+  $("chat-input").onkeydown = (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) sendChat(e);
+  };
   $("chat-clear").onclick = () => { if (!busy) { conversation = []; renderChat(); } };
   $("compare-form").onsubmit = compare;
   $("label-next").onclick = nextPair;
