@@ -165,3 +165,24 @@ def test_enter_that_ends_an_input_method_word_does_not_send(server, browser):
     css(d, "#chat-input")[0].send_keys("\n")  # a plain Enter sends
     wait(d, lambda: css(d, ".msg.assistant .content.done"))
     assert text(d, css(d, ".msg.user .content")[0]) == "アリスは"
+
+
+def test_a_held_key_labels_one_pair(server, browser):
+    """Holding A a little long sent auto-repeated keydowns, each labelling the next pair as
+    soon as it appeared: pairs the person never saw."""
+    d = browser
+    open_view(d, server.url, "label")
+    set_value(d, "label-source", "typed")
+    set_value(d, "label-prompt", "Where does Alice live?")
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    first = d.execute_script("return document.getElementById('label-pair').dataset.id")
+    press = "document.body.dispatchEvent(new KeyboardEvent('keydown', " \
+            "{key: 'a', repeat: arguments[0], bubbles: true, cancelable: true}))"
+    d.execute_script(press, False)
+    wait(d, lambda: d.execute_script(
+        "const p = document.getElementById('label-pair');"
+        "return !p.hidden && p.dataset.id !== arguments[0]", first))
+    for _ in range(3):  # the key still held: repeats, not new presses
+        d.execute_script(press, True)
+    assert info(server.url)["counts"]["A"] == 1 and len(read_preferences(server.labels)) == 1

@@ -258,10 +258,10 @@ async function undo() {
 
 function labelKeys(ev) {
   // Keys typed into a field or a drop-down (which picks an option by its first letter) are
-  // theirs, not labels.
+  // theirs, not labels; nor does a held key's auto-repeat label the pairs that follow.
   const t = ev.target;
   if (location.hash !== "#label" || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName) ||
-      t.isContentEditable || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      t.isContentEditable || ev.repeat || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const choice = {a: "A", 1: "A", b: "B", 2: "B", t: "tie", s: "skip"}[ev.key.toLowerCase()];
   if (choice) { ev.preventDefault(); judge(choice); }
   else if (ev.key.toLowerCase() === "u") { ev.preventDefault(); undo(); }
