@@ -351,3 +351,25 @@ def test_when_nothing_fits_the_advice_follows_the_reason():
     assert e.micro_batch == 1 and e.memory["params"] * 4 > H100.memory_bytes
     advice = plan.format_plan(big, 1, H100, [e]).split("recommended: ")[1].splitlines()[0]
     assert "more devices" in advice and "fewer" not in advice and "smaller" not in advice
+
+
+def test_rules_that_keep_a_part_whole_over_tp_cost_its_whole_compute():
+    """parallel.rules.mlp = "" keeps the MLP whole on every tp rank, so each computes all of
+    it; the plan still divided every block matmul (and attention, and their activations) by
+    tp, and so found such a table faster than the default one."""
+    sizes, cfg = {"dp": 4, "fsdp": 1, "tp": 2}, gpt2()
+    mc = plan.model_for_plan(cfg)
+    L, d, V, T, F = mc.n_layer, mc.d_model, mc.vocab_size, mc.seq_len, mc.d_mlp
+    tokens = 480 // 4 * T
+    rate = H100.peak_flops * H100.matmul_efficiency
+    for rules, attn, mlp in (({}, 2, 2), ({"mlp": ""}, 2, 1), ({"heads": "", "kv": ""}, 1, 2)):
+        e = plan.estimate(cfg, sizes, make_rules(rules), H100)
+        body = L * (4 * d * d / attn + 3 * d * F / mlp + 2 * d) + d  # one tp rank's share
+        assert e.times["matmul"] == pytest.approx(tokens * 6 * (body + V * d) / rate)
+        assert e.times["attention"] == pytest.approx(
+            tokens * 6 * L * d * T / attn / (H100.peak_flops * H100.attention_efficiency))
+        micro = e.micro_batch * T  # Korthikanti: 10 + 8 (attention) + 16 (MLP) B/token/d
+        assert e.memory["activations"] == pytest.approx(
+            L * micro * d * (10 + 8 / attn + 16 / mlp) + micro * V * 10)
+    slower = plan.estimate(cfg, sizes, make_rules({"mlp": ""}), H100)
+    assert slower.compute_s > plan.estimate(cfg, sizes, make_rules(), H100).compute_s

@@ -12,15 +12,16 @@ checks against measured bytes). Assumptions, stated once:
     it (bf16 on GPUs, fp32 on the cpu row by default): FSDP gathers weights and activations
     move in it, gradients are reduced in fp32 (parallel.apply's mixed-precision policy);
   - activations ~34 bytes per token per d_model per layer in bf16, twice that in fp32
-    (Korthikanti et al. 2022, flash attention so no T^2 term), 24 of the 34 split by tp;
-    fp32 logits for the loss;
-    a checkpointed block (train.activation_checkpointing) keeps only its fp32 input, and one
-    block's activations are rebuilt at a time in backward;
-  - compute time = matmuls at a measured fraction of peak + causal flash attention at a
-    published fraction of peak + everything else as HBM traffic (bytes per token per layer
-    per d_model, calibrated on scalelab's own GPT-2 step, eager or compiled per
-    train.compile) + the AdamW update; recomputed forwards add their share. The figures and
-    their sources live in the hardware table (scalelab/hardware.py);
+    (Korthikanti et al. 2022, flash attention so no T^2 term), 24 of the 34 split by tp
+    (8 inside attention, 16 inside the MLP, each where the rules cut it); fp32 logits for
+    the loss; a checkpointed block (train.activation_checkpointing) keeps only its fp32
+    input, and one block's activations are rebuilt at a time in backward;
+  - compute time = matmuls (a tp rank's shards where the rules cut them, whole elsewhere) at
+    a measured fraction of peak + causal flash attention at a published fraction of peak +
+    everything else as HBM traffic (bytes per token per layer per d_model, calibrated on
+    scalelab's own GPT-2 step, eager or compiled per train.compile) + the AdamW update;
+    recomputed forwards add their share. The figures and their sources live in the hardware
+    table (scalelab/hardware.py);
   - FSDP/DP traffic overlaps compute (forward gathers with forward, the rest with backward);
     tensor-parallel all-reduces sit on the critical path; bandwidth only, no latency term;
   - a ring that leaves a node (node_size devices) runs at the inter-node bandwidth.
@@ -54,14 +55,17 @@ DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 LOGIT_BYTES = 16  # per logit per token: bf16 logits, the fp32 loss copy, its gradient
 
 
-def compute_times(mc: ModelConfig, tokens: float, tp: int, params_local: float,
-                  compiled: bool, recompute: float, hw: Hardware) -> dict[str, float]:
+def compute_times(mc: ModelConfig, tokens: float, body: float, tp_heads: int,
+                  params_local: float, compiled: bool, recompute: float,
+                  hw: Hardware) -> dict[str, float]:
     """Seconds of each kind of work one device does in a step (no communication) for
-    `tokens` tokens; recompute: the fraction of blocks whose forward runs again."""
-    body, head = body_and_head(mc)
-    matmul = tokens * (6 * body / tp + 6 * head + recompute * 2 * body / tp)
+    `tokens` tokens. body: the block (+ final norm) parameters this device multiplies by, its
+    tp shard of them; tp_heads: the ways tp cuts attention; recompute: the fraction of
+    blocks whose forward runs again."""
+    head = body_and_head(mc)[1]
+    matmul = tokens * (6 * body + 6 * head + recompute * 2 * body)
     # flash attention does the causal half of PaLM's 12*L*H*Q*T
-    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp * (1 + recompute / 3)
+    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp_heads * (1 + recompute / 3)
     per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
     other = tokens * (mc.n_layer * per_d * mc.d_model * (1 + recompute / 3)
                       + LOGIT_BYTES * mc.vocab_size)
@@ -91,7 +95,8 @@ def calibrate_other_bytes(mc: ModelConfig, tokens: int, step_s: float, compiled:
     """The bytes per token per layer per d_model of non-matmul work that make the time model
     give `step_s` for one device running `tokens` per step (no communication, no AC)."""
     zero = replace(hw, other_bytes_compiled=0.0, other_bytes_eager=0.0)
-    left = step_s - sum(compute_times(mc, tokens, 1, count_params(mc), compiled, 0.0,
+    left = step_s - sum(compute_times(mc, tokens, body_and_head(mc)[0], 1, count_params(mc),
+                                      compiled, 0.0,
                                       zero).values())
     return left * hw.hbm_bandwidth * hw.hbm_efficiency / (tokens * mc.n_layer * mc.d_model)
 
@@ -108,10 +113,17 @@ def compute_bytes(cfg: Config, hw: Hardware) -> int:
     return 2 if bf16 else 4
 
 
-def activation_bytes(mc: ModelConfig, tokens_micro: int, tp: int, ac: bool | str,
-                     act_bytes: int = 2) -> float:
-    """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring)."""
-    per_block = tokens_micro * mc.d_model * (10 + 24 / tp) * act_bytes / 2
+def tp_cuts(rules: Rules, tp: int) -> tuple[int, int]:
+    """The ways tp cuts attention heads and MLP units under the rules (1: each tp rank
+    computes them whole)."""
+    return tuple(tp if "tp" in rules[part] else 1 for part in ("heads", "mlp"))
+
+
+def activation_bytes(mc: ModelConfig, tokens_micro: int, cuts: tuple[int, int],
+                     ac: bool | str, act_bytes: int = 2) -> float:
+    """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring).
+    cuts: tp_cuts. Of the 34 bytes, 8 are inside attention and 16 inside the MLP."""
+    per_block = tokens_micro * mc.d_model * (10 + 8 / cuts[0] + 16 / cuts[1]) * act_bytes / 2
     n_ckpt = len(checkpointed_blocks(mc.n_layer, ac))
     kept = (mc.n_layer - n_ckpt + (1 if n_ckpt else 0)) * per_block  # + one being rebuilt
     inputs = n_ckpt * tokens_micro * mc.d_model * 4  # fp32 residual stream at block entry
@@ -166,6 +178,7 @@ class Estimate:
     why: str = ""
     limit: str = ""  # what keeps it from fitting: "batch", "tp" or "memory"
     dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
+    tp_cuts: tuple[int, int] = (1, 1)  # the ways tp cuts attention and the MLP (tp_cuts)
 
     @property
     def total_memory(self) -> float:
@@ -193,15 +206,17 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
     w = compute_bytes(cfg, hw)
+    cuts = tp_cuts(rules, tp)
+    # one tp rank's weights, whole over the data ranks: what it multiplies by
+    tp_only = {**sizes, "dp": 1, "fsdp": 1}
+    full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
     gathered = 0.0
     if dp * fsdp > 1:  # FSDP2's working copies: the root plus two blocks (prefetch)
-        tp_only = {**sizes, "dp": 1, "fsdp": 1}
-        full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
         root = sum(v for n, v in full.items() if not n.startswith("blocks."))
         gathered = w * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
 
     def memory_for(micro: int) -> dict[str, float]:
-        act = activation_bytes(mc, micro * mc.seq_len, tp, tc.activation_checkpointing, w)
+        act = activation_bytes(mc, micro * mc.seq_len, cuts, tc.activation_checkpointing, w)
         return {"params": 4 * p_local, "grads": 4 * p_local, "optimizer": 8 * p_local,
                 "gathered": gathered, "activations": act}
 
@@ -213,12 +228,15 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     memory = memory_for(micro)
     tokens_micro = micro * mc.seq_len
 
-    # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
+    # Compute: tp splits the block matmuls and attention the rules cut; the (tied) lm_head is
+    # replicated.
     # Whole sequences per rank, as the recommended command runs them: a global batch that
     # does not split evenly (480 over 7 ranks) loses the remainder (format_plan says so).
     tokens = n_seqs * mc.seq_len
     recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
-    times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
+    body = sum(v for n, v in full.items() if n not in ("embed.weight", "lm_head.weight"))
+    times = compute_times(mc, tokens, body, cuts[0], p_local, plans_compiled(cfg, hw),
+                          recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
     comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=w, grad_bytes=4,
@@ -235,7 +253,7 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     if not why and total > hw.memory_bytes:  # even at a micro-batch of one sequence
         why, limit = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB", "memory"
     return Estimate(sizes, tokens, micro, accum, memory, compute_s, times, comm, comm_s, step_s,
-                    mfu, global_tokens / step_s / world, not why, why, limit, w)
+                    mfu, global_tokens / step_s / world, not why, why, limit, w, cuts)
 
 
 def model_flops_per_token(mc: ModelConfig) -> float:
@@ -356,7 +374,7 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
 def ac_line(mc: ModelConfig, e: Estimate) -> str:
     """Activation memory of one micro-batch of this mapping under each checkpointing mode."""
     tokens = e.micro_batch * mc.seq_len
-    gb = {m: _gb(activation_bytes(mc, tokens, e.sizes["tp"], m, e.dtype_bytes)) for m in MODES}
+    gb = {m: _gb(activation_bytes(mc, tokens, e.tp_cuts, m, e.dtype_bytes)) for m in MODES}
     return (f"  activations per device (micro-batch {e.micro_batch} x {mc.seq_len}): "
             + ", ".join(f"{gb[m]} GB with activation_checkpointing={m}" for m in MODES))
 
