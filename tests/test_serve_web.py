@@ -186,3 +186,26 @@ def test_a_held_key_labels_one_pair(server, browser):
     for _ in range(3):  # the key still held: repeats, not new presses
         d.execute_script(press, True)
     assert info(server.url)["counts"]["A"] == 1 and len(read_preferences(server.labels)) == 1
+
+
+def test_a_key_right_after_undo_does_not_label_the_pair_being_replaced(server, browser):
+    """U then A typed quickly ("undo that, it was A"): the A reached the pair still on screen
+    before the undone one came back, labelling the wrong pair."""
+    d = browser
+    open_view(d, server.url, "label")
+    set_value(d, "label-source", "typed")
+    set_value(d, "label-prompt", "Where does Alice live?")
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    first = shown_pair(d)
+    press = "document.body.dispatchEvent(new KeyboardEvent('keydown', " \
+            "{key: arguments[0], bubbles: true, cancelable: true}))"
+    d.execute_script(press, "b")
+    wait(d, lambda: info(server.url)["counts"]["B"] == 1 and not d.execute_script(
+        "return document.getElementById('label-pair').hidden"))  # the next pair is up
+    d.execute_script(press, "u")
+    d.execute_script(press, "a")  # before the undo's answer is in
+    wait(d, lambda: "undid B" in css(d, "#label-gold")[0].text)
+    assert shown_pair(d) == first
+    assert info(server.url)["counts"] == {"A": 0, "B": 0, "tie": 0, "skip": 0}
+    assert not server.labels.read_text()

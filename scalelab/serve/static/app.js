@@ -246,6 +246,7 @@ async function judge(choice) {
 
 async function undo() {
   if (labelBusy) return;
+  labelBusy = true;  // a key pressed before the undone pair is back must not label another
   try {
     const r = await api("/api/label/undo", {});
     showCounts(r);
@@ -254,6 +255,7 @@ async function undo() {
   } catch (e) {
     $("label-gold").replaceChildren(el("span", "error", e.message));
   }
+  labelBusy = false;
 }
 
 function labelKeys(ev) {
