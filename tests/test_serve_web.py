@@ -209,3 +209,19 @@ def test_a_key_right_after_undo_does_not_label_the_pair_being_replaced(server, b
     assert shown_pair(d) == first
     assert info(server.url)["counts"] == {"A": 0, "B": 0, "tie": 0, "skip": 0}
     assert not server.labels.read_text()
+
+
+def test_undo_after_the_labels_file_was_moved_away(tmp_path):
+    """Moving labels.jsonl away (to train on it) and then pressing U was a bare 500 (the
+    page showed a JSON parse error), not the 409 that an outside change gets."""
+    from scalelab.serve import web
+    f = tmp_path / "labels.jsonl"
+    store = web.LabelStore(f)
+    store.pending = {"1": {"id": "1", "prompt": "p", "answers": ["x", "y"], "source": "typed",
+                           "model": "m", "gold": None}}
+    store.judge("1", "A")
+    f.rename(tmp_path / "train-on-these.jsonl")
+    with pytest.raises(web.APIError, match="labels.jsonl changed") as e:
+        store.undo()
+    assert e.value.status == 409 and store.tallies()["counts"]["A"] == 1
+    assert not f.exists()  # nothing made in its place

@@ -119,7 +119,8 @@ class LabelStore:
             rec = self.history[-1]
             if rec["written"] is not None:
                 before, after = rec["written"]
-                if self.path.stat().st_size != after:
+                size = self.path.stat().st_size if self.path.is_file() else None
+                if size != after:  # moved away, or appended to by someone else
                     raise APIError(409, f"{self.path} changed since that label was written; "
                                    "not undoing")
                 os.truncate(self.path, before)
