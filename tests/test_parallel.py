@@ -373,3 +373,21 @@ def test_rules_that_keep_a_part_whole_over_tp_cost_its_whole_compute():
             L * micro * d * (10 + 8 / attn + 16 / mlp) + micro * V * 10)
     slower = plan.estimate(cfg, sizes, make_rules({"mlp": ""}), H100)
     assert slower.compute_s > plan.estimate(cfg, sizes, make_rules(), H100).compute_s
+
+
+def test_a_table_without_an_fsdp_cut_rules_out_fsdp_mappings():
+    """parallel.rules.embed = "" leaves FSDP no dimension to cut, and training refuses any
+    fsdp > 1 (parallel.apply); the plan recommended dp=1 x fsdp=8 for such a table."""
+    from types import SimpleNamespace
+
+    from scalelab.parallel.apply import apply_fsdp
+    rules = make_rules({"embed": ""})
+    ests = plan.plan(gpt2(), 8, rules, H100)
+    assert ests[0].fits and ests[0].sizes["fsdp"] == 1
+    tiny = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=16))
+    for e in ests:
+        par = SimpleNamespace(sizes=e.sizes, rules=rules)
+        if e.sizes["fsdp"] > 1:  # what training says of the same mapping
+            with pytest.raises(UserError, match="parallel.rules.embed"):
+                apply_fsdp(tiny, par)
+            assert not e.fits and "parallel.rules.embed" in e.why

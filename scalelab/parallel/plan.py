@@ -176,7 +176,7 @@ class Estimate:
     tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
-    limit: str = ""  # what keeps it from fitting: "batch", "tp" or "memory"
+    limit: str = ""  # what keeps it from fitting: "batch", "tp", "rules" or "memory"
     dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
     tp_cuts: tuple[int, int] = (1, 1)  # the ways tp cuts attention and the MLP (tp_cuts)
 
@@ -202,6 +202,8 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     for dim, n in (("heads", mc.n_head), ("kv", mc.n_kv_head), ("mlp", mc.d_mlp)):
         if "tp" in rules[dim] and n % tp and not why:
             why, limit = f"tp={tp} does not divide {dim}={n}", "tp"
+    if fsdp > 1 and "fsdp" not in rules["embed"] and not why:  # parallel.apply refuses it
+        why, limit = "parallel.rules.embed gives fsdp nothing to cut", "rules"
 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
