@@ -235,14 +235,15 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     # Whole sequences per rank, as the recommended command runs them: a global batch that
     # does not split evenly (480 over 7 ranks) loses the remainder (format_plan says so).
     tokens = n_seqs * mc.seq_len
-    recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
+    n_ckpt = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing))
+    recompute = n_ckpt / mc.n_layer
     body = sum(v for n, v in full.items() if n not in ("embed.weight", "lm_head.weight"))
     times = compute_times(mc, tokens, body, cuts[0], p_local, plans_compiled(cfg, hw),
                           recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
     comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=w, grad_bytes=4,
-                            act_bytes=w)
+                            act_bytes=w, recomputed_blocks=n_ckpt)
     comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
     for c in comm:
         t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
