@@ -43,6 +43,7 @@ class Hardware:
     other_bytes_eager: float = OTHER_BYTES_EAGER
     other_bytes_compiled: float = OTHER_BYTES_COMPILED
     note: str = ""
+    device: str = "cuda"  # the torch device type: how train.dtype and train.compile resolve
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -62,7 +63,8 @@ HARDWARE: dict[str, Hardware] = {
     # half = all of PaLM's attention FLOPs at the rate), so nothing else is charged.
     "cpu": Hardware("cpu", 50e9, 16e9, 20e9, 2e9, 2, 0.5e9, matmul_efficiency=1.0,
                     attention_efficiency=0.5, other_bytes_eager=0.0, other_bytes_compiled=0.0,
-                    note="peak = measured model FLOP/s per core, all work included"),
+                    note="peak = measured model FLOP/s per core, all work included",
+                    device="cpu"),
 }
 
 

@@ -189,6 +189,7 @@ def test_plan_cli(tmp):
     assert r.returncode == 0 and "blocks.0.attn.wq.weight" in r.stdout
     assert "(384, 384)" in r.stdout  # 768 x 768 cut by tp=2 (heads) and fsdp=2 (embed)
     for args, msg in [(["--explain", "2,2"], "--explain"), (["--explain", "2,2,1"], "equal"),
+                      (["--explain=-1,-8,1"], "each be at least 1"),  # product 8: not "equal"
                       (["--set", "parallel.rules.vocab=tp"], "parallel.rules.vocab"),
                       (["--top", "0"], "--top 0"), (["--top", "-1"], "--top -1"),
                       (["--set", "model.n_head=7"], "n_head = 7")]:  # cannot be built
@@ -309,3 +310,110 @@ def test_activation_checkpointing_in_the_plan():
     assert act["full"] == pytest.approx(per_block + mc.n_layer * 4096 * mc.d_model * 4 + logits)
     body = est["none"].times["matmul"]
     assert body < est["selective"].times["matmul"] < est["full"].times["matmul"] < 1.34 * body
+
+
+def test_plan_moves_and_keeps_what_train_dtype_resolves_to():
+    """On the cpu row train.dtype=auto trains in fp32 (hardware.compute_dtype): FSDP gathers
+    4-byte weights and activations take twice the bf16 bytes. The plan costed bf16 there."""
+    sizes, rules = {"dp": 1, "fsdp": 2, "tp": 1}, make_rules()
+    mc = plan.model_for_plan(load_config("configs/tiny.toml"))
+    d, L, V = mc.d_model, mc.n_layer, mc.vocab_size
+    blk = 4 * d * d + 3 * d * mc.d_mlp + 2 * d  # tiny: SwiGLU 384, tied embedding
+    tokens = 32 * mc.seq_len  # one micro-batch of the config's 32 sequences
+    for hw, sets, w in ((HARDWARE["cpu"], [], 4), (HARDWARE["cpu"], ["train.dtype=bfloat16"], 2),
+                        (H100, [], 2), (H100, ["train.dtype=float32"], 4)):
+        cfg = load_config("configs/tiny.toml", ["train.batch_size=64", *sets])
+        e = plan.estimate(cfg, sizes, rules, hw)
+        assert e.micro_batch == 32 and e.grad_accum == 1
+        gathers = summarize(e.comm)[("all_gather", "fsdp")]
+        assert gathers == pytest.approx(1 / 2 * w * (2 * L * blk + V * d + d)), (hw.name, sets)
+        act = L * tokens * d * 34 * w / 2 + tokens * V * (w + 4 + (4 if w == 2 else 0))
+        assert e.memory["activations"] == pytest.approx(act), (hw.name, sets)
+        assert e.memory["gathered"] == pytest.approx(w * (V * d + d + 2 * blk))
+
+
+def test_when_nothing_fits_the_advice_follows_the_reason():
+    """Nothing fitting said "use more devices or a smaller batch_size" whatever the reason:
+    wrong both ways for a batch too small for the devices, and a smaller batch never helps a
+    mapping that runs out of memory at one sequence per micro-batch."""
+    rules = make_rules()
+    # GPT-2: tp can only be 1, 2 or 4 (12 heads), so 2048 devices make at least 512 data
+    # ranks for the 24 x 20 = 480 sequences of a step
+    cfg = gpt2()
+    ests = plan.plan(cfg, 2048, rules, H100)
+    assert min(e.sizes["dp"] * e.sizes["fsdp"] for e in ests if 12 % e.sizes["tp"] == 0) == 512
+    advice = plan.format_plan(cfg, 2048, H100, ests).split("recommended: ")[1].splitlines()[0]
+    assert advice.startswith("none fits") and "fewer devices" in advice
+    assert "more devices" not in advice and "smaller" not in advice
+    # Llama 7B on one H100: 16 B x 6.74B parameters of weights, grads and AdamW alone
+    big = load_config("configs/llama-7b.toml")
+    (e,) = plan.plan(big, 1, rules, H100)
+    assert e.micro_batch == 1 and e.memory["params"] * 4 > H100.memory_bytes
+    advice = plan.format_plan(big, 1, H100, [e]).split("recommended: ")[1].splitlines()[0]
+    assert "more devices" in advice and "fewer" not in advice and "smaller" not in advice
+
+
+def test_rules_that_keep_a_part_whole_over_tp_cost_its_whole_compute():
+    """parallel.rules.mlp = "" keeps the MLP whole on every tp rank, so each computes all of
+    it; the plan still divided every block matmul (and attention, and their activations) by
+    tp, and so found such a table faster than the default one."""
+    sizes, cfg = {"dp": 4, "fsdp": 1, "tp": 2}, gpt2()
+    mc = plan.model_for_plan(cfg)
+    L, d, V, T, F = mc.n_layer, mc.d_model, mc.vocab_size, mc.seq_len, mc.d_mlp
+    tokens = 480 // 4 * T
+    rate = H100.peak_flops * H100.matmul_efficiency
+    for rules, attn, mlp in (({}, 2, 2), ({"mlp": ""}, 2, 1), ({"heads": "", "kv": ""}, 1, 2)):
+        e = plan.estimate(cfg, sizes, make_rules(rules), H100)
+        body = L * (4 * d * d / attn + 3 * d * F / mlp + 2 * d) + d  # one tp rank's share
+        assert e.times["matmul"] == pytest.approx(tokens * 6 * (body + V * d) / rate)
+        assert e.times["attention"] == pytest.approx(
+            tokens * 6 * L * d * T / attn / (H100.peak_flops * H100.attention_efficiency))
+        micro = e.micro_batch * T  # Korthikanti: 10 + 8 (attention) + 16 (MLP) B/token/d
+        assert e.memory["activations"] == pytest.approx(
+            L * micro * d * (10 + 8 / attn + 16 / mlp) + micro * V * 10)
+    slower = plan.estimate(cfg, sizes, make_rules({"mlp": ""}), H100)
+    assert slower.compute_s > plan.estimate(cfg, sizes, make_rules(), H100).compute_s
+
+
+def test_a_table_without_an_fsdp_cut_rules_out_fsdp_mappings():
+    """parallel.rules.embed = "" leaves FSDP no dimension to cut, and training refuses any
+    fsdp > 1 (parallel.apply); the plan recommended dp=1 x fsdp=8 for such a table."""
+    from types import SimpleNamespace
+
+    from scalelab.parallel.apply import apply_fsdp
+    rules = make_rules({"embed": ""})
+    ests = plan.plan(gpt2(), 8, rules, H100)
+    assert ests[0].fits and ests[0].sizes["fsdp"] == 1
+    tiny = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=16))
+    for e in ests:
+        par = SimpleNamespace(sizes=e.sizes, rules=rules)
+        if e.sizes["fsdp"] > 1:  # what training says of the same mapping
+            with pytest.raises(UserError, match="parallel.rules.embed"):
+                apply_fsdp(tiny, par)
+            assert not e.fits and "parallel.rules.embed" in e.why
+
+
+# tp all-reduces in one backward, measured with CommCounter on a 2-process gloo mesh (tp=2,
+# 3 layers, 2026-11-29): a checkpointed block redoes its forward's all-reduces but the last.
+MEASURED_TP_BWD = {("", "none"): 15, ("", "full"): 18, ("", "selective"): 17,
+                   ("mlp", "none"): 9, ("mlp", "full"): 12, ("mlp", "selective"): 11}
+
+
+@pytest.mark.parametrize("mlp_whole, ac", MEASURED_TP_BWD)
+def test_tp_all_reduces_of_recomputed_blocks(mlp_whole, ac):
+    from scalelab.parallel.ac import checkpointed_blocks
+    mc = ModelConfig(vocab_size=64, seq_len=16, n_layer=3, n_head=2, d_model=16)
+    rules = make_rules({"mlp": ""} if mlp_whole else {})
+    rows = step_collectives(mc, {"dp": 1, "fsdp": 1, "tp": 2}, rules, 32,
+                            recomputed_blocks=len(checkpointed_blocks(3, ac)))
+    bwd = sum(r.count for r in rows if r.axis == "tp" and r.phase == "bwd")
+    assert bwd == MEASURED_TP_BWD[(mlp_whole, ac)]
+
+
+def test_plan_counts_the_tp_traffic_of_activation_checkpointing():
+    """Full AC with tp: 8 [tokens, d] all-reduces per layer, not 7 (2 + 5 + 1 recomputed)."""
+    sizes, rules = {"dp": 4, "fsdp": 1, "tp": 2}, make_rules()
+    tp = {ac: plan.estimate(load_config("configs/gpt2-124m.toml",
+                                        [f"train.activation_checkpointing={ac}"]),
+                            sizes, rules, H100).comm_s["tp"] for ac in ("none", "full")}
+    assert tp["full"] == pytest.approx(tp["none"] * 8 / 7)

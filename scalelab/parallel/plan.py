@@ -8,17 +8,20 @@ checks against measured bytes). Assumptions, stated once:
     accumulates the rest (FSDP gathers and reduce-scatters again every micro-step, replicas
     all-reduce once per step);
   - AdamW with fp32 master weights: 4 (param) + 4 (grad) + 8 (moments) bytes per parameter;
-  - bf16 compute; FSDP gathers bf16 weights and reduces fp32 gradients (parallel.apply's
-    mixed-precision policy), activations move in bf16;
-  - activations ~34 bytes per token per d_model per layer (Korthikanti et al. 2022, bf16,
-    flash attention so no T^2 term), 24 of the 34 split by tp; fp32 logits for the loss;
-    a checkpointed block (train.activation_checkpointing) keeps only its fp32 input, and one
-    block's activations are rebuilt at a time in backward;
-  - compute time = matmuls at a measured fraction of peak + causal flash attention at a
-    published fraction of peak + everything else as HBM traffic (bytes per token per layer
-    per d_model, calibrated on scalelab's own GPT-2 step, eager or compiled per
-    train.compile) + the AdamW update; recomputed forwards add their share. The figures and
-    their sources live in the hardware table (scalelab/hardware.py);
+  - compute in the dtype train.dtype resolves to on the planned device, as training resolves
+    it (bf16 on GPUs, fp32 on the cpu row by default): FSDP gathers weights and activations
+    move in it, gradients are reduced in fp32 (parallel.apply's mixed-precision policy);
+  - activations ~34 bytes per token per d_model per layer in bf16, twice that in fp32
+    (Korthikanti et al. 2022, flash attention so no T^2 term), 24 of the 34 split by tp
+    (8 inside attention, 16 inside the MLP, each where the rules cut it); fp32 logits for
+    the loss; a checkpointed block (train.activation_checkpointing) keeps only its fp32
+    input, and one block's activations are rebuilt at a time in backward;
+  - compute time = matmuls (a tp rank's shards where the rules cut them, whole elsewhere) at
+    a measured fraction of peak + causal flash attention at a published fraction of peak +
+    everything else as HBM traffic (bytes per token per layer per d_model, calibrated on
+    scalelab's own GPT-2 step, eager or compiled per train.compile) + the AdamW update;
+    recomputed forwards add their share. The figures and their sources live in the hardware
+    table (scalelab/hardware.py);
   - FSDP/DP traffic overlaps compute (forward gathers with forward, the rest with backward);
     tensor-parallel all-reduces sit on the critical path; bandwidth only, no latency term;
   - a ring that leaves a node (node_size devices) runs at the inter-node bandwidth.
@@ -30,8 +33,10 @@ import math
 import textwrap
 from dataclasses import dataclass, fields, replace
 
+import torch
+
 from scalelab.config import Config, ModelConfig, UserError
-from scalelab.hardware import Hardware
+from scalelab.hardware import Hardware, compute_dtype, use_compile
 from scalelab.model import LOGICAL_AXES, resolve
 from scalelab.parallel.ac import MODES, ac_mode, checkpointed_blocks
 from scalelab.parallel.comm import Collective, step_collectives
@@ -46,17 +51,21 @@ from scalelab.parallel.rules import (
 )
 
 OPTIMIZER_BYTES = 32  # fused AdamW per local parameter: read p, g, m, v; write p, m, v; clip
+DTYPE_NAMES = {2: "bf16", 4: "fp32"}
 LOGIT_BYTES = 16  # per logit per token: bf16 logits, the fp32 loss copy, its gradient
 
 
-def compute_times(mc: ModelConfig, tokens: float, tp: int, params_local: float,
-                  compiled: bool, recompute: float, hw: Hardware) -> dict[str, float]:
+def compute_times(mc: ModelConfig, tokens: float, body: float, tp_heads: int,
+                  params_local: float, compiled: bool, recompute: float,
+                  hw: Hardware) -> dict[str, float]:
     """Seconds of each kind of work one device does in a step (no communication) for
-    `tokens` tokens; recompute: the fraction of blocks whose forward runs again."""
-    body, head = body_and_head(mc)
-    matmul = tokens * (6 * body / tp + 6 * head + recompute * 2 * body / tp)
+    `tokens` tokens. body: the block (+ final norm) parameters this device multiplies by, its
+    tp shard of them; tp_heads: the ways tp cuts attention; recompute: the fraction of
+    blocks whose forward runs again."""
+    head = body_and_head(mc)[1]
+    matmul = tokens * (6 * body + 6 * head + recompute * 2 * body)
     # flash attention does the causal half of PaLM's 12*L*H*Q*T
-    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp * (1 + recompute / 3)
+    attention = tokens * 6 * mc.n_layer * mc.d_model * mc.seq_len / tp_heads * (1 + recompute / 3)
     per_d = hw.other_bytes_compiled if compiled else hw.other_bytes_eager
     other = tokens * (mc.n_layer * per_d * mc.d_model * (1 + recompute / 3)
                       + LOGIT_BYTES * mc.vocab_size)
@@ -86,24 +95,40 @@ def calibrate_other_bytes(mc: ModelConfig, tokens: int, step_s: float, compiled:
     """The bytes per token per layer per d_model of non-matmul work that make the time model
     give `step_s` for one device running `tokens` per step (no communication, no AC)."""
     zero = replace(hw, other_bytes_compiled=0.0, other_bytes_eager=0.0)
-    left = step_s - sum(compute_times(mc, tokens, 1, count_params(mc), compiled, 0.0,
+    left = step_s - sum(compute_times(mc, tokens, body_and_head(mc)[0], 1, count_params(mc),
+                                      compiled, 0.0,
                                       zero).values())
     return left * hw.hbm_bandwidth * hw.hbm_efficiency / (tokens * mc.n_layer * mc.d_model)
 
 
 def plans_compiled(cfg: Config, hw: Hardware) -> bool:
     """train.compile as the planned devices would resolve it ("auto": on for GPUs)."""
-    setting = cfg.train.compile
-    return setting is True or (setting == "auto" and hw.name != "cpu")
+    return use_compile(cfg.train.compile, torch.device(hw.device))
 
 
-def activation_bytes(mc: ModelConfig, tokens_micro: int, tp: int, ac: bool | str) -> float:
-    """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring)."""
-    per_block = tokens_micro * mc.d_model * (10 + 24 / tp)
+def compute_bytes(cfg: Config, hw: Hardware) -> int:
+    """Bytes per element of gathered weights and activations: train.dtype as the planned
+    devices resolve it (bf16 autocast on GPUs, fp32 on CPU unless set)."""
+    bf16 = compute_dtype(torch.device(hw.device), cfg.train.dtype) == torch.bfloat16
+    return 2 if bf16 else 4
+
+
+def tp_cuts(rules: Rules, tp: int) -> tuple[int, int]:
+    """The ways tp cuts attention heads and MLP units under the rules (1: each tp rank
+    computes them whole)."""
+    return tuple(tp if "tp" in rules[part] else 1 for part in ("heads", "mlp"))
+
+
+def activation_bytes(mc: ModelConfig, tokens_micro: int, cuts: tuple[int, int],
+                     ac: bool | str, act_bytes: int = 2) -> float:
+    """Activation memory of one micro-batch (Korthikanti et al.; see the module docstring).
+    cuts: tp_cuts. Of the 34 bytes, 8 are inside attention and 16 inside the MLP."""
+    per_block = tokens_micro * mc.d_model * (10 + 8 / cuts[0] + 16 / cuts[1]) * act_bytes / 2
     n_ckpt = len(checkpointed_blocks(mc.n_layer, ac))
     kept = (mc.n_layer - n_ckpt + (1 if n_ckpt else 0)) * per_block  # + one being rebuilt
     inputs = n_ckpt * tokens_micro * mc.d_model * 4  # fp32 residual stream at block entry
-    logits = tokens_micro * mc.vocab_size * 10  # bf16 logits + fp32 copy + fp32 grad
+    # logits, their fp32 gradient, and an fp32 copy for the loss unless they are fp32 already
+    logits = tokens_micro * mc.vocab_size * (act_bytes + 4 + (4 if act_bytes < 4 else 0))
     return kept + inputs + logits
 
 
@@ -151,6 +176,9 @@ class Estimate:
     tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
+    limit: str = ""  # what keeps it from fitting: "batch", "tp", "rules" or "memory"
+    dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
+    tp_cuts: tuple[int, int] = (1, 1)  # the ways tp cuts attention and the MLP (tp_cuts)
 
     @property
     def total_memory(self) -> float:
@@ -168,24 +196,29 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     data_world, world = dp * fsdp, dp * fsdp * tp
     global_seqs = tc.batch_size * tc.grad_accum
     seqs = global_seqs / data_world  # per data rank per step
-    why = ""
+    why, limit = "", ""
     if seqs < 1:
-        why = f"global batch of {global_seqs} sequences < {data_world} data ranks"
+        why, limit = f"global batch of {global_seqs} sequences < {data_world} data ranks", "batch"
     for dim, n in (("heads", mc.n_head), ("kv", mc.n_kv_head), ("mlp", mc.d_mlp)):
-        if "tp" in rules[dim] and n % tp:
-            why = why or f"tp={tp} does not divide {dim}={n}"
+        if "tp" in rules[dim] and n % tp and not why:
+            why, limit = f"tp={tp} does not divide {dim}={n}", "tp"
+    if fsdp > 1 and "fsdp" not in rules["embed"] and not why:  # parallel.apply refuses it
+        why, limit = "parallel.rules.embed gives fsdp nothing to cut", "rules"
 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())
+    w = compute_bytes(cfg, hw)
+    cuts = tp_cuts(rules, tp)
+    # one tp rank's weights, whole over the data ranks: what it multiplies by
+    tp_only = {**sizes, "dp": 1, "fsdp": 1}
+    full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
     gathered = 0.0
-    if dp * fsdp > 1:  # FSDP2's bf16 working copies: the root plus two blocks (prefetch)
-        tp_only = {**sizes, "dp": 1, "fsdp": 1}
-        full = {n: math.prod(local_shape(n, s, rules, tp_only)) for n, s in shapes.items()}
+    if dp * fsdp > 1:  # FSDP2's working copies: the root plus two blocks (prefetch)
         root = sum(v for n, v in full.items() if not n.startswith("blocks."))
-        gathered = 2 * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
+        gathered = w * (root + 2 * sum(v for n, v in full.items() if n.startswith("blocks.0.")))
 
     def memory_for(micro: int) -> dict[str, float]:
-        act = activation_bytes(mc, micro * mc.seq_len, tp, tc.activation_checkpointing)
+        act = activation_bytes(mc, micro * mc.seq_len, cuts, tc.activation_checkpointing, w)
         return {"params": 4 * p_local, "grads": 4 * p_local, "optimizer": 8 * p_local,
                 "gathered": gathered, "activations": act}
 
@@ -197,16 +230,20 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     memory = memory_for(micro)
     tokens_micro = micro * mc.seq_len
 
-    # Compute: tp splits the block matmuls and attention; the (tied) lm_head is replicated.
+    # Compute: tp splits the block matmuls and attention the rules cut; the (tied) lm_head is
+    # replicated.
     # Whole sequences per rank, as the recommended command runs them: a global batch that
     # does not split evenly (480 over 7 ranks) loses the remainder (format_plan says so).
     tokens = n_seqs * mc.seq_len
-    recompute = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing)) / mc.n_layer
-    times = compute_times(mc, tokens, tp, p_local, plans_compiled(cfg, hw), recompute, hw)
+    n_ckpt = len(checkpointed_blocks(mc.n_layer, tc.activation_checkpointing))
+    recompute = n_ckpt / mc.n_layer
+    body = sum(v for n, v in full.items() if n not in ("embed.weight", "lm_head.weight"))
+    times = compute_times(mc, tokens, body, cuts[0], p_local, plans_compiled(cfg, hw),
+                          recompute, hw)
     compute_s = times["matmul"] + times["attention"] + times["other"]
 
-    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=2, grad_bytes=4,
-                            act_bytes=2)
+    comm = step_collectives(mc, sizes, rules, tokens_micro, accum, param_bytes=w, grad_bytes=4,
+                            act_bytes=w, recomputed_blocks=n_ckpt)
     comm_s = {"fwd": 0.0, "bwd": 0.0, "tp": 0.0}
     for c in comm:
         t = c.ring_bytes / axis_bandwidth(c.axis, sizes, hw)
@@ -216,10 +253,10 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
     global_tokens = (n_seqs * data_world if seqs >= 1 else global_seqs) * mc.seq_len
     mfu = model_flops_per_token(mc) * global_tokens / (step_s * world * hw.peak_flops)
     total = sum(memory.values())
-    if not why and total > hw.memory_bytes:
-        why = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB"
+    if not why and total > hw.memory_bytes:  # even at a micro-batch of one sequence
+        why, limit = f"needs {total / 1e9:.0f} GB > {hw.memory_bytes / 1e9:.0f} GB", "memory"
     return Estimate(sizes, tokens, micro, accum, memory, compute_s, times, comm, comm_s, step_s,
-                    mfu, global_tokens / step_s / world, not why, why)
+                    mfu, global_tokens / step_s / world, not why, why, limit, w, cuts)
 
 
 def model_flops_per_token(mc: ModelConfig) -> float:
@@ -273,7 +310,7 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
     best = ests[0] if ests and ests[0].fits else None
     lines.append("")
     if best is None:
-        lines.append("recommended: none fits; use more devices or a smaller batch_size")
+        lines.append("recommended: none fits; " + none_fits(cfg, hw, ests))
     else:
         bound = "compute" if best.compute_s >= 1.5 * best.comm_s["bwd"] else "communication"
         lines.append(f"recommended: {best.name}  (predicted {best.step_s:.3f} s/step, "
@@ -294,6 +331,24 @@ def format_plan(cfg: Config, world: int, hw: Hardware, ests: list[Estimate],
     return "\n".join(lines)
 
 
+def none_fits(cfg: Config, hw: Hardware, ests: list[Estimate]) -> str:
+    """What to change, from why the mappings do not fit. A mapping short of memory is so at
+    a micro-batch of one sequence: a smaller batch would not help it."""
+    limits = {e.limit for e in ests}
+    tips = []
+    if "memory" in limits:
+        ac = ac_mode(cfg.train.activation_checkpointing)
+        tips.append(f"one sequence per device needs over {hw.memory_bytes / 1e9:.3g} GB: use "
+                    "more devices (fsdp shards weights and optimizer state)"
+                    + (", train.activation_checkpointing=full" if ac != "full" else "")
+                    + " or a shorter model.seq_len")
+    if "batch" in limits:
+        seqs = cfg.train.batch_size * cfg.train.grad_accum
+        tips.append(f"{seqs} sequences per step leave data ranks without one: use fewer "
+                    "devices or raise train.batch_size x train.grad_accum")
+    return "; ".join(tips)
+
+
 def assumptions(cfg: Config, hw: Hardware) -> list[str]:
     """The efficiency figures the times rest on, with their sources (hardware table)."""
     compiled = plans_compiled(cfg, hw)
@@ -311,7 +366,9 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
             f"bandwidth, the {kind} step (train.compile={str(cfg.train.compile).lower()}; "
             + source(f"other_bytes_{kind}", f"calibrated on scalelab's GPT-2 124M step on an "
                      f"H200, {CALIBRATION[kind][1]}") +
-            f"); activation checkpointing {ac_mode(cfg.train.activation_checkpointing)}; "
+            f"); weights gathered and activations in {DTYPE_NAMES[compute_bytes(cfg, hw)]} "
+            f"(train.dtype={cfg.train.dtype}); activation checkpointing "
+            f"{ac_mode(cfg.train.activation_checkpointing)}; "
             "FSDP/DP traffic overlapped with compute, TP all-reduces exposed")
     head = f"assumed ({hw.name} row of scalelab/hardware.py{'; ' + hw.note if hw.note else ''}):"
     return [head, *textwrap.wrap(text, 94, initial_indent="  ", subsequent_indent="  ")]
@@ -320,7 +377,7 @@ def assumptions(cfg: Config, hw: Hardware) -> list[str]:
 def ac_line(mc: ModelConfig, e: Estimate) -> str:
     """Activation memory of one micro-batch of this mapping under each checkpointing mode."""
     tokens = e.micro_batch * mc.seq_len
-    gb = {m: _gb(activation_bytes(mc, tokens, e.sizes["tp"], m)) for m in MODES}
+    gb = {m: _gb(activation_bytes(mc, tokens, e.tp_cuts, m, e.dtype_bytes)) for m in MODES}
     return (f"  activations per device (micro-batch {e.micro_batch} x {mc.seq_len}): "
             + ", ".join(f"{gb[m]} GB with activation_checkpointing={m}" for m in MODES))
 
@@ -346,7 +403,7 @@ def explain(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> s
         lines.append(f"  {n:<26} {names:<18} {axes:<14} {str(tuple(shape)):>13} "
                      f"{str(tuple(loc)):>13}  {tp_style(n, rules) or '-'}")
     lines += ["", f"collectives of one step (micro-batch {e.micro_batch} x {mc.seq_len} tokens "
-              f"per device, {e.grad_accum} micro-steps), bf16:",
+              f"per device, {e.grad_accum} micro-steps), {DTYPE_NAMES[e.dtype_bytes]}:",
               f"  {'kind':<15} {'axis':<6} {'n':>4} {'count':>6} {'S each':>10} "
               f"{'sent/device':>12} {'time s':>8}  what"]
     for c in e.comm:
@@ -400,6 +457,8 @@ def parse_mapping(text: str, world: int) -> dict[str, int]:
         dp, fsdp, tp = (int(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--explain {text!r}: expected dp,fsdp,tp such as 2,4,1") from None
-    if dp * fsdp * tp != world or min(dp, fsdp, tp) < 1:
+    if min(dp, fsdp, tp) < 1:
+        raise UserError(f"--explain {text}: dp, fsdp and tp must each be at least 1")
+    if dp * fsdp * tp != world:
         raise UserError(f"--explain {text}: dp*fsdp*tp must equal --world-size {world}")
     return {"dp": dp, "fsdp": fsdp, "tp": tp}

@@ -11,6 +11,7 @@ Ties and skips train nothing and are not written; they count in the session's ta
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import random
@@ -70,12 +71,20 @@ class LabelStore:
             return p
 
     def append(self, row: dict) -> tuple[int, int]:
+        """Append one line whole or not at all: a short or failed write (a full disk) is cut
+        off again and raised, so the file never ends in half a line."""
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             before = os.lseek(fd, 0, os.SEEK_END)
-            os.write(fd, line)
-            os.fsync(fd)
+            try:
+                n = os.write(fd, line)
+                if n != len(line):
+                    raise OSError(errno.ENOSPC, f"wrote {n} of {len(line)} bytes")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, before)
+                raise
         finally:
             os.close(fd)
         return before, before + len(line)
@@ -92,9 +101,14 @@ class LabelStore:
                     raise APIError(400, "an answer is blank, and the preference format has no "
                                    "place for one: skip this pair", "choice")
                 chosen = 0 if choice == "A" else 1
-                rec["written"] = self.append({"prompt": pair["prompt"],
-                                              "chosen": pair["answers"][chosen],
-                                              "rejected": pair["answers"][1 - chosen]})
+                try:
+                    rec["written"] = self.append({"prompt": pair["prompt"],
+                                                  "chosen": pair["answers"][chosen],
+                                                  "rejected": pair["answers"][1 - chosen]})
+                except OSError as e:  # the pair stays to be labelled again
+                    self.pending[pair_id] = pair
+                    raise APIError(500, f"could not write to {self.path} ({e.strerror or e}); "
+                                   "nothing was saved", "choice") from None
             self.history.append(rec)
             return {"gold": pair["gold"], **self.tallies()}
 
@@ -105,7 +119,8 @@ class LabelStore:
             rec = self.history[-1]
             if rec["written"] is not None:
                 before, after = rec["written"]
-                if self.path.stat().st_size != after:
+                size = self.path.stat().st_size if self.path.is_file() else None
+                if size != after:  # moved away, or appended to by someone else
                     raise APIError(409, f"{self.path} changed since that label was written; "
                                    "not undoing")
                 os.truncate(self.path, before)

@@ -76,7 +76,7 @@ function show() {
 
 // ---- chat --------------------------------------------------------------------------------
 
-let conversation = [];  // [{role, content}]
+let conversation = [];  // [{role, content, error?}]: error set on an answer that failed
 let busy = false;
 
 function renderChat() {
@@ -86,6 +86,7 @@ function renderChat() {
     const box = el("div", "msg " + m.role);
     box.append(el("span", "role", m.role));
     const body = el("div", "content", m.content);
+    if (m.error) body.append(el("span", "error", m.error));
     box.append(body);
     const tools = el("span", "tools");
     if (m.role === "user") {
@@ -94,7 +95,7 @@ function renderChat() {
       tools.append(edit);
     } else if (i === conversation.length - 1) {
       const again = el("button", "regenerate", "regenerate");
-      again.onclick = () => { conversation.pop(); answer(); };
+      again.onclick = () => { if (!busy) { conversation.pop(); answer(); } };
       tools.append(again);
     }
     box.append(tools);
@@ -126,13 +127,16 @@ async function answer() {
   out.classList.add("streaming");
   const params = {temperature: numberParam("chat-temperature"), top_p: numberParam("chat-top-p"),
                   max_tokens: numberParam("chat-max-tokens"), seed: numberParam("chat-seed")};
+  // Failed answers stay on screen (the turn keeps its error) but are not sent back as context.
+  const asked = conversation.slice(0, -1).filter((m) => !m.error)
+    .map((m) => ({role: m.role, content: m.content}));
   try {
-    await streamChat($("chat-model").value, conversation.slice(0, -1), params, (text) => {
+    await streamChat($("chat-model").value, asked, params, (text) => {
       turn.content = text;
       out.textContent = text;
     });
   } catch (e) {
-    out.replaceChildren(el("span", "error", e.message));
+    turn.error = e.message;
   }
   busy = false;
   $("chat-send").disabled = false;
@@ -198,7 +202,9 @@ function showPair(p) {
 }
 
 async function nextPair() {
+  if (labelBusy) return;
   labelBusy = true;
+  pair = null;  // hidden now, so no key may label it (nor, if no new pair comes, later)
   $("label-pair").hidden = true;
   try {
     showPair(await api("/api/label/pair", {
@@ -240,6 +246,7 @@ async function judge(choice) {
 
 async function undo() {
   if (labelBusy) return;
+  labelBusy = true;  // a key pressed before the undone pair is back must not label another
   try {
     const r = await api("/api/label/undo", {});
     showCounts(r);
@@ -248,11 +255,15 @@ async function undo() {
   } catch (e) {
     $("label-gold").replaceChildren(el("span", "error", e.message));
   }
+  labelBusy = false;
 }
 
 function labelKeys(ev) {
-  if (location.hash !== "#label" || ev.target.tagName === "INPUT" ||
-      ev.target.tagName === "TEXTAREA" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  // Keys typed into a field or a drop-down (which picks an option by its first letter) are
+  // theirs, not labels; nor does a held key's auto-repeat label the pairs that follow.
+  const t = ev.target;
+  if (location.hash !== "#label" || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName) ||
+      t.isContentEditable || ev.repeat || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const choice = {a: "A", 1: "A", b: "B", 2: "B", t: "tie", s: "skip"}[ev.key.toLowerCase()];
   if (choice) { ev.preventDefault(); judge(choice); }
   else if (ev.key.toLowerCase() === "u") { ev.preventDefault(); undo(); }
@@ -326,7 +337,10 @@ async function init() {
   $("status").textContent = `${INFO.models.length} model(s): ${INFO.models.join(", ")}`;
   showCounts(INFO);
   $("chat-form").onsubmit = sendChat;
-  $("chat-input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) sendChat(e); };
+  // Enter sends, except the Enter that confirms an input method's (Chinese, Japanese...) word
+  $("chat-input").onkeydown = (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) sendChat(e);
+  };
   $("chat-clear").onclick = () => { if (!busy) { conversation = []; renderChat(); } };
   $("compare-form").onsubmit = compare;
   $("label-next").onclick = nextPair;
