@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.io import read_json, read_rows
+from scalelab.config import Config, UserError, load_config, resolve_config_path
+from scalelab.io import atomic_write_json, read_json, read_json_if_any, read_rows
 from scalelab.train.monitor import read_record
-from scalelab.train.rundir import resume_or_restart
+from scalelab.train.rundir import check_folder, resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -30,6 +30,7 @@ SCHEDULES = {
     "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200, "oracle": 200},
 }
 ORACLE = "PPO vs gold labeler"
+MARKER = "demo.json"  # makes a folder the demo's own: {"schedule": "quick" | "full"}
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
             "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
             "Write in digits: forty-two"]
@@ -39,6 +40,23 @@ def preset_config(preset: str, steps: int) -> Config:
     cfg = load_config(resolve_config_path(preset))
     cfg.train.max_steps = steps
     return cfg
+
+
+def claim_folder(out: Path, schedule: str) -> None:
+    """--out must be new, empty, or a demo folder (demo.json) of the same schedule. The demo
+    resumes the stage folders inside, and removes one killed before its first checkpoint, so
+    it takes over no other folder (one holding a `pretrain/` of the user's own); and a
+    --quick folder continued as a full demo would splice two schedules into each model."""
+    check_folder(out, MARKER, "demo")
+    was = read_json_if_any(out / MARKER).get("schedule")
+    if was is None:  # new or empty (or a torn demo.json: nothing else was ever read from it)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MARKER, {"schedule": schedule}, indent=None)
+    elif was != schedule:
+        flag = " --quick" if was == "quick" else ""
+        raise UserError(f"--out {out}: holds a demo run by `scalelab demo{flag}` ({out / MARKER}"
+                        f" says schedule {was!r}); finish it with that command, or choose a "
+                        "new --out")
 
 
 def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
@@ -251,8 +269,9 @@ def run_demo(out: Path, quick: bool = False) -> None:
     from scalelab.train.reward import train_reward
     from scalelab.train.sft import sft
     t0 = time.time()
-    steps = SCHEDULES["quick" if quick else "full"]
-    out.mkdir(parents=True, exist_ok=True)
+    schedule = "quick" if quick else "full"
+    claim_folder(out, schedule)
+    steps = SCHEDULES[schedule]
     base = run_stage(out / "pretrain", preset_config("tiny", steps["pretrain"]), pretrain)
     sft_model = run_stage(out / "sft", preset_config("sft", steps["sft"]), sft, base,
                           "builtin:tasks")

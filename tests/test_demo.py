@@ -1,0 +1,61 @@
+"""`scalelab demo`: the folder it takes, and the numbers of its report (on made-up rows; the
+stages and the evaluation themselves run in test_posttrain.py)."""
+
+import json
+
+import pytest
+from new_user_home import cli
+
+from scalelab.config import UserError
+from scalelab.train.rundir import resume_or_restart
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """The demo's pretraining stage refuses to run (exit 2, "no training here")."""
+    import scalelab.train.pretrain
+
+    def pretrain(*args, **kwargs):
+        raise UserError("no training here")
+    monkeypatch.setattr(scalelab.train.pretrain, "pretrain", pretrain)
+
+
+def test_demo_takes_no_folder_of_the_users_with_a_pretrain_subfolder(tmp_path, no_training):
+    """A folder holding a `pretrain/` of the user's passed as the demo's own: its files were
+    removed to start the pretraining over (a scalelab run there was resumed or taken)."""
+    mine = tmp_path / "project"
+    (mine / "pretrain").mkdir(parents=True)
+    (mine / "pretrain/notes.txt").write_text("mine")
+    rc, _, err = cli("demo", "--quick", "--out", str(mine))
+    assert rc == 2 and "not written by `scalelab demo`" in err
+    assert [p.name for p in mine.rglob("*")] == ["pretrain", "notes.txt"]
+
+
+def test_a_quick_demo_folder_is_not_continued_as_a_full_one(tmp_path, no_training):
+    """`demo` on a `demo --quick` folder resumed its 600-step pretraining to 3000 steps under
+    a new schedule, and its SFT run from the model before that: refused, nothing written."""
+    out = tmp_path / "demo"
+    rc, _, err = cli("demo", "--quick", "--out", str(out))
+    assert rc == 2 and "no training here" in err  # the folder was taken
+    assert json.loads((out / "demo.json").read_text()) == {"schedule": "quick"}
+    rc, _, err = cli("demo", "--out", str(out))
+    assert rc == 2 and "scalelab demo --quick" in err and "demo.json" in err
+    assert [p.name for p in out.iterdir()] == ["demo.json"]
+    rc, _, err = cli("demo", "--quick", "--out", str(out))  # the same command: taken again
+    assert rc == 2 and "no training here" in err
+
+
+def test_a_stage_folder_that_is_no_run_is_not_removed(tmp_path):
+    """resume_or_restart (demo, sweep, study) starts a run killed before its first checkpoint
+    over by removing its folder; a folder no run made is refused instead."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a scalelab run"):
+        resume_or_restart(theirs, 10)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    killed = tmp_path / "killed"  # claimed (run.json), logged, no checkpoint yet
+    killed.mkdir()
+    (killed / "run.json").write_text('{"stage": "pretrain"}')
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert resume_or_restart(killed, 10) is False and not killed.exists()
