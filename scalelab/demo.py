@@ -158,6 +158,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
 def write_report(out: Path, command: str, seconds: float, results: dict, rm_stats: dict,
                  ppo_rows: list[dict], images: list[str]) -> str:
     names = list(results)
+    ppo_rows = [r for r in ppo_rows if "lr" in r]  # the steps, not the monitor's event rows
     first, last = ppo_rows[: max(1, len(ppo_rows) // 10)], ppo_rows[-max(1, len(ppo_rows) // 10):]
 
     def avg(rows, key):

@@ -2,6 +2,7 @@
 stages and the evaluation themselves run in test_posttrain.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from new_user_home import cli
@@ -59,3 +60,26 @@ def test_a_stage_folder_that_is_no_run_is_not_removed(tmp_path):
     (killed / "run.json").write_text('{"stage": "pretrain"}')
     (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     assert resume_or_restart(killed, 10) is False and not killed.exists()
+
+
+def test_report_counts_and_averages_ppo_steps_past_the_monitors_rows():
+    """A PPO step that dropped a non-finite minibatch update leaves a monitor row ({"event",
+    "action": "skip"}) in metrics.jsonl beside the step's own: the report counted it as a step
+    and, in the first or last tenth, ended the demo with a KeyError after all its training."""
+    from scalelab.demo import write_report
+    rows = []
+    for step in range(1, 21):
+        if step in (2, 20):
+            rows.append({"step": step, "event": "nonfinite", "action": "skip"})
+        rows.append({"step": step, "loss": 0.1, "lr": 1e-5, "objective/scores": float(step),
+                     "gold_reward": step / 10, "objective/kl": 2.0 * step})
+    fams = {"addition": 0.5, "mean": 0.5}
+    results = {"PPO": {"held_in": fams, "held_out": fams, "gold_reward": 0.5,
+                       "gold_reward_se": 0.1, "sampled_correct": 0.5,
+                       "sampled_extra_words": 0.0, "sampled_stopped": 1.0,
+                       "showcase": [""] * 6}}
+    md = write_report(Path("unused"), "scalelab demo", 1.0, results, {"val_accuracy": 0.7},
+                      rows, [])
+    # 20 steps; the first tenth is steps 1-2, the last 19-20: scores 1.5 -> 19.5
+    assert ("PPO (20 steps): proxy reward 1.500 -> 19.500, gold reward 0.150 -> 1.950, "
+            "KL to the reference 3.000 -> 39.000") in md
