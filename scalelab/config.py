@@ -266,6 +266,7 @@ BOUNDS: dict[tuple[str, str], tuple[int, float, str]] = {
                                   "tokenizer holds the 256 bytes and 7 special tokens"),
     ("reward", "samples_per_prompt"): (2, math.inf, "ranking needs at least 2 answers per "
                                        "prompt"),
+    ("monitor", "spike_window"): (2, math.inf, "a median and its spread need 2 steps"),
 }
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),

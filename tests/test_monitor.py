@@ -432,6 +432,32 @@ def test_a_resumed_monitor_judges_the_next_step_as_one_that_never_stopped(tmp_pa
     assert resumed.check(16, spike, norm) == going.check(16, spike, norm)
 
 
+def test_a_window_shorter_than_min_history_still_judges(tmp_path):
+    """monitor.spike_window = 5 (min_history 10): the window never held 10 steps, so no spike
+    or explosion was ever judged. Now: judged from the 11th healthy step on, over the last 5;
+    a resumed monitor counts the steps before its checkpoint; a window of 1 is exit 2."""
+    from scalelab.config import UserError, load_config
+    from scalelab.train.monitor import Monitor
+    mc = MonitorConfig(spike_window=5, min_history=10, stall_factor=0)
+    going, resumed = Monitor(mc, tmp_path), Monitor(mc, tmp_path, resume=True)
+    norm = torch.tensor(0.5)
+    for i in range(10):
+        if i == 9:  # 9 healthy steps so far: a jump is not judged yet (then joins the window)
+            resumed.load_state_dict(json.loads(json.dumps(going.state_dict())))
+            assert going.check(i + 1, torch.tensor(9.0), norm) is None
+        else:
+            assert going.check(i + 1, torch.tensor(4.0 + 0.01 * (i % 3)), norm) is None
+    assert resumed.check(10, torch.tensor(9.0), norm) is None
+    # the window: 4.02, 4.0, 4.01, 4.02, 9.0: median 4.02, limit 4.02 + max(6 * MAD, 0.402)
+    seen = going.check(11, torch.tensor(6.0), norm)
+    assert seen["event"] == "spike" and seen["median"] == pytest.approx(4.02)
+    assert resumed.check(11, torch.tensor(6.0), norm) == seen
+    assert going.check(12, torch.tensor(4.0), torch.tensor(0.5 * 21))["event"] == \
+        "grad_explosion"
+    with pytest.raises(UserError, match="monitor.spike_window = 1 must be >= 2"):
+        load_config(None, ["monitor.spike_window=1"])
+
+
 def test_an_event_after_a_torn_line_is_kept(tmp_path):
     """A run killed (or out of disk) mid-line in events.jsonl, then resumed: the "resumed"
     event was appended onto the torn line, and both were unreadable."""

@@ -64,15 +64,16 @@ class Health:
 
     def __init__(self, mc: MonitorConfig):
         self.mc = mc
-        self.losses: deque[float] = deque(maxlen=max(1, mc.spike_window))
-        self.norms: deque[float] = deque(maxlen=max(1, mc.spike_window))
+        self.losses: deque[float] = deque(maxlen=mc.spike_window)
+        self.norms: deque[float] = deque(maxlen=mc.spike_window)
+        self.seen = 0  # healthy steps so far: a window shorter than min_history fills up
 
     def judge(self, loss: float, grad_norm: float) -> dict | None:
         """None when healthy (then the step joins the history), else what was seen."""
         mc = self.mc
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return {"event": "nonfinite", "loss": loss, "grad_norm": grad_norm}
-        if len(self.losses) >= max(2, mc.min_history):
+        if self.seen >= mc.min_history and len(self.losses) >= 2:
             med = statistics.median(self.losses)
             mad = 1.4826 * statistics.median(abs(x - med) for x in self.losses)
             limit = med + max(mc.spike_k * mad, mc.spike_min_rise * abs(med))
@@ -84,6 +85,7 @@ class Health:
                         "limit": mc.grad_factor * gmed}
         self.losses.append(loss)
         self.norms.append(grad_norm)
+        self.seen += 1
         return None
 
 
@@ -197,7 +199,7 @@ class Monitor:
         self._bill_until_now()
         return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
                 "rewinds": self.rewinds, "losses": list(self.health.losses),
-                "norms": list(self.health.norms)}
+                "norms": list(self.health.norms), "seen": self.health.seen}
 
     def load_state_dict(self, state: dict | None, rewinding: bool = False) -> None:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
@@ -225,6 +227,7 @@ class Monitor:
             self.lr_until, self.rewinds = state.get("lr_until", -1), state.get("rewinds", 0)
             self.health.losses.extend(state.get("losses", []))
             self.health.norms.extend(state.get("norms", []))
+            self.health.seen = state.get("seen", len(self.health.losses))
         self.tokens = state.get("tokens", 0)
 
     def previous_wall(self) -> tuple[float, float]:
