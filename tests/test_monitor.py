@@ -458,6 +458,22 @@ def test_a_window_shorter_than_min_history_still_judges(tmp_path):
         load_config(None, ["monitor.spike_window=1"])
 
 
+def test_on_event_hears_strict_json_when_a_run_ends_before_any_row(tmp_path):
+    """policy "stop" at a step before the first logged row: the "stopped" notice gave the
+    hook `"loss": NaN` (the loss not yet known), which jq and JavaScript refuse."""
+    from scalelab.train.monitor import Monitor
+    told = tmp_path / "told.json"
+    mon = Monitor(MonitorConfig(stall_factor=0, on_event=f"cat > {told}"), tmp_path)
+    mon.start(10)
+    mon.finish("stopped", "step 3: loss nan")
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    heard = json.loads(told.read_text(), parse_constant=refuse)
+    assert heard["event"] == "stopped" and heard["loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["loss"] is None  # the same
+
+
 def test_an_event_after_a_torn_line_is_kept(tmp_path):
     """A run killed (or out of disk) mid-line in events.jsonl, then resumed: the "resumed"
     event was appended onto the torn line, and both were unreadable."""

@@ -42,6 +42,7 @@ from scalelab.io import (
     atomic_write_text,
     read_json_if_any,
     read_rows,
+    strict,
 )
 from scalelab.train.rundir import restart_count
 
@@ -344,7 +345,7 @@ class Monitor:
         if not self.mc.on_event:
             return
         try:
-            subprocess.run(self.mc.on_event, shell=True, input=json.dumps(ev), text=True,
+            subprocess.run(self.mc.on_event, shell=True, input=json.dumps(strict(ev)), text=True,
                            timeout=30, check=False)
         except (OSError, subprocess.SubprocessError) as e:  # a broken hook never stops a run
             print(f"monitor: on_event command failed: {e}", file=sys.stderr)
