@@ -18,7 +18,14 @@ import torch
 from tqdm import tqdm
 
 from scalelab.config import Config, UserError, load_config, resolve_config_path
-from scalelab.io import atomic_write_json, read_json, read_json_if_any, read_rows
+from scalelab.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.train.monitor import read_record
 from scalelab.train.rundir import check_folder, resume_or_restart
 
@@ -112,6 +119,11 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     return results
 
 
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all (a full disk mid-write keeps the last run's)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
          ) -> list[str]:
     from scalelab.track.report import pyplot
@@ -128,7 +140,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
         ax.set(title=f"{name} loss", xlabel="step", ylabel="nats / token")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=110)
+    save_figure(fig, out / "losses.png")
     plt.close(fig)
 
     def noisy(ax, rows, key, label):
@@ -150,7 +162,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
     axes[1].set(title="PPO: KL to the SFT reference", xlabel="PPO step")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(out / "ppo.png", dpi=110)
+    save_figure(fig, out / "ppo.png")
     plt.close(fig)
     return ["losses.png", "ppo.png"]
 
@@ -287,7 +299,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
 
     tqdm.write("== evaluation ==")
     results = evaluate_policies(models)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     ppo_rows = read_metrics(out / "ppo")
     oracle_rows = read_metrics(out / "ppo_gold") if steps["oracle"] else []
     images = plot(out, read_metrics(out / "pretrain"), read_metrics(out / "sft"), ppo_rows,
@@ -295,7 +307,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
     command = f"scalelab demo --out {out}" + (" --quick" if quick else "")
     md = write_report(out, command, time.time() - t0, results, read_json(rm / "reward.json"),
                       ppo_rows, images)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(markdown_to_html(md))
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", markdown_to_html(md))
     print(md)
     print(f"report written to {out / 'report.html'} and {out / 'report.md'}")

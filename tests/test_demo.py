@@ -1,6 +1,7 @@
 """`scalelab demo`: the folder it takes, and the numbers of its report (on made-up rows; the
 stages and the evaluation themselves run in test_posttrain.py)."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -83,3 +84,61 @@ def test_report_counts_and_averages_ppo_steps_past_the_monitors_rows():
     # 20 steps; the first tenth is steps 1-2, the last 19-20: scores 1.5 -> 19.5
     assert ("PPO (20 steps): proxy reward 1.500 -> 19.500, gold reward 0.150 -> 1.950, "
             "KL to the reference 3.000 -> 39.000") in md
+
+
+def half_then_full_disk(write, name):
+    """A writer that, for a file of this name (or its temporary one), writes half of what it
+    is given, then fails as a full disk does."""
+    def failing(path, data, *args, **kwargs):
+        if name not in path.name:
+            return write(path, data, *args, **kwargs)
+        write(path, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return failing
+
+
+def fake_demo(monkeypatch):
+    """run_demo with every stage done and the evaluation made up: what it writes itself."""
+    import scalelab.demo as demo
+    fams = {"addition": 0.5, "mean": 0.5}
+    result = {"held_in": fams, "held_out": fams, "gold_reward": 0.5, "gold_reward_se": 0.1,
+              "sampled_correct": 0.5, "sampled_extra_words": 0.0, "sampled_stopped": 1.0,
+              "showcase": [""] * 6}
+    monkeypatch.setattr(demo, "run_stage", lambda run_dir, *args: run_dir / "model")
+    monkeypatch.setattr(demo, "evaluate_policies", lambda models: dict.fromkeys(models, result))
+    monkeypatch.setattr(demo, "read_metrics", lambda run_dir: [
+        {"step": 1, "lr": 1.0, "objective/scores": 0.1, "gold_reward": 0.2, "objective/kl": 0.0}])
+    monkeypatch.setattr(demo, "read_json", lambda path: {"val_accuracy": 0.7})
+    return demo
+
+
+def test_a_full_disk_keeps_the_last_report_whole(tmp_path, monkeypatch):
+    """report.md, report.html, results.json and the plots were written in place: a full disk
+    (or Ctrl-C) mid-write left half a report where the last whole one was."""
+    import matplotlib.figure
+    demo = fake_demo(monkeypatch)
+    out = tmp_path / "demo"
+    demo.run_demo(out, quick=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"report.md", "report.html", "results.json"} <= set(before)
+    for name in ("results.json", "report.md", "report.html"):
+        with monkeypatch.context() as m:
+            m.setattr(Path, "write_text", half_then_full_disk(Path.write_text, name))
+            with pytest.raises(OSError):
+                demo.run_demo(out, quick=True)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
+    # The plots: savefig fails the same way.
+    rows = [{"step": 1, "loss": 2.0, "val_loss": 2.0, "objective/scores": 0.1,
+             "gold_reward": 0.2, "objective/kl": 0.0, "objective/kl_k3": 0.0}]
+    assert demo.plot(out, rows, rows, rows, []) == ["losses.png", "ppo.png"]
+    pngs = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert sorted(pngs) == ["losses.png", "ppo.png"]
+
+    def savefig(fig, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError):
+        demo.plot(out, rows, rows, rows, [])
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == pngs
+    assert not list(out.glob(".*"))  # no temporary file left
