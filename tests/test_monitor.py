@@ -3,6 +3,7 @@ stacks dumped (and torchrun restarts it), a full disk leaves the previous checkp
 
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -456,6 +457,39 @@ def test_a_window_shorter_than_min_history_still_judges(tmp_path):
         "grad_explosion"
     with pytest.raises(UserError, match="monitor.spike_window = 1 must be >= 2"):
         load_config(None, ["monitor.spike_window=1"])
+
+
+@pytest.mark.parametrize("row_at_checkpoint", [True, False])
+def test_the_row_after_a_rewind_measures_the_steps_that_stand(tmp_path, row_at_checkpoint):
+    """The first row after a rewind divided the tokens since the rewind by a time that still
+    held the undone steps (tokens/s 20x too low, their time a "train" share); with no row
+    at the checkpoint it dropped the tokens before the checkpoint instead."""
+    from scalelab.train.monitor import Monitor
+    mon = Monitor(MonitorConfig(stall_factor=0), tmp_path)
+    mon.start(100)
+    t0 = time.monotonic()
+    time.sleep(0.1)  # steps up to the checkpoint: they stand
+    mon.count_tokens(200)
+    kept = time.monotonic() - t0
+    state = json.loads(json.dumps(mon.state_dict()))  # the checkpoint
+    if row_at_checkpoint:
+        mon.interval_row()
+        kept, kept_tokens = 0.0, 0
+    else:
+        kept_tokens = 200
+    time.sleep(0.3)  # steps after it, undone by the rewind
+    mon.count_tokens(600)
+    with mon.clock("rewind"):
+        mon.load_state_dict(state, rewinding=True)
+        mon.rewound({"event": "nonfinite", "step": 9, "loss": math.nan, "grad_norm": 1.0}, 4)
+    t1 = time.monotonic()
+    time.sleep(0.05)  # one step again
+    mon.count_tokens(100)
+    kept += time.monotonic() - t1
+    assert mon.tokens == 300 and mon.interval_tokens == kept_tokens + 100
+    assert mon.busy_seconds() == pytest.approx(kept, abs=0.02)
+    row = mon.interval_row()
+    assert row["time/rewind"] > 0.3 / 0.45 - 0.05  # of the interval's wall time
 
 
 def test_on_event_hears_strict_json_when_a_run_ends_before_any_row(tmp_path):

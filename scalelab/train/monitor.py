@@ -136,7 +136,7 @@ class Monitor:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
-        self.interval_tokens = 0  # ... of them since the last logged row (or rewind)
+        self.interval_tokens = 0  # ... of them since the last logged row
         now = time.monotonic()
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - STAGE_ORIGIN[0]
@@ -213,6 +213,11 @@ class Monitor:
                 lost = max(0.0, self.total[k] - then.get(k, 0.0))
                 self.total[k] -= lost
                 self.total["rewind"] += lost
+                unlogged = min(lost, self.interval[k])  # the row to come: its share and tokens/s
+                self.interval[k] -= unlogged
+                self.interval["rewind"] += unlogged
+            self.interval_tokens = max(0, self.interval_tokens - self.tokens + state.get(
+                "tokens", 0))
         else:  # a new process: the old one's time up to the checkpoint, then what it lost
             wall, at = self.previous_wall()
             lost = max(0.0, wall - sum(then.values()))
@@ -287,7 +292,7 @@ class Monitor:
         """Log the rewind; returns the metrics.jsonl row (at the step the run goes on from)."""
         if self.mc.rewind_lr_steps and self.mc.rewind_lr_factor != 1.0:
             self.lr_until = to_step + self.mc.rewind_lr_steps
-        self.step, self.interval_tokens = to_step, 0
+        self.step = to_step
         self.event({**seen, "action": "rewind", "to_step": to_step,
                     "lr_factor": self.mc.rewind_lr_factor if self.lr_until > to_step else 1.0})
         return {"step": to_step, "event": seen["event"], "seen_step": seen["step"],
