@@ -529,6 +529,25 @@ def test_progress_without_a_pid_is_not_a_running_run(tmp_path):
         assert state(tmp_path)["status"].startswith("dead"), progress
 
 
+def test_a_run_going_again_shows_its_own_time_not_the_last_attempts(tmp_path):
+    """A run restarted after a stall (or resumed after a stop) runs on beside the old attempt's
+    summary.json: `runs show` said "running" but took goodput, MFU and the wall-time split
+    from that summary, frozen at the stall, instead of from the newer progress.json."""
+    from scalelab.runs import show_text, state
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss": 2.0}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "status": "stalled", "step": 24, "time_unix": 1000.0, "wall_s": 10.0, "goodput": 0.1,
+        "mfu": 0.01, "tokens_per_s": 5.0, "time": {"train": 1.0, "startup": 9.0}}))
+    (tmp_path / "progress.json").write_text(json.dumps({
+        "step": 30, "time_unix": 2000.0, "pid": os.getpid(), "mfu": 0.3,
+        "time": {"train": 45.0, "restart": 15.0}}))
+    s = state(tmp_path)
+    assert s["status"] == "running" and s["step"] == 30
+    assert s["goodput"] == pytest.approx(45 / 60) and s["mfu"] == 0.3
+    assert s["time"] == {"train": 45.0, "restart": 15.0}
+    assert "(of 60.0 s)" in show_text(s)
+
+
 def test_runs_watch_refuses_an_interval_it_cannot_sleep(tmp_path, capsys):
     from scalelab.cli import main
     run = tmp_path / "run"  # a run that is running: this process wrote its progress
