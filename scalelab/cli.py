@@ -264,8 +264,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from scalelab.demo import run_demo
-    from scalelab.train.rundir import check_folder
-    check_folder(Path(args.out), "pretrain", "demo")
     run_demo(Path(args.out), quick=args.quick)
 
 

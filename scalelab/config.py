@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     seed: int = 1337
     eval_every: int = 100
     eval_batches: int = 8
@@ -266,6 +266,7 @@ BOUNDS: dict[tuple[str, str], tuple[int, float, str]] = {
                                   "tokenizer holds the 256 bytes and 7 special tokens"),
     ("reward", "samples_per_prompt"): (2, math.inf, "ranking needs at least 2 answers per "
                                        "prompt"),
+    ("monitor", "spike_window"): (2, math.inf, "a median and its spread need 2 steps"),
 }
 FRACTIONS = {("data", "val_fraction"), ("train", "min_lr_ratio"), ("train", "beta1"),
              ("train", "beta2"), ("sft", "chatty_fraction"),

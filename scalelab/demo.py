@@ -17,10 +17,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scalelab.config import Config, load_config, resolve_config_path
-from scalelab.io import read_json, read_rows
+from scalelab.config import Config, UserError, load_config, resolve_config_path
+from scalelab.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_json_if_any,
+    read_rows,
+)
 from scalelab.train.monitor import read_record
-from scalelab.train.rundir import resume_or_restart
+from scalelab.train.rundir import check_folder, resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -30,6 +37,7 @@ SCHEDULES = {
     "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200, "oracle": 200},
 }
 ORACLE = "PPO vs gold labeler"
+MARKER = "demo.json"  # makes a folder the demo's own: {"schedule": "quick" | "full"}
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
             "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
             "Write in digits: forty-two"]
@@ -39,6 +47,23 @@ def preset_config(preset: str, steps: int) -> Config:
     cfg = load_config(resolve_config_path(preset))
     cfg.train.max_steps = steps
     return cfg
+
+
+def claim_folder(out: Path, schedule: str) -> None:
+    """--out must be new, empty, or a demo folder (demo.json) of the same schedule. The demo
+    resumes the stage folders inside, and removes one killed before its first checkpoint, so
+    it takes over no other folder (one holding a `pretrain/` of the user's own); and a
+    --quick folder continued as a full demo would splice two schedules into each model."""
+    check_folder(out, MARKER, "demo")
+    was = read_json_if_any(out / MARKER).get("schedule")
+    if was is None:  # new or empty (or a torn demo.json: nothing else was ever read from it)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MARKER, {"schedule": schedule}, indent=None)
+    elif was != schedule:
+        flag = " --quick" if was == "quick" else ""
+        raise UserError(f"--out {out}: holds a demo run by `scalelab demo{flag}` ({out / MARKER}"
+                        f" says schedule {was!r}); finish it with that command, or choose a "
+                        "new --out")
 
 
 def run_stage(run_dir: Path, cfg: Config, fn, *args) -> Path:
@@ -118,6 +143,11 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     return results
 
 
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all (a full disk mid-write keeps the last run's)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
          ) -> list[str]:
     from scalelab.track.report import pyplot
@@ -134,7 +164,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
         ax.set(title=f"{name} loss", xlabel="step", ylabel="nats / token")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=110)
+    save_figure(fig, out / "losses.png")
     plt.close(fig)
 
     def noisy(ax, rows, key, label):
@@ -156,7 +186,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
     axes[1].set(title="PPO: KL to the SFT reference", xlabel="PPO step")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(out / "ppo.png", dpi=110)
+    save_figure(fig, out / "ppo.png")
     plt.close(fig)
     return ["losses.png", "ppo.png"]
 
@@ -164,6 +194,7 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
 def write_report(out: Path, command: str, seconds: float, results: dict, rm_stats: dict,
                  ppo_rows: list[dict], images: list[str]) -> str:
     names = list(results)
+    ppo_rows = [r for r in ppo_rows if "lr" in r]  # the steps, not the monitor's event rows
     first, last = ppo_rows[: max(1, len(ppo_rows) // 10)], ppo_rows[-max(1, len(ppo_rows) // 10):]
 
     def avg(rows, key):
@@ -279,8 +310,9 @@ def run_demo(out: Path, quick: bool = False) -> None:
     from scalelab.train.reward import train_reward
     from scalelab.train.sft import sft
     t0 = time.time()
-    steps = SCHEDULES["quick" if quick else "full"]
-    out.mkdir(parents=True, exist_ok=True)
+    schedule = "quick" if quick else "full"
+    claim_folder(out, schedule)
+    steps = SCHEDULES[schedule]
     base = run_stage(out / "pretrain", preset_config("tiny", steps["pretrain"]), pretrain)
     sft_model = run_stage(out / "sft", preset_config("sft", steps["sft"]), sft, base,
                           "builtin:tasks")
@@ -295,7 +327,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
 
     tqdm.write("== evaluation ==")
     results = evaluate_policies(models)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     ppo_rows = read_metrics(out / "ppo")
     oracle_rows = read_metrics(out / "ppo_gold") if steps["oracle"] else []
     images = plot(out, read_metrics(out / "pretrain"), read_metrics(out / "sft"), ppo_rows,
@@ -303,7 +335,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
     command = f"scalelab demo --out {out}" + (" --quick" if quick else "")
     md = write_report(out, command, time.time() - t0, results, read_json(rm / "reward.json"),
                       ppo_rows, images)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(markdown_to_html(md))
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", markdown_to_html(md))
     print(md)
     print(f"report written to {out / 'report.html'} and {out / 'report.md'}")

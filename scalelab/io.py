@@ -9,7 +9,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,20 @@ import torch
 from scalelab.config import UserError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) makes a file beside `path`, which then takes its place."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with named_errors(path):
-            tmp.write_text(text)
+            write(tmp)
     except BaseException:  # a full disk, Ctrl-C: no partial file left beside the old one
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -68,7 +68,10 @@ def state(run_dir: Path) -> dict:
     if not last_at and (run_dir / "metrics.jsonl").exists():
         last_at = (run_dir / "metrics.jsonl").stat().st_mtime
     step = train[-1]["step"] if train else 0
-    if summary and summary.get("time_unix", 0) >= progress.get("time_unix", 0):
+    ended = bool(summary) and summary.get("time_unix", 0) >= progress.get("time_unix", 0)
+    # the newer record: a run going again (restarted, resumed) runs on beside an old summary
+    src = summary if ended else progress
+    if ended:
         status = summary.get("status", "?")
         step = summary.get("step", step)
     elif progress and pid_alive(int(progress.get("pid", 0) or 0)):
@@ -80,17 +83,16 @@ def state(run_dir: Path) -> dict:
     else:
         status = "dead (killed or crashed; resume with --resume)" if rows else "not started"
     last = train[-1] if train else {}
-    src = summary or progress
     total = src.get("time") or {}
     wall = sum(total.values())
     return {
         "dir": str(run_dir), "stage": lineage.get("stage", "pretrain" if cfg else "?"),
         "status": status, "step": step, "max_steps": max_steps,
         "loss": last.get("loss"), "val_loss": evals[-1]["val_loss"] if evals else None,
-        "tokens_per_s": last.get("tokens_per_s") or summary.get("tokens_per_s") or None,
+        "tokens_per_s": last.get("tokens_per_s") or src.get("tokens_per_s") or None,
         "episodes_per_s": last.get("episodes_per_s"),
-        "mfu": summary.get("mfu", last.get("mfu")),
-        "goodput": summary.get("goodput") or (total.get("train", 0) / wall if wall else None),
+        "mfu": src.get("mfu", last.get("mfu")),
+        "goodput": src.get("goodput") or (total.get("train", 0) / wall if wall else None),
         "time": total, "since_progress_s": time.time() - last_at if last_at else None,
         "events": read_events(run_dir), "losses": [r["loss"] for r in train],
     }

@@ -3,6 +3,7 @@ stacks dumped (and torchrun restarts it), a full disk leaves the previous checkp
 
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -432,6 +433,81 @@ def test_a_resumed_monitor_judges_the_next_step_as_one_that_never_stopped(tmp_pa
     assert resumed.check(16, spike, norm) == going.check(16, spike, norm)
 
 
+def test_a_window_shorter_than_min_history_still_judges(tmp_path):
+    """monitor.spike_window = 5 (min_history 10): the window never held 10 steps, so no spike
+    or explosion was ever judged. Now: judged from the 11th healthy step on, over the last 5;
+    a resumed monitor counts the steps before its checkpoint; a window of 1 is exit 2."""
+    from scalelab.config import UserError, load_config
+    from scalelab.train.monitor import Monitor
+    mc = MonitorConfig(spike_window=5, min_history=10, stall_factor=0)
+    going, resumed = Monitor(mc, tmp_path), Monitor(mc, tmp_path, resume=True)
+    norm = torch.tensor(0.5)
+    for i in range(10):
+        if i == 9:  # 9 healthy steps so far: a jump is not judged yet (then joins the window)
+            resumed.load_state_dict(json.loads(json.dumps(going.state_dict())))
+            assert going.check(i + 1, torch.tensor(9.0), norm) is None
+        else:
+            assert going.check(i + 1, torch.tensor(4.0 + 0.01 * (i % 3)), norm) is None
+    assert resumed.check(10, torch.tensor(9.0), norm) is None
+    # the window: 4.02, 4.0, 4.01, 4.02, 9.0: median 4.02, limit 4.02 + max(6 * MAD, 0.402)
+    seen = going.check(11, torch.tensor(6.0), norm)
+    assert seen["event"] == "spike" and seen["median"] == pytest.approx(4.02)
+    assert resumed.check(11, torch.tensor(6.0), norm) == seen
+    assert going.check(12, torch.tensor(4.0), torch.tensor(0.5 * 21))["event"] == \
+        "grad_explosion"
+    with pytest.raises(UserError, match="monitor.spike_window = 1 must be >= 2"):
+        load_config(None, ["monitor.spike_window=1"])
+
+
+@pytest.mark.parametrize("row_at_checkpoint", [True, False])
+def test_the_row_after_a_rewind_measures_the_steps_that_stand(tmp_path, row_at_checkpoint):
+    """The first row after a rewind divided the tokens since the rewind by a time that still
+    held the undone steps (tokens/s 20x too low, their time a "train" share); with no row
+    at the checkpoint it dropped the tokens before the checkpoint instead."""
+    from scalelab.train.monitor import Monitor
+    mon = Monitor(MonitorConfig(stall_factor=0), tmp_path)
+    mon.start(100)
+    t0 = time.monotonic()
+    time.sleep(0.1)  # steps up to the checkpoint: they stand
+    mon.count_tokens(200)
+    kept = time.monotonic() - t0
+    state = json.loads(json.dumps(mon.state_dict()))  # the checkpoint
+    if row_at_checkpoint:
+        mon.interval_row()
+        kept, kept_tokens = 0.0, 0
+    else:
+        kept_tokens = 200
+    time.sleep(0.3)  # steps after it, undone by the rewind
+    mon.count_tokens(600)
+    with mon.clock("rewind"):
+        mon.load_state_dict(state, rewinding=True)
+        mon.rewound({"event": "nonfinite", "step": 9, "loss": math.nan, "grad_norm": 1.0}, 4)
+    t1 = time.monotonic()
+    time.sleep(0.05)  # one step again
+    mon.count_tokens(100)
+    kept += time.monotonic() - t1
+    assert mon.tokens == 300 and mon.interval_tokens == kept_tokens + 100
+    assert mon.busy_seconds() == pytest.approx(kept, abs=0.02)
+    row = mon.interval_row()
+    assert row["time/rewind"] > 0.3 / 0.45 - 0.05  # of the interval's wall time
+
+
+def test_on_event_hears_strict_json_when_a_run_ends_before_any_row(tmp_path):
+    """policy "stop" at a step before the first logged row: the "stopped" notice gave the
+    hook `"loss": NaN` (the loss not yet known), which jq and JavaScript refuse."""
+    from scalelab.train.monitor import Monitor
+    told = tmp_path / "told.json"
+    mon = Monitor(MonitorConfig(stall_factor=0, on_event=f"cat > {told}"), tmp_path)
+    mon.start(10)
+    mon.finish("stopped", "step 3: loss nan")
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    heard = json.loads(told.read_text(), parse_constant=refuse)
+    assert heard["event"] == "stopped" and heard["loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["loss"] is None  # the same
+
+
 def test_an_event_after_a_torn_line_is_kept(tmp_path):
     """A run killed (or out of disk) mid-line in events.jsonl, then resumed: the "resumed"
     event was appended onto the torn line, and both were unreadable."""
@@ -451,6 +527,25 @@ def test_progress_without_a_pid_is_not_a_running_run(tmp_path):
     for progress in ({"step": 1, "time_unix": 1.0}, {"step": 1, "time_unix": 1.0, "pid": 0}):
         (tmp_path / "progress.json").write_text(json.dumps(progress))
         assert state(tmp_path)["status"].startswith("dead"), progress
+
+
+def test_a_run_going_again_shows_its_own_time_not_the_last_attempts(tmp_path):
+    """A run restarted after a stall (or resumed after a stop) runs on beside the old attempt's
+    summary.json: `runs show` said "running" but took goodput, MFU and the wall-time split
+    from that summary, frozen at the stall, instead of from the newer progress.json."""
+    from scalelab.runs import show_text, state
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss": 2.0}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "status": "stalled", "step": 24, "time_unix": 1000.0, "wall_s": 10.0, "goodput": 0.1,
+        "mfu": 0.01, "tokens_per_s": 5.0, "time": {"train": 1.0, "startup": 9.0}}))
+    (tmp_path / "progress.json").write_text(json.dumps({
+        "step": 30, "time_unix": 2000.0, "pid": os.getpid(), "mfu": 0.3,
+        "time": {"train": 45.0, "restart": 15.0}}))
+    s = state(tmp_path)
+    assert s["status"] == "running" and s["step"] == 30
+    assert s["goodput"] == pytest.approx(45 / 60) and s["mfu"] == 0.3
+    assert s["time"] == {"train": 45.0, "restart": 15.0}
+    assert "(of 60.0 s)" in show_text(s)
 
 
 def test_runs_watch_refuses_an_interval_it_cannot_sleep(tmp_path, capsys):

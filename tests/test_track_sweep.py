@@ -277,6 +277,7 @@ def test_a_run_another_process_is_training_is_not_removed(tmp_path):
     from scalelab.train.rundir import RunBusy, resume_or_restart
     run = tmp_path / "run"
     run.mkdir()
+    (run / "run.json").write_text('{"stage": "pretrain"}')  # a stage claims its folder first
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     holder = subprocess.Popen(  # what a training stage holds while it writes the run
         [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "

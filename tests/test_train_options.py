@@ -1,5 +1,5 @@
-"""train.compile ("auto" resolution) and train.activation_checkpointing (same gradients,
-fewer saved activations, applied by fit() from outside the model)."""
+"""train.compile ("auto" resolution), train.activation_checkpointing (same gradients,
+fewer saved activations, applied by fit() from outside the model) and train.grad_clip."""
 
 import json
 
@@ -142,3 +142,20 @@ def test_ppo_gets_activation_checkpointing_from_fit(tmp, tokenizer, monkeypatch)
                    for line in (tmp / m / "metrics.jsonl").read_text().splitlines()]
     assert len(calls) == 2 * 2 * 2 * 2  # steps x minibatches x (policy, value) x blocks
     assert len(rows["full"]) == 2 and rows["full"] == rows["none"]
+
+
+def test_grad_clip_0_turns_clipping_off():
+    """train.grad_clip = 0 scaled every gradient to zero (torch clips to max_norm 0): the
+    model never learned. Now 0 leaves the gradients as they are, and the norm is measured
+    for the monitor all the same."""
+    from scalelab.parallel.apply import clip_grads
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
+    x = torch.randint(0, 64, (2, 16))
+    next_token_loss(model, (x[:, :-1], x[:, 1:])).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = clip_grads(model, 0.0, None)
+    assert norm.item() == pytest.approx(sum(g.square().sum() for g in grads).sqrt().item())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    clip_grads(model, norm.item() / 2, None)  # a positive max_norm still clips
+    assert all(torch.allclose(g / 2, p.grad, rtol=1e-4) for g, p in zip(grads, model.parameters()))

@@ -13,6 +13,8 @@ the table give its placement. In order (as torchtitan does):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -132,7 +134,8 @@ def clip_grads(model: nn.Module, max_norm: float, par: Parallel | None,
                params: list | None = None) -> torch.Tensor:
     """After backward (gradients already averaged over the data ranks by FSDP): clip by the
     global norm, which is returned. One process (par None or single): torch's clip over
-    `params` (default: the model's)."""
+    `params` (default: the model's). max_norm 0: no clipping (the norm is still measured)."""
+    max_norm = max_norm if max_norm > 0 else math.inf  # (torch would scale every grad to 0)
     if par is None or par.single:
         return nn.utils.clip_grad_norm_(model.parameters() if params is None else params,
                                         max_norm)

@@ -42,6 +42,7 @@ from scalelab.io import (
     atomic_write_text,
     read_json_if_any,
     read_rows,
+    strict,
 )
 from scalelab.train.rundir import restart_count
 
@@ -64,15 +65,16 @@ class Health:
 
     def __init__(self, mc: MonitorConfig):
         self.mc = mc
-        self.losses: deque[float] = deque(maxlen=max(1, mc.spike_window))
-        self.norms: deque[float] = deque(maxlen=max(1, mc.spike_window))
+        self.losses: deque[float] = deque(maxlen=mc.spike_window)
+        self.norms: deque[float] = deque(maxlen=mc.spike_window)
+        self.seen = 0  # healthy steps so far: a window shorter than min_history fills up
 
     def judge(self, loss: float, grad_norm: float) -> dict | None:
         """None when healthy (then the step joins the history), else what was seen."""
         mc = self.mc
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return {"event": "nonfinite", "loss": loss, "grad_norm": grad_norm}
-        if len(self.losses) >= max(2, mc.min_history):
+        if self.seen >= mc.min_history and len(self.losses) >= 2:
             med = statistics.median(self.losses)
             mad = 1.4826 * statistics.median(abs(x - med) for x in self.losses)
             limit = med + max(mc.spike_k * mad, mc.spike_min_rise * abs(med))
@@ -84,6 +86,7 @@ class Health:
                         "limit": mc.grad_factor * gmed}
         self.losses.append(loss)
         self.norms.append(grad_norm)
+        self.seen += 1
         return None
 
 
@@ -133,7 +136,7 @@ class Monitor:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.rewinds, self.lr_until, self.step, self.loss = 0, -1, 0, float("nan")
         self.tokens = 0  # tokens of steps that count (not undone by a rewind or a crash)
-        self.interval_tokens = 0  # ... of them since the last logged row (or rewind)
+        self.interval_tokens = 0  # ... of them since the last logged row
         now = time.monotonic()
         self.total = dict.fromkeys(BUCKETS, 0.0)
         self.total["startup"] = now - STAGE_ORIGIN[0]
@@ -197,7 +200,7 @@ class Monitor:
         self._bill_until_now()
         return {"total": dict(self.total), "tokens": self.tokens, "lr_until": self.lr_until,
                 "rewinds": self.rewinds, "losses": list(self.health.losses),
-                "norms": list(self.health.norms)}
+                "norms": list(self.health.norms), "seen": self.health.seen}
 
     def load_state_dict(self, state: dict | None, rewinding: bool = False) -> None:
         """Back at a checkpoint: the time spent since it was saved is lost work."""
@@ -210,6 +213,11 @@ class Monitor:
                 lost = max(0.0, self.total[k] - then.get(k, 0.0))
                 self.total[k] -= lost
                 self.total["rewind"] += lost
+                unlogged = min(lost, self.interval[k])  # the row to come: its share and tokens/s
+                self.interval[k] -= unlogged
+                self.interval["rewind"] += unlogged
+            self.interval_tokens = max(0, self.interval_tokens - self.tokens + state.get(
+                "tokens", 0))
         else:  # a new process: the old one's time up to the checkpoint, then what it lost
             wall, at = self.previous_wall()
             lost = max(0.0, wall - sum(then.values()))
@@ -225,6 +233,7 @@ class Monitor:
             self.lr_until, self.rewinds = state.get("lr_until", -1), state.get("rewinds", 0)
             self.health.losses.extend(state.get("losses", []))
             self.health.norms.extend(state.get("norms", []))
+            self.health.seen = state.get("seen", len(self.health.losses))
         self.tokens = state.get("tokens", 0)
 
     def previous_wall(self) -> tuple[float, float]:
@@ -283,7 +292,7 @@ class Monitor:
         """Log the rewind; returns the metrics.jsonl row (at the step the run goes on from)."""
         if self.mc.rewind_lr_steps and self.mc.rewind_lr_factor != 1.0:
             self.lr_until = to_step + self.mc.rewind_lr_steps
-        self.step, self.interval_tokens = to_step, 0
+        self.step = to_step
         self.event({**seen, "action": "rewind", "to_step": to_step,
                     "lr_factor": self.mc.rewind_lr_factor if self.lr_until > to_step else 1.0})
         return {"step": to_step, "event": seen["event"], "seen_step": seen["step"],
@@ -341,7 +350,7 @@ class Monitor:
         if not self.mc.on_event:
             return
         try:
-            subprocess.run(self.mc.on_event, shell=True, input=json.dumps(ev), text=True,
+            subprocess.run(self.mc.on_event, shell=True, input=json.dumps(strict(ev)), text=True,
                            timeout=30, check=False)
         except (OSError, subprocess.SubprocessError) as e:  # a broken hook never stops a run
             print(f"monitor: on_event command failed: {e}", file=sys.stderr)

@@ -186,11 +186,14 @@ def check_out(out: Path, stage: str, resume: bool) -> None:
 def resume_or_restart(run: Path, steps: int) -> bool | None:
     """For the commands that run stages themselves (demo, sweep, study): None when the run
     has its checkpoint at `steps` (done); else whether to resume it. A run killed before its
-    first checkpoint is removed, to start over."""
+    first checkpoint is removed, to start over; a folder that is no scalelab run is not."""
     if (run / "checkpoints" / f"step_{steps}").is_dir():  # not the hidden .step_N.tmp
         return None
     if last_step(run) is not None:
         return True
+    if run.is_dir() and any(run.iterdir()) and run_stage(run) is None:
+        raise UserError(f"{run}: is not a scalelab run (no {MARKER}), so it is not removed to "
+                        "start this run over; move it away, or choose another --out")
     # Another live command training this run (a second sweep on the same --out): RunBusy,
     # nothing removed. A lock of this process's own is left as it is.
     if run.is_dir() and run.resolve() not in _held:
