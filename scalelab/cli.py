@@ -181,13 +181,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "BOS token: give some text")
     room = model.cfg.seq_len - len(prompt)
     if room < 1:
-        raise UserError(f"--prompt is {len(prompt)} tokens; the model's context is "
+        raise UserError(f"--prompt is {len(prompt)} tokens; the context of {args.model} is "
                         f"{model.cfg.seq_len}: shorten the prompt")
     if args.max_new_tokens is None:  # the default: as much of DEFAULT_NEW_TOKENS as fits
         args.max_new_tokens = min(DEFAULT_NEW_TOKENS, room)
     if args.max_new_tokens > room:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the prompt is {len(prompt)} "
-                        f"tokens and the model's context {model.cfg.seq_len}, so at most "
+                        f"tokens and the context of {args.model} {model.cfg.seq_len}, so at most "
                         f"{room} new tokens fit; lower --max-new-tokens")
     outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens, tok.pad_id,
                     tok.stop_ids, args.temperature, args.top_k, args.top_p, generator=g,
@@ -205,8 +205,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.max_new_tokens is None:  # the default: leave the conversation half the context
         args.max_new_tokens = min(DEFAULT_NEW_TOKENS, max(1, model.cfg.seq_len // 2))
     if args.max_new_tokens >= model.cfg.seq_len:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
-                        f"{model.cfg.seq_len} tokens and the conversation needs room too; "
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the context of {args.model} "
+                        f"is {model.cfg.seq_len} tokens and the conversation needs room too; "
                         "lower --max-new-tokens")
     from scalelab.chat import is_utf8
     if args.system and not is_utf8(args.system):

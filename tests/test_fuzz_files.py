@@ -151,6 +151,7 @@ INJURIES = st.one_of(
 @example([("config.json", "set", ("d_model", 24))])  # shapes that don't match the weights
 @example([("config.json", "set", ("vocab_size", 7))])
 @example([("tokenizer.json", "set", ("merges", [[1, 2]]))])
+@example([("config.json", "set", ("seq_len", 1))])  # no room for the prompt: which model's?
 def test_any_damaged_model_folder_exits_0_or_2_naming_it(model_dir, injuries):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
