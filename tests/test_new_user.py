@@ -35,6 +35,33 @@ def test_out_on_a_project_folder_touches_nothing(user_home, tmp_path, monkeypatc
     assert snapshot(proj) == before  # byte-identical, nothing added
 
 
+def test_sweep_and_report_take_no_folder_that_only_looks_like_theirs(tmp_path):
+    """A project with its own shared/ (the name the sweep keeps its corpus in) and a web
+    folder with its own report.html: a sweep adopted the first, using the user's
+    corpus.jsonl there as its corpus and writing beside it; `track report` overwrote the
+    second's report.html and added plots to it. Both are refused, nothing touched; a
+    folder these commands wrote is still taken (their plan file, their report's title)."""
+    from test_track_sweep import SWEEP
+    proj, site, reg = tmp_path / "proj", tmp_path / "site", tmp_path / "reg.db"
+    (proj / "shared").mkdir(parents=True)
+    (proj / "shared" / "corpus.jsonl").write_text(json.dumps({"text": "mine"}) + "\n")
+    site.mkdir()
+    (site / "report.html").write_text("<html><title>my page</title></html>\n")
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(SWEEP)
+    assert cli("track", "experiment", "seed", "--registry", str(reg))[0] == 0
+    before = snapshot(proj), snapshot(site)
+    rc, _, err = cli("sweep", "--config", str(cfg), "--out", str(proj), "--registry", str(reg))
+    assert rc == 2 and "was not written by `scalelab sweep`" in err, err
+    rc, _, err = cli("track", "report", "--out", str(site), "--registry", str(reg))
+    assert rc == 2 and "was not written by `scalelab track report`" in err, err
+    assert (snapshot(proj), snapshot(site)) == before
+    rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", str(reg))
+    assert rc == 0, err
+    rc, _, err = cli("track", "report", "--out", str(tmp_path / "rep"), "--registry", str(reg))
+    assert rc == 0, err
+
+
 def test_wrong_stage_resume_leaves_the_run_untouched(user_sft):
     before = snapshot(user_sft)
     rc, _, err = cli("pretrain", "--out", str(user_sft), "--resume")

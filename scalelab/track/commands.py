@@ -272,9 +272,9 @@ def print_by_size(s: dict) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from scalelab.track.report import write_report
+    from scalelab.track.report import REPORT_MARK, write_report
     from scalelab.train.rundir import check_folder
-    check_folder(Path(args.out), "report.html", "track report")
+    check_folder(Path(args.out), "report.html", "track report", REPORT_MARK)
     path = write_report(open_registry(args, create=False), Path(args.out))
     print(f"report written to {path}")
 
@@ -301,9 +301,9 @@ def cmd_backtest(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from scalelab.config import resolve_config_path
-    from scalelab.track.sweep import check_plan, load_sweep, run_sweep
+    from scalelab.track.sweep import PLAN, check_plan, load_sweep, run_sweep
     from scalelab.train.rundir import check_folder
-    check_folder(Path(args.out), "shared", "sweep")
+    check_folder(Path(args.out), PLAN, "sweep")
     config = resolve_config_path(args.config)  # a file, or a preset name: sweep-cpu
     base, opts = load_sweep(config)
     if args.seeds is not None:

@@ -32,6 +32,8 @@ from scalelab.track.predict import (
     verdict,
 )
 
+# the report's title, also what marks a folder as one `track report` wrote (check_folder)
+REPORT_MARK = b"<title>scalelab emergence report</title>"
 AXIS_LABEL = {"params": "parameters N", "flops": "training FLOPs (6ND)"}
 
 
@@ -194,8 +196,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     sers = {e["id"]: {a: [(m, r) for m, r in series(reg, e, a, None, latest, all_models)
                           if keep is None or m["name"] in keep] for a in AXES} for e in exps}
 
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>scalelab emergence "
-             "report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>" + REPORT_MARK.decode()
+             + "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
              "padding:2px 6px;text-align:right}td.l,th.l{text-align:left}.p{background:#cfc}"
              "img{max-width:100%}</style></head><body><h1>Emergence report</h1>",

@@ -304,11 +304,13 @@ def run_sweep(config: Path, base: Config, opts: dict, out: Path, reg: Registry) 
     t_start = time.perf_counter()
     made_with = check_plan(out, base, opts)
     check_registered(reg, opts, config)
-    # One corpus and tokenizer for every size, so the losses are comparable. shared/ first:
-    # it is what marks --out as a sweep's (an --out stopped before it was refused)
-    shared = out / "shared"
-    shared.mkdir(parents=True, exist_ok=True)
+    # the plan first: it is what marks --out as a sweep's (a folder holding only the
+    # user's own shared/ is not one; an --out stopped before its plan was refused)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / PLAN, made_with)
+    # one corpus and tokenizer for every size, so the losses are comparable
+    shared = out / "shared"
+    shared.mkdir(exist_ok=True)
     ensure_experiments(reg, opts)
     if opts["corpus"]:  # load_sweep: only with data.source builtin:world
         corpus = shared / "corpus.jsonl"

@@ -225,16 +225,26 @@ def claim(out: Path, stage: str, resume: bool) -> None:
                           indent=None)
 
 
-def check_folder(out: Path, own: str, command: str) -> None:
+def check_folder(out: Path, own: str, command: str, mark: bytes | None = None) -> None:
     """For commands that write several things into --out (demo, sweep, track report): the
-    folder must be new, empty, or one this command wrote before (it holds `own`)."""
+    folder must be new, empty, or one this command wrote before: it holds `own`, a file
+    with `mark` in its first 4 KB where given (a name alone, report.html, is a user's too)."""
     check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not (out / own).exists():
+    ours = (out / own).exists() if mark is None else _holds_mark(out / own, mark)
+    if entries and not ours:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise UserError(f"--out {out}: folder is not empty ({shown}) and was not written by "
                         f"`scalelab {command}`; choose a new or empty --out so that no file "
                         "of yours is touched")
+
+
+def _holds_mark(path: Path, mark: bytes) -> bool:
+    try:
+        with path.open("rb") as f:
+            return mark in f.read(4096)
+    except OSError:
+        return False
 
 
 def is_fresh(out: Path) -> bool:
