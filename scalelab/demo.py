@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from scalelab.config import Config, UserError, load_config, resolve_config_path
 from scalelab.io import (
-    atomic_write,
     atomic_write_json,
     atomic_write_text,
     read_json,
@@ -143,14 +142,9 @@ def evaluate_policies(models: dict[str, Path]) -> dict:
     return results
 
 
-def save_figure(fig, path: Path) -> None:
-    """A PNG written whole or not at all (a full disk mid-write keeps the last run's)."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-
 def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: list[dict]
          ) -> list[str]:
-    from scalelab.track.report import pyplot
+    from scalelab.track.report import pyplot, save_figure
     plt = pyplot()
 
     def series(rows, key):

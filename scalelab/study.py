@@ -279,14 +279,14 @@ def run_study(config: Path, out: Path, reg: Registry) -> dict:
     atomic_write_json(marker, summary)
     plot(rows, out / "study.png")
     command = f"scalelab study instruct --config {config} --out {out}"
-    (out / "report.md").write_text(report(summary, command, "study.png"))
+    atomic_write_text(out / "report.md", report(summary, command, "study.png"))
     print(f"study done in {summary['wall_seconds'] / 60:.1f} min (this invocation); report: "
           f"{out / 'report.md'}")
     return summary
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from scalelab.track.report import pyplot
+    from scalelab.track.report import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("held_out", "held-out families: exact match"),
@@ -305,7 +305,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(title="model size (N)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

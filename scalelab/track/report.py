@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from scalelab.config import UserError
-from scalelab.io import atomic_write_text
+from scalelab.io import atomic_write, atomic_write_text
 from scalelab.track import metrics as M
 from scalelab.track.predict import (
     AXES,
@@ -35,6 +35,11 @@ from scalelab.track.predict import (
 # the report's title, also what marks a folder as one `track report` wrote (check_folder)
 REPORT_MARK = b"<title>scalelab emergence report</title>"
 AXIS_LABEL = {"params": "parameters N", "flops": "training FLOPs (6ND)"}
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A PNG written whole or not at all (a full disk mid-write keeps the last one)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def pyplot():
@@ -101,7 +106,7 @@ def experiment_plot(plt, exp, ser: dict, preds: dict, path: Path) -> None:
         axes[row][0].set_ylabel(f"vs {axis}")
     fig.suptitle(f"{exp['name']}: {exp['task']}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -124,7 +129,7 @@ def overview_plot(plt, exps, sers: dict, path: Path) -> None:
         ax.set_title(t)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -140,7 +145,7 @@ def scaling_plot(plt, fit: dict, path: Path) -> None:
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
