@@ -248,7 +248,9 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
 def run_health(out: Path) -> list[str]:
     """Each stage's summary.json (the run monitor): how much of its wall time was training."""
     rows = []
-    for summary in sorted(out.glob("*/summary.json")):
+    stages = ["pretrain", "sft", "reward", "ppo", "ppo_gold"]  # in the order they run
+    for summary in sorted(out.glob("*/summary.json"), key=lambda p: (
+            stages.index(p.parent.name) if p.parent.name in stages else len(stages), p)):
         s = read_record(summary, needed=("status", "step", "wall_s"))
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a"
         events = ", ".join(f"{k} {v}" for k, v in s.get("events", {}).items()) or "none"

@@ -142,3 +142,16 @@ def test_a_full_disk_keeps_the_last_report_whole(tmp_path, monkeypatch):
         demo.plot(out, rows, rows, rows, [])
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == pngs
     assert not list(out.glob(".*"))  # no temporary file left
+
+
+def test_run_health_lists_the_stages_in_the_order_they_ran(tmp_path):
+    """Sorted by name, ppo came before pretrain."""
+    import json
+
+    from scalelab.demo import run_health
+    for stage in ("ppo", "pretrain", "reward", "sft"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "summary.json").write_text(json.dumps(
+            {"status": "finished", "step": 1, "wall_s": 1.0}))
+    rows = [r.split("|")[1].strip() for r in run_health(tmp_path) if r.startswith("| ")]
+    assert rows[1:] == ["pretrain", "sft", "reward", "ppo"]  # rows[0]: the header
