@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", required=True, help="TOML file or preset name")
     pl.add_argument("--world-size", type=int, required=True, help="number of devices")
     pl.add_argument("--hardware", default="h100",
-                    choices=["h100", "h200", "h100-500w", "a100", "cpu"])
+                    choices=["h100", "h100-pcie", "h200", "h100-500w", "a100", "cpu"])
     pl.add_argument("--explain", metavar="DP,FSDP,TP",
                     help="show one mapping: each weight's shard and each collective")
     pl.add_argument("--top", type=int, default=20, help="mappings to list")

@@ -49,6 +49,10 @@ class Hardware:
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware("h100", 989e12, 80e9, 3.35e12, 450e9, 8, 50e9),
     "h200": Hardware("h200", 989e12, 141e9, 4.8e12, 450e9, 8, 50e9),
+    # H100 PCIe: 114 SMs at lower clocks (datasheet: 1,513 TFLOP/s bf16 with sparsity, so
+    # 756 dense), HBM2e at 2.0 TB/s; cards talk over PCIe Gen5 (NVLink bridges join pairs)
+    "h100-pcie": Hardware("h100-pcie", 756e12, 80e9, 2.0e12, 64e9, 8, 50e9,
+                          note="links: PCIe Gen5, not NVLink"),
     # torchtitan's benchmark machine (Meta Grand Teton): H100 SXM with 96 GB of HBM2e at
     # 2.4 TB/s, run at a 500 W power limit. Its real peak lies between SXM and NVL and is not
     # published; torchtitan quotes MFU against the SXM figure, and so do we.
@@ -72,8 +76,9 @@ def detect(device: torch.device) -> Hardware | None:
     """The table entry for this device, or None (CPU, unknown GPU): then no MFU is shown."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((hw for key, hw in HARDWARE.items() if key in name), None)
+    name = torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    found = [key for key in HARDWARE if key in name]  # "h100-pcie" before "h100"
+    return HARDWARE[max(found, key=len)] if found else None
 
 
 def pick_device(name: str, key: str = "train.device") -> torch.device:

@@ -392,3 +392,19 @@ def test_fsdp_mixed_precision_follows_train_dtype(device, dtype, param):
     from scalelab.parallel.apply import mixed_precision
     mp = mixed_precision(torch.device(device), dtype)
     assert mp.param_dtype == param and mp.reduce_dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, row", [("NVIDIA H100 80GB HBM3", "h100"),
+                                       ("NVIDIA H100 PCIe", "h100-pcie"),
+                                       ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"),
+                                       ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_takes_the_peak_of_the_card_torch_names(monkeypatch, name, row):
+    """The PCIe H100 (756 dense bf16 TFLOP/s) was taken for the SXM one (989): its MFU read
+    a quarter low. An unknown card gets no row (no MFU shown) rather than a guess."""
+    from scalelab.hardware import detect
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    hw = detect(torch.device("cuda"))
+    assert (hw.name if hw else None) == row
+    if row == "h100-pcie":
+        assert hw.peak_flops == 756e12
