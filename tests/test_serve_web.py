@@ -230,3 +230,17 @@ def test_undo_after_the_labels_file_was_moved_away(tmp_path):
         store.undo()
     assert e.value.status == 409 and store.tallies()["counts"]["A"] == 1
     assert not f.exists()  # nothing made in its place
+
+
+def test_an_answer_that_is_not_json_is_named_not_a_parse_error(server, browser):
+    """A body that is not JSON (a proxy's error page, or a page where JSON was expected) was
+    shown as the browser's JSON parse error; now as its status, or as not JSON."""
+    d = browser
+    open_view(d, server.url, "chat")
+    call = """const done = arguments[arguments.length - 1];
+              api(arguments[0]).then(() => done("ok"), e => done(e.message));"""
+    assert d.execute_async_script(call, "/") == "/: the server's answer is not JSON"
+    # a proxy in front of the server answers with its own HTML page
+    d.execute_script("""window.fetch = async () => new Response("<html>bad gateway</html>",
+                                                    {status: 502, statusText: "Bad Gateway"});""")
+    assert d.execute_async_script(call, "/v1/models") == "502 Bad Gateway"

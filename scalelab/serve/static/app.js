@@ -14,8 +14,10 @@ let INFO = null;
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-  const data = await r.json();
-  if (!r.ok) throw new Error(data.error ? data.error.message : r.statusText);
+  // an error page that is not ours (a proxy's 502) is not JSON: say the status, not a parse error
+  const data = await r.json().catch(() => null);
+  if (!r.ok) throw new Error(data && data.error ? data.error.message : `${r.status} ${r.statusText}`);
+  if (data === null) throw new Error(`${path}: the server's answer is not JSON`);
   return data;
 }
 
