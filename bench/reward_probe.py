@@ -1,8 +1,9 @@
 """What does a reward model know? Its pair accuracy on fresh samples, split by what
 separates the two answers.
 
-Samples K answers to fresh held-in task prompts (a seed the reward run never used) from a
-policy, scores each with the reward model and with the gold labeler, and for every pair of
+Samples K answers to new prompts of the held-in task families (none that a stage of the
+demo trained on at its preset seeds: SFT, the reward model, PPO; none twice) from a policy,
+scores each with the reward model and with the gold labeler, and for every pair of
 distinct answers whose gold scores differ by more than the tie margin checks whether the
 reward model prefers the better one. A pair is credited to a property only when that
 property alone separates the two answers (the reward model is known to judge filler and
@@ -27,8 +28,9 @@ from pathlib import Path
 import torch
 
 from scalelab.config import RewardConfig
+from scalelab.demo import trained_prompts
 from scalelab.evaluate import respond_ids
-from scalelab.tasks import TASKS, TRAIN_TASKS, make_examples
+from scalelab.tasks import TASKS, TRAIN_TASKS, unseen_examples
 from scalelab.train.checkpoint import load_model
 from scalelab.train.labelers import gold
 from scalelab.train.reward import load_reward_model, reward_scores
@@ -56,7 +58,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     policy, tok = load_model(Path(args.policy))
     rm, _, stats = load_reward_model(Path(args.reward))
-    examples = make_examples(TRAIN_TASKS, args.prompts, args.seed)
+    examples = unseen_examples(TRAIN_TASKS, args.prompts, args.seed, trained_prompts())
     prompts = [e.prompt for e in examples for _ in range(args.samples)]
     ids = respond_ids(policy, tok, prompts, temperature=1.0,
                       generator=torch.Generator().manual_seed(args.seed))
