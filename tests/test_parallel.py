@@ -442,7 +442,7 @@ def test_fsdp_that_does_not_divide_d_model_is_refused_as_fsdp2_would():
             model = Transformer(mc)
             names = {id(p): n for n, p in model.named_parameters()}
             try:
-                fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(
+                fully_shard(model, mesh=mesh, shard_placement_fn=lambda p, names=names: Shard(
                     fsdp_dim(names[id(p)], rules) or 0))
                 fsdp_takes_it = True
             except NotImplementedError:

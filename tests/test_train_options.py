@@ -142,3 +142,29 @@ def test_ppo_gets_activation_checkpointing_from_fit(tmp, tokenizer, monkeypatch)
                    for line in (tmp / m / "metrics.jsonl").read_text().splitlines()]
     assert len(calls) == 2 * 2 * 2 * 2  # steps x minibatches x (policy, value) x blocks
     assert len(rows["full"]) == 2 and rows["full"] == rows["none"]
+
+
+def test_grad_accum_repeats_one_batch_past_the_epoch_end(tmp):
+    """Pretraining with batch 4 x train.grad_accum 2 logs the losses of batch 8, also after
+    the first epoch ends (87 windows of 32 tokens: 10 steps, 7 rows over). The ragged end
+    was dropped per micro-batch: step 11 took 4 rows of epoch 0 and 4 of epoch 1, and every
+    later step read other rows than one batch of 8 (as under dp=2 x grad_accum=2)."""
+    from scalelab.train.pretrain import pretrain
+
+    sets = ["model.seq_len=32", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
+            "data.n_docs=40", "data.val_fraction=0.1", "data.tokenizer_vocab=300",
+            "train.eval_every=100", "train.eval_batches=1", "train.log_every=1",
+            "train.checkpoint_every=100", "train.warmup_steps=2", "train.sample_every=100",
+            "train.max_steps=11"]
+    losses = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        out = tmp / f"b{batch}"
+        cfg = load_config("configs/tiny.toml", [*sets, f"train.batch_size={batch}",
+                                                f"train.grad_accum={accum}"])
+        pretrain(cfg, out)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[accum] = [row["loss"] for row in rows if "loss" in row]
+    meta = json.loads((tmp / "b8" / "data" / "meta.json").read_text())
+    assert (meta["train"]["tokens"] - 1) // 32 == 87  # the epoch this test is about
+    assert len(losses[1]) == 11
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
