@@ -168,3 +168,29 @@ def test_grad_accum_repeats_one_batch_past_the_epoch_end(tmp):
     assert (meta["train"]["tokens"] - 1) // 32 == 87  # the epoch this test is about
     assert len(losses[1]) == 11
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_grad_clip_zero_means_no_clipping(monkeypatch):
+    """train.grad_clip = 0 (accepted by the config, nanoGPT's "off") scaled every gradient by
+    min(1, 0 / norm) = 0: the run trained nothing (4 steps of the tiny model: loss 5.760,
+    5.771, 5.757, 5.769). Now the gradients stay as they are and the norm is still
+    returned, in one process and on the mesh path (its one all-reduce a no-op here)."""
+    from types import SimpleNamespace
+
+    from scalelab.parallel import apply
+
+    model = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2,
+                                    d_model=16))
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    next_token_loss(model, (x[:, :-1], x[:, 1:])).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    by_hand = sum(g.double().square().sum() for g in grads).sqrt().item()
+    monkeypatch.setattr(apply.dist, "all_reduce", lambda t: None)  # one rank: sum = itself
+    mesh_path = SimpleNamespace(single=False, world=1, device=CPU)
+    for par in (None, mesh_path):
+        norm = apply.clip_grads(model, 0.0, par)
+        assert norm.item() == pytest.approx(by_hand, rel=1e-5)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    apply.clip_grads(model, by_hand / 2, mesh_path)  # clipping itself still clips
+    assert all(torch.allclose(p.grad, g / 2, rtol=1e-4) for p, g in zip(model.parameters(),
+                                                                          grads))

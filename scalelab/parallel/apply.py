@@ -13,6 +13,8 @@ the table give its placement. In order (as torchtitan does):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -131,8 +133,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
 def clip_grads(model: nn.Module, max_norm: float, par: Parallel | None,
                params: list | None = None) -> torch.Tensor:
     """After backward (gradients already averaged over the data ranks by FSDP): clip by the
-    global norm, which is returned. One process (par None or single): torch's clip over
-    `params` (default: the model's)."""
+    global norm, which is returned. max_norm 0 (train.grad_clip = 0): no clipping, as in
+    nanoGPT; the norm is still returned (logged). One process (par None or single): torch's
+    clip over `params` (default: the model's)."""
+    max_norm = max_norm or math.inf  # scale min(1, inf / norm) = 1 (0 would zero every grad)
     if par is None or par.single:
         return nn.utils.clip_grad_norm_(model.parameters() if params is None else params,
                                         max_norm)
