@@ -199,8 +199,9 @@ def test_plan_cli(tmp):
 
 def test_plan_with_a_batch_that_does_not_split_evenly():
     """480 sequences over 7 data ranks: the command said batch_size 68 (476 in all) while
-    the estimate ran 68.57 per rank (70,217 tokens per data rank, printed as such)."""
-    e = plan.estimate(gpt2(), {"dp": 1, "fsdp": 7, "tp": 1}, make_rules(), H100)
+    the estimate ran 68.57 per rank (70,217 tokens per data rank, printed as such). (Plain
+    dp=7: fsdp=7 does not divide d_model=768, which FSDP2 cannot cut.)"""
+    e = plan.estimate(gpt2(), {"dp": 7, "fsdp": 1, "tp": 1}, make_rules(), H100)
     assert e.fits and e.micro_batch * e.grad_accum == 68
     assert e.tokens_per_device == 68 * 1024  # what the recommended command trains
     step_tokens = 7 * 68 * 1024
