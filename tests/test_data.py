@@ -72,6 +72,25 @@ def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
         assert torch.equal(torch.cat(parts), x)
 
 
+def test_accumulated_micro_batches_draw_the_rows_of_one_batch_across_epochs(data_dir):
+    """2 data ranks x 2 micro-batches x 2 rows (train.grad_accum=2) read, step by step, the
+    rows one batch of 8 reads, also past an epoch's end: the ragged end is dropped per
+    optimizer step. Pretraining dropped it per micro-batch, so a step could take its first
+    micro-batch from one epoch and its second from the next, and every later step differed
+    from the one-process run."""
+    seq = next(s for s in range(16, 64) if 4 <= TokenLoader(data_dir, "train", 1, s).n_windows
+               % 8)  # an epoch that leaves at least one micro-batch of 4 rows over
+    whole = TokenLoader(data_dir, "train", 8, seq, seed=1)
+    ranks = [TokenLoader(data_dir, "train", 2, seq, seed=1, rank=r, world=2, accum=2)
+             for r in range(2)]
+    steps = 2 * whole.n_windows // 8 + 2  # into the third epoch
+    for _ in range(steps):
+        x = whole.next_batch()[0]
+        parts = [r.next_batch()[0] for _ in range(2) for r in ranks]
+        assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, x.tolist()))
+    assert whole.sampler.epoch == 2
+
+
 def test_resume_with_another_global_batch_keeps_batches_whole():
     """A checkpoint of batch 4 (index 4) resumed with a global batch of 3 (another
     batch_size, or another number of data ranks): the 6 rows left of the epoch come in two

@@ -199,8 +199,9 @@ def test_plan_cli(tmp):
 
 def test_plan_with_a_batch_that_does_not_split_evenly():
     """480 sequences over 7 data ranks: the command said batch_size 68 (476 in all) while
-    the estimate ran 68.57 per rank (70,217 tokens per data rank, printed as such)."""
-    e = plan.estimate(gpt2(), {"dp": 1, "fsdp": 7, "tp": 1}, make_rules(), H100)
+    the estimate ran 68.57 per rank (70,217 tokens per data rank, printed as such). (Plain
+    dp=7: fsdp=7 does not divide d_model=768, which FSDP2 cannot cut.)"""
+    e = plan.estimate(gpt2(), {"dp": 7, "fsdp": 1, "tp": 1}, make_rules(), H100)
     assert e.fits and e.micro_batch * e.grad_accum == 68
     assert e.tokens_per_device == 68 * 1024  # what the recommended command trains
     step_tokens = 7 * 68 * 1024
@@ -417,3 +418,46 @@ def test_plan_counts_the_tp_traffic_of_activation_checkpointing():
                                         [f"train.activation_checkpointing={ac}"]),
                             sizes, rules, H100).comm_s["tp"] for ac in ("none", "full")}
     assert tp["full"] == pytest.approx(tp["none"] * 8 / 7)
+
+
+def test_fsdp_that_does_not_divide_d_model_is_refused_as_fsdp2_would():
+    """FSDP2 pads an uneven cut of a weight's first dimension only; embed is the second of
+    wq and the embedding, so fsdp=3 with d_model=32 ended in a NotImplementedError
+    traceback from fully_shard (exit 1, run folder left behind), and the plan called it
+    fitting. check_divisible and the plan must refuse exactly what fully_shard refuses
+    (asked here on a fake 3-rank process group, in this one process)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from scalelab.parallel.rules import check_divisible
+
+    rules, sizes = make_rules(), {"dp": 1, "fsdp": 3, "tp": 1}
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+    try:
+        mesh, takes = init_device_mesh("cpu", (3,)), {}
+        for d in (28, 32, 48):
+            mc = ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=d)
+            model = Transformer(mc)
+            names = {id(p): n for n, p in model.named_parameters()}
+            try:
+                fully_shard(model, mesh=mesh, shard_placement_fn=lambda p, names=names: Shard(
+                    fsdp_dim(names[id(p)], rules) or 0))
+                fsdp_takes_it = True
+            except NotImplementedError:
+                fsdp_takes_it = False
+            takes[d] = fsdp_takes_it
+            if fsdp_takes_it:
+                check_divisible(mc, rules, sizes)
+            else:
+                with pytest.raises(UserError, match=f"parallel.fsdp=3 does not divide "
+                                                    f"d_model={d}"):
+                    check_divisible(mc, rules, sizes)
+            cfg = replace(gpt2(), model=replace(gpt2().model, d_model=d, n_head=2))
+            est = plan.estimate(cfg, sizes, rules, H100)
+            assert (est.limit == "fsdp") != fsdp_takes_it, (d, est.why)
+        assert takes == {28: False, 32: False, 48: True}  # both verdicts were tried
+    finally:
+        dist.destroy_process_group()

@@ -144,18 +144,53 @@ def test_ppo_gets_activation_checkpointing_from_fit(tmp, tokenizer, monkeypatch)
     assert len(rows["full"]) == 2 and rows["full"] == rows["none"]
 
 
-def test_grad_clip_0_turns_clipping_off():
-    """train.grad_clip = 0 scaled every gradient to zero (torch clips to max_norm 0): the
-    model never learned. Now 0 leaves the gradients as they are, and the norm is measured
-    for the monitor all the same."""
-    from scalelab.parallel.apply import clip_grads
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16))
-    x = torch.randint(0, 64, (2, 16))
+def test_grad_accum_repeats_one_batch_past_the_epoch_end(tmp):
+    """Pretraining with batch 4 x train.grad_accum 2 logs the losses of batch 8, also after
+    the first epoch ends (87 windows of 32 tokens: 10 steps, 7 rows over). The ragged end
+    was dropped per micro-batch: step 11 took 4 rows of epoch 0 and 4 of epoch 1, and every
+    later step read other rows than one batch of 8 (as under dp=2 x grad_accum=2)."""
+    from scalelab.train.pretrain import pretrain
+
+    sets = ["model.seq_len=32", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
+            "data.n_docs=40", "data.val_fraction=0.1", "data.tokenizer_vocab=300",
+            "train.eval_every=100", "train.eval_batches=1", "train.log_every=1",
+            "train.checkpoint_every=100", "train.warmup_steps=2", "train.sample_every=100",
+            "train.max_steps=11"]
+    losses = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        out = tmp / f"b{batch}"
+        cfg = load_config("configs/tiny.toml", [*sets, f"train.batch_size={batch}",
+                                                f"train.grad_accum={accum}"])
+        pretrain(cfg, out)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[accum] = [row["loss"] for row in rows if "loss" in row]
+    meta = json.loads((tmp / "b8" / "data" / "meta.json").read_text())
+    assert (meta["train"]["tokens"] - 1) // 32 == 87  # the epoch this test is about
+    assert len(losses[1]) == 11
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_grad_clip_zero_means_no_clipping(monkeypatch):
+    """train.grad_clip = 0 (accepted by the config, nanoGPT's "off") scaled every gradient by
+    min(1, 0 / norm) = 0: the run trained nothing (4 steps of the tiny model: loss 5.760,
+    5.771, 5.757, 5.769). Now the gradients stay as they are and the norm is still
+    returned, in one process and on the mesh path (its one all-reduce a no-op here)."""
+    from types import SimpleNamespace
+
+    from scalelab.parallel import apply
+
+    model = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2,
+                                    d_model=16))
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     next_token_loss(model, (x[:, :-1], x[:, 1:])).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    norm = clip_grads(model, 0.0, None)
-    assert norm.item() == pytest.approx(sum(g.square().sum() for g in grads).sqrt().item())
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
-    clip_grads(model, norm.item() / 2, None)  # a positive max_norm still clips
-    assert all(torch.allclose(g / 2, p.grad, rtol=1e-4) for g, p in zip(grads, model.parameters()))
+    by_hand = sum(g.double().square().sum() for g in grads).sqrt().item()
+    monkeypatch.setattr(apply.dist, "all_reduce", lambda t: None)  # one rank: sum = itself
+    mesh_path = SimpleNamespace(single=False, world=1, device=CPU)
+    for par in (None, mesh_path):
+        norm = apply.clip_grads(model, 0.0, par)
+        assert norm.item() == pytest.approx(by_hand, rel=1e-5)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    apply.clip_grads(model, by_hand / 2, mesh_path)  # clipping itself still clips
+    assert all(torch.allclose(p.grad, g / 2, rtol=1e-4) for p, g in zip(model.parameters(),
+                                                                          grads))

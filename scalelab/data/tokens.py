@@ -170,19 +170,20 @@ def load_meta(data_dir: Path) -> dict:
 
 class TokenLoader:
     """Batches of (inputs, targets), each (batch_size, seq_len), from one split: windows of
-    seq_len+1 tokens at stride seq_len, in EpochSampler order."""
+    seq_len+1 tokens at stride seq_len, in EpochSampler order. accum: micro-batches per
+    optimizer step (train.grad_accum), so an epoch's ragged end is dropped per whole step."""
 
     def __init__(self, data_dir: Path, split: str, batch_size: int, seq_len: int,
-                 seed: int = 0, rank: int = 0, world: int = 1):
+                 seed: int = 0, rank: int = 0, world: int = 1, accum: int = 1):
         meta = load_meta(data_dir)
         self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_windows = (len(self.tokens) - 1) // seq_len
-        if self.n_windows < batch_size * world:
+        if self.n_windows < batch_size * world * accum:
             raise UserError(f"{data_dir / split}.bin: {len(self.tokens)} tokens is too few for "
-                            f"a batch of {batch_size * world} x {seq_len}; use more data or a "
-                            "smaller batch_size / seq_len")
-        self.sampler = EpochSampler(self.n_windows, batch_size, seed, rank, world)
+                            f"a step of {batch_size * world * accum} x {seq_len}; use more data "
+                            "or a smaller batch_size / grad_accum / seq_len")
+        self.sampler = EpochSampler(self.n_windows, batch_size, seed, rank, world, accum)
 
     def _batch(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len

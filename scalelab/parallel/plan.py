@@ -46,6 +46,7 @@ from scalelab.parallel.rules import (
     local_shape,
     param_key,
     tp_style,
+    uneven_fsdp,
     weight_shapes,
     weight_spec,
 )
@@ -176,7 +177,7 @@ class Estimate:
     tokens_per_s: float  # per device: the global batch over step time and world size
     fits: bool
     why: str = ""
-    limit: str = ""  # what keeps it from fitting: "batch", "tp", "rules" or "memory"
+    limit: str = ""  # what keeps it from fitting: "batch", "tp", "fsdp", "rules" or "memory"
     dtype_bytes: int = 2  # of gathered weights and activations (compute_bytes)
     tp_cuts: tuple[int, int] = (1, 1)  # the ways tp cuts attention and the MLP (tp_cuts)
 
@@ -204,6 +205,8 @@ def estimate(cfg: Config, sizes: dict[str, int], rules: Rules, hw: Hardware) -> 
             why, limit = f"tp={tp} does not divide {dim}={n}", "tp"
     if fsdp > 1 and "fsdp" not in rules["embed"] and not why:  # parallel.apply refuses it
         why, limit = "parallel.rules.embed gives fsdp nothing to cut", "rules"
+    if uneven_fsdp(mc, rules, fsdp) and not why:  # training refuses it (check_divisible)
+        why, limit = f"fsdp={fsdp} does not divide d_model={mc.d_model}", "fsdp"
 
     shapes = weight_shapes(mc)
     p_local = sum(math.prod(local_shape(n, s, rules, sizes)) for n, s in shapes.items())

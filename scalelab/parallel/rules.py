@@ -131,12 +131,23 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def uneven_fsdp(cfg: ModelConfig, rules: Rules, fsdp: int) -> bool:
+    """Whether fsdp would cut the model dimension unevenly (FSDP2 refuses that)."""
+    return "fsdp" in rules["embed"] and resolve(cfg).d_model % fsdp != 0
+
+
 def check_divisible(cfg: ModelConfig, rules: Rules, sizes: dict[str, int],
                     model: str = "") -> None:
-    """TP must split heads and MLP units evenly (FSDP pads, TP cannot). model: which
-    model the message names, where a stage shards more than one (PPO's reward model)."""
+    """TP must split heads and MLP units evenly, and FSDP the model dimension: FSDP2 pads
+    an uneven cut of a weight's first dimension only, and embed is the second of most
+    (wq, w_up, the embedding). model: which model the message names, where a stage shards
+    more than one (PPO's reward model)."""
     c = resolve(cfg)
-    tp = sizes["tp"]
+    tp, fsdp = sizes["tp"], sizes["fsdp"]
+    if uneven_fsdp(c, rules, fsdp):
+        raise UserError(f"{model}parallel.fsdp={fsdp} does not divide d_model={c.d_model} "
+                        "(FSDP cuts every weight along embed, and cannot pad a cut of a "
+                        "weight's second dimension); pick an fsdp that divides d_model")
     for dim, n in (("heads", c.n_head), ("kv", c.n_kv_head), ("mlp", c.d_mlp)):
         if "tp" in rules[dim] and n % tp:
             raise UserError(f"{model}parallel.tp={tp} does not divide {dim} ({n}); pick a tp that "

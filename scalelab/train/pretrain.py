@@ -163,7 +163,7 @@ def pretrain(cfg: Config, out: Path, resume: bool = False) -> Path:
             f" ({par.world} processes, backend {torch.distributed.get_backend()})")
 
     loader = TokenLoader(data_dir, "train", tc.batch_size, mc.seq_len, seed=tc.seed,
-                         rank=par.data_rank, world=par.data_world)
+                         rank=par.data_rank, world=par.data_world, accum=tc.grad_accum)
     meta = load_meta(data_dir)
     if (meta["val"]["tokens"] - 1) // mc.seq_len < tc.batch_size * par.data_world:
         raise UserError(f"{data_dir}: the validation split holds {meta['val']['tokens']:,} "
