@@ -75,17 +75,29 @@ def shown_pair(d) -> tuple[str, str, str]:
     return tuple(text(d, css(d, f"#label-{k}")[0]) for k in ("prompt-text", "a", "b"))
 
 
+def label_typed(d, url: str, prompt: str) -> None:
+    """The labelling view, a pair for a typed prompt, on screen."""
+    open_view(d, url, "label")
+    set_value(d, "label-source", "typed")
+    set_value(d, "label-prompt", prompt)
+    css(d, "#label-next")[0].click()
+    wait(d, lambda: pair_id(d) is not None)
+
+
+def press(d, key: str, repeat: bool = False) -> None:
+    """A keydown on the page, as a held key repeats it when `repeat`."""
+    d.execute_script("document.body.dispatchEvent(new KeyboardEvent('keydown', {key: "
+                     "arguments[0], repeat: arguments[1], bubbles: true, cancelable: true}))",
+                     key, repeat)
+
+
 def test_keys_label_only_the_pair_on_screen(server, browser):
     """After a refused "New pair" the old pair was hidden but still armed: the next A wrote
     it to the labels file. And letters typed into a drop-down (which picks options by their
     first letter) were taken as labels."""
     from selenium.webdriver.common.action_chains import ActionChains
     d = browser
-    open_view(d, server.url, "label")
-    set_value(d, "label-source", "typed")
-    set_value(d, "label-prompt", "Where does Alice live?")
-    css(d, "#label-next")[0].click()
-    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    label_typed(d, server.url, "Where does Alice live?")
     for select in ("label-source", "label-model"):
         css(d, f"#{select}")[0].send_keys("tsab")
     assert info(server.url)["counts"] == {"A": 0, "B": 0, "tie": 0, "skip": 0}
@@ -177,20 +189,12 @@ def test_a_held_key_labels_one_pair(server, browser):
     """Holding A a little long sent auto-repeated keydowns, each labelling the next pair as
     soon as it appeared: pairs the person never saw."""
     d = browser
-    open_view(d, server.url, "label")
-    set_value(d, "label-source", "typed")
-    set_value(d, "label-prompt", "Where does Alice live?")
-    css(d, "#label-next")[0].click()
-    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
-    first = d.execute_script("return document.getElementById('label-pair').dataset.id")
-    press = "document.body.dispatchEvent(new KeyboardEvent('keydown', " \
-            "{key: 'a', repeat: arguments[0], bubbles: true, cancelable: true}))"
-    d.execute_script(press, False)
-    wait(d, lambda: d.execute_script(
-        "const p = document.getElementById('label-pair');"
-        "return !p.hidden && p.dataset.id !== arguments[0]", first))
+    label_typed(d, server.url, "Where does Alice live?")
+    first = pair_id(d)
+    press(d, "a")
+    wait(d, lambda: pair_id(d) not in (None, first))
     for _ in range(3):  # the key still held: repeats, not new presses
-        d.execute_script(press, True)
+        press(d, "a", repeat=True)
     assert info(server.url)["counts"]["A"] == 1 and len(read_preferences(server.labels)) == 1
 
 
@@ -198,18 +202,12 @@ def test_a_key_right_after_undo_does_not_label_the_pair_being_replaced(server, b
     """U then A typed quickly ("undo that, it was A"): the A reached the pair still on screen
     before the undone one came back, labelling the wrong pair."""
     d = browser
-    open_view(d, server.url, "label")
-    set_value(d, "label-source", "typed")
-    set_value(d, "label-prompt", "Where does Alice live?")
-    css(d, "#label-next")[0].click()
-    wait(d, lambda: not d.execute_script("return document.getElementById('label-pair').hidden"))
+    label_typed(d, server.url, "Where does Alice live?")
     first, first_id = shown_pair(d), pair_id(d)
-    press = "document.body.dispatchEvent(new KeyboardEvent('keydown', " \
-            "{key: arguments[0], bubbles: true, cancelable: true}))"
-    d.execute_script(press, "b")
+    press(d, "b")
     wait(d, lambda: pair_id(d) not in (None, first_id))  # the next pair is up
-    d.execute_script(press, "u")
-    d.execute_script(press, "a")  # before the undo's answer is in
+    press(d, "u")
+    press(d, "a")  # before the undo's answer is in
     wait(d, lambda: "undid B" in css(d, "#label-gold")[0].text)
     assert shown_pair(d) == first
     assert info(server.url)["counts"] == {"A": 0, "B": 0, "tie": 0, "skip": 0}
