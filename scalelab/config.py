@@ -175,7 +175,7 @@ class MonitorConfig:
     spike_k: float = 6.0  # a spike: loss > running median + spike_k robust deviations ...
     spike_min_rise: float = 0.1  # ... and more than this fraction above the median
     spike_window: int = 20  # recent healthy steps in the running median
-    min_history: int = 10  # steps seen before spikes and explosions are judged
+    min_history: int = 10  # healthy steps seen before spikes and explosions are judged
     grad_factor: float = 20.0  # an explosion: grad norm > grad_factor x its median (0 = off)
     max_rewinds: int = 3  # rewinds in a row (no new checkpoint between) before giving up
     rewind_lr_factor: float = 1.0  # after a rewind, lr x this ...

@@ -26,7 +26,7 @@ from scalelab.io import (
     read_rows,
 )
 from scalelab.train.monitor import read_record
-from scalelab.train.rundir import check_folder, resume_or_restart
+from scalelab.train.rundir import check_folder, is_fresh, resume_or_restart
 
 # Steps per stage. Quick: under 10 minutes on 2 CPU cores; full: well under 45. The full
 # demo also runs PPO against the gold labeler itself ("oracle"): a perfect reward model,
@@ -36,6 +36,7 @@ SCHEDULES = {
     "full": {"pretrain": 3000, "sft": 2000, "reward": 60, "ppo": 200, "oracle": 200},
 }
 ORACLE = "PPO vs gold labeler"
+STAGES = ("pretrain", "sft", "reward", "ppo", "ppo_gold")  # its run folders, in order
 MARKER = "demo.json"  # makes a folder the demo's own: {"schedule": "quick" | "full"}
 SHOWCASE = ["What is 23 plus 41?", "Numbers: 9, 2, 7. Sorted:", "Where does Mia live?",
             "Repeat after me: red apple", "Which is the largest number: 12, 45, 7?",
@@ -53,12 +54,21 @@ def claim_folder(out: Path, schedule: str) -> None:
     resumes the stage folders inside, and removes one killed before its first checkpoint, so
     it takes over no other folder (one holding a `pretrain/` of the user's own); and a
     --quick folder continued as a full demo would splice two schedules into each model."""
-    check_folder(out, MARKER, "demo")
-    was = read_json_if_any(out / MARKER).get("schedule")
-    if was is None:  # new or empty (or a torn demo.json: nothing else was ever read from it)
+    if not (out / MARKER).exists() and (out / "pretrain" / "run.json").is_file():
+        raise UserError(f"--out {out}: holds a pretrain run but no {MARKER}: a demo from before "
+                        f"2026-11-29, or a folder of yours; to go on with such a demo, write "
+                        f'{out / MARKER} with {{"schedule": "quick"}} (or "full"), else choose a '
+                        "new --out")
+    check_folder(out, MARKER, "demo", mark=b'"schedule"')
+    if is_fresh(out):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / MARKER, {"schedule": schedule}, indent=None)
-    elif was != schedule:
+        return
+    was = read_json_if_any(out / MARKER).get("schedule")
+    if was not in SCHEDULES:
+        raise UserError(f"{out / MARKER}: schedule {was!r} is none of the demo's "
+                        f"({', '.join(SCHEDULES)}); choose a new --out")
+    if was != schedule:
         flag = " --quick" if was == "quick" else ""
         raise UserError(f"--out {out}: holds a demo run by `scalelab demo{flag}` ({out / MARKER}"
                         f" says schedule {was!r}); finish it with that command, or choose a "
@@ -188,7 +198,8 @@ def plot(out: Path, pre: list[dict], sft: list[dict], ppo: list[dict], oracle: l
 def write_report(out: Path, command: str, seconds: float, results: dict, rm_stats: dict,
                  ppo_rows: list[dict], images: list[str]) -> str:
     names = list(results)
-    ppo_rows = [r for r in ppo_rows if "lr" in r]  # the steps, not the monitor's event rows
+    # the steps (each logs its lr), not the monitor's event rows between them
+    ppo_rows = [r for r in ppo_rows if "lr" in r]
     first, last = ppo_rows[: max(1, len(ppo_rows) // 10)], ppo_rows[-max(1, len(ppo_rows) // 10):]
 
     def avg(rows, key):
@@ -248,9 +259,8 @@ def write_report(out: Path, command: str, seconds: float, results: dict, rm_stat
 def run_health(out: Path) -> list[str]:
     """Each stage's summary.json (the run monitor): how much of its wall time was training."""
     rows = []
-    stages = ["pretrain", "sft", "reward", "ppo", "ppo_gold"]  # in the order they run
     for summary in sorted(out.glob("*/summary.json"), key=lambda p: (
-            stages.index(p.parent.name) if p.parent.name in stages else len(stages), p)):
+            STAGES.index(p.parent.name) if p.parent.name in STAGES else len(STAGES), p)):
         s = read_record(summary, needed=("status", "step", "wall_s"))
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a"
         events = ", ".join(f"{k} {v}" for k, v in s.get("events", {}).items()) or "none"

@@ -116,17 +116,18 @@ def task_order(seed: int) -> list[str]:
 
 
 def sft_data(path: Path, families: list[str], n: int, seed: int, exclude: set[str]) -> None:
-    """n conversations round-robin over `families`, as {"messages": ...} rows, none asking
-    a test prompt (`exclude`: the items of the study's experiments). The families' item
-    spaces are small: drawn without this, 208 of the 832 held-in test items of the 26-task
-    set were also training prompts, word for word."""
+    """n conversations over `families`, as {"messages": ...} rows: the first n of 2n drawn
+    round-robin that ask no test prompt (`exclude`: the items of the study's experiments).
+    The families' item spaces are small: drawn without this, 155 of the 416 held-in test
+    items of configs/study-cpu.toml's 26-task set (eval_n 16) were training prompts."""
     from scalelab.tasks import make_examples
     if path.exists():
         return
     examples = [e for e in make_examples(families, 2 * n, seed) if e.prompt not in exclude]
     if len(examples) < n:
         raise UserError(f"{path}: only {len(examples)} of {2 * n} drawn examples of "
-                        f"{', '.join(families)} are not test items; lower study.eval_n")
+                        f"{', '.join(families)} are not test items; lower study.eval_n or "
+                        "study.sft_examples")
     atomic_write_text(path, "".join(
         json.dumps({"messages": [{"role": "user", "content": e.prompt},
                                  {"role": "assistant", "content": e.answer}]}) + "\n"

@@ -33,6 +33,23 @@ def test_demo_takes_no_folder_of_the_users_with_a_pretrain_subfolder(tmp_path, n
     assert [p.name for p in mine.rglob("*")] == ["pretrain", "notes.txt"]
 
 
+def test_a_demo_json_of_the_users_or_an_old_demo_folder_is_not_taken(tmp_path, no_training):
+    """Any file named demo.json made a folder the demo's (and was overwritten); a demo folder
+    from before demo.json existed is refused with the way to go on, not told it is no demo."""
+    mine = tmp_path / "web"
+    mine.mkdir()
+    (mine / "demo.json").write_text('{"title": "my demo page"}')
+    rc, _, err = cli("demo", "--quick", "--out", str(mine))
+    assert rc == 2 and "not written by `scalelab demo`" in err
+    assert (mine / "demo.json").read_text() == '{"title": "my demo page"}'
+    old = tmp_path / "old-demo"
+    (old / "pretrain").mkdir(parents=True)
+    (old / "pretrain" / "run.json").write_text('{"stage": "pretrain"}')
+    rc, _, err = cli("demo", "--quick", "--out", str(old))
+    assert rc == 2 and "a demo from before" in err and '{"schedule": "quick"}' in err
+    assert [p.name for p in old.rglob("*")] == ["pretrain", "run.json"]
+
+
 def test_a_quick_demo_folder_is_not_continued_as_a_full_one(tmp_path, no_training):
     """`demo` on a `demo --quick` folder resumed its 600-step pretraining to 3000 steps under
     a new schedule, and its SFT run from the model before that: refused, nothing written."""

@@ -200,6 +200,8 @@ def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8,
     from scalelab.track.registry import Registry
     reg = Registry(path)
     exp = reg.add_experiment("toy", "builtin:addition?digits=1", "exact_match", threshold)
+    # the runs' config: one known corpus, so the seeds of a size share a recipe
+    (path.parent / "config.toml").write_text('[data]\nsource = "builtin:world"\n')
     rng = np.random.default_rng(2)
     offsets = rng.normal(0, 0.4, 200)
     for i, n in enumerate(sizes):
@@ -207,8 +209,9 @@ def synthetic_ladder(path, seeds: int = 1, threshold: float = 0.8,
         ok = (rng.random(200) < 1 / (1 + np.exp(-(4 + 4 * x)))).astype(float)
         for j, (xs, oks) in enumerate(zip(np.split(x, seeds), np.split(ok, seeds))):
             name = f"m{i}-s{j}" if seeds > 1 else f"m{i}"
-            mid = reg.add_model({"name": name, "path": str(path.parent / name),
-                                 "kind": "x", "params": int(n), "non_embedding_params": int(n)})
+            mid = reg.add_model({"name": name, "path": str(path.parent / name), "kind": "x",
+                                 "params": int(n), "non_embedding_params": int(n),
+                                 "tokens": 20 * int(n)})
             metrics = {"exact_match": oks.mean(), "token_logprob": xs.mean(),
                        "edit_distance": 0.5, "target_tokens": 1.0,
                        "per_item": {"x": xs.tolist(), "ok": oks.tolist(),
@@ -527,7 +530,8 @@ def test_status_by_size_keeps_data_groups_apart(tmp_path, capsys):
                 (run / "model").mkdir(parents=True)
                 (run / "config.toml").write_text(f'[data]\nsource = "{src}"\n')
                 mid = reg.add_model({"name": run.name, "path": str(run / "model"), "kind": "x",
-                                     "params": int(n), "non_embedding_params": int(n)})
+                                     "params": int(n), "non_embedding_params": int(n),
+                                     "tokens": 20 * int(n)})
                 value[run.name] = v = -3.0 + i + off + 0.5 * seed
                 reg.add_result(exp, mid, {"token_logprob": v}, v >= -0.1, [], 1, 0.0, "t")
     cells = status(reg)["experiments"][0]["by_size"]
@@ -548,3 +552,24 @@ def test_status_by_size_keeps_data_groups_apart(tmp_path, capsys):
     assert row[2:] == ["-1.75", "(-2.00..-1.50)", "-2.75", "(-3.00..-2.50)", "-0.75",
                        "(-1.00..-0.50)", "-1.75", "(-2.00..-1.50)", "0.25*(0.00..0.50)",
                        "-0.75", "(-1.00..-0.50)"]
+
+
+def test_a_report_stopped_while_drawing_is_taken_again(tmp_path, monkeypatch):
+    """The plots came before report.html, the folder's mark: a Ctrl-C between them left a
+    folder of plots that the next `track report --out` into it refused as not its own."""
+    from scalelab.cli import main
+    from scalelab.track import report
+    synthetic_ladder(tmp_path / "reg.db")
+    draw = report.save_figure
+
+    def draw_then_stop(fig, path, dpi=110):
+        draw(fig, path, dpi)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "save_figure", draw_then_stop)
+    args = ["track", "report", "--out", str(tmp_path / "rep"), "--registry",
+            str(tmp_path / "reg.db")]
+    assert main(args) == 130
+    assert any(p.suffix == ".png" for p in (tmp_path / "rep").iterdir())
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "<h1>Emergence report</h1>" in (tmp_path / "rep" / "report.html").read_text()

@@ -13,8 +13,8 @@ from scalelab.train.checkpoint import save_model
 
 
 def test_one_lucky_seed_does_not_retire_an_experiment(tmp_path, tokenizer):
-    """Two runs of one width (seeds 0 and 1, the same N and data group) and a wider model.
-    The task's target is run a's greedy answer and no one else's: a scores 1, a-s2 and big
+    """Two runs of one width (seeds 0 and 1: the same N, tokens and data group) and a wider
+    model. The task's target is run a's greedy answer and no one else's: a scores 1, a-s2 and big
     0, so the size's mean is 0.5. 'all' (>= 1) is passed by a alone, not by its size;
     'half' (>= 0.5) is passed by the size. The old rule (some model passed) skipped both on
     a-s2 and big, and named a the first passing model of both."""
@@ -25,6 +25,10 @@ def test_one_lucky_seed_does_not_retire_an_experiment(tmp_path, tokenizer):
                                     tie_embeddings=False))
         save_model(m, tokenizer, tmp_path / name / "model")
         paths[name] = tmp_path / name / "model"
+        # the run around it: one corpus, one budget (the two runs of width 24 share a recipe)
+        (tmp_path / name / "config.toml").write_text('[data]\nsource = "builtin:world"\n')
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"step": 10, "loss": 3.0, "tokens": 10 * d}) + "\n")
     for prompt in ("12 + 7 =", "Q: Where does Mia live? A:", "Tom has", "5 - 3 =", "Count"):
         want, longer = greedy_text(paths["a"], prompt), greedy_text(paths["a"], prompt, 4)
         if all(want != greedy_text(paths[o], prompt) for o in ("a-s2", "big")) \
@@ -64,8 +68,32 @@ def test_one_lucky_seed_does_not_retire_an_experiment(tmp_path, tokenizer):
         return [h["event"] for h in db.history(db.experiment(name)["id"])]
     assert history("all")[-2:] == ["first passed by a (exact_match 1.000)",
                                      "no longer passed: mean of a, a-s2 (exact_match 0.500)"]
-    assert history("half")[-1] == "first passed by a (exact_match 1.000)"
+    assert history("half")[-2:] == ["first passed by a (exact_match 1.000)",  # a alone
+                                    "first passed by mean of a, a-s2 (exact_match 0.500)"]
     r = track(reg, "report", "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<td class=l>mean of a, a-s2</td>" in html and "<td class=l>not yet</td>" in html
+
+
+def test_only_runs_of_one_recipe_are_judged_as_one_size(tmp_path):
+    """Seeds share N, a token budget and a known corpus. Two imported folders of one N (no
+    run says what they saw: pythia and pythia-deduped, say), or a run and the same folder
+    trained further, are not one size: one passing alone passes."""
+    from scalelab.track.predict import first_passing, judged_key
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[data]\nsource = "builtin:world"\n')
+    exp = {"id": 1, "metric": "exact_match", "threshold": 0.8}
+    models = [{"id": i, "name": name, "lineage": "base", "non_embedding_params": 1000,
+               "tokens": tokens, "path": str(folder / "model")}
+              for i, (name, tokens, folder) in enumerate(
+                  [("seed0", 5000, run), ("seed1", 5000, run), ("longer", 9000, run),
+                   ("hf-a", None, tmp_path / "a"), ("hf-b", None, tmp_path / "b")], 1)]
+    keys = [judged_key(m) for m in models]
+    assert keys[0] == keys[1] and len(set(keys)) == 4
+    scores = {"seed0": 1.0, "seed1": 0.0, "longer": 0.0, "hf-a": 0.0, "hf-b": 1.0}
+    latest = {(1, m["id"]): {"metrics": {"exact_match": scores[m["name"]]},
+                             "passed": scores[m["name"]] >= 0.8} for m in models}
+    won = first_passing(exp, models, latest)
+    assert [m["name"] for m, _ in won] == ["hf-b"]  # seed0 passes alone, its size does not

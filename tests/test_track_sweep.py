@@ -131,6 +131,13 @@ def test_sweep_trains_registers_fits_and_reports(tmp_path):
     with contextlib.redirect_stdout(out):
         assert main(args) == 0
     assert "--- training" not in out.getvalue() and len(db.models()) == 6
+    # a plan written before a config key existed: the key had its default then
+    plan_file = tmp_path / "sw" / "sweep-plan.json"
+    plan = json.loads(plan_file.read_text())
+    del plan["settings"]["train.activation_checkpointing"]
+    plan_file.write_text(json.dumps(plan))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
 
 
 def test_bad_sweep_config_exits_2(tmp_path, capsys):

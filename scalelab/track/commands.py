@@ -176,8 +176,7 @@ def status(reg: Registry) -> dict:
                 cells[m["name"]] = {"value": value if math.isfinite(value) else None,
                                     "passed": bool(r["passed"])}
         # a size with several runs passes by their mean, not by its luckiest seed
-        first = first_passing(e, models, latest)
-        first = None if first is None else runs_label([m for m, _ in first])
+        first = runs_label(first_passing(e, models, latest))
         out["experiments"].append({"name": e["name"], "task": e["task"], "metric": e["metric"],
                                    "threshold": e["threshold"], "results": cells,
                                    # '<=0.2' for distances: the threshold alone hid which side
@@ -191,9 +190,10 @@ def status(reg: Registry) -> dict:
 
 
 def size_cells(e, sets: list[list[tuple[dict, dict]]]) -> list[dict]:
-    """One cell per size of the base models of one data group (predict.judged_together):
-    its runs, the mean, lowest and highest value over them, and whether the size passes."""
-    from scalelab.track.predict import data_group, scale_passed
+    """One cell per size of base models (predict.judged_together: one N, token budget and
+    data group): its runs, the mean, lowest and highest value over them, and whether the
+    size passes."""
+    from scalelab.track.predict import data_group, judged_key, scale_passed
     cells = []
     for mrs in sets:
         m0, rs = mrs[0][0], [r for _, r in mrs]
@@ -201,6 +201,7 @@ def size_cells(e, sets: list[list[tuple[dict, dict]]]) -> list[dict]:
             continue
         values = [v for r in rs if math.isfinite(v := r["metrics"][e["metric"]])]
         cells.append({"n": m0["non_embedding_params"], "group": data_group(m0),
+                      "key": list(judged_key(m0)),
                       "models": [m["name"] for m, _ in mrs],
                       "runs": len(rs), "mean": None if not values else M.mean(values),
                       "min": min(values, default=None), "max": max(values, default=None),
@@ -236,20 +237,24 @@ def cmd_status(args: argparse.Namespace) -> None:
                 f"{format(c['value'], '.2f') + ('*' if c['passed'] else ' '):>8}"
         print(f"{e['name']:<{wn}}{e['metric']:<{wm}}{rule:>{wr}} {cells}  "
               f"{e['first_passing_model'] or 'not yet'}")
-    print("(* = passes)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
+    print("(* = this run passes; first passing: the smallest model, or size by its runs' "
+          "mean)  not yet passed: " + (", ".join(s["not_yet"]) or "none"))
 
 
 def print_by_size(s: dict) -> None:
     """`track status --by-size`: base models, one column per size (and data group); a size
     of several runs (sweep seeds) shows their mean and range."""
-    names: dict[tuple, dict] = {}  # (N, group) -> its runs' names, in order
+    names: dict[tuple, dict] = {}  # a size's key (predict.judged_key) -> its runs' names
+    where: dict[tuple, tuple] = {}  # -> (N, data group)
     for e in s["experiments"]:
         for c in e["by_size"]:
-            names.setdefault((c["n"], c["group"]), {}).update(dict.fromkeys(c["models"]))
-    cols = sorted(names)
-    several = len({g for _, g in cols}) > 1
-    for i, (n, g) in enumerate(cols, 1):
-        print(f"S{i} = N {human(n)}{f' ({g})' if several else ''}: {', '.join(names[n, g])}")
+            names.setdefault(tuple(c["key"]), {}).update(dict.fromkeys(c["models"]))
+            where[tuple(c["key"])] = (c["n"], c["group"])
+    cols = sorted(names, key=lambda k: (where[k][0], str(k)))
+    several = len({where[k][1] for k in cols}) > 1
+    for i, k in enumerate(cols, 1):
+        n, g = where[k]
+        print(f"S{i} = N {human(n)}{f' ({g})' if several else ''}: {', '.join(names[k])}")
 
     def text(c: dict | None) -> str:
         if c is None:
@@ -259,7 +264,7 @@ def print_by_size(s: dict) -> None:
         spread = f"({c['min']:.2f}..{c['max']:.2f})" if c["min"] != c["max"] else ""
         return f"{c['mean']:.2f}{'*' if c['passed'] else ' '}{spread}"
 
-    rows = [[text(next((c for c in e["by_size"] if (c["n"], c["group"]) == k), None))
+    rows = [[text(next((c for c in e["by_size"] if tuple(c["key"]) == k), None))
              for k in cols] for e in s["experiments"]]
     wn = max([17] + [len(e["name"]) for e in s["experiments"]]) + 1
     wr = max([8] + [len(e["pass_rule"]) for e in s["experiments"]])

@@ -142,7 +142,7 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
         # experiment was quadratic in the registry)
         latest, everyone = reg.latest(), reg.models()
         for e in exps:
-            before = first_passing(e, everyone, latest) is not None
+            before = first_passing(e, everyone, latest)
             agg, ok, samples, n, secs = run_experiment(lm, e)
             reg.add_result(e["id"], m["id"], agg, ok, samples, n, secs, version)
             latest[(e["id"], m["id"])] = {"metrics": agg, "passed": ok}
@@ -150,17 +150,14 @@ def evaluate(reg: Registry, models: list, exps: list, log=print,
                               and k in M.HIGHER_IS_BETTER)
             log(f"  {m['name']:<16} {e['name']:<16} {e['metric']} {agg[e['metric']]:.3f} "
                 f"{'PASS' if ok else 'fail'}  ({extra})")
-            won = first_passing(e, everyone, latest)
-            if not before and won is not None:
-                value = scale_mean([r for _, r in won], e["metric"])
-                reg.add_history(e["id"], f"first passed by {runs_label([w for w, _ in won])} "
-                                f"({e['metric']} {value:.3f})")
-            elif before and won is None:  # a new seed pulled its size's mean under the bar
-                mine = next(s for s in judged_together(e, everyone, latest)
-                            if any(w["id"] == m["id"] for w, _ in s))
-                value = scale_mean([r for _, r in mine], e["metric"])
-                reg.add_history(e["id"], f"no longer passed: {runs_label([w for w, _ in mine])}"
-                                f" ({e['metric']} {value:.3f})")
+            after = first_passing(e, everyone, latest)
+            if runs_label(before) != runs_label(after):  # a pass, or a new seed (or a rerun)
+                # pulled a size's mean under the bar: say where the first pass is now
+                now = after or next(s for s in judged_together(e, everyone, latest)
+                                    if any(w["id"] == m["id"] for w, _ in s))
+                said = "first passed by" if after else "no longer passed:"
+                value = scale_mean([r for _, r in now], e["metric"])
+                reg.add_history(e["id"], f"{said} {runs_label(now)} ({e['metric']} {value:.3f})")
     for p in record_predictions(reg):
         log(f"  prediction: {p['experiment']} passes at {p['axis']} ~ {fmt(p['predicted'])} "
             f"[{fmt(p['low'])} .. {fmt(p['high'])}] (from {p['n_models']} models)")

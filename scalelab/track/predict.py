@@ -63,13 +63,16 @@ def corpus_source(model_dir: Path) -> str | None:
     return None if d is None else d.get("source", "builtin:world")
 
 
+UNKNOWN_CORPUS = "unknown corpus"  # no RUN/config.toml: an imported folder, say
+
+
 @lru_cache(maxsize=512)
 def _group_of(path: str) -> str:
     model = Path(path)
     tok = next((model / f for f in ("tokenizer.json", "tokenizer_config.json")
                 if (model / f).is_file()), None)
     tok_id = hashlib.sha256(tok.read_bytes()).hexdigest()[:10] if tok else "no-tokenizer"
-    data = "unknown corpus"
+    data = UNKNOWN_CORPUS
     d = run_data(model)
     if d is not None:
         src = d.get("source", "builtin:world")
@@ -128,16 +131,22 @@ def scale_passed(exp, results: list[dict]) -> bool:
 
 
 def judged_key(m) -> tuple:
-    """Models with one key pass or fail as one (judged_together): base models of one size
-    (N) and data group, the runs of other seeds (`sweep.seeds`); any other model alone."""
-    return (m["non_embedding_params"], data_group(m)) if m["lineage"] == "base" \
-        else (m["non_embedding_params"], m["id"])
+    """Models with one key pass or fail as one (judged_together): the runs of one recipe,
+    i.e. base models of one size (N), token budget and known data group, which differ in
+    their seed (`sweep.seeds`). Any other model is judged alone: a post-trained one, an
+    imported one (nothing says what it was trained on), one trained further."""
+    group = data_group(m)
+    if m["lineage"] == "base" and m["tokens"] and not group.endswith(UNKNOWN_CORPUS):
+        return (m["non_embedding_params"], m["tokens"], group)
+    return (m["non_embedding_params"], m["id"])
 
 
 def judged_together(exp, models: list, latest: dict) -> list[list[tuple[dict, dict]]]:
     """(model, newest result on `exp`) in the sets that pass or fail as one (judged_key),
-    smallest N first. The fits, verdicts, `status --by-size` and the workflow's "passed"
-    (which experiments `model add` still runs) all judge these."""
+    smallest N first: the workflow's "passed" (which experiments `model add` still runs,
+    the first passing size of `status` and the report) and `status --by-size` judge these.
+    The fits and verdicts take one point per value of their axis in a data group
+    (by_scale), the same sets for a ladder of seeds."""
     sets: dict[tuple, list] = {}
     for m in models:
         if (r := latest.get((exp["id"], m["id"]))) is not None:
@@ -145,9 +154,11 @@ def judged_together(exp, models: list, latest: dict) -> list[list[tuple[dict, di
     return sorted(sets.values(), key=lambda s: (s[0][0]["non_embedding_params"], s[0][0]["id"]))
 
 
-def runs_label(models: list) -> str:
-    """A set of runs by name: the model's own, or 'mean of a, b'."""
-    names = [m["name"] for m in models]
+def runs_label(runs: list[tuple[dict, dict]] | None) -> str | None:
+    """A set of (model, result) runs by name: the model's own, or 'mean of a, b'."""
+    if runs is None:
+        return None
+    names = [m["name"] for m, _ in runs]
     return names[0] if len(names) == 1 else f"mean of {', '.join(names)}"
 
 
@@ -418,7 +429,7 @@ def verdict(reg, exp, pred, latest: dict | None = None, models: list | None = No
     hi = math.inf if pred["high"] is None else pred["high"]
     if won:
         x = won[0]
-        who = runs_label([m for m, _ in later if m[col] == x])
+        who = runs_label([(m, r) for m, r in later if m[col] == x])
         if pred["predicted"] is None:
             return f"passed at {x:.3g} ({who}) although predicted never: a miss"
         where = "inside the band" if lo <= x <= hi else \

@@ -179,6 +179,10 @@ def write_report(reg, out: Path, models: list[str] | None = None,
     plt = pyplot()
     record_predictions(reg)  # make sure the newest evidence has a prediction on file
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "report.html").exists():  # the page first, as the folder's mark: a run
+        # stopped while drawing the plots leaves a folder the next run takes as its own
+        atomic_write_text(out / "report.html", "<!doctype html><html><head>"
+                          + REPORT_MARK.decode() + "</head><body>being written</body></html>")
     keep = set(models) if models else None
     mods = [dict(m) for m in reg.models() if keep is None or m["name"] in keep]
     mods.sort(key=lambda m: (m["non_embedding_params"], m["id"]))
@@ -221,11 +225,11 @@ def write_report(reg, out: Path, models: list[str] | None = None,
         parts.append(f"<p><b>Caveat:</b> {esc(caveat)}</p>")
     parts.append("<h2>Status</h2><table><tr><th class=l>experiment</th><th>pass if</th>" +
                  "".join(f"<th>{esc(m['name'])}<br>{m['non_embedding_params']:.3g}</th>"
-                         for m in mods) + "<th class=l>first passing model</th></tr>")
+                         for m in mods) + "<th class=l>first passing</th></tr>")
     first = {}  # experiment id -> the smallest passing size (its runs' mean) or model
     for e in exps:
         if (won := first_passing(e, mods, latest)) is not None:
-            first[e["id"]] = runs_label([m for m, _ in won])
+            first[e["id"]] = runs_label(won)
         cells = ""
         for m in mods:
             r = latest.get((e["id"], m["id"]))
@@ -238,7 +242,8 @@ def write_report(reg, out: Path, models: list[str] | None = None,
                      f"<td>{esc(e['metric'])} {M.comparison(e['metric'])} "
                      f"{e['threshold']:g}</td>{cells}"
                      f"<td class=l>{esc(first.get(e['id'], 'not yet'))}</td></tr>")
-    parts.append("</table><p>Green: passes (newest evaluation). Columns: models, with "
+    parts.append("</table><p>Green: the run passes (newest evaluation); first passing: the "
+                 "smallest model, or size of several runs by their mean. Columns: models, with "
                  "parameter counts N, smallest first.</p>")
     untrained = [m["name"] for m in mods if m["flops"] is None]
     if untrained:  # e.g. imported Hugging Face folders: nothing says what they were trained on

@@ -253,10 +253,10 @@ def ensure_experiments(reg: Registry, opts: dict) -> None:
 PLAN = "sweep-plan.json"
 
 
-# train.* keys that say how a run reports and keeps checkpoints, not what it trains:
+# keys that say how a run reports, notifies and keeps checkpoints, not what it trains:
 # changing them does not make --out another sweep
 BOOKKEEPING = ("train.log_every", "train.sample_every", "train.sample_prompt",
-               "train.checkpoint_every", "train.keep_checkpoints")
+               "train.checkpoint_every", "train.keep_checkpoints", "monitor.on_event")
 
 
 def check_plan(out: Path, base: Config, opts: dict) -> dict:
@@ -267,10 +267,11 @@ def check_plan(out: Path, base: Config, opts: dict) -> dict:
     the keys that changed (a plan written before they were stored: only that some did)."""
     from scalelab.io import read_json_if_any
     shared = {k: v for k, v in opts.items() if k not in ("sizes", "seeds", "experiments")}
-    settings = json.loads(json.dumps(
-        {f"{sec}.{k}": v for sec, d in base.to_dict().items() for k, v in d.items()
-         if f"{sec}.{k}" not in BOOKKEEPING} | {f"sweep.{k}": v for k, v in shared.items()},
-        default=str))  # as they read back from the plan file
+    def flat(cfg: Config, sweep: dict) -> dict:  # as they read back from the plan file
+        return json.loads(json.dumps({f"{sec}.{k}": v for sec, d in cfg.to_dict().items()
+                                      for k, v in d.items() if f"{sec}.{k}" not in BOOKKEEPING}
+                                     | {f"sweep.{k}": v for k, v in sweep.items()}, default=str))
+    settings = flat(base, shared)
     plan = {"shared": hashlib.sha256(json.dumps([base.to_dict(), shared], sort_keys=True,
                                                 default=str).encode()).hexdigest()[:16],
             "settings": settings, "sizes": {}}
@@ -278,8 +279,8 @@ def check_plan(out: Path, base: Config, opts: dict) -> dict:
         model = apply_dict(copy.deepcopy(base), {"model": size}, "sweep size").model
         plan["sizes"][size_label(model)] = dataclasses.asdict(model)
     old = read_json_if_any(out / PLAN) if (out / PLAN).is_file() else {}
-    if "settings" in old:
-        was = old["settings"]
+    if "settings" in old:  # a key newer than the plan had its default then
+        was = flat(Config(), {}) | old["settings"]
         changed = [f"{k} {was.get(k, '(unset)')!r} -> {settings.get(k, '(unset)')!r}"
                    for k in sorted(was.keys() | settings.keys()) if was.get(k) != settings.get(k)]
     else:
