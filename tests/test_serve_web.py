@@ -198,9 +198,21 @@ def test_a_held_key_labels_one_pair(server, browser):
     assert info(server.url)["counts"]["A"] == 1 and len(read_preferences(server.labels)) == 1
 
 
-def test_a_key_right_after_undo_does_not_label_the_pair_being_replaced(server, browser):
+def test_a_key_right_after_undo_does_not_label_the_pair_being_replaced(server, browser,
+                                                                        monkeypatch):
     """U then A typed quickly ("undo that, it was A"): the A reached the pair still on screen
-    before the undone one came back, labelling the wrong pair."""
+    before the undone one came back, labelling the wrong pair. (The server's undo is slowed
+    down so that the A surely comes before its answer: on an idle machine it could come
+    after, and rightly label the pair brought back.)"""
+    import time
+
+    from scalelab.serve.web import LabelStore
+    undo = LabelStore.undo
+
+    def slow_undo(self):
+        time.sleep(0.5)
+        return undo(self)
+    monkeypatch.setattr(LabelStore, "undo", slow_undo)
     d = browser
     label_typed(d, server.url, "Where does Alice live?")
     first, first_id = shown_pair(d), pair_id(d)
